@@ -1,0 +1,2 @@
+//! The DynamoDB state store: schema and the thin I/O layer around it.
+pub mod schema;

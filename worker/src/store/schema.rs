@@ -1,0 +1,165 @@
+//! The state-store schema: one DynamoDB table, many groups.
+//!
+//! Every row of a group shares the partition key `pk` = the group id (`namespace/name`), so
+//! one Query reads a whole group and one table serves a whole cluster. The sort key `sk`
+//! names the row kind:
+//!
+//! | `sk`                          | row            | written by                         |
+//! |-------------------------------|----------------|------------------------------------|
+//! | `client#<clientId>`           | [`ClientRow`]  | that client (heartbeat), leader (prune) |
+//! | `shards#<stream>`             | [`ShardCacheRow`] | the leader (ListShards refresh) |
+//! | `lease#<stream>#<shardId>`    | [`LeaseRow`]   | the lease owner (conditional on `owner`) |
+//!
+//! Timestamps (`*AtMs`, Unix milliseconds) are informational: for humans and the status.
+//! Liveness and lease expiry are judged by watching `heartbeat` / `leaseCounter` stop
+//! changing, measured on the observer's own monotonic clock, never by comparing clocks.
+
+use serde::{Deserialize, Serialize};
+
+/// Partition key attribute name.
+pub const PK: &str = "pk";
+/// Sort key attribute name.
+pub const SK: &str = "sk";
+/// TTL attribute (Unix seconds) on client rows, for cleanup only; never for correctness.
+pub const TTL_ATTRIBUTE: &str = "expiresAt";
+
+/// Sort key prefix of client rows.
+pub const CLIENT_PREFIX: &str = "client#";
+/// Sort key prefix of shard-cache rows.
+pub const SHARDS_PREFIX: &str = "shards#";
+/// Sort key prefix of lease (and checkpoint) rows.
+pub const LEASE_PREFIX: &str = "lease#";
+
+/// Sort key of a client row.
+pub fn client_sk(client_id: &str) -> String {
+    format!("{CLIENT_PREFIX}{client_id}")
+}
+
+/// Sort key of a stream's shard-cache row.
+pub fn shards_sk(stream: &str) -> String {
+    format!("{SHARDS_PREFIX}{stream}")
+}
+
+/// Sort key of a shard's lease row.
+pub fn lease_sk(stream: &str, shard_id: &str) -> String {
+    format!("{LEASE_PREFIX}{stream}#{shard_id}")
+}
+
+/// A member of the group. The client id is unique per process (an incarnation): the pod
+/// name plus a random suffix, so a container restarted in the same pod is a new client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientRow {
+    /// Group id.
+    pub pk: String,
+    /// `client#<clientId>`.
+    pub sk: String,
+    /// The incarnation id; sorted ids decide the leader and range indexes.
+    pub client_id: String,
+    /// The pod (or host) this client runs in, for the controller.
+    pub pod: String,
+    /// Incremented on every heartbeat; observers judge liveness by watching it move.
+    pub heartbeat: u64,
+    /// Wall-clock time of the last heartbeat, Unix ms (informational).
+    pub heartbeat_at_ms: i64,
+    /// When this incarnation registered, Unix ms.
+    pub started_at_ms: i64,
+    /// Number of leases this client holds, as of its last heartbeat.
+    #[serde(default)]
+    pub owned_shards: u32,
+    /// The last error this client hit (delivery, Kinesis, state store), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Machine-readable kind of `last_error`: `StreamNotFound`, `AccessDenied`,
+    /// `StateStoreUnavailable`, `HandlerFailing`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_reason: Option<String>,
+    /// TTL for cleanup of rows left by crashed clients (Unix seconds).
+    pub expires_at: i64,
+}
+
+/// The leader's cached view of one stream's shards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardCacheRow {
+    /// Group id.
+    pub pk: String,
+    /// `shards#<stream>`.
+    pub sk: String,
+    /// The stream as named in the config.
+    pub stream: String,
+    /// Every shard ListShards returned, sorted by shard id.
+    pub shards: Vec<ShardInfo>,
+    /// When the leader refreshed it, Unix ms.
+    pub refreshed_at_ms: i64,
+    /// The leader that refreshed it.
+    pub refreshed_by: String,
+}
+
+/// One shard as ListShards described it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardInfo {
+    /// Shard id, e.g. `shardId-000000000003`.
+    pub shard_id: String,
+    /// Parent shard (after a split or a merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Second parent (after a merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjacent_parent: Option<String>,
+    /// The shard has an ending sequence number: it takes no new records.
+    pub closed: bool,
+}
+
+impl ShardInfo {
+    /// The shard's parents, zero, one or two.
+    pub fn parents(&self) -> impl Iterator<Item = &str> {
+        self.parent.iter().chain(self.adjacent_parent.iter()).map(String::as_str)
+    }
+}
+
+/// A shard's lease and checkpoint. Every write is conditional: taking it on `owner` being
+/// absent or on the observed `leaseCounter` (expired), everything else on `owner` = self.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRow {
+    /// Group id.
+    pub pk: String,
+    /// `lease#<stream>#<shardId>`.
+    pub sk: String,
+    /// The stream as named in the config.
+    pub stream: String,
+    /// The shard.
+    pub shard_id: String,
+    /// The client id holding the lease; absent when released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Incremented by every renewal and every change of owner (fencing token).
+    pub lease_counter: u64,
+    /// Last acknowledged sequence number; reading resumes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// The shard was read to its end and everything acknowledged: children may start.
+    #[serde(default)]
+    pub ended: bool,
+    /// MillisBehindLatest of the owner's last GetRecords on this shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millis_behind: Option<i64>,
+    /// When that GetRecords returned, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_at_ms: Option<i64>,
+    /// Last write to this row, Unix ms (informational).
+    pub updated_at_ms: i64,
+}
+
+/// Every row of one group, as one Query returns them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupSnapshot {
+    /// Client rows, sorted by client id.
+    pub clients: Vec<ClientRow>,
+    /// Shard-cache rows, one per stream the leader has listed.
+    pub shard_caches: Vec<ShardCacheRow>,
+    /// Lease rows, sorted by (stream, shard id).
+    pub leases: Vec<LeaseRow>,
+}
