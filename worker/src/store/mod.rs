@@ -1,2 +1,650 @@
 //! The DynamoDB state store: schema and the thin I/O layer around it.
+//!
+//! Every function here is one DynamoDB request (or one paginated Query). Decisions live in
+//! [`crate::membership`], [`crate::assignment`] and [`crate::handoff`]; this module only
+//! writes what they decided, with the conditions that make those decisions safe under
+//! concurrency. See `docs/state-store.md` for the schema and every condition.
+
+pub mod error;
 pub mod schema;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
+};
+
+pub use error::StoreError;
+use error::{Ctx, classify};
+use schema::{
+    CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK, SHARDS_PREFIX, SK,
+    ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+};
+
+/// Wall-clock now in Unix milliseconds. Only ever written as information, never compared
+/// across clients.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// How long a client row outlives its last heartbeat before DynamoDB's TTL may delete it.
+/// Cleanup of crashed incarnations only; the leader prunes dead clients long before that.
+const CLIENT_ROW_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What a checkpoint write records about a shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointUpdate {
+    /// Last acknowledged sequence number; `None` leaves the stored checkpoint untouched.
+    pub sequence: Option<String>,
+    /// The shard was read to its end and everything acknowledged.
+    pub ended: bool,
+    /// MillisBehindLatest of the last GetRecords.
+    pub millis_behind: Option<i64>,
+    /// When that GetRecords returned, Unix ms.
+    pub lag_at_ms: Option<i64>,
+}
+
+/// What a heartbeat records about the client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeartbeatUpdate {
+    /// Leases held right now.
+    pub owned_shards: u32,
+    /// Current problem: (reason, message). `None` clears it.
+    pub last_error: Option<(String, String)>,
+}
+
+/// The state store of one table. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    client: Client,
+    table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+impl StateStore {
+    /// A store over `table`, using `client` (its region and credentials are the worker's own).
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn ctx<'a>(&'a self, op: &'static str, group: &'a str, key: &'a str, what: &'static str) -> Ctx<'a> {
+        Ctx {
+            table: &self.table,
+            op,
+            group,
+            key,
+            what,
+        }
+    }
+
+    fn key(group: &str, sk: &str) -> HashMap<String, AttributeValue> {
+        HashMap::from([(PK.to_owned(), s(group)), (SK.to_owned(), s(sk))])
+    }
+
+    // ---------------------------------------------------------------- table
+
+    /// Creates the table (pk S HASH, sk S RANGE, on-demand billing), waits until it is
+    /// ACTIVE and turns on TTL on `expiresAt`. Idempotent: an existing table is fine.
+    pub async fn create_table(&self) -> Result<(), StoreError> {
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+        };
+        let key = |name: &str, kt: KeyType| {
+            KeySchemaElement::builder().attribute_name(name).key_type(kt).build()
+        };
+        let build_err = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Other {
+            table: self.table.clone(),
+            op: "CreateTable",
+            message: e.to_string(),
+        };
+        let res = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .attribute_definitions(attr(PK).map_err(build_err)?)
+            .attribute_definitions(attr(SK).map_err(build_err)?)
+            .key_schema(key(PK, KeyType::Hash).map_err(build_err)?)
+            .key_schema(key(SK, KeyType::Range).map_err(build_err)?)
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await;
+        if let Err(e) = res {
+            let already = e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception());
+            if !already {
+                return Err(classify(e, self.ctx("CreateTable", "", "", "")));
+            }
+        }
+        self.wait_active().await?;
+        self.enable_ttl().await
+    }
+
+    async fn wait_active(&self) -> Result<(), StoreError> {
+        // Real DynamoDB takes seconds; bound the wait so a stuck CREATING table surfaces.
+        for _ in 0..120 {
+            if self.table_status().await? == Some(TableStatus::Active) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(StoreError::Unavailable {
+            table: self.table.clone(),
+            op: "DescribeTable",
+            message: "table did not become ACTIVE within 60s".into(),
+        })
+    }
+
+    async fn enable_ttl(&self) -> Result<(), StoreError> {
+        let current = self
+            .client
+            .describe_time_to_live()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("DescribeTimeToLive", "", "", "")))?;
+        let status = current
+            .time_to_live_description()
+            .and_then(|d| d.time_to_live_status().cloned());
+        if matches!(status, Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)) {
+            return Ok(());
+        }
+        let spec = TimeToLiveSpecification::builder()
+            .attribute_name(TTL_ATTRIBUTE)
+            .enabled(true)
+            .build()
+            .map_err(|e| StoreError::Other {
+                table: self.table.clone(),
+                op: "UpdateTimeToLive",
+                message: e.to_string(),
+            })?;
+        self.client
+            .update_time_to_live()
+            .table_name(&self.table)
+            .time_to_live_specification(spec)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("UpdateTimeToLive", "", "", "")))?;
+        Ok(())
+    }
+
+    /// The table's status, `None` when it does not exist.
+    async fn table_status(&self) -> Result<Option<TableStatus>, StoreError> {
+        match self.client.describe_table().table_name(&self.table).send().await {
+            Ok(out) => Ok(out.table().and_then(|t| t.table_status().cloned())),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_resource_not_found_exception()) => {
+                Ok(None)
+            }
+            Err(e) => Err(classify(e, self.ctx("DescribeTable", "", "", ""))),
+        }
+    }
+
+    /// Checks the table exists; creates it when missing and `create` is set. A missing table
+    /// without `create` is [`StoreError::TableMissing`], whose message names the table and
+    /// the `stateStore.create` option.
+    pub async fn ensure_table(&self, create: bool) -> Result<(), StoreError> {
+        match self.table_status().await? {
+            Some(TableStatus::Active) => Ok(()),
+            Some(_) => self.wait_active().await,
+            None if create => self.create_table().await,
+            None => Err(StoreError::TableMissing {
+                table: self.table.clone(),
+            }),
+        }
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Every row of `group`: one consistent, paginated Query on the partition key. The
+    /// operator builds the CR status from this, so its shape is part of the contract.
+    pub async fn load_group(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
+        let mut snap = GroupSnapshot::default();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(group))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
+            for item in out.items() {
+                self.decode_into(group, item, &mut snap)?;
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
+        snap.leases
+            .sort_by(|a, b| (&a.stream, &a.shard_id).cmp(&(&b.stream, &b.shard_id)));
+        Ok(snap)
+    }
+
+    fn decode_into(
+        &self,
+        group: &str,
+        item: &HashMap<String, AttributeValue>,
+        snap: &mut GroupSnapshot,
+    ) -> Result<(), StoreError> {
+        let sk = match item.get(SK) {
+            Some(AttributeValue::S(sk)) => sk.as_str(),
+            _ => return Ok(()),
+        };
+        let decode_err = |e: serde_dynamo::Error| StoreError::Decode {
+            table: self.table.clone(),
+            group: group.to_owned(),
+            key: sk.to_owned(),
+            message: e.to_string(),
+        };
+        if sk.starts_with(CLIENT_PREFIX) {
+            snap.clients.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+        } else if sk.starts_with(SHARDS_PREFIX) {
+            snap.shard_caches.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+        } else if sk.starts_with(LEASE_PREFIX) {
+            snap.leases.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+        }
+        // Unknown row kinds are skipped so newer workers can add kinds without breaking
+        // older readers (the operator, a rolling deploy).
+        Ok(())
+    }
+
+    fn encode<T: serde::Serialize>(
+        &self,
+        group: &str,
+        key: &str,
+        row: &T,
+    ) -> Result<HashMap<String, AttributeValue>, StoreError> {
+        serde_dynamo::to_item(row).map_err(|e| StoreError::Decode {
+            table: self.table.clone(),
+            group: group.to_owned(),
+            key: key.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    // ---------------------------------------------------------------- clients
+
+    /// Registers a new incarnation. Conditional on the row not existing: client ids are
+    /// unique per process, so an existing row means an id clash (a `Conflict`).
+    pub async fn register(&self, group: &str, client_id: &str, pod: &str) -> Result<ClientRow, StoreError> {
+        let now = now_ms();
+        let row = ClientRow {
+            pk: group.to_owned(),
+            sk: client_sk(client_id),
+            client_id: client_id.to_owned(),
+            pod: pod.to_owned(),
+            heartbeat: 1,
+            heartbeat_at_ms: now,
+            started_at_ms: now,
+            owned_shards: 0,
+            last_error: None,
+            last_error_reason: None,
+            expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
+        };
+        let item = self.encode(group, &row.sk, &row)?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("register", group, &row.sk, "client id already registered")))?;
+        Ok(row)
+    }
+
+    /// Heartbeats: increments the counter observers watch, and records owned shards and the
+    /// current error. Conditional on the row existing: `Conflict` means the leader pruned us
+    /// (it saw us dead) and the caller must re-register. Returns the new counter.
+    pub async fn heartbeat(&self, group: &str, client_id: &str, update: &HeartbeatUpdate) -> Result<u64, StoreError> {
+        let sk = client_sk(client_id);
+        let now = now_ms();
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#hb", "heartbeat")
+            .expression_attribute_names("#hbat", "heartbeatAtMs")
+            .expression_attribute_names("#owned", "ownedShards")
+            .expression_attribute_names("#exp", TTL_ATTRIBUTE)
+            .expression_attribute_names("#err", "lastError")
+            .expression_attribute_names("#reason", "lastErrorReason")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":owned", n(update.owned_shards))
+            .expression_attribute_values(":exp", n(now / 1000 + CLIENT_ROW_TTL.as_secs() as i64))
+            .return_values(ReturnValue::UpdatedNew);
+        let set = "SET #hb = #hb + :one, #hbat = :now, #owned = :owned, #exp = :exp";
+        req = match &update.last_error {
+            Some((reason, message)) => req
+                .update_expression(format!("{set}, #err = :err, #reason = :reason"))
+                .expression_attribute_values(":err", s(message.as_str()))
+                .expression_attribute_values(":reason", s(reason.as_str())),
+            None => req.update_expression(format!("{set} REMOVE #err, #reason")),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("heartbeat", group, &sk, "client row is gone (pruned)")))?;
+        Ok(read_n(out.attributes(), "heartbeat"))
+    }
+
+    /// Removes our own client row (graceful shutdown).
+    pub async fn deregister(&self, group: &str, client_id: &str) -> Result<(), StoreError> {
+        let sk = client_sk(client_id);
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("deregister", group, &sk, "")))?;
+        Ok(())
+    }
+
+    /// The leader deletes a dead client's row, conditional on its heartbeat counter still
+    /// being the value it watched stand still: a client that came back is not pruned.
+    pub async fn prune_client(&self, group: &str, client_id: &str, observed_heartbeat: u64) -> Result<(), StoreError> {
+        let sk = client_sk(client_id);
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .condition_expression("#hb = :hb")
+            .expression_attribute_names("#hb", "heartbeat")
+            .expression_attribute_values(":hb", n(observed_heartbeat))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("prune", group, &sk, "heartbeat moved (client alive)")))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- shard cache
+
+    /// Writes a stream's shard cache. Only the leader writes it; a brief second leader
+    /// writes the same ListShards answer, so it is unconditional.
+    pub async fn put_shard_cache(&self, row: &ShardCacheRow) -> Result<(), StoreError> {
+        let item = self.encode(&row.pk, &row.sk, row)?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("put_shard_cache", &row.pk, &row.sk, "")))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- leases
+
+    /// Creates an unowned lease row unless one exists. Returns whether it created it.
+    pub async fn create_lease(&self, group: &str, stream: &str, shard_id: &str) -> Result<bool, StoreError> {
+        let row = LeaseRow {
+            pk: group.to_owned(),
+            sk: lease_sk(stream, shard_id),
+            stream: stream.to_owned(),
+            shard_id: shard_id.to_owned(),
+            owner: None,
+            lease_counter: 0,
+            checkpoint: None,
+            ended: false,
+            millis_behind: None,
+            lag_at_ms: None,
+            updated_at_ms: now_ms(),
+        };
+        let item = self.encode(group, &row.sk, &row)?;
+        match self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => match classify(e, self.ctx("create_lease", group, &row.sk, "lease exists")) {
+                StoreError::Conflict { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Claims a lease. `observed` is what the caller planned from: `None` (no owner, or no
+    /// row yet: the row is created) or `Some((owner, counter))` of an expired lease, which is
+    /// taken only if neither moved since. Never claims an ended shard. Returns the row as
+    /// written, whose checkpoint is where reading must resume.
+    pub async fn claim_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+        observed: Option<(&str, u64)>,
+    ) -> Result<LeaseRow, StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        let not_ended = "(attribute_not_exists(#ended) OR #ended = :false)";
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .update_expression(
+                "SET #owner = :me, #ctr = if_not_exists(#ctr, :zero) + :one, #upd = :now, \
+                 #stream = :stream, #shard = :shard, #ended = if_not_exists(#ended, :false)",
+            )
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_names("#stream", "stream")
+            .expression_attribute_names("#shard", "shardId")
+            .expression_attribute_names("#ended", "ended")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":stream", s(stream))
+            .expression_attribute_values(":shard", s(shard_id))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .return_values(ReturnValue::AllNew);
+        let what;
+        req = match observed {
+            None => {
+                what = "lease is owned";
+                req.condition_expression(format!("attribute_not_exists(#owner) AND {not_ended}"))
+            }
+            Some((owner, counter)) => {
+                what = "lease owner or counter moved (owner alive)";
+                req.condition_expression(format!("#owner = :old AND #ctr = :seen AND {not_ended}"))
+                    .expression_attribute_values(":old", s(owner))
+                    .expression_attribute_values(":seen", n(counter))
+            }
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("claim", group, &sk, what)))?;
+        let attrs = out.attributes().cloned().unwrap_or_default();
+        serde_dynamo::from_item(attrs).map_err(|e| StoreError::Decode {
+            table: self.table.clone(),
+            group: group.to_owned(),
+            key: sk,
+            message: e.to_string(),
+        })
+    }
+
+    /// Renews a lease we own: increments its counter, which is what observers watch.
+    /// `Conflict` means we lost it. Returns the new counter.
+    pub async fn renew_lease(&self, group: &str, stream: &str, shard_id: &str, me: &str) -> Result<u64, StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .update_expression("SET #ctr = #ctr + :one, #upd = :now")
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("renew", group, &sk, "not the lease owner")))?;
+        Ok(read_n(out.attributes(), "leaseCounter"))
+    }
+
+    /// Writes a checkpoint (and lag) of a lease we own; also renews it (counter + 1), so a
+    /// checkpoint costs no extra renewal. `Conflict` means we lost the lease: the new owner's
+    /// checkpoint is never overwritten. Returns the new counter.
+    pub async fn checkpoint(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+        cp: &CheckpointUpdate,
+    ) -> Result<u64, StoreError> {
+        self.write_lease(group, stream, shard_id, me, cp, false).await
+    }
+
+    /// Releases a lease we own, writing the final checkpoint in the same conditional
+    /// UpdateItem, so the next owner starts exactly after what we acknowledged.
+    pub async fn release_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+        cp: &CheckpointUpdate,
+    ) -> Result<(), StoreError> {
+        self.write_lease(group, stream, shard_id, me, cp, true).await.map(|_| ())
+    }
+
+    async fn write_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+        cp: &CheckpointUpdate,
+        release: bool,
+    ) -> Result<u64, StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        let mut set = vec!["#ctr = #ctr + :one", "#upd = :now"];
+        let mut remove = Vec::new();
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
+            .return_values(ReturnValue::UpdatedNew);
+        if let Some(seq) = &cp.sequence {
+            set.push("#cp = :cp");
+            req = req
+                .expression_attribute_names("#cp", "checkpoint")
+                .expression_attribute_values(":cp", s(seq.as_str()));
+        }
+        if cp.ended {
+            // Only ever set, never cleared: an ended shard stays ended.
+            set.push("#ended = :true");
+            req = req
+                .expression_attribute_names("#ended", "ended")
+                .expression_attribute_values(":true", AttributeValue::Bool(true));
+        }
+        if let Some(mb) = cp.millis_behind {
+            set.push("#mb = :mb");
+            req = req
+                .expression_attribute_names("#mb", "millisBehind")
+                .expression_attribute_values(":mb", n(mb));
+        }
+        if let Some(at) = cp.lag_at_ms {
+            set.push("#lagat = :lagat");
+            req = req
+                .expression_attribute_names("#lagat", "lagAtMs")
+                .expression_attribute_values(":lagat", n(at));
+        }
+        if release {
+            remove.push("#owner");
+        }
+        let mut expr = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expr.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        let op = if release { "release" } else { "checkpoint" };
+        let out = req
+            .update_expression(expr)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx(op, group, &sk, "not the lease owner")))?;
+        Ok(read_n(out.attributes(), "leaseCounter"))
+    }
+
+    /// Deletes the lease row of a shard that no longer exists in the stream (trimmed after
+    /// retention), conditional on nobody owning it. Cleanup only.
+    pub async fn delete_lease(&self, group: &str, stream: &str, shard_id: &str) -> Result<(), StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .condition_expression("attribute_not_exists(#owner)")
+            .expression_attribute_names("#owner", "owner")
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("delete_lease", group, &sk, "lease is owned")))?;
+        Ok(())
+    }
+}
+
+/// Reads a number attribute from an UpdateItem answer; 0 when absent (never for the
+/// attributes we just incremented).
+fn read_n(attrs: Option<&HashMap<String, AttributeValue>>, name: &str) -> u64 {
+    attrs
+        .and_then(|a| a.get(name))
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,302 @@
+//! Membership: who is alive, who leads, and who we are.
+//!
+//! Pods' wall clocks differ, so nothing here compares another pod's timestamp with ours.
+//! A client (or a lease) is judged by watching its counter: if the counter has not changed
+//! for `timeout` as measured on OUR monotonic clock, it is dead (expired). This is how KCL's
+//! lease counter works, and it makes skew irrelevant.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use crate::store::schema::ClientRow;
+
+/// Tracks counters (client heartbeats or lease counters) and when each last changed, on the
+/// observer's monotonic clock. Used by the engine and by the operator's status builder.
+#[derive(Clone, Debug)]
+pub struct Liveness<K> {
+    timeout: Duration,
+    seen: HashMap<K, Seen>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    counter: u64,
+    changed_at: Instant,
+}
+
+impl<K: Eq + Hash + Clone> Liveness<K> {
+    /// A tracker that declares a counter stale after `timeout` without change.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// The timeout it judges with.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Records that `key`'s counter was `counter` at `now`. A new key, or a counter that
+    /// differs from the last observed one, (re)starts its clock.
+    pub fn observe(&mut self, key: K, counter: u64, now: Instant) {
+        match self.seen.get_mut(&key) {
+            Some(s) if s.counter == counter => {}
+            Some(s) => {
+                s.counter = counter;
+                s.changed_at = now;
+            }
+            None => {
+                self.seen.insert(
+                    key,
+                    Seen {
+                        counter,
+                        changed_at: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Alive: never seen (alive until proven stale), or its counter changed less than
+    /// `timeout` ago on our clock.
+    pub fn is_alive(&self, key: &K, now: Instant) -> bool {
+        self.seen
+            .get(key)
+            .is_none_or(|s| now.saturating_duration_since(s.changed_at) < self.timeout)
+    }
+
+    /// Stale: we have watched `key` sit at exactly `counter` for at least `timeout`. A
+    /// counter we have not observed (or that just moved) is not stale.
+    pub fn is_stale_at(&self, key: &K, counter: u64, now: Instant) -> bool {
+        self.seen.get(key).is_some_and(|s| {
+            s.counter == counter && now.saturating_duration_since(s.changed_at) >= self.timeout
+        })
+    }
+
+    /// The last counter value observed for `key`.
+    pub fn counter(&self, key: &K) -> Option<u64> {
+        self.seen.get(key).map(|s| s.counter)
+    }
+
+    /// Forgets keys that are gone (deleted rows), so the map does not grow forever.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.seen.retain(|k, _| keep(k));
+    }
+}
+
+/// Observes every client row of a snapshot and returns the ids of the live ones, sorted
+/// (the order that decides the leader and range indexes). Rows that disappeared are
+/// forgotten.
+pub fn observe_clients(liveness: &mut Liveness<String>, clients: &[ClientRow], now: Instant) -> Vec<String> {
+    for c in clients {
+        liveness.observe(c.client_id.clone(), c.heartbeat, now);
+    }
+    liveness.retain(|id| clients.iter().any(|c| &c.client_id == id));
+    let mut live: Vec<String> = clients
+        .iter()
+        .filter(|c| liveness.is_alive(&c.client_id, now))
+        .map(|c| c.client_id.clone())
+        .collect();
+    live.sort();
+    live.dedup();
+    live
+}
+
+/// The leader: the lowest sorted live client id.
+pub fn leader(live: &[String]) -> Option<&str> {
+    live.iter().min().map(String::as_str)
+}
+
+/// Who this process is: a unique incarnation id and the pod it runs in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// `<base>-<random suffix>`: unique per process, so a container restarted in the same
+    /// pod is a new client and never mistaken for the old one.
+    pub client_id: String,
+    /// Pod (or host) name, recorded separately for the controller.
+    pub pod: String,
+}
+
+impl Identity {
+    /// Builds an identity. The id base is `client_id` if given, else the pod name (`pod`,
+    /// env `POD_NAME`), else the host name; a random suffix is always appended.
+    pub fn new(client_id: Option<String>, pod: Option<String>) -> Self {
+        let pod = pod
+            .filter(|p| !p.is_empty())
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()))
+            .or_else(hostname)
+            .unwrap_or_else(|| "kcg-worker".to_owned());
+        let base = client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| pod.clone());
+        Self {
+            client_id: format!("{base}-{}", random_suffix()),
+            pod,
+        }
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// One step of a liveness scenario: at `t` ms, observe `counter`, then expect alive.
+    struct Step {
+        t: u64,
+        counter: Option<u64>,
+        alive: bool,
+    }
+
+    #[test]
+    fn liveness_table() {
+        let cases: Vec<(&str, Vec<Step>)> = vec![
+            (
+                "never seen is alive",
+                vec![Step { t: 0, counter: None, alive: true }],
+            ),
+            (
+                "first sight starts the clock",
+                vec![
+                    Step { t: 0, counter: Some(5), alive: true },
+                    Step { t: 999, counter: Some(5), alive: true },
+                    Step { t: 1000, counter: Some(5), alive: false },
+                ],
+            ),
+            (
+                "moving counter stays alive",
+                vec![
+                    Step { t: 0, counter: Some(1), alive: true },
+                    Step { t: 800, counter: Some(2), alive: true },
+                    Step { t: 1600, counter: Some(3), alive: true },
+                    Step { t: 2500, counter: Some(3), alive: true },
+                    Step { t: 2600, counter: Some(3), alive: false },
+                ],
+            ),
+            (
+                "dead client that comes back is alive again",
+                vec![
+                    Step { t: 0, counter: Some(7), alive: true },
+                    Step { t: 1500, counter: Some(7), alive: false },
+                    Step { t: 1600, counter: Some(8), alive: true },
+                ],
+            ),
+            (
+                "a counter going backwards (new row) is a change",
+                vec![
+                    Step { t: 0, counter: Some(9), alive: true },
+                    Step { t: 900, counter: Some(1), alive: true },
+                    Step { t: 1800, counter: Some(1), alive: true },
+                ],
+            ),
+        ];
+        for (name, steps) in cases {
+            let start = Instant::now();
+            let mut l = Liveness::new(ms(1000));
+            for step in steps {
+                let now = start + ms(step.t);
+                if let Some(c) = step.counter {
+                    l.observe("x".to_owned(), c, now);
+                }
+                assert_eq!(l.is_alive(&"x".to_owned(), now), step.alive, "{name} at t={}", step.t);
+            }
+        }
+    }
+
+    #[test]
+    fn stale_only_for_the_watched_counter() {
+        let start = Instant::now();
+        let mut l = Liveness::new(ms(1000));
+        let k = ("s".to_owned(), "shard-0".to_owned());
+        assert!(!l.is_stale_at(&k, 3, start + ms(5000)), "unobserved is never stale");
+        l.observe(k.clone(), 3, start);
+        assert!(!l.is_stale_at(&k, 3, start + ms(999)));
+        assert!(l.is_stale_at(&k, 3, start + ms(1000)));
+        assert!(!l.is_stale_at(&k, 4, start + ms(1000)), "a different counter than watched");
+    }
+
+    #[test]
+    fn clock_skew_is_irrelevant() {
+        // Two clients whose wall clocks are hours apart: their rows carry wildly different
+        // heartbeatAtMs values. Only counter movement on our monotonic clock matters.
+        let row = |id: &str, hb: u64, at_ms: i64| ClientRow {
+            pk: "ns/g".into(),
+            sk: format!("client#{id}"),
+            client_id: id.into(),
+            pod: id.into(),
+            heartbeat: hb,
+            heartbeat_at_ms: at_ms,
+            started_at_ms: at_ms,
+            owned_shards: 0,
+            last_error: None,
+            last_error_reason: None,
+            expires_at: 0,
+        };
+        let start = Instant::now();
+        let mut l = Liveness::new(ms(1000));
+        // "fast" is 3 hours ahead, "slow" 3 hours behind, "stuck" has a current clock.
+        let now_wall = 1_800_000_000_000i64;
+        let hours = 3 * 3600 * 1000;
+        let snap1 = vec![
+            row("fast", 1, now_wall + hours),
+            row("slow", 1, now_wall - hours),
+            row("stuck", 1, now_wall),
+        ];
+        assert_eq!(observe_clients(&mut l, &snap1, start), vec!["fast", "slow", "stuck"]);
+        let snap2 = vec![
+            row("fast", 2, now_wall + hours + 500),
+            row("slow", 2, now_wall - hours + 500),
+            row("stuck", 1, now_wall),
+        ];
+        assert_eq!(observe_clients(&mut l, &snap2, start + ms(600)), vec!["fast", "slow", "stuck"]);
+        let snap3 = vec![
+            row("fast", 3, now_wall + hours + 1100),
+            row("slow", 3, now_wall - hours + 1100),
+            row("stuck", 1, now_wall),
+        ];
+        assert_eq!(observe_clients(&mut l, &snap3, start + ms(1200)), vec!["fast", "slow"]);
+        assert_eq!(leader(&["slow".into(), "fast".into()]), Some("fast"));
+    }
+
+    #[test]
+    fn observe_clients_forgets_deleted_rows() {
+        let start = Instant::now();
+        let mut l: Liveness<String> = Liveness::new(ms(1000));
+        l.observe("gone".into(), 1, start);
+        observe_clients(&mut l, &[], start);
+        assert_eq!(l.counter(&"gone".into()), None);
+    }
+
+    #[test]
+    fn identities_are_unique_incarnations() {
+        let a = Identity::new(None, Some("pod-7".into()));
+        let b = Identity::new(None, Some("pod-7".into()));
+        assert_eq!(a.pod, "pod-7");
+        assert!(a.client_id.starts_with("pod-7-"));
+        assert_ne!(a.client_id, b.client_id, "a restarted container is a new client");
+        let c = Identity::new(Some("given".into()), Some("pod-1".into()));
+        assert!(c.client_id.starts_with("given-"));
+        assert_eq!(c.pod, "pod-1");
+    }
+}
