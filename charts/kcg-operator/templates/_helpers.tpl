@@ -1,0 +1,117 @@
+{{/*
+Chart name, truncated to the 63 characters a label value allows.
+*/}}
+{{- define "kcg-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: release-chart, unless the release name already contains the chart name.
+*/}}
+{{- define "kcg-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kcg-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels shared by everything the chart creates (no component).
+*/}}
+{{- define "kcg-operator.baseLabels" -}}
+helm.sh/chart: {{ include "kcg-operator.chart" . }}
+app.kubernetes.io/name: {{ include "kcg-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kcg
+{{- end }}
+
+{{/*
+Labels of the operator's own objects.
+*/}}
+{{- define "kcg-operator.labels" -}}
+{{ include "kcg-operator.baseLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kcg-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kcg-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Operator ServiceAccount name.
+*/}}
+{{- define "kcg-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kcg-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Default worker ServiceAccount name (passed as --worker-service-account).
+*/}}
+{{- define "kcg-operator.workerServiceAccountName" -}}
+{{- if .Values.workerServiceAccount.create }}
+{{- default (printf "%s-worker" (include "kcg-operator.fullname" .) | trunc 63 | trimSuffix "-") .Values.workerServiceAccount.name }}
+{{- else }}
+{{- default "default" .Values.workerServiceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Namespaces the worker ServiceAccount is created in: release namespace, watched namespaces, extras.
+*/}}
+{{- define "kcg-operator.workerNamespaces" -}}
+{{- $all := concat (list .Release.Namespace) .Values.watchNamespaces (.Values.workerServiceAccount.extraNamespaces | default list) | uniq }}
+{{- toJson $all }}
+{{- end }}
+
+{{- define "kcg-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "kcg-operator.workerImage" -}}
+{{- printf "%s:%s" .Values.worker.image.repository (default .Chart.AppVersion .Values.worker.image.tag) }}
+{{- end }}
+
+{{/*
+RBAC rules the reconciler needs wherever groups live. Least privilege: no secrets, no pods.
+*/}}
+{{- define "kcg-operator.rules" -}}
+# The groups: watched, finalized, and their status written back.
+- apiGroups: ["kcg.dev"]
+  resources: ["kinesisconsumergroups"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["kcg.dev"]
+  resources: ["kinesisconsumergroups/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["kcg.dev"]
+  resources: ["kinesisconsumergroups/finalizers"]
+  verbs: ["update"]
+# Each group becomes a worker Deployment and a ConfigMap holding the rendered worker config.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+# Events on the groups (kube-rs' Recorder uses events.k8s.io/v1).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Check the Helm chart charts/kcg-operator, offline:
+#   1. helm lint --strict (default values and each example values file);
+#   2. helm template with default values and with each examples/values-*.yaml, piped through
+#      kubernetes-validate --strict against Kubernetes 1.33 (custom resources such as the
+#      ServiceMonitor are skipped by the tool: they are checked for presence instead);
+#   3. bad values files are rejected by values.schema.json (helm must fail);
+#   4. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
+#      (`scripts/check-chart.sh --sync-crd` copies it over), and passes kubernetes-validate.
+#
+# Tools come from scripts/tools.sh (installed into .tools/ on first use).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CHART=charts/kcg-operator
+CRD_NAME=kinesisconsumergroups.kcg.dev.yaml
+K8S_VERSION="${KCG_K8S_VALIDATE_VERSION:-1.33.0}"
+
+if [[ "${1:-}" == "--sync-crd" ]]; then
+  cp "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"
+  echo "copied crds/$CRD_NAME -> $CHART/crds/$CRD_NAME"
+  exit 0
+fi
+
+eval "$(scripts/tools.sh)"
+: "${HELM:?}" "${KUBERNETES_VALIDATE:?}"
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+failures=0
+pass() { printf '  ok    %s\n' "$*"; }
+fail() { printf '  FAIL  %s\n' "$*" >&2; failures=$((failures + 1)); }
+
+RELEASE=kcg-operator
+NS=kcg-system
+
+echo "== helm lint --strict"
+if out="$("$HELM" lint --strict "$CHART" 2>&1)"; then pass "lint (default values)"; else fail "lint (default values)"; echo "$out" >&2; fi
+for f in examples/values-*.yaml; do
+  [[ -e "$f" ]] || continue
+  if out="$("$HELM" lint --strict "$CHART" -f "$f" 2>&1)"; then pass "lint -f $f"; else fail "lint -f $f"; echo "$out" >&2; fi
+done
+
+echo "== helm template | kubernetes-validate --strict -k $K8S_VERSION"
+render_and_validate() {
+  local label="$1" out="$WORK/rendered-$RANDOM.yaml"
+  shift
+  if ! "$HELM" template "$RELEASE" "$CHART" --namespace "$NS" "$@" >"$out" 2>"$out.err"; then
+    fail "template ($label)"; cat "$out.err" >&2; return 1
+  fi
+  if v="$("$KUBERNETES_VALIDATE" --strict -k "$K8S_VERSION" --quiet "$out" 2>&1)"; then
+    pass "template + validate ($label): $(grep -c '^kind:' "$out") objects"
+  else
+    fail "kubernetes-validate ($label)"; echo "$v" >&2; return 1
+  fi
+  RENDERED="$out"
+}
+
+RENDERED=""
+if render_and_validate "default values"; then
+  grep -q '^kind: ClusterRole$' "$RENDERED" && pass "default install is cluster-wide (ClusterRole)" \
+    || fail "default install should render a ClusterRole"
+  grep -q -- '- --namespace=' "$RENDERED" && fail "default install must not pass --namespace" || true
+fi
+
+for f in examples/values-*.yaml; do
+  [[ -e "$f" ]] || continue
+  render_and_validate "$f" -f "$f" || continue
+  # Facts each example must keep; kubernetes-validate skips custom resources, so check them here.
+  case "$f" in
+    */values-eks-irsa.yaml)
+      [[ "$(grep -c 'eks.amazonaws.com/role-arn:' "$RENDERED")" -ge 2 ]] && pass "$f: IRSA role ARNs on both ServiceAccounts" \
+        || fail "$f: expected eks.amazonaws.com/role-arn on the operator and worker ServiceAccounts"
+      grep -q '^kind: PodDisruptionBudget$' "$RENDERED" && pass "$f: PodDisruptionBudget" || fail "$f: PodDisruptionBudget missing"
+      if grep -q '^kind: ServiceMonitor$' "$RENDERED" && grep -q 'path: /metrics' "$RENDERED"; then
+        pass "$f: ServiceMonitor scraping /metrics"
+      else
+        fail "$f: ServiceMonitor missing"
+      fi
+      grep -q '^  replicas: 2$' "$RENDERED" && pass "$f: 2 replicas" || fail "$f: expected replicas: 2"
+      ;;
+  esac
+done
+
+# A namespaced install must not grant anything cluster-wide.
+cat >"$WORK/namespaced.yaml" <<'EOF'
+watchNamespaces: [team-a, team-b]
+EOF
+if render_and_validate "watchNamespaces: [team-a, team-b]" -f "$WORK/namespaced.yaml"; then
+  if grep -qE '^kind: Cluster(Role|RoleBinding)$' "$RENDERED"; then
+    fail "namespaced install rendered a ClusterRole/ClusterRoleBinding"
+  else
+    pass "namespaced install: no ClusterRole"
+  fi
+  [[ "$(grep -c '^kind: Role$' "$RENDERED")" -eq 3 ]] && pass "namespaced install: Roles in team-a, team-b + leader-election Role" \
+    || fail "namespaced install: expected 3 Roles (2 watched namespaces + leases)"
+  grep -q -- '- --namespace=team-a$' "$RENDERED" && grep -q -- '- --namespace=team-b$' "$RENDERED" \
+    && pass "namespaced install: --namespace per watched namespace" || fail "namespaced install: --namespace args missing"
+fi
+
+echo "== values.schema.json rejects bad values"
+bad_case() {
+  local label="$1" content="$2" expect="$3" f="$WORK/bad-$RANDOM.yaml"
+  printf '%s\n' "$content" >"$f"
+  if out="$("$HELM" template "$RELEASE" "$CHART" -f "$f" 2>&1)"; then
+    fail "bad values accepted ($label): $content"
+  elif grep -q -- "$expect" <<<"$out"; then
+    pass "rejected: $label"
+  else
+    fail "bad values ($label) failed for another reason than the schema:"; echo "$out" | head -5 >&2
+  fi
+}
+bad_case 'replicaCount: "two"'           'replicaCount: "two"'                  "/replicaCount"
+bad_case 'unknown top-level key'         'replicas: 2'                          "additional properties 'replicas' not allowed"
+bad_case 'typo in a nested key'          'serviceMonitor: {enable: true}'        "additional properties 'enable' not allowed"
+bad_case 'logFormat not json|text'       'logFormat: xml'                       "/logFormat"
+bad_case 'invalid namespace name'        'watchNamespaces: [Team_A]'            "/watchNamespaces/0"
+bad_case 'IRSA annotation not a string'  'serviceAccount: {create: true, name: "", annotations: {eks.amazonaws.com/role-arn: 5}}' "/serviceAccount/annotations"
+# helm lint applies the schema too: a typo must fail lint as well.
+printf 'replicas: 2\n' >"$WORK/lint-bad.yaml"
+if "$HELM" lint --strict "$CHART" -f "$WORK/lint-bad.yaml" >/dev/null 2>&1; then
+  fail "helm lint accepted an unknown values key"
+else
+  pass "helm lint rejects an unknown values key"
+fi
+
+echo "== CRD"
+if [[ ! -f "crds/$CRD_NAME" ]]; then
+  fail "crds/$CRD_NAME does not exist (generate it first)"
+elif [[ ! -f "$CHART/crds/$CRD_NAME" ]]; then
+  fail "$CHART/crds/$CRD_NAME is missing (run scripts/check-chart.sh --sync-crd)"
+elif cmp -s "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"; then
+  pass "$CHART/crds/$CRD_NAME equals crds/$CRD_NAME"
+  if v="$("$KUBERNETES_VALIDATE" --strict -k "$K8S_VERSION" --quiet "crds/$CRD_NAME" 2>&1)"; then
+    pass "CRD passes kubernetes-validate"
+  else
+    fail "CRD does not validate"; echo "$v" >&2
+  fi
+else
+  fail "$CHART/crds/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
+  diff -u "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME" | head -20 >&2 || true
+fi
+extra="$(find "$CHART/crds" -type f ! -name "$CRD_NAME" | sort)"
+[[ -z "$extra" ]] || fail "unexpected files in $CHART/crds: $extra"
+
+if ((failures)); then
+  echo "check-chart: $failures check(s) FAILED" >&2
+  exit 1
+fi
+echo "check-chart: all checks passed"
