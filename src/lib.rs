@@ -1,1 +1,8 @@
+//! kcg-operator: reconciles `KinesisConsumerGroup` resources into worker Deployments and
+//! reports the group's health from its DynamoDB state store.
 
+pub mod crd;
+pub mod conditions;
+pub mod events;
+pub mod metrics;
+pub mod status;
