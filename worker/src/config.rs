@@ -111,23 +111,27 @@ impl WorkerConfig {
 /// One stream the group reads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.startPosition) || self.startPosition != 'AtTimestamp' || has(self.startTimestamp)",
+    "message": "startPosition AtTimestamp needs startTimestamp (an RFC 3339 time such as 2026-01-02T15:04:05Z)"
+}]))]
 pub struct StreamConfig {
     /// Stream name, or stream ARN for a stream in another account or region.
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^[a-zA-Z0-9_.-]{1,128}$') || self.matches('^arn:aws[a-zA-Z-]*:kinesis:[a-z0-9-]+:[0-9]{12}:stream/[a-zA-Z0-9_.-]{1,128}$')",
         "message": "name must be a Kinesis stream name (1-128 characters of a-z, A-Z, 0-9, _ . -) or a stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
     }]))]
     pub name: String,
     /// AWS region of the stream; defaults to the worker's region (or the ARN's region).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')",
         "message": "region must look like us-east-1"
     }]))]
     pub region: Option<String>,
     /// IAM role to assume (through STS) to read this stream, for a stream in another account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$')",
         "message": "roleArn must be an IAM role ARN: arn:aws:iam::ACCOUNT_ID:role/NAME"
     }]))]
@@ -157,14 +161,14 @@ pub enum StartPosition {
 #[serde(rename_all = "camelCase")]
 pub struct StateStoreConfig {
     /// DynamoDB table name.
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 255), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^[a-zA-Z0-9_.-]{3,255}$')",
         "message": "table must be a DynamoDB table name: 3-255 characters of a-z, A-Z, 0-9, _ . -"
     }]))]
     pub table: String,
     /// AWS region of the table; defaults to the worker's region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')",
         "message": "region must look like us-east-1"
     }]))]
@@ -199,14 +203,14 @@ pub struct StdoutSink {}
 #[serde(rename_all = "camelCase")]
 pub struct HttpSink {
     /// The endpoint, for example `http://localhost:9000/records`.
-    #[schemars(extend("x-kubernetes-validations" = [{
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
         "rule": "self.matches('^https?://[^ ]+$')",
         "message": "url must be an http:// or https:// URL"
     }]))]
     pub url: String,
     /// How long one POST may take before it is retried.
     #[serde(default = "defaults::http_timeout", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub timeout: Duration,
     /// Most records in one POST.
     #[serde(default = "defaults::http_max_batch")]
@@ -220,7 +224,7 @@ pub struct HttpSink {
 pub struct Tuning {
     /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
     #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub poll_interval: Duration,
     /// Records per GetRecords call, 1 to 10000.
     #[serde(default = "defaults::max_records")]
@@ -228,19 +232,19 @@ pub struct Tuning {
     pub max_records_per_call: u32,
     /// How often a shard's acknowledged position is written to the state store.
     #[serde(default = "defaults::checkpoint_interval", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub checkpoint_interval: Duration,
     /// How often a worker heartbeats, renews its leases and re-plans.
     #[serde(default = "defaults::heartbeat_interval", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub heartbeat_interval: Duration,
     /// A client (or lease) whose counter has not moved for this long is dead (expired).
     #[serde(default = "defaults::client_timeout", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub client_timeout: Duration,
     /// Bound on a graceful shutdown: finish the batch, checkpoint, release, deregister.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
-    #[schemars(with = "String", extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub shutdown_timeout: Duration,
 }
 
