@@ -8,3 +8,7 @@ pub mod kinesis;
 pub mod metrics;
 pub mod reader;
 pub mod store;
+pub mod assignment;
+pub mod engine;
+pub mod handoff;
+pub mod membership;

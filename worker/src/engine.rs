@@ -1,0 +1,1002 @@
+//! The engine: one worker's membership loop. Heartbeats, reads the group, leads when it is
+//! the lowest live client, plans, hands leases over safely, runs one reader per owned shard,
+//! checkpoints, and on shutdown drains, checkpoints, releases and deregisters.
+//!
+//! Decisions are the pure functions of [`crate::membership`], [`crate::assignment`] and
+//! [`crate::handoff`]; this module is the I/O around them.
+//!
+//! Safety: a reader runs only while its lease is fresh. Every successful renewal (or
+//! checkpoint, which also bumps the counter) sent at time `t` extends the reader's deadline
+//! to `t + clientTimeout − heartbeatInterval`, measured on our monotonic clock. Observers
+//! start their clock when they first see the new counter, which is after `t`, and take the
+//! lease only `clientTimeout` later; so a reader whose renewals fail is aborted before anyone
+//! else may take its shard. Two live clients never read one shard at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use futures::future::join_all;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::assignment::{self, ShardKey};
+use crate::config::{ConfigError, StreamConfig, WorkerConfig};
+use crate::delivery::BatchHandler;
+use crate::handoff::{self, Action, HandoffInput, LeaseView};
+use crate::health::Health;
+use crate::kinesis::StreamClient;
+use crate::membership::{self, Identity, Liveness};
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::reader::{self, Issue, ShardProgress, ShardTask};
+use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, shards_sk};
+use crate::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError, now_ms};
+
+/// How this process identifies itself in the group.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Base of the client id (a random suffix is appended); defaults to the pod name.
+    pub client_id: Option<String>,
+    /// Pod name recorded in the client row; defaults to env `POD_NAME`, then the host name.
+    pub pod: Option<String>,
+}
+
+/// Why the engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A state-store error that retrying cannot fix.
+    #[error("group {group}: {source}")]
+    Store {
+        /// Group id.
+        group: String,
+        /// The store error.
+        source: StoreError,
+    },
+}
+
+/// The leader refreshes shard caches every this many heartbeats (and right after a shard
+/// ended, and whenever a stream has no cache yet).
+const REFRESH_EVERY_TICKS: u64 = 5;
+
+/// Runs a worker until `shutdown` is cancelled, then drains and leaves the group cleanly.
+/// A failing state store or Kinesis never ends it: errors are logged, counted, reported
+/// in the client row and health, and retried.
+pub async fn run(
+    config: WorkerConfig,
+    opts: EngineOptions,
+    handler: Arc<dyn BatchHandler>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), EngineError> {
+    config.validate()?;
+    let identity = Identity::new(opts.client_id, opts.pod);
+    let span = info_span!("engine", group = %config.group, client = %identity.client_id);
+    async move {
+        let base = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        let mut ddb = aws_sdk_dynamodb::config::Builder::from(&base);
+        if let Some(region) = &config.state_store.region {
+            ddb = ddb.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
+        }
+        let store = StateStore::new(
+            aws_sdk_dynamodb::Client::from_conf(ddb.build()),
+            config.state_store.table.clone(),
+        );
+        info!(pod = %identity.pod, table = %store.table(), "starting");
+        let engine = Engine::new(config, identity, store, base, handler, metrics, health);
+        engine.run(shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// How a shard's supervisor task ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The reader returned (stopped, or the shard ended) with its final progress.
+    Finished(ShardProgress),
+    /// The reader task panicked.
+    Failed(String),
+    /// Aborted because its lease could not be renewed in time.
+    Fenced,
+    /// Aborted on request (lease lost, or shutdown deadline).
+    Killed,
+}
+
+/// One shard we hold a lease for and run a reader on.
+struct Owned {
+    stop: CancellationToken,
+    kill: CancellationToken,
+    progress: watch::Receiver<ShardProgress>,
+    deadline: watch::Sender<Instant>,
+    join: JoinHandle<Outcome>,
+    /// A release was requested: the reader is draining.
+    stopping: bool,
+    /// What the store holds for this shard (last written checkpoint and lag).
+    written: CheckpointUpdate,
+    last_checkpoint: Instant,
+}
+
+struct StreamSlot {
+    config: StreamConfig,
+    client: Option<Arc<StreamClient>>,
+}
+
+struct Engine {
+    config: WorkerConfig,
+    identity: Identity,
+    store: StateStore,
+    base: SdkConfig,
+    handler: Arc<dyn BatchHandler>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    streams: Vec<StreamSlot>,
+    clients: Liveness<String>,
+    leases: Liveness<ShardKey>,
+    owned: BTreeMap<ShardKey, Owned>,
+    /// Releases that could not be written yet (store unavailable), retried every tick.
+    pending_release: BTreeMap<ShardKey, CheckpointUpdate>,
+    done_tx: mpsc::UnboundedSender<ShardKey>,
+    done_rx: mpsc::UnboundedReceiver<ShardKey>,
+    ticks: u64,
+    refresh_caches: bool,
+    known_ended: BTreeSet<ShardKey>,
+    /// The problem seen during the current / previous tick, reported by the next heartbeat.
+    tick_issue: Option<Issue>,
+    last_issue: Option<Issue>,
+    /// The counter our last heartbeat wrote, to spot a missing own row.
+    heartbeat_ok: bool,
+}
+
+impl Engine {
+    fn new(
+        config: WorkerConfig,
+        identity: Identity,
+        store: StateStore,
+        base: SdkConfig,
+        handler: Arc<dyn BatchHandler>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        let timeout = config.tuning.client_timeout;
+        let streams = config
+            .streams
+            .iter()
+            .map(|s| StreamSlot {
+                config: s.clone(),
+                client: None,
+            })
+            .collect();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            config,
+            identity,
+            store,
+            base,
+            handler,
+            metrics,
+            health,
+            streams,
+            clients: Liveness::new(timeout),
+            leases: Liveness::new(timeout),
+            owned: BTreeMap::new(),
+            pending_release: BTreeMap::new(),
+            done_tx,
+            done_rx,
+            ticks: 0,
+            refresh_caches: true,
+            known_ended: BTreeSet::new(),
+            tick_issue: None,
+            last_issue: None,
+            heartbeat_ok: false,
+        }
+    }
+
+    fn group(&self) -> &str {
+        &self.config.group
+    }
+
+    fn me(&self) -> &str {
+        &self.identity.client_id
+    }
+
+    /// Bound on one state-store request, so a hung connection cannot stall the loop (the
+    /// reader deadlines do not depend on the loop, but heartbeats and releases do).
+    fn op_timeout(&self) -> Duration {
+        self.config.tuning.heartbeat_interval.max(Duration::from_secs(1))
+    }
+
+    /// Remembers a problem for the client row and counts it.
+    fn note(&mut self, reason: &str, message: String) {
+        self.metrics
+            .errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.tick_issue = Some(Issue {
+            reason: reason.to_owned(),
+            message,
+        });
+    }
+
+    fn note_store(&mut self, what: &str, e: &StoreError) {
+        warn!(error = %e, "{what} failed");
+        self.note(e.reason(), e.to_string());
+    }
+
+    async fn io<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        io_bounded(self.store.table(), op, self.op_timeout(), fut).await
+    }
+
+    fn backoff(attempt: u32, base: Duration) -> Duration {
+        let factor = 1u32 << attempt.min(5);
+        (base * factor).min(Duration::from_secs(30))
+    }
+
+    // ------------------------------------------------------------------ lifecycle
+
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        let hb = self.config.tuning.heartbeat_interval;
+        // Table, then registration; both retried until they work or we are told to stop.
+        let mut attempt = 0;
+        loop {
+            self.health.tick();
+            let res = self
+                .io("ensure_table", self.store.ensure_table(self.config.state_store.create))
+                .await;
+            match res {
+                Ok(()) => break,
+                Err(e) => {
+                    error!(error = %e, "state store not usable; retrying");
+                    self.note(e.reason(), e.to_string());
+                }
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Self::backoff(attempt, hb)) => {}
+            }
+        }
+        self.connect_streams().await;
+        let mut attempt = 0;
+        loop {
+            self.health.tick();
+            let res = self
+                .io("register", self.store.register(self.group(), self.me(), &self.identity.pod))
+                .await;
+            match res {
+                Ok(_) => {
+                    info!("registered");
+                    self.health.heartbeat_ok();
+                    self.heartbeat_ok = true;
+                    break;
+                }
+                Err(e) => self.note_store("register", &e),
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Self::backoff(attempt, hb)) => {}
+            }
+        }
+
+        let mut ticker = tokio::time::interval(hb);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => self.tick().await,
+                Some(key) = self.done_rx.recv() => {
+                    if self.reap(&key).await {
+                        // A shard ended: re-plan now so its children start without waiting
+                        // a heartbeat.
+                        self.tick().await;
+                    }
+                }
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    async fn connect_streams(&mut self) {
+        for i in 0..self.streams.len() {
+            if self.streams[i].client.is_some() {
+                continue;
+            }
+            let cfg = self.streams[i].config.clone();
+            match StreamClient::connect(&cfg, &self.base).await {
+                Ok(c) => self.streams[i].client = Some(Arc::new(c)),
+                Err(e) => {
+                    warn!(stream = %cfg.name, error = %e, "cannot connect to stream; retrying");
+                    self.note(e.reason(), e.to_string());
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ one round
+
+    async fn tick(&mut self) {
+        self.health.tick();
+        self.ticks += 1;
+        self.connect_streams().await;
+        self.heartbeat().await;
+        self.renew_and_checkpoint().await;
+        self.retry_pending_releases().await;
+
+        let snap = match self.io("load_group", self.store.load_group(self.group())).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.note_store("load_group", &e);
+                self.finish_tick();
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut live = membership::observe_clients(&mut self.clients, &snap.clients, now);
+        // We are alive by definition while we run; others judge us by our heartbeats.
+        if !live.iter().any(|c| c == self.me()) {
+            live.push(self.me().to_owned());
+            live.sort();
+        }
+        let leader = membership::leader(&live) == Some(self.me());
+        self.metrics.is_leader.set(i64::from(leader));
+        self.metrics.live_clients.set(live.len() as i64);
+
+        let mut snap = snap;
+        if leader {
+            self.lead(&mut snap, now).await;
+        }
+
+        // Lease liveness, from our own observations of their counters.
+        let mut views = BTreeMap::new();
+        let mut rows = BTreeMap::new();
+        for l in &snap.leases {
+            let key = ShardKey::new(&l.stream, &l.shard_id);
+            self.leases.observe(key.clone(), l.lease_counter, now);
+            let stale = self.leases.is_stale_at(&key, l.lease_counter, now);
+            views.insert(
+                key.clone(),
+                LeaseView {
+                    owner: l.owner.clone(),
+                    counter: l.lease_counter,
+                    ended: l.ended,
+                    stale,
+                },
+            );
+            rows.insert(key, l.clone());
+        }
+        self.leases.retain(|k| views.contains_key(k));
+
+        let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
+        let plan = assignment::plan(&assignment::streams_from_snapshot(&names, &snap), &live);
+        let reading: BTreeSet<ShardKey> = self.owned.keys().cloned().collect();
+        let actions = handoff::decide(HandoffInput {
+            me: self.me(),
+            plan: &plan,
+            leases: &views,
+            reading: &reading,
+        });
+        for action in actions {
+            self.act(action, &rows).await;
+        }
+        self.finish_tick();
+    }
+
+    fn finish_tick(&mut self) {
+        self.metrics.leases_held.set(self.owned.len() as i64);
+        self.last_issue = self.tick_issue.take();
+    }
+
+    async fn heartbeat(&mut self) {
+        let reader_issue = self
+            .owned
+            .values()
+            .find_map(|o| o.progress.borrow().issue.clone());
+        let issue = reader_issue.or_else(|| self.last_issue.clone());
+        let update = HeartbeatUpdate {
+            owned_shards: self.owned.len() as u32,
+            last_error: issue.map(|i| (i.reason, i.message)),
+        };
+        let res = self
+            .io("heartbeat", self.store.heartbeat(self.group(), self.me(), &update))
+            .await;
+        match res {
+            Ok(_) => {
+                self.metrics.heartbeats.inc();
+                self.health.heartbeat_ok();
+                self.heartbeat_ok = true;
+            }
+            Err(StoreError::Conflict { .. }) => {
+                // The leader pruned us (it saw our heartbeat stand still): come back.
+                warn!("our client row was pruned; registering again");
+                let res = self
+                    .io("register", self.store.register(self.group(), self.me(), &self.identity.pod))
+                    .await;
+                if let Err(e) = res {
+                    self.note_store("register", &e);
+                }
+            }
+            Err(e) => {
+                self.heartbeat_ok = false;
+                self.note_store("heartbeat", &e);
+            }
+        }
+    }
+
+    /// Renews every lease we read (a due checkpoint is the renewal), concurrently, and
+    /// extends each reader's deadline from the time its successful request was sent.
+    async fn renew_and_checkpoint(&mut self) {
+        let now = Instant::now();
+        let interval = self.config.tuning.checkpoint_interval;
+        let margin = self
+            .config
+            .tuning
+            .client_timeout
+            .saturating_sub(self.config.tuning.heartbeat_interval);
+        let mut writes = Vec::new();
+        for (key, o) in &self.owned {
+            if o.join.is_finished() {
+                continue;
+            }
+            let p = o.progress.borrow().clone();
+            let update = CheckpointUpdate {
+                sequence: p.acked.clone().filter(|a| Some(a) != o.written.sequence.as_ref()),
+                ended: false,
+                millis_behind: p.millis_behind,
+                lag_at_ms: p.lag_at_ms,
+            };
+            let changed = update.sequence.is_some()
+                || update.millis_behind != o.written.millis_behind;
+            let checkpoint = changed && now.duration_since(o.last_checkpoint) >= interval;
+            let store = self.store.clone();
+            let (group, me) = (self.group().to_owned(), self.me().to_owned());
+            let key = key.clone();
+            let op_timeout = self.op_timeout();
+            writes.push(async move {
+                let sent = Instant::now();
+                let res = if checkpoint {
+                    io_bounded(
+                        store.table(),
+                        "checkpoint",
+                        op_timeout,
+                        store.checkpoint(&group, &key.stream, &key.shard_id, &me, &update),
+                    )
+                    .await
+                } else {
+                    io_bounded(
+                        store.table(),
+                        "renew",
+                        op_timeout,
+                        store.renew_lease(&group, &key.stream, &key.shard_id, &me),
+                    )
+                    .await
+                };
+                (key, sent, checkpoint.then_some(update), res)
+            });
+        }
+        for (key, sent, checkpoint, res) in join_all(writes).await {
+            match res {
+                Ok(_) => {
+                    let Some(o) = self.owned.get_mut(&key) else { continue };
+                    let _ = o.deadline.send(sent + margin);
+                    if let Some(cp) = checkpoint {
+                        self.metrics.checkpoints_written.inc();
+                        if cp.sequence.is_some() {
+                            o.written.sequence = cp.sequence;
+                        }
+                        o.written.millis_behind = cp.millis_behind;
+                        o.written.lag_at_ms = cp.lag_at_ms;
+                        o.last_checkpoint = sent;
+                    }
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    // Someone took it over (our renewals must have failed for too long):
+                    // stop at once and write nothing.
+                    warn!(stream = %key.stream, shard = %key.shard_id, "lease lost; abandoning shard");
+                    self.metrics.lease_conflicts.inc();
+                    self.abandon(&key).await;
+                }
+                Err(e) => self.note_store("lease renewal", &e),
+            }
+        }
+    }
+
+    async fn retry_pending_releases(&mut self) {
+        let pending: Vec<(ShardKey, CheckpointUpdate)> =
+            std::mem::take(&mut self.pending_release).into_iter().collect();
+        for (key, cp) in pending {
+            self.release(key, cp).await;
+        }
+    }
+
+    // ------------------------------------------------------------------ leader
+
+    async fn lead(&mut self, snap: &mut GroupSnapshot, now: Instant) {
+        // Prune clients whose heartbeat stood still for the timeout, conditional on the
+        // counter we watched, so a client that just came back is kept.
+        for c in &snap.clients {
+            if c.client_id == self.me() || self.clients.is_alive(&c.client_id, now) {
+                continue;
+            }
+            let res = self
+                .io("prune", self.store.prune_client(self.group(), &c.client_id, c.heartbeat))
+                .await;
+            match res {
+                Ok(()) => info!(dead = %c.client_id, pod = %c.pod, "pruned dead client"),
+                Err(StoreError::Conflict { .. }) => debug!(client = %c.client_id, "client came back; not pruned"),
+                Err(e) => self.note_store("prune", &e),
+            }
+        }
+
+        let mut newly_ended = false;
+        for l in snap.leases.iter().filter(|l| l.ended) {
+            newly_ended |= self.known_ended.insert(ShardKey::new(&l.stream, &l.shard_id));
+        }
+        let missing_cache = self
+            .streams
+            .iter()
+            .any(|s| !snap.shard_caches.iter().any(|c| c.stream == s.config.name));
+        if self.refresh_caches
+            || newly_ended
+            || missing_cache
+            || self.ticks.is_multiple_of(REFRESH_EVERY_TICKS)
+        {
+            self.refresh_shard_caches(snap).await;
+        }
+        self.create_missing_leases(snap).await;
+    }
+
+    async fn refresh_shard_caches(&mut self, snap: &mut GroupSnapshot) {
+        let mut all_ok = true;
+        for i in 0..self.streams.len() {
+            let Some(client) = self.streams[i].client.clone() else {
+                all_ok = false;
+                continue;
+            };
+            let name = self.streams[i].config.name.clone();
+            let shards = match client.list_shards().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(stream = %name, error = %e, "ListShards failed");
+                    self.note(e.reason(), e.to_string());
+                    all_ok = false;
+                    continue;
+                }
+            };
+            let existing = snap.shard_caches.iter().position(|c| c.stream == name);
+            if existing.is_some_and(|i| snap.shard_caches[i].shards == shards) {
+                continue; // unchanged: save the write
+            }
+            let row = ShardCacheRow {
+                pk: self.group().to_owned(),
+                sk: shards_sk(&name),
+                stream: name.clone(),
+                shards,
+                refreshed_at_ms: now_ms(),
+                refreshed_by: self.me().to_owned(),
+            };
+            match self.io("put_shard_cache", self.store.put_shard_cache(&row)).await {
+                Ok(()) => {
+                    info!(stream = %name, shards = row.shards.len(), "shard cache updated");
+                    match existing {
+                        Some(i) => snap.shard_caches[i] = row,
+                        None => snap.shard_caches.push(row),
+                    }
+                }
+                Err(e) => {
+                    self.note_store("put_shard_cache", &e);
+                    all_ok = false;
+                }
+            }
+        }
+        self.refresh_caches = !all_ok;
+    }
+
+    /// Creates an unowned lease row for every consumable shard lacking one, so the status
+    /// shows unassigned shards. (Claiming creates missing rows too; this is for visibility.)
+    async fn create_missing_leases(&mut self, snap: &GroupSnapshot) {
+        let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
+        for s in assignment::streams_from_snapshot(&names, snap) {
+            for shard in s.consumable {
+                if snap.leases.iter().any(|l| l.stream == s.stream && l.shard_id == shard) {
+                    continue;
+                }
+                let res = self
+                    .io("create_lease", self.store.create_lease(self.group(), &s.stream, &shard))
+                    .await;
+                if let Err(e) = res {
+                    self.note_store("create_lease", &e);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ actions
+
+    async fn act(&mut self, action: Action, rows: &BTreeMap<ShardKey, LeaseRow>) {
+        match action {
+            Action::Claim { key, from } => {
+                if self.pending_release.contains_key(&key) {
+                    return;
+                }
+                let Some(idx) = self.stream_index(&key.stream) else { return };
+                if self.streams[idx].client.is_none() {
+                    return;
+                }
+                let sent = Instant::now();
+                let res = self
+                    .io(
+                        "claim",
+                        self.store.claim_lease(
+                            self.group(),
+                            &key.stream,
+                            &key.shard_id,
+                            self.me(),
+                            from.as_ref().map(|(o, c)| (o.as_str(), *c)),
+                        ),
+                    )
+                    .await;
+                match res {
+                    Ok(row) => {
+                        self.metrics.leases_acquired.inc();
+                        match &from {
+                            Some((old, _)) => info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease"),
+                            None => info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease"),
+                        }
+                        self.spawn_reader(key, idx, &row, sent);
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        self.metrics.lease_conflicts.inc();
+                        debug!(stream = %key.stream, shard = %key.shard_id, "lost claim race");
+                    }
+                    Err(e) => self.note_store("claim", &e),
+                }
+            }
+            Action::Resume(key) => {
+                if self.pending_release.contains_key(&key) {
+                    return;
+                }
+                let (Some(idx), Some(row)) = (self.stream_index(&key.stream), rows.get(&key)) else {
+                    return;
+                };
+                if self.streams[idx].client.is_none() {
+                    return;
+                }
+                let sent = Instant::now();
+                let res = self
+                    .io(
+                        "renew",
+                        self.store.renew_lease(self.group(), &key.stream, &key.shard_id, self.me()),
+                    )
+                    .await;
+                match res {
+                    Ok(_) => {
+                        info!(stream = %key.stream, shard = %key.shard_id, "resuming owned shard");
+                        self.spawn_reader(key, idx, row, sent);
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        self.metrics.lease_conflicts.inc();
+                    }
+                    Err(e) => self.note_store("renew", &e),
+                }
+            }
+            Action::Renew(_) => {} // done for every reader in renew_and_checkpoint
+            Action::Release(key) => {
+                if let Some(o) = self.owned.get_mut(&key) {
+                    if !o.stopping {
+                        info!(stream = %key.stream, shard = %key.shard_id, "shard leaves our range; draining");
+                        o.stopping = true;
+                        o.stop.cancel();
+                    }
+                } else if !self.pending_release.contains_key(&key) {
+                    self.release(key, CheckpointUpdate::default()).await;
+                }
+            }
+            Action::Abandon(key) => {
+                warn!(stream = %key.stream, shard = %key.shard_id, "lease taken over; abandoning shard");
+                self.abandon(&key).await;
+            }
+            Action::Wait(key) => {
+                debug!(stream = %key.stream, shard = %key.shard_id, "waiting for the owner to release");
+            }
+        }
+    }
+
+    fn stream_index(&self, name: &str) -> Option<usize> {
+        self.streams.iter().position(|s| s.config.name == name)
+    }
+
+    fn spawn_reader(&mut self, key: ShardKey, stream_index: usize, row: &LeaseRow, sent: Instant) {
+        let Some(client) = self.streams[stream_index].client.clone() else { return };
+        let tuning = &self.config.tuning;
+        let deadline_at = sent + tuning.client_timeout.saturating_sub(tuning.heartbeat_interval);
+        let initial = ShardProgress {
+            acked: row.checkpoint.clone(),
+            ..ShardProgress::default()
+        };
+        let (progress_tx, progress_rx) = watch::channel(initial);
+        let (deadline_tx, deadline_rx) = watch::channel(deadline_at);
+        let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let task = ShardTask {
+            client,
+            stream: self.streams[stream_index].config.clone(),
+            shard_id: key.shard_id.clone(),
+            checkpoint: row.checkpoint.clone(),
+        };
+        let span = info_span!("shard", group = %self.config.group, client = %self.identity.client_id, stream = %key.stream, shard = %key.shard_id);
+        let reader = reader::read_shard(
+            task,
+            tuning.clone(),
+            self.handler.clone(),
+            self.metrics.clone(),
+            progress_tx,
+            stop.clone(),
+        );
+        let join = tokio::spawn(
+            supervise(
+                tokio::spawn(reader.instrument(span.clone())),
+                deadline_rx,
+                kill.clone(),
+                self.done_tx.clone(),
+                key.clone(),
+            )
+            .instrument(span),
+        );
+        self.owned.insert(
+            key,
+            Owned {
+                stop,
+                kill,
+                progress: progress_rx,
+                deadline: deadline_tx,
+                join,
+                stopping: false,
+                written: CheckpointUpdate {
+                    sequence: row.checkpoint.clone(),
+                    ended: false,
+                    millis_behind: row.millis_behind,
+                    lag_at_ms: row.lag_at_ms,
+                },
+                last_checkpoint: Instant::now(),
+            },
+        );
+        self.metrics.leases_held.set(self.owned.len() as i64);
+    }
+
+    /// Stops a reader at once (we no longer own its lease) and writes nothing.
+    async fn abandon(&mut self, key: &ShardKey) {
+        if let Some(o) = self.owned.remove(key) {
+            o.kill.cancel();
+            let _ = o.join.await;
+        }
+        self.metrics.leases_held.set(self.owned.len() as i64);
+    }
+
+    /// A supervisor finished: write the final checkpoint and release (or, when fenced or
+    /// killed, write nothing). Returns whether the shard ended.
+    async fn reap(&mut self, key: &ShardKey) -> bool {
+        let Some(o) = self.owned.remove(key) else { return false };
+        let outcome = match o.join.await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        self.metrics.leases_held.set(self.owned.len() as i64);
+        let last = o.progress.borrow().clone();
+        match outcome {
+            Outcome::Finished(p) => {
+                let ended = p.ended;
+                if ended {
+                    info!(stream = %key.stream, shard = %key.shard_id, "shard read to its end");
+                    self.refresh_caches = true;
+                }
+                self.release(key.clone(), final_update(&p)).await;
+                ended
+            }
+            Outcome::Failed(msg) => {
+                error!(stream = %key.stream, shard = %key.shard_id, error = %msg, "reader failed; releasing to retry");
+                self.note("ReaderFailed", msg);
+                self.release(key.clone(), final_update(&last)).await;
+                false
+            }
+            Outcome::Fenced => {
+                warn!(stream = %key.stream, shard = %key.shard_id, "lease renewals failed for too long; reader stopped so another client may take over");
+                self.note("LeaseRenewalFailed", format!("could not renew the lease of {key} in time; stopped reading it"));
+                false
+            }
+            Outcome::Killed => false,
+        }
+    }
+
+    async fn release(&mut self, key: ShardKey, cp: CheckpointUpdate) {
+        let res = self
+            .io(
+                "release",
+                self.store.release_lease(self.group(), &key.stream, &key.shard_id, self.me(), &cp),
+            )
+            .await;
+        match res {
+            Ok(()) => {
+                self.metrics.leases_released.inc();
+                if cp.sequence.is_some() || cp.ended {
+                    self.metrics.checkpoints_written.inc();
+                }
+                info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
+            }
+            Err(StoreError::Conflict { .. }) => {
+                self.metrics.lease_conflicts.inc();
+                debug!(stream = %key.stream, shard = %key.shard_id, "lease was no longer ours at release");
+            }
+            Err(e) => {
+                self.note_store("release", &e);
+                self.pending_release.insert(key, cp);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ shutdown
+
+    async fn shutdown(mut self) {
+        let tuning = self.config.tuning.clone();
+        let started = Instant::now();
+        let deadline = started + tuning.shutdown_timeout;
+        // Leave a share of the bound for the writes after the drain.
+        let write_reserve = (tuning.shutdown_timeout / 4).min(Duration::from_secs(5));
+        let drain_deadline = deadline - write_reserve;
+        info!(shards = self.owned.len(), "shutting down: draining readers");
+        for o in self.owned.values() {
+            o.stop.cancel();
+        }
+        // Wait for the in-flight batches, renewing meanwhile so no lease expires mid-drain.
+        let mut ticker = tokio::time::interval(tuning.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.owned.values().any(|o| !o.join.is_finished()) && Instant::now() < drain_deadline {
+            tokio::select! {
+                _ = tokio::time::sleep_until(drain_deadline.into()) => {}
+                _ = ticker.tick() => self.renew_and_checkpoint().await,
+                _ = self.done_rx.recv() => {}
+            }
+        }
+        for o in self.owned.values() {
+            if !o.join.is_finished() {
+                warn!("in-flight batch did not finish within the shutdown bound; abandoning it");
+                o.kill.cancel();
+            }
+        }
+        // Final checkpoints and releases, concurrently, bounded by what is left.
+        let owned = std::mem::take(&mut self.owned);
+        let mut releases = Vec::new();
+        for (key, o) in owned {
+            let outcome = o.join.await;
+            let last = o.progress.borrow().clone();
+            let cp = match outcome {
+                Ok(Outcome::Finished(p)) => final_update(&p),
+                // Only acknowledged progress is ever published, so it is safe to record
+                // even for a reader cut off mid-batch.
+                Ok(Outcome::Killed | Outcome::Failed(_)) | Err(_) => final_update(&last),
+                Ok(Outcome::Fenced) => continue,
+            };
+            releases.push((key, cp));
+        }
+        releases.extend(std::mem::take(&mut self.pending_release));
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+        let store = self.store.clone();
+        let (group, me) = (self.group().to_owned(), self.me().to_owned());
+        let writes = releases.into_iter().map(|(key, cp)| {
+            let store = store.clone();
+            let (group, me) = (group.clone(), me.clone());
+            async move {
+                let res = io_bounded(
+                    store.table(),
+                    "release",
+                    remaining,
+                    store.release_lease(&group, &key.stream, &key.shard_id, &me, &cp),
+                )
+                .await;
+                (key, cp, res)
+            }
+        });
+        for (key, cp, res) in join_all(writes).await {
+            match res {
+                Ok(()) => {
+                    self.metrics.leases_released.inc();
+                    self.metrics.checkpoints_written.inc();
+                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
+                }
+                Err(e) => warn!(stream = %key.stream, shard = %key.shard_id, error = %e, "could not release lease at shutdown; it will expire"),
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+        match io_bounded(self.store.table(), "deregister", remaining, self.store.deregister(self.group(), self.me())).await {
+            Ok(()) => info!(elapsed = ?started.elapsed(), "deregistered; shutdown complete"),
+            Err(e) => warn!(error = %e, "could not deregister; the leader will prune us"),
+        }
+        self.health.deregistered();
+        self.metrics.leases_held.set(0);
+        self.metrics.is_leader.set(0);
+    }
+}
+
+/// The release write for a reader's last progress: the acknowledged position, the end flag
+/// and the lag.
+fn final_update(p: &ShardProgress) -> CheckpointUpdate {
+    CheckpointUpdate {
+        sequence: p.acked.clone(),
+        ended: p.ended,
+        millis_behind: p.millis_behind,
+        lag_at_ms: p.lag_at_ms,
+    }
+}
+
+/// Bounds one state-store request; a timeout counts as the store being unavailable.
+async fn io_bounded<T>(
+    table: &str,
+    op: &'static str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(res) => res,
+        Err(_) => Err(StoreError::Unavailable {
+            table: table.to_owned(),
+            op,
+            message: format!("no answer within {limit:?}"),
+        }),
+    }
+}
+
+/// Watches one reader: returns when it finishes, aborts it when its lease deadline passes
+/// without renewal (fencing) or when told to, and tells the engine it is done.
+async fn supervise(
+    mut reader: JoinHandle<ShardProgress>,
+    mut deadline: watch::Receiver<Instant>,
+    kill: CancellationToken,
+    done: mpsc::UnboundedSender<ShardKey>,
+    key: ShardKey,
+) -> Outcome {
+    let outcome = loop {
+        let at = *deadline.borrow_and_update();
+        tokio::select! {
+            res = &mut reader => break match res {
+                Ok(p) => Outcome::Finished(p),
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
+            _ = kill.cancelled() => {
+                reader.abort();
+                let _ = (&mut reader).await;
+                break Outcome::Killed;
+            }
+            _ = tokio::time::sleep_until(at.into()) => {
+                if *deadline.borrow() > Instant::now() {
+                    continue; // extended meanwhile
+                }
+                reader.abort();
+                let _ = (&mut reader).await;
+                break Outcome::Fenced;
+            }
+            changed = deadline.changed() => {
+                if changed.is_err() {
+                    // The engine dropped us: never read without an owner watching.
+                    reader.abort();
+                    let _ = (&mut reader).await;
+                    break Outcome::Killed;
+                }
+            }
+        }
+    };
+    let _ = done.send(key);
+    outcome
+}
