@@ -6,3 +6,6 @@ pub mod conditions;
 pub mod events;
 pub mod metrics;
 pub mod status;
+pub mod server;
+pub mod store_admin;
+pub mod telemetry;
