@@ -1,14 +1,20 @@
 //! Reads one leased shard: GetRecords polling, delivery, and progress reporting.
+//!
+//! The decisions (how long to wait before the next call, how to back off, what an error
+//! means) are small pure functions below, table-tested; [`read_shard`] is the thin I/O loop
+//! that applies them.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{StreamConfig, Tuning};
-use crate::delivery::BatchHandler;
-use crate::kinesis::StreamClient;
-use crate::metrics::Metrics;
+use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record};
+use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
+use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
 
 /// What the engine hands the reader when it holds a shard's lease.
 #[derive(Clone, Debug)]
@@ -47,6 +53,379 @@ pub struct ShardProgress {
     pub issue: Option<Issue>,
 }
 
+// ---------------------------------------------------------------- pure decisions
+
+/// Kinesis allows 5 GetRecords calls per second per shard: never call more often.
+pub const MIN_CALL_GAP: Duration = Duration::from_millis(200);
+
+/// Most batches a manual-commit handler may hold uncommitted per shard before the reader
+/// stops fetching (bounds memory when a handler never commits).
+pub const MAX_PENDING_BATCHES: usize = 64;
+
+/// How long to wait before the next GetRecords, given the time since the previous call
+/// started and what it returned. Caught up (nothing returned, not behind): wait the poll
+/// interval. Records came back or the shard is behind: go again as soon as the rate limit
+/// allows.
+pub fn next_poll_delay(
+    since_last_call: Duration,
+    got_records: bool,
+    millis_behind: Option<i64>,
+    poll_interval: Duration,
+) -> Duration {
+    let caught_up = !got_records && millis_behind.unwrap_or(0) <= 0;
+    let gap = if caught_up {
+        poll_interval.max(MIN_CALL_GAP)
+    } else {
+        MIN_CALL_GAP
+    };
+    gap.saturating_sub(since_last_call)
+}
+
+/// Exponential backoff with "equal jitter": the delay for attempt n is uniformly drawn from
+/// [d/2, d] with d = min(cap, base * 2^n), so retries spread out yet never hammer.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `base`, never longer than `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The delay for `attempt` (0-based) with `jitter` in [0, 1]. Pure.
+    pub fn delay(base: Duration, cap: Duration, attempt: u32, jitter: f64) -> Duration {
+        let factor = 1u32 << attempt.min(20);
+        let full = base.saturating_mul(factor).min(cap);
+        let half = full / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+
+    /// The next delay (random jitter), counting the attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = Self::delay(self.base, self.cap, self.attempt, rand::random::<f64>());
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+
+    /// Failures since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Success: start again from `base`.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Backoff for Kinesis errors.
+pub fn kinesis_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(20))
+}
+
+/// Backoff for a handler that refuses a batch.
+pub fn handler_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
+}
+
+/// What the reader does after a failed Kinesis call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// Get a fresh iterator (after the last delivered record) right away.
+    NewIterator,
+    /// Wait (backoff) and retry; `drop_iterator` when the iterator itself is suspect.
+    Retry {
+        /// Take a new iterator before the next GetRecords.
+        drop_iterator: bool,
+    },
+}
+
+/// The reaction to a Kinesis error kind.
+pub fn on_kinesis_error(kind: ErrorKind) -> ErrorAction {
+    match kind {
+        ErrorKind::ExpiredIterator => ErrorAction::NewIterator,
+        ErrorKind::InvalidRequest => ErrorAction::Retry {
+            drop_iterator: true,
+        },
+        ErrorKind::StreamNotFound
+        | ErrorKind::AccessDenied
+        | ErrorKind::Throttled
+        | ErrorKind::Unavailable => ErrorAction::Retry {
+            drop_iterator: false,
+        },
+    }
+}
+
+/// Whether a failure is worth an [`Issue`] (shown to the user): occasional throttling is
+/// normal, so it is reported only when it persists; everything else at once.
+pub fn should_report(kind: ErrorKind, consecutive_failures: u32) -> bool {
+    match kind {
+        ErrorKind::Throttled => consecutive_failures >= 3,
+        ErrorKind::ExpiredIterator => false,
+        _ => true,
+    }
+}
+
+// ---------------------------------------------------------------- the I/O loop
+
+/// Per-shard metric handles, looked up once.
+struct ShardMetrics {
+    metrics: Arc<Metrics>,
+    stream: StreamLabels,
+    shard: ShardLabels,
+}
+
+impl ShardMetrics {
+    fn error(&self, reason: &str) {
+        self.metrics
+            .errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Why the loop stopped early.
+enum Exit {
+    Stopped,
+}
+
+struct Reader {
+    task: ShardTask,
+    tuning: Tuning,
+    handler: Arc<dyn BatchHandler>,
+    m: ShardMetrics,
+    progress_tx: watch::Sender<ShardProgress>,
+    progress: ShardProgress,
+    commits: CommitTracker,
+    commit_rx: watch::Receiver<CommitState>,
+    stop: CancellationToken,
+    /// Last sequence the handler accepted: where a new iterator resumes.
+    delivered: Option<String>,
+}
+
+impl Reader {
+    fn publish(&mut self) {
+        self.progress.acked = self.commit_rx.borrow_and_update().committed.clone();
+        let p = self.progress.clone();
+        self.progress_tx.send_if_modified(|cur| {
+            if *cur != p {
+                *cur = p;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn set_issue(&mut self, issue: Option<Issue>) {
+        self.progress.issue = issue;
+        self.publish();
+    }
+
+    /// Sleeps `d`, republishing commits that arrive meanwhile. `Err` when stopped.
+    async fn sleep(&mut self, d: Duration) -> Result<(), Exit> {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                _ = self.stop.cancelled() => return Err(Exit::Stopped),
+                r = self.commit_rx.changed() => {
+                    if r.is_ok() { self.publish(); }
+                }
+            }
+        }
+    }
+
+    /// Waits until at most `max` batches are uncommitted. `Err` when stopped.
+    async fn wait_pending_at_most(&mut self, max: usize, stop: &CancellationToken) -> Result<(), Exit> {
+        loop {
+            if self.commit_rx.borrow_and_update().pending <= max {
+                self.publish();
+                return Ok(());
+            }
+            self.publish();
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Exit::Stopped),
+                r = self.commit_rx.changed() => {
+                    if r.is_err() { return Err(Exit::Stopped); }
+                }
+            }
+        }
+    }
+
+    fn kinesis_failed(&mut self, e: &KinesisError, backoff: &Backoff) {
+        let kind = e.kind();
+        self.m.error(kind.reason());
+        if kind == ErrorKind::Throttled || kind == ErrorKind::ExpiredIterator {
+            debug!(error = %e, "kinesis call failed; retrying");
+        } else {
+            warn!(error = %e, reason = kind.reason(), "kinesis call failed; retrying with backoff");
+        }
+        if should_report(kind, backoff.attempts() + 1) {
+            self.set_issue(Some(Issue {
+                reason: kind.reason().to_owned(),
+                message: e.to_string(),
+            }));
+        }
+    }
+
+    /// Hands `batch` to the handler until it accepts it. `Err` only when stopped while
+    /// retrying (the batch is then abandoned: not acknowledged, read again by whoever
+    /// reads the shard next).
+    async fn deliver(&mut self, batch: &[Record]) -> Result<(), Exit> {
+        let mut backoff = handler_backoff();
+        let n = batch.len() as u64;
+        loop {
+            let started = Instant::now();
+            let result = self.handler.deliver(batch, &self.commits).await;
+            self.m
+                .metrics
+                .delivery_duration
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {
+                    self.m.metrics.records_delivered.get_or_create(&self.m.stream).inc_by(n);
+                    if let Some(last) = batch.last() {
+                        self.delivered = Some(last.sequence.clone());
+                    }
+                    if self.progress.issue.as_ref().is_some_and(|i| i.reason == "HandlerFailing") {
+                        info!("handler accepts batches again");
+                        self.progress.issue = None;
+                    }
+                    self.publish();
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.m.metrics.delivery_failures.get_or_create(&self.m.stream).inc();
+                    self.m.error("HandlerFailing");
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
+                        first = %batch[0].sequence, records = n, "handler refused batch; retrying the same batch");
+                    self.set_issue(Some(Issue {
+                        reason: "HandlerFailing".into(),
+                        message: format!("the handler refused a batch of {n} records ({} attempts): {e}", backoff.attempts()),
+                    }));
+                    self.sleep(delay).await?;
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), Exit> {
+        let client = self.task.client.clone();
+        let shard = self.task.shard_id.clone();
+        let limit = self.tuning.max_records_per_call;
+        let mut iterator: Option<String> = None;
+        let mut backoff = kinesis_backoff();
+        let mut last_call: Option<Instant> = None;
+        let mut last_got_records = false;
+        let mut last_behind: Option<i64> = None;
+        loop {
+            if self.stop.is_cancelled() {
+                return Err(Exit::Stopped);
+            }
+            // A manual-commit handler holding too many batches: wait for it first.
+            let stop = self.stop.clone();
+            self.wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop).await?;
+
+            let it = match iterator.take() {
+                Some(it) => it,
+                None => {
+                    let start = IteratorStart::resolve(self.delivered.as_deref(), &self.task.stream);
+                    debug!(?start, "getting shard iterator");
+                    let got = tokio::select! {
+                        r = client.shard_iterator(&shard, &start) => r,
+                        _ = self.stop.cancelled() => return Err(Exit::Stopped),
+                    };
+                    match got {
+                        Ok(it) => it,
+                        Err(e) => {
+                            self.kinesis_failed(&e, &backoff);
+                            let d = backoff.next_delay();
+                            self.sleep(d).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+
+            if let Some(at) = last_call {
+                let d = next_poll_delay(at.elapsed(), last_got_records, last_behind, self.tuning.poll_interval);
+                if !d.is_zero() {
+                    self.sleep(d).await?;
+                }
+            }
+            last_call = Some(Instant::now());
+            self.m.metrics.get_records_calls.get_or_create(&self.m.stream).inc();
+            let got = tokio::select! {
+                r = client.get_records(&shard, &it, limit) => r,
+                _ = self.stop.cancelled() => return Err(Exit::Stopped),
+            };
+            let page = match got {
+                Ok(p) => p,
+                Err(e) => {
+                    // Failures count as "nothing returned" for pacing.
+                    last_got_records = false;
+                    last_behind = None;
+                    self.kinesis_failed(&e, &backoff);
+                    match on_kinesis_error(e.kind()) {
+                        ErrorAction::NewIterator => {
+                            info!(resume_after = ?self.delivered, "shard iterator expired; taking a new one");
+                        }
+                        ErrorAction::Retry { drop_iterator } => {
+                            if !drop_iterator {
+                                iterator = Some(it);
+                            }
+                            let d = backoff.next_delay();
+                            self.sleep(d).await?;
+                        }
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            if self.progress.issue.as_ref().is_some_and(|i| i.reason != "HandlerFailing") {
+                info!("kinesis reads work again");
+                self.progress.issue = None;
+            }
+            self.progress.millis_behind = page.millis_behind;
+            self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
+            if let Some(ms) = page.millis_behind {
+                self.m.metrics.behind_latest.get_or_create(&self.m.shard).set(ms as f64 / 1000.0);
+            }
+            self.publish();
+            last_got_records = !page.records.is_empty();
+            last_behind = page.millis_behind;
+
+            if !page.records.is_empty() {
+                self.deliver(&page.records).await?;
+            }
+            match page.next_iterator {
+                Some(next) => iterator = Some(next),
+                None => {
+                    // Shard end: it counts as ended only once every batch is committed.
+                    let stop = self.stop.clone();
+                    self.wait_pending_at_most(0, &stop).await?;
+                    self.progress.ended = true;
+                    self.publish();
+                    info!(last = ?self.progress.acked, "shard read to its end");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Reads `task`'s shard until it ends or `stop` is cancelled. On stop it fetches nothing
 /// more, lets the in-flight delivery finish (the engine bounds that by dropping this future
 /// at the shutdown deadline) and returns the final progress, also published on `progress`.
@@ -58,6 +437,134 @@ pub async fn read_shard(
     progress: watch::Sender<ShardProgress>,
     stop: CancellationToken,
 ) -> ShardProgress {
-    let _ = (task, tuning, handler, metrics, progress, stop);
-    todo!("reader side")
+    let span = info_span!("read_shard", stream = %task.client.name, shard = %task.shard_id);
+    async move {
+        let commits = CommitTracker::new(task.checkpoint.clone());
+        let commit_rx = commits.subscribe();
+        let m = ShardMetrics {
+            stream: StreamLabels {
+                stream: task.client.name.clone(),
+            },
+            shard: ShardLabels {
+                stream: task.client.name.clone(),
+                shard: task.shard_id.clone(),
+            },
+            metrics,
+        };
+        let initial = ShardProgress {
+            acked: task.checkpoint.clone(),
+            ..progress.borrow().clone()
+        };
+        let mut reader = Reader {
+            delivered: task.checkpoint.clone(),
+            task,
+            tuning,
+            handler,
+            m,
+            progress_tx: progress,
+            progress: initial,
+            commits,
+            commit_rx,
+            stop,
+        };
+        debug!(checkpoint = ?reader.delivered, "reading shard");
+        if let Err(Exit::Stopped) = reader.run().await {
+            // Batches a manual-commit handler still holds: give it until the shutdown
+            // bound to commit them, so the final checkpoint includes them.
+            if reader.commits.state().pending > 0 {
+                let grace = CancellationToken::new();
+                let timer = {
+                    let grace = grace.clone();
+                    let d = reader.tuning.shutdown_timeout;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        grace.cancel();
+                    })
+                };
+                let _ = reader.wait_pending_at_most(0, &grace).await;
+                timer.abort();
+            }
+            reader.publish();
+            debug!(acked = ?reader.progress.acked, "reader stopped");
+        }
+        reader.m.metrics.behind_latest.remove(&reader.m.shard);
+        reader.progress.clone()
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn poll_delay_table() {
+        let poll = MS(1000);
+        // (since last call, got records, millis behind, want)
+        let cases = [
+            (MS(0), false, Some(0), MS(1000)),   // idle, caught up: full poll interval
+            (MS(300), false, Some(0), MS(700)),  // part of it already passed
+            (MS(1500), false, Some(0), MS(0)),   // overdue
+            (MS(0), true, Some(0), MS(200)),     // records came back: only the rate limit
+            (MS(50), true, Some(0), MS(150)),
+            (MS(250), true, Some(0), MS(0)),
+            (MS(0), false, Some(5000), MS(200)), // behind but empty page: go again quickly
+            (MS(0), false, None, MS(1000)),      // unknown lag counts as caught up
+            (MS(10), true, None, MS(190)),
+        ];
+        for (since, got, behind, want) in cases {
+            assert_eq!(next_poll_delay(since, got, behind, poll), want, "{since:?} {got} {behind:?}");
+        }
+        // A poll interval below the limit is raised to it.
+        assert_eq!(next_poll_delay(MS(0), false, Some(0), MS(10)), MIN_CALL_GAP);
+    }
+
+    #[test]
+    fn backoff_table() {
+        let (base, cap) = (MS(200), Duration::from_secs(30));
+        // (attempt, jitter, want)
+        let cases = [
+            (0, 0.0, MS(100)),
+            (0, 1.0, MS(200)),
+            (1, 0.0, MS(200)),
+            (1, 1.0, MS(400)),
+            (3, 0.5, MS(1200)),
+            (7, 1.0, Duration::from_millis(25_600)),
+            (8, 1.0, cap),
+            (8, 0.0, cap / 2),
+            (60, 1.0, cap), // no overflow
+        ];
+        for (attempt, jitter, want) in cases {
+            assert_eq!(Backoff::delay(base, cap, attempt, jitter), want, "attempt {attempt} jitter {jitter}");
+        }
+        let mut b = Backoff::new(base, cap);
+        for i in 0..50 {
+            let d = b.next_delay();
+            assert!(d <= cap && d >= MS(100), "attempt {i}: {d:?}");
+        }
+        assert_eq!(b.attempts(), 50);
+        b.reset();
+        assert!(b.next_delay() <= MS(200));
+    }
+
+    #[test]
+    fn error_action_table() {
+        use ErrorKind::*;
+        let cases = [
+            (ExpiredIterator, ErrorAction::NewIterator, false),
+            (InvalidRequest, ErrorAction::Retry { drop_iterator: true }, true),
+            (Throttled, ErrorAction::Retry { drop_iterator: false }, false),
+            (Unavailable, ErrorAction::Retry { drop_iterator: false }, true),
+            (StreamNotFound, ErrorAction::Retry { drop_iterator: false }, true),
+            (AccessDenied, ErrorAction::Retry { drop_iterator: false }, true),
+        ];
+        for (kind, action, report_first) in cases {
+            assert_eq!(on_kinesis_error(kind), action, "{kind:?}");
+            assert_eq!(should_report(kind, 1), report_first, "{kind:?}");
+        }
+        assert!(should_report(Throttled, 3));
+    }
 }

@@ -1,6 +1,26 @@
 //! Delivery: the handler API records go through, and the built-in sinks.
+//!
+//! Two handler styles:
+//! - [`BatchHandler`]: `Ok` acknowledges the batch at once (auto-commit);
+//! - [`ManualBatchHandler`], used through the [`ManualCommit`] adapter: the handler accepts
+//!   a batch together with a [`CommitToken`] and commits it later; the checkpoint advances
+//!   only through the contiguous prefix of committed batches.
+//!
+//! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
+//! per-shard [`CommitTracker`]; both styles end up there.
+
+pub mod commit;
+pub mod http;
+pub mod stdout;
+
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde::Serialize;
+
+pub use commit::{CommitState, CommitToken, CommitTracker};
+
+use crate::config::DeliveryConfig;
 
 /// One Kinesis record as handed to a handler.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,9 +47,292 @@ pub struct HandlerError {
     pub message: String,
 }
 
+impl HandlerError {
+    /// A handler error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
 /// Receives batches of one shard, in order. `Ok` acknowledges the whole batch (it may be
 /// checkpointed); `Err` means "retry this batch" (nothing is checkpointed, nothing skipped).
 pub trait BatchHandler: Send + Sync + 'static {
     /// Handle one batch. Called for one shard at a time, never concurrently per shard.
     fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// How the reader hands over a batch: registers it in the shard's `commits` and
+    /// resolves once the handler has accepted it. The default acknowledges on `Ok` at once;
+    /// [`ManualCommit`] leaves the commit to the handler's [`CommitToken`]. On `Err` the
+    /// batch is withdrawn and the reader hands the same records out again.
+    fn deliver<'a>(
+        &'a self,
+        batch: &'a [Record],
+        commits: &'a CommitTracker,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            let token = commits.begin(&last.sequence);
+            match self.handle(batch).await {
+                Ok(()) => {
+                    token.commit();
+                    Ok(())
+                }
+                Err(e) => {
+                    token.abort();
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// A handler that acknowledges later. `Ok` means "accepted"; the batch counts as processed
+/// once `commit` is called on its token. `Err` means "not accepted, hand it to me again"
+/// (do not commit a token of a batch you return `Err` for).
+pub trait ManualBatchHandler: Send + Sync + 'static {
+    /// Accept one batch of one shard; batches of a shard arrive in order, one at a time.
+    fn handle<'a>(
+        &'a self,
+        batch: &'a [Record],
+        commit: CommitToken,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Adapts a [`ManualBatchHandler`] to the [`BatchHandler`] the engine takes.
+pub struct ManualCommit<H> {
+    inner: H,
+}
+
+impl<H: ManualBatchHandler> ManualCommit<H> {
+    /// Wraps `handler`.
+    pub fn new(handler: H) -> Self {
+        Self { inner: handler }
+    }
+
+    /// Wraps `handler` ready for the engine.
+    pub fn arc(handler: H) -> Arc<dyn BatchHandler> {
+        Arc::new(Self::new(handler))
+    }
+}
+
+impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
+    /// Outside a reader there is no shard tracker: resolve once the handler committed.
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let commits = CommitTracker::new(None);
+            let mut rx = commits.subscribe();
+            self.deliver(batch, &commits).await?;
+            loop {
+                if rx.borrow_and_update().pending == 0 {
+                    return Ok(());
+                }
+                if rx.changed().await.is_err() {
+                    return Err(HandlerError::new("commit tracker closed"));
+                }
+            }
+        })
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        batch: &'a [Record],
+        commits: &'a CommitTracker,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            let token = commits.begin(&last.sequence);
+            let id = token.id();
+            let result = self.inner.handle(batch, token).await;
+            if result.is_err() {
+                commits.abort(id);
+            }
+            result
+        })
+    }
+}
+
+/// Builds the handler the config asks for.
+pub fn build_handler(config: &DeliveryConfig) -> Result<Arc<dyn BatchHandler>, HandlerError> {
+    match (&config.stdout, &config.http) {
+        (Some(_), None) => Ok(Arc::new(stdout::StdoutSink::new())),
+        (None, Some(h)) => Ok(Arc::new(http::HttpSink::new(h)?)),
+        _ => Err(HandlerError::new(
+            "delivery needs exactly one of stdout or http",
+        )),
+    }
+}
+
+/// The JSON shape of one record, shared by the stdout and http sinks. Borrowing, so
+/// serializing allocates nothing per record beyond the output buffer.
+#[derive(Serialize)]
+pub struct RecordJson<'a> {
+    stream: &'a str,
+    shard: &'a str,
+    sequence: &'a str,
+    #[serde(rename = "partitionKey")]
+    partition_key: &'a str,
+    #[serde(serialize_with = "ser_base64")]
+    data: &'a [u8],
+    #[serde(serialize_with = "ser_arrival")]
+    arrival: Option<jiff::Timestamp>,
+}
+
+impl<'a> From<&'a Record> for RecordJson<'a> {
+    fn from(r: &'a Record) -> Self {
+        Self {
+            stream: &r.stream,
+            shard: &r.shard_id,
+            sequence: &r.sequence,
+            partition_key: &r.partition_key,
+            data: &r.data,
+            arrival: r.arrival,
+        }
+    }
+}
+
+fn ser_base64<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    use base64::display::Base64Display;
+    use base64::engine::general_purpose::STANDARD;
+    s.collect_str(&Base64Display::new(data, &STANDARD))
+}
+
+fn ser_arrival<S: serde::Serializer>(t: &Option<jiff::Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        // jiff's Display is RFC 3339 in UTC, e.g. 2026-11-28T17:44:39.123Z.
+        Some(t) => s.collect_str(t),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn rec(seq: &str) -> Record {
+        Record {
+            stream: "s".into(),
+            shard_id: "shardId-000000000000".into(),
+            sequence: seq.into(),
+            partition_key: "k".into(),
+            data: b"x".to_vec(),
+            arrival: None,
+        }
+    }
+
+    /// Keeps every token; the test commits them in any order.
+    struct Holding(Mutex<Vec<CommitToken>>);
+    impl ManualBatchHandler for Holding {
+        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+            self.0.lock().unwrap().push(c);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn manual_commit_advances_only_through_contiguous_prefix() {
+        let h = ManualCommit::new(Holding(Mutex::new(Vec::new())));
+        let commits = CommitTracker::new(Some("0".into()));
+        for seq in ["10", "20", "30"] {
+            h.deliver(&[rec(seq)], &commits).await.unwrap();
+        }
+        assert_eq!(commits.state().pending, 3);
+        let mut tokens: Vec<_> = h.inner.0.lock().unwrap().drain(..).collect();
+        let t3 = tokens.pop().unwrap();
+        let t2 = tokens.pop().unwrap();
+        let t1 = tokens.pop().unwrap();
+        t1.commit();
+        assert_eq!(commits.state().committed.as_deref(), Some("10"));
+        t3.commit();
+        assert_eq!(commits.state().committed.as_deref(), Some("10"), "batch 3 must wait for batch 2");
+        t2.commit();
+        assert_eq!(commits.state(), CommitState { committed: Some("30".into()), pending: 0 });
+    }
+
+    struct Refusing;
+    impl ManualBatchHandler for Refusing {
+        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+            drop(c);
+            Box::pin(async { Err(HandlerError::new("no")) })
+        }
+    }
+
+    #[tokio::test]
+    async fn manual_err_withdraws_the_batch() {
+        let h = ManualCommit::new(Refusing);
+        let commits = CommitTracker::new(None);
+        assert!(h.deliver(&[rec("10")], &commits).await.is_err());
+        assert_eq!(commits.state(), CommitState::default());
+    }
+
+    struct Auto(Mutex<u32>);
+    impl BatchHandler for Auto {
+        fn handle<'a>(&'a self, _b: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+            let mut n = self.0.lock().unwrap();
+            *n += 1;
+            let fail = *n == 1;
+            Box::pin(async move { if fail { Err(HandlerError::new("first fails")) } else { Ok(()) } })
+        }
+    }
+
+    #[tokio::test]
+    async fn auto_handler_commits_on_ok_only() {
+        let h = Auto(Mutex::new(0));
+        let commits = CommitTracker::new(None);
+        assert!(h.deliver(&[rec("10")], &commits).await.is_err());
+        assert_eq!(commits.state(), CommitState::default());
+        h.deliver(&[rec("10")], &commits).await.unwrap();
+        assert_eq!(commits.state().committed.as_deref(), Some("10"));
+    }
+
+    /// Commits later, from another task.
+    struct Later;
+    impl ManualBatchHandler for Later {
+        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                c.commit();
+            });
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn manual_handle_outside_reader_waits_for_commit() {
+        let h = ManualCommit::new(Later);
+        h.handle(&[rec("1")]).await.unwrap();
+    }
+
+    #[test]
+    fn record_json_shape() {
+        let r = Record {
+            stream: "orders".into(),
+            shard_id: "shardId-000000000001".into(),
+            sequence: "4959".into(),
+            partition_key: "p\"k".into(),
+            data: b"hello".to_vec(),
+            arrival: Some("2026-11-28T17:44:39.5Z".parse().unwrap()),
+        };
+        let v: serde_json::Value = serde_json::to_value(RecordJson::from(&r)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "stream": "orders",
+                "shard": "shardId-000000000001",
+                "sequence": "4959",
+                "partitionKey": "p\"k",
+                "data": "aGVsbG8=",
+                "arrival": "2026-11-28T17:44:39.5Z",
+            })
+        );
+        let none = Record { arrival: None, ..r };
+        let v: serde_json::Value = serde_json::to_value(RecordJson::from(&none)).unwrap();
+        assert_eq!(v["arrival"], serde_json::Value::Null);
+    }
 }
