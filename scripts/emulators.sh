@@ -186,7 +186,7 @@ launch() {
       lib="$(ddb_lib_dir)"
       # -disableTelemetry: DynamoDB Local phones home otherwise. -sharedDb: one set of tables
       # for every access key/region. It has no host flag; clients only ever use 127.0.0.1.
-      (cd "$EMU_DIR" && exec setsid java -Xmx512m -Djava.library.path="$lib/DynamoDBLocal_lib" \
+      (cd "$EMU_DIR" && exec setsid java -Xmx1g -Djava.library.path="$lib/DynamoDBLocal_lib" \
         -jar "$lib/DynamoDBLocal.jar" -inMemory -sharedDb -disableTelemetry -port "$DYNAMODB_PORT" \
         </dev/null >>"$logf" 2>&1) &
       pid=$! ;;
