@@ -2,6 +2,7 @@
 //! reports the group's health from its DynamoDB state store.
 
 pub mod crd;
+pub mod resources;
 pub mod conditions;
 pub mod events;
 pub mod metrics;
