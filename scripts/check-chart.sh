@@ -142,7 +142,7 @@ else
   fail "$CHART/crds/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
   diff -u "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME" | head -20 >&2 || true
 fi
-extra="$(find "$CHART/crds" -type f ! -name "$CRD_NAME" | sort)"
+extra="$(find "$CHART/crds" -type f ! -name "$CRD_NAME" 2>/dev/null | sort)"
 [[ -z "$extra" ]] || fail "unexpected files in $CHART/crds: $extra"
 
 if ((failures)); then
