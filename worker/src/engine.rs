@@ -111,13 +111,15 @@ enum Outcome {
 
 /// One shard we hold a lease for and run a reader on.
 struct Owned {
+    /// Tells this reader's done event apart from an earlier reader of the same shard.
+    generation: u64,
     stop: CancellationToken,
     kill: CancellationToken,
     progress: watch::Receiver<ShardProgress>,
     deadline: watch::Sender<Instant>,
     join: JoinHandle<Outcome>,
-    /// A release was requested: the reader is draining.
-    stopping: bool,
+    /// A release was requested: the reader is draining since then.
+    stopping: Option<Instant>,
     /// What the store holds for this shard (last written checkpoint and lag).
     written: CheckpointUpdate,
     last_checkpoint: Instant,
@@ -142,8 +144,9 @@ struct Engine {
     owned: BTreeMap<ShardKey, Owned>,
     /// Releases that could not be written yet (store unavailable), retried every tick.
     pending_release: BTreeMap<ShardKey, CheckpointUpdate>,
-    done_tx: mpsc::UnboundedSender<ShardKey>,
-    done_rx: mpsc::UnboundedReceiver<ShardKey>,
+    done_tx: mpsc::UnboundedSender<(ShardKey, u64)>,
+    done_rx: mpsc::UnboundedReceiver<(ShardKey, u64)>,
+    generations: u64,
     ticks: u64,
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
@@ -189,6 +192,7 @@ impl Engine {
             pending_release: BTreeMap::new(),
             done_tx,
             done_rx,
+            generations: 0,
             ticks: 0,
             refresh_caches: true,
             known_ended: BTreeSet::new(),
@@ -297,8 +301,8 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => self.tick().await,
-                Some(key) = self.done_rx.recv() => {
-                    if self.reap(&key).await {
+                Some((key, generation)) = self.done_rx.recv() => {
+                    if self.reap(&key, generation).await {
                         // A shard ended: re-plan now so its children start without waiting
                         // a heartbeat.
                         self.tick().await;
@@ -696,10 +700,20 @@ impl Engine {
             Action::Renew(_) => {} // done for every reader in renew_and_checkpoint
             Action::Release(key) => {
                 if let Some(o) = self.owned.get_mut(&key) {
-                    if !o.stopping {
-                        info!(stream = %key.stream, shard = %key.shard_id, "shard leaves our range; draining");
-                        o.stopping = true;
-                        o.stop.cancel();
+                    match o.stopping {
+                        None => {
+                            info!(stream = %key.stream, shard = %key.shard_id, "shard leaves our range; draining");
+                            o.stopping = Some(Instant::now());
+                            o.stop.cancel();
+                        }
+                        // A batch the handler keeps failing must not pin the shard here
+                        // forever: after the shutdown bound, cut it off and hand over what
+                        // was acknowledged (the next owner redelivers the rest).
+                        Some(since) if since.elapsed() > self.config.tuning.shutdown_timeout => {
+                            warn!(stream = %key.stream, shard = %key.shard_id, "in-flight batch did not finish within the shutdown bound; handing the shard over");
+                            o.kill.cancel();
+                        }
+                        Some(_) => {}
                     }
                 } else if !self.pending_release.contains_key(&key) {
                     self.release(key, CheckpointUpdate::default()).await;
@@ -720,6 +734,7 @@ impl Engine {
     }
 
     fn spawn_reader(&mut self, key: ShardKey, stream_index: usize, row: &LeaseRow, sent: Instant) {
+        self.generations += 1;
         let Some(client) = self.streams[stream_index].client.clone() else { return };
         let tuning = &self.config.tuning;
         let deadline_at = sent + tuning.client_timeout.saturating_sub(tuning.heartbeat_interval);
@@ -752,19 +767,20 @@ impl Engine {
                 deadline_rx,
                 kill.clone(),
                 self.done_tx.clone(),
-                key.clone(),
+                (key.clone(), self.generations),
             )
             .instrument(span),
         );
         self.owned.insert(
             key,
             Owned {
+                generation: self.generations,
                 stop,
                 kill,
                 progress: progress_rx,
                 deadline: deadline_tx,
                 join,
-                stopping: false,
+                stopping: None,
                 written: CheckpointUpdate {
                     sequence: row.checkpoint.clone(),
                     ended: false,
@@ -788,7 +804,10 @@ impl Engine {
 
     /// A supervisor finished: write the final checkpoint and release (or, when fenced or
     /// killed, write nothing). Returns whether the shard ended.
-    async fn reap(&mut self, key: &ShardKey) -> bool {
+    async fn reap(&mut self, key: &ShardKey, generation: u64) -> bool {
+        if self.owned.get(key).is_none_or(|o| o.generation != generation) {
+            return false; // an earlier, abandoned reader of this shard
+        }
         let Some(o) = self.owned.remove(key) else { return false };
         let outcome = match o.join.await {
             Ok(outcome) => outcome,
@@ -815,6 +834,11 @@ impl Engine {
             Outcome::Fenced => {
                 warn!(stream = %key.stream, shard = %key.shard_id, "lease renewals failed for too long; reader stopped so another client may take over");
                 self.note("LeaseRenewalFailed", format!("could not renew the lease of {key} in time; stopped reading it"));
+                false
+            }
+            // Killed while draining for a release: hand over what was acknowledged.
+            Outcome::Killed if o.stopping.is_some() => {
+                self.release(key.clone(), final_update(&last)).await;
                 false
             }
             Outcome::Killed => false,
@@ -964,8 +988,8 @@ async fn supervise(
     mut reader: JoinHandle<ShardProgress>,
     mut deadline: watch::Receiver<Instant>,
     kill: CancellationToken,
-    done: mpsc::UnboundedSender<ShardKey>,
-    key: ShardKey,
+    done: mpsc::UnboundedSender<(ShardKey, u64)>,
+    key: (ShardKey, u64),
 ) -> Outcome {
     let outcome = loop {
         let at = *deadline.borrow_and_update();

@@ -1,0 +1,473 @@
+//! Several engines in one process forming a group over a real Kinesis (kinesis-local) and a
+//! real DynamoDB (DynamoDB Local): convergence, graceful handoff, crash takeover, resharding.
+//!
+//! Needs `AWS_ENDPOINT_URL_DYNAMODB` and `AWS_ENDPOINT_URL_KINESIS`. When they are not set
+//! the tests print why and skip; when set but unreachable they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ScalingType, StreamStatus};
+use futures::future::BoxFuture;
+use kcg_worker::assignment::{ShardKey, compact_ranges};
+use kcg_worker::config::WorkerConfig;
+use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::engine::{self, EngineOptions};
+use kcg_worker::health::Health;
+use kcg_worker::metrics::Metrics;
+use kcg_worker::store::StateStore;
+use kcg_worker::store::schema::GroupSnapshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One delivery as the test handler saw it.
+#[derive(Clone, Debug)]
+struct Delivery {
+    engine: String,
+    shard: String,
+    sequence: String,
+    id: String,
+    /// Global delivery order.
+    at: usize,
+}
+
+#[derive(Default)]
+struct Log {
+    deliveries: Mutex<Vec<Delivery>>,
+}
+
+impl Log {
+    fn all(&self) -> Vec<Delivery> {
+        self.deliveries.lock().unwrap().clone()
+    }
+    fn distinct_ids(&self) -> BTreeSet<String> {
+        self.all().into_iter().map(|d| d.id).collect()
+    }
+}
+
+struct Collect {
+    engine: String,
+    log: Arc<Log>,
+}
+
+impl BatchHandler for Collect {
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let mut log = self.log.deliveries.lock().unwrap();
+            for r in batch {
+                let at = log.len();
+                log.push(Delivery {
+                    engine: self.engine.clone(),
+                    shard: r.shard_id.clone(),
+                    sequence: r.sequence.clone(),
+                    id: String::from_utf8_lossy(&r.data).into_owned(),
+                    at,
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+struct Env {
+    kinesis: aws_sdk_kinesis::Client,
+    store: StateStore,
+    table: String,
+    stream: String,
+    group: String,
+    log: Arc<Log>,
+}
+
+fn suffix() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+async fn env(test: &str, shards: i32) -> Option<Env> {
+    for var in ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_KINESIS"] {
+        if std::env::var(var).is_err() {
+            eprintln!("SKIP {test}: {var} is not set (start the emulators, see scripts/emulators.sh)");
+            return None;
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let kinesis = aws_sdk_kinesis::Client::new(&conf);
+    let id = suffix();
+    let table = format!("kcg-grp-{test}-{id}");
+    let stream = format!("kcg-grp-{test}-{id}");
+    let store = StateStore::new(aws_sdk_dynamodb::Client::new(&conf), table.clone());
+    store.create_table().await.expect("create table");
+    kinesis
+        .create_stream()
+        .stream_name(&stream)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("create stream");
+    wait_stream_active(&kinesis, &stream).await;
+    Some(Env {
+        kinesis,
+        store,
+        table,
+        stream,
+        group: format!("test/{test}-{id}"),
+        log: Arc::new(Log::default()),
+    })
+}
+
+async fn wait_stream_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) {
+    let start = Instant::now();
+    loop {
+        let out = kinesis.describe_stream_summary().stream_name(stream).send().await.expect("describe");
+        if out.stream_description_summary().map(|d| d.stream_status()) == Some(&StreamStatus::Active) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "stream {stream} not ACTIVE");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Env {
+    fn config(&self) -> WorkerConfig {
+        WorkerConfig::from_yaml(&format!(
+            r#"
+group: {group}
+streams:
+  - name: {stream}
+    startPosition: TrimHorizon
+stateStore:
+  table: {table}
+delivery:
+  stdout: {{}}
+tuning:
+  pollInterval: 200ms
+  heartbeatInterval: 300ms
+  clientTimeout: 2s
+  checkpointInterval: 500ms
+  shutdownTimeout: 5s
+"#,
+            group = self.group,
+            stream = self.stream,
+            table = self.table
+        ))
+        .expect("config")
+    }
+
+    fn start(&self, name: &str) -> Worker {
+        let token = CancellationToken::new();
+        let handler = Arc::new(Collect {
+            engine: name.to_owned(),
+            log: self.log.clone(),
+        });
+        let join = tokio::spawn(engine::run(
+            self.config(),
+            EngineOptions {
+                client_id: Some(name.to_owned()),
+                pod: Some(format!("pod-{name}")),
+            },
+            handler,
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(30))),
+            token.clone(),
+        ));
+        Worker { token, join }
+    }
+
+    /// Writes `n` records with ids `<prefix>-<i>`, spread over the hash key space.
+    async fn put(&self, prefix: &str, n: usize) -> BTreeSet<String> {
+        let mut ids = BTreeSet::new();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            let entries: Vec<PutRecordsRequestEntry> = chunk
+                .iter()
+                .map(|i| {
+                    let id = format!("{prefix}-{i}");
+                    ids.insert(id.clone());
+                    let hash = (u128::MAX / n as u128) * *i as u128;
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(id.clone().into_bytes()))
+                        .partition_key(id)
+                        .explicit_hash_key(hash.to_string())
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let out = self
+                .kinesis
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .expect("put records");
+            assert_eq!(out.failed_record_count(), Some(0));
+        }
+        ids
+    }
+
+    async fn snapshot(&self) -> GroupSnapshot {
+        self.store.load_group(&self.group).await.expect("load group")
+    }
+
+    /// Owned shard count per client base name (the engine name before the suffix).
+    async fn ownership(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for l in self.snapshot().await.leases {
+            if let Some(o) = l.owner {
+                *out.entry(base(&o)).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    async fn wait_delivered(&self, want: &BTreeSet<String>, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let got = self.log.distinct_ids();
+            if want.is_subset(&got) {
+                return;
+            }
+            if start.elapsed() > within {
+                let missing: Vec<_> = want.difference(&got).take(10).collect();
+                panic!("{} of {} records missing after {within:?}, e.g. {missing:?}", want.difference(&got).count(), want.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_ownership(&self, want: &[(&str, usize)], within: Duration) {
+        let want: BTreeMap<String, usize> = want.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        let start = Instant::now();
+        loop {
+            let got = self.ownership().await;
+            if got == want {
+                return;
+            }
+            assert!(start.elapsed() < within, "ownership {got:?}, want {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn cleanup(&self) {
+        let _ = self.kinesis.delete_stream().stream_name(&self.stream).send().await;
+    }
+}
+
+fn base(client_id: &str) -> String {
+    client_id.rsplit_once('-').map(|(b, _)| b.to_owned()).unwrap_or_default()
+}
+
+struct Worker {
+    token: CancellationToken,
+    join: JoinHandle<Result<(), engine::EngineError>>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.join)
+            .await
+            .expect("graceful stop within bound")
+            .expect("join")
+            .expect("engine result");
+    }
+
+    /// Simulates a crash: the engine disappears without releasing or deregistering.
+    async fn crash(self) {
+        self.join.abort();
+        let _ = self.join.await;
+    }
+}
+
+/// Kinesis sequence numbers are decimal strings of varying length: compare numerically.
+fn seq_key(s: &str) -> (usize, &str) {
+    (s.len(), s)
+}
+
+/// Per shard, the first deliveries of each record come in increasing sequence order, and a
+/// redelivery never goes back beyond what... (only checked as "first occurrence order").
+fn assert_order_per_shard(log: &[Delivery]) {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for d in log {
+        if !seen.insert(d.id.clone()) {
+            continue;
+        }
+        if let Some(prev) = last.get(&d.shard) {
+            assert!(seq_key(&d.sequence) > seq_key(prev), "shard {} out of order: {} after {}", d.shard, d.sequence, prev);
+        }
+        last.insert(d.shard.clone(), d.sequence.clone());
+    }
+}
+
+fn duplicates(log: &[Delivery]) -> Vec<Delivery> {
+    let mut seen = BTreeSet::new();
+    log.iter().filter(|d| !seen.insert(d.id.clone())).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_engines_converge_and_scale_down_without_duplicates() {
+    let Some(env) = env("converge", 6).await else { return };
+    let mut want = env.put("a", 60).await;
+    let w1 = env.start("e1");
+    let w2 = env.start("e2");
+    let w3 = env.start("e3");
+    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e3", 2)], Duration::from_secs(30)).await;
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+
+    // Ranges are contiguous: three runs of two.
+    let snap = env.snapshot().await;
+    let owners: BTreeMap<ShardKey, Option<String>> = snap
+        .leases
+        .iter()
+        .map(|l| (ShardKey::new(&l.stream, &l.shard_id), l.owner.clone()))
+        .collect();
+    let ranges = compact_ranges(owners.iter().map(|(k, o)| (k, o.as_deref())));
+    assert_eq!(ranges.iter().map(|r| r.count).collect::<Vec<_>>(), vec![2, 2, 2], "{ranges:?}");
+    assert_eq!(snap.clients.len(), 3);
+
+    // Graceful scale down: e3 leaves, its shards move without waiting for expiry.
+    want.extend(env.put("b", 60).await);
+    let stopped = Instant::now();
+    w3.stop().await;
+    env.wait_ownership(&[("e1", 3), ("e2", 3)], Duration::from_secs(10)).await;
+    assert!(stopped.elapsed() < Duration::from_secs(2), "handoff took {:?}: released leases must be taken at once", stopped.elapsed());
+    want.extend(env.put("c", 60).await);
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    assert_eq!(env.snapshot().await.clients.len(), 2, "e3 deregistered");
+
+    // Scale back up to three.
+    let w4 = env.start("e4");
+    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e4", 2)], Duration::from_secs(30)).await;
+    want.extend(env.put("d", 60).await);
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+
+    for w in [w1, w2, w4] {
+        w.stop().await;
+    }
+    let snap = env.snapshot().await;
+    assert!(snap.clients.is_empty(), "all deregistered");
+    assert!(snap.leases.iter().all(|l| l.owner.is_none()), "all released");
+    let log = env.log.all();
+    assert_order_per_shard(&log);
+    assert_eq!(duplicates(&log).len(), 0, "graceful scaling must not redeliver: {:?}", duplicates(&log));
+    assert_eq!(env.log.distinct_ids(), want);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crashed_engine_is_taken_over_after_client_timeout() {
+    let Some(env) = env("crash", 4).await else { return };
+    let mut want = env.put("a", 40).await;
+    let w1 = env.start("e1");
+    let w2 = env.start("e2");
+    env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30)).await;
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    // Let checkpoints settle, then deliver a tail that e2 may not checkpoint before dying.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    want.extend(env.put("b", 40).await);
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    let crashed_at = Instant::now();
+    w2.crash().await;
+
+    env.wait_ownership(&[("e1", 4)], Duration::from_secs(15)).await;
+    let took = crashed_at.elapsed();
+    assert!(took >= Duration::from_millis(1500), "takeover after {took:?} came before the client timeout");
+    assert!(took < Duration::from_secs(8), "takeover took {took:?}");
+    want.extend(env.put("c", 40).await);
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    // The leader pruned the dead client.
+    let start = Instant::now();
+    while env.snapshot().await.clients.len() != 1 {
+        assert!(start.elapsed() < Duration::from_secs(10), "dead client not pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w1.stop().await;
+
+    let log = env.log.all();
+    assert_order_per_shard(&log);
+    assert_eq!(env.log.distinct_ids(), want, "nothing lost");
+    // Duplicates only for records the crashed engine had delivered (its un-checkpointed
+    // tail), redelivered by the survivor.
+    let first_by: BTreeMap<String, String> = {
+        let mut m = BTreeMap::new();
+        for d in &log {
+            m.entry(d.id.clone()).or_insert_with(|| d.engine.clone());
+        }
+        m
+    };
+    let dups = duplicates(&log);
+    for d in &dups {
+        assert_eq!(first_by[&d.id], "e2", "{d:?} duplicated but not first delivered by the crashed engine");
+        assert_eq!(d.engine, "e1");
+    }
+    assert!(dups.len() <= 40, "at most the tail after the last checkpoint: {}", dups.len());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_reads_parents_to_the_end_before_children() {
+    let Some(env) = env("split", 2).await else { return };
+    let mut want = env.put("a", 40).await;
+    let w1 = env.start("e1");
+    let w2 = env.start("e2");
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    env.kinesis
+        .update_shard_count()
+        .stream_name(&env.stream)
+        .target_shard_count(4)
+        .scaling_type(ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("update shard count");
+    wait_stream_active(&env.kinesis, &env.stream).await;
+    want.extend(env.put("b", 60).await);
+    env.wait_delivered(&want, Duration::from_secs(45)).await;
+
+    // Lineage from the stream itself.
+    let shards = env
+        .kinesis
+        .list_shards()
+        .stream_name(&env.stream)
+        .send()
+        .await
+        .expect("list shards");
+    let parents: BTreeMap<String, Vec<String>> = shards
+        .shards()
+        .iter()
+        .map(|s| {
+            let p = s.parent_shard_id().into_iter().chain(s.adjacent_parent_shard_id()).map(str::to_owned).collect();
+            (s.shard_id().to_owned(), p)
+        })
+        .collect();
+    assert!(parents.values().any(|p| !p.is_empty()), "the split created children");
+    let log = env.log.all();
+    let last_at: BTreeMap<&str, usize> = log.iter().map(|d| (d.shard.as_str(), d.at)).collect();
+    let first_at: BTreeMap<&str, usize> = log.iter().rev().map(|d| (d.shard.as_str(), d.at)).collect();
+    for (child, ps) in &parents {
+        let Some(first) = first_at.get(child.as_str()) else { continue };
+        for p in ps {
+            if let Some(last) = last_at.get(p.as_str()) {
+                assert!(last < first, "child {child} delivered (at {first}) before parent {p} finished (at {last})");
+            }
+        }
+    }
+    // Every parent is marked ended.
+    let snap = env.snapshot().await;
+    for p in parents.values().flatten() {
+        let l = snap.leases.iter().find(|l| &l.shard_id == p).expect("parent lease");
+        assert!(l.ended, "parent {p} ended");
+    }
+    assert_order_per_shard(&log);
+    assert_eq!(env.log.distinct_ids(), want, "nothing lost across the split");
+    w1.stop().await;
+    w2.stop().await;
+    assert_eq!(duplicates(&env.log.all()).len(), 0);
+    env.cleanup().await;
+}
