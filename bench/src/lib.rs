@@ -1,0 +1,40 @@
+//! Shared helpers of the kcg benchmarks and the demo producer.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use aws_sdk_kinesis::types::StreamStatus;
+
+/// Creates `stream` with `shards` shards unless it exists, then waits until it is ACTIVE.
+pub async fn ensure_stream(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shards: i32,
+) -> anyhow::Result<()> {
+    let exists = client.describe_stream_summary().stream_name(stream).send().await.is_ok();
+    if !exists {
+        client
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .send()
+            .await
+            .with_context(|| format!("creating stream {stream}"))?;
+    }
+    for _ in 0..120 {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .with_context(|| format!("describing stream {stream}"))?;
+        if summary
+            .stream_description_summary()
+            .is_some_and(|d| d.stream_status() == &StreamStatus::Active)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("stream {stream} did not become ACTIVE within 30s")
+}
