@@ -1,0 +1,178 @@
+//! Helpers for the reader / sink / STS integration tests: emulator discovery, streams with
+//! unique names, producers and a recording handler.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use futures::future::BoxFuture;
+use kcg_worker::config::{StreamConfig, Tuning};
+use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+
+/// The SDK config for the Kinesis emulator, or `None` (with a printed reason) when
+/// `AWS_ENDPOINT_URL_KINESIS` is not set. When it is set, tests must fail if the emulator
+/// does not answer, so nothing here swallows errors.
+pub async fn kinesis_config(test: &str) -> Option<SdkConfig> {
+    if std::env::var("AWS_ENDPOINT_URL_KINESIS").is_err() {
+        eprintln!(
+            "SKIP {test}: AWS_ENDPOINT_URL_KINESIS is not set (start kinesis-local, see scripts/emulators.sh)"
+        );
+        return None;
+    }
+    Some(aws_config::defaults(BehaviorVersion::latest()).load().await)
+}
+
+/// A stream name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    use rand::Rng;
+    format!("kcg-{prefix}-{:08x}", rand::rng().random::<u32>())
+}
+
+/// Creates a stream and waits until it is ACTIVE.
+pub async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("CreateStream (is the Kinesis emulator running?)");
+    wait_active(client, name).await;
+}
+
+/// Waits until the stream is ACTIVE (after create or UpdateShardCount).
+pub async fn wait_active(client: &Client, name: &str) {
+    for _ in 0..300 {
+        let d = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("DescribeStreamSummary");
+        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("stream {name} did not become ACTIVE within 30s");
+}
+
+/// Puts `payloads` with one partition key, in order (PutRecords keeps per-shard order
+/// for one key); returns the sequence numbers.
+pub async fn put(client: &Client, name: &str, key: &str, payloads: &[String]) -> Vec<String> {
+    let mut seqs = Vec::new();
+    for chunk in payloads.chunks(100) {
+        let entries: Vec<_> = chunk
+            .iter()
+            .map(|p| {
+                PutRecordsRequestEntry::builder()
+                    .partition_key(key)
+                    .data(Blob::new(p.as_bytes()))
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = client
+            .put_records()
+            .stream_name(name)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("PutRecords");
+        assert_eq!(out.failed_record_count(), Some(0), "PutRecords had failures");
+        seqs.extend(out.records().iter().map(|r| r.sequence_number().expect("seq").to_owned()));
+    }
+    seqs
+}
+
+/// `n` payloads `prefix-0000`, `prefix-0001`, ...
+pub fn payloads(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+}
+
+/// A stream config reading from TRIM_HORIZON.
+pub fn stream_config(name: &str) -> StreamConfig {
+    serde_yaml::from_str(&format!("name: {name}\nstartPosition: TrimHorizon\n")).expect("stream config")
+}
+
+/// Fast tuning for tests.
+pub fn tuning(max_records: u32) -> Tuning {
+    Tuning {
+        poll_interval: Duration::from_millis(200),
+        max_records_per_call: max_records,
+        shutdown_timeout: Duration::from_secs(5),
+        ..Tuning::default()
+    }
+}
+
+/// Records every accepted batch; fails the calls whose (1-based) number `fail` says.
+pub struct Recording {
+    pub accepted: Mutex<Vec<Record>>,
+    pub calls: Mutex<u32>,
+    pub fail: Box<dyn Fn(u32) -> bool + Send + Sync>,
+}
+
+impl Recording {
+    pub fn new() -> Arc<Self> {
+        Self::failing(|_| false)
+    }
+
+    pub fn failing(fail: impl Fn(u32) -> bool + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self {
+            accepted: Mutex::new(Vec::new()),
+            calls: Mutex::new(0),
+            fail: Box::new(fail),
+        })
+    }
+
+    pub fn payloads(&self) -> Vec<String> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8(r.data.clone()).unwrap())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` records were accepted.
+    pub async fn wait_for(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} records delivered within {within:?}",
+                self.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl BatchHandler for Recording {
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        let call = {
+            let mut c = self.calls.lock().unwrap();
+            *c += 1;
+            *c
+        };
+        let fail = (self.fail)(call);
+        if !fail {
+            self.accepted.lock().unwrap().extend_from_slice(batch);
+        }
+        Box::pin(async move {
+            if fail {
+                Err(HandlerError::new(format!("scripted failure on call {call}")))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
