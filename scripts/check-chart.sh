@@ -5,7 +5,8 @@
 #      kubernetes-validate --strict against Kubernetes 1.33 (custom resources such as the
 #      ServiceMonitor are skipped by the tool: they are checked for presence instead);
 #   3. bad values files are rejected by values.schema.json (helm must fail);
-#   4. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
+#   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly;
+#   5. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
 #      (`scripts/check-chart.sh --sync-crd` copies it over), and passes kubernetes-validate.
 #
 # Tools come from scripts/tools.sh (installed into .tools/ on first use).
@@ -124,6 +125,87 @@ if "$HELM" lint --strict "$CHART" -f "$WORK/lint-bad.yaml" >/dev/null 2>&1; then
   fail "helm lint accepted an unknown values key"
 else
   pass "helm lint rejects an unknown values key"
+fi
+
+echo "== examples: built-in kinds (e.g. the HPA) with kubernetes-validate --strict"
+manifests=()
+for f in examples/*.yaml; do [[ -e "$f" && "$f" != examples/values-* ]] && manifests+=("$f"); done
+if ((${#manifests[@]})); then
+  if v="$("$KUBERNETES_VALIDATE" --strict -k "$K8S_VERSION" --quiet --no-warn "${manifests[@]}" 2>&1)"; then
+    pass "kubernetes-validate: ${#manifests[@]} example file(s)"
+  else
+    fail "kubernetes-validate on examples"; echo "$v" >&2
+  fi
+fi
+
+echo "== examples vs the CRD's OpenAPI schema (strict: unknown fields are errors)"
+# kubernetes-validate skips custom resources, so validate example KinesisConsumerGroups against
+# the CRD's openAPIV3Schema here (CEL rules are checked by the Rust tests with kube's validator).
+if [[ -f "crds/$CRD_NAME" ]]; then
+  KV_PY="$(dirname "$KUBERNETES_VALIDATE")/python"
+  if out="$("$KV_PY" - "crds/$CRD_NAME" examples/*.yaml <<'PY' 2>&1
+import copy, sys, yaml, jsonschema
+
+crd_path, files = sys.argv[1], sys.argv[2:]
+crd = yaml.safe_load(open(crd_path))
+group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+schemas = {f'{group}/{v["name"]}': v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v.get("served")}
+
+def strict(node):
+    """Turn a structural schema into a JSON schema that rejects unknown fields, like the API
+    server's strict field validation does (kubectl --validate=strict)."""
+    if isinstance(node, list):
+        return [strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: strict(v) for k, v in node.items()}
+    if node.pop("x-kubernetes-int-or-string", False):
+        node.pop("type", None)
+        node.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.pop("nullable", False) and "type" in node:
+        node["type"] = [node["type"], "null"]
+    preserve = node.pop("x-kubernetes-preserve-unknown-fields", False)
+    # An object without additionalProperties only admits its listed properties (none, if it
+    # lists none) unless it preserves unknown fields; embedded resources keep their own rules.
+    if node.get("type") in ("object", ["object", "null"]) and "additionalProperties" not in node \
+            and not preserve and not node.get("x-kubernetes-embedded-resource"):
+        node["additionalProperties"] = False
+    for k in [k for k in node if k.startswith("x-kubernetes-")]:
+        node.pop(k)
+    return node
+
+failed, checked = 0, 0
+for path in files:
+    if "/values-" in path:
+        continue  # Helm values files, checked above
+    for doc in yaml.safe_load_all(open(path)):
+        if not isinstance(doc, dict) or doc.get("kind") != kind:
+            continue
+        checked += 1
+        name = f'{path}: {kind}/{doc.get("metadata", {}).get("name")}'
+        schema = schemas.get(doc.get("apiVersion"))
+        if schema is None:
+            print(f"FAIL {name}: apiVersion {doc.get('apiVersion')} is not served by the CRD"); failed += 1; continue
+        schema = strict(copy.deepcopy(schema))
+        props = schema.setdefault("properties", {})
+        props.update(apiVersion={"type": "string"}, kind={"type": "string"}, metadata={"type": "object"})
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        if errors:
+            failed += 1
+            for e in errors:
+                print(f"FAIL {name}: at /{'/'.join(map(str, e.absolute_path))}: {e.message}")
+        else:
+            print(f"ok   {name}")
+print(f"{checked} example resource(s) checked")
+sys.exit(1 if failed or checked == 0 else 0)
+PY
+)"; then
+    sed 's/^/  /' <<<"$out"
+    pass "example KinesisConsumerGroups match the CRD schema"
+  else
+    sed 's/^/  /' <<<"$out" >&2
+    fail "examples vs CRD schema (an example is invalid, or there is none)"
+  fi
 fi
 
 echo "== CRD"
