@@ -114,7 +114,7 @@ require_tools() {
   for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
   if ((${#missing[@]})); then
     die "missing required tool(s): ${missing[*]}.
-  kcg's emulators need: node + npm (Node 20 or newer; DynamoDB Local and kinesis-local come from npm),
+  kcg's emulators need: node + npm (Node 18 or newer; DynamoDB Local and kinesis-local come from npm),
   java (17 or newer, runs DynamoDB Local), python3 with the venv module (ministack), curl.
   On Debian/Ubuntu: apt-get install -y nodejs npm openjdk-17-jre-headless python3 python3-venv curl"
   fi
