@@ -1,0 +1,123 @@
+//! The http sink against a real local HTTP server (axum, in the test): 2xx acknowledges,
+//! 500 and timeouts fail the batch (the reader retries it), batches are split into chunks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use kcg_worker::delivery::http::HttpSink;
+use kcg_worker::delivery::{BatchHandler, Record};
+
+/// What the server does with each request, by request number (0-based).
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Ok,
+    Fail,
+    Slow,
+}
+
+#[derive(Clone)]
+struct Server {
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    script: Arc<dyn Fn(usize) -> Answer + Send + Sync>,
+}
+
+async fn receive(State(s): State<Server>, body: String) -> StatusCode {
+    let n = {
+        let mut b = s.bodies.lock().unwrap();
+        b.push(serde_json::from_str(&body).expect("body is JSON"));
+        b.len() - 1
+    };
+    match (s.script)(n) {
+        Answer::Ok => StatusCode::NO_CONTENT,
+        Answer::Fail => StatusCode::INTERNAL_SERVER_ERROR,
+        Answer::Slow => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            StatusCode::OK
+        }
+    }
+}
+
+async fn serve(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> (String, Server) {
+    let state = Server {
+        bodies: Arc::new(Mutex::new(Vec::new())),
+        script: Arc::new(script),
+    };
+    let app = Router::new().route("/records", post(receive)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/records"), state)
+}
+
+fn records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            stream: "orders".into(),
+            shard_id: "shardId-000000000000".into(),
+            sequence: format!("{}", 1000 + i),
+            partition_key: format!("k{i}"),
+            data: format!("payload-{i}").into_bytes(),
+            arrival: Some(jiff::Timestamp::from_second(1_700_000_000).unwrap()),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn posts_chunks_and_acks_on_2xx() {
+    let (url, server) = serve(|_| Answer::Ok).await;
+    let sink = HttpSink::with(&url, Duration::from_secs(2), 2).expect("sink");
+    sink.handle(&records(5)).await.expect("2xx acknowledges");
+    let bodies = server.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 3, "5 records in chunks of 2");
+    let seqs: Vec<&str> = bodies
+        .iter()
+        .flat_map(|b| b["records"].as_array().unwrap().iter())
+        .map(|r| r["sequence"].as_str().unwrap())
+        .collect();
+    assert_eq!(seqs, ["1000", "1001", "1002", "1003", "1004"]);
+    let first = &bodies[0]["records"][0];
+    assert_eq!(first["stream"], "orders");
+    assert_eq!(first["shard"], "shardId-000000000000");
+    assert_eq!(first["partitionKey"], "k0");
+    assert_eq!(first["data"], "cGF5bG9hZC0w");
+    assert_eq!(first["arrival"], "2023-11-14T22:13:20Z");
+}
+
+#[tokio::test]
+async fn non_2xx_is_an_error_and_retry_succeeds() {
+    // First two requests answer 500.
+    let (url, server) = serve(|n| if n < 2 { Answer::Fail } else { Answer::Ok }).await;
+    let sink = HttpSink::with(&url, Duration::from_secs(2), 100).expect("sink");
+    let batch = records(3);
+    let err = sink.handle(&batch).await.expect_err("500 fails the batch");
+    assert!(err.message.contains("500"), "{err}");
+    assert!(sink.handle(&batch).await.is_err());
+    sink.handle(&batch).await.expect("third attempt acknowledged");
+    assert_eq!(server.bodies.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn timeout_is_an_error() {
+    let (url, _server) = serve(|n| if n == 0 { Answer::Slow } else { Answer::Ok }).await;
+    let sink = HttpSink::with(&url, Duration::from_millis(300), 100).expect("sink");
+    let started = std::time::Instant::now();
+    let err = sink.handle(&records(1)).await.expect_err("timeout fails the batch");
+    assert!(started.elapsed() < Duration::from_secs(2), "timed out after {:?}", started.elapsed());
+    assert!(err.message.contains("timed out"), "{err}");
+    sink.handle(&records(1)).await.expect("next attempt acknowledged");
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_is_an_error() {
+    // Bind then drop: nothing listens on that port any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let sink = HttpSink::with(&format!("http://127.0.0.1:{port}/x"), Duration::from_secs(1), 10).expect("sink");
+    assert!(sink.handle(&records(1)).await.is_err());
+}
