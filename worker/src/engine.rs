@@ -153,8 +153,6 @@ struct Engine {
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
-    /// The counter our last heartbeat wrote, to spot a missing own row.
-    heartbeat_ok: bool,
 }
 
 impl Engine {
@@ -198,7 +196,6 @@ impl Engine {
             known_ended: BTreeSet::new(),
             tick_issue: None,
             last_issue: None,
-            heartbeat_ok: false,
         }
     }
 
@@ -283,7 +280,6 @@ impl Engine {
                 Ok(_) => {
                     info!("registered");
                     self.health.heartbeat_ok();
-                    self.heartbeat_ok = true;
                     break;
                 }
                 Err(e) => self.note_store("register", &e),
@@ -421,7 +417,6 @@ impl Engine {
             Ok(_) => {
                 self.metrics.heartbeats.inc();
                 self.health.heartbeat_ok();
-                self.heartbeat_ok = true;
             }
             Err(StoreError::Conflict { .. }) => {
                 // The leader pruned us (it saw our heartbeat stand still): come back.
@@ -429,12 +424,12 @@ impl Engine {
                 let res = self
                     .io("register", self.store.register(self.group(), self.me(), &self.identity.pod))
                     .await;
-                if let Err(e) = res {
-                    self.note_store("register", &e);
+                match res {
+                    Ok(_) => self.health.heartbeat_ok(),
+                    Err(e) => self.note_store("register", &e),
                 }
             }
             Err(e) => {
-                self.heartbeat_ok = false;
                 self.note_store("heartbeat", &e);
             }
         }
@@ -1023,4 +1018,113 @@ async fn supervise(
     };
     let _ = done.send(key);
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// A reader that runs until aborted, flagging when it is dropped.
+    fn endless(dropped: Arc<std::sync::atomic::AtomicBool>) -> JoinHandle<ShardProgress> {
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        tokio::spawn(async move {
+            let _flag = Flag(dropped);
+            futures::future::pending::<()>().await;
+            ShardProgress::default()
+        })
+    }
+
+    enum Poke {
+        Nothing,
+        ExtendEvery(u64),
+        Kill,
+        DropEngine,
+    }
+
+    /// (name, initial deadline ms, what the engine does, expected outcome, returns before ms)
+    #[tokio::test]
+    async fn supervise_table() {
+        let cases: Vec<(&str, u64, Poke, &str, u64)> = vec![
+            ("deadline passes without renewal: fenced", 100, Poke::Nothing, "Fenced", 1000),
+            ("engine kills it", 10_000, Poke::Kill, "Killed", 1000),
+            ("engine gone: never read unwatched", 10_000, Poke::DropEngine, "Killed", 1000),
+            ("renewals keep it running until it is killed", 100, Poke::ExtendEvery(30), "Killed", 2000),
+        ];
+        for (name, initial, poke, want, bound) in cases {
+            let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reader = endless(dropped.clone());
+            let (dtx, drx) = watch::channel(Instant::now() + ms(initial));
+            let kill = CancellationToken::new();
+            let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+            let key = (ShardKey::new("s", "shard-0"), 7);
+            let started = Instant::now();
+            let sup = tokio::spawn(supervise(reader, drx, kill.clone(), done_tx, key.clone()));
+            let mut dtx = Some(dtx);
+            match poke {
+                Poke::Nothing => {}
+                Poke::Kill => kill.cancel(),
+                Poke::DropEngine => drop(dtx.take()),
+                Poke::ExtendEvery(every) => {
+                    // Keep extending for 500ms (well past the initial deadline), then kill.
+                    while started.elapsed() < ms(500) {
+                        tokio::time::sleep(ms(every)).await;
+                        if let Some(d) = &dtx {
+                            let _ = d.send(Instant::now() + ms(100));
+                        }
+                        assert!(!sup.is_finished(), "{name}: stopped while renewed");
+                    }
+                    kill.cancel();
+                }
+            }
+            let outcome = tokio::time::timeout(ms(bound), sup).await.expect(name).expect(name);
+            let got = match outcome {
+                Outcome::Finished(_) => "Finished",
+                Outcome::Failed(_) => "Failed",
+                Outcome::Fenced => "Fenced",
+                Outcome::Killed => "Killed",
+            };
+            assert_eq!(got, want, "{name}");
+            assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "{name}: reader must be gone");
+            assert_eq!(done_rx.recv().await, Some(key), "{name}: engine told");
+        }
+    }
+
+    #[tokio::test]
+    async fn supervise_reports_a_finished_reader() {
+        let reader = tokio::spawn(async {
+            ShardProgress {
+                acked: Some("9".into()),
+                ended: true,
+                ..ShardProgress::default()
+            }
+        });
+        let (_dtx, drx) = watch::channel(Instant::now() + ms(5000));
+        let (done_tx, _done_rx) = mpsc::unbounded_channel();
+        let out = supervise(reader, drx, CancellationToken::new(), done_tx, (ShardKey::new("s", "x"), 1)).await;
+        match out {
+            Outcome::Finished(p) => {
+                assert!(p.ended);
+                assert_eq!(final_update(&p).sequence.as_deref(), Some("9"));
+                assert!(final_update(&p).ended);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let hb = ms(300);
+        assert_eq!(Engine::backoff(0, hb), ms(300));
+        assert_eq!(Engine::backoff(2, hb), ms(1200));
+        assert_eq!(Engine::backoff(40, hb), Duration::from_secs(30).min(hb * 32));
+    }
 }
