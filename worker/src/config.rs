@@ -221,10 +221,17 @@ pub struct HttpSink {
 /// Intervals and limits. Every field has a default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.clientTimeout) || !has(self.heartbeatInterval) || !self.clientTimeout.matches('^([0-9]+(ms|s|m|h))+$') || !self.heartbeatInterval.matches('^([0-9]+(ms|s|m|h))+$') || duration(self.clientTimeout) >= duration(self.heartbeatInterval) + duration(self.heartbeatInterval)",
+    "message": "tuning.clientTimeout must be at least twice tuning.heartbeatInterval, so one late heartbeat does not expire a live client"
+}]))]
 pub struct Tuning {
     /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
     #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
-    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
+        "rule": "!self.matches('^([0-9]+(ms|s|m|h))+$') || duration(self) >= duration('200ms')",
+        "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
+    }]))]
     pub poll_interval: Duration,
     /// Records per GetRecords call, 1 to 10000.
     #[serde(default = "defaults::max_records")]

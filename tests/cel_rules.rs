@@ -1,0 +1,254 @@
+//! Every CEL rule (`x-kubernetes-validations`) of the CRD, evaluated offline with kube's `cel`
+//! feature: for each rule at least one object it admits and one it rejects, with the message
+//! the user sees. `every_rule_is_tested` fails when a rule is added without cases here.
+
+mod crd_support;
+
+use crd_support::{cel_errors, schema, valid_group};
+use serde_json::{Value, json};
+
+const STREAM_NAME: &str = "name must be a Kinesis stream name";
+const ROLE_ARN: &str = "roleArn must be an IAM role ARN";
+const REGION: &str = "region must look like us-east-1";
+const TABLE: &str = "table must be a DynamoDB table name";
+const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
+const POLL_MIN: &str = "tuning.pollInterval must be at least 200ms";
+const CLIENT_TIMEOUT: &str = "tuning.clientTimeout must be at least twice tuning.heartbeatInterval";
+const ONE_DELIVERY: &str = "delivery needs exactly one of stdout or http";
+const UNIQUE_STREAMS: &str = "stream names must be unique";
+const AT_TIMESTAMP: &str = "startPosition AtTimestamp needs startTimestamp";
+const URL: &str = "url must be an http:// or https:// URL";
+
+/// The messages above, which must cover every rule in the schema.
+const ALL: &[&str] = &[
+    STREAM_NAME, ROLE_ARN, REGION, TABLE, DURATION, POLL_MIN, CLIENT_TIMEOUT, ONE_DELIVERY,
+    UNIQUE_STREAMS, AT_TIMESTAMP, URL,
+];
+
+/// A valid group with `f` applied to its spec.
+fn with(f: impl FnOnce(&mut Value)) -> Value {
+    let mut g = valid_group();
+    f(&mut g["spec"]);
+    g
+}
+
+fn accepts(name: &str, obj: &Value) {
+    let errs = cel_errors(obj);
+    assert!(errs.is_empty(), "{name}: expected admission, got {errs:#?}");
+}
+
+/// Rejected by exactly the rule whose message starts with `message` (possibly several times,
+/// e.g. once per bad field), and by no other rule.
+fn rejects(name: &str, obj: &Value, message: &str) {
+    let errs = cel_errors(obj);
+    assert!(!errs.is_empty(), "{name}: expected rejection with {message:?}, was admitted");
+    for e in &errs {
+        assert!(e.contains(message), "{name}: expected only {message:?}, got {errs:#?}");
+    }
+}
+
+fn stream(name: &str) -> Value {
+    json!({"name": name})
+}
+
+#[test]
+fn the_base_object_is_admitted() {
+    accepts("base", &valid_group());
+}
+
+#[test]
+fn stream_name_or_arn() {
+    for ok in [
+        "orders",
+        "Orders_v2.events-1",
+        &"a".repeat(128),
+        "arn:aws:kinesis:us-east-1:123456789012:stream/orders",
+        "arn:aws-cn:kinesis:cn-north-1:123456789012:stream/orders",
+        "arn:aws-us-gov:kinesis:us-gov-west-1:123456789012:stream/orders",
+    ] {
+        accepts(ok, &with(|s| s["streams"] = json!([stream(ok)])));
+    }
+    for bad in [
+        "orders stream",
+        "orders/2",
+        &"a".repeat(129),
+        "arn:aws:kinesis:us-east-1:12345:stream/orders",
+        "arn:aws:sqs:us-east-1:123456789012:orders",
+        "arn:aws:kinesis:us-east-1:123456789012:stream/",
+    ] {
+        rejects(bad, &with(|s| s["streams"] = json!([stream(bad)])), STREAM_NAME);
+    }
+}
+
+#[test]
+fn role_arn() {
+    for ok in [
+        "arn:aws:iam::123456789012:role/kcg-reader",
+        "arn:aws:iam::123456789012:role/team/path/kcg-reader",
+        "arn:aws-cn:iam::123456789012:role/r",
+    ] {
+        accepts(ok, &with(|s| s["streams"][0]["roleArn"] = json!(ok)));
+    }
+    for bad in [
+        "kcg-reader",
+        "arn:aws:iam::123456789012:user/bob",
+        "arn:aws:iam::1234:role/r",
+        "arn:aws:sts::123456789012:assumed-role/r/s",
+        "arn:aws:iam::123456789012:role/",
+    ] {
+        rejects(bad, &with(|s| s["streams"][0]["roleArn"] = json!(bad)), ROLE_ARN);
+    }
+}
+
+#[test]
+fn regions_of_streams_and_table() {
+    for ok in ["us-east-1", "eu-central-1", "us-gov-west-1", "ap-southeast-2"] {
+        accepts(ok, &with(|s| {
+            s["streams"][0]["region"] = json!(ok);
+            s["stateStore"]["region"] = json!(ok);
+        }));
+    }
+    for bad in ["US-EAST-1", "useast1", "us-east", "us_east_1", "1-us-east"] {
+        rejects(bad, &with(|s| s["streams"][0]["region"] = json!(bad)), REGION);
+        rejects(bad, &with(|s| s["stateStore"]["region"] = json!(bad)), REGION);
+    }
+}
+
+#[test]
+fn table_name() {
+    for ok in ["kcg", "kcg-state", "team.kcg_state-2", &"t".repeat(255)] {
+        accepts(ok, &with(|s| s["stateStore"]["table"] = json!(ok)));
+    }
+    for bad in ["ab", "kcg state", "kcg/state", "t@ble", ""] {
+        rejects(bad, &with(|s| s["stateStore"]["table"] = json!(bad)), TABLE);
+    }
+}
+
+#[test]
+fn duration_format_on_every_duration_field() {
+    let tuning = ["pollInterval", "checkpointInterval", "heartbeatInterval", "clientTimeout", "shutdownTimeout"];
+    for field in tuning {
+        // A short heartbeat and a long client timeout keep the cross-field rule
+        // (clientTimeout >= 2 x heartbeatInterval) satisfied for every value below.
+        for ok in ["1s", "500ms", "1m30s", "1h"] {
+            let obj = with(|s| {
+                s["tuning"] = json!({"heartbeatInterval": "100ms", "clientTimeout": "2h"});
+                s["tuning"][field] = json!(ok);
+            });
+            accepts(&format!("{field}={ok}"), &obj);
+        }
+        for bad in ["5", "5 s", "five", "1.5s", "-1s", "5sec", ""] {
+            rejects(&format!("{field}={bad:?}"), &with(|s| s["tuning"] = json!({field: bad})), DURATION);
+        }
+    }
+    let http = |t: &str| with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000", "timeout": t}}));
+    accepts("http timeout", &http("30s"));
+    rejects("http timeout", &http("30 seconds"), DURATION);
+}
+
+#[test]
+fn poll_interval_minimum() {
+    for ok in ["200ms", "1s", "1m"] {
+        accepts(ok, &with(|s| s["tuning"] = json!({"pollInterval": ok})));
+    }
+    for bad in ["199ms", "0s", "100ms"] {
+        rejects(bad, &with(|s| s["tuning"] = json!({"pollInterval": bad})), POLL_MIN);
+    }
+}
+
+#[test]
+fn client_timeout_at_least_twice_heartbeat() {
+    for (hb, ct) in [("2s", "4s"), ("500ms", "1s"), ("1m", "2m"), ("1s", "1m30s")] {
+        accepts(&format!("{hb}/{ct}"), &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})));
+    }
+    for (hb, ct) in [("5s", "9s"), ("1m", "1m59s"), ("2s", "3999ms")] {
+        rejects(
+            &format!("{hb}/{ct}"),
+            &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})),
+            CLIENT_TIMEOUT,
+        );
+    }
+    // The API server applies defaults before CEL: a heartbeat of 6s against the default
+    // client timeout of 10s is rejected too.
+    rejects("default clientTimeout", &with(|s| s["tuning"] = json!({"heartbeatInterval": "6s"})), CLIENT_TIMEOUT);
+}
+
+#[test]
+fn exactly_one_delivery() {
+    accepts("stdout", &with(|s| s["delivery"] = json!({"stdout": {}})));
+    accepts("http", &with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000/records"}})));
+    rejects("none", &with(|s| s["delivery"] = json!({})), ONE_DELIVERY);
+    rejects(
+        "both",
+        &with(|s| s["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:9000/records"}})),
+        ONE_DELIVERY,
+    );
+}
+
+#[test]
+fn unique_stream_names() {
+    accepts("two", &with(|s| s["streams"] = json!([stream("a1"), stream("b1")])));
+    accepts(
+        "name and ARN of different streams",
+        &with(|s| s["streams"] = json!([stream("a1"), stream("arn:aws:kinesis:us-east-1:123456789012:stream/b1")])),
+    );
+    rejects("dup", &with(|s| s["streams"] = json!([stream("a1"), stream("b1"), stream("a1")])), UNIQUE_STREAMS);
+    rejects(
+        "dup with other settings",
+        &with(|s| s["streams"] = json!([stream("a1"), {"name": "a1", "startPosition": "TrimHorizon"}])),
+        UNIQUE_STREAMS,
+    );
+}
+
+#[test]
+fn at_timestamp_needs_start_timestamp() {
+    accepts(
+        "with timestamp",
+        &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "AtTimestamp", "startTimestamp": "2026-01-02T15:04:05Z"}])),
+    );
+    accepts("trim horizon", &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "TrimHorizon"}])));
+    accepts("default", &with(|s| s["streams"] = json!([{"name": "o"}])));
+    rejects(
+        "without timestamp",
+        &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "AtTimestamp"}])),
+        AT_TIMESTAMP,
+    );
+}
+
+#[test]
+fn http_url() {
+    for ok in ["http://localhost:9000/records", "https://sink.example.com", "http://127.0.0.1:8081"] {
+        accepts(ok, &with(|s| s["delivery"] = json!({"http": {"url": ok}})));
+    }
+    for bad in ["localhost:9000", "ftp://x.example.com", "http://a b", "http://", ""] {
+        rejects(bad, &with(|s| s["delivery"] = json!({"http": {"url": bad}})), URL);
+    }
+}
+
+/// Every rule in the generated schema carries one of the messages tested above, and every
+/// tested message exists in the schema.
+#[test]
+fn every_rule_is_tested() {
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::Array(rules)) = m.get("x-kubernetes-validations") {
+                    for r in rules {
+                        out.push(r["message"].as_str().expect("every rule has a message").to_owned());
+                    }
+                }
+                m.values().for_each(|c| collect(c, out));
+            }
+            Value::Array(a) => a.iter().for_each(|c| collect(c, out)),
+            _ => {}
+        }
+    }
+    let mut messages = Vec::new();
+    collect(&schema(), &mut messages);
+    for m in &messages {
+        assert!(ALL.iter().any(|t| m.starts_with(t)), "rule with message {m:?} has no test in cel_rules.rs");
+    }
+    for t in ALL {
+        assert!(messages.iter().any(|m| m.starts_with(t)), "tested message {t:?} is not in the CRD");
+    }
+}

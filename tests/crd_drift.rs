@@ -1,0 +1,99 @@
+//! The checked-in CRD (`crds/`) must equal what the code generates, and the generated CRD must
+//! carry the subresources, columns and names that `kubectl` and HPAs rely on.
+//!
+//! To refresh `crds/` after changing the types:
+//! `cargo run -- crd > crds/kinesisconsumergroups.kcg.dev.yaml`
+//! (or `KCG_UPDATE_CRDS=1 cargo test --test crd_drift`).
+
+use kcg_operator::crd::{KinesisConsumerGroup, crd_yaml};
+use kube::CustomResourceExt;
+
+const CRD_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kinesisconsumergroups.kcg.dev.yaml");
+
+#[test]
+fn crds_dir_is_up_to_date() {
+    let generated = crd_yaml().unwrap();
+    if std::env::var_os("KCG_UPDATE_CRDS").is_some() {
+        std::fs::write(CRD_PATH, &generated).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(CRD_PATH).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "crds/kinesisconsumergroups.kcg.dev.yaml is out of date with src/crd.rs (or the worker config types).\n\
+         Regenerate it with: cargo run -- crd > crds/kinesisconsumergroups.kcg.dev.yaml\n\
+         (or: KCG_UPDATE_CRDS=1 cargo test --test crd_drift)"
+    );
+}
+
+#[test]
+fn names_and_scope() {
+    let crd = KinesisConsumerGroup::crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("kinesisconsumergroups.kcg.dev"));
+    assert_eq!(crd.spec.group, "kcg.dev");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    assert_eq!(crd.spec.names.kind, "KinesisConsumerGroup");
+    assert_eq!(crd.spec.names.plural, "kinesisconsumergroups");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["kcg".to_owned()]));
+    assert_eq!(crd.spec.versions.len(), 1);
+    assert_eq!(crd.spec.versions[0].name, "v1alpha1");
+    assert!(crd.spec.versions[0].served && crd.spec.versions[0].storage);
+}
+
+#[test]
+fn status_and_scale_subresources() {
+    let crd = KinesisConsumerGroup::crd();
+    let sub = crd.spec.versions[0].subresources.clone().unwrap();
+    assert!(sub.status.is_some(), "status subresource");
+    let scale = sub.scale.expect("scale subresource");
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+    assert_eq!(scale.status_replicas_path, ".status.replicas");
+    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+}
+
+#[test]
+fn printer_columns() {
+    let crd = KinesisConsumerGroup::crd();
+    let cols: Vec<(String, String, String)> = crd.spec.versions[0]
+        .additional_printer_columns
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.type_, c.json_path))
+        .collect();
+    let want = [
+        ("Desired", "integer", ".spec.replicas"),
+        ("Ready", "integer", ".status.readyReplicas"),
+        ("Clients", "integer", ".status.clientCount"),
+        ("Shards", "integer", ".status.shardCount"),
+        ("Max Lag", "string", ".status.maxLag"),
+        ("Status", "string", ".status.conditions[?(@.type==\"Ready\")].status"),
+        ("Age", "date", ".metadata.creationTimestamp"),
+    ];
+    let want: Vec<(String, String, String)> =
+        want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    assert_eq!(cols, want);
+}
+
+#[test]
+fn schema_essentials() {
+    let crd = KinesisConsumerGroup::crd();
+    let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+    let spec = &schema["properties"]["spec"];
+    let required: Vec<&str> = spec["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    for field in ["streams", "stateStore", "delivery"] {
+        assert!(required.contains(&field), "spec.{field} is required");
+    }
+    assert_eq!(spec["properties"]["replicas"]["default"], 1);
+    assert_eq!(spec["properties"]["replicas"]["minimum"], 0.0);
+    assert_eq!(spec["properties"]["streams"]["minItems"], 1);
+    assert_eq!(spec["properties"]["stateStore"]["properties"]["onDelete"]["default"], "Retain");
+    assert_eq!(
+        spec["properties"]["stateStore"]["properties"]["onDelete"]["enum"],
+        serde_json::json!(["Retain", "Delete"])
+    );
+    let conditions = &schema["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    let status = &schema["properties"]["status"]["properties"];
+    assert_eq!(status["selector"]["type"], "string");
+}

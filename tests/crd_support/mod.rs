@@ -1,0 +1,164 @@
+//! Shared by the CRD, CEL and example tests: the generated schema, an OpenAPI v3 structural
+//! checker (what the API server checks before CEL), and the CEL evaluation of every rule.
+#![allow(dead_code)] // each test crate uses a different part
+
+use kcg_operator::crd::KinesisConsumerGroup;
+use kube::CustomResourceExt;
+use kube::core::cel::Validator;
+use serde_json::Value;
+
+/// The `openAPIV3Schema` of the generated CRD, as JSON.
+pub fn schema() -> Value {
+    let crd = KinesisConsumerGroup::crd();
+    let version = &crd.spec.versions[0];
+    let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).unwrap();
+    serde_json::to_value(schema).unwrap()
+}
+
+/// Every problem the API server would report for `object`: schema (types, required fields,
+/// enums, bounds, unknown fields) and CEL rules. Empty when the object would be admitted.
+pub fn admission_errors(object: &Value) -> Vec<String> {
+    let schema = schema();
+    let mut errors = Vec::new();
+    check_schema(&schema, object, "", &mut errors);
+    if let Err(e) = Validator::new().validate(&schema, object, None) {
+        errors.extend(e.into_vec().into_iter().map(|e| e.to_string()));
+    }
+    errors
+}
+
+/// Only the CEL rules' messages.
+pub fn cel_errors(object: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), object, None) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.into_vec().into_iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+/// A small structural OpenAPI v3 checker covering what our CRD uses. Unknown fields are
+/// errors, as with `kubectl apply` (strict field validation is the default since 1.27).
+pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>) {
+    let at = if path.is_empty() { "<root>" } else { path };
+    if v.is_null() {
+        if schema.get("nullable") != Some(&Value::Bool(true)) {
+            errors.push(format!("{at}: must not be null"));
+        }
+        return;
+    }
+    if schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+        if !(v.is_i64() || v.is_u64() || v.is_string()) {
+            errors.push(format!("{at}: must be an integer or a string"));
+        }
+        return;
+    }
+    let preserve = schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(v) {
+            errors.push(format!("{at}: {v} is not one of {}", Value::Array(allowed.clone())));
+        }
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let Some(map) = v.as_object() else {
+                errors.push(format!("{at}: must be an object"));
+                return;
+            };
+            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                let req = req.as_str().unwrap();
+                if !map.contains_key(req) {
+                    errors.push(format!("{at}: required field {req} is missing"));
+                }
+            }
+            let props = schema.get("properties").and_then(Value::as_object);
+            for (k, child) in map {
+                let child_path = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                if let Some(s) = props.and_then(|p| p.get(k)) {
+                    check_schema(s, child, &child_path, errors);
+                } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object()) {
+                    check_schema(s, child, &child_path, errors);
+                } else if !preserve && !(path.is_empty() || path == "metadata") {
+                    errors.push(format!("{child_path}: unknown field"));
+                } else if path.is_empty() && !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()) {
+                    errors.push(format!("{child_path}: unknown field"));
+                }
+            }
+        }
+        Some("array") => {
+            let Some(items) = v.as_array() else {
+                errors.push(format!("{at}: must be an array"));
+                return;
+            };
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
+                if (items.len() as u64) < min {
+                    errors.push(format!("{at}: must have at least {min} items"));
+                }
+            }
+            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
+                if items.len() as u64 > max {
+                    errors.push(format!("{at}: must have at most {max} items"));
+                }
+            }
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    check_schema(item_schema, item, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        Some("string") => {
+            let Some(s) = v.as_str() else {
+                errors.push(format!("{at}: must be a string"));
+                return;
+            };
+            let len = s.chars().count() as u64;
+            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
+                if len > max {
+                    errors.push(format!("{at}: longer than {max} characters"));
+                }
+            }
+            if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
+                if len < min {
+                    errors.push(format!("{at}: shorter than {min} characters"));
+                }
+            }
+            if schema.get("format").and_then(Value::as_str) == Some("date-time")
+                && s.parse::<jiff::Timestamp>().is_err()
+            {
+                errors.push(format!("{at}: must be an RFC 3339 date-time"));
+            }
+        }
+        Some("integer") => {
+            let Some(n) = v.as_i64() else {
+                errors.push(format!("{at}: must be an integer"));
+                return;
+            };
+            if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
+                if (n as f64) < min {
+                    errors.push(format!("{at}: must be at least {min}"));
+                }
+            }
+            if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
+                if n as f64 > max {
+                    errors.push(format!("{at}: must be at most {max}"));
+                }
+            }
+        }
+        Some("number") if !v.is_number() => errors.push(format!("{at}: must be a number")),
+        Some("boolean") if !v.is_boolean() => errors.push(format!("{at}: must be a boolean")),
+        _ => {}
+    }
+}
+
+/// A valid group as JSON, for tests to mutate.
+pub fn valid_group() -> Value {
+    serde_json::json!({
+        "apiVersion": "kcg.dev/v1alpha1",
+        "kind": "KinesisConsumerGroup",
+        "metadata": {"name": "orders", "namespace": "shop"},
+        "spec": {
+            "replicas": 2,
+            "streams": [{"name": "orders"}],
+            "stateStore": {"table": "kcg-state"},
+            "delivery": {"stdout": {}}
+        }
+    })
+}
