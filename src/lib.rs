@@ -10,3 +10,4 @@ pub mod status;
 pub mod server;
 pub mod store_admin;
 pub mod telemetry;
+pub mod controller;

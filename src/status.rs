@@ -20,6 +20,9 @@ pub const MAX_CLIENTS: usize = 100;
 pub const MAX_RANGES_PER_STREAM: usize = 128;
 /// Most streams detailed in the status.
 pub const MAX_STREAMS: usize = 32;
+/// Serialized status budget: well under the 64 KiB the issue allows, leaving room for the
+/// rest of the object.
+pub const MAX_STATUS_BYTES: usize = 56 * 1024;
 /// Longest client error string kept.
 pub const MAX_ERROR_CHARS: usize = 256;
 /// Most shard ids named in a condition message.
@@ -325,7 +328,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
     let conditions = conditions::apply(verdicts, &previous_conditions, generation, now);
 
     let d = deployment.unwrap_or_default();
-    KinesisConsumerGroupStatus {
+    fit(KinesisConsumerGroupStatus {
         observed_generation: generation,
         replicas: d.replicas,
         ready_replicas: d.ready_replicas,
@@ -337,7 +340,37 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
         clients,
         streams: stream_status,
         conditions,
+    })
+}
+
+fn json_size(s: &KinesisConsumerGroupStatus) -> usize {
+    serde_json::to_vec(s).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
+/// Keeps the status within [`MAX_STATUS_BYTES`] whatever the group looks like: first shorter
+/// client errors (the Degraded condition keeps the full first one), then fewer ranges per
+/// stream (only fragmented ownership makes many), then fewer clients. Counts and conditions
+/// are never cut.
+fn fit(mut s: KinesisConsumerGroupStatus) -> KinesisConsumerGroupStatus {
+    if json_size(&s) > MAX_STATUS_BYTES {
+        for c in &mut s.clients {
+            if let Some(e) = &mut c.last_error {
+                *e = conditions::truncate(e, 64);
+            }
+        }
     }
+    let mut cap = MAX_RANGES_PER_STREAM;
+    while json_size(&s) > MAX_STATUS_BYTES && cap > 1 {
+        cap /= 2;
+        for st in &mut s.streams {
+            st.ranges.truncate(cap);
+        }
+    }
+    while json_size(&s) > MAX_STATUS_BYTES && !s.clients.is_empty() {
+        let keep = s.clients.len() / 2;
+        s.clients.truncate(keep);
+    }
+    s
 }
 
 struct Decide<'a> {

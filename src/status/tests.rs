@@ -343,7 +343,11 @@ fn balanced_table() {
         ("even", |_| {}, TRUE, "Balanced"),
         (
             "off by one is fine",
-            |i| i.snapshot.as_mut().unwrap().leases[2].owner = Some("c0".into()),
+            |i| {
+                let snap = i.snapshot.as_mut().unwrap();
+                snap.shard_caches[0].shards.push(open(4));
+                snap.leases.push(lease("s", 4, Some("c0")));
+            },
             TRUE,
             "Balanced",
         ),
@@ -573,5 +577,11 @@ fn status_of_1000_shards_and_100_clients_stays_under_64_kib() {
         assert_eq!(s.client_count, 100);
         assert_eq!(s.shard_count, 1000);
         assert!(s.clients[0].last_error.as_ref().unwrap().chars().count() <= MAX_ERROR_CHARS);
+        assert!(!s.streams[0].ranges.is_empty());
+        if !fragmented {
+            // The common case loses nothing: every client and one range per client.
+            assert_eq!(s.clients.len(), 100);
+            assert_eq!(s.streams[0].ranges.len(), 100);
+        }
     }
 }

@@ -1,0 +1,640 @@
+//! The controller: reconciles each `KinesisConsumerGroup` into a ConfigMap and a worker
+//! Deployment (server-side apply, field manager `kcg-operator`), refreshes its status from
+//! the Deployment and the state-store table every few seconds, publishes events on change,
+//! and on deletion (finalizer) removes the group's rows when `onDelete: Delete`.
+//!
+//! Decisions live in pure modules ([`crate::status`], [`crate::events`],
+//! [`crate::resources`]); this module is the I/O around them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kcg_worker::membership::{Liveness, observe_clients};
+use kcg_worker::store::StateStore;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
+use crate::events::{self, Severity};
+use crate::metrics::Metrics;
+use crate::resources::{self, OperatorSettings};
+use crate::status::{self, DeploymentState, Problem, StatusInput};
+use crate::store_admin::{self, StoreAdminError};
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "kcg-operator";
+/// Finalizer that holds a group until its cleanup ran.
+pub const FINALIZER: &str = "kcg.dev/cleanup";
+/// How often the status is refreshed while a group exists.
+pub const REFRESH: Duration = Duration::from_secs(5);
+/// How often a group whose spec is invalid is looked at again (a spec edit triggers a
+/// reconcile anyway).
+pub const INVALID_SPEC_RETRY: Duration = Duration::from_secs(60);
+/// Upper bound of a state-store read, so an unreachable endpoint cannot stall a reconcile.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Poll interval while waiting for the workers to stop before deleting rows.
+pub const CLEANUP_POLL: Duration = Duration::from_secs(5);
+
+/// Errors of one reconcile. Each names the object and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A server-side apply of an owned object failed.
+    #[error("applying {kind} {namespace}/{name}: {source}")]
+    Apply {
+        /// `ConfigMap` or `Deployment`.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading an object failed.
+    #[error("reading {kind} {namespace}/{name}: {source}")]
+    Get {
+        /// Kind.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing `/status` failed.
+    #[error("patching status of {group}: {source}")]
+    PatchStatus {
+        /// Group id.
+        group: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Serializing the status failed (cannot happen with these types, but is not unwrapped).
+    #[error("serializing status of {group}: {source}")]
+    SerializeStatus {
+        /// Group id.
+        group: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Rendering the worker config failed.
+    #[error("rendering the worker config of {group}: {source}")]
+    Render {
+        /// Group id.
+        group: String,
+        /// The config error.
+        #[source]
+        source: kcg_worker::config::ConfigError,
+    },
+    /// Deleting the Deployment during cleanup failed.
+    #[error("deleting Deployment {namespace}/{name}: {source}")]
+    DeleteDeployment {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing the worker pods during cleanup failed.
+    #[error("listing worker pods of {group}: {source}")]
+    ListPods {
+        /// Group id.
+        group: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Cleanup waits until the workers are gone (they release leases and checkpoint on the
+    /// way out) before it deletes the rows. Not a failure: the finalizer stays and the
+    /// reconcile is retried shortly.
+    #[error("waiting for {pods} worker pods of {group} to stop before deleting its state-store rows")]
+    WorkersStillRunning {
+        /// Group id.
+        group: String,
+        /// Pods still present.
+        pods: usize,
+    },
+    /// Deleting the group's rows failed.
+    #[error("cleanup of {group}: {source}")]
+    StoreAdmin {
+        /// Group id.
+        group: String,
+        /// The store error.
+        #[source]
+        source: StoreAdminError,
+    },
+    /// The object has no namespace (the CRD is namespaced, so only a hand-built object).
+    #[error("KinesisConsumerGroup {0} has no namespace")]
+    NoNamespace(String),
+    /// The finalizer helper failed (adding/removing the finalizer, or the wrapped step).
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The CRD is not installed, or the operator may not list the resource.
+    #[error("cannot list KinesisConsumerGroups (is the CRD installed? `kcg-operator crd | kubectl apply -f -`): {0}")]
+    CrdMissing(#[source] kube::Error),
+}
+
+impl Error {
+    /// Short kind for the errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "Apply",
+            Error::Get { .. } => "Get",
+            Error::PatchStatus { .. } => "PatchStatus",
+            Error::SerializeStatus { .. } => "SerializeStatus",
+            Error::Render { .. } => "Render",
+            Error::DeleteDeployment { .. } => "DeleteDeployment",
+            Error::ListPods { .. } => "ListPods",
+            Error::WorkersStillRunning { .. } => "WorkersStillRunning",
+            Error::StoreAdmin { .. } => "StoreAdmin",
+            Error::NoNamespace(_) => "NoNamespace",
+            Error::Finalizer(inner) => match &**inner {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "Finalizer",
+            },
+            Error::CrdMissing(_) => "CrdMissing",
+        }
+    }
+
+    /// True when this is the "workers still stopping" wait, which is polled, not backed off.
+    pub fn is_waiting(&self) -> bool {
+        match self {
+            Error::WorkersStillRunning { .. } => true,
+            Error::Finalizer(inner) => matches!(
+                &**inner,
+                kube::runtime::finalizer::Error::CleanupFailed(Error::WorkersStillRunning { .. })
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// DynamoDB clients per region, built lazily from the default credential chain (IRSA in a
+/// cluster, env vars locally; `AWS_ENDPOINT_URL_DYNAMODB` points them at an emulator).
+pub struct DynamoClients {
+    base: aws_config::SdkConfig,
+    by_region: tokio::sync::Mutex<HashMap<String, aws_sdk_dynamodb::Client>>,
+}
+
+impl DynamoClients {
+    /// Loads the default AWS config once.
+    pub async fn from_env() -> Self {
+        Self {
+            base: aws_config::defaults(BehaviorVersion::latest()).load().await,
+            by_region: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for `region`, or the default region.
+    pub async fn client(&self, region: Option<&str>) -> aws_sdk_dynamodb::Client {
+        let key = region.unwrap_or("").to_owned();
+        let mut map = self.by_region.lock().await;
+        map.entry(key)
+            .or_insert_with(|| {
+                let mut b = aws_sdk_dynamodb::config::Builder::from(&self.base);
+                if let Some(r) = region {
+                    b = b.region(Region::new(r.to_owned()));
+                }
+                aws_sdk_dynamodb::Client::from_conf(b.build())
+            })
+            .clone()
+    }
+}
+
+/// Everything a reconcile needs, shared by all reconciles.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Event recorder (it also deduplicates repeated events into series).
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Operator settings (default worker image, ...).
+    pub settings: OperatorSettings,
+    /// Per-group liveness trackers: client heartbeats observed on our own clock across
+    /// reconciles. Keyed by group id.
+    pub liveness: Mutex<HashMap<String, Liveness<String>>>,
+    /// DynamoDB clients per region.
+    pub dynamo: DynamoClients,
+    /// Consecutive failures per object, for exponential backoff; reset on success.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context with the given parts.
+    pub fn new(client: Client, settings: OperatorSettings, metrics: Arc<Metrics>, dynamo: DynamoClients) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            liveness: Mutex::new(HashMap::new()),
+            dynamo,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn object_key(kcg: &KinesisConsumerGroup) -> String {
+    kcg.group_id()
+}
+
+/// Backoff after `failures` consecutive failures: 1s, 2s, 4s, ... capped at 5 minutes.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// Reconciles one group. Never panics on a bad CR: problems become conditions.
+pub async fn reconcile(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let group = kcg.group_id();
+    let span = info_span!("reconcile", group = %group);
+    async move {
+        let _timer = ctx.metrics.reconcile_started();
+        let ns = kcg.namespace().ok_or_else(|| Error::NoNamespace(kcg.name_any()))?;
+        let api: Api<KinesisConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
+        let result = finalizer(&api, FINALIZER, kcg.clone(), |event| async {
+            match event {
+                Finalizer::Apply(k) => apply(k, ctx.clone()).await,
+                Finalizer::Cleanup(k) => cleanup(k, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        match &result {
+            Ok(_) => {
+                lock(&ctx.failures).remove(&object_key(&kcg));
+            }
+            Err(e) => ctx.metrics.reconcile_failed(e.metric_label()),
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Requeue policy on error: per-object exponential backoff (reset by a success), except
+/// the cleanup wait for workers, which is polled at a fixed pace.
+pub fn error_policy(kcg: Arc<KinesisConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_waiting() {
+        info!(group = %kcg.group_id(), "{error}");
+        return Action::requeue(CLEANUP_POLL);
+    }
+    let failures = {
+        let mut map = lock(&ctx.failures);
+        let n = map.entry(object_key(&kcg)).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = backoff_delay(failures);
+    warn!(group = %kcg.group_id(), failures, retry_in = ?delay, error = %error_chain(error), "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the maps hold plain values.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The error and its sources, joined with `: ` (what a Warning event carries).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let group = kcg.group_id();
+    let ns = kcg.namespace().unwrap_or_default();
+    let mut problems = Vec::new();
+
+    // What the schema and CEL could not catch (cross-field rules) is checked here; a bad
+    // spec is reported, not applied, and the workers keep their last good config.
+    let valid = match kcg.worker_config().validate() {
+        Ok(()) => true,
+        Err(e) => {
+            problems.push(Problem::new("InvalidSpec", e.to_string()));
+            false
+        }
+    };
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deployment = if valid {
+        let rendered = resources::render(&kcg, &ctx.settings).map_err(|source| Error::Render {
+            group: group.clone(),
+            source,
+        })?;
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        let cm_name = resources::config_map_name(&kcg);
+        config_maps
+            .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "ConfigMap",
+                namespace: ns.clone(),
+                name: cm_name.clone(),
+                source,
+            })?;
+        let name = resources::deployment_name(&kcg);
+        let applied = deployments
+            .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "Deployment",
+                namespace: ns.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
+        Some(applied)
+    } else {
+        let name = resources::deployment_name(&kcg);
+        deployments.get_opt(&name).await.map_err(|source| Error::Get {
+            kind: "Deployment",
+            namespace: ns.clone(),
+            name,
+            source,
+        })?
+    };
+
+    // The state store: a failure is a condition, never a crash or a reconcile error.
+    let store_cfg = &kcg.spec.state_store.config;
+    let client = ctx.dynamo.client(store_cfg.region.as_deref()).await;
+    let store = StateStore::new(client, store_cfg.table.clone());
+    let snapshot = match tokio::time::timeout(STORE_READ_TIMEOUT, store.load_group(&group)).await {
+        Ok(Ok(snap)) => Some(snap),
+        Ok(Err(e)) => {
+            let reason = match e.reason() {
+                "AccessDenied" => "AccessDenied",
+                _ => "StateStoreUnavailable",
+            };
+            problems.push(Problem::new(reason, format!("reading table {}: {}", store_cfg.table, error_chain(&e))));
+            None
+        }
+        Err(_) => {
+            problems.push(Problem::new(
+                "StateStoreUnavailable",
+                format!("reading table {} took longer than {STORE_READ_TIMEOUT:?}", store_cfg.table),
+            ));
+            None
+        }
+    };
+
+    let live = match &snapshot {
+        Some(snap) => {
+            let mut trackers = lock(&ctx.liveness);
+            let tracker = trackers
+                .entry(group.clone())
+                .or_insert_with(|| Liveness::new(kcg.spec.tuning.client_timeout));
+            observe_clients(tracker, &snap.clients, Instant::now())
+        }
+        None => Vec::new(),
+    };
+
+    let input = StatusInput {
+        generation: kcg.metadata.generation,
+        streams: kcg.spec.streams.iter().map(|s| s.name.clone()).collect(),
+        desired_replicas: kcg.spec.replicas,
+        selector: resources::selector_string(&kcg),
+        deployment: deployment.as_ref().map(DeploymentState::from_deployment),
+        snapshot,
+        live_clients: live.into_iter().collect::<BTreeSet<_>>(),
+        previous_conditions: kcg.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default(),
+        now: now_seconds(),
+        problems,
+    };
+    let new_status = status::build_status(input);
+    publish_status(&kcg, &ctx, new_status).await?;
+
+    Ok(if valid {
+        Action::requeue(REFRESH)
+    } else {
+        Action::requeue(INVALID_SPEC_RETRY)
+    })
+}
+
+/// `now` truncated to whole seconds: the API server stores condition times with second
+/// precision, so a finer time would make every refresh look like a change.
+fn now_seconds() -> jiff::Timestamp {
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_second(now.as_second()).unwrap_or(now)
+}
+
+/// Writes the status if it changed, then publishes the events the change calls for.
+async fn publish_status(
+    kcg: &KinesisConsumerGroup,
+    ctx: &Context,
+    new_status: KinesisConsumerGroupStatus,
+) -> Result<(), Error> {
+    let group = kcg.group_id();
+    let old = kcg.status.as_ref();
+    if old == Some(&new_status) {
+        debug!("status unchanged; nothing written");
+        return Ok(());
+    }
+    let api: Api<KinesisConsumerGroup> =
+        Api::namespaced(ctx.client.clone(), &kcg.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": KinesisConsumerGroup::api_version(&()),
+        "kind": KinesisConsumerGroup::kind(&()),
+        "status": serde_json::to_value(&new_status).map_err(|source| Error::SerializeStatus {
+            group: group.clone(),
+            source,
+        })?,
+    });
+    api.patch_status(&kcg.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::PatchStatus {
+            group: group.clone(),
+            source,
+        })?;
+    ctx.metrics.status_patches.inc();
+
+    let reference = kcg.object_ref(&());
+    for ev in events::diff(old, &new_status) {
+        let event = KubeEvent {
+            type_: match ev.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: ev.reason.clone(),
+            note: Some(ev.note.clone()),
+            action: ev.action.clone(),
+            secondary: None,
+        };
+        // An event that cannot be published is logged; it must not fail the reconcile.
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                ctx.metrics
+                    .events
+                    .get_or_create(&crate::metrics::EventLabels { reason: ev.reason.clone() })
+                    .inc();
+                info!(reason = %ev.reason, note = %ev.note, "event");
+            }
+            Err(e) => warn!(reason = %ev.reason, error = %e, "publishing event failed"),
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let group = kcg.group_id();
+    let ns = kcg.namespace().unwrap_or_default();
+    match kcg.spec.state_store.on_delete {
+        OnDelete::Retain => {
+            info!("onDelete Retain: the group's state-store rows are kept");
+        }
+        OnDelete::Delete => {
+            // Stop the workers first: they release leases and checkpoint on the way out,
+            // and a running worker would recreate rows we delete.
+            let name = resources::deployment_name(&kcg);
+            let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            match deployments.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => info!(deployment = %name, "deleting the worker Deployment"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::DeleteDeployment {
+                        namespace: ns,
+                        name,
+                        source,
+                    });
+                }
+            }
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let lp = ListParams::default().labels(&resources::selector_string(&kcg));
+            let running = pods
+                .list_metadata(&lp)
+                .await
+                .map_err(|source| Error::ListPods {
+                    group: group.clone(),
+                    source,
+                })?
+                .items
+                .len();
+            if running > 0 {
+                return Err(Error::WorkersStillRunning { group, pods: running });
+            }
+            let cfg = &kcg.spec.state_store.config;
+            let client = ctx.dynamo.client(cfg.region.as_deref()).await;
+            store_admin::delete_group(&client, &cfg.table, &group)
+                .await
+                .map_err(|source| Error::StoreAdmin {
+                    group: group.clone(),
+                    source,
+                })?;
+        }
+    }
+    lock(&ctx.liveness).remove(&group);
+    lock(&ctx.failures).remove(&object_key(&kcg));
+    Ok(Action::await_change())
+}
+
+/// Where and how the controller runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Watch one namespace only; `None` watches all.
+    pub namespace: Option<String>,
+    /// Operator settings passed to the resource builders.
+    pub settings: OperatorSettings,
+}
+
+/// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
+/// (lost leadership).
+pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Result<(), Error> {
+    let (groups, deployments, config_maps) = match &opts.namespace {
+        Some(ns) => (
+            Api::<KinesisConsumerGroup>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::<KinesisConsumerGroup>::all(client.clone()),
+            Api::<Deployment>::all(client.clone()),
+            Api::<ConfigMap>::all(client.clone()),
+        ),
+    };
+    groups
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(Error::CrdMissing)?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        opts.settings.clone(),
+        metrics,
+        DynamoClients::from_env().await,
+    ));
+    // Owned objects carry this label; watching only them keeps the caches small.
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kcg-operator");
+    info!(namespace = ?opts.namespace, "controller starting");
+    Controller::new(groups, watcher::Config::default().any_semantic())
+        .owns(deployments, owned.clone())
+        .owns(config_maps, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(object = %obj.name, "reconciled"),
+                Err(e) => debug!(error = %error_chain(&e), "reconcile error"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let got: Vec<u64> = [1, 2, 3, 4, 9, 10, 30].iter().map(|n| backoff_delay(*n).as_secs()).collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    #[test]
+    fn error_chain_joins_sources_once() {
+        let e = Error::StoreAdmin {
+            group: "ns/g".into(),
+            source: StoreAdminError::Unprocessed {
+                group: "ns/g".into(),
+                table: "t".into(),
+                left: 3,
+            },
+        };
+        let chain = error_chain(&e);
+        assert!(chain.starts_with("cleanup of ns/g: deleting rows"), "{chain}");
+        assert_eq!(chain.matches("3 rows still unprocessed").count(), 1, "{chain}");
+    }
+}
