@@ -47,7 +47,10 @@ pub fn consumable_shards(shards: &[ShardInfo], ended: &BTreeSet<&str>) -> Vec<St
     let mut out: Vec<String> = shards
         .iter()
         .filter(|s| !ended.contains(s.shard_id.as_str()))
-        .filter(|s| s.parents().all(|p| ended.contains(p) || !present.contains(p)))
+        .filter(|s| {
+            s.parents()
+                .all(|p| ended.contains(p) || !present.contains(p))
+        })
         .map(|s| s.shard_id.clone())
         .collect();
     out.sort();
@@ -79,7 +82,10 @@ pub fn plan(streams: &[StreamShards], live: &[String]) -> Plan {
         return out;
     }
     for (k, s) in streams.iter().enumerate() {
-        for (i, range) in split_ranges(s.consumable.len(), live.len()).into_iter().enumerate() {
+        for (i, range) in split_ranges(s.consumable.len(), live.len())
+            .into_iter()
+            .enumerate()
+        {
             let client = &live[(i + k) % live.len()];
             for shard in &s.consumable[range] {
                 out.insert(ShardKey::new(&s.stream, shard), client.clone());
@@ -165,6 +171,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // table-driven cases are tuples on purpose
 mod tests {
     use super::*;
 
@@ -211,19 +218,31 @@ mod tests {
         let cases: Vec<(&str, Vec<ShardInfo>, Vec<&str>, Vec<&str>)> = vec![
             (
                 "all open",
-                vec![shard("s-2", &[], false), shard("s-0", &[], false), shard("s-1", &[], false)],
+                vec![
+                    shard("s-2", &[], false),
+                    shard("s-0", &[], false),
+                    shard("s-1", &[], false),
+                ],
                 vec![],
                 vec!["s-0", "s-1", "s-2"],
             ),
             (
                 "split: parent not ended, children wait; closed parent is read",
-                vec![shard("s-0", &[], true), shard("s-1", &["s-0"], false), shard("s-2", &["s-0"], false)],
+                vec![
+                    shard("s-0", &[], true),
+                    shard("s-1", &["s-0"], false),
+                    shard("s-2", &["s-0"], false),
+                ],
                 vec![],
                 vec!["s-0"],
             ),
             (
                 "split: parent ended, children consumable, parent dropped",
-                vec![shard("s-0", &[], true), shard("s-1", &["s-0"], false), shard("s-2", &["s-0"], false)],
+                vec![
+                    shard("s-0", &[], true),
+                    shard("s-1", &["s-0"], false),
+                    shard("s-2", &["s-0"], false),
+                ],
                 vec!["s-0"],
                 vec!["s-1", "s-2"],
             ),
@@ -235,19 +254,30 @@ mod tests {
             ),
             (
                 "merge: one of two parents ended, child waits",
-                vec![shard("s-0", &[], true), shard("s-1", &[], true), shard("s-2", &["s-0", "s-1"], false)],
+                vec![
+                    shard("s-0", &[], true),
+                    shard("s-1", &[], true),
+                    shard("s-2", &["s-0", "s-1"], false),
+                ],
                 vec!["s-0"],
                 vec!["s-1"],
             ),
             (
                 "merge: both parents ended",
-                vec![shard("s-0", &[], true), shard("s-1", &[], true), shard("s-2", &["s-0", "s-1"], false)],
+                vec![
+                    shard("s-0", &[], true),
+                    shard("s-1", &[], true),
+                    shard("s-2", &["s-0", "s-1"], false),
+                ],
                 vec!["s-0", "s-1"],
                 vec!["s-2"],
             ),
             (
                 "merge: one parent ended, the other expired",
-                vec![shard("s-1", &[], true), shard("s-2", &["s-0", "s-1"], false)],
+                vec![
+                    shard("s-1", &[], true),
+                    shard("s-2", &["s-0", "s-1"], false),
+                ],
                 vec!["s-1"],
                 vec!["s-2"],
             ),
@@ -290,12 +320,24 @@ mod tests {
         };
         // (name, streams, live, expected (key, owner))
         let cases: Vec<(&str, Vec<StreamShards>, Vec<String>, Vec<(&str, &str)>)> = vec![
-            ("no clients, no plan", vec![st("a", &["0", "1"])], vec![], vec![]),
+            (
+                "no clients, no plan",
+                vec![st("a", &["0", "1"])],
+                vec![],
+                vec![],
+            ),
             (
                 "6 shards / 3 clients: 2-2-2 contiguous",
                 vec![st("a", &["0", "1", "2", "3", "4", "5"])],
                 ids(&["c1", "c2", "c3"]),
-                vec![("a/0", "c1"), ("a/1", "c1"), ("a/2", "c2"), ("a/3", "c2"), ("a/4", "c3"), ("a/5", "c3")],
+                vec![
+                    ("a/0", "c1"),
+                    ("a/1", "c1"),
+                    ("a/2", "c2"),
+                    ("a/3", "c2"),
+                    ("a/4", "c3"),
+                    ("a/5", "c3"),
+                ],
             ),
             (
                 "one client owns all",
@@ -318,8 +360,10 @@ mod tests {
         ];
         for (name, streams, live, want) in cases {
             let got = owners(&plan(&streams, &live));
-            let want: Vec<(String, String)> =
-                want.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+            let want: Vec<(String, String)> = want
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
             assert_eq!(got, want, "{name}");
         }
     }
@@ -346,7 +390,12 @@ mod tests {
                 pk: "ns/g".into(),
                 sk: "shards#a".into(),
                 stream: "a".into(),
-                shards: vec![shard("s-0", &[], true), shard("s-1", &["s-0"], false), shard("s-2", &["s-0"], false), shard("s-3", &[], false)],
+                shards: vec![
+                    shard("s-0", &[], true),
+                    shard("s-1", &["s-0"], false),
+                    shard("s-2", &["s-0"], false),
+                    shard("s-3", &[], false),
+                ],
                 refreshed_at_ms: 0,
                 refreshed_by: "c1".into(),
             }],
@@ -361,16 +410,28 @@ mod tests {
     fn compact_ranges_table() {
         let k = |s: &str, id: &str| ShardKey::new(s, id);
         // (name, entries, expected (stream, client, first, last, count))
-        let cases: Vec<(&str, Vec<(ShardKey, Option<&str>)>, Vec<(&str, &str, &str, &str, usize)>)> = vec![
+        let cases: Vec<(
+            &str,
+            Vec<(ShardKey, Option<&str>)>,
+            Vec<(&str, &str, &str, &str, usize)>,
+        )> = vec![
             ("empty", vec![], vec![]),
             (
                 "two runs",
-                vec![(k("a", "0"), Some("c1")), (k("a", "1"), Some("c1")), (k("a", "2"), Some("c2"))],
+                vec![
+                    (k("a", "0"), Some("c1")),
+                    (k("a", "1"), Some("c1")),
+                    (k("a", "2"), Some("c2")),
+                ],
                 vec![("a", "c1", "0", "1", 2), ("a", "c2", "2", "2", 1)],
             ),
             (
                 "unowned breaks a run",
-                vec![(k("a", "0"), Some("c1")), (k("a", "1"), None), (k("a", "2"), Some("c1"))],
+                vec![
+                    (k("a", "0"), Some("c1")),
+                    (k("a", "1"), None),
+                    (k("a", "2"), Some("c1")),
+                ],
                 vec![("a", "c1", "0", "0", 1), ("a", "c1", "2", "2", 1)],
             ),
             (
@@ -380,8 +441,16 @@ mod tests {
             ),
             (
                 "interleaved owners",
-                vec![(k("a", "0"), Some("c1")), (k("a", "1"), Some("c2")), (k("a", "2"), Some("c1"))],
-                vec![("a", "c1", "0", "0", 1), ("a", "c2", "1", "1", 1), ("a", "c1", "2", "2", 1)],
+                vec![
+                    (k("a", "0"), Some("c1")),
+                    (k("a", "1"), Some("c2")),
+                    (k("a", "2"), Some("c1")),
+                ],
+                vec![
+                    ("a", "c1", "0", "0", 1),
+                    ("a", "c2", "1", "1", 1),
+                    ("a", "c1", "2", "2", 1),
+                ],
             ),
         ];
         for (name, entries, want) in cases {

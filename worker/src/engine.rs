@@ -210,7 +210,10 @@ impl Engine {
     /// Bound on one state-store request, so a hung connection cannot stall the loop (the
     /// reader deadlines do not depend on the loop, but heartbeats and releases do).
     fn op_timeout(&self) -> Duration {
-        self.config.tuning.heartbeat_interval.max(Duration::from_secs(1))
+        self.config
+            .tuning
+            .heartbeat_interval
+            .max(Duration::from_secs(1))
     }
 
     /// Remembers a problem for the client row and counts it.
@@ -254,7 +257,10 @@ impl Engine {
         loop {
             self.health.tick();
             let res = self
-                .io("ensure_table", self.store.ensure_table(self.config.state_store.create))
+                .io(
+                    "ensure_table",
+                    self.store.ensure_table(self.config.state_store.create),
+                )
                 .await;
             match res {
                 Ok(()) => break,
@@ -274,7 +280,11 @@ impl Engine {
         loop {
             self.health.tick();
             let res = self
-                .io("register", self.store.register(self.group(), self.me(), &self.identity.pod))
+                .io(
+                    "register",
+                    self.store
+                        .register(self.group(), self.me(), &self.identity.pod),
+                )
                 .await;
             match res {
                 Ok(_) => {
@@ -336,7 +346,10 @@ impl Engine {
         self.renew_and_checkpoint().await;
         self.retry_pending_releases().await;
 
-        let snap = match self.io("load_group", self.store.load_group(self.group())).await {
+        let snap = match self
+            .io("load_group", self.store.load_group(self.group()))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 self.note_store("load_group", &e);
@@ -411,7 +424,10 @@ impl Engine {
             last_error: issue.map(|i| (i.reason, i.message)),
         };
         let res = self
-            .io("heartbeat", self.store.heartbeat(self.group(), self.me(), &update))
+            .io(
+                "heartbeat",
+                self.store.heartbeat(self.group(), self.me(), &update),
+            )
             .await;
         match res {
             Ok(_) => {
@@ -422,7 +438,11 @@ impl Engine {
                 // The leader pruned us (it saw our heartbeat stand still): come back.
                 warn!("our client row was pruned; registering again");
                 let res = self
-                    .io("register", self.store.register(self.group(), self.me(), &self.identity.pod))
+                    .io(
+                        "register",
+                        self.store
+                            .register(self.group(), self.me(), &self.identity.pod),
+                    )
                     .await;
                 match res {
                     Ok(_) => self.health.heartbeat_ok(),
@@ -452,13 +472,16 @@ impl Engine {
             }
             let p = o.progress.borrow().clone();
             let update = CheckpointUpdate {
-                sequence: p.acked.clone().filter(|a| Some(a) != o.written.sequence.as_ref()),
+                sequence: p
+                    .acked
+                    .clone()
+                    .filter(|a| Some(a) != o.written.sequence.as_ref()),
                 ended: false,
                 millis_behind: p.millis_behind,
                 lag_at_ms: p.lag_at_ms,
             };
-            let changed = update.sequence.is_some()
-                || update.millis_behind != o.written.millis_behind;
+            let changed =
+                update.sequence.is_some() || update.millis_behind != o.written.millis_behind;
             let checkpoint = changed && now.duration_since(o.last_checkpoint) >= interval;
             let store = self.store.clone();
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
@@ -489,7 +512,9 @@ impl Engine {
         for (key, sent, checkpoint, res) in join_all(writes).await {
             match res {
                 Ok(_) => {
-                    let Some(o) = self.owned.get_mut(&key) else { continue };
+                    let Some(o) = self.owned.get_mut(&key) else {
+                        continue;
+                    };
                     let _ = o.deadline.send(sent + margin);
                     if let Some(cp) = checkpoint {
                         self.metrics.checkpoints_written.inc();
@@ -514,8 +539,9 @@ impl Engine {
     }
 
     async fn retry_pending_releases(&mut self) {
-        let pending: Vec<(ShardKey, CheckpointUpdate)> =
-            std::mem::take(&mut self.pending_release).into_iter().collect();
+        let pending: Vec<(ShardKey, CheckpointUpdate)> = std::mem::take(&mut self.pending_release)
+            .into_iter()
+            .collect();
         for (key, cp) in pending {
             self.release(key, cp).await;
         }
@@ -531,18 +557,26 @@ impl Engine {
                 continue;
             }
             let res = self
-                .io("prune", self.store.prune_client(self.group(), &c.client_id, c.heartbeat))
+                .io(
+                    "prune",
+                    self.store
+                        .prune_client(self.group(), &c.client_id, c.heartbeat),
+                )
                 .await;
             match res {
                 Ok(()) => info!(dead = %c.client_id, pod = %c.pod, "pruned dead client"),
-                Err(StoreError::Conflict { .. }) => debug!(client = %c.client_id, "client came back; not pruned"),
+                Err(StoreError::Conflict { .. }) => {
+                    debug!(client = %c.client_id, "client came back; not pruned")
+                }
                 Err(e) => self.note_store("prune", &e),
             }
         }
 
         let mut newly_ended = false;
         for l in snap.leases.iter().filter(|l| l.ended) {
-            newly_ended |= self.known_ended.insert(ShardKey::new(&l.stream, &l.shard_id));
+            newly_ended |= self
+                .known_ended
+                .insert(ShardKey::new(&l.stream, &l.shard_id));
         }
         let missing_cache = self
             .streams
@@ -587,7 +621,10 @@ impl Engine {
                 refreshed_at_ms: now_ms(),
                 refreshed_by: self.me().to_owned(),
             };
-            match self.io("put_shard_cache", self.store.put_shard_cache(&row)).await {
+            match self
+                .io("put_shard_cache", self.store.put_shard_cache(&row))
+                .await
+            {
                 Ok(()) => {
                     info!(stream = %name, shards = row.shards.len(), "shard cache updated");
                     match existing {
@@ -610,11 +647,18 @@ impl Engine {
         let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
         for s in assignment::streams_from_snapshot(&names, snap) {
             for shard in s.consumable {
-                if snap.leases.iter().any(|l| l.stream == s.stream && l.shard_id == shard) {
+                if snap
+                    .leases
+                    .iter()
+                    .any(|l| l.stream == s.stream && l.shard_id == shard)
+                {
                     continue;
                 }
                 let res = self
-                    .io("create_lease", self.store.create_lease(self.group(), &s.stream, &shard))
+                    .io(
+                        "create_lease",
+                        self.store.create_lease(self.group(), &s.stream, &shard),
+                    )
                     .await;
                 if let Err(e) = res {
                     self.note_store("create_lease", &e);
@@ -631,7 +675,9 @@ impl Engine {
                 if self.pending_release.contains_key(&key) {
                     return;
                 }
-                let Some(idx) = self.stream_index(&key.stream) else { return };
+                let Some(idx) = self.stream_index(&key.stream) else {
+                    return;
+                };
                 if self.streams[idx].client.is_none() {
                     return;
                 }
@@ -652,8 +698,12 @@ impl Engine {
                     Ok(row) => {
                         self.metrics.leases_acquired.inc();
                         match &from {
-                            Some((old, _)) => info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease"),
-                            None => info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease"),
+                            Some((old, _)) => {
+                                info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease")
+                            }
+                            None => {
+                                info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease")
+                            }
                         }
                         self.spawn_reader(key, idx, &row, sent);
                     }
@@ -668,7 +718,8 @@ impl Engine {
                 if self.pending_release.contains_key(&key) {
                     return;
                 }
-                let (Some(idx), Some(row)) = (self.stream_index(&key.stream), rows.get(&key)) else {
+                let (Some(idx), Some(row)) = (self.stream_index(&key.stream), rows.get(&key))
+                else {
                     return;
                 };
                 if self.streams[idx].client.is_none() {
@@ -678,7 +729,8 @@ impl Engine {
                 let res = self
                     .io(
                         "renew",
-                        self.store.renew_lease(self.group(), &key.stream, &key.shard_id, self.me()),
+                        self.store
+                            .renew_lease(self.group(), &key.stream, &key.shard_id, self.me()),
                     )
                     .await;
                 match res {
@@ -730,9 +782,14 @@ impl Engine {
 
     fn spawn_reader(&mut self, key: ShardKey, stream_index: usize, row: &LeaseRow, sent: Instant) {
         self.generations += 1;
-        let Some(client) = self.streams[stream_index].client.clone() else { return };
+        let Some(client) = self.streams[stream_index].client.clone() else {
+            return;
+        };
         let tuning = &self.config.tuning;
-        let deadline_at = sent + tuning.client_timeout.saturating_sub(tuning.heartbeat_interval);
+        let deadline_at = sent
+            + tuning
+                .client_timeout
+                .saturating_sub(tuning.heartbeat_interval);
         let initial = ShardProgress {
             acked: row.checkpoint.clone(),
             ..ShardProgress::default()
@@ -800,10 +857,16 @@ impl Engine {
     /// A supervisor finished: write the final checkpoint and release (or, when fenced or
     /// killed, write nothing). Returns whether the shard ended.
     async fn reap(&mut self, key: &ShardKey, generation: u64) -> bool {
-        if self.owned.get(key).is_none_or(|o| o.generation != generation) {
+        if self
+            .owned
+            .get(key)
+            .is_none_or(|o| o.generation != generation)
+        {
             return false; // an earlier, abandoned reader of this shard
         }
-        let Some(o) = self.owned.remove(key) else { return false };
+        let Some(o) = self.owned.remove(key) else {
+            return false;
+        };
         let outcome = match o.join.await {
             Ok(outcome) => outcome,
             Err(e) => Outcome::Failed(e.to_string()),
@@ -828,7 +891,10 @@ impl Engine {
             }
             Outcome::Fenced => {
                 warn!(stream = %key.stream, shard = %key.shard_id, "lease renewals failed for too long; reader stopped so another client may take over");
-                self.note("LeaseRenewalFailed", format!("could not renew the lease of {key} in time; stopped reading it"));
+                self.note(
+                    "LeaseRenewalFailed",
+                    format!("could not renew the lease of {key} in time; stopped reading it"),
+                );
                 false
             }
             // Killed while draining for a release: hand over what was acknowledged.
@@ -844,7 +910,8 @@ impl Engine {
         let res = self
             .io(
                 "release",
-                self.store.release_lease(self.group(), &key.stream, &key.shard_id, self.me(), &cp),
+                self.store
+                    .release_lease(self.group(), &key.stream, &key.shard_id, self.me(), &cp),
             )
             .await;
         match res {
@@ -882,7 +949,8 @@ impl Engine {
         // Wait for the in-flight batches, renewing meanwhile so no lease expires mid-drain.
         let mut ticker = tokio::time::interval(tuning.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while self.owned.values().any(|o| !o.join.is_finished()) && Instant::now() < drain_deadline {
+        while self.owned.values().any(|o| !o.join.is_finished()) && Instant::now() < drain_deadline
+        {
             tokio::select! {
                 _ = tokio::time::sleep_until(drain_deadline.into()) => {}
                 _ = ticker.tick() => self.renew_and_checkpoint().await,
@@ -911,7 +979,9 @@ impl Engine {
             releases.push((key, cp));
         }
         releases.extend(std::mem::take(&mut self.pending_release));
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
         let store = self.store.clone();
         let (group, me) = (self.group().to_owned(), self.me().to_owned());
         let writes = releases.into_iter().map(|(key, cp)| {
@@ -935,11 +1005,22 @@ impl Engine {
                     self.metrics.checkpoints_written.inc();
                     info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
                 }
-                Err(e) => warn!(stream = %key.stream, shard = %key.shard_id, error = %e, "could not release lease at shutdown; it will expire"),
+                Err(e) => {
+                    warn!(stream = %key.stream, shard = %key.shard_id, error = %e, "could not release lease at shutdown; it will expire")
+                }
             }
         }
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
-        match io_bounded(self.store.table(), "deregister", remaining, self.store.deregister(self.group(), self.me())).await {
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        match io_bounded(
+            self.store.table(),
+            "deregister",
+            remaining,
+            self.store.deregister(self.group(), self.me()),
+        )
+        .await
+        {
             Ok(()) => info!(elapsed = ?started.elapsed(), "deregistered; shutdown complete"),
             Err(e) => warn!(error = %e, "could not deregister; the leader will prune us"),
         }
@@ -1054,10 +1135,28 @@ mod tests {
     #[tokio::test]
     async fn supervise_table() {
         let cases: Vec<(&str, u64, Poke, &str, u64)> = vec![
-            ("deadline passes without renewal: fenced", 100, Poke::Nothing, "Fenced", 1000),
+            (
+                "deadline passes without renewal: fenced",
+                100,
+                Poke::Nothing,
+                "Fenced",
+                1000,
+            ),
             ("engine kills it", 10_000, Poke::Kill, "Killed", 1000),
-            ("engine gone: never read unwatched", 10_000, Poke::DropEngine, "Killed", 1000),
-            ("renewals keep it running until it is killed", 100, Poke::ExtendEvery(30), "Killed", 2000),
+            (
+                "engine gone: never read unwatched",
+                10_000,
+                Poke::DropEngine,
+                "Killed",
+                1000,
+            ),
+            (
+                "renewals keep it running until it is killed",
+                100,
+                Poke::ExtendEvery(30),
+                "Killed",
+                2000,
+            ),
         ];
         for (name, initial, poke, want, bound) in cases {
             let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1085,7 +1184,10 @@ mod tests {
                     kill.cancel();
                 }
             }
-            let outcome = tokio::time::timeout(ms(bound), sup).await.expect(name).expect(name);
+            let outcome = tokio::time::timeout(ms(bound), sup)
+                .await
+                .expect(name)
+                .expect(name);
             let got = match outcome {
                 Outcome::Finished(_) => "Finished",
                 Outcome::Failed(_) => "Failed",
@@ -1093,7 +1195,10 @@ mod tests {
                 Outcome::Killed => "Killed",
             };
             assert_eq!(got, want, "{name}");
-            assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "{name}: reader must be gone");
+            assert!(
+                dropped.load(std::sync::atomic::Ordering::SeqCst),
+                "{name}: reader must be gone"
+            );
             assert_eq!(done_rx.recv().await, Some(key), "{name}: engine told");
         }
     }
@@ -1109,7 +1214,14 @@ mod tests {
         });
         let (_dtx, drx) = watch::channel(Instant::now() + ms(5000));
         let (done_tx, _done_rx) = mpsc::unbounded_channel();
-        let out = supervise(reader, drx, CancellationToken::new(), done_tx, (ShardKey::new("s", "x"), 1)).await;
+        let out = supervise(
+            reader,
+            drx,
+            CancellationToken::new(),
+            done_tx,
+            (ShardKey::new("s", "x"), 1),
+        )
+        .await;
         match out {
             Outcome::Finished(p) => {
                 assert!(p.ended);
@@ -1125,6 +1237,9 @@ mod tests {
         let hb = ms(300);
         assert_eq!(Engine::backoff(0, hb), ms(300));
         assert_eq!(Engine::backoff(2, hb), ms(1200));
-        assert_eq!(Engine::backoff(40, hb), Duration::from_secs(30).min(hb * 32));
+        assert_eq!(
+            Engine::backoff(40, hb),
+            Duration::from_secs(30).min(hb * 32)
+        );
     }
 }

@@ -103,7 +103,13 @@ pub fn decide(input: HandoffInput<'_>) -> Vec<Action> {
     out
 }
 
-fn decide_one(me: &str, key: &ShardKey, lease: &LeaseView, desired_mine: bool, reading: bool) -> Option<Action> {
+fn decide_one(
+    me: &str,
+    key: &ShardKey,
+    lease: &LeaseView,
+    desired_mine: bool,
+    reading: bool,
+) -> Option<Action> {
     let key = key.clone();
     match lease.owner.as_deref() {
         Some(owner) if owner == me => {
@@ -158,30 +164,156 @@ mod tests {
     fn decide_table() {
         let k = || key("0");
         let cases = vec![
-            Case { name: "mine, no row: claim (creates row)", desired: Some(ME), lease: None, reading: false, want: Some(Action::Claim { key: k(), from: None }) },
-            Case { name: "mine, unowned: claim", desired: Some(ME), lease: Some(lease(None, 4, false, false)), reading: false, want: Some(Action::Claim { key: k(), from: None }) },
-            Case { name: "mine, unowned but stale counter: plain claim", desired: Some(ME), lease: Some(lease(None, 4, false, true)), reading: false, want: Some(Action::Claim { key: k(), from: None }) },
-            Case { name: "mine, live other owner: wait, never steal", desired: Some(ME), lease: Some(lease(Some("c2"), 9, false, false)), reading: false, want: Some(Action::Wait(k())) },
-            Case { name: "mine, dead other owner: take over from observed counter", desired: Some(ME), lease: Some(lease(Some("c2"), 9, false, true)), reading: false, want: Some(Action::Claim { key: k(), from: Some(("c2".into(), 9)) }) },
-            Case { name: "mine, owned and read: renew", desired: Some(ME), lease: Some(lease(Some(ME), 3, false, false)), reading: true, want: Some(Action::Renew(k())) },
-            Case { name: "mine, owned, not read: resume", desired: Some(ME), lease: Some(lease(Some(ME), 3, false, false)), reading: false, want: Some(Action::Resume(k())) },
-            Case { name: "owned but desired elsewhere: release", desired: Some("c2"), lease: Some(lease(Some(ME), 3, false, false)), reading: true, want: Some(Action::Release(k())) },
-            Case { name: "owned but not consumable any more: release", desired: None, lease: Some(lease(Some(ME), 3, false, false)), reading: true, want: Some(Action::Release(k())) },
-            Case { name: "owned and ended: release even if desired", desired: Some(ME), lease: Some(lease(Some(ME), 3, true, false)), reading: false, want: Some(Action::Release(k())) },
-            Case { name: "ended and unowned: never claimed", desired: Some(ME), lease: Some(lease(None, 3, true, true)), reading: false, want: None },
-            Case { name: "ended, dead owner: never claimed", desired: Some(ME), lease: Some(lease(Some("c2"), 3, true, true)), reading: false, want: None },
-            Case { name: "reading but stolen: abandon", desired: Some(ME), lease: Some(lease(Some("c2"), 10, false, false)), reading: true, want: Some(Action::Abandon(k())) },
-            Case { name: "reading but unowned: abandon", desired: Some(ME), lease: Some(lease(None, 10, false, false)), reading: true, want: Some(Action::Abandon(k())) },
-            Case { name: "reading, row gone: abandon", desired: None, lease: None, reading: true, want: Some(Action::Abandon(k())) },
-            Case { name: "not mine, dead owner: leave it to the desired owner", desired: Some("c3"), lease: Some(lease(Some("c2"), 9, false, true)), reading: false, want: None },
-            Case { name: "not mine, unowned: nothing", desired: Some("c2"), lease: Some(lease(None, 1, false, false)), reading: false, want: None },
-            Case { name: "not mine, not consumable: nothing", desired: None, lease: Some(lease(Some("c2"), 1, false, false)), reading: false, want: None },
+            Case {
+                name: "mine, no row: claim (creates row)",
+                desired: Some(ME),
+                lease: None,
+                reading: false,
+                want: Some(Action::Claim {
+                    key: k(),
+                    from: None,
+                }),
+            },
+            Case {
+                name: "mine, unowned: claim",
+                desired: Some(ME),
+                lease: Some(lease(None, 4, false, false)),
+                reading: false,
+                want: Some(Action::Claim {
+                    key: k(),
+                    from: None,
+                }),
+            },
+            Case {
+                name: "mine, unowned but stale counter: plain claim",
+                desired: Some(ME),
+                lease: Some(lease(None, 4, false, true)),
+                reading: false,
+                want: Some(Action::Claim {
+                    key: k(),
+                    from: None,
+                }),
+            },
+            Case {
+                name: "mine, live other owner: wait, never steal",
+                desired: Some(ME),
+                lease: Some(lease(Some("c2"), 9, false, false)),
+                reading: false,
+                want: Some(Action::Wait(k())),
+            },
+            Case {
+                name: "mine, dead other owner: take over from observed counter",
+                desired: Some(ME),
+                lease: Some(lease(Some("c2"), 9, false, true)),
+                reading: false,
+                want: Some(Action::Claim {
+                    key: k(),
+                    from: Some(("c2".into(), 9)),
+                }),
+            },
+            Case {
+                name: "mine, owned and read: renew",
+                desired: Some(ME),
+                lease: Some(lease(Some(ME), 3, false, false)),
+                reading: true,
+                want: Some(Action::Renew(k())),
+            },
+            Case {
+                name: "mine, owned, not read: resume",
+                desired: Some(ME),
+                lease: Some(lease(Some(ME), 3, false, false)),
+                reading: false,
+                want: Some(Action::Resume(k())),
+            },
+            Case {
+                name: "owned but desired elsewhere: release",
+                desired: Some("c2"),
+                lease: Some(lease(Some(ME), 3, false, false)),
+                reading: true,
+                want: Some(Action::Release(k())),
+            },
+            Case {
+                name: "owned but not consumable any more: release",
+                desired: None,
+                lease: Some(lease(Some(ME), 3, false, false)),
+                reading: true,
+                want: Some(Action::Release(k())),
+            },
+            Case {
+                name: "owned and ended: release even if desired",
+                desired: Some(ME),
+                lease: Some(lease(Some(ME), 3, true, false)),
+                reading: false,
+                want: Some(Action::Release(k())),
+            },
+            Case {
+                name: "ended and unowned: never claimed",
+                desired: Some(ME),
+                lease: Some(lease(None, 3, true, true)),
+                reading: false,
+                want: None,
+            },
+            Case {
+                name: "ended, dead owner: never claimed",
+                desired: Some(ME),
+                lease: Some(lease(Some("c2"), 3, true, true)),
+                reading: false,
+                want: None,
+            },
+            Case {
+                name: "reading but stolen: abandon",
+                desired: Some(ME),
+                lease: Some(lease(Some("c2"), 10, false, false)),
+                reading: true,
+                want: Some(Action::Abandon(k())),
+            },
+            Case {
+                name: "reading but unowned: abandon",
+                desired: Some(ME),
+                lease: Some(lease(None, 10, false, false)),
+                reading: true,
+                want: Some(Action::Abandon(k())),
+            },
+            Case {
+                name: "reading, row gone: abandon",
+                desired: None,
+                lease: None,
+                reading: true,
+                want: Some(Action::Abandon(k())),
+            },
+            Case {
+                name: "not mine, dead owner: leave it to the desired owner",
+                desired: Some("c3"),
+                lease: Some(lease(Some("c2"), 9, false, true)),
+                reading: false,
+                want: None,
+            },
+            Case {
+                name: "not mine, unowned: nothing",
+                desired: Some("c2"),
+                lease: Some(lease(None, 1, false, false)),
+                reading: false,
+                want: None,
+            },
+            Case {
+                name: "not mine, not consumable: nothing",
+                desired: None,
+                lease: Some(lease(Some("c2"), 1, false, false)),
+                reading: false,
+                want: None,
+            },
         ];
         for c in cases {
             let plan: Plan = c.desired.map(|o| (k(), o.to_owned())).into_iter().collect();
-            let leases: BTreeMap<ShardKey, LeaseView> = c.lease.map(|l| (k(), l)).into_iter().collect();
+            let leases: BTreeMap<ShardKey, LeaseView> =
+                c.lease.map(|l| (k(), l)).into_iter().collect();
             let reading: BTreeSet<ShardKey> = c.reading.then(k).into_iter().collect();
-            let got = decide(HandoffInput { me: ME, plan: &plan, leases: &leases, reading: &reading });
+            let got = decide(HandoffInput {
+                me: ME,
+                plan: &plan,
+                leases: &leases,
+                reading: &reading,
+            });
             assert_eq!(got, c.want.into_iter().collect::<Vec<_>>(), "{}", c.name);
         }
     }
@@ -200,26 +332,57 @@ mod tests {
         let c1_reading: BTreeSet<ShardKey> = [key("0"), key("1")].into();
         let c2_reading: BTreeSet<ShardKey> = BTreeSet::new();
         // Before: both agree; c2 has nothing to do.
-        assert!(decide(HandoffInput { me: "c2", plan: &plan_before, leases: &leases, reading: &c2_reading }).is_empty());
+        assert!(
+            decide(HandoffInput {
+                me: "c2",
+                plan: &plan_before,
+                leases: &leases,
+                reading: &c2_reading
+            })
+            .is_empty()
+        );
         // c2 sees the new plan first: it waits, it does not steal.
         assert_eq!(
-            decide(HandoffInput { me: "c2", plan: &plan_after, leases: &leases, reading: &c2_reading }),
+            decide(HandoffInput {
+                me: "c2",
+                plan: &plan_after,
+                leases: &leases,
+                reading: &c2_reading
+            }),
             vec![Action::Wait(key("1"))]
         );
         // c1 sees it: renews 0, releases 1.
         assert_eq!(
-            decide(HandoffInput { me: "c1", plan: &plan_after, leases: &leases, reading: &c1_reading }),
+            decide(HandoffInput {
+                me: "c1",
+                plan: &plan_after,
+                leases: &leases,
+                reading: &c1_reading
+            }),
             vec![Action::Renew(key("0")), Action::Release(key("1"))]
         );
         // c1 released (owner removed, counter bumped): c2 claims, c1 has nothing more on 1.
         leases.insert(key("1"), lease(None, 6, false, false));
         let c1_reading: BTreeSet<ShardKey> = [key("0")].into();
         assert_eq!(
-            decide(HandoffInput { me: "c2", plan: &plan_after, leases: &leases, reading: &c2_reading }),
-            vec![Action::Claim { key: key("1"), from: None }]
+            decide(HandoffInput {
+                me: "c2",
+                plan: &plan_after,
+                leases: &leases,
+                reading: &c2_reading
+            }),
+            vec![Action::Claim {
+                key: key("1"),
+                from: None
+            }]
         );
         assert_eq!(
-            decide(HandoffInput { me: "c1", plan: &plan_after, leases: &leases, reading: &c1_reading }),
+            decide(HandoffInput {
+                me: "c1",
+                plan: &plan_after,
+                leases: &leases,
+                reading: &c1_reading
+            }),
             vec![Action::Renew(key("0"))]
         );
     }

@@ -90,7 +90,11 @@ impl<K: Eq + Hash + Clone> Liveness<K> {
 /// Observes every client row of a snapshot and returns the ids of the live ones, sorted
 /// (the order that decides the leader and range indexes). Rows that disappeared are
 /// forgotten.
-pub fn observe_clients(liveness: &mut Liveness<String>, clients: &[ClientRow], now: Instant) -> Vec<String> {
+pub fn observe_clients(
+    liveness: &mut Liveness<String>,
+    clients: &[ClientRow],
+    now: Instant,
+) -> Vec<String> {
     for c in clients {
         liveness.observe(c.client_id.clone(), c.heartbeat, now);
     }
@@ -129,7 +133,9 @@ impl Identity {
             .or_else(|| std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()))
             .or_else(hostname)
             .unwrap_or_else(|| "kcg-worker".to_owned());
-        let base = client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| pod.clone());
+        let base = client_id
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| pod.clone());
         Self {
             client_id: format!("{base}-{}", random_suffix()),
             pod,
@@ -174,40 +180,100 @@ mod tests {
         let cases: Vec<(&str, Vec<Step>)> = vec![
             (
                 "never seen is alive",
-                vec![Step { t: 0, counter: None, alive: true }],
+                vec![Step {
+                    t: 0,
+                    counter: None,
+                    alive: true,
+                }],
             ),
             (
                 "first sight starts the clock",
                 vec![
-                    Step { t: 0, counter: Some(5), alive: true },
-                    Step { t: 999, counter: Some(5), alive: true },
-                    Step { t: 1000, counter: Some(5), alive: false },
+                    Step {
+                        t: 0,
+                        counter: Some(5),
+                        alive: true,
+                    },
+                    Step {
+                        t: 999,
+                        counter: Some(5),
+                        alive: true,
+                    },
+                    Step {
+                        t: 1000,
+                        counter: Some(5),
+                        alive: false,
+                    },
                 ],
             ),
             (
                 "moving counter stays alive",
                 vec![
-                    Step { t: 0, counter: Some(1), alive: true },
-                    Step { t: 800, counter: Some(2), alive: true },
-                    Step { t: 1600, counter: Some(3), alive: true },
-                    Step { t: 2500, counter: Some(3), alive: true },
-                    Step { t: 2600, counter: Some(3), alive: false },
+                    Step {
+                        t: 0,
+                        counter: Some(1),
+                        alive: true,
+                    },
+                    Step {
+                        t: 800,
+                        counter: Some(2),
+                        alive: true,
+                    },
+                    Step {
+                        t: 1600,
+                        counter: Some(3),
+                        alive: true,
+                    },
+                    Step {
+                        t: 2500,
+                        counter: Some(3),
+                        alive: true,
+                    },
+                    Step {
+                        t: 2600,
+                        counter: Some(3),
+                        alive: false,
+                    },
                 ],
             ),
             (
                 "dead client that comes back is alive again",
                 vec![
-                    Step { t: 0, counter: Some(7), alive: true },
-                    Step { t: 1500, counter: Some(7), alive: false },
-                    Step { t: 1600, counter: Some(8), alive: true },
+                    Step {
+                        t: 0,
+                        counter: Some(7),
+                        alive: true,
+                    },
+                    Step {
+                        t: 1500,
+                        counter: Some(7),
+                        alive: false,
+                    },
+                    Step {
+                        t: 1600,
+                        counter: Some(8),
+                        alive: true,
+                    },
                 ],
             ),
             (
                 "a counter going backwards (new row) is a change",
                 vec![
-                    Step { t: 0, counter: Some(9), alive: true },
-                    Step { t: 900, counter: Some(1), alive: true },
-                    Step { t: 1800, counter: Some(1), alive: true },
+                    Step {
+                        t: 0,
+                        counter: Some(9),
+                        alive: true,
+                    },
+                    Step {
+                        t: 900,
+                        counter: Some(1),
+                        alive: true,
+                    },
+                    Step {
+                        t: 1800,
+                        counter: Some(1),
+                        alive: true,
+                    },
                 ],
             ),
         ];
@@ -219,7 +285,12 @@ mod tests {
                 if let Some(c) = step.counter {
                     l.observe("x".to_owned(), c, now);
                 }
-                assert_eq!(l.is_alive(&"x".to_owned(), now), step.alive, "{name} at t={}", step.t);
+                assert_eq!(
+                    l.is_alive(&"x".to_owned(), now),
+                    step.alive,
+                    "{name} at t={}",
+                    step.t
+                );
             }
         }
     }
@@ -229,11 +300,17 @@ mod tests {
         let start = Instant::now();
         let mut l = Liveness::new(ms(1000));
         let k = ("s".to_owned(), "shard-0".to_owned());
-        assert!(!l.is_stale_at(&k, 3, start + ms(5000)), "unobserved is never stale");
+        assert!(
+            !l.is_stale_at(&k, 3, start + ms(5000)),
+            "unobserved is never stale"
+        );
         l.observe(k.clone(), 3, start);
         assert!(!l.is_stale_at(&k, 3, start + ms(999)));
         assert!(l.is_stale_at(&k, 3, start + ms(1000)));
-        assert!(!l.is_stale_at(&k, 4, start + ms(1000)), "a different counter than watched");
+        assert!(
+            !l.is_stale_at(&k, 4, start + ms(1000)),
+            "a different counter than watched"
+        );
     }
 
     #[test]
@@ -263,19 +340,28 @@ mod tests {
             row("slow", 1, now_wall - hours),
             row("stuck", 1, now_wall),
         ];
-        assert_eq!(observe_clients(&mut l, &snap1, start), vec!["fast", "slow", "stuck"]);
+        assert_eq!(
+            observe_clients(&mut l, &snap1, start),
+            vec!["fast", "slow", "stuck"]
+        );
         let snap2 = vec![
             row("fast", 2, now_wall + hours + 500),
             row("slow", 2, now_wall - hours + 500),
             row("stuck", 1, now_wall),
         ];
-        assert_eq!(observe_clients(&mut l, &snap2, start + ms(600)), vec!["fast", "slow", "stuck"]);
+        assert_eq!(
+            observe_clients(&mut l, &snap2, start + ms(600)),
+            vec!["fast", "slow", "stuck"]
+        );
         let snap3 = vec![
             row("fast", 3, now_wall + hours + 1100),
             row("slow", 3, now_wall - hours + 1100),
             row("stuck", 1, now_wall),
         ];
-        assert_eq!(observe_clients(&mut l, &snap3, start + ms(1200)), vec!["fast", "slow"]);
+        assert_eq!(
+            observe_clients(&mut l, &snap3, start + ms(1200)),
+            vec!["fast", "slow"]
+        );
         assert_eq!(leader(&["slow".into(), "fast".into()]), Some("fast"));
     }
 
@@ -294,7 +380,10 @@ mod tests {
         let b = Identity::new(None, Some("pod-7".into()));
         assert_eq!(a.pod, "pod-7");
         assert!(a.client_id.starts_with("pod-7-"));
-        assert_ne!(a.client_id, b.client_id, "a restarted container is a new client");
+        assert_ne!(
+            a.client_id, b.client_id,
+            "a restarted container is a new client"
+        );
         let c = Identity::new(Some("given".into()), Some("pod-1".into()));
         assert!(c.client_id.starts_with("given-"));
         assert_eq!(c.pod, "pod-1");

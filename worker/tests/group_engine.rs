@@ -89,7 +89,9 @@ fn suffix() -> String {
 async fn env(test: &str, shards: i32) -> Option<Env> {
     for var in ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_KINESIS"] {
         if std::env::var(var).is_err() {
-            eprintln!("SKIP {test}: {var} is not set (start the emulators, see scripts/emulators.sh)");
+            eprintln!(
+                "SKIP {test}: {var} is not set (start the emulators, see scripts/emulators.sh)"
+            );
             return None;
         }
     }
@@ -125,11 +127,21 @@ async fn env(test: &str, shards: i32) -> Option<Env> {
 async fn wait_stream_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) {
     let start = Instant::now();
     loop {
-        let out = kinesis.describe_stream_summary().stream_name(stream).send().await.expect("describe");
-        if out.stream_description_summary().map(|d| d.stream_status()) == Some(&StreamStatus::Active) {
+        let out = kinesis
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("describe");
+        if out.stream_description_summary().map(|d| d.stream_status())
+            == Some(&StreamStatus::Active)
+        {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "stream {stream} not ACTIVE");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "stream {stream} not ACTIVE"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -212,7 +224,10 @@ tuning:
     }
 
     async fn snapshot(&self) -> GroupSnapshot {
-        self.store.load_group(&self.group).await.expect("load group")
+        self.store
+            .load_group(&self.group)
+            .await
+            .expect("load group")
     }
 
     /// Owned shard count per client base name (the engine name before the suffix).
@@ -235,14 +250,19 @@ tuning:
             }
             if start.elapsed() > within {
                 let missing: Vec<_> = want.difference(&got).take(10).collect();
-                panic!("{} of {} records missing after {within:?}, e.g. {missing:?}", want.difference(&got).count(), want.len());
+                panic!(
+                    "{} of {} records missing after {within:?}, e.g. {missing:?}",
+                    want.difference(&got).count(),
+                    want.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn wait_ownership(&self, want: &[(&str, usize)], within: Duration) {
-        let want: BTreeMap<String, usize> = want.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        let want: BTreeMap<String, usize> =
+            want.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
         let start = Instant::now();
         loop {
             let got = self.ownership().await;
@@ -255,12 +275,20 @@ tuning:
     }
 
     async fn cleanup(&self) {
-        let _ = self.kinesis.delete_stream().stream_name(&self.stream).send().await;
+        let _ = self
+            .kinesis
+            .delete_stream()
+            .stream_name(&self.stream)
+            .send()
+            .await;
     }
 }
 
 fn base(client_id: &str) -> String {
-    client_id.rsplit_once('-').map(|(b, _)| b.to_owned()).unwrap_or_default()
+    client_id
+        .rsplit_once('-')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or_default()
 }
 
 struct Worker {
@@ -300,7 +328,13 @@ fn assert_order_per_shard(log: &[Delivery]) {
             continue;
         }
         if let Some(prev) = last.get(&d.shard) {
-            assert!(seq_key(&d.sequence) > seq_key(prev), "shard {} out of order: {} after {}", d.shard, d.sequence, prev);
+            assert!(
+                seq_key(&d.sequence) > seq_key(prev),
+                "shard {} out of order: {} after {}",
+                d.shard,
+                d.sequence,
+                prev
+            );
         }
         last.insert(d.shard.clone(), d.sequence.clone());
     }
@@ -308,17 +342,23 @@ fn assert_order_per_shard(log: &[Delivery]) {
 
 fn duplicates(log: &[Delivery]) -> Vec<Delivery> {
     let mut seen = BTreeSet::new();
-    log.iter().filter(|d| !seen.insert(d.id.clone())).cloned().collect()
+    log.iter()
+        .filter(|d| !seen.insert(d.id.clone()))
+        .cloned()
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_engines_converge_and_scale_down_without_duplicates() {
-    let Some(env) = env("converge", 6).await else { return };
+    let Some(env) = env("converge", 6).await else {
+        return;
+    };
     let mut want = env.put("a", 60).await;
     let w1 = env.start("e1");
     let w2 = env.start("e2");
     let w3 = env.start("e3");
-    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e3", 2)], Duration::from_secs(30)).await;
+    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e3", 2)], Duration::from_secs(30))
+        .await;
     env.wait_delivered(&want, Duration::from_secs(30)).await;
 
     // Ranges are contiguous: three runs of two.
@@ -329,22 +369,32 @@ async fn three_engines_converge_and_scale_down_without_duplicates() {
         .map(|l| (ShardKey::new(&l.stream, &l.shard_id), l.owner.clone()))
         .collect();
     let ranges = compact_ranges(owners.iter().map(|(k, o)| (k, o.as_deref())));
-    assert_eq!(ranges.iter().map(|r| r.count).collect::<Vec<_>>(), vec![2, 2, 2], "{ranges:?}");
+    assert_eq!(
+        ranges.iter().map(|r| r.count).collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{ranges:?}"
+    );
     assert_eq!(snap.clients.len(), 3);
 
     // Graceful scale down: e3 leaves, its shards move without waiting for expiry.
     want.extend(env.put("b", 60).await);
     let stopped = Instant::now();
     w3.stop().await;
-    env.wait_ownership(&[("e1", 3), ("e2", 3)], Duration::from_secs(10)).await;
-    assert!(stopped.elapsed() < Duration::from_secs(2), "handoff took {:?}: released leases must be taken at once", stopped.elapsed());
+    env.wait_ownership(&[("e1", 3), ("e2", 3)], Duration::from_secs(10))
+        .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "handoff took {:?}: released leases must be taken at once",
+        stopped.elapsed()
+    );
     want.extend(env.put("c", 60).await);
     env.wait_delivered(&want, Duration::from_secs(30)).await;
     assert_eq!(env.snapshot().await.clients.len(), 2, "e3 deregistered");
 
     // Scale back up to three.
     let w4 = env.start("e4");
-    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e4", 2)], Duration::from_secs(30)).await;
+    env.wait_ownership(&[("e1", 2), ("e2", 2), ("e4", 2)], Duration::from_secs(30))
+        .await;
     want.extend(env.put("d", 60).await);
     env.wait_delivered(&want, Duration::from_secs(30)).await;
 
@@ -353,21 +403,32 @@ async fn three_engines_converge_and_scale_down_without_duplicates() {
     }
     let snap = env.snapshot().await;
     assert!(snap.clients.is_empty(), "all deregistered");
-    assert!(snap.leases.iter().all(|l| l.owner.is_none()), "all released");
+    assert!(
+        snap.leases.iter().all(|l| l.owner.is_none()),
+        "all released"
+    );
     let log = env.log.all();
     assert_order_per_shard(&log);
-    assert_eq!(duplicates(&log).len(), 0, "graceful scaling must not redeliver: {:?}", duplicates(&log));
+    assert_eq!(
+        duplicates(&log).len(),
+        0,
+        "graceful scaling must not redeliver: {:?}",
+        duplicates(&log)
+    );
     assert_eq!(env.log.distinct_ids(), want);
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashed_engine_is_taken_over_after_client_timeout() {
-    let Some(env) = env("crash", 4).await else { return };
+    let Some(env) = env("crash", 4).await else {
+        return;
+    };
     let mut want = env.put("a", 40).await;
     let w1 = env.start("e1");
     let w2 = env.start("e2");
-    env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30)).await;
+    env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
+        .await;
     env.wait_delivered(&want, Duration::from_secs(30)).await;
     // Let checkpoints settle, then deliver a tail that e2 may not checkpoint before dying.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -376,16 +437,23 @@ async fn crashed_engine_is_taken_over_after_client_timeout() {
     let crashed_at = Instant::now();
     w2.crash().await;
 
-    env.wait_ownership(&[("e1", 4)], Duration::from_secs(15)).await;
+    env.wait_ownership(&[("e1", 4)], Duration::from_secs(15))
+        .await;
     let took = crashed_at.elapsed();
-    assert!(took >= Duration::from_millis(1500), "takeover after {took:?} came before the client timeout");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "takeover after {took:?} came before the client timeout"
+    );
     assert!(took < Duration::from_secs(8), "takeover took {took:?}");
     want.extend(env.put("c", 40).await);
     env.wait_delivered(&want, Duration::from_secs(30)).await;
     // The leader pruned the dead client.
     let start = Instant::now();
     while env.snapshot().await.clients.len() != 1 {
-        assert!(start.elapsed() < Duration::from_secs(10), "dead client not pruned");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "dead client not pruned"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     w1.stop().await;
@@ -404,16 +472,25 @@ async fn crashed_engine_is_taken_over_after_client_timeout() {
     };
     let dups = duplicates(&log);
     for d in &dups {
-        assert_eq!(first_by[&d.id], "e2", "{d:?} duplicated but not first delivered by the crashed engine");
+        assert_eq!(
+            first_by[&d.id], "e2",
+            "{d:?} duplicated but not first delivered by the crashed engine"
+        );
         assert_eq!(d.engine, "e1");
     }
-    assert!(dups.len() <= 40, "at most the tail after the last checkpoint: {}", dups.len());
+    assert!(
+        dups.len() <= 40,
+        "at most the tail after the last checkpoint: {}",
+        dups.len()
+    );
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn split_reads_parents_to_the_end_before_children() {
-    let Some(env) = env("split", 2).await else { return };
+    let Some(env) = env("split", 2).await else {
+        return;
+    };
     let mut want = env.put("a", 40).await;
     let w1 = env.start("e1");
     let w2 = env.start("e2");
@@ -442,30 +519,52 @@ async fn split_reads_parents_to_the_end_before_children() {
         .shards()
         .iter()
         .map(|s| {
-            let p = s.parent_shard_id().into_iter().chain(s.adjacent_parent_shard_id()).map(str::to_owned).collect();
+            let p = s
+                .parent_shard_id()
+                .into_iter()
+                .chain(s.adjacent_parent_shard_id())
+                .map(str::to_owned)
+                .collect();
             (s.shard_id().to_owned(), p)
         })
         .collect();
-    assert!(parents.values().any(|p| !p.is_empty()), "the split created children");
+    assert!(
+        parents.values().any(|p| !p.is_empty()),
+        "the split created children"
+    );
     let log = env.log.all();
     let last_at: BTreeMap<&str, usize> = log.iter().map(|d| (d.shard.as_str(), d.at)).collect();
-    let first_at: BTreeMap<&str, usize> = log.iter().rev().map(|d| (d.shard.as_str(), d.at)).collect();
+    let first_at: BTreeMap<&str, usize> =
+        log.iter().rev().map(|d| (d.shard.as_str(), d.at)).collect();
     for (child, ps) in &parents {
-        let Some(first) = first_at.get(child.as_str()) else { continue };
+        let Some(first) = first_at.get(child.as_str()) else {
+            continue;
+        };
         for p in ps {
             if let Some(last) = last_at.get(p.as_str()) {
-                assert!(last < first, "child {child} delivered (at {first}) before parent {p} finished (at {last})");
+                assert!(
+                    last < first,
+                    "child {child} delivered (at {first}) before parent {p} finished (at {last})"
+                );
             }
         }
     }
     // Every parent is marked ended.
     let snap = env.snapshot().await;
     for p in parents.values().flatten() {
-        let l = snap.leases.iter().find(|l| &l.shard_id == p).expect("parent lease");
+        let l = snap
+            .leases
+            .iter()
+            .find(|l| &l.shard_id == p)
+            .expect("parent lease");
         assert!(l.ended, "parent {p} ended");
     }
     assert_order_per_shard(&log);
-    assert_eq!(env.log.distinct_ids(), want, "nothing lost across the split");
+    assert_eq!(
+        env.log.distinct_ids(),
+        want,
+        "nothing lost across the split"
+    );
     w1.stop().await;
     w2.stop().await;
     assert_eq!(duplicates(&env.log.all()).len(), 0);

@@ -11,7 +11,9 @@ use kcg_worker::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreErro
 
 async fn store(test: &str) -> Option<StateStore> {
     if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
-        eprintln!("SKIP {test}: AWS_ENDPOINT_URL_DYNAMODB is not set (start DynamoDB Local, see scripts/emulators.sh)");
+        eprintln!(
+            "SKIP {test}: AWS_ENDPOINT_URL_DYNAMODB is not set (start DynamoDB Local, see scripts/emulators.sh)"
+        );
         return None;
     }
     let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
@@ -40,37 +42,71 @@ async fn create_table_is_idempotent_and_missing_table_is_explained() {
     let table = format!("kcg-test-create-{}", suffix());
     let store = StateStore::new(client.clone(), table.clone());
 
-    let err = store.ensure_table(false).await.expect_err("missing table must be an error");
+    let err = store
+        .ensure_table(false)
+        .await
+        .expect_err("missing table must be an error");
     assert!(matches!(err, StoreError::TableMissing { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(&table) && msg.contains("stateStore.create"), "{msg}");
+    assert!(
+        msg.contains(&table) && msg.contains("stateStore.create"),
+        "{msg}"
+    );
     // Reads against a missing table classify the same way.
-    let err = store.load_group(G).await.expect_err("query on missing table");
+    let err = store
+        .load_group(G)
+        .await
+        .expect_err("query on missing table");
     assert!(matches!(err, StoreError::TableMissing { .. }), "{err:?}");
 
     store.ensure_table(true).await.expect("create when missing");
     store.create_table().await.expect("second create is fine");
     store.ensure_table(false).await.expect("exists now");
-    let ttl = client.describe_time_to_live().table_name(&table).send().await.expect("ttl");
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("ttl");
     assert_eq!(
-        ttl.time_to_live_description().and_then(|d| d.attribute_name()),
+        ttl.time_to_live_description()
+            .and_then(|d| d.attribute_name()),
         Some("expiresAt")
     );
-    assert!(store.load_group(G).await.expect("empty group").clients.is_empty());
+    assert!(
+        store
+            .load_group(G)
+            .await
+            .expect("empty group")
+            .clients
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn concurrent_claimers_exactly_one_wins() {
-    let Some(store) = store("claim").await else { return };
+    let Some(store) = store("claim").await else {
+        return;
+    };
     for shard in ["shardId-0", "shardId-1"] {
         // shardId-0 has a row, shardId-1 does not: claim creates it, still exclusively.
         if shard == "shardId-0" {
             assert!(store.create_lease(G, "s", shard).await.expect("create"));
-            assert!(!store.create_lease(G, "s", shard).await.expect("create again"), "second create is a no-op");
+            assert!(
+                !store
+                    .create_lease(G, "s", shard)
+                    .await
+                    .expect("create again"),
+                "second create is a no-op"
+            );
         }
         let claims = (0..8).map(|i| {
             let store = store.clone();
-            async move { store.claim_lease(G, "s", shard, &format!("c{i}"), None).await }
+            async move {
+                store
+                    .claim_lease(G, "s", shard, &format!("c{i}"), None)
+                    .await
+            }
         });
         let results = futures::future::join_all(claims).await;
         let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -81,7 +117,11 @@ async fn concurrent_claimers_exactly_one_wins() {
             }
         }
         let snap = store.load_group(G).await.expect("load");
-        let lease = snap.leases.iter().find(|l| l.shard_id == shard).expect("lease row");
+        let lease = snap
+            .leases
+            .iter()
+            .find(|l| l.shard_id == shard)
+            .expect("lease row");
         assert_eq!(lease.owner.as_deref(), winners[0].owner.as_deref());
         assert_eq!(lease.lease_counter, winners[0].lease_counter);
         assert!(!lease.ended);
@@ -90,33 +130,60 @@ async fn concurrent_claimers_exactly_one_wins() {
 
 #[tokio::test]
 async fn old_owner_cannot_write_after_takeover() {
-    let Some(store) = store("steal").await else { return };
-    let a = store.claim_lease(G, "s", "sh", "a", None).await.expect("a claims");
+    let Some(store) = store("steal").await else {
+        return;
+    };
+    let a = store
+        .claim_lease(G, "s", "sh", "a", None)
+        .await
+        .expect("a claims");
     let cp = |seq: &str| CheckpointUpdate {
         sequence: Some(seq.into()),
         ended: false,
         millis_behind: Some(5),
         lag_at_ms: Some(1),
     };
-    let c1 = store.checkpoint(G, "s", "sh", "a", &cp("100")).await.expect("a checkpoints");
+    let c1 = store
+        .checkpoint(G, "s", "sh", "a", &cp("100"))
+        .await
+        .expect("a checkpoints");
     assert_eq!(c1, a.lease_counter + 1, "a checkpoint renews");
     // b watched counter c1 stand still: takeover conditional on (a, c1).
-    let err = store.claim_lease(G, "s", "sh", "b", Some(("a", c1 - 1))).await.expect_err("stale observation");
+    let err = store
+        .claim_lease(G, "s", "sh", "b", Some(("a", c1 - 1)))
+        .await
+        .expect_err("stale observation");
     assert!(err.is_conflict());
-    let err = store.claim_lease(G, "s", "sh", "b", Some(("x", c1))).await.expect_err("wrong owner");
+    let err = store
+        .claim_lease(G, "s", "sh", "b", Some(("x", c1)))
+        .await
+        .expect_err("wrong owner");
     assert!(err.is_conflict());
-    let b = store.claim_lease(G, "s", "sh", "b", Some(("a", c1))).await.expect("b takes over");
+    let b = store
+        .claim_lease(G, "s", "sh", "b", Some(("a", c1)))
+        .await
+        .expect("b takes over");
     assert_eq!(b.owner.as_deref(), Some("b"));
-    assert_eq!(b.checkpoint.as_deref(), Some("100"), "resume point comes with the claim");
+    assert_eq!(
+        b.checkpoint.as_deref(),
+        Some("100"),
+        "resume point comes with the claim"
+    );
     // a lost it: every write is refused, the new owner's state is intact.
     for res in [
-        store.checkpoint(G, "s", "sh", "a", &cp("150")).await.map(|_| ()),
+        store
+            .checkpoint(G, "s", "sh", "a", &cp("150"))
+            .await
+            .map(|_| ()),
         store.renew_lease(G, "s", "sh", "a").await.map(|_| ()),
         store.release_lease(G, "s", "sh", "a", &cp("150")).await,
     ] {
         assert!(res.as_ref().is_err_and(StoreError::is_conflict), "{res:?}");
     }
-    store.checkpoint(G, "s", "sh", "b", &cp("200")).await.expect("b checkpoints");
+    store
+        .checkpoint(G, "s", "sh", "b", &cp("200"))
+        .await
+        .expect("b checkpoints");
     let snap = store.load_group(G).await.expect("load");
     assert_eq!(snap.leases[0].owner.as_deref(), Some("b"));
     assert_eq!(snap.leases[0].checkpoint.as_deref(), Some("200"));
@@ -125,72 +192,167 @@ async fn old_owner_cannot_write_after_takeover() {
 
 #[tokio::test]
 async fn release_writes_final_checkpoint_and_frees_the_lease() {
-    let Some(store) = store("release").await else { return };
-    let a = store.claim_lease(G, "s", "sh", "a", None).await.expect("claim");
+    let Some(store) = store("release").await else {
+        return;
+    };
+    let a = store
+        .claim_lease(G, "s", "sh", "a", None)
+        .await
+        .expect("claim");
     store
-        .release_lease(G, "s", "sh", "a", &CheckpointUpdate { sequence: Some("42".into()), ..Default::default() })
+        .release_lease(
+            G,
+            "s",
+            "sh",
+            "a",
+            &CheckpointUpdate {
+                sequence: Some("42".into()),
+                ..Default::default()
+            },
+        )
         .await
         .expect("release");
     let snap = store.load_group(G).await.expect("load");
     let l = &snap.leases[0];
     assert_eq!(l.owner, None);
     assert_eq!(l.checkpoint.as_deref(), Some("42"));
-    assert_eq!(l.lease_counter, a.lease_counter + 1, "release moves the counter");
+    assert_eq!(
+        l.lease_counter,
+        a.lease_counter + 1,
+        "release moves the counter"
+    );
     // A checkpoint with no sequence leaves the stored one alone.
-    let b = store.claim_lease(G, "s", "sh", "b", None).await.expect("next owner claims at once");
+    let b = store
+        .claim_lease(G, "s", "sh", "b", None)
+        .await
+        .expect("next owner claims at once");
     assert_eq!(b.checkpoint.as_deref(), Some("42"));
-    store.checkpoint(G, "s", "sh", "b", &CheckpointUpdate { millis_behind: Some(0), ..Default::default() }).await.expect("lag only");
+    store
+        .checkpoint(
+            G,
+            "s",
+            "sh",
+            "b",
+            &CheckpointUpdate {
+                millis_behind: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("lag only");
     // Ended: released with ended=true, never claimable again.
     store
-        .release_lease(G, "s", "sh", "b", &CheckpointUpdate { sequence: Some("43".into()), ended: true, ..Default::default() })
+        .release_lease(
+            G,
+            "s",
+            "sh",
+            "b",
+            &CheckpointUpdate {
+                sequence: Some("43".into()),
+                ended: true,
+                ..Default::default()
+            },
+        )
         .await
         .expect("release ended");
-    let err = store.claim_lease(G, "s", "sh", "c", None).await.expect_err("ended is not claimable");
+    let err = store
+        .claim_lease(G, "s", "sh", "c", None)
+        .await
+        .expect_err("ended is not claimable");
     assert!(err.is_conflict());
     let snap = store.load_group(G).await.expect("load");
     assert!(snap.leases[0].ended);
     assert_eq!(snap.leases[0].checkpoint.as_deref(), Some("43"));
     // Unowned rows can be cleaned up; owned ones cannot.
-    store.claim_lease(G, "s", "other", "c", None).await.expect("claim other");
-    assert!(store.delete_lease(G, "s", "other").await.is_err_and(|e| e.is_conflict()));
-    store.delete_lease(G, "s", "sh").await.expect("delete unowned");
+    store
+        .claim_lease(G, "s", "other", "c", None)
+        .await
+        .expect("claim other");
+    assert!(
+        store
+            .delete_lease(G, "s", "other")
+            .await
+            .is_err_and(|e| e.is_conflict())
+    );
+    store
+        .delete_lease(G, "s", "sh")
+        .await
+        .expect("delete unowned");
 }
 
 #[tokio::test]
 async fn heartbeat_and_conditional_prune() {
-    let Some(store) = store("clients").await else { return };
-    store.register(G, "c1-abc", "pod-1").await.expect("register");
-    let err = store.register(G, "c1-abc", "pod-1").await.expect_err("same incarnation twice");
+    let Some(store) = store("clients").await else {
+        return;
+    };
+    store
+        .register(G, "c1-abc", "pod-1")
+        .await
+        .expect("register");
+    let err = store
+        .register(G, "c1-abc", "pod-1")
+        .await
+        .expect_err("same incarnation twice");
     assert!(err.is_conflict());
     let hb = store
-        .heartbeat(G, "c1-abc", &HeartbeatUpdate { owned_shards: 3, last_error: Some(("HandlerFailing".into(), "sidecar answers 500".into())) })
+        .heartbeat(
+            G,
+            "c1-abc",
+            &HeartbeatUpdate {
+                owned_shards: 3,
+                last_error: Some(("HandlerFailing".into(), "sidecar answers 500".into())),
+            },
+        )
         .await
         .expect("heartbeat");
     assert_eq!(hb, 2);
     let snap = store.load_group(G).await.expect("load");
     let c = &snap.clients[0];
-    assert_eq!((c.heartbeat, c.owned_shards, c.pod.as_str()), (2, 3, "pod-1"));
+    assert_eq!(
+        (c.heartbeat, c.owned_shards, c.pod.as_str()),
+        (2, 3, "pod-1")
+    );
     assert_eq!(c.last_error_reason.as_deref(), Some("HandlerFailing"));
     assert!(c.expires_at > c.heartbeat_at_ms / 1000, "TTL in the future");
-    store.heartbeat(G, "c1-abc", &HeartbeatUpdate::default()).await.expect("heartbeat clears error");
+    store
+        .heartbeat(G, "c1-abc", &HeartbeatUpdate::default())
+        .await
+        .expect("heartbeat clears error");
     let snap = store.load_group(G).await.expect("load");
     assert_eq!(snap.clients[0].last_error, None);
     assert_eq!(snap.clients[0].heartbeat, 3);
 
     // The leader watched counter 2; the client moved on to 3: no prune.
-    let err = store.prune_client(G, "c1-abc", 2).await.expect_err("moved on");
+    let err = store
+        .prune_client(G, "c1-abc", 2)
+        .await
+        .expect_err("moved on");
     assert!(err.is_conflict());
-    store.prune_client(G, "c1-abc", 3).await.expect("prune the stuck counter");
-    let err = store.heartbeat(G, "c1-abc", &HeartbeatUpdate::default()).await.expect_err("pruned");
-    assert!(err.is_conflict(), "a pruned client learns it from its heartbeat");
-    store.register(G, "c2-def", "pod-2").await.expect("register");
+    store
+        .prune_client(G, "c1-abc", 3)
+        .await
+        .expect("prune the stuck counter");
+    let err = store
+        .heartbeat(G, "c1-abc", &HeartbeatUpdate::default())
+        .await
+        .expect_err("pruned");
+    assert!(
+        err.is_conflict(),
+        "a pruned client learns it from its heartbeat"
+    );
+    store
+        .register(G, "c2-def", "pod-2")
+        .await
+        .expect("register");
     store.deregister(G, "c2-def").await.expect("deregister");
     assert!(store.load_group(G).await.expect("load").clients.is_empty());
 }
 
 #[tokio::test]
 async fn load_group_pages_and_isolates_groups() {
-    let Some(store) = store("paging").await else { return };
+    let Some(store) = store("paging").await else {
+        return;
+    };
     // ~1.6 MB of shard-cache rows in one partition: more than one 1 MB Query page.
     let shards: Vec<ShardInfo> = (0..1500)
         .map(|i| ShardInfo {
@@ -217,18 +379,43 @@ async fn load_group_pages_and_isolates_groups() {
         r.expect("put cache");
     }
     for i in 0..30 {
-        store.create_lease(G, "stream-00", &format!("shardId-{i:012}")).await.expect("lease");
+        store
+            .create_lease(G, "stream-00", &format!("shardId-{i:012}"))
+            .await
+            .expect("lease");
     }
-    store.register("ns/other", "x-1", "p").await.expect("other group");
-    store.create_lease("ns/other", "stream-00", "shardId-000000000000").await.expect("other lease");
+    store
+        .register("ns/other", "x-1", "p")
+        .await
+        .expect("other group");
+    store
+        .create_lease("ns/other", "stream-00", "shardId-000000000000")
+        .await
+        .expect("other lease");
 
     let snap = store.load_group(G).await.expect("load");
-    let got: BTreeSet<&str> = snap.shard_caches.iter().map(|c| c.stream.as_str()).collect();
+    let got: BTreeSet<&str> = snap
+        .shard_caches
+        .iter()
+        .map(|c| c.stream.as_str())
+        .collect();
     assert_eq!(got.len(), 18, "every row across pages");
     assert!(snap.shard_caches.iter().all(|c| c.shards == shards));
     assert_eq!(snap.leases.len(), 30);
     assert!(snap.clients.is_empty(), "other group's rows are not ours");
-    assert!(snap.leases.windows(2).all(|w| w[0].shard_id < w[1].shard_id), "sorted");
+    assert!(
+        snap.leases
+            .windows(2)
+            .all(|w| w[0].shard_id < w[1].shard_id),
+        "sorted"
+    );
     let other = store.load_group("ns/other").await.expect("load other");
-    assert_eq!((other.clients.len(), other.leases.len(), other.shard_caches.len()), (1, 1, 0));
+    assert_eq!(
+        (
+            other.clients.len(),
+            other.leases.len(),
+            other.shard_caches.len()
+        ),
+        (1, 1, 0)
+    );
 }

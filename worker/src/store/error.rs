@@ -32,7 +32,9 @@ pub enum StoreError {
         message: String,
     },
     /// The table does not exist.
-    #[error("state-store table {table} does not exist: create it with `kcg-worker create-table --table {table}` (or aws dynamodb create-table --cli-input-json file://worker/create-table.json), or set stateStore.create: true")]
+    #[error(
+        "state-store table {table} does not exist: create it with `kcg-worker create-table --table {table}` (or aws dynamodb create-table --cli-input-json file://worker/create-table.json), or set stateStore.create: true"
+    )]
     TableMissing {
         /// Table name.
         table: String,

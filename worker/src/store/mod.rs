@@ -85,7 +85,13 @@ impl StateStore {
         &self.table
     }
 
-    fn ctx<'a>(&'a self, op: &'static str, group: &'a str, key: &'a str, what: &'static str) -> Ctx<'a> {
+    fn ctx<'a>(
+        &'a self,
+        op: &'static str,
+        group: &'a str,
+        key: &'a str,
+        what: &'static str,
+    ) -> Ctx<'a> {
         Ctx {
             table: &self.table,
             op,
@@ -111,7 +117,10 @@ impl StateStore {
                 .build()
         };
         let key = |name: &str, kt: KeyType| {
-            KeySchemaElement::builder().attribute_name(name).key_type(kt).build()
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kt)
+                .build()
         };
         let build_err = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Other {
             table: self.table.clone(),
@@ -130,7 +139,9 @@ impl StateStore {
             .send()
             .await;
         if let Err(e) = res {
-            let already = e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception());
+            let already = e
+                .as_service_error()
+                .is_some_and(|se| se.is_resource_in_use_exception());
             if !already {
                 return Err(classify(e, self.ctx("CreateTable", "", "", "")));
             }
@@ -165,7 +176,10 @@ impl StateStore {
         let status = current
             .time_to_live_description()
             .and_then(|d| d.time_to_live_status().cloned());
-        if matches!(status, Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)) {
+        if matches!(
+            status,
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        ) {
             return Ok(());
         }
         let spec = TimeToLiveSpecification::builder()
@@ -189,9 +203,18 @@ impl StateStore {
 
     /// The table's status, `None` when it does not exist.
     async fn table_status(&self) -> Result<Option<TableStatus>, StoreError> {
-        match self.client.describe_table().table_name(&self.table).send().await {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+        {
             Ok(out) => Ok(out.table().and_then(|t| t.table_status().cloned())),
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_resource_not_found_exception()) => {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_resource_not_found_exception()) =>
+            {
                 Ok(None)
             }
             Err(e) => Err(classify(e, self.ctx("DescribeTable", "", "", ""))),
@@ -264,11 +287,14 @@ impl StateStore {
             message: e.to_string(),
         };
         if sk.starts_with(CLIENT_PREFIX) {
-            snap.clients.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            snap.clients
+                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
         } else if sk.starts_with(SHARDS_PREFIX) {
-            snap.shard_caches.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            snap.shard_caches
+                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
         } else if sk.starts_with(LEASE_PREFIX) {
-            snap.leases.push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            snap.leases
+                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
         }
         // Unknown row kinds are skipped so newer workers can add kinds without breaking
         // older readers (the operator, a rolling deploy).
@@ -293,7 +319,12 @@ impl StateStore {
 
     /// Registers a new incarnation. Conditional on the row not existing: client ids are
     /// unique per process, so an existing row means an id clash (a `Conflict`).
-    pub async fn register(&self, group: &str, client_id: &str, pod: &str) -> Result<ClientRow, StoreError> {
+    pub async fn register(
+        &self,
+        group: &str,
+        client_id: &str,
+        pod: &str,
+    ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
         let row = ClientRow {
             pk: group.to_owned(),
@@ -317,14 +348,24 @@ impl StateStore {
             .expression_attribute_names("#pk", PK)
             .send()
             .await
-            .map_err(|e| classify(e, self.ctx("register", group, &row.sk, "client id already registered")))?;
+            .map_err(|e| {
+                classify(
+                    e,
+                    self.ctx("register", group, &row.sk, "client id already registered"),
+                )
+            })?;
         Ok(row)
     }
 
     /// Heartbeats: increments the counter observers watch, and records owned shards and the
     /// current error. Conditional on the row existing: `Conflict` means the leader pruned us
     /// (it saw us dead) and the caller must re-register. Returns the new counter.
-    pub async fn heartbeat(&self, group: &str, client_id: &str, update: &HeartbeatUpdate) -> Result<u64, StoreError> {
+    pub async fn heartbeat(
+        &self,
+        group: &str,
+        client_id: &str,
+        update: &HeartbeatUpdate,
+    ) -> Result<u64, StoreError> {
         let sk = client_sk(client_id);
         let now = now_ms();
         let mut req = self
@@ -353,10 +394,12 @@ impl StateStore {
                 .expression_attribute_values(":reason", s(reason.as_str())),
             None => req.update_expression(format!("{set} REMOVE #err, #reason")),
         };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| classify(e, self.ctx("heartbeat", group, &sk, "client row is gone (pruned)")))?;
+        let out = req.send().await.map_err(|e| {
+            classify(
+                e,
+                self.ctx("heartbeat", group, &sk, "client row is gone (pruned)"),
+            )
+        })?;
         Ok(read_n(out.attributes(), "heartbeat"))
     }
 
@@ -375,7 +418,12 @@ impl StateStore {
 
     /// The leader deletes a dead client's row, conditional on its heartbeat counter still
     /// being the value it watched stand still: a client that came back is not pruned.
-    pub async fn prune_client(&self, group: &str, client_id: &str, observed_heartbeat: u64) -> Result<(), StoreError> {
+    pub async fn prune_client(
+        &self,
+        group: &str,
+        client_id: &str,
+        observed_heartbeat: u64,
+    ) -> Result<(), StoreError> {
         let sk = client_sk(client_id);
         self.client
             .delete_item()
@@ -386,7 +434,12 @@ impl StateStore {
             .expression_attribute_values(":hb", n(observed_heartbeat))
             .send()
             .await
-            .map_err(|e| classify(e, self.ctx("prune", group, &sk, "heartbeat moved (client alive)")))?;
+            .map_err(|e| {
+                classify(
+                    e,
+                    self.ctx("prune", group, &sk, "heartbeat moved (client alive)"),
+                )
+            })?;
         Ok(())
     }
 
@@ -409,7 +462,12 @@ impl StateStore {
     // ---------------------------------------------------------------- leases
 
     /// Creates an unowned lease row unless one exists. Returns whether it created it.
-    pub async fn create_lease(&self, group: &str, stream: &str, shard_id: &str) -> Result<bool, StoreError> {
+    pub async fn create_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+    ) -> Result<bool, StoreError> {
         let row = LeaseRow {
             pk: group.to_owned(),
             sk: lease_sk(stream, shard_id),
@@ -507,7 +565,13 @@ impl StateStore {
 
     /// Renews a lease we own: increments its counter, which is what observers watch.
     /// `Conflict` means we lost it. Returns the new counter.
-    pub async fn renew_lease(&self, group: &str, stream: &str, shard_id: &str, me: &str) -> Result<u64, StoreError> {
+    pub async fn renew_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+    ) -> Result<u64, StoreError> {
         let sk = lease_sk(stream, shard_id);
         let out = self
             .client
@@ -540,7 +604,8 @@ impl StateStore {
         me: &str,
         cp: &CheckpointUpdate,
     ) -> Result<u64, StoreError> {
-        self.write_lease(group, stream, shard_id, me, cp, false).await
+        self.write_lease(group, stream, shard_id, me, cp, false)
+            .await
     }
 
     /// Releases a lease we own, writing the final checkpoint in the same conditional
@@ -553,7 +618,9 @@ impl StateStore {
         me: &str,
         cp: &CheckpointUpdate,
     ) -> Result<(), StoreError> {
-        self.write_lease(group, stream, shard_id, me, cp, true).await.map(|_| ())
+        self.write_lease(group, stream, shard_id, me, cp, true)
+            .await
+            .map(|_| ())
     }
 
     async fn write_lease(
@@ -624,7 +691,12 @@ impl StateStore {
 
     /// Deletes the lease row of a shard that no longer exists in the stream (trimmed after
     /// retention), conditional on nobody owning it. Cleanup only.
-    pub async fn delete_lease(&self, group: &str, stream: &str, shard_id: &str) -> Result<(), StoreError> {
+    pub async fn delete_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+    ) -> Result<(), StoreError> {
         let sk = lease_sk(stream, shard_id);
         self.client
             .delete_item()
