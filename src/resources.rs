@@ -217,13 +217,18 @@ pub fn termination_grace_seconds(kcg: &KinesisConsumerGroup) -> i64 {
 /// The worker container.
 fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> Container {
     let w = &kcg.spec.worker;
-    // The downward API first, so a user env entry of the same name (later) wins, as in
-    // Kubernetes' own "last one wins" env semantics.
+    // Ours first; a user entry with the same name replaces ours in place, so the list never
+    // holds a name twice (the API server warns on duplicates, and only the last one counts).
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ];
-    env.extend(w.env.iter().cloned());
+    for user in &w.env {
+        match env.iter_mut().find(|e| e.name == user.name) {
+            Some(slot) => *slot = user.clone(),
+            None => env.push(user.clone()),
+        }
+    }
     Container {
         name: WORKER_CONTAINER.to_owned(),
         image: Some(w.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
@@ -482,6 +487,16 @@ delivery: {stdout: {}}
             assert_eq!(get.path.as_deref(), Some(path));
             assert_eq!(get.port, IntOrString::String("metrics".into()));
         }
+    }
+
+    #[test]
+    fn user_env_replaces_ours_without_duplicates() {
+        let spec = format!("{BASE}worker: {{env: [{{name: AWS_REGION, value: us-west-2}}, {{name: POD_NAME, value: fixed}}]}}\n");
+        let env = pod(&deployment(&group(&spec), &settings(), "h")).containers[0].env.clone().unwrap();
+        let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "AWS_REGION"]);
+        assert_eq!(env[0].value.as_deref(), Some("fixed"));
+        assert_eq!(env[2].value.as_deref(), Some("us-west-2"));
     }
 
     #[test]
