@@ -79,6 +79,8 @@ struct Env {
     stream: String,
     group: String,
     log: Arc<Log>,
+    /// `tuning.checkpointInterval` of the engines started from now on.
+    checkpoint_interval: String,
 }
 
 fn suffix() -> String {
@@ -121,6 +123,7 @@ async fn env(test: &str, shards: i32) -> Option<Env> {
         stream,
         group: format!("test/{test}-{id}"),
         log: Arc::new(Log::default()),
+        checkpoint_interval: "500ms".into(),
     })
 }
 
@@ -162,12 +165,13 @@ tuning:
   pollInterval: 200ms
   heartbeatInterval: 300ms
   clientTimeout: 2s
-  checkpointInterval: 500ms
+  checkpointInterval: {checkpoint}
   shutdownTimeout: 5s
 "#,
             group = self.group,
             stream = self.stream,
-            table = self.table
+            table = self.table,
+            checkpoint = self.checkpoint_interval,
         ))
         .expect("config")
     }
@@ -421,18 +425,43 @@ async fn three_engines_converge_and_scale_down_without_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashed_engine_is_taken_over_after_client_timeout() {
-    let Some(env) = env("crash", 4).await else {
+    let Some(mut env) = env("crash", 4).await else {
         return;
     };
+    // A long checkpoint interval leaves the crashed engine a known un-checkpointed tail.
+    env.checkpoint_interval = "4s".into();
     let mut want = env.put("a", 40).await;
     let w1 = env.start("e1");
     let w2 = env.start("e2");
     env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
         .await;
     env.wait_delivered(&want, Duration::from_secs(30)).await;
-    // Let checkpoints settle, then deliver a tail that e2 may not checkpoint before dying.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    want.extend(env.put("b", 40).await);
+    // Wait until every shard's checkpoint covers the "a" records.
+    let start = Instant::now();
+    loop {
+        let snap = env.snapshot().await;
+        let a_seqs: BTreeMap<String, String> = env
+            .log
+            .all()
+            .into_iter()
+            .map(|d| (d.shard, d.sequence))
+            .collect();
+        let covered = snap.leases.iter().all(|l| {
+            a_seqs.get(&l.shard_id).is_none_or(|last| {
+                l.checkpoint
+                    .as_deref()
+                    .is_some_and(|c| seq_key(c) >= seq_key(last))
+            })
+        });
+        if covered {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "checkpoints never covered the first records");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The tail: delivered, not yet checkpointed (next checkpoint is seconds away).
+    let tail = env.put("b", 40).await;
+    want.extend(tail.iter().cloned());
     env.wait_delivered(&want, Duration::from_secs(30)).await;
     let crashed_at = Instant::now();
     w2.crash().await;
@@ -461,28 +490,37 @@ async fn crashed_engine_is_taken_over_after_client_timeout() {
     let log = env.log.all();
     assert_order_per_shard(&log);
     assert_eq!(env.log.distinct_ids(), want, "nothing lost");
-    // Duplicates only for records the crashed engine had delivered (its un-checkpointed
-    // tail), redelivered by the survivor.
-    let first_by: BTreeMap<String, String> = {
-        let mut m = BTreeMap::new();
-        for d in &log {
-            m.entry(d.id.clone()).or_insert_with(|| d.engine.clone());
-        }
-        m
-    };
-    let dups = duplicates(&log);
-    for d in &dups {
-        assert_eq!(
-            first_by[&d.id], "e2",
-            "{d:?} duplicated but not first delivered by the crashed engine"
-        );
-        assert_eq!(d.engine, "e1");
+    // Duplicates: exactly the crashed engine's un-checkpointed tail, redelivered by the
+    // survivor, and nothing else.
+    let mut first_by: BTreeMap<String, &Delivery> = BTreeMap::new();
+    for d in &log {
+        first_by.entry(d.id.clone()).or_insert(d);
     }
-    assert!(
-        dups.len() <= 40,
-        "at most the tail after the last checkpoint: {}",
-        dups.len()
-    );
+    let dups = duplicates(&log);
+    let e2_tail: BTreeSet<String> = log
+        .iter()
+        .filter(|d| d.engine == "e2" && tail.contains(&d.id))
+        .map(|d| d.id.clone())
+        .collect();
+    assert!(!e2_tail.is_empty(), "e2 delivered part of the tail");
+    let dup_ids: BTreeSet<String> = dups.iter().map(|d| d.id.clone()).collect();
+    for d in &dups {
+        assert_eq!(first_by[&d.id].engine, "e2", "{d:?} duplicated but first delivered by e1");
+        assert_eq!(d.engine, "e1", "{d:?}");
+    }
+    assert!(dup_ids.is_subset(&e2_tail), "only the tail after e2's last checkpoint is redelivered");
+    // Per shard, what got redelivered is a suffix of what e2 delivered: everything after
+    // its last checkpoint, nothing before it.
+    let mut e2_by_shard: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
+    for d in log.iter().filter(|d| d.engine == "e2") {
+        e2_by_shard.entry(d.shard.as_str()).or_default().push(d);
+    }
+    for (shard, ds) in e2_by_shard {
+        let flags: Vec<bool> = ds.iter().map(|d| dup_ids.contains(&d.id)).collect();
+        let first_dup = flags.iter().position(|f| *f).unwrap_or(flags.len());
+        assert!(flags[first_dup..].iter().all(|f| *f), "shard {shard}: redelivered records are not a tail: {flags:?}");
+    }
+    eprintln!("crash: {} of {} tail records redelivered", dup_ids.len(), e2_tail.len());
     env.cleanup().await;
 }
 
