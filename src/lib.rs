@@ -11,3 +11,4 @@ pub mod server;
 pub mod store_admin;
 pub mod telemetry;
 pub mod controller;
+pub mod cli;

@@ -1,0 +1,519 @@
+//! The `kcg-operator` command line: `run` (the controller), `crd` (print the CRD) and
+//! `status` (the status the controller would publish, built from the state-store table by
+//! the same code, without a cluster).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use kcg_worker::membership::{Liveness, observe_clients};
+use kcg_worker::store::StateStore;
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{error, info, warn};
+
+use crate::conditions;
+use crate::controller::{self, DynamoClients, RunOptions};
+use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus};
+use crate::metrics::Metrics;
+use crate::resources::{self, OperatorSettings};
+use crate::server::{self, ServerState};
+use crate::status::{self, DeploymentState, Problem, StatusInput};
+use crate::telemetry::{self, LogFormat};
+
+/// Default worker image: the worker released with this operator version.
+pub const DEFAULT_WORKER_IMAGE: &str = concat!("ghcr.io/kcg-dev/kcg-worker:", env!("CARGO_PKG_VERSION"));
+
+/// kcg-operator: runs Kinesis consumer groups on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "kcg-operator", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "KCG_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller (with leader election) and the /metrics, /healthz, /readyz server.
+    Run(RunArgs),
+    /// Print the KinesisConsumerGroup CRD as YAML.
+    Crd,
+    /// Print a group's status, built from its state-store table as the controller would.
+    Status(StatusArgs),
+}
+
+/// Arguments of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Address of the metrics and health server.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "KCG_LISTEN")]
+    pub listen: SocketAddr,
+    /// Worker image for groups that do not set spec.worker.image.
+    #[arg(long, default_value = DEFAULT_WORKER_IMAGE, env = "KCG_WORKER_IMAGE")]
+    pub worker_image: String,
+    /// Service account for worker pods that do not set spec.worker.serviceAccountName.
+    #[arg(long, env = "KCG_WORKER_SERVICE_ACCOUNT")]
+    pub worker_service_account: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "KCG_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Elect a leader through a Lease so several replicas are safe; only the leader
+    /// reconciles. Disable only for a single local instance.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KCG_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "kcg-operator", env = "KCG_LEASE_NAME")]
+    pub lease_name: String,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, default_value = "default", env = "POD_NAMESPACE")]
+    pub lease_namespace: String,
+}
+
+/// Output format of `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A readable table.
+    #[default]
+    Table,
+    /// The status object as YAML, exactly as the controller would write it.
+    Yaml,
+}
+
+/// Arguments of `status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The state-store table (default: the spec's, when --spec is given).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// The group, NAMESPACE/NAME.
+    #[arg(long)]
+    pub group: String,
+    /// AWS region of the table (default: the spec's, else the AWS default chain's).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// A KinesisConsumerGroup YAML (e.g. from examples/): supplies desired replicas,
+    /// streams, the table and the client timeout.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Refresh every SECS seconds; liveness is judged across refreshes (a client whose
+    /// heartbeat stops moving drops out after the client timeout).
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<u64>,
+}
+
+/// Parses the command line and runs it. Returns the process exit code.
+pub async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let text_default = matches!(cli.command, Command::Status(_) | Command::Crd);
+    let format = if text_default && std::env::var_os("KCG_LOG_FORMAT").is_none() {
+        LogFormat::Text
+    } else {
+        cli.log_format
+    };
+    telemetry::init(format);
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Crd => crate::crd::crd_yaml()
+            .map(|y| print!("{y}"))
+            .context("rendering the CRD"),
+        Command::Status(args) => status_cmd(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "kcg-operator failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server_state = ServerState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let server = tokio::spawn(server::serve(args.listen, server_state));
+
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let opts = RunOptions {
+        namespace: args.namespace.clone(),
+        settings: OperatorSettings {
+            worker_image: args.worker_image.clone(),
+            worker_service_account: args.worker_service_account.clone(),
+        },
+    };
+
+    let controller = async {
+        if !args.leader_election {
+            ready.store(true, Ordering::Relaxed);
+            return controller::run(client.clone(), opts.clone(), metrics.clone())
+                .await
+                .context("controller");
+        }
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| format!("kcg-operator-{}", std::process::id()));
+        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .with_context(|| format!("setting up leader election on Lease {}/{}", args.lease_namespace, args.lease_name))?;
+        let (mut leader, _task) = manager.watch().await;
+        ready.store(true, Ordering::Relaxed);
+        info!(identity, lease = %args.lease_name, "waiting for leadership");
+        loop {
+            while !*leader.borrow_and_update() {
+                leader.changed().await.context("leader election stopped")?;
+            }
+            info!(identity, "leading: starting the controller");
+            let mut lost = leader.clone();
+            tokio::select! {
+                r = controller::run(client.clone(), opts.clone(), metrics.clone()) => {
+                    // The controller returns on SIGTERM; dropping `leader` releases the Lease.
+                    return r.context("controller");
+                }
+                _ = async { while *lost.borrow_and_update() { if lost.changed().await.is_err() { break; } } } => {
+                    warn!(identity, "lost leadership: stopping the controller");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = controller => r,
+        r = server => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e).context("http server"),
+            Err(e) => Err(e).context("http server task"),
+        },
+    }
+}
+
+/// Everything `status` needs besides the table contents.
+struct StatusTarget {
+    group: String,
+    table: String,
+    region: Option<String>,
+    spec: Option<KinesisConsumerGroup>,
+}
+
+fn status_target(args: &StatusArgs) -> anyhow::Result<StatusTarget> {
+    let Some((ns, name)) = args.group.split_once('/') else {
+        bail!("--group must be NAMESPACE/NAME, got {:?}", args.group);
+    };
+    let spec = match &args.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let mut kcg: KinesisConsumerGroup =
+                serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
+            // The group id comes from --group, whatever the file says.
+            kcg.metadata.namespace = Some(ns.to_owned());
+            kcg.metadata.name = Some(name.to_owned());
+            Some(kcg)
+        }
+        None => None,
+    };
+    let table = match (&args.table, &spec) {
+        (Some(t), _) => t.clone(),
+        (None, Some(k)) => k.spec.state_store.config.table.clone(),
+        (None, None) => bail!("--table is required without --spec"),
+    };
+    let region = args
+        .region
+        .clone()
+        .or_else(|| spec.as_ref().and_then(|k| k.spec.state_store.config.region.clone()));
+    Ok(StatusTarget {
+        group: format!("{ns}/{name}"),
+        table,
+        region,
+        spec,
+    })
+}
+
+async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
+    let target = status_target(&args)?;
+    let dynamo = DynamoClients::from_env().await;
+    let store = StateStore::new(dynamo.client(target.region.as_deref()).await, target.table.clone());
+    let timeout = target
+        .spec
+        .as_ref()
+        .map(|k| k.spec.tuning.client_timeout)
+        .unwrap_or_else(kcg_worker::config::defaults::client_timeout);
+    let mut liveness = Liveness::new(timeout);
+    let mut previous: Option<KinesisConsumerGroupStatus> = None;
+    loop {
+        let s = status_once(&store, &target, &mut liveness, previous.as_ref()).await;
+        match args.output {
+            Output::Yaml => {
+                if args.watch.is_some() {
+                    println!("---");
+                }
+                print!("{}", serde_yaml::to_string(&s).context("rendering YAML")?);
+            }
+            Output::Table => {
+                if args.watch.is_some() {
+                    // Clear the screen so the table refreshes in place.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", render_table(&target.group, &target.table, &s, jiff::Timestamp::now()));
+            }
+        }
+        previous = Some(s);
+        match args.watch {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs.max(1))).await,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One status build from the table: the same [`status::build_status`] the controller uses.
+/// Without a cluster there is no Deployment: live clients stand in for ready replicas.
+async fn status_once(
+    store: &StateStore,
+    target: &StatusTarget,
+    liveness: &mut Liveness<String>,
+    previous: Option<&KinesisConsumerGroupStatus>,
+) -> KinesisConsumerGroupStatus {
+    let mut problems = Vec::new();
+    let snapshot = match store.load_group(&target.group).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            let reason = if e.reason() == "AccessDenied" { "AccessDenied" } else { "StateStoreUnavailable" };
+            problems.push(Problem::new(reason, format!("reading table {}: {}", target.table, controller::error_chain(&e))));
+            None
+        }
+    };
+    let live: BTreeSet<String> = snapshot
+        .as_ref()
+        .map(|s| observe_clients(liveness, &s.clients, Instant::now()).into_iter().collect())
+        .unwrap_or_default();
+    let streams = match &target.spec {
+        Some(k) => k.spec.streams.iter().map(|s| s.name.clone()).collect(),
+        None => snapshot
+            .as_ref()
+            .map(|s| s.shard_caches.iter().map(|c| c.stream.clone()).collect())
+            .unwrap_or_default(),
+    };
+    let n = live.len() as i32;
+    let desired = target.spec.as_ref().map(|k| k.spec.replicas).unwrap_or(n);
+    if let Some(k) = &target.spec
+        && let Err(e) = k.worker_config().validate()
+    {
+        problems.push(Problem::new("InvalidSpec", e.to_string()));
+    }
+    status::build_status(StatusInput {
+        generation: target.spec.as_ref().and_then(|k| k.metadata.generation),
+        streams,
+        desired_replicas: desired,
+        selector: target.spec.as_ref().map(resources::selector_string).unwrap_or_default(),
+        deployment: Some(DeploymentState {
+            replicas: n,
+            ready_replicas: n,
+            updated_replicas: n,
+            observed_current: true,
+        }),
+        snapshot,
+        live_clients: live,
+        previous_conditions: previous.map(|p| p.conditions.clone()).unwrap_or_default(),
+        now: jiff::Timestamp::now(),
+        problems,
+    })
+}
+
+fn age(rfc3339: &str, now: jiff::Timestamp) -> String {
+    match rfc3339.parse::<jiff::Timestamp>() {
+        Ok(t) => {
+            let ms = now.as_millisecond() - t.as_millisecond();
+            format!("{} ago", status::human_millis(ms.max(0)))
+        }
+        Err(_) => "-".into(),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str("  ");
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The human-readable rendering of a status, as `kcg-operator status` prints it.
+pub fn render_table(group: &str, table: &str, s: &KinesisConsumerGroupStatus, now: jiff::Timestamp) -> String {
+    let mut out = String::new();
+    let ready = conditions::find(&s.conditions, conditions::READY)
+        .map(|c| c.status.as_str())
+        .unwrap_or("Unknown");
+    out.push_str(&format!(
+        "GROUP {group}  TABLE {table}  READY {ready}\nLEADER {}  CLIENTS {}  REPLICAS {}/{}  SHARDS {}  MAX LAG {}\n",
+        s.leader.as_deref().unwrap_or("-"),
+        s.client_count,
+        s.ready_replicas,
+        s.replicas,
+        s.shard_count,
+        s.max_lag.as_deref().unwrap_or("-"),
+    ));
+
+    out.push_str("\nCLIENTS\n");
+    let mut rows = vec![["INDEX", "ID", "POD", "OWNED", "HEARTBEAT", "ERROR"].map(String::from).to_vec()];
+    for c in &s.clients {
+        rows.push(vec![
+            c.index.to_string(),
+            c.id.clone(),
+            c.pod.clone(),
+            c.owned_shards.to_string(),
+            age(&c.last_heartbeat, now),
+            c.last_error.as_deref().map(|e| conditions::truncate(e, 60)).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    if s.clients.is_empty() {
+        out.push_str("  (no live clients)\n");
+    } else {
+        out.push_str(&columns(&rows));
+    }
+
+    for st in &s.streams {
+        let lag = match (&st.max_lag_millis, &st.max_lag_shard) {
+            (Some(ms), Some(shard)) => format!("max lag {} on {shard}", status::human_millis(*ms)),
+            _ => "lag unknown".into(),
+        };
+        out.push_str(&format!(
+            "\nSTREAM {}  ({} open, {} draining, {lag})\n",
+            st.name, st.open_shards, st.closed_shards_draining
+        ));
+        if st.ranges.is_empty() {
+            out.push_str("  (no owned shards)\n");
+            continue;
+        }
+        let mut rows = vec![["CLIENT", "FIRST", "LAST", "COUNT"].map(String::from).to_vec()];
+        for r in &st.ranges {
+            rows.push(vec![r.client.clone(), r.first.clone(), r.last.clone(), r.count.to_string()]);
+        }
+        out.push_str(&columns(&rows));
+    }
+
+    out.push_str("\nCONDITIONS\n");
+    let mut rows = vec![["TYPE", "STATUS", "REASON", "MESSAGE"].map(String::from).to_vec()];
+    for c in &s.conditions {
+        rows.push(vec![c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()]);
+    }
+    out.push_str(&columns(&rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ClientStatus, ShardRange, StreamStatus};
+
+    #[test]
+    fn cli_parses_the_documented_commands() {
+        let c = Cli::try_parse_from([
+            "kcg-operator", "status", "--table", "t", "--group", "ns/g", "--output", "yaml", "--watch", "2",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Status(a) => {
+                assert_eq!((a.table.as_deref(), a.group.as_str(), a.output, a.watch), (Some("t"), "ns/g", Output::Yaml, Some(2)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from(["kcg-operator", "run", "--namespace", "team-a", "--leader-election", "false"]).unwrap();
+        match c.command {
+            Command::Run(a) => {
+                assert_eq!(a.namespace.as_deref(), Some("team-a"));
+                assert!(!a.leader_election);
+                assert_eq!(a.listen.to_string(), "0.0.0.0:8080");
+                assert!(a.worker_image.starts_with("ghcr.io/kcg-dev/kcg-worker:") || std::env::var("KCG_WORKER_IMAGE").is_ok());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["kcg-operator", "crd"]).is_ok());
+    }
+
+    #[test]
+    fn status_target_needs_a_table_and_a_namespaced_group() {
+        let args = |group: &str, table: Option<&str>| StatusArgs {
+            table: table.map(str::to_owned),
+            group: group.into(),
+            region: None,
+            spec: None,
+            output: Output::Table,
+            watch: None,
+        };
+        assert!(status_target(&args("nogroup", Some("t"))).is_err());
+        assert!(status_target(&args("ns/g", None)).is_err());
+        let t = status_target(&args("ns/g", Some("t"))).unwrap();
+        assert_eq!((t.group.as_str(), t.table.as_str()), ("ns/g", "t"));
+    }
+
+    #[test]
+    fn table_shows_leader_clients_ranges_lag_and_conditions() {
+        let s = KinesisConsumerGroupStatus {
+            leader: Some("c0".into()),
+            client_count: 1,
+            shard_count: 2,
+            max_lag: Some("3s".into()),
+            clients: vec![ClientStatus {
+                id: "c0".into(),
+                pod: "p0".into(),
+                index: 0,
+                last_heartbeat: "2026-01-01T00:00:00Z".into(),
+                owned_shards: 2,
+                last_error: Some("boom".into()),
+            }],
+            streams: vec![StreamStatus {
+                name: "orders".into(),
+                open_shards: 2,
+                ranges: vec![ShardRange {
+                    client: "c0".into(),
+                    first: "shardId-000000000000".into(),
+                    last: "shardId-000000000001".into(),
+                    count: 2,
+                }],
+                max_lag_millis: Some(3000),
+                max_lag_shard: Some("shardId-000000000001".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let now: jiff::Timestamp = "2026-01-01T00:00:05Z".parse().unwrap();
+        let text = render_table("ns/g", "t", &s, now);
+        for needle in ["LEADER c0", "5s ago", "boom", "STREAM orders", "max lag 3s on shardId-000000000001", "shardId-000000000000  shardId-000000000001  2"] {
+            assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
+        }
+    }
+}
