@@ -7,6 +7,8 @@ pub mod health;
 pub mod kinesis;
 pub mod metrics;
 pub mod reader;
+pub mod server;
+pub mod telemetry;
 pub mod store;
 pub mod assignment;
 pub mod engine;

@@ -30,12 +30,23 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of state-store request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// The operation, e.g. `heartbeat`, `load_group`, `checkpoint`, `take_lease`.
+    pub operation: String,
+}
+
 /// Every metric a worker exports, registered in one [`Registry`].
 pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
     /// Records acknowledged by the handler.
     pub records_delivered: Family<StreamLabels, Counter>,
+    /// Payload bytes acknowledged by the handler.
+    pub bytes_delivered: Family<StreamLabels, Counter>,
+    /// Batches acknowledged by the handler.
+    pub batches_delivered: Family<StreamLabels, Counter>,
     /// Batches the handler rejected (each retry counts).
     pub delivery_failures: Family<StreamLabels, Counter>,
     /// Time the handler took per batch.
@@ -62,6 +73,10 @@ pub struct Metrics {
     pub is_leader: Gauge,
     /// Live clients this client sees in the group.
     pub live_clients: Gauge,
+    /// Times this client's set of owned shards changed (a rebalance reached it).
+    pub rebalances: Counter,
+    /// State-store requests, by operation.
+    pub store_requests: Family<OperationLabels, Counter>,
 }
 
 impl Metrics {
@@ -70,6 +85,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kcg_worker");
         let records_delivered = Family::default();
         registry.register("records_delivered", "Records acknowledged by the handler", records_delivered.clone());
+        let bytes_delivered = Family::default();
+        registry.register("delivered_bytes", "Payload bytes acknowledged by the handler", bytes_delivered.clone());
+        let batches_delivered = Family::default();
+        registry.register("batches_delivered", "Batches acknowledged by the handler", batches_delivered.clone());
         let delivery_failures = Family::default();
         registry.register("delivery_failures", "Batch deliveries that failed and will be retried", delivery_failures.clone());
         let delivery_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -96,9 +115,15 @@ impl Metrics {
         registry.register("is_leader", "1 while this client is the group leader", is_leader.clone());
         let live_clients = Gauge::default();
         registry.register("live_clients", "Live clients this client sees in its group", live_clients.clone());
+        let rebalances = Counter::default();
+        registry.register("rebalances", "Times this client's set of owned shards changed", rebalances.clone());
+        let store_requests = Family::default();
+        registry.register("store_requests", "State-store requests by operation", store_requests.clone());
         Self {
             registry,
             records_delivered,
+            bytes_delivered,
+            batches_delivered,
             delivery_failures,
             delivery_duration,
             get_records_calls,
@@ -112,6 +137,8 @@ impl Metrics {
             heartbeats,
             is_leader,
             live_clients,
+            rebalances,
+            store_requests,
         }
     }
 
@@ -124,8 +151,36 @@ impl Metrics {
     }
 }
 
+/// Content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_units() {
+        let m = Metrics::new();
+        m.records_delivered.get_or_create(&StreamLabels { stream: "s".into() }).inc();
+        m.bytes_delivered.get_or_create(&StreamLabels { stream: "s".into() }).inc_by(10);
+        m.delivery_duration.observe(0.01);
+        m.store_requests.get_or_create(&OperationLabels { operation: "heartbeat".into() }).inc();
+        let text = m.encode();
+        for name in [
+            "kcg_worker_records_delivered_total{stream=\"s\"} 1",
+            "kcg_worker_delivered_bytes_total{stream=\"s\"} 10",
+            "kcg_worker_delivery_duration_seconds_count 1",
+            "kcg_worker_store_requests_total{operation=\"heartbeat\"} 1",
+            "kcg_worker_leases_held 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -294,7 +294,11 @@ impl Reader {
                 .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => {
-                    self.m.metrics.records_delivered.get_or_create(&self.m.stream).inc_by(n);
+                    let m = &self.m.metrics;
+                    m.records_delivered.get_or_create(&self.m.stream).inc_by(n);
+                    m.batches_delivered.get_or_create(&self.m.stream).inc();
+                    let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
+                    m.bytes_delivered.get_or_create(&self.m.stream).inc_by(bytes as u64);
                     if let Some(last) = batch.last() {
                         self.delivered = Some(last.sequence.clone());
                     }
