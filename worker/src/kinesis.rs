@@ -123,7 +123,10 @@ pub fn classify(code: Option<&str>, status: Option<u16>, text: &str) -> ErrorKin
     // No code: a credentials failure (e.g. AssumeRole refused) surfaces as a dispatch
     // failure whose text names the provider; everything else is a network/5xx problem.
     let lower = text.to_ascii_lowercase();
-    if lower.contains("credential") || lower.contains("assumerole") || lower.contains("access denied") {
+    if lower.contains("credential")
+        || lower.contains("assumerole")
+        || lower.contains("access denied")
+    {
         return ErrorKind::AccessDenied;
     }
     ErrorKind::Unavailable
@@ -280,7 +283,9 @@ impl StreamClient {
 
     /// The stream name without the ARN parts.
     pub fn stream_name(&self) -> &str {
-        self.arn.as_ref().map_or(self.name.as_str(), |a| a.name.as_str())
+        self.arn
+            .as_ref()
+            .map_or(self.name.as_str(), |a| a.name.as_str())
     }
 
     fn stream_name_param(&self) -> Option<String> {
@@ -296,7 +301,11 @@ impl StreamClient {
 
     /// Turns an SDK error into a classified [`KinesisError`] with a message saying what
     /// to check.
-    fn error<E>(&self, operation: &'static str, err: SdkError<E, aws_sdk_kinesis::config::http::HttpResponse>) -> KinesisError
+    fn error<E>(
+        &self,
+        operation: &'static str,
+        err: SdkError<E, aws_sdk_kinesis::config::http::HttpResponse>,
+    ) -> KinesisError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -367,7 +376,11 @@ impl StreamClient {
     }
 
     /// GetShardIterator for `shard_id` at `start`.
-    pub async fn shard_iterator(&self, shard_id: &str, start: &IteratorStart) -> Result<String, KinesisError> {
+    pub async fn shard_iterator(
+        &self,
+        shard_id: &str,
+        start: &IteratorStart,
+    ) -> Result<String, KinesisError> {
         let mut req = self
             .client
             .get_shard_iterator()
@@ -382,11 +395,16 @@ impl StreamClient {
             IteratorStart::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
             IteratorStart::AtTimestamp(t) => req
                 .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(aws_sdk_kinesis::primitives::DateTime::from_nanos(t.as_nanosecond()).map_err(
-                    |e| KinesisError::Other(format!("startTimestamp {t} out of range: {e}")),
-                )?),
+                .timestamp(
+                    aws_sdk_kinesis::primitives::DateTime::from_nanos(t.as_nanosecond()).map_err(
+                        |e| KinesisError::Other(format!("startTimestamp {t} out of range: {e}")),
+                    )?,
+                ),
         };
-        let out = req.send().await.map_err(|e| self.error("GetShardIterator", e))?;
+        let out = req
+            .send()
+            .await
+            .map_err(|e| self.error("GetShardIterator", e))?;
         out.shard_iterator.ok_or_else(|| KinesisError::Call {
             kind: ErrorKind::Unavailable,
             operation: "GetShardIterator",
@@ -396,7 +414,12 @@ impl StreamClient {
     }
 
     /// One GetRecords call. Records are moved out of the SDK answer (no payload copy).
-    pub async fn get_records(&self, shard_id: &str, iterator: &str, limit: u32) -> Result<RecordsPage, KinesisError> {
+    pub async fn get_records(
+        &self,
+        shard_id: &str,
+        iterator: &str,
+        limit: u32,
+    ) -> Result<RecordsPage, KinesisError> {
         let out = self
             .client
             .get_records()
@@ -437,24 +460,83 @@ mod tests {
     #[test]
     fn classify_table() {
         let cases: &[(Option<&str>, Option<u16>, &str, ErrorKind)] = &[
-            (Some("ResourceNotFoundException"), Some(400), "", ErrorKind::StreamNotFound),
-            (Some("AccessDeniedException"), Some(400), "", ErrorKind::AccessDenied),
-            (Some("UnrecognizedClientException"), Some(400), "", ErrorKind::AccessDenied),
-            (Some("ProvisionedThroughputExceededException"), Some(400), "", ErrorKind::Throttled),
-            (Some("LimitExceededException"), Some(400), "", ErrorKind::Throttled),
-            (Some("KMSThrottlingException"), Some(400), "", ErrorKind::Throttled),
-            (Some("ExpiredIteratorException"), Some(400), "", ErrorKind::ExpiredIterator),
-            (Some("InvalidArgumentException"), Some(400), "", ErrorKind::InvalidRequest),
-            (Some("InternalFailureException"), Some(500), "", ErrorKind::Unavailable),
+            (
+                Some("ResourceNotFoundException"),
+                Some(400),
+                "",
+                ErrorKind::StreamNotFound,
+            ),
+            (
+                Some("AccessDeniedException"),
+                Some(400),
+                "",
+                ErrorKind::AccessDenied,
+            ),
+            (
+                Some("UnrecognizedClientException"),
+                Some(400),
+                "",
+                ErrorKind::AccessDenied,
+            ),
+            (
+                Some("ProvisionedThroughputExceededException"),
+                Some(400),
+                "",
+                ErrorKind::Throttled,
+            ),
+            (
+                Some("LimitExceededException"),
+                Some(400),
+                "",
+                ErrorKind::Throttled,
+            ),
+            (
+                Some("KMSThrottlingException"),
+                Some(400),
+                "",
+                ErrorKind::Throttled,
+            ),
+            (
+                Some("ExpiredIteratorException"),
+                Some(400),
+                "",
+                ErrorKind::ExpiredIterator,
+            ),
+            (
+                Some("InvalidArgumentException"),
+                Some(400),
+                "",
+                ErrorKind::InvalidRequest,
+            ),
+            (
+                Some("InternalFailureException"),
+                Some(500),
+                "",
+                ErrorKind::Unavailable,
+            ),
             (None, Some(500), "internal error", ErrorKind::Unavailable),
             (None, Some(503), "", ErrorKind::Unavailable),
             (None, Some(403), "", ErrorKind::AccessDenied),
             (None, Some(429), "", ErrorKind::Throttled),
-            (None, None, "dispatch failure: connection refused", ErrorKind::Unavailable),
-            (None, None, "failed to load credentials from AssumeRoleProvider", ErrorKind::AccessDenied),
+            (
+                None,
+                None,
+                "dispatch failure: connection refused",
+                ErrorKind::Unavailable,
+            ),
+            (
+                None,
+                None,
+                "failed to load credentials from AssumeRoleProvider",
+                ErrorKind::AccessDenied,
+            ),
         ];
         for (code, status, text, want) in cases {
-            assert_eq!(classify(*code, *status, text), *want, "{code:?} {status:?} {text}");
+            assert_eq!(
+                classify(*code, *status, text),
+                *want,
+                "{code:?} {status:?} {text}"
+            );
         }
     }
 
@@ -481,7 +563,10 @@ mod tests {
     #[test]
     fn iterator_start_resolution() {
         let mut s: StreamConfig = serde_yaml::from_str("name: s").unwrap();
-        assert_eq!(IteratorStart::resolve(Some("42"), &s), IteratorStart::After("42".into()));
+        assert_eq!(
+            IteratorStart::resolve(Some("42"), &s),
+            IteratorStart::After("42".into())
+        );
         assert_eq!(IteratorStart::resolve(None, &s), IteratorStart::Latest);
         s.start_position = StartPosition::TrimHorizon;
         assert_eq!(IteratorStart::resolve(None, &s), IteratorStart::TrimHorizon);
@@ -489,6 +574,9 @@ mod tests {
         assert_eq!(IteratorStart::resolve(None, &s), IteratorStart::TrimHorizon);
         let t: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         s.start_timestamp = Some(t);
-        assert_eq!(IteratorStart::resolve(None, &s), IteratorStart::AtTimestamp(t));
+        assert_eq!(
+            IteratorStart::resolve(None, &s),
+            IteratorStart::AtTimestamp(t)
+        );
     }
 }

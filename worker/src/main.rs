@@ -26,7 +26,11 @@ use tracing::{error, info, warn};
 
 /// Command line of `kcg-worker`.
 #[derive(Debug, Parser)]
-#[command(name = "kcg-worker", version, about = "Kinesis consumer group worker (kcg)")]
+#[command(
+    name = "kcg-worker",
+    version,
+    about = "Kinesis consumer group worker (kcg)"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, env = "KCG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -83,7 +87,12 @@ async fn main() -> ExitCode {
 /// Exit code for a configuration the user must fix.
 const EXIT_CONFIG: u8 = 2;
 
-async fn run(path: &str, client_id: Option<String>, listen: SocketAddr, create_table: bool) -> ExitCode {
+async fn run(
+    path: &str,
+    client_id: Option<String>,
+    listen: SocketAddr,
+    create_table: bool,
+) -> ExitCode {
     let mut config = match WorkerConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -119,7 +128,12 @@ async fn run(path: &str, client_id: Option<String>, listen: SocketAddr, create_t
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), server_stop.clone()));
+    let server = tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        server_stop.clone(),
+    ));
     info!(group = %config.group, streams = config.streams.len(), %listen, "starting");
 
     let opts = EngineOptions {
@@ -164,10 +178,16 @@ async fn watch_signals(shutdown: CancellationToken) {
             _ = int.recv() => "SIGINT",
         };
         if round == 0 {
-            info!(signal = name, "shutting down: finishing batches, checkpointing, releasing leases");
+            info!(
+                signal = name,
+                "shutting down: finishing batches, checkpointing, releasing leases"
+            );
             shutdown.cancel();
         } else {
-            warn!(signal = name, "second signal: exiting without a graceful shutdown");
+            warn!(
+                signal = name,
+                "second signal: exiting without a graceful shutdown"
+            );
             std::process::exit(130);
         }
     }

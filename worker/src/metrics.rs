@@ -84,41 +84,109 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kcg_worker");
         let records_delivered = Family::default();
-        registry.register("records_delivered", "Records acknowledged by the handler", records_delivered.clone());
+        registry.register(
+            "records_delivered",
+            "Records acknowledged by the handler",
+            records_delivered.clone(),
+        );
         let bytes_delivered = Family::default();
-        registry.register("delivered_bytes", "Payload bytes acknowledged by the handler", bytes_delivered.clone());
+        registry.register(
+            "delivered_bytes",
+            "Payload bytes acknowledged by the handler",
+            bytes_delivered.clone(),
+        );
         let batches_delivered = Family::default();
-        registry.register("batches_delivered", "Batches acknowledged by the handler", batches_delivered.clone());
+        registry.register(
+            "batches_delivered",
+            "Batches acknowledged by the handler",
+            batches_delivered.clone(),
+        );
         let delivery_failures = Family::default();
-        registry.register("delivery_failures", "Batch deliveries that failed and will be retried", delivery_failures.clone());
+        registry.register(
+            "delivery_failures",
+            "Batch deliveries that failed and will be retried",
+            delivery_failures.clone(),
+        );
         let delivery_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register("delivery_duration_seconds", "Time the handler took per batch", delivery_duration.clone());
+        registry.register(
+            "delivery_duration_seconds",
+            "Time the handler took per batch",
+            delivery_duration.clone(),
+        );
         let get_records_calls = Family::default();
-        registry.register("get_records_calls", "GetRecords calls made", get_records_calls.clone());
+        registry.register(
+            "get_records_calls",
+            "GetRecords calls made",
+            get_records_calls.clone(),
+        );
         let errors = Family::default();
-        registry.register("errors", "Kinesis, DynamoDB and handler errors by reason", errors.clone());
+        registry.register(
+            "errors",
+            "Kinesis, DynamoDB and handler errors by reason",
+            errors.clone(),
+        );
         let behind_latest = Family::default();
-        registry.register("behind_latest_seconds", "MillisBehindLatest of the last GetRecords, in seconds", behind_latest.clone());
+        registry.register(
+            "behind_latest_seconds",
+            "MillisBehindLatest of the last GetRecords, in seconds",
+            behind_latest.clone(),
+        );
         let leases_held = Gauge::default();
-        registry.register("leases_held", "Shard leases this client holds", leases_held.clone());
+        registry.register(
+            "leases_held",
+            "Shard leases this client holds",
+            leases_held.clone(),
+        );
         let leases_acquired = Counter::default();
-        registry.register("leases_acquired", "Shard leases this client took", leases_acquired.clone());
+        registry.register(
+            "leases_acquired",
+            "Shard leases this client took",
+            leases_acquired.clone(),
+        );
         let leases_released = Counter::default();
-        registry.register("leases_released", "Shard leases this client released", leases_released.clone());
+        registry.register(
+            "leases_released",
+            "Shard leases this client released",
+            leases_released.clone(),
+        );
         let lease_conflicts = Counter::default();
-        registry.register("lease_conflicts", "Conditional state-store writes that lost a race", lease_conflicts.clone());
+        registry.register(
+            "lease_conflicts",
+            "Conditional state-store writes that lost a race",
+            lease_conflicts.clone(),
+        );
         let checkpoints_written = Counter::default();
-        registry.register("checkpoints_written", "Checkpoints written to the state store", checkpoints_written.clone());
+        registry.register(
+            "checkpoints_written",
+            "Checkpoints written to the state store",
+            checkpoints_written.clone(),
+        );
         let heartbeats = Counter::default();
         registry.register("heartbeats", "Heartbeats written", heartbeats.clone());
         let is_leader = Gauge::default();
-        registry.register("is_leader", "1 while this client is the group leader", is_leader.clone());
+        registry.register(
+            "is_leader",
+            "1 while this client is the group leader",
+            is_leader.clone(),
+        );
         let live_clients = Gauge::default();
-        registry.register("live_clients", "Live clients this client sees in its group", live_clients.clone());
+        registry.register(
+            "live_clients",
+            "Live clients this client sees in its group",
+            live_clients.clone(),
+        );
         let rebalances = Counter::default();
-        registry.register("rebalances", "Times this client's set of owned shards changed", rebalances.clone());
+        registry.register(
+            "rebalances",
+            "Times this client's set of owned shards changed",
+            rebalances.clone(),
+        );
         let store_requests = Family::default();
-        registry.register("store_requests", "State-store requests by operation", store_requests.clone());
+        registry.register(
+            "store_requests",
+            "State-store requests by operation",
+            store_requests.clone(),
+        );
         Self {
             registry,
             records_delivered,
@@ -167,10 +235,18 @@ mod tests {
     #[test]
     fn names_carry_units() {
         let m = Metrics::new();
-        m.records_delivered.get_or_create(&StreamLabels { stream: "s".into() }).inc();
-        m.bytes_delivered.get_or_create(&StreamLabels { stream: "s".into() }).inc_by(10);
+        m.records_delivered
+            .get_or_create(&StreamLabels { stream: "s".into() })
+            .inc();
+        m.bytes_delivered
+            .get_or_create(&StreamLabels { stream: "s".into() })
+            .inc_by(10);
         m.delivery_duration.observe(0.01);
-        m.store_requests.get_or_create(&OperationLabels { operation: "heartbeat".into() }).inc();
+        m.store_requests
+            .get_or_create(&OperationLabels {
+                operation: "heartbeat".into(),
+            })
+            .inc();
         let text = m.encode();
         for name in [
             "kcg_worker_records_delivered_total{stream=\"s\"} 1",

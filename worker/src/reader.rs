@@ -247,7 +247,11 @@ impl Reader {
     }
 
     /// Waits until at most `max` batches are uncommitted. `Err` when stopped.
-    async fn wait_pending_at_most(&mut self, max: usize, stop: &CancellationToken) -> Result<(), Exit> {
+    async fn wait_pending_at_most(
+        &mut self,
+        max: usize,
+        stop: &CancellationToken,
+    ) -> Result<(), Exit> {
         loop {
             if self.commit_rx.borrow_and_update().pending <= max {
                 self.publish();
@@ -298,11 +302,18 @@ impl Reader {
                     m.records_delivered.get_or_create(&self.m.stream).inc_by(n);
                     m.batches_delivered.get_or_create(&self.m.stream).inc();
                     let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
-                    m.bytes_delivered.get_or_create(&self.m.stream).inc_by(bytes as u64);
+                    m.bytes_delivered
+                        .get_or_create(&self.m.stream)
+                        .inc_by(bytes as u64);
                     if let Some(last) = batch.last() {
                         self.delivered = Some(last.sequence.clone());
                     }
-                    if self.progress.issue.as_ref().is_some_and(|i| i.reason == "HandlerFailing") {
+                    if self
+                        .progress
+                        .issue
+                        .as_ref()
+                        .is_some_and(|i| i.reason == "HandlerFailing")
+                    {
                         info!("handler accepts batches again");
                         self.progress.issue = None;
                     }
@@ -310,14 +321,21 @@ impl Reader {
                     return Ok(());
                 }
                 Err(e) => {
-                    self.m.metrics.delivery_failures.get_or_create(&self.m.stream).inc();
+                    self.m
+                        .metrics
+                        .delivery_failures
+                        .get_or_create(&self.m.stream)
+                        .inc();
                     self.m.error("HandlerFailing");
                     let delay = backoff.next_delay();
                     warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
                         first = %batch[0].sequence, records = n, "handler refused batch; retrying the same batch");
                     self.set_issue(Some(Issue {
                         reason: "HandlerFailing".into(),
-                        message: format!("the handler refused a batch of {n} records ({} attempts): {e}", backoff.attempts()),
+                        message: format!(
+                            "the handler refused a batch of {n} records ({} attempts): {e}",
+                            backoff.attempts()
+                        ),
                     }));
                     self.sleep(delay).await?;
                 }
@@ -340,12 +358,14 @@ impl Reader {
             }
             // A manual-commit handler holding too many batches: wait for it first.
             let stop = self.stop.clone();
-            self.wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop).await?;
+            self.wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop)
+                .await?;
 
             let it = match iterator.take() {
                 Some(it) => it,
                 None => {
-                    let start = IteratorStart::resolve(self.delivered.as_deref(), &self.task.stream);
+                    let start =
+                        IteratorStart::resolve(self.delivered.as_deref(), &self.task.stream);
                     debug!(?start, "getting shard iterator");
                     let got = tokio::select! {
                         r = client.shard_iterator(&shard, &start) => r,
@@ -364,13 +384,22 @@ impl Reader {
             };
 
             if let Some(at) = last_call {
-                let d = next_poll_delay(at.elapsed(), last_got_records, last_behind, self.tuning.poll_interval);
+                let d = next_poll_delay(
+                    at.elapsed(),
+                    last_got_records,
+                    last_behind,
+                    self.tuning.poll_interval,
+                );
                 if !d.is_zero() {
                     self.sleep(d).await?;
                 }
             }
             last_call = Some(Instant::now());
-            self.m.metrics.get_records_calls.get_or_create(&self.m.stream).inc();
+            self.m
+                .metrics
+                .get_records_calls
+                .get_or_create(&self.m.stream)
+                .inc();
             let got = tokio::select! {
                 r = client.get_records(&shard, &it, limit) => r,
                 _ = self.stop.cancelled() => return Err(Exit::Stopped),
@@ -398,14 +427,23 @@ impl Reader {
                 }
             };
             backoff.reset();
-            if self.progress.issue.as_ref().is_some_and(|i| i.reason != "HandlerFailing") {
+            if self
+                .progress
+                .issue
+                .as_ref()
+                .is_some_and(|i| i.reason != "HandlerFailing")
+            {
                 info!("kinesis reads work again");
                 self.progress.issue = None;
             }
             self.progress.millis_behind = page.millis_behind;
             self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
             if let Some(ms) = page.millis_behind {
-                self.m.metrics.behind_latest.get_or_create(&self.m.shard).set(ms as f64 / 1000.0);
+                self.m
+                    .metrics
+                    .behind_latest
+                    .get_or_create(&self.m.shard)
+                    .set(ms as f64 / 1000.0);
             }
             self.publish();
             last_got_records = !page.records.is_empty();
@@ -509,10 +547,10 @@ mod tests {
         let poll = MS(1000);
         // (since last call, got records, millis behind, want)
         let cases = [
-            (MS(0), false, Some(0), MS(1000)),   // idle, caught up: full poll interval
-            (MS(300), false, Some(0), MS(700)),  // part of it already passed
-            (MS(1500), false, Some(0), MS(0)),   // overdue
-            (MS(0), true, Some(0), MS(200)),     // records came back: only the rate limit
+            (MS(0), false, Some(0), MS(1000)), // idle, caught up: full poll interval
+            (MS(300), false, Some(0), MS(700)), // part of it already passed
+            (MS(1500), false, Some(0), MS(0)), // overdue
+            (MS(0), true, Some(0), MS(200)),   // records came back: only the rate limit
             (MS(50), true, Some(0), MS(150)),
             (MS(250), true, Some(0), MS(0)),
             (MS(0), false, Some(5000), MS(200)), // behind but empty page: go again quickly
@@ -520,7 +558,11 @@ mod tests {
             (MS(10), true, None, MS(190)),
         ];
         for (since, got, behind, want) in cases {
-            assert_eq!(next_poll_delay(since, got, behind, poll), want, "{since:?} {got} {behind:?}");
+            assert_eq!(
+                next_poll_delay(since, got, behind, poll),
+                want,
+                "{since:?} {got} {behind:?}"
+            );
         }
         // A poll interval below the limit is raised to it.
         assert_eq!(next_poll_delay(MS(0), false, Some(0), MS(10)), MIN_CALL_GAP);
@@ -542,7 +584,11 @@ mod tests {
             (60, 1.0, cap), // no overflow
         ];
         for (attempt, jitter, want) in cases {
-            assert_eq!(Backoff::delay(base, cap, attempt, jitter), want, "attempt {attempt} jitter {jitter}");
+            assert_eq!(
+                Backoff::delay(base, cap, attempt, jitter),
+                want,
+                "attempt {attempt} jitter {jitter}"
+            );
         }
         let mut b = Backoff::new(base, cap);
         for i in 0..50 {
@@ -559,11 +605,41 @@ mod tests {
         use ErrorKind::*;
         let cases = [
             (ExpiredIterator, ErrorAction::NewIterator, false),
-            (InvalidRequest, ErrorAction::Retry { drop_iterator: true }, true),
-            (Throttled, ErrorAction::Retry { drop_iterator: false }, false),
-            (Unavailable, ErrorAction::Retry { drop_iterator: false }, true),
-            (StreamNotFound, ErrorAction::Retry { drop_iterator: false }, true),
-            (AccessDenied, ErrorAction::Retry { drop_iterator: false }, true),
+            (
+                InvalidRequest,
+                ErrorAction::Retry {
+                    drop_iterator: true,
+                },
+                true,
+            ),
+            (
+                Throttled,
+                ErrorAction::Retry {
+                    drop_iterator: false,
+                },
+                false,
+            ),
+            (
+                Unavailable,
+                ErrorAction::Retry {
+                    drop_iterator: false,
+                },
+                true,
+            ),
+            (
+                StreamNotFound,
+                ErrorAction::Retry {
+                    drop_iterator: false,
+                },
+                true,
+            ),
+            (
+                AccessDenied,
+                ErrorAction::Retry {
+                    drop_iterator: false,
+                },
+                true,
+            ),
         ];
         for (kind, action, report_first) in cases {
             assert_eq!(on_kinesis_error(kind), action, "{kind:?}");

@@ -66,7 +66,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.health.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not registered in the group (yet)\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not registered in the group (yet)\n",
+        )
     }
 }
 
@@ -113,7 +116,12 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, metrics.clone(), health.clone(), stop.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            stop.clone(),
+        ));
 
         let (status, ct, body) = get(&format!("{base}/metrics")).await;
         assert_eq!(status, 200);
@@ -121,7 +129,11 @@ mod tests {
         assert!(body.contains("kcg_worker_leases_held"), "{body}");
 
         assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
-        assert_eq!(get(&format!("{base}/readyz")).await.0, 503, "not registered yet");
+        assert_eq!(
+            get(&format!("{base}/readyz")).await.0,
+            503,
+            "not registered yet"
+        );
         health.heartbeat_ok();
         assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
         health.deregistered();

@@ -44,7 +44,14 @@ fn start(
         shard_id: shard.to_owned(),
         checkpoint,
     };
-    let join = tokio::spawn(read_shard(task, tuning(max_records), handler, metrics.clone(), tx, stop.clone()));
+    let join = tokio::spawn(read_shard(
+        task,
+        tuning(max_records),
+        handler,
+        metrics.clone(),
+        tx,
+        stop.clone(),
+    ));
     Running {
         progress: rx,
         stop,
@@ -63,12 +70,20 @@ async fn stop(r: Running) -> ShardProgress {
 
 #[tokio::test]
 async fn list_shards_pages_and_sorts() {
-    let Some(conf) = kinesis_config("list_shards_pages_and_sorts").await else { return };
+    let Some(conf) = kinesis_config("list_shards_pages_and_sorts").await else {
+        return;
+    };
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("list");
     create_stream(&sdk, &name, 5).await;
     // The emulator really pages with MaxResults 2, so the loop below must follow NextToken.
-    let first = sdk.list_shards().stream_name(&name).max_results(2).send().await.expect("ListShards");
+    let first = sdk
+        .list_shards()
+        .stream_name(&name)
+        .max_results(2)
+        .send()
+        .await
+        .expect("ListShards");
     assert_eq!(first.shards().len(), 2);
     assert!(first.next_token().is_some());
     let client = StreamClient::connect(&stream_config(&name), &conf)
@@ -79,7 +94,9 @@ async fn list_shards_pages_and_sorts() {
     let ids: Vec<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
     assert_eq!(
         ids,
-        (0..5).map(|i| format!("shardId-{i:012}")).collect::<Vec<_>>(),
+        (0..5)
+            .map(|i| format!("shardId-{i:012}"))
+            .collect::<Vec<_>>(),
         "all 5 shards over 3 pages, sorted"
     );
     assert!(shards.iter().all(|s| !s.closed && s.parent.is_none()));
@@ -87,21 +104,41 @@ async fn list_shards_pages_and_sorts() {
 
 #[tokio::test]
 async fn missing_stream_is_classified() {
-    let Some(conf) = kinesis_config("missing_stream_is_classified").await else { return };
+    let Some(conf) = kinesis_config("missing_stream_is_classified").await else {
+        return;
+    };
     let name = unique("missing");
-    let client = StreamClient::connect(&stream_config(&name), &conf).await.expect("connect");
-    let err = client.list_shards().await.expect_err("stream does not exist");
+    let client = StreamClient::connect(&stream_config(&name), &conf)
+        .await
+        .expect("connect");
+    let err = client
+        .list_shards()
+        .await
+        .expect_err("stream does not exist");
     assert_eq!(err.kind(), ErrorKind::StreamNotFound, "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&name) && msg.contains("us-east-1") && msg.contains("spec.streams"), "{msg}");
+    assert!(
+        msg.contains(&name) && msg.contains("us-east-1") && msg.contains("spec.streams"),
+        "{msg}"
+    );
 
     // The reader reports it as an issue, keeps retrying, and stops on request.
     let handler = Recording::new();
-    let mut r = start(Arc::new(client), &name, "shardId-000000000000", None, 100, handler);
-    tokio::time::timeout(Duration::from_secs(10), r.progress.wait_for(|p| p.issue.is_some()))
-        .await
-        .expect("issue published")
-        .expect("progress channel");
+    let mut r = start(
+        Arc::new(client),
+        &name,
+        "shardId-000000000000",
+        None,
+        100,
+        handler,
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        r.progress.wait_for(|p| p.issue.is_some()),
+    )
+    .await
+    .expect("issue published")
+    .expect("progress channel");
     let issue = r.progress.borrow().issue.clone().expect("issue");
     assert_eq!(issue.reason, "StreamNotFound", "{issue:?}");
     let metrics = r.metrics.clone();
@@ -112,13 +149,19 @@ async fn missing_stream_is_classified() {
 
 #[tokio::test]
 async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
-    let Some(conf) = kinesis_config("delivers_everything_in_order").await else { return };
+    let Some(conf) = kinesis_config("delivers_everything_in_order").await else {
+        return;
+    };
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("order");
     create_stream(&sdk, &name, 1).await;
     let sent = payloads("r", 60);
     let seqs = put(&sdk, &name, "k", &sent).await;
-    let client = Arc::new(StreamClient::connect(&stream_config(&name), &conf).await.expect("connect"));
+    let client = Arc::new(
+        StreamClient::connect(&stream_config(&name), &conf)
+            .await
+            .expect("connect"),
+    );
     let shard = "shardId-000000000000";
 
     // From TRIM_HORIZON, 7 records per call: many batches, all in order.
@@ -126,10 +169,13 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
     let mut r = start(client.clone(), &name, shard, None, 7, handler.clone());
     handler.wait_for(60, Duration::from_secs(30)).await;
     let want_last = seqs.last().cloned();
-    tokio::time::timeout(Duration::from_secs(5), r.progress.wait_for(|p| p.acked == want_last))
-        .await
-        .expect("acked reaches the last record")
-        .expect("progress channel");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        r.progress.wait_for(|p| p.acked == want_last),
+    )
+    .await
+    .expect("acked reaches the last record")
+    .expect("progress channel");
     assert!(r.progress.borrow().lag_at_ms.is_some());
     assert!(r.progress.borrow().millis_behind.is_some());
     let metrics = r.metrics.clone();
@@ -138,12 +184,25 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
     assert_eq!(last.acked, want_last);
     assert!(!last.ended, "an open shard never ends");
     let text = metrics.encode();
-    assert!(text.contains("kcg_worker_records_delivered_total"), "{text}");
-    assert!(text.contains("kcg_worker_get_records_calls_total"), "{text}");
+    assert!(
+        text.contains("kcg_worker_records_delivered_total"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kcg_worker_get_records_calls_total"),
+        "{text}"
+    );
 
     // Resume after record 20: exactly records 21.. arrive, no gap, no duplicate.
     let handler = Recording::new();
-    let r = start(client.clone(), &name, shard, Some(seqs[20].clone()), 1000, handler.clone());
+    let r = start(
+        client.clone(),
+        &name,
+        shard,
+        Some(seqs[20].clone()),
+        1000,
+        handler.clone(),
+    );
     handler.wait_for(39, Duration::from_secs(30)).await;
     // A little longer: nothing beyond the 39 may show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -154,43 +213,75 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
 
 #[tokio::test]
 async fn failing_handler_is_retried_without_skipping() {
-    let Some(conf) = kinesis_config("failing_handler_is_retried").await else { return };
+    let Some(conf) = kinesis_config("failing_handler_is_retried").await else {
+        return;
+    };
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("retry");
     create_stream(&sdk, &name, 1).await;
     let sent = payloads("f", 30);
     let seqs = put(&sdk, &name, "k", &sent).await;
-    let client = Arc::new(StreamClient::connect(&stream_config(&name), &conf).await.expect("connect"));
+    let client = Arc::new(
+        StreamClient::connect(&stream_config(&name), &conf)
+            .await
+            .expect("connect"),
+    );
 
     // Calls 1-3 fail, then every other call fails.
     let handler = Recording::failing(|n| n <= 3 || n % 2 == 0);
-    let mut r = start(client, &name, "shardId-000000000000", None, 10, handler.clone());
+    let mut r = start(
+        client,
+        &name,
+        "shardId-000000000000",
+        None,
+        10,
+        handler.clone(),
+    );
     tokio::time::timeout(
         Duration::from_secs(10),
-        r.progress.wait_for(|p| p.issue.as_ref().is_some_and(|i| i.reason == "HandlerFailing")),
+        r.progress.wait_for(|p| {
+            p.issue
+                .as_ref()
+                .is_some_and(|i| i.reason == "HandlerFailing")
+        }),
     )
     .await
     .expect("HandlerFailing published")
     .expect("progress channel");
-    assert_eq!(r.progress.borrow().acked, None, "nothing acknowledged while failing");
+    assert_eq!(
+        r.progress.borrow().acked,
+        None,
+        "nothing acknowledged while failing"
+    );
     handler.wait_for(30, Duration::from_secs(30)).await;
     let want_last = seqs.last().cloned();
     tokio::time::timeout(
         Duration::from_secs(5),
-        r.progress.wait_for(|p| p.acked == want_last && p.issue.is_none()),
+        r.progress
+            .wait_for(|p| p.acked == want_last && p.issue.is_none()),
     )
     .await
     .expect("acked at the end and issue cleared")
     .expect("progress channel");
     let metrics = r.metrics.clone();
     stop(r).await;
-    assert_eq!(handler.payloads(), sent, "every record exactly once among accepted batches, in order");
-    assert!(metrics.encode().contains("kcg_worker_delivery_failures_total"));
+    assert_eq!(
+        handler.payloads(),
+        sent,
+        "every record exactly once among accepted batches, in order"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("kcg_worker_delivery_failures_total")
+    );
 }
 
 #[tokio::test]
 async fn closed_shard_is_read_to_its_end() {
-    let Some(conf) = kinesis_config("closed_shard_is_read_to_its_end").await else { return };
+    let Some(conf) = kinesis_config("closed_shard_is_read_to_its_end").await else {
+        return;
+    };
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("reshard");
     create_stream(&sdk, &name, 1).await;
@@ -205,12 +296,28 @@ async fn closed_shard_is_read_to_its_end() {
         .expect("UpdateShardCount");
     wait_active(&sdk, &name).await;
 
-    let client = Arc::new(StreamClient::connect(&stream_config(&name), &conf).await.expect("connect"));
+    let client = Arc::new(
+        StreamClient::connect(&stream_config(&name), &conf)
+            .await
+            .expect("connect"),
+    );
     let shards = client.list_shards().await.expect("list");
-    let parent = shards.iter().find(|s| s.shard_id == "shardId-000000000000").expect("parent listed");
-    assert!(parent.closed, "parent is closed after the reshard: {shards:?}");
-    let children: Vec<_> = shards.iter().filter(|s| s.parents().any(|p| p == parent.shard_id)).collect();
-    assert!(!children.is_empty() && children.iter().all(|c| !c.closed), "{shards:?}");
+    let parent = shards
+        .iter()
+        .find(|s| s.shard_id == "shardId-000000000000")
+        .expect("parent listed");
+    assert!(
+        parent.closed,
+        "parent is closed after the reshard: {shards:?}"
+    );
+    let children: Vec<_> = shards
+        .iter()
+        .filter(|s| s.parents().any(|p| p == parent.shard_id))
+        .collect();
+    assert!(
+        !children.is_empty() && children.iter().all(|c| !c.closed),
+        "{shards:?}"
+    );
 
     let handler = Recording::new();
     let r = start(client, &name, &parent.shard_id, None, 10, handler.clone());
@@ -226,20 +333,40 @@ async fn closed_shard_is_read_to_its_end() {
 
 #[tokio::test]
 async fn stop_returns_promptly_on_an_idle_shard() {
-    let Some(conf) = kinesis_config("stop_returns_promptly").await else { return };
+    let Some(conf) = kinesis_config("stop_returns_promptly").await else {
+        return;
+    };
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("idle");
     create_stream(&sdk, &name, 1).await;
-    let client = Arc::new(StreamClient::connect(&stream_config(&name), &conf).await.expect("connect"));
+    let client = Arc::new(
+        StreamClient::connect(&stream_config(&name), &conf)
+            .await
+            .expect("connect"),
+    );
     let handler = Recording::new();
-    let mut r = start(client, &name, "shardId-000000000000", None, 100, handler.clone());
-    tokio::time::timeout(Duration::from_secs(10), r.progress.wait_for(|p| p.lag_at_ms.is_some()))
-        .await
-        .expect("first GetRecords")
-        .expect("progress channel");
+    let mut r = start(
+        client,
+        &name,
+        "shardId-000000000000",
+        None,
+        100,
+        handler.clone(),
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        r.progress.wait_for(|p| p.lag_at_ms.is_some()),
+    )
+    .await
+    .expect("first GetRecords")
+    .expect("progress channel");
     let started = std::time::Instant::now();
     let last = stop(r).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        started.elapsed()
+    );
     assert_eq!(last.acked, None);
     assert!(!last.ended);
     assert_eq!(handler.len(), 0);

@@ -46,8 +46,12 @@ async fn serve(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> (Str
         bodies: Arc::new(Mutex::new(Vec::new())),
         script: Arc::new(script),
     };
-    let app = Router::new().route("/records", post(receive)).with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = Router::new()
+        .route("/records", post(receive))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}/records"), state)
@@ -96,7 +100,9 @@ async fn non_2xx_is_an_error_and_retry_succeeds() {
     let err = sink.handle(&batch).await.expect_err("500 fails the batch");
     assert!(err.message.contains("500"), "{err}");
     assert!(sink.handle(&batch).await.is_err());
-    sink.handle(&batch).await.expect("third attempt acknowledged");
+    sink.handle(&batch)
+        .await
+        .expect("third attempt acknowledged");
     assert_eq!(server.bodies.lock().unwrap().len(), 3);
 }
 
@@ -105,10 +111,19 @@ async fn timeout_is_an_error() {
     let (url, _server) = serve(|n| if n == 0 { Answer::Slow } else { Answer::Ok }).await;
     let sink = HttpSink::with(&url, Duration::from_millis(300), 100).expect("sink");
     let started = std::time::Instant::now();
-    let err = sink.handle(&records(1)).await.expect_err("timeout fails the batch");
-    assert!(started.elapsed() < Duration::from_secs(2), "timed out after {:?}", started.elapsed());
+    let err = sink
+        .handle(&records(1))
+        .await
+        .expect_err("timeout fails the batch");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "timed out after {:?}",
+        started.elapsed()
+    );
     assert!(err.message.contains("timed out"), "{err}");
-    sink.handle(&records(1)).await.expect("next attempt acknowledged");
+    sink.handle(&records(1))
+        .await
+        .expect("next attempt acknowledged");
 }
 
 #[tokio::test]
@@ -118,6 +133,11 @@ async fn unreachable_endpoint_is_an_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let sink = HttpSink::with(&format!("http://127.0.0.1:{port}/x"), Duration::from_secs(1), 10).expect("sink");
+    let sink = HttpSink::with(
+        &format!("http://127.0.0.1:{port}/x"),
+        Duration::from_secs(1),
+        10,
+    )
+    .expect("sink");
     assert!(sink.handle(&records(1)).await.is_err());
 }

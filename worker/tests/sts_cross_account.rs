@@ -26,7 +26,9 @@ const ROLE: &str = "arn:aws:iam::111111111111:role/kcg-reader";
 #[tokio::test]
 async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
     let Ok(sts) = std::env::var("AWS_ENDPOINT_URL_STS") else {
-        eprintln!("SKIP assumed_role_reads...: AWS_ENDPOINT_URL_STS is not set (start ministack, see scripts/emulators.sh)");
+        eprintln!(
+            "SKIP assumed_role_reads...: AWS_ENDPOINT_URL_STS is not set (start ministack, see scripts/emulators.sh)"
+        );
         return;
     };
     // SAFETY: the only test in this binary, run before any SDK client reads the environment.
@@ -50,21 +52,32 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
     let seqs = put(&other, &name, "k", &sent).await;
 
     // Default credentials: the stream is not there.
-    let plain = StreamClient::connect(&stream_config(&name), &base).await.expect("connect");
-    let err = plain.list_shards().await.expect_err("invisible to the default account");
+    let plain = StreamClient::connect(&stream_config(&name), &base)
+        .await
+        .expect("connect");
+    let err = plain
+        .list_shards()
+        .await
+        .expect_err("invisible to the default account");
     assert_eq!(err.kind(), ErrorKind::StreamNotFound, "{err}");
 
     // With roleArn: listed and read.
     let mut cfg = stream_config(&name);
     cfg.role_arn = Some(ROLE.into());
-    let client = Arc::new(StreamClient::connect(&cfg, &base).await.expect("connect with role"));
+    let client = Arc::new(
+        StreamClient::connect(&cfg, &base)
+            .await
+            .expect("connect with role"),
+    );
     let shards = client.list_shards().await.expect("list through the role");
     assert_eq!(shards.len(), 1);
 
     // Named by ARN (StreamARN parameters) with the role as well.
     let mut by_arn = cfg.clone();
     by_arn.name = format!("arn:aws:kinesis:us-east-1:111111111111:stream/{name}");
-    let arn_client = StreamClient::connect(&by_arn, &base).await.expect("connect by ARN");
+    let arn_client = StreamClient::connect(&by_arn, &base)
+        .await
+        .expect("connect by ARN");
     assert_eq!(arn_client.list_shards().await.expect("list by ARN"), shards);
 
     let handler = Recording::new();
@@ -76,7 +89,14 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
         shard_id: shards[0].shard_id.clone(),
         checkpoint: None,
     };
-    let join = tokio::spawn(read_shard(task, tuning(100), handler.clone(), Arc::new(Metrics::new()), tx, stop.clone()));
+    let join = tokio::spawn(read_shard(
+        task,
+        tuning(100),
+        handler.clone(),
+        Arc::new(Metrics::new()),
+        tx,
+        stop.clone(),
+    ));
     handler.wait_for(sent.len(), Duration::from_secs(20)).await;
     let want = seqs.last().cloned();
     tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|p| p.acked == want))
@@ -84,7 +104,10 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
         .expect("acked")
         .expect("progress");
     stop.cancel();
-    let last = tokio::time::timeout(Duration::from_secs(10), join).await.expect("stops").expect("task");
+    let last = tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .expect("stops")
+        .expect("task");
     assert_eq!(last.acked, want);
     assert_eq!(handler.payloads(), sent);
 }

@@ -37,7 +37,8 @@ impl CommitQueue {
     pub fn begin(&mut self, last_sequence: &str) -> BatchId {
         let id = self.next_id;
         self.next_id += 1;
-        self.pending.push_back((id, last_sequence.to_owned(), false));
+        self.pending
+            .push_back((id, last_sequence.to_owned(), false));
         id
     }
 
@@ -192,11 +193,23 @@ mod tests {
 
     /// Steps: `b<seq>` begins a batch ending at seq, `c<n>` commits the n-th begun batch,
     /// `a<n>` aborts it; after each step the committed prefix is checked.
+    /// (step, committed prefix after it).
+    type Steps = &'static [(&'static str, Option<&'static str>)];
+
     #[test]
     fn prefix_table() {
-        let cases: &[(&str, Option<&str>, &[(&str, Option<&str>)])] = &[
+        let cases: &[(&str, Option<&str>, Steps)] = &[
             // In-order commits advance one by one.
-            ("in order", None, &[("b10", None), ("c0", Some("10")), ("b20", Some("10")), ("c1", Some("20"))]),
+            (
+                "in order",
+                None,
+                &[
+                    ("b10", None),
+                    ("c0", Some("10")),
+                    ("b20", Some("10")),
+                    ("c1", Some("20")),
+                ],
+            ),
             // Batch 3 before batch 2: stays at batch 1 until 2 commits, then jumps to 3.
             (
                 "out of order",
@@ -211,11 +224,38 @@ mod tests {
                 ],
             ),
             // An aborted batch disappears; the re-delivery gets a new id.
-            ("abort", None, &[("b10", None), ("a0", None), ("b10", None), ("c1", Some("10"))]),
+            (
+                "abort",
+                None,
+                &[
+                    ("b10", None),
+                    ("a0", None),
+                    ("b10", None),
+                    ("c1", Some("10")),
+                ],
+            ),
             // Committing twice or an unknown id changes nothing.
-            ("idempotent", None, &[("b10", None), ("c0", Some("10")), ("c0", Some("10")), ("c9", Some("10"))]),
+            (
+                "idempotent",
+                None,
+                &[
+                    ("b10", None),
+                    ("c0", Some("10")),
+                    ("c0", Some("10")),
+                    ("c9", Some("10")),
+                ],
+            ),
             // Abort only withdraws the newest, still pending batch.
-            ("abort older ignored", None, &[("b10", None), ("b20", None), ("a0", None), ("c0", Some("10"))]),
+            (
+                "abort older ignored",
+                None,
+                &[
+                    ("b10", None),
+                    ("b20", None),
+                    ("a0", None),
+                    ("c0", Some("10")),
+                ],
+            ),
         ];
         for (name, start, steps) in cases {
             let mut q = CommitQueue::new(start.map(str::to_owned));

@@ -57,7 +57,11 @@ impl HttpSink {
             .send()
             .await
             .map_err(|e| {
-                let what = if e.is_timeout() { "timed out" } else { "failed" };
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
                 HandlerError::new(format!("POST {} {what}: {e}", self.url))
             })?;
         let status = resp.status();

@@ -229,7 +229,11 @@ mod tests {
     /// Keeps every token; the test commits them in any order.
     struct Holding(Mutex<Vec<CommitToken>>);
     impl ManualBatchHandler for Holding {
-        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+        fn handle<'a>(
+            &'a self,
+            _b: &'a [Record],
+            c: CommitToken,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
             self.0.lock().unwrap().push(c);
             Box::pin(async { Ok(()) })
         }
@@ -250,14 +254,28 @@ mod tests {
         t1.commit();
         assert_eq!(commits.state().committed.as_deref(), Some("10"));
         t3.commit();
-        assert_eq!(commits.state().committed.as_deref(), Some("10"), "batch 3 must wait for batch 2");
+        assert_eq!(
+            commits.state().committed.as_deref(),
+            Some("10"),
+            "batch 3 must wait for batch 2"
+        );
         t2.commit();
-        assert_eq!(commits.state(), CommitState { committed: Some("30".into()), pending: 0 });
+        assert_eq!(
+            commits.state(),
+            CommitState {
+                committed: Some("30".into()),
+                pending: 0
+            }
+        );
     }
 
     struct Refusing;
     impl ManualBatchHandler for Refusing {
-        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+        fn handle<'a>(
+            &'a self,
+            _b: &'a [Record],
+            c: CommitToken,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
             drop(c);
             Box::pin(async { Err(HandlerError::new("no")) })
         }
@@ -277,7 +295,13 @@ mod tests {
             let mut n = self.0.lock().unwrap();
             *n += 1;
             let fail = *n == 1;
-            Box::pin(async move { if fail { Err(HandlerError::new("first fails")) } else { Ok(()) } })
+            Box::pin(async move {
+                if fail {
+                    Err(HandlerError::new("first fails"))
+                } else {
+                    Ok(())
+                }
+            })
         }
     }
 
@@ -294,7 +318,11 @@ mod tests {
     /// Commits later, from another task.
     struct Later;
     impl ManualBatchHandler for Later {
-        fn handle<'a>(&'a self, _b: &'a [Record], c: CommitToken) -> BoxFuture<'a, Result<(), HandlerError>> {
+        fn handle<'a>(
+            &'a self,
+            _b: &'a [Record],
+            c: CommitToken,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
             tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 c.commit();

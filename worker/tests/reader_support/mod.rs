@@ -53,7 +53,8 @@ pub async fn wait_active(client: &Client, name: &str) {
             .send()
             .await
             .expect("DescribeStreamSummary");
-        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -83,8 +84,16 @@ pub async fn put(client: &Client, name: &str, key: &str, payloads: &[String]) ->
             .send()
             .await
             .expect("PutRecords");
-        assert_eq!(out.failed_record_count(), Some(0), "PutRecords had failures");
-        seqs.extend(out.records().iter().map(|r| r.sequence_number().expect("seq").to_owned()));
+        assert_eq!(
+            out.failed_record_count(),
+            Some(0),
+            "PutRecords had failures"
+        );
+        seqs.extend(
+            out.records()
+                .iter()
+                .map(|r| r.sequence_number().expect("seq").to_owned()),
+        );
     }
     seqs
 }
@@ -96,7 +105,8 @@ pub fn payloads(prefix: &str, n: usize) -> Vec<String> {
 
 /// A stream config reading from TRIM_HORIZON.
 pub fn stream_config(name: &str) -> StreamConfig {
-    serde_yaml::from_str(&format!("name: {name}\nstartPosition: TrimHorizon\n")).expect("stream config")
+    serde_yaml::from_str(&format!("name: {name}\nstartPosition: TrimHorizon\n"))
+        .expect("stream config")
 }
 
 /// Fast tuning for tests.
@@ -169,7 +179,9 @@ impl BatchHandler for Recording {
         }
         Box::pin(async move {
             if fail {
-                Err(HandlerError::new(format!("scripted failure on call {call}")))
+                Err(HandlerError::new(format!(
+                    "scripted failure on call {call}"
+                )))
             } else {
                 Ok(())
             }
