@@ -203,6 +203,14 @@ impl DynamoClients {
         }
     }
 
+    /// Clients derived from an explicit AWS config (tests, the CLI with overrides).
+    pub fn from_config(base: aws_config::SdkConfig) -> Self {
+        Self {
+            base,
+            by_region: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A client for `region`, or the default region.
     pub async fn client(&self, region: Option<&str>) -> aws_sdk_dynamodb::Client {
         let key = region.unwrap_or("").to_owned();
