@@ -1,0 +1,362 @@
+//! Shared harness of the multi-engine group tests: emulator setup, a collecting handler,
+//! engines started in-process, and the delivery-log checks.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use futures::future::BoxFuture;
+use kcg_worker::config::WorkerConfig;
+use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::engine::{self, EngineOptions};
+use kcg_worker::health::Health;
+use kcg_worker::metrics::Metrics;
+use kcg_worker::store::StateStore;
+use kcg_worker::store::schema::GroupSnapshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// One delivery as the test handler saw it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub engine: String,
+    pub shard: String,
+    pub sequence: String,
+    pub id: String,
+    /// Global delivery order.
+    pub at: usize,
+    /// When the handler saw it.
+    pub when: Instant,
+}
+
+#[derive(Default)]
+pub struct Log {
+    pub deliveries: Mutex<Vec<Delivery>>,
+}
+
+impl Log {
+    pub fn all(&self) -> Vec<Delivery> {
+        self.deliveries.lock().unwrap().clone()
+    }
+    pub fn distinct_ids(&self) -> BTreeSet<String> {
+        self.all().into_iter().map(|d| d.id).collect()
+    }
+}
+
+pub struct Collect {
+    pub engine: String,
+    pub log: Arc<Log>,
+}
+
+impl BatchHandler for Collect {
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let mut log = self.log.deliveries.lock().unwrap();
+            for r in batch {
+                let at = log.len();
+                log.push(Delivery {
+                    engine: self.engine.clone(),
+                    shard: r.shard_id.clone(),
+                    sequence: r.sequence.clone(),
+                    id: String::from_utf8_lossy(&r.data).into_owned(),
+                    at,
+                    when: Instant::now(),
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+pub struct Env {
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub store: StateStore,
+    pub table: String,
+    pub stream: String,
+    pub group: String,
+    pub log: Arc<Log>,
+    /// `tuning.checkpointInterval` of the engines started from now on.
+    pub checkpoint_interval: String,
+}
+
+pub fn suffix() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+pub async fn env(test: &str, shards: i32) -> Option<Env> {
+    for var in ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_KINESIS"] {
+        if std::env::var(var).is_err() {
+            eprintln!(
+                "SKIP {test}: {var} is not set (start the emulators, see scripts/emulators.sh)"
+            );
+            return None;
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let kinesis = aws_sdk_kinesis::Client::new(&conf);
+    let id = suffix();
+    let table = format!("kcg-grp-{test}-{id}");
+    let stream = format!("kcg-grp-{test}-{id}");
+    let store = StateStore::new(aws_sdk_dynamodb::Client::new(&conf), table.clone());
+    store.create_table().await.expect("create table");
+    kinesis
+        .create_stream()
+        .stream_name(&stream)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("create stream");
+    wait_stream_active(&kinesis, &stream).await;
+    Some(Env {
+        kinesis,
+        store,
+        table,
+        stream,
+        group: format!("test/{test}-{id}"),
+        log: Arc::new(Log::default()),
+        checkpoint_interval: "500ms".into(),
+    })
+}
+
+pub async fn wait_stream_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) {
+    let start = Instant::now();
+    loop {
+        let out = kinesis
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("describe");
+        if out.stream_description_summary().map(|d| d.stream_status())
+            == Some(&StreamStatus::Active)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "stream {stream} not ACTIVE"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Env {
+    pub fn config(&self) -> WorkerConfig {
+        WorkerConfig::from_yaml(&format!(
+            r#"
+group: {group}
+streams:
+  - name: {stream}
+    startPosition: TrimHorizon
+stateStore:
+  table: {table}
+delivery:
+  stdout: {{}}
+tuning:
+  pollInterval: 200ms
+  heartbeatInterval: 300ms
+  clientTimeout: 2s
+  checkpointInterval: {checkpoint}
+  shutdownTimeout: 5s
+"#,
+            group = self.group,
+            stream = self.stream,
+            table = self.table,
+            checkpoint = self.checkpoint_interval,
+        ))
+        .expect("config")
+    }
+
+    pub fn start(&self, name: &str) -> Worker {
+        self.start_with(
+            name,
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(30))),
+        )
+    }
+
+    /// Starts an engine named `name` (its client id base) with the given metrics and health.
+    pub fn start_with(&self, name: &str, metrics: Arc<Metrics>, health: Arc<Health>) -> Worker {
+        let token = CancellationToken::new();
+        let handler = Arc::new(Collect {
+            engine: name.to_owned(),
+            log: self.log.clone(),
+        });
+        let join = tokio::spawn(engine::run(
+            self.config(),
+            EngineOptions {
+                client_id: Some(name.to_owned()),
+                pod: Some(format!("pod-{name}")),
+            },
+            handler,
+            metrics,
+            health,
+            token.clone(),
+        ));
+        Worker { token, join }
+    }
+
+    /// Writes `n` records with ids `<prefix>-<i>`, spread over the hash key space.
+    pub async fn put(&self, prefix: &str, n: usize) -> BTreeSet<String> {
+        let mut ids = BTreeSet::new();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            let entries: Vec<PutRecordsRequestEntry> = chunk
+                .iter()
+                .map(|i| {
+                    let id = format!("{prefix}-{i}");
+                    ids.insert(id.clone());
+                    let hash = (u128::MAX / n as u128) * *i as u128;
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(id.clone().into_bytes()))
+                        .partition_key(id)
+                        .explicit_hash_key(hash.to_string())
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let out = self
+                .kinesis
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .expect("put records");
+            assert_eq!(out.failed_record_count(), Some(0));
+        }
+        ids
+    }
+
+    pub async fn snapshot(&self) -> GroupSnapshot {
+        self.store
+            .load_group(&self.group)
+            .await
+            .expect("load group")
+    }
+
+    /// Owned shard count per client base name (the engine name before the suffix).
+    pub async fn ownership(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for l in self.snapshot().await.leases {
+            if let Some(o) = l.owner {
+                *out.entry(base(&o)).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    pub async fn wait_delivered(&self, want: &BTreeSet<String>, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let got = self.log.distinct_ids();
+            if want.is_subset(&got) {
+                return;
+            }
+            if start.elapsed() > within {
+                let missing: Vec<_> = want.difference(&got).take(10).collect();
+                panic!(
+                    "{} of {} records missing after {within:?}, e.g. {missing:?}",
+                    want.difference(&got).count(),
+                    want.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_ownership(&self, want: &[(&str, usize)], within: Duration) {
+        let want: BTreeMap<String, usize> =
+            want.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        let start = Instant::now();
+        loop {
+            let got = self.ownership().await;
+            if got == want {
+                return;
+            }
+            assert!(start.elapsed() < within, "ownership {got:?}, want {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn cleanup(&self) {
+        let _ = self
+            .kinesis
+            .delete_stream()
+            .stream_name(&self.stream)
+            .send()
+            .await;
+    }
+}
+
+pub fn base(client_id: &str) -> String {
+    client_id
+        .rsplit_once('-')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or_default()
+}
+
+pub struct Worker {
+    pub token: CancellationToken,
+    pub join: JoinHandle<Result<(), engine::EngineError>>,
+}
+
+impl Worker {
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.join)
+            .await
+            .expect("graceful stop within bound")
+            .expect("join")
+            .expect("engine result");
+    }
+
+    /// Simulates a crash: the engine disappears without releasing or deregistering.
+    pub async fn crash(self) {
+        self.join.abort();
+        let _ = self.join.await;
+    }
+}
+
+/// Kinesis sequence numbers are decimal strings of varying length: compare numerically.
+pub fn seq_key(s: &str) -> (usize, &str) {
+    (s.len(), s)
+}
+
+/// Per shard, the first deliveries of each record come in increasing sequence order, and a
+/// redelivery never goes back beyond what... (only checked as "first occurrence order").
+pub fn assert_order_per_shard(log: &[Delivery]) {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for d in log {
+        if !seen.insert(d.id.clone()) {
+            continue;
+        }
+        if let Some(prev) = last.get(&d.shard) {
+            assert!(
+                seq_key(&d.sequence) > seq_key(prev),
+                "shard {} out of order: {} after {}",
+                d.shard,
+                d.sequence,
+                prev
+            );
+        }
+        last.insert(d.shard.clone(), d.sequence.clone());
+    }
+}
+
+pub fn duplicates(log: &[Delivery]) -> Vec<Delivery> {
+    let mut seen = BTreeSet::new();
+    log.iter()
+        .filter(|d| !seen.insert(d.id.clone()))
+        .cloned()
+        .collect()
+}
