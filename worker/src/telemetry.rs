@@ -1,6 +1,8 @@
 //! Logging setup: `tracing` to STDERR (stdout belongs to the stdout sink), filtered by
 //! `RUST_LOG` (default `info`), as JSON or human-readable text.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log line format.
@@ -18,7 +20,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colors only for a person at a terminal, never in collected pod logs.
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests) is not an error worth failing over.
     let _ = match format {
         LogFormat::Json => builder
