@@ -326,6 +326,20 @@ mod tests {
     }
 
     #[test]
+    fn compound_durations_survive_the_config_map() {
+        let spec: KinesisConsumerGroupSpec = serde_yaml::from_str(
+            "streams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {http: {url: 'http://localhost:9000', timeout: 1m30s}}\ntuning: {clientTimeout: 1h2m3s, pollInterval: 250ms}\n",
+        )
+        .unwrap();
+        let mut g = KinesisConsumerGroup::new("orders", spec);
+        g.metadata.namespace = Some("shop".into());
+        let cfg = g.worker_config();
+        assert_eq!(cfg.tuning.client_timeout, std::time::Duration::from_secs(3723));
+        assert_eq!(cfg.delivery.http.as_ref().unwrap().timeout, std::time::Duration::from_secs(90));
+        assert_eq!(WorkerConfig::from_yaml(&cfg.to_yaml().unwrap()).unwrap(), cfg);
+    }
+
+    #[test]
     fn on_delete_is_flattened_next_to_table() {
         let v = serde_json::to_value(&group().spec.state_store).unwrap();
         assert_eq!(v["table"], "kcg-state");

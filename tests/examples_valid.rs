@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use crd_support::{admission_errors, valid_group};
 use kcg_operator::crd::KinesisConsumerGroup;
 use kcg_operator::resources::{OperatorSettings, render};
+use kcg_worker::config::WorkerConfig;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -52,6 +53,11 @@ fn check_group(doc: &Value) -> Vec<String> {
     let config = kcg.worker_config();
     if let Err(e) = config.validate() {
         problems.push(format!("worker config: {e}"));
+    }
+    // The ConfigMap text must parse back, in the worker, into the same config.
+    match config.to_yaml().map(|y| WorkerConfig::from_yaml(&y)) {
+        Ok(Ok(back)) if back == config => {}
+        other => problems.push(format!("worker config does not round-trip through YAML: {other:?}")),
     }
     match render(&kcg, &OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test")) {
         Ok(r) => assert_eq!(r.deployment.spec.replicas, Some(kcg.spec.replicas)),
