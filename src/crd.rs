@@ -24,6 +24,8 @@ pub const MAX_STREAMS: usize = 32;
 
 /// Desired state of a Kinesis consumer group: which streams to read, where the group
 /// coordinates, where records go, and how the worker pods look.
+// One `printcolumn(...)` per column is how kube-derive takes them; clippy sees repeats.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "kcg.dev",

@@ -52,10 +52,10 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
         return;
     }
     let preserve = schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(v) {
-            errors.push(format!("{at}: {v} is not one of {}", Value::Array(allowed.clone())));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(v)
+    {
+        errors.push(format!("{at}: {v} is not one of {}", Value::Array(allowed.clone())));
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
@@ -76,10 +76,17 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
                     check_schema(s, child, &child_path, errors);
                 } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object()) {
                     check_schema(s, child, &child_path, errors);
-                } else if !preserve && !(path.is_empty() || path == "metadata") {
-                    errors.push(format!("{child_path}: unknown field"));
-                } else if path.is_empty() && !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()) {
-                    errors.push(format!("{child_path}: unknown field"));
+                } else {
+                    // The root also allows apiVersion and kind; metadata is checked by the
+                    // API server itself, not by the CRD schema.
+                    let known = match path {
+                        "" => ["apiVersion", "kind", "metadata"].contains(&k.as_str()),
+                        "metadata" => true,
+                        _ => preserve,
+                    };
+                    if !known {
+                        errors.push(format!("{child_path}: unknown field"));
+                    }
                 }
             }
         }
@@ -88,15 +95,15 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
                 errors.push(format!("{at}: must be an array"));
                 return;
             };
-            if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-                if (items.len() as u64) < min {
-                    errors.push(format!("{at}: must have at least {min} items"));
-                }
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (items.len() as u64) < min
+            {
+                errors.push(format!("{at}: must have at least {min} items"));
             }
-            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-                if items.len() as u64 > max {
-                    errors.push(format!("{at}: must have at most {max} items"));
-                }
+            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+                && items.len() as u64 > max
+            {
+                errors.push(format!("{at}: must have at most {max} items"));
             }
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
@@ -110,15 +117,15 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
                 return;
             };
             let len = s.chars().count() as u64;
-            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-                if len > max {
-                    errors.push(format!("{at}: longer than {max} characters"));
-                }
+            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+                && len > max
+            {
+                errors.push(format!("{at}: longer than {max} characters"));
             }
-            if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-                if len < min {
-                    errors.push(format!("{at}: shorter than {min} characters"));
-                }
+            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+                && len < min
+            {
+                errors.push(format!("{at}: shorter than {min} characters"));
             }
             if schema.get("format").and_then(Value::as_str) == Some("date-time")
                 && s.parse::<jiff::Timestamp>().is_err()
@@ -131,15 +138,15 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
                 errors.push(format!("{at}: must be an integer"));
                 return;
             };
-            if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
-                if (n as f64) < min {
-                    errors.push(format!("{at}: must be at least {min}"));
-                }
+            if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+                && (n as f64) < min
+            {
+                errors.push(format!("{at}: must be at least {min}"));
             }
-            if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
-                if n as f64 > max {
-                    errors.push(format!("{at}: must be at most {max}"));
-                }
+            if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+                && n as f64 > max
+            {
+                errors.push(format!("{at}: must be at most {max}"));
             }
         }
         Some("number") if !v.is_number() => errors.push(format!("{at}: must be a number")),
