@@ -7,7 +7,7 @@
 # Phases:
 #   1. emulators  scripts/emulators.sh start (installs DynamoDB Local, kinesis-local, ministack on
 #                 first use; reuses emulators already listening) and exports AWS_ENDPOINT_URL_*.
-#   2. build      compile every test binary of the workspace (--locked).
+#   2. build      compile every test binary of the workspace (--locked) and the kcg-worker binary.
 #   3. tests      cargo nextest run --workspace --profile ci (unit + integration tests).
 #   4. doctests   cargo test --doc --workspace (nextest does not run doctests).
 #   5. chart      scripts/check-chart.sh (helm lint/template, kubernetes-validate, schema, CRD).
@@ -111,14 +111,20 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 echo "AWS endpoints: dynamodb=$AWS_ENDPOINT_URL_DYNAMODB kinesis=$AWS_ENDPOINT_URL_KINESIS sts=$AWS_ENDPOINT_URL_STS"
 
 # --- Rust ---------------------------------------------------------------------------------
+# Integration tests that run real kcg-worker processes call `cargo build -p kcg-worker` themselves;
+# building it here first (same flags) makes that a no-op instead of a build inside a test timeout.
+build_worker_bin() { cargo build --locked -p kcg-worker --bin kcg-worker; }
+build_nextest() { cargo nextest run --workspace --locked --profile ci --no-run && build_worker_bin; }
+build_cargo() { cargo test --workspace --locked --no-run && build_worker_bin; }
+
 if [[ "$RUNNER" == nextest ]]; then
-  if run_phase build cargo nextest run --workspace --locked --profile ci --no-run; then
+  if run_phase build build_nextest; then
     run_phase tests cargo nextest run --workspace --locked --profile ci "${EXTRA_ARGS[@]}" || true
   else
     skip_phase tests "build failed"
   fi
 else
-  if run_phase build cargo test --workspace --locked --no-run; then
+  if run_phase build build_cargo; then
     run_phase tests cargo test --workspace --locked --lib --bins --tests "${EXTRA_ARGS[@]}" || true
   else
     skip_phase tests "build failed"
