@@ -215,7 +215,9 @@ struct Reader {
 
 impl Reader {
     fn publish(&mut self) {
-        self.progress.acked = self.commit_rx.borrow_and_update().committed.clone();
+        // `borrow`, not `borrow_and_update`: marking a version seen here could swallow the
+        // wake-up a waiter in `wait_pending_at_most` relies on.
+        self.progress.acked = self.commit_rx.borrow().committed.clone();
         let p = self.progress.clone();
         self.progress_tx.send_if_modified(|cur| {
             if *cur != p {
