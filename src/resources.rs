@@ -222,6 +222,12 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
+        // Structured logs for the cluster's log pipeline; `spec.worker.env` may override.
+        EnvVar {
+            name: "KCG_LOG_FORMAT".to_owned(),
+            value: Some("json".to_owned()),
+            ..EnvVar::default()
+        },
     ];
     for user in &w.env {
         match env.iter_mut().find(|e| e.name == user.name) {
@@ -494,9 +500,9 @@ delivery: {stdout: {}}
         let spec = format!("{BASE}worker: {{env: [{{name: AWS_REGION, value: us-west-2}}, {{name: POD_NAME, value: fixed}}]}}\n");
         let env = pod(&deployment(&group(&spec), &settings(), "h")).containers[0].env.clone().unwrap();
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "AWS_REGION"]);
+        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "AWS_REGION"]);
         assert_eq!(env[0].value.as_deref(), Some("fixed"));
-        assert_eq!(env[2].value.as_deref(), Some("us-west-2"));
+        assert_eq!(env[3].value.as_deref(), Some("us-west-2"));
     }
 
     #[test]
@@ -505,11 +511,12 @@ delivery: {stdout: {}}
         let d = deployment(&g, &settings(), "h");
         let env = pod(&d).containers[0].env.clone().unwrap();
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
+        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "RUST_LOG"]);
         let field = |i: usize| env[i].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path.clone();
         assert_eq!(field(0), "metadata.name");
         assert_eq!(field(1), "metadata.namespace");
-        assert_eq!(env[2].value.as_deref(), Some("debug"));
+        assert_eq!(env[2].value.as_deref(), Some("json"));
+        assert_eq!(env[3].value.as_deref(), Some("debug"));
     }
 
     #[test]
