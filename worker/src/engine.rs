@@ -30,7 +30,7 @@ use crate::handoff::{self, Action, HandoffInput, LeaseView};
 use crate::health::Health;
 use crate::kinesis::StreamClient;
 use crate::membership::{self, Identity, Liveness};
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, shards_sk};
 use crate::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError, now_ms};
@@ -147,6 +147,8 @@ struct Engine {
     done_tx: mpsc::UnboundedSender<(ShardKey, u64)>,
     done_rx: mpsc::UnboundedReceiver<(ShardKey, u64)>,
     generations: u64,
+    /// Shards owned at the end of the previous tick, to count rebalances.
+    last_owned: BTreeSet<ShardKey>,
     ticks: u64,
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
@@ -191,6 +193,7 @@ impl Engine {
             done_tx,
             done_rx,
             generations: 0,
+            last_owned: BTreeSet::new(),
             ticks: 0,
             refresh_caches: true,
             known_ended: BTreeSet::new(),
@@ -240,7 +243,7 @@ impl Engine {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        io_bounded(self.store.table(), op, self.op_timeout(), fut).await
+        io_bounded(&self.metrics, self.store.table(), op, self.op_timeout(), fut).await
     }
 
     fn backoff(attempt: u32, base: Duration) -> Duration {
@@ -410,6 +413,11 @@ impl Engine {
 
     fn finish_tick(&mut self) {
         self.metrics.leases_held.set(self.owned.len() as i64);
+        let owned: BTreeSet<ShardKey> = self.owned.keys().cloned().collect();
+        if owned != self.last_owned {
+            self.metrics.rebalances.inc();
+            self.last_owned = owned;
+        }
         self.last_issue = self.tick_issue.take();
     }
 
@@ -487,10 +495,12 @@ impl Engine {
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
             let key = key.clone();
             let op_timeout = self.op_timeout();
+            let metrics = self.metrics.clone();
             writes.push(async move {
                 let sent = Instant::now();
                 let res = if checkpoint {
                     io_bounded(
+                        &metrics,
                         store.table(),
                         "checkpoint",
                         op_timeout,
@@ -499,6 +509,7 @@ impl Engine {
                     .await
                 } else {
                     io_bounded(
+                        &metrics,
                         store.table(),
                         "renew",
                         op_timeout,
@@ -986,9 +997,11 @@ impl Engine {
         let (group, me) = (self.group().to_owned(), self.me().to_owned());
         let writes = releases.into_iter().map(|(key, cp)| {
             let store = store.clone();
+            let metrics = self.metrics.clone();
             let (group, me) = (group.clone(), me.clone());
             async move {
                 let res = io_bounded(
+                    &metrics,
                     store.table(),
                     "release",
                     remaining,
@@ -1014,6 +1027,7 @@ impl Engine {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(500));
         match io_bounded(
+            &self.metrics,
             self.store.table(),
             "deregister",
             remaining,
@@ -1043,11 +1057,18 @@ fn final_update(p: &ShardProgress) -> CheckpointUpdate {
 
 /// Bounds one state-store request; a timeout counts as the store being unavailable.
 async fn io_bounded<T>(
+    metrics: &Metrics,
     table: &str,
     op: &'static str,
     limit: Duration,
     fut: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
+    metrics
+        .store_requests
+        .get_or_create(&OperationLabels {
+            operation: op.to_owned(),
+        })
+        .inc();
     match tokio::time::timeout(limit, fut).await {
         Ok(res) => res,
         Err(_) => Err(StoreError::Unavailable {

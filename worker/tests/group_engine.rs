@@ -7,6 +7,7 @@
 mod group_support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::types::ScalingType;
@@ -284,4 +285,73 @@ async fn split_reads_parents_to_the_end_before_children() {
     w2.stop().await;
     assert_eq!(duplicates(&env.log.all()).len(), 0);
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_group_reads_two_streams_while_another_group_shares_the_table() {
+    let Some(mut g1) = env("multi", 2).await else {
+        return;
+    };
+    // A second stream for g1.
+    let second = format!("{}-b", g1.stream);
+    g1.kinesis
+        .create_stream()
+        .stream_name(&second)
+        .shard_count(2)
+        .send()
+        .await
+        .expect("create second stream");
+    wait_stream_active(&g1.kinesis, &second).await;
+    g1.extra_streams.push(second.clone());
+    // g2: another group in the same table, reading g1's first stream on its own.
+    let g2 = Env {
+        kinesis: g1.kinesis.clone(),
+        store: g1.store.clone(),
+        table: g1.table.clone(),
+        stream: g1.stream.clone(),
+        group: format!("{}-other", g1.group),
+        log: Arc::new(Log::default()),
+        checkpoint_interval: "500ms".into(),
+        extra_streams: Vec::new(),
+    };
+
+    let mut want1 = g1.put("a", 30).await;
+    let want2 = want1.clone();
+    want1.extend(g1.put_to(&second, "b", 30).await);
+    let e1 = g1.start("e1");
+    let e2 = g1.start("e2");
+    let f1 = g2.start("f1");
+    // Two streams x two shards over two clients: two leases each, one of each stream
+    // (the client index rotates per stream).
+    g1.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
+        .await;
+    g2.wait_ownership(&[("f1", 2)], Duration::from_secs(30))
+        .await;
+    g1.wait_delivered(&want1, Duration::from_secs(30)).await;
+    g2.wait_delivered(&want2, Duration::from_secs(30)).await;
+    let snap = g1.snapshot().await;
+    for e in ["e1", "e2"] {
+        let streams: BTreeSet<&str> = snap
+            .leases
+            .iter()
+            .filter(|l| l.owner.as_deref().is_some_and(|o| base(o) == e))
+            .map(|l| l.stream.as_str())
+            .collect();
+        assert_eq!(streams.len(), 2, "{e} reads one shard of each stream");
+    }
+    for w in [e1, e2, f1] {
+        w.stop().await;
+    }
+    for (g, want) in [(&g1, &want1), (&g2, &want2)] {
+        let log = g.log.all();
+        assert_order_per_shard(&log);
+        assert_eq!(
+            &g.log.distinct_ids(),
+            want,
+            "group {} got exactly its records",
+            g.group
+        );
+        assert!(duplicates(&log).is_empty());
+    }
+    g1.cleanup().await;
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub engine: String,
+    pub stream: String,
     pub shard: String,
     pub sequence: String,
     pub id: String,
@@ -60,6 +61,7 @@ impl BatchHandler for Collect {
                 let at = log.len();
                 log.push(Delivery {
                     engine: self.engine.clone(),
+                    stream: r.stream.clone(),
                     shard: r.shard_id.clone(),
                     sequence: r.sequence.clone(),
                     id: String::from_utf8_lossy(&r.data).into_owned(),
@@ -81,6 +83,8 @@ pub struct Env {
     pub log: Arc<Log>,
     /// `tuning.checkpointInterval` of the engines started from now on.
     pub checkpoint_interval: String,
+    /// More streams the group reads, after `stream`.
+    pub extra_streams: Vec<String>,
 }
 
 pub fn suffix() -> String {
@@ -124,6 +128,7 @@ pub async fn env(test: &str, shards: i32) -> Option<Env> {
         group: format!("test/{test}-{id}"),
         log: Arc::new(Log::default()),
         checkpoint_interval: "500ms".into(),
+        extra_streams: Vec::new(),
     })
 }
 
@@ -155,9 +160,7 @@ impl Env {
             r#"
 group: {group}
 streams:
-  - name: {stream}
-    startPosition: TrimHorizon
-stateStore:
+{streams}stateStore:
   table: {table}
 delivery:
   stdout: {{}}
@@ -169,7 +172,10 @@ tuning:
   shutdownTimeout: 5s
 "#,
             group = self.group,
-            stream = self.stream,
+            streams = std::iter::once(&self.stream)
+                .chain(&self.extra_streams)
+                .map(|s| format!("  - name: {s}\n    startPosition: TrimHorizon\n"))
+                .collect::<String>(),
             table = self.table,
             checkpoint = self.checkpoint_interval,
         ))
@@ -207,6 +213,11 @@ tuning:
 
     /// Writes `n` records with ids `<prefix>-<i>`, spread over the hash key space.
     pub async fn put(&self, prefix: &str, n: usize) -> BTreeSet<String> {
+        self.put_to(&self.stream.clone(), prefix, n).await
+    }
+
+    /// Writes `n` records with ids `<prefix>-<i>` to `stream`.
+    pub async fn put_to(&self, stream: &str, prefix: &str, n: usize) -> BTreeSet<String> {
         let mut ids = BTreeSet::new();
         for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
             let entries: Vec<PutRecordsRequestEntry> = chunk
@@ -226,7 +237,7 @@ tuning:
             let out = self
                 .kinesis
                 .put_records()
-                .stream_name(&self.stream)
+                .stream_name(stream)
                 .set_records(Some(entries))
                 .send()
                 .await
@@ -287,13 +298,37 @@ tuning:
         }
     }
 
-    pub async fn cleanup(&self) {
-        let _ = self
-            .kinesis
-            .delete_stream()
-            .stream_name(&self.stream)
-            .send()
-            .await;
+    /// Streams are deleted when the `Env` drops (also when a test fails), so the
+    /// emulator's account shard limit is not eaten by leftovers.
+    pub async fn cleanup(&self) {}
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let kinesis = self.kinesis.clone();
+        let streams: Vec<String> = std::iter::once(self.stream.clone())
+            .chain(self.extra_streams.iter().cloned())
+            .collect();
+        // Drop cannot await; delete from a helper thread with its own small runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                for s in streams {
+                    let _ = kinesis
+                        .delete_stream()
+                        .stream_name(s)
+                        .enforce_consumer_deletion(true)
+                        .send()
+                        .await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -335,12 +370,13 @@ pub fn seq_key(s: &str) -> (usize, &str) {
 /// redelivery never goes back beyond what... (only checked as "first occurrence order").
 pub fn assert_order_per_shard(log: &[Delivery]) {
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut last: BTreeMap<(String, String), String> = BTreeMap::new();
     for d in log {
         if !seen.insert(d.id.clone()) {
             continue;
         }
-        if let Some(prev) = last.get(&d.shard) {
+        let key = (d.stream.clone(), d.shard.clone());
+        if let Some(prev) = last.get(&key) {
             assert!(
                 seq_key(&d.sequence) > seq_key(prev),
                 "shard {} out of order: {} after {}",
@@ -349,7 +385,7 @@ pub fn assert_order_per_shard(log: &[Delivery]) {
                 prev
             );
         }
-        last.insert(d.shard.clone(), d.sequence.clone());
+        last.insert(key, d.sequence.clone());
     }
 }
 
