@@ -124,20 +124,51 @@ pub async fn main() -> std::process::ExitCode {
         cli.log_format
     };
     telemetry::init(format);
+    let is_run = matches!(cli.command, Command::Run(_));
     let result = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Crd => crate::crd::crd_yaml()
-            .map(|y| print!("{y}"))
-            .context("rendering the CRD"),
+            .context("rendering the CRD")
+            .and_then(|y| out(&y)),
         Command::Status(args) => status_cmd(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            error!(error = format!("{e:#}"), "kcg-operator failed");
-            eprintln!("error: {e:#}");
+            let chain = chain(&e);
+            if is_run {
+                error!(error = %chain, "kcg-operator failed");
+            } else {
+                eprintln!("error: {chain}");
+            }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error's causes joined with `: `, skipping causes already quoted by their parent
+/// (kube and the AWS SDK repeat them).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
 }
 
@@ -261,22 +292,21 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         .map(|k| k.spec.tuning.client_timeout)
         .unwrap_or_else(kcg_worker::config::defaults::client_timeout);
     let mut liveness = Liveness::new(timeout);
+    if args.watch.is_none() {
+        settle(&store, &target.group, &mut liveness, timeout).await;
+    }
     let mut previous: Option<KinesisConsumerGroupStatus> = None;
     loop {
         let s = status_once(&store, &target, &mut liveness, previous.as_ref()).await;
         match args.output {
             Output::Yaml => {
-                if args.watch.is_some() {
-                    println!("---");
-                }
-                print!("{}", serde_yaml::to_string(&s).context("rendering YAML")?);
+                let sep = if args.watch.is_some() { "---\n" } else { "" };
+                out(&format!("{sep}{}", serde_yaml::to_string(&s).context("rendering YAML")?))?;
             }
             Output::Table => {
-                if args.watch.is_some() {
-                    // Clear the screen so the table refreshes in place.
-                    print!("\x1b[2J\x1b[H");
-                }
-                print!("{}", render_table(&target.group, &target.table, &s, jiff::Timestamp::now()));
+                // With --watch, clear the screen so the table refreshes in place.
+                let clear = if args.watch.is_some() { "\x1b[2J\x1b[H" } else { "" };
+                out(&format!("{clear}{}", render_table(&target.group, &target.table, &s, jiff::Timestamp::now())))?;
             }
         }
         previous = Some(s);
@@ -284,6 +314,27 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
             Some(secs) => tokio::time::sleep(Duration::from_secs(secs.max(1))).await,
             None => return Ok(()),
         }
+    }
+}
+
+/// Liveness is judged by watching heartbeat counters move, never by comparing clocks, so a
+/// single read cannot tell a live client from a dead one. Before a one-shot status, watch
+/// the table until every client's counter has moved (typically one heartbeat interval) or
+/// the client timeout has passed (then the still ones are dead).
+async fn settle(store: &StateStore, group: &str, liveness: &mut Liveness<String>, timeout: Duration) {
+    let start = Instant::now();
+    let mut first: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    loop {
+        let Ok(snap) = store.load_group(group).await else { return };
+        observe_clients(liveness, &snap.clients, Instant::now());
+        for c in &snap.clients {
+            first.entry(c.client_id.clone()).or_insert(c.heartbeat);
+        }
+        let all_moved = snap.clients.iter().all(|c| first.get(&c.client_id) != Some(&c.heartbeat));
+        if all_moved || start.elapsed() > timeout {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -316,7 +367,8 @@ async fn status_once(
             .unwrap_or_default(),
     };
     let n = live.len() as i32;
-    let desired = target.spec.as_ref().map(|k| k.spec.replicas).unwrap_or(n);
+    // Without a spec, "desired" is what runs (at least one: an empty group is not suspended).
+    let desired = target.spec.as_ref().map(|k| k.spec.replicas).unwrap_or(n.max(1));
     if let Some(k) = &target.spec
         && let Err(e) = k.worker_config().validate()
     {

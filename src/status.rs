@@ -332,7 +332,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
         observed_generation: generation,
         replicas: d.replicas,
         ready_replicas: d.ready_replicas,
-        selector: Some(selector),
+        selector: Some(selector).filter(|s| !s.is_empty()),
         leader,
         client_count: live.len() as i32,
         shard_count: shard_count as i32,

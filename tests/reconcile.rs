@@ -423,15 +423,12 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
             let out = (hash_of(&d), d["spec"]["replicas"].as_i64().unwrap());
             v.expect_status(&k2).await;
             // Events depend on the object's previous status (none here): drain them.
-            loop {
-                match tokio::time::timeout(Duration::from_millis(300), v.0.next_request()).await {
-                    Ok(Some((req, send))) => {
-                        assert!(req.uri().path().contains("/events"), "{}", req.uri());
-                        let b = req.into_body().collect_bytes().await.unwrap();
-                        send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
-                    }
-                    _ => break,
-                }
+            while let Ok(Some((req, send))) =
+                tokio::time::timeout(Duration::from_millis(300), v.0.next_request()).await
+            {
+                assert!(req.uri().path().contains("/events"), "{}", req.uri());
+                let b = req.into_body().collect_bytes().await.unwrap();
+                send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
             }
             (v, out)
         })
