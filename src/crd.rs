@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, Container, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kcg_worker::config::{DeliveryConfig, StateStoreConfig, StreamConfig, Tuning, WorkerConfig};
 use kube::{CustomResource, CustomResourceExt, ResourceExt};
@@ -119,6 +122,9 @@ pub struct WorkerPodSpec {
     /// Image pull policy of the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Secrets for pulling the worker (and extra containers') images from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     /// CPU and memory of the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -143,6 +149,12 @@ pub struct WorkerPodSpec {
     /// Affinity of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// Topology spread of the pods, e.g. across zones so one zone outage stops few readers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Priority class of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
     /// Containers added next to the worker, e.g. the http sink's consumer listening on
     /// localhost. They get the restricted security context unless they set their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

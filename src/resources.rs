@@ -313,6 +313,10 @@ pub fn deployment(kcg: &KinesisConsumerGroup, settings: &OperatorSettings, confi
         node_selector: (!w.node_selector.is_empty()).then(|| w.node_selector.clone()),
         tolerations: (!w.tolerations.is_empty()).then(|| w.tolerations.clone()),
         affinity: w.affinity.clone(),
+        topology_spread_constraints: (!w.topology_spread_constraints.is_empty())
+            .then(|| w.topology_spread_constraints.clone()),
+        priority_class_name: w.priority_class_name.clone(),
+        image_pull_secrets: (!w.image_pull_secrets.is_empty()).then(|| w.image_pull_secrets.clone()),
         volumes: Some(vec![
             Volume {
                 name: "config".to_owned(),
@@ -564,6 +568,9 @@ delivery: {stdout: {}}
   tolerations: [{{key: dedicated, operator: Equal, value: kcg, effect: NoSchedule}}]
   affinity: {{podAntiAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: [{{weight: 1, podAffinityTerm: {{topologyKey: kubernetes.io/hostname}}}}]}}}}
   resources: {{requests: {{cpu: 100m}}}}
+  imagePullSecrets: [{{name: registry}}]
+  priorityClassName: high
+  topologySpreadConstraints: [{{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}}]
 "
         );
         let d = deployment(&group(&spec), &settings(), "h");
@@ -577,6 +584,9 @@ delivery: {stdout: {}}
         assert_eq!(p.node_selector.unwrap()["disk"], "ssd");
         assert_eq!(p.tolerations.unwrap()[0].key.as_deref(), Some("dedicated"));
         assert!(p.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(p.image_pull_secrets.unwrap()[0].name, "registry");
+        assert_eq!(p.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(p.topology_spread_constraints.unwrap()[0].topology_key, "topology.kubernetes.io/zone");
         assert_eq!(tpl.metadata.unwrap().annotations.unwrap()["a"], "b");
     }
 
