@@ -1,4 +1,11 @@
-//! Shared helpers of the kcg benchmarks and the demo producer.
+//! Shared helpers of the kcg benchmarks and the demo producer, and the benchmarks
+//! themselves (`kcg-bench` only parses options and prints the table).
+
+pub mod e2e;
+pub mod micro;
+pub mod rebalance;
+pub mod report;
+pub mod support;
 
 use std::time::Duration;
 

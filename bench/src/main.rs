@@ -1,1 +1,158 @@
-fn main() {}
+//! `kcg-bench`: kcg's speed and memory goals as ONE command that prints ONE table.
+//!
+//! Pure functions (planner, handoff decision, status builder) are timed in-process; the
+//! end-to-end and rebalance benchmarks run the real engine against the emulators named by
+//! the standard `AWS_ENDPOINT_URL_*` variables (`bench/run.sh` starts and sets them).
+//! Exits non-zero when a stated goal is missed.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use kcg_bench::report::{self, Row};
+use kcg_bench::support::Aws;
+use kcg_bench::{e2e, micro, rebalance};
+
+/// The benchmarks, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    /// Assignment plan (snapshot -> plan) for 4x2, 100x10, 1000x100 shards x clients.
+    Planner,
+    /// Handoff decision of one client in those groups.
+    Handoff,
+    /// Operator status builder for 1000 shards x 100 clients: time and JSON size.
+    Status,
+    /// One engine consuming N records from a fresh stream (needs emulators).
+    E2e,
+    /// Join, graceful stop and kill of engines on 8 shards (needs emulators).
+    Rebalance,
+}
+
+/// Command-line options.
+#[derive(Parser, Debug)]
+#[command(about = "kcg benchmarks: prints one table; exits 1 when a goal is missed")]
+struct Args {
+    /// Run only these benchmarks (repeat or comma-separate); default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Bench>,
+    /// Records the end-to-end benchmark produces and consumes.
+    #[arg(long, default_value_t = 50_000)]
+    records: u64,
+    /// Payload bytes per record.
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Shards of the end-to-end stream.
+    #[arg(long, default_value_t = 4)]
+    shards: i32,
+    /// Records per GetRecords call in the end-to-end benchmark (Kinesis allows 10000).
+    #[arg(long, default_value_t = 10_000)]
+    max_records_per_call: u32,
+    /// Seconds the end-to-end benchmark waits for every record.
+    #[arg(long, default_value_t = 120)]
+    e2e_timeout: u64,
+    /// Name of the Kinesis emulator, for the report line.
+    #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
+    kinesis_emulator: String,
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "rustc unknown".into());
+    let profile = if cfg!(debug_assertions) { "debug build" } else { "release build" };
+    format!("machine: nproc {cores}, {cpu}, {rustc}, {profile}")
+}
+
+fn emulators(kinesis_name: &str) -> String {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "(unset)".into());
+    format!(
+        "emulators: Kinesis {} at {}, DynamoDB at {} (DynamoDB Local via scripts/emulators.sh)",
+        kinesis_name,
+        var("AWS_ENDPOINT_URL_KINESIS"),
+        var("AWS_ENDPOINT_URL_DYNAMODB"),
+    )
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // Engine logs only on request: they would bury the table.
+    if std::env::var_os("RUST_LOG").is_some() {
+        kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);
+    }
+    let selected = |b: Bench| args.only.is_empty() || args.only.contains(&b);
+    let needs_aws = selected(Bench::E2e) || selected(Bench::Rebalance);
+    if needs_aws
+        && (std::env::var_os("AWS_ENDPOINT_URL_KINESIS").is_none()
+            || std::env::var_os("AWS_ENDPOINT_URL_DYNAMODB").is_none())
+    {
+        eprintln!(
+            "kcg-bench: e2e and rebalance need the emulators: run bench/run.sh, or set \
+             AWS_ENDPOINT_URL_KINESIS and AWS_ENDPOINT_URL_DYNAMODB (or pass --only planner,handoff,status)"
+        );
+        return ExitCode::from(2);
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    let progress = |name: &str| eprintln!("kcg-bench: running {name} ...");
+    if selected(Bench::Planner) {
+        progress("planner");
+        rows.extend(micro::planner());
+    }
+    if selected(Bench::Handoff) {
+        progress("handoff");
+        rows.extend(micro::handoff());
+    }
+    if selected(Bench::Status) {
+        progress("status");
+        rows.extend(micro::status());
+    }
+    if needs_aws {
+        let aws = Aws::load().await;
+        if selected(Bench::E2e) {
+            progress("e2e");
+            rows.extend(
+                e2e::run(&aws, &e2e::Params {
+                    records: args.records,
+                    payload: args.payload,
+                    shards: args.shards,
+                    max_records_per_call: args.max_records_per_call,
+                    timeout: Duration::from_secs(args.e2e_timeout),
+                })
+                .await,
+            );
+        }
+        if selected(Bench::Rebalance) {
+            progress("rebalance");
+            rows.extend(rebalance::run(&aws).await);
+        }
+    }
+
+    println!();
+    print!("{}", report::render(&rows));
+    println!("{}", machine());
+    if needs_aws {
+        println!("{}", emulators(&args.kinesis_emulator));
+    }
+    let missed = rows.iter().filter(|r| r.pass == Some(false)).count();
+    if missed > 0 {
+        println!("{missed} goal(s) MISSED");
+        ExitCode::FAILURE
+    } else {
+        println!("all stated goals met");
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,112 @@
+//! The result table every benchmark contributes rows to, printed once at the end.
+
+use std::fmt::Write as _;
+
+/// One line of the result table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Benchmark name, e.g. `planner`.
+    pub bench: String,
+    /// What was measured, with the parameters that make the number interpretable.
+    pub params: String,
+    /// The measured value, formatted.
+    pub result: String,
+    /// Unit of `result`.
+    pub unit: String,
+    /// The goal as text (`-` when none is stated).
+    pub goal: String,
+    /// `Some(false)` when a stated goal was missed, `None` when there is no goal.
+    pub pass: Option<bool>,
+}
+
+impl Row {
+    /// A row without a goal (informational).
+    pub fn info(bench: &str, params: impl Into<String>, result: impl Into<String>, unit: &str) -> Self {
+        Self {
+            bench: bench.to_owned(),
+            params: params.into(),
+            result: result.into(),
+            unit: unit.to_owned(),
+            goal: "-".to_owned(),
+            pass: None,
+        }
+    }
+
+    /// A row checked against a goal.
+    pub fn goal(
+        bench: &str,
+        params: impl Into<String>,
+        result: impl Into<String>,
+        unit: &str,
+        goal: impl Into<String>,
+        pass: bool,
+    ) -> Self {
+        Self {
+            goal: goal.into(),
+            pass: Some(pass),
+            ..Self::info(bench, params, result, unit)
+        }
+    }
+
+    /// A benchmark that could not run: shows the error and counts as a missed goal.
+    pub fn failed(bench: &str, error: &anyhow::Error) -> Self {
+        let mut message = format!("{error:#}");
+        message.truncate(160);
+        Self::goal(bench, format!("ERROR: {message}"), "-", "-", "runs", false)
+    }
+}
+
+/// Formats a float with a precision that suits its magnitude.
+pub fn num(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Renders the rows as one aligned, pipe-separated table (Markdown-compatible).
+pub fn render(rows: &[Row]) -> String {
+    let header = ["benchmark", "params", "result", "unit", "goal"];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            let goal = match r.pass {
+                Some(false) => format!("{} MISSED", r.goal),
+                Some(true) => format!("{} ok", r.goal),
+                None => r.goal.clone(),
+            };
+            [r.bench.clone(), r.params.clone(), r.result.clone(), r.unit.clone(), goal]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for c in &cells {
+        for (w, s) in widths.iter_mut().zip(c) {
+            *w = (*w).max(s.chars().count());
+        }
+    }
+    let line = |c: [&str; 5]| {
+        let mut s = String::from("|");
+        for (i, (w, v)) in widths.iter().zip(c).enumerate() {
+            // Results are numbers: right-align them.
+            if i == 2 {
+                let _ = write!(s, " {v:>w$} |");
+            } else {
+                let _ = write!(s, " {v:<w$} |");
+            }
+        }
+        s
+    };
+    let mut out = line(header);
+    out.push('\n');
+    let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&line([&sep[0], &sep[1], &sep[2], &sep[3], &sep[4]]));
+    out.push('\n');
+    for c in &cells {
+        out.push_str(&line([&c[0], &c[1], &c[2], &c[3], &c[4]]));
+        out.push('\n');
+    }
+    out
+}

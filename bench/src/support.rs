@@ -1,0 +1,271 @@
+//! What the emulator benchmarks share: AWS clients, unique names, a fast producer, a
+//! counting handler, engine configs and cleanup.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use kcg_worker::config::{
+    DeliveryConfig, StartPosition, StateStoreConfig, StdoutSink, StreamConfig, Tuning,
+    WorkerConfig,
+};
+use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::store::StateStore;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+/// Clients for the emulators, configured from the standard `AWS_ENDPOINT_URL_*` variables.
+#[derive(Clone)]
+pub struct Aws {
+    /// Kinesis.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// DynamoDB (the state store).
+    pub dynamodb: aws_sdk_dynamodb::Client,
+}
+
+impl Aws {
+    /// Loads the default AWS config (endpoints, credentials, region from the environment).
+    pub async fn load() -> Self {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Self {
+            kinesis: aws_sdk_kinesis::Client::new(&config),
+            dynamodb: aws_sdk_dynamodb::Client::new(&config),
+        }
+    }
+
+    /// A state store on `table`.
+    pub fn store(&self, table: &str) -> StateStore {
+        StateStore::new(self.dynamodb.clone(), table)
+    }
+}
+
+/// A name unique to this run, so concurrent runs and leftovers never collide.
+pub fn unique(prefix: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("kcg-bench-{prefix}-{}-{ms}", std::process::id())
+}
+
+/// Writes `count` records of `payload` bytes to `stream`, 500 per PutRecords call with
+/// `in_flight` calls at once, partition keys spread over all shards. Returns the time taken.
+pub async fn produce(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    count: u64,
+    payload: usize,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
+    const PER_CALL: u64 = 500;
+    let start = Instant::now();
+    let body = Blob::new(vec![b'x'; payload]);
+    let mut calls = JoinSet::new();
+    let mut next = 0u64;
+    loop {
+        while next < count && calls.len() < in_flight.max(1) {
+            let n = PER_CALL.min(count - next);
+            let entries = (next..next + n)
+                .map(|i| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(format!("pk-{i}"))
+                        .data(body.clone())
+                        .build()
+                        .context("building a record")
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let req = client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries));
+            calls.spawn(async move { req.send().await });
+            next += n;
+        }
+        let Some(done) = calls.join_next().await else {
+            break;
+        };
+        let out = done
+            .context("producer task")?
+            .with_context(|| format!("PutRecords to {stream}"))?;
+        let failed = out.failed_record_count().unwrap_or(0);
+        anyhow::ensure!(failed == 0, "{failed} records were rejected by PutRecords");
+    }
+    Ok(start.elapsed())
+}
+
+/// True when Kinesis sequence number `a` comes after `b` (decimal strings of any length).
+pub fn seq_after(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    (a.len(), a) > (b.len(), b)
+}
+
+/// A handler that acknowledges every batch and counts records: distinct ones (each shard's
+/// sequence numbers must increase) and repeats, with the time of the first and last record.
+pub struct Counter {
+    start: Instant,
+    target: u64,
+    last_seq: Mutex<HashMap<String, String>>,
+    distinct: AtomicU64,
+    repeated: AtomicU64,
+    first: OnceLock<Duration>,
+    last_ns: AtomicU64,
+    done: Notify,
+}
+
+impl Counter {
+    /// A counter that signals [`Counter::reached`] once `target` distinct records arrived.
+    /// Times are measured from `start`.
+    pub fn new(start: Instant, target: u64) -> Arc<Self> {
+        Arc::new(Self {
+            start,
+            target,
+            last_seq: Mutex::new(HashMap::new()),
+            distinct: AtomicU64::new(0),
+            repeated: AtomicU64::new(0),
+            first: OnceLock::new(),
+            last_ns: AtomicU64::new(0),
+            done: Notify::new(),
+        })
+    }
+
+    /// Resolves once `target` distinct records were delivered.
+    pub async fn reached(&self) {
+        if self.distinct() >= self.target {
+            return;
+        }
+        self.done.notified().await;
+    }
+
+    /// Distinct records delivered (in order per shard).
+    pub fn distinct(&self) -> u64 {
+        self.distinct.load(Ordering::SeqCst)
+    }
+
+    /// Records delivered again (at or before a shard's highest sequence number seen).
+    pub fn repeated(&self) -> u64 {
+        self.repeated.load(Ordering::SeqCst)
+    }
+
+    /// Time from start to the first record.
+    pub fn first(&self) -> Option<Duration> {
+        self.first.get().copied()
+    }
+
+    /// Time from start to the latest delivered record.
+    pub fn last(&self) -> Duration {
+        Duration::from_nanos(self.last_ns.load(Ordering::SeqCst))
+    }
+
+    fn count(&self, batch: &[Record]) {
+        let Some(head) = batch.first() else {
+            return;
+        };
+        let _ = self.first.set(self.start.elapsed());
+        let key = format!("{}/{}", head.stream, head.shard_id);
+        let (mut fresh, mut again) = (0u64, 0u64);
+        {
+            let mut last = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+            let mut high = last.get(&key).cloned();
+            for r in batch {
+                if high.as_deref().is_none_or(|h| seq_after(&r.sequence, h)) {
+                    fresh += 1;
+                    high = Some(r.sequence.clone());
+                } else {
+                    again += 1;
+                }
+            }
+            if let Some(h) = high {
+                last.insert(key, h);
+            }
+        }
+        self.repeated.fetch_add(again, Ordering::SeqCst);
+        let total = self.distinct.fetch_add(fresh, Ordering::SeqCst) + fresh;
+        self.last_ns
+            .fetch_max(self.start.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        if total >= self.target && total - fresh < self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
+impl BatchHandler for Counter {
+    fn handle<'a>(
+        &'a self,
+        batch: &'a [Record],
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        self.count(batch);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A worker config for one stream read from TRIM_HORIZON, state in `table`.
+pub fn worker_config(group: &str, stream: &str, table: &str, tuning: Tuning) -> WorkerConfig {
+    WorkerConfig {
+        group: group.to_owned(),
+        streams: vec![StreamConfig {
+            name: stream.to_owned(),
+            region: None,
+            role_arn: None,
+            start_position: StartPosition::TrimHorizon,
+            start_timestamp: None,
+        }],
+        state_store: StateStoreConfig {
+            table: table.to_owned(),
+            region: None,
+            create: false,
+        },
+        // Required by validation; the benchmark passes its own handler to the engine.
+        delivery: DeliveryConfig {
+            stdout: Some(StdoutSink {}),
+            http: None,
+        },
+        tuning,
+    }
+}
+
+/// Creates the state-store table and the stream (`shards` shards, ACTIVE).
+pub async fn create(aws: &Aws, stream: &str, shards: i32, table: &str) -> anyhow::Result<()> {
+    aws.store(table)
+        .create_table()
+        .await
+        .with_context(|| format!("creating table {table}"))?;
+    crate::ensure_stream(&aws.kinesis, stream, shards).await
+}
+
+/// Deletes what a benchmark created; reports (does not fail on) what could not be deleted.
+pub async fn cleanup(aws: &Aws, stream: &str, table: &str) {
+    if let Err(e) = aws
+        .kinesis
+        .delete_stream()
+        .stream_name(stream)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+    {
+        eprintln!("kcg-bench: could not delete stream {stream}: {e}");
+    }
+    if let Err(e) = aws.dynamodb.delete_table().table_name(table).send().await {
+        eprintln!("kcg-bench: could not delete table {table}: {e}");
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Resets the peak RSS counter (Linux: write 5 to clear_refs), so VmHWM then covers only
+/// what follows. Returns whether the kernel accepted it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
