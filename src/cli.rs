@@ -64,9 +64,10 @@ pub struct RunArgs {
     /// Service account for worker pods that do not set spec.worker.serviceAccountName.
     #[arg(long, env = "KCG_WORKER_SERVICE_ACCOUNT")]
     pub worker_service_account: Option<String>,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "KCG_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; repeat the flag or separate with commas (default: all
+    /// namespaces). The chart passes one flag per `watchNamespaces` entry.
+    #[arg(long = "namespace", env = "KCG_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
     /// Elect a leader through a Lease so several replicas are safe; only the leader
     /// reconciles. Disable only for a single local instance.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KCG_LEADER_ELECTION")]
@@ -185,7 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let opts = RunOptions {
-        namespace: args.namespace.clone(),
+        namespaces: args.namespaces.clone(),
         settings: OperatorSettings {
             worker_image: args.worker_image.clone(),
             worker_service_account: args.worker_service_account.clone(),
@@ -503,10 +504,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let c = Cli::try_parse_from(["kcg-operator", "run", "--namespace", "team-a", "--leader-election", "false"]).unwrap();
+        let c = Cli::try_parse_from([
+            "kcg-operator", "run", "--namespace", "team-a", "--namespace=team-b,team-c", "--leader-election", "false",
+        ])
+        .unwrap();
         match c.command {
             Command::Run(a) => {
-                assert_eq!(a.namespace.as_deref(), Some("team-a"));
+                assert_eq!(a.namespaces, vec!["team-a", "team-b", "team-c"]);
                 assert!(!a.leader_election);
                 assert_eq!(a.listen.to_string(), "0.0.0.0:8080");
                 assert!(a.worker_image.starts_with("ghcr.io/kcg-dev/kcg-worker:") || std::env::var("KCG_WORKER_IMAGE").is_ok());

@@ -357,44 +357,40 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     };
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let deployment = if valid {
-        let rendered = resources::render(&kcg, &ctx.settings).map_err(|source| Error::Render {
-            group: group.clone(),
-            source,
-        })?;
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-        let cm_name = resources::config_map_name(&kcg);
-        config_maps
-            .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
-            .await
-            .map_err(|source| Error::Apply {
-                kind: "ConfigMap",
-                namespace: ns.clone(),
-                name: cm_name.clone(),
-                source,
-            })?;
-        let name = resources::deployment_name(&kcg);
-        let applied = deployments
-            .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
-            .await
-            .map_err(|source| Error::Apply {
+    let applied = if valid {
+        match apply_owned(&kcg, &ctx, &ns, &group).await {
+            Ok(d) => Some(d),
+            // The API server refused what the spec rendered to (a bad quantity in
+            // spec.worker.resources, a forbidden field...): report it, do not crash-loop.
+            Err(Error::Apply {
+                kind,
+                source: kube::Error::Api(s),
+                ..
+            }) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
+                problems.push(Problem::new(
+                    "ApplyRejected",
+                    format!("the API server rejected the {kind} rendered from the spec: {} ({})", s.message, s.reason),
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let deployment = match applied {
+        Some(d) => Some(d),
+        None => {
+            let name = resources::deployment_name(&kcg);
+            deployments.get_opt(&name).await.map_err(|source| Error::Get {
                 kind: "Deployment",
                 namespace: ns.clone(),
-                name: name.clone(),
+                name,
                 source,
-            })?;
-        debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
-        Some(applied)
-    } else {
-        let name = resources::deployment_name(&kcg);
-        deployments.get_opt(&name).await.map_err(|source| Error::Get {
-            kind: "Deployment",
-            namespace: ns.clone(),
-            name,
-            source,
-        })?
+            })?
+        }
     };
+    let valid = valid && problems.is_empty();
 
     // The state store: a failure is a condition, never a crash or a reconcile error.
     let store_cfg = &kcg.spec.state_store.config;
@@ -450,6 +446,39 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     } else {
         Action::requeue(INVALID_SPEC_RETRY)
     })
+}
+
+/// Server-side applies the ConfigMap, then the Deployment; returns the Deployment as stored.
+async fn apply_owned(kcg: &KinesisConsumerGroup, ctx: &Context, ns: &str, group: &str) -> Result<Deployment, Error> {
+    let rendered = resources::render(kcg, &ctx.settings).map_err(|source| Error::Render {
+        group: group.to_owned(),
+        source,
+    })?;
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let cm_name = resources::config_map_name(kcg);
+    config_maps
+        .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "ConfigMap",
+            namespace: ns.to_owned(),
+            name: cm_name.clone(),
+            source,
+        })?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let name = resources::deployment_name(kcg);
+    let applied = deployments
+        .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: "Deployment",
+            namespace: ns.to_owned(),
+            name: name.clone(),
+            source,
+        })?;
+    debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
+    Ok(applied)
 }
 
 /// `now` truncated to whole seconds: the API server stores condition times with second
@@ -571,8 +600,8 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
 /// Where and how the controller runs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Watch one namespace only; `None` watches all.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; empty watches all.
+    pub namespaces: Vec<String>,
     /// Operator settings passed to the resource builders.
     pub settings: OperatorSettings,
 }
@@ -580,43 +609,57 @@ pub struct RunOptions {
 /// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
 /// (lost leadership).
 pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Result<(), Error> {
-    let (groups, deployments, config_maps) = match &opts.namespace {
-        Some(ns) => (
-            Api::<KinesisConsumerGroup>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::<KinesisConsumerGroup>::all(client.clone()),
-            Api::<Deployment>::all(client.clone()),
-            Api::<ConfigMap>::all(client.clone()),
-        ),
-    };
-    groups
-        .list(&ListParams::default().limit(1))
-        .await
-        .map_err(Error::CrdMissing)?;
     let ctx = Arc::new(Context::new(
         client.clone(),
         opts.settings.clone(),
         metrics,
         DynamoClients::from_env().await,
     ));
-    // Owned objects carry this label; watching only them keeps the caches small.
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kcg-operator");
-    info!(namespace = ?opts.namespace, "controller starting");
-    Controller::new(groups, watcher::Config::default().any_semantic())
-        .owns(deployments, owned.clone())
-        .owns(config_maps, owned)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(object = %obj.name, "reconciled"),
-                Err(e) => debug!(error = %error_chain(&e), "reconcile error"),
-            }
-        })
-        .await;
+    // One controller per watched namespace (a watch is per namespace or cluster-wide);
+    // they share the context, so trackers, backoff and metrics are common.
+    let scopes: Vec<Option<String>> = if opts.namespaces.is_empty() {
+        vec![None]
+    } else {
+        opts.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut controllers = Vec::new();
+    for ns in scopes {
+        let (groups, deployments, config_maps) = match &ns {
+            Some(ns) => (
+                Api::<KinesisConsumerGroup>::namespaced(client.clone(), ns),
+                Api::<Deployment>::namespaced(client.clone(), ns),
+                Api::<ConfigMap>::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::<KinesisConsumerGroup>::all(client.clone()),
+                Api::<Deployment>::all(client.clone()),
+                Api::<ConfigMap>::all(client.clone()),
+            ),
+        };
+        groups
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(Error::CrdMissing)?;
+        // Owned objects carry this label; watching only them keeps the caches small.
+        let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kcg-operator");
+        info!(namespace = ?ns, "controller starting");
+        let ctx = ctx.clone();
+        controllers.push(async move {
+            Controller::new(groups, watcher::Config::default().any_semantic())
+                .owns(deployments, owned.clone())
+                .owns(config_maps, owned)
+                .shutdown_on_signal()
+                .run(reconcile, error_policy, ctx)
+                .for_each(|res| async move {
+                    match res {
+                        Ok((obj, _)) => debug!(object = %obj.name, "reconciled"),
+                        Err(e) => debug!(error = %error_chain(&e), "reconcile error"),
+                    }
+                })
+                .await;
+        });
+    }
+    futures::future::join_all(controllers).await;
     info!("controller stopped");
     Ok(())
 }

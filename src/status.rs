@@ -208,6 +208,7 @@ pub fn remedy(reason: &str) -> &'static str {
         "StateStoreUnavailable" => "check spec.stateStore.table and region: the table must exist (or set stateStore.create: true) and DynamoDB must be reachable with the operator's and workers' credentials",
         "TableNotFound" => "create the state-store table (or set spec.stateStore.create: true) and check spec.stateStore.region",
         "HandlerFailing" => "the delivery target rejects batches: check spec.delivery (http url, the sidecar's logs); records are retried and not lost",
+        "ApplyRejected" => "fix the spec fields the API server names (spec.worker: resources, env, tolerations, affinity, extraContainers); the workers keep running with the last applied Deployment",
         "InvalidSpec" => "fix the spec as the message says; the workers keep their last good config until then",
         "Throttled" => "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval",
         _ => "see the worker logs for details",

@@ -617,3 +617,47 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
     assert_eq!((snap.clients.len(), snap.leases.len(), snap.shard_caches.len()), (0, 0, 0), "Delete removes the group's rows");
     assert_eq!(store.load_group("team-b/other").await.unwrap().clients.len(), 1, "other groups are untouched");
 }
+
+#[tokio::test]
+async fn deployment_rejected_by_the_api_server_is_degraded_not_crash_looped() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("rejected");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(&table, json!({}));
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        v.expect_config_map().await;
+        let s = v.next().await;
+        assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
+        Verifier::reply(
+            s.send,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422,
+                    "message": "Deployment.apps \"orders\" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: \"1x\""}),
+        );
+        // The last applied Deployment (if any) is read for the status.
+        let s = v.next().await;
+        assert_eq!(s.method, Method::GET);
+        Verifier::not_found(s.send);
+        let status = v.expect_status(&k2).await;
+        let d = cond(&status, "Degraded");
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "ApplyRejected"));
+        assert!(d.message.contains("resources.requests"), "{}", d.message);
+        let mut warned = false;
+        for _ in 0..3 {
+            let (ty, reason, note) = v.expect_event().await;
+            if reason == "ApplyRejected" {
+                assert_eq!(ty, "Warning");
+                assert!(note.contains("Invalid value"), "{note}");
+                warned = true;
+                break;
+            }
+        }
+        assert!(warned, "a Warning ApplyRejected event");
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::INVALID_SPEC_RETRY));
+    let _ = verifier;
+}
