@@ -85,6 +85,8 @@ pub struct Env {
     pub checkpoint_interval: String,
     /// More streams the group reads, after `stream`.
     pub extra_streams: Vec<String>,
+    /// `tuning.maxRecordsPerCall`: small values make shards take several polls.
+    pub max_records: u32,
 }
 
 pub fn suffix() -> String {
@@ -129,6 +131,7 @@ pub async fn env(test: &str, shards: i32) -> Option<Env> {
         log: Arc::new(Log::default()),
         checkpoint_interval: "500ms".into(),
         extra_streams: Vec::new(),
+        max_records: 1000,
     })
 }
 
@@ -169,6 +172,7 @@ tuning:
   heartbeatInterval: 300ms
   clientTimeout: 2s
   checkpointInterval: {checkpoint}
+  maxRecordsPerCall: {max_records}
   shutdownTimeout: 5s
 "#,
             group = self.group,
@@ -178,6 +182,7 @@ tuning:
                 .collect::<String>(),
             table = self.table,
             checkpoint = self.checkpoint_interval,
+            max_records = self.max_records,
         ))
         .expect("config")
     }
