@@ -19,8 +19,10 @@ use crate::store::schema::ShardInfo;
 /// What kind of failure a Kinesis call hit; decides the reaction and the reported reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The stream (or shard) does not exist in that region/account.
+    /// The stream does not exist in that region/account.
     StreamNotFound,
+    /// The stream exists but the shard does not (trimmed past retention, or a stale id).
+    ShardNotFound,
     /// The credentials may not do this (IAM policy, role trust, bad keys).
     AccessDenied,
     /// A per-shard or per-account rate limit: back off and try again.
@@ -39,6 +41,7 @@ impl ErrorKind {
     pub fn reason(self) -> &'static str {
         match self {
             ErrorKind::StreamNotFound => "StreamNotFound",
+            ErrorKind::ShardNotFound => "ShardNotFound",
             ErrorKind::AccessDenied => "AccessDenied",
             ErrorKind::Throttled => "Throttled",
             ErrorKind::ExpiredIterator => "ExpiredIterator",
@@ -304,6 +307,7 @@ impl StreamClient {
     fn error<E>(
         &self,
         operation: &'static str,
+        shard_id: Option<&str>,
         err: SdkError<E, aws_sdk_kinesis::config::http::HttpResponse>,
     ) -> KinesisError
     where
@@ -312,8 +316,18 @@ impl StreamClient {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_owned);
         let text = format!("{}", DisplayErrorContext(&err));
-        let kind = classify(code.as_deref(), status, &text);
+        let mut kind = classify(code.as_deref(), status, &text);
+        // "Not found" naming the shard (not the stream): the stream is there.
+        if kind == ErrorKind::StreamNotFound && shard_id.is_some_and(|s| text.contains(s)) {
+            kind = ErrorKind::ShardNotFound;
+        }
         let message = match kind {
+            ErrorKind::ShardNotFound => format!(
+                "shard {} of stream {} not found in region {} (expired past retention, or the shard list is stale) ({text})",
+                shard_id.unwrap_or_default(),
+                self.stream_name(),
+                self.region
+            ),
             ErrorKind::StreamNotFound => format!(
                 "stream {} not found in region {}: check spec.streams[].name/region ({text})",
                 self.stream_name(),
@@ -353,7 +367,7 @@ impl StreamClient {
                 .set_max_results(self.list_page_size)
                 .send()
                 .await
-                .map_err(|e| self.error("ListShards", e))?;
+                .map_err(|e| self.error("ListShards", None, e))?;
             for s in out.shards() {
                 shards.push(ShardInfo {
                     shard_id: s.shard_id().to_owned(),
@@ -404,7 +418,7 @@ impl StreamClient {
         let out = req
             .send()
             .await
-            .map_err(|e| self.error("GetShardIterator", e))?;
+            .map_err(|e| self.error("GetShardIterator", Some(shard_id), e))?;
         out.shard_iterator.ok_or_else(|| KinesisError::Call {
             kind: ErrorKind::Unavailable,
             operation: "GetShardIterator",
@@ -428,7 +442,7 @@ impl StreamClient {
             .limit(limit.clamp(1, 10_000) as i32)
             .send()
             .await
-            .map_err(|e| self.error("GetRecords", e))?;
+            .map_err(|e| self.error("GetRecords", Some(shard_id), e))?;
         let millis_behind = out.millis_behind_latest;
         let next_iterator = out.next_shard_iterator;
         let records = out

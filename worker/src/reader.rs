@@ -152,7 +152,9 @@ pub enum ErrorAction {
 pub fn on_kinesis_error(kind: ErrorKind) -> ErrorAction {
     match kind {
         ErrorKind::ExpiredIterator => ErrorAction::NewIterator,
-        ErrorKind::InvalidRequest => ErrorAction::Retry {
+        // The shard may be gone: never skip on our own (that could be a gap); report it and
+        // keep trying until the engine, which sees ListShards, takes the shard away.
+        ErrorKind::InvalidRequest | ErrorKind::ShardNotFound => ErrorAction::Retry {
             drop_iterator: true,
         },
         ErrorKind::StreamNotFound
@@ -605,43 +607,21 @@ mod tests {
     #[test]
     fn error_action_table() {
         use ErrorKind::*;
+        const KEEP: ErrorAction = ErrorAction::Retry {
+            drop_iterator: false,
+        };
+        const DROP: ErrorAction = ErrorAction::Retry {
+            drop_iterator: true,
+        };
+        // (kind, action, reported on the first failure)
         let cases = [
             (ExpiredIterator, ErrorAction::NewIterator, false),
-            (
-                InvalidRequest,
-                ErrorAction::Retry {
-                    drop_iterator: true,
-                },
-                true,
-            ),
-            (
-                Throttled,
-                ErrorAction::Retry {
-                    drop_iterator: false,
-                },
-                false,
-            ),
-            (
-                Unavailable,
-                ErrorAction::Retry {
-                    drop_iterator: false,
-                },
-                true,
-            ),
-            (
-                StreamNotFound,
-                ErrorAction::Retry {
-                    drop_iterator: false,
-                },
-                true,
-            ),
-            (
-                AccessDenied,
-                ErrorAction::Retry {
-                    drop_iterator: false,
-                },
-                true,
-            ),
+            (InvalidRequest, DROP, true),
+            (ShardNotFound, DROP, true),
+            (Throttled, KEEP, false),
+            (Unavailable, KEEP, true),
+            (StreamNotFound, KEEP, true),
+            (AccessDenied, KEEP, true),
         ];
         for (kind, action, report_first) in cases {
             assert_eq!(on_kinesis_error(kind), action, "{kind:?}");

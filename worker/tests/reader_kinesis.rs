@@ -100,6 +100,7 @@ async fn list_shards_pages_and_sorts() {
         "all 5 shards over 3 pages, sorted"
     );
     assert!(shards.iter().all(|s| !s.closed && s.parent.is_none()));
+    delete_stream(&sdk, &name).await;
 }
 
 #[tokio::test]
@@ -209,6 +210,7 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
     let last = stop(r).await;
     assert_eq!(handler.payloads(), sent[21..].to_vec());
     assert_eq!(last.acked, want_last);
+    delete_stream(&sdk, &name).await;
 }
 
 #[tokio::test]
@@ -275,6 +277,7 @@ async fn failing_handler_is_retried_without_skipping() {
             .encode()
             .contains("kcg_worker_delivery_failures_total")
     );
+    delete_stream(&sdk, &name).await;
 }
 
 #[tokio::test]
@@ -329,6 +332,7 @@ async fn closed_shard_is_read_to_its_end() {
     assert_eq!(last.acked, seqs.last().cloned());
     assert_eq!(handler.payloads(), sent);
     assert!(r.progress.borrow().ended);
+    delete_stream(&sdk, &name).await;
 }
 
 #[tokio::test]
@@ -370,6 +374,7 @@ async fn stop_returns_promptly_on_an_idle_shard() {
     assert_eq!(last.acked, None);
     assert!(!last.ended);
     assert_eq!(handler.len(), 0);
+    delete_stream(&sdk, &name).await;
 }
 
 /// Keeps every commit token for the test to commit in any order.
@@ -461,6 +466,7 @@ async fn manual_commit_checkpoints_only_a_contiguous_prefix() {
         .expect("returns")
         .expect("task");
     assert_eq!(last.acked, Some(seqs[8].clone()));
+    delete_stream(&sdk, &name).await;
 }
 
 #[tokio::test]
@@ -555,4 +561,44 @@ async fn http_sink_failing_for_a_while_loses_nothing() {
     // Nothing lost, order kept, and no repeats: every failed attempt failed on the first
     // chunk of its batch, so no chunk was accepted twice.
     assert_eq!(got, sent);
+    delete_stream(&sdk, &name).await;
+}
+
+#[tokio::test]
+async fn missing_shard_is_reported_not_skipped() {
+    let Some(conf) = kinesis_config("missing_shard_is_reported").await else {
+        return;
+    };
+    let sdk = aws_sdk_kinesis::Client::new(&conf);
+    let name = unique("noshard");
+    create_stream(&sdk, &name, 1).await;
+    let client = Arc::new(
+        StreamClient::connect(&stream_config(&name), &conf)
+            .await
+            .expect("connect"),
+    );
+    let mut r = start(
+        client,
+        &name,
+        "shardId-000000000042",
+        None,
+        100,
+        Recording::new(),
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        r.progress.wait_for(|p| p.issue.is_some()),
+    )
+    .await
+    .expect("issue published")
+    .expect("progress channel");
+    let issue = r.progress.borrow().issue.clone().expect("issue");
+    assert_eq!(issue.reason, "ShardNotFound", "{issue:?}");
+    assert!(issue.message.contains("shardId-000000000042"), "{issue:?}");
+    let last = stop(r).await;
+    assert!(
+        !last.ended,
+        "a missing shard is never declared ended by the reader"
+    );
+    delete_stream(&sdk, &name).await;
 }

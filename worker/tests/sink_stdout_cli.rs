@@ -211,4 +211,5 @@ async fn run_writes_json_lines_and_stops_on_sigterm() {
     }
     got.sort();
     assert_eq!(got, sent);
+    delete_stream(&sdk, &name).await;
 }

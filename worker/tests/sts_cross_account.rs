@@ -110,4 +110,10 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
         .expect("task");
     assert_eq!(last.acked, want);
     assert_eq!(handler.payloads(), sent);
+    other
+        .delete_stream()
+        .stream_name(&name)
+        .send()
+        .await
+        .expect("DeleteStream");
 }

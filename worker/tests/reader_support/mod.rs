@@ -44,6 +44,17 @@ pub async fn create_stream(client: &Client, name: &str, shards: i32) {
     wait_active(client, name).await;
 }
 
+/// Deletes a test stream, so repeated runs stay under the emulator's shard limit.
+pub async fn delete_stream(client: &Client, name: &str) {
+    client
+        .delete_stream()
+        .stream_name(name)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+        .expect("DeleteStream");
+}
+
 /// Waits until the stream is ACTIVE (after create or UpdateShardCount).
 pub async fn wait_active(client: &Client, name: &str) {
     for _ in 0..300 {
