@@ -50,6 +50,12 @@ struct Args {
     /// Seconds the end-to-end benchmark waits for every record.
     #[arg(long, default_value_t = 120)]
     e2e_timeout: u64,
+    /// Join / graceful-stop rounds of the rebalance benchmark.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Kill rounds of the rebalance benchmark (each waits about one client timeout).
+    #[arg(long, default_value_t = 3)]
+    kill_rounds: usize,
     /// Name of the Kinesis emulator, for the report line.
     #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
     kinesis_emulator: String,
@@ -137,7 +143,7 @@ async fn main() -> ExitCode {
         }
         if selected(Bench::Rebalance) {
             progress("rebalance");
-            rows.extend(rebalance::run(&aws).await);
+            rows.extend(rebalance::run(&aws, args.rounds, args.kill_rounds).await);
         }
     }
 
