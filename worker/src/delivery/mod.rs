@@ -8,6 +8,42 @@
 //!
 //! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
 //! per-shard [`CommitTracker`]; both styles end up there.
+//!
+//! A manual-commit handler that hands batches to a background writer and commits once the
+//! writer has flushed them:
+//!
+//! ```no_run
+//! use futures::future::BoxFuture;
+//! use kcg_worker::delivery::{CommitToken, HandlerError, ManualBatchHandler, ManualCommit, Record};
+//! use tokio::sync::mpsc;
+//!
+//! struct ToWriter(mpsc::Sender<(Vec<Record>, CommitToken)>);
+//!
+//! impl ManualBatchHandler for ToWriter {
+//!     fn handle<'a>(&'a self, batch: &'a [Record], commit: CommitToken)
+//!         -> BoxFuture<'a, Result<(), HandlerError>> {
+//!         Box::pin(async move {
+//!             // Backpressure: a full queue makes the reader wait.
+//!             self.0.send((batch.to_vec(), commit)).await
+//!                 .map_err(|_| HandlerError::new("writer stopped"))
+//!         })
+//!     }
+//! }
+//!
+//! # async fn demo() {
+//! let (tx, mut rx) = mpsc::channel::<(Vec<Record>, CommitToken)>(8);
+//! tokio::spawn(async move {
+//!     while let Some((records, commit)) = rx.recv().await {
+//!         // ... write `records` durably, then:
+//!         let _ = records;
+//!         commit.commit();
+//!     }
+//! });
+//! let handler = ManualCommit::arc(ToWriter(tx));
+//! // pass `handler` to kcg_worker::engine::run(...)
+//! # let _ = handler;
+//! # }
+//! ```
 
 pub mod commit;
 pub mod http;
