@@ -46,13 +46,47 @@ pub const MAX_STREAMS: usize = 32;
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas", description = "Desired worker replicas"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready worker replicas"),
-    printcolumn(name = "Clients", type_ = "integer", json_path = ".status.clientCount", description = "Live clients in the state store"),
-    printcolumn(name = "Shards", type_ = "integer", json_path = ".status.shardCount", description = "Consumable shards over all streams"),
-    printcolumn(name = "Max Lag", type_ = "string", json_path = ".status.maxLag", description = "Largest MillisBehindLatest over all shards"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "The Ready condition"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired worker replicas"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Ready worker replicas"
+    ),
+    printcolumn(
+        name = "Clients",
+        type_ = "integer",
+        json_path = ".status.clientCount",
+        description = "Live clients in the state store"
+    ),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".status.shardCount",
+        description = "Consumable shards over all streams"
+    ),
+    printcolumn(
+        name = "Max Lag",
+        type_ = "string",
+        json_path = ".status.maxLag",
+        description = "Largest MillisBehindLatest over all shards"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KinesisConsumerGroupSpec {
@@ -348,9 +382,18 @@ mod tests {
         let mut g = KinesisConsumerGroup::new("orders", spec);
         g.metadata.namespace = Some("shop".into());
         let cfg = g.worker_config();
-        assert_eq!(cfg.tuning.client_timeout, std::time::Duration::from_secs(3723));
-        assert_eq!(cfg.delivery.http.as_ref().unwrap().timeout, std::time::Duration::from_secs(90));
-        assert_eq!(WorkerConfig::from_yaml(&cfg.to_yaml().unwrap()).unwrap(), cfg);
+        assert_eq!(
+            cfg.tuning.client_timeout,
+            std::time::Duration::from_secs(3723)
+        );
+        assert_eq!(
+            cfg.delivery.http.as_ref().unwrap().timeout,
+            std::time::Duration::from_secs(90)
+        );
+        assert_eq!(
+            WorkerConfig::from_yaml(&cfg.to_yaml().unwrap()).unwrap(),
+            cfg
+        );
     }
 
     #[test]

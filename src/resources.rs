@@ -82,7 +82,10 @@ pub fn selector_labels(kcg: &KinesisConsumerGroup) -> BTreeMap<String, String> {
 /// Labels on every object the group owns, and on its pods.
 pub fn labels(kcg: &KinesisConsumerGroup) -> BTreeMap<String, String> {
     let mut l = selector_labels(kcg);
-    l.insert("app.kubernetes.io/managed-by".to_owned(), "kcg-operator".to_owned());
+    l.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        "kcg-operator".to_owned(),
+    );
     l.insert(GROUP_LABEL.to_owned(), kcg.name_any());
     l
 }
@@ -116,7 +119,10 @@ fn owned_meta(kcg: &KinesisConsumerGroup, name: String) -> ObjectMeta {
 }
 
 /// The ConfigMap holding `config.yaml`, the worker config rendered by the worker's own type.
-pub fn config_map(kcg: &KinesisConsumerGroup, config: &WorkerConfig) -> Result<ConfigMap, ConfigError> {
+pub fn config_map(
+    kcg: &KinesisConsumerGroup,
+    config: &WorkerConfig,
+) -> Result<ConfigMap, ConfigError> {
     Ok(config_map_from_yaml(kcg, config.to_yaml()?))
 }
 
@@ -143,7 +149,10 @@ pub struct Rendered {
 }
 
 /// Renders the config, its ConfigMap and the Deployment from one config text.
-pub fn render(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> Result<Rendered, ConfigError> {
+pub fn render(
+    kcg: &KinesisConsumerGroup,
+    settings: &OperatorSettings,
+) -> Result<Rendered, ConfigError> {
     let config = kcg.worker_config();
     let yaml = config.to_yaml()?;
     let config_hash = config_hash(&yaml);
@@ -237,7 +246,11 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
     }
     Container {
         name: WORKER_CONTAINER.to_owned(),
-        image: Some(w.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
+        image: Some(
+            w.image
+                .clone()
+                .unwrap_or_else(|| settings.worker_image.clone()),
+        ),
         image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["kcg-worker".to_owned()]),
         args: Some(vec![
@@ -276,7 +289,11 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
 
 /// The worker Deployment. `config_hash` goes on the pod template, so a config change rolls
 /// the pods.
-pub fn deployment(kcg: &KinesisConsumerGroup, settings: &OperatorSettings, config_hash: &str) -> Deployment {
+pub fn deployment(
+    kcg: &KinesisConsumerGroup,
+    settings: &OperatorSettings,
+    config_hash: &str,
+) -> Deployment {
     let w = &kcg.spec.worker;
 
     // User labels first, ours on top: the selector labels must not be overridden.
@@ -316,7 +333,8 @@ pub fn deployment(kcg: &KinesisConsumerGroup, settings: &OperatorSettings, confi
         topology_spread_constraints: (!w.topology_spread_constraints.is_empty())
             .then(|| w.topology_spread_constraints.clone()),
         priority_class_name: w.priority_class_name.clone(),
-        image_pull_secrets: (!w.image_pull_secrets.is_empty()).then(|| w.image_pull_secrets.clone()),
+        image_pull_secrets: (!w.image_pull_secrets.is_empty())
+            .then(|| w.image_pull_secrets.clone()),
         volumes: Some(vec![
             Volume {
                 name: "config".to_owned(),
@@ -395,10 +413,26 @@ delivery: {stdout: {}}
         let cases = [
             ("same spec", BASE.to_owned(), true),
             ("replicas only", format!("{BASE}replicas: 5\n"), true),
-            ("worker pod only", format!("{BASE}worker: {{image: other:1}}\n"), true),
-            ("stream added", BASE.replace("[{name: orders}]", "[{name: orders}, {name: refunds}]"), false),
-            ("table changed", BASE.replace("kcg-state", "other-table"), false),
-            ("tuning changed", format!("{BASE}tuning: {{pollInterval: 2s}}\n"), false),
+            (
+                "worker pod only",
+                format!("{BASE}worker: {{image: other:1}}\n"),
+                true,
+            ),
+            (
+                "stream added",
+                BASE.replace("[{name: orders}]", "[{name: orders}, {name: refunds}]"),
+                false,
+            ),
+            (
+                "table changed",
+                BASE.replace("kcg-state", "other-table"),
+                false,
+            ),
+            (
+                "tuning changed",
+                format!("{BASE}tuning: {{pollInterval: 2s}}\n"),
+                false,
+            ),
             (
                 "delivery changed",
                 BASE.replace("{stdout: {}}", "{http: {url: 'http://localhost:9000/r'}}"),
@@ -414,9 +448,19 @@ delivery: {stdout: {}}
     #[test]
     fn hash_is_on_the_pod_template() {
         let r = render(&group(BASE), &settings()).unwrap();
-        let ann = r.deployment.spec.template.metadata.unwrap().annotations.unwrap();
+        let ann = r
+            .deployment
+            .spec
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap();
         assert_eq!(ann[CONFIG_HASH_ANNOTATION], r.config_hash);
-        assert_eq!(r.config_hash, config_hash(&r.config_map.data.unwrap()[CONFIG_KEY]));
+        assert_eq!(
+            r.config_hash,
+            config_hash(&r.config_map.data.unwrap()[CONFIG_KEY])
+        );
     }
 
     #[test]
@@ -455,7 +499,9 @@ delivery: {stdout: {}}
 
     #[test]
     fn selector_matches_pod_labels() {
-        let g = group(&format!("{BASE}worker: {{podLabels: {{team: data, app.kubernetes.io/name: evil}}}}\n"));
+        let g = group(&format!(
+            "{BASE}worker: {{podLabels: {{team: data, app.kubernetes.io/name: evil}}}}\n"
+        ));
         let d = deployment(&g, &settings(), "h");
         let spec = d.spec;
         let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
@@ -463,7 +509,10 @@ delivery: {stdout: {}}
             assert_eq!(pod_labels[&k], v, "selector label {k}");
         }
         assert_eq!(pod_labels["team"], "data");
-        assert_eq!(pod_labels["app.kubernetes.io/name"], "kcg-worker", "our labels win");
+        assert_eq!(
+            pod_labels["app.kubernetes.io/name"], "kcg-worker",
+            "our labels win"
+        );
         assert_eq!(
             selector_string(&g),
             "app.kubernetes.io/instance=orders,app.kubernetes.io/name=kcg-worker"
@@ -477,12 +526,33 @@ delivery: {stdout: {}}
         let c = &p.containers[0];
         assert_eq!(c.name, WORKER_CONTAINER);
         assert_eq!(c.image.as_deref(), Some("ghcr.io/kcg-dev/kcg-worker:0.1.0"));
-        let cmd: Vec<_> = c.command.iter().chain(c.args.iter()).flatten().cloned().collect();
-        assert_eq!(cmd, ["kcg-worker", "run", "--config", "/etc/kcg/config.yaml"]);
-        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "config").unwrap();
+        let cmd: Vec<_> = c
+            .command
+            .iter()
+            .chain(c.args.iter())
+            .flatten()
+            .cloned()
+            .collect();
+        assert_eq!(
+            cmd,
+            ["kcg-worker", "run", "--config", "/etc/kcg/config.yaml"]
+        );
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "config")
+            .unwrap();
         assert_eq!(mount.mount_path, CONFIG_DIR);
         assert_eq!(mount.read_only, Some(true));
-        let vol = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "config").unwrap();
+        let vol = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "config")
+            .unwrap();
         assert_eq!(vol.config_map.as_ref().unwrap().name, "orders-config");
     }
 
@@ -491,8 +561,14 @@ delivery: {stdout: {}}
         let d = deployment(&group(BASE), &settings(), "h");
         let c = &pod(&d).containers[0];
         let port = &c.ports.as_ref().unwrap()[0];
-        assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), 8080));
-        for (probe, path) in [(&c.readiness_probe, "/readyz"), (&c.liveness_probe, "/healthz")] {
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("metrics"), 8080)
+        );
+        for (probe, path) in [
+            (&c.readiness_probe, "/readyz"),
+            (&c.liveness_probe, "/healthz"),
+        ] {
             let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
             assert_eq!(get.path.as_deref(), Some(path));
             assert_eq!(get.port, IntOrString::String("metrics".into()));
@@ -501,22 +577,45 @@ delivery: {stdout: {}}
 
     #[test]
     fn user_env_replaces_ours_without_duplicates() {
-        let spec = format!("{BASE}worker: {{env: [{{name: AWS_REGION, value: us-west-2}}, {{name: POD_NAME, value: fixed}}]}}\n");
-        let env = pod(&deployment(&group(&spec), &settings(), "h")).containers[0].env.clone().unwrap();
+        let spec = format!(
+            "{BASE}worker: {{env: [{{name: AWS_REGION, value: us-west-2}}, {{name: POD_NAME, value: fixed}}]}}\n"
+        );
+        let env = pod(&deployment(&group(&spec), &settings(), "h")).containers[0]
+            .env
+            .clone()
+            .unwrap();
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "AWS_REGION"]);
+        assert_eq!(
+            names,
+            ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "AWS_REGION"]
+        );
         assert_eq!(env[0].value.as_deref(), Some("fixed"));
         assert_eq!(env[3].value.as_deref(), Some("us-west-2"));
     }
 
     #[test]
     fn env_has_downward_api_then_user_env() {
-        let g = group(&format!("{BASE}worker: {{env: [{{name: RUST_LOG, value: debug}}]}}\n"));
+        let g = group(&format!(
+            "{BASE}worker: {{env: [{{name: RUST_LOG, value: debug}}]}}\n"
+        ));
         let d = deployment(&g, &settings(), "h");
         let env = pod(&d).containers[0].env.clone().unwrap();
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "RUST_LOG"]);
-        let field = |i: usize| env[i].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path.clone();
+        assert_eq!(
+            names,
+            ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "RUST_LOG"]
+        );
+        let field = |i: usize| {
+            env[i]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path
+                .clone()
+        };
         assert_eq!(field(0), "metadata.name");
         assert_eq!(field(1), "metadata.namespace");
         assert_eq!(env[2].value.as_deref(), Some("json"));
@@ -525,10 +624,18 @@ delivery: {stdout: {}}
 
     #[test]
     fn grace_period_exceeds_shutdown_bound() {
-        let cases = [("", 30), ("tuning: {shutdownTimeout: 45s}\n", 55), ("tuning: {shutdownTimeout: 1500ms}\n", 12)];
+        let cases = [
+            ("", 30),
+            ("tuning: {shutdownTimeout: 45s}\n", 55),
+            ("tuning: {shutdownTimeout: 1500ms}\n", 12),
+        ];
         for (extra, want) in cases {
             let d = deployment(&group(&format!("{BASE}{extra}")), &settings(), "h");
-            assert_eq!(pod(&d).termination_grace_period_seconds, Some(want), "{extra:?}");
+            assert_eq!(
+                pod(&d).termination_grace_period_seconds,
+                Some(want),
+                "{extra:?}"
+            );
         }
     }
 
@@ -542,17 +649,27 @@ delivery: {stdout: {}}
         let psc = p.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.run_as_user, Some(65532));
-        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
         assert_eq!(p.containers.len(), 3);
         for c in &p.containers[..2] {
             let sc = c.security_context.as_ref().unwrap();
             assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
             assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
             assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
-            assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop,
+                Some(vec!["ALL".to_owned()])
+            );
         }
         let own = p.containers[2].security_context.as_ref().unwrap();
-        assert_eq!(own.run_as_user, Some(1000), "a container's own securityContext is kept");
+        assert_eq!(
+            own.run_as_user,
+            Some(1000),
+            "a container's own securityContext is kept"
+        );
         assert_eq!(own.read_only_root_filesystem, None);
     }
 
@@ -579,14 +696,25 @@ delivery: {stdout: {}}
         let c = &p.containers[0];
         assert_eq!(c.image.as_deref(), Some("my/worker:2"));
         assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
-        assert!(c.resources.as_ref().unwrap().requests.as_ref().unwrap().contains_key("cpu"));
+        assert!(
+            c.resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()
+                .contains_key("cpu")
+        );
         assert_eq!(p.service_account_name.as_deref(), Some("kcg-irsa"));
         assert_eq!(p.node_selector.unwrap()["disk"], "ssd");
         assert_eq!(p.tolerations.unwrap()[0].key.as_deref(), Some("dedicated"));
         assert!(p.affinity.unwrap().pod_anti_affinity.is_some());
         assert_eq!(p.image_pull_secrets.unwrap()[0].name, "registry");
         assert_eq!(p.priority_class_name.as_deref(), Some("high"));
-        assert_eq!(p.topology_spread_constraints.unwrap()[0].topology_key, "topology.kubernetes.io/zone");
+        assert_eq!(
+            p.topology_spread_constraints.unwrap()[0].topology_key,
+            "topology.kubernetes.io/zone"
+        );
         assert_eq!(tpl.metadata.unwrap().annotations.unwrap()["a"], "b");
     }
 

@@ -21,8 +21,17 @@ const URL: &str = "url must be an http:// or https:// URL";
 
 /// The messages above, which must cover every rule in the schema.
 const ALL: &[&str] = &[
-    STREAM_NAME, ROLE_ARN, REGION, TABLE, DURATION, POLL_MIN, CLIENT_TIMEOUT, ONE_DELIVERY,
-    UNIQUE_STREAMS, AT_TIMESTAMP, URL,
+    STREAM_NAME,
+    ROLE_ARN,
+    REGION,
+    TABLE,
+    DURATION,
+    POLL_MIN,
+    CLIENT_TIMEOUT,
+    ONE_DELIVERY,
+    UNIQUE_STREAMS,
+    AT_TIMESTAMP,
+    URL,
 ];
 
 /// A valid group with `f` applied to its spec.
@@ -41,9 +50,15 @@ fn accepts(name: &str, obj: &Value) {
 /// e.g. once per bad field), and by no other rule.
 fn rejects(name: &str, obj: &Value, message: &str) {
     let errs = cel_errors(obj);
-    assert!(!errs.is_empty(), "{name}: expected rejection with {message:?}, was admitted");
+    assert!(
+        !errs.is_empty(),
+        "{name}: expected rejection with {message:?}, was admitted"
+    );
     for e in &errs {
-        assert!(e.contains(message), "{name}: expected only {message:?}, got {errs:#?}");
+        assert!(
+            e.contains(message),
+            "{name}: expected only {message:?}, got {errs:#?}"
+        );
     }
 }
 
@@ -76,7 +91,11 @@ fn stream_name_or_arn() {
         "arn:aws:sqs:us-east-1:123456789012:orders",
         "arn:aws:kinesis:us-east-1:123456789012:stream/",
     ] {
-        rejects(bad, &with(|s| s["streams"] = json!([stream(bad)])), STREAM_NAME);
+        rejects(
+            bad,
+            &with(|s| s["streams"] = json!([stream(bad)])),
+            STREAM_NAME,
+        );
     }
 }
 
@@ -96,21 +115,41 @@ fn role_arn() {
         "arn:aws:sts::123456789012:assumed-role/r/s",
         "arn:aws:iam::123456789012:role/",
     ] {
-        rejects(bad, &with(|s| s["streams"][0]["roleArn"] = json!(bad)), ROLE_ARN);
+        rejects(
+            bad,
+            &with(|s| s["streams"][0]["roleArn"] = json!(bad)),
+            ROLE_ARN,
+        );
     }
 }
 
 #[test]
 fn regions_of_streams_and_table() {
-    for ok in ["us-east-1", "eu-central-1", "us-gov-west-1", "ap-southeast-2"] {
-        accepts(ok, &with(|s| {
-            s["streams"][0]["region"] = json!(ok);
-            s["stateStore"]["region"] = json!(ok);
-        }));
+    for ok in [
+        "us-east-1",
+        "eu-central-1",
+        "us-gov-west-1",
+        "ap-southeast-2",
+    ] {
+        accepts(
+            ok,
+            &with(|s| {
+                s["streams"][0]["region"] = json!(ok);
+                s["stateStore"]["region"] = json!(ok);
+            }),
+        );
     }
     for bad in ["US-EAST-1", "useast1", "us-east", "us_east_1", "1-us-east"] {
-        rejects(bad, &with(|s| s["streams"][0]["region"] = json!(bad)), REGION);
-        rejects(bad, &with(|s| s["stateStore"]["region"] = json!(bad)), REGION);
+        rejects(
+            bad,
+            &with(|s| s["streams"][0]["region"] = json!(bad)),
+            REGION,
+        );
+        rejects(
+            bad,
+            &with(|s| s["stateStore"]["region"] = json!(bad)),
+            REGION,
+        );
     }
 }
 
@@ -126,7 +165,13 @@ fn table_name() {
 
 #[test]
 fn duration_format_on_every_duration_field() {
-    let tuning = ["pollInterval", "checkpointInterval", "heartbeatInterval", "clientTimeout", "shutdownTimeout"];
+    let tuning = [
+        "pollInterval",
+        "checkpointInterval",
+        "heartbeatInterval",
+        "clientTimeout",
+        "shutdownTimeout",
+    ];
     for field in tuning {
         // A short heartbeat and a long client timeout keep the cross-field rule
         // (clientTimeout >= 2 x heartbeatInterval) satisfied for every value below.
@@ -138,10 +183,16 @@ fn duration_format_on_every_duration_field() {
             accepts(&format!("{field}={ok}"), &obj);
         }
         for bad in ["5", "5 s", "five", "1.5s", "-1s", "5sec", ""] {
-            rejects(&format!("{field}={bad:?}"), &with(|s| s["tuning"] = json!({field: bad})), DURATION);
+            rejects(
+                &format!("{field}={bad:?}"),
+                &with(|s| s["tuning"] = json!({field: bad})),
+                DURATION,
+            );
         }
     }
-    let http = |t: &str| with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000", "timeout": t}}));
+    let http = |t: &str| {
+        with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000", "timeout": t}}))
+    };
     accepts("http timeout", &http("30s"));
     rejects("http timeout", &http("30 seconds"), DURATION);
 }
@@ -152,14 +203,21 @@ fn poll_interval_minimum() {
         accepts(ok, &with(|s| s["tuning"] = json!({"pollInterval": ok})));
     }
     for bad in ["199ms", "0s", "100ms"] {
-        rejects(bad, &with(|s| s["tuning"] = json!({"pollInterval": bad})), POLL_MIN);
+        rejects(
+            bad,
+            &with(|s| s["tuning"] = json!({"pollInterval": bad})),
+            POLL_MIN,
+        );
     }
 }
 
 #[test]
 fn client_timeout_at_least_twice_heartbeat() {
     for (hb, ct) in [("2s", "4s"), ("500ms", "1s"), ("1m", "2m"), ("1s", "1m30s")] {
-        accepts(&format!("{hb}/{ct}"), &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})));
+        accepts(
+            &format!("{hb}/{ct}"),
+            &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})),
+        );
     }
     for (hb, ct) in [("5s", "9s"), ("1m", "1m59s"), ("2s", "3999ms")] {
         rejects(
@@ -170,32 +228,55 @@ fn client_timeout_at_least_twice_heartbeat() {
     }
     // The API server applies defaults before CEL: a heartbeat of 6s against the default
     // client timeout of 10s is rejected too.
-    rejects("default clientTimeout", &with(|s| s["tuning"] = json!({"heartbeatInterval": "6s"})), CLIENT_TIMEOUT);
+    rejects(
+        "default clientTimeout",
+        &with(|s| s["tuning"] = json!({"heartbeatInterval": "6s"})),
+        CLIENT_TIMEOUT,
+    );
 }
 
 #[test]
 fn exactly_one_delivery() {
     accepts("stdout", &with(|s| s["delivery"] = json!({"stdout": {}})));
-    accepts("http", &with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000/records"}})));
+    accepts(
+        "http",
+        &with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000/records"}})),
+    );
     rejects("none", &with(|s| s["delivery"] = json!({})), ONE_DELIVERY);
     rejects(
         "both",
-        &with(|s| s["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:9000/records"}})),
+        &with(|s| {
+            s["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:9000/records"}})
+        }),
         ONE_DELIVERY,
     );
 }
 
 #[test]
 fn unique_stream_names() {
-    accepts("two", &with(|s| s["streams"] = json!([stream("a1"), stream("b1")])));
+    accepts(
+        "two",
+        &with(|s| s["streams"] = json!([stream("a1"), stream("b1")])),
+    );
     accepts(
         "name and ARN of different streams",
-        &with(|s| s["streams"] = json!([stream("a1"), stream("arn:aws:kinesis:us-east-1:123456789012:stream/b1")])),
+        &with(|s| {
+            s["streams"] = json!([
+                stream("a1"),
+                stream("arn:aws:kinesis:us-east-1:123456789012:stream/b1")
+            ])
+        }),
     );
-    rejects("dup", &with(|s| s["streams"] = json!([stream("a1"), stream("b1"), stream("a1")])), UNIQUE_STREAMS);
+    rejects(
+        "dup",
+        &with(|s| s["streams"] = json!([stream("a1"), stream("b1"), stream("a1")])),
+        UNIQUE_STREAMS,
+    );
     rejects(
         "dup with other settings",
-        &with(|s| s["streams"] = json!([stream("a1"), {"name": "a1", "startPosition": "TrimHorizon"}])),
+        &with(|s| {
+            s["streams"] = json!([stream("a1"), {"name": "a1", "startPosition": "TrimHorizon"}])
+        }),
         UNIQUE_STREAMS,
     );
 }
@@ -204,9 +285,14 @@ fn unique_stream_names() {
 fn at_timestamp_needs_start_timestamp() {
     accepts(
         "with timestamp",
-        &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "AtTimestamp", "startTimestamp": "2026-01-02T15:04:05Z"}])),
+        &with(
+            |s| s["streams"] = json!([{"name": "o", "startPosition": "AtTimestamp", "startTimestamp": "2026-01-02T15:04:05Z"}]),
+        ),
     );
-    accepts("trim horizon", &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "TrimHorizon"}])));
+    accepts(
+        "trim horizon",
+        &with(|s| s["streams"] = json!([{"name": "o", "startPosition": "TrimHorizon"}])),
+    );
     accepts("default", &with(|s| s["streams"] = json!([{"name": "o"}])));
     rejects(
         "without timestamp",
@@ -217,11 +303,25 @@ fn at_timestamp_needs_start_timestamp() {
 
 #[test]
 fn http_url() {
-    for ok in ["http://localhost:9000/records", "https://sink.example.com", "http://127.0.0.1:8081"] {
+    for ok in [
+        "http://localhost:9000/records",
+        "https://sink.example.com",
+        "http://127.0.0.1:8081",
+    ] {
         accepts(ok, &with(|s| s["delivery"] = json!({"http": {"url": ok}})));
     }
-    for bad in ["localhost:9000", "ftp://x.example.com", "http://a b", "http://", ""] {
-        rejects(bad, &with(|s| s["delivery"] = json!({"http": {"url": bad}})), URL);
+    for bad in [
+        "localhost:9000",
+        "ftp://x.example.com",
+        "http://a b",
+        "http://",
+        "",
+    ] {
+        rejects(
+            bad,
+            &with(|s| s["delivery"] = json!({"http": {"url": bad}})),
+            URL,
+        );
     }
 }
 
@@ -234,7 +334,12 @@ fn every_rule_is_tested() {
             Value::Object(m) => {
                 if let Some(Value::Array(rules)) = m.get("x-kubernetes-validations") {
                     for r in rules {
-                        out.push(r["message"].as_str().expect("every rule has a message").to_owned());
+                        out.push(
+                            r["message"]
+                                .as_str()
+                                .expect("every rule has a message")
+                                .to_owned(),
+                        );
                     }
                 }
                 m.values().for_each(|c| collect(c, out));
@@ -246,9 +351,15 @@ fn every_rule_is_tested() {
     let mut messages = Vec::new();
     collect(&schema(), &mut messages);
     for m in &messages {
-        assert!(ALL.iter().any(|t| m.starts_with(t)), "rule with message {m:?} has no test in cel_rules.rs");
+        assert!(
+            ALL.iter().any(|t| m.starts_with(t)),
+            "rule with message {m:?} has no test in cel_rules.rs"
+        );
     }
     for t in ALL {
-        assert!(messages.iter().any(|m| m.starts_with(t)), "tested message {t:?} is not in the CRD");
+        assert!(
+            messages.iter().any(|m| m.starts_with(t)),
+            "tested message {t:?} is not in the CRD"
+        );
     }
 }

@@ -8,7 +8,10 @@
 use kcg_operator::crd::{KinesisConsumerGroup, crd_yaml};
 use kube::CustomResourceExt;
 
-const CRD_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kinesisconsumergroups.kcg.dev.yaml");
+const CRD_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/crds/kinesisconsumergroups.kcg.dev.yaml"
+);
 
 #[test]
 fn crds_dir_is_up_to_date() {
@@ -28,7 +31,10 @@ fn crds_dir_is_up_to_date() {
 #[test]
 fn names_and_scope() {
     let crd = KinesisConsumerGroup::crd();
-    assert_eq!(crd.metadata.name.as_deref(), Some("kinesisconsumergroups.kcg.dev"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("kinesisconsumergroups.kcg.dev")
+    );
     assert_eq!(crd.spec.group, "kcg.dev");
     assert_eq!(crd.spec.scope, "Namespaced");
     assert_eq!(crd.spec.names.kind, "KinesisConsumerGroup");
@@ -47,7 +53,10 @@ fn status_and_scale_subresources() {
     let scale = sub.scale.expect("scale subresource");
     assert_eq!(scale.spec_replicas_path, ".spec.replicas");
     assert_eq!(scale.status_replicas_path, ".status.replicas");
-    assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
 }
 
 #[test]
@@ -66,34 +75,60 @@ fn printer_columns() {
         ("Clients", "integer", ".status.clientCount"),
         ("Shards", "integer", ".status.shardCount"),
         ("Max Lag", "string", ".status.maxLag"),
-        ("Status", "string", ".status.conditions[?(@.type==\"Ready\")].status"),
+        (
+            "Status",
+            "string",
+            ".status.conditions[?(@.type==\"Ready\")].status",
+        ),
         ("Age", "date", ".metadata.creationTimestamp"),
     ];
-    let want: Vec<(String, String, String)> =
-        want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
     assert_eq!(cols, want);
 }
 
 #[test]
 fn schema_essentials() {
     let crd = KinesisConsumerGroup::crd();
-    let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+    let schema = serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap();
     let spec = &schema["properties"]["spec"];
-    let required: Vec<&str> = spec["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let required: Vec<&str> = spec["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     for field in ["streams", "stateStore", "delivery"] {
         assert!(required.contains(&field), "spec.{field} is required");
     }
     assert_eq!(spec["properties"]["replicas"]["default"], 1);
     assert_eq!(spec["properties"]["replicas"]["minimum"], 0.0);
     assert_eq!(spec["properties"]["streams"]["minItems"], 1);
-    assert_eq!(spec["properties"]["stateStore"]["properties"]["onDelete"]["default"], "Retain");
+    assert_eq!(
+        spec["properties"]["stateStore"]["properties"]["onDelete"]["default"],
+        "Retain"
+    );
     assert_eq!(
         spec["properties"]["stateStore"]["properties"]["onDelete"]["enum"],
         serde_json::json!(["Retain", "Delete"])
     );
     let conditions = &schema["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
-    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    assert_eq!(
+        conditions["x-kubernetes-list-map-keys"],
+        serde_json::json!(["type"])
+    );
     let status = &schema["properties"]["status"]["properties"];
     assert_eq!(status["selector"]["type"], "string");
 }

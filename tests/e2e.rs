@@ -11,8 +11,9 @@
 //! `examples/minimal-stdout.yaml` in a fresh namespace, waits for the group's Deployment,
 //! scales the group through its scale subresource (`kubectl scale kcg/NAME --replicas=3` when
 //! `kubectl` is on PATH, else a patch of `/scale`), sees the Deployment follow, reads the
-//! status, and deletes the namespace. The workers need no AWS access for this: the test only
-//! looks at what the operator does in Kubernetes.
+//! status, deletes the group (the operator's finalizer must let it go) and the namespace.
+//! The workers need no AWS access for this: the test only looks at what the operator does in
+//! Kubernetes.
 //!
 //! Skips (passes, with a message) when no cluster is configured: neither `KUBECONFIG` nor
 //! `~/.kube/config`, or only a default `~/.kube/config` whose cluster does not answer. Fails
@@ -34,7 +35,10 @@ const MANAGER: &str = "kcg-e2e";
 const NAME: &str = "orders";
 
 fn timeout() -> Duration {
-    let secs = std::env::var("KCG_E2E_TIMEOUT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let secs = std::env::var("KCG_E2E_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
     Duration::from_secs(secs)
 }
 
@@ -79,48 +83,83 @@ where
             return Ok(v);
         }
         if Instant::now() > deadline {
-            return Err(format!("timed out after {:?} waiting for {what}", timeout()));
+            return Err(format!(
+                "timed out after {:?} waiting for {what}",
+                timeout()
+            ));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
 async fn install_crd(client: &Client) -> Result<(), String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kinesisconsumergroups.kcg.dev.yaml"))
-        .map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/kinesisconsumergroups.kcg.dev.yaml"
+    ))
+    .map_err(|e| e.to_string())?;
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = crd.name_any();
-    crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .map_err(|e| format!("applying the CRD: {e}"))?;
+    crds.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .map_err(|e| format!("applying the CRD: {e}"))?;
     wait_for("the CRD to be Established", || async {
         let crd = crds.get(&name).await.ok()?;
-        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
         established.then_some(())
     })
     .await
 }
 
 fn kubectl_available() -> bool {
-    std::process::Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
-async fn scale_to(groups: &Api<KinesisConsumerGroup>, ns: &str, replicas: i32) -> Result<(), String> {
+async fn scale_to(
+    groups: &Api<KinesisConsumerGroup>,
+    ns: &str,
+    replicas: i32,
+) -> Result<(), String> {
     if kubectl_available() {
         let out = std::process::Command::new("kubectl")
-            .args(["scale", &format!("kcg/{NAME}"), &format!("--replicas={replicas}"), "-n", ns])
+            .args([
+                "scale",
+                &format!("kcg/{NAME}"),
+                &format!("--replicas={replicas}"),
+                "-n",
+                ns,
+            ])
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!("kubectl scale failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "kubectl scale failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         println!("{}", String::from_utf8_lossy(&out.stdout).trim());
         return Ok(());
     }
     println!("kubectl not on PATH: patching the scale subresource directly");
     groups
-        .patch_scale(NAME, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": replicas}})))
+        .patch_scale(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+        )
         .await
         .map(drop)
         .map_err(|e| format!("patching /scale: {e}"))
@@ -130,14 +169,18 @@ async fn scenario(client: &Client, ns: &str) -> Result<(), String> {
     install_crd(client).await?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).map_err(|e| e.to_string())?;
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": ns}})).map_err(|e| e.to_string())?;
     namespaces
         .patch(ns, &PatchParams::apply(MANAGER), &Patch::Apply(&namespace))
         .await
         .map_err(|e| format!("creating namespace {ns}: {e}"))?;
 
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/minimal-stdout.yaml"))
-        .map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/minimal-stdout.yaml"
+    ))
+    .map_err(|e| e.to_string())?;
     let mut group: KinesisConsumerGroup = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
     assert_eq!(group.name_any(), NAME);
     group.metadata.namespace = Some(ns.to_owned());
@@ -145,13 +188,29 @@ async fn scenario(client: &Client, ns: &str) -> Result<(), String> {
     let applied = groups
         .patch(NAME, &PatchParams::apply(MANAGER), &Patch::Apply(&group))
         .await
-        .map_err(|e| format!("applying examples/minimal-stdout.yaml (admission rejected it?): {e}"))?;
-    let uid = applied.meta().uid.clone().ok_or("applied group has no uid")?;
+        .map_err(|e| {
+            format!("applying examples/minimal-stdout.yaml (admission rejected it?): {e}")
+        })?;
+    let uid = applied
+        .meta()
+        .uid
+        .clone()
+        .ok_or("applied group has no uid")?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let owned = |d: &Deployment| d.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true));
+    let owned = |d: &Deployment| {
+        d.owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    };
     let deployment = wait_for("a Deployment owned by the group", || async {
-        deployments.list(&Default::default()).await.ok()?.items.into_iter().find(|d| owned(d))
+        deployments
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|d| owned(d))
     })
     .await
     .map_err(|e| {
@@ -161,12 +220,22 @@ async fn scenario(client: &Client, ns: &str) -> Result<(), String> {
         )
     })?;
     let dname = deployment.name_any();
-    println!("deployment {dname} has replicas {:?}", deployment.spec.replicas);
-    assert_eq!(deployment.spec.replicas, Some(group.spec.replicas), "Deployment follows spec.replicas");
+    println!(
+        "deployment {dname} has replicas {:?}",
+        deployment.spec.replicas
+    );
+    assert_eq!(
+        deployment.spec.replicas,
+        Some(group.spec.replicas),
+        "Deployment follows spec.replicas"
+    );
 
     scale_to(&groups, ns, 3).await?;
     let scaled = groups.get(NAME).await.map_err(|e| e.to_string())?;
-    assert_eq!(scaled.spec.replicas, 3, "the scale subresource writes spec.replicas");
+    assert_eq!(
+        scaled.spec.replicas, 3,
+        "the scale subresource writes spec.replicas"
+    );
     wait_for("the Deployment to follow the scale to 3", || async {
         let d = deployments.get(&dname).await.ok()?;
         (d.spec.replicas == Some(3)).then_some(())
@@ -179,22 +248,57 @@ async fn scenario(client: &Client, ns: &str) -> Result<(), String> {
         (s.selector.is_some() && s.observed_generation == g.metadata.generation).then_some(s)
     })
     .await?;
-    println!("status: {}", serde_yaml::to_string(&status).unwrap_or_default());
-    assert_eq!(status.selector.as_deref(), Some(selector_string(&scaled).as_str()));
-    let scale = groups.get_scale(NAME).await.map_err(|e| format!("reading /scale: {e}"))?;
+    println!(
+        "status: {}",
+        serde_yaml::to_string(&status).unwrap_or_default()
+    );
+    assert_eq!(
+        status.selector.as_deref(),
+        Some(selector_string(&scaled).as_str())
+    );
+    let scale = groups
+        .get_scale(NAME)
+        .await
+        .map_err(|e| format!("reading /scale: {e}"))?;
     assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
-    assert_eq!(scale.status.and_then(|s| s.selector), status.selector, "HPA sees the pod selector");
+    assert_eq!(
+        scale.status.and_then(|s| s.selector),
+        status.selector,
+        "HPA sees the pod selector"
+    );
     assert!(
         status.conditions.iter().any(|c| c.type_ == "Ready"),
         "status carries a Ready condition: {:?}",
         status.conditions
     );
+    if kubectl_available() {
+        // For the human reading --nocapture: the printer columns.
+        if let Ok(out) = std::process::Command::new("kubectl")
+            .args(["get", "kcg", "-n", ns])
+            .output()
+        {
+            println!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+
+    // Deleting the group: with onDelete: Retain the operator's finalizer touches no table and
+    // lets the object go.
+    groups
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .map_err(|e| format!("deleting the group: {e}"))?;
+    wait_for("the group to be deleted (finalizer released)", || async {
+        matches!(groups.get_opt(NAME).await, Ok(None)).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn operator_runs_an_example_group() {
-    let Some(client) = cluster().await else { return };
+    let Some(client) = cluster().await else {
+        return;
+    };
     let ns = format!("kcg-e2e-{}", std::process::id());
     let result = scenario(&client, &ns).await;
 

@@ -23,7 +23,12 @@ fn example_files() -> Vec<PathBuf> {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         // Helm values files are not Kubernetes objects; the chart tests check them.
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("values-"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("values-")
+        })
         .collect();
     files.sort();
     files
@@ -57,9 +62,14 @@ fn check_group(doc: &Value) -> Vec<String> {
     // The ConfigMap text must parse back, in the worker, into the same config.
     match config.to_yaml().map(|y| WorkerConfig::from_yaml(&y)) {
         Ok(Ok(back)) if back == config => {}
-        other => problems.push(format!("worker config does not round-trip through YAML: {other:?}")),
+        other => problems.push(format!(
+            "worker config does not round-trip through YAML: {other:?}"
+        )),
     }
-    match render(&kcg, &OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test")) {
+    match render(
+        &kcg,
+        &OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test"),
+    ) {
         Ok(r) => assert_eq!(r.deployment.spec.replicas, Some(kcg.spec.replicas)),
         Err(e) => problems.push(format!("render: {e}")),
     }
@@ -69,9 +79,20 @@ fn check_group(doc: &Value) -> Vec<String> {
 #[test]
 fn every_example_group_is_valid() {
     let files = example_files();
-    let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["minimal-stdout.yaml", "http-sidecar.yaml", "cross-account.yaml", "hpa.yaml"] {
-        assert!(names.iter().any(|n| n == want), "examples/{want} is missing");
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "minimal-stdout.yaml",
+        "http-sidecar.yaml",
+        "cross-account.yaml",
+        "hpa.yaml",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "examples/{want} is missing"
+        );
     }
     let mut groups = 0;
     for path in &files {
@@ -92,12 +113,25 @@ fn every_example_group_is_valid() {
                 Some("HorizontalPodAutoscaler") => {
                     assert_eq!(doc["apiVersion"], "autoscaling/v2", "{}", path.display());
                     let target = &doc["spec"]["scaleTargetRef"];
-                    assert_eq!(target["apiVersion"], "kcg.dev/v1alpha1", "{}", path.display());
+                    assert_eq!(
+                        target["apiVersion"],
+                        "kcg.dev/v1alpha1",
+                        "{}",
+                        path.display()
+                    );
                     assert_eq!(target["kind"], "KinesisConsumerGroup", "{}", path.display());
                     let name = target["name"].as_str().unwrap();
-                    assert!(group_names.contains(&name), "{}: HPA targets unknown group {name}", path.display());
+                    assert!(
+                        group_names.contains(&name),
+                        "{}: HPA targets unknown group {name}",
+                        path.display()
+                    );
                     let (min, max) = (&doc["spec"]["minReplicas"], &doc["spec"]["maxReplicas"]);
-                    assert!(min.as_i64().unwrap_or(1) <= max.as_i64().unwrap(), "{}", path.display());
+                    assert!(
+                        min.as_i64().unwrap_or(1) <= max.as_i64().unwrap(),
+                        "{}",
+                        path.display()
+                    );
                 }
                 other => panic!("{}: unexpected kind {other:?} in examples", path.display()),
             }
@@ -108,7 +142,10 @@ fn every_example_group_is_valid() {
 
 #[test]
 fn http_sidecar_example_listens_where_the_worker_posts() {
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/http-sidecar.yaml"));
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/http-sidecar.yaml"
+    ));
     let doc = documents(&path).remove(0);
     let url = doc["spec"]["delivery"]["http"]["url"].as_str().unwrap();
     assert!(url.starts_with("http://localhost:9000"), "{url}");
@@ -136,21 +173,41 @@ fn the_checker_accepts_the_base_object() {
 
 #[test]
 fn rejects_a_missing_required_field() {
-    assert_rejected("no table", invalid(|g| g["spec"]["stateStore"] = json!({})), "required field table is missing");
-    assert_rejected("no streams", invalid(|g| {
-        g["spec"].as_object_mut().unwrap().remove("streams");
-    }), "required field streams is missing");
+    assert_rejected(
+        "no table",
+        invalid(|g| g["spec"]["stateStore"] = json!({})),
+        "required field table is missing",
+    );
+    assert_rejected(
+        "no streams",
+        invalid(|g| {
+            g["spec"].as_object_mut().unwrap().remove("streams");
+        }),
+        "required field streams is missing",
+    );
 }
 
 #[test]
 fn rejects_a_wrong_type() {
-    assert_rejected("replicas as string", invalid(|g| g["spec"]["replicas"] = json!("two")), "spec.replicas: must be an integer");
-    assert_rejected("create as string", invalid(|g| g["spec"]["stateStore"]["create"] = json!("yes")), "must be a boolean");
+    assert_rejected(
+        "replicas as string",
+        invalid(|g| g["spec"]["replicas"] = json!("two")),
+        "spec.replicas: must be an integer",
+    );
+    assert_rejected(
+        "create as string",
+        invalid(|g| g["spec"]["stateStore"]["create"] = json!("yes")),
+        "must be a boolean",
+    );
 }
 
 #[test]
 fn rejects_a_value_outside_an_enum() {
-    assert_rejected("onDelete", invalid(|g| g["spec"]["stateStore"]["onDelete"] = json!("Purge")), "is not one of");
+    assert_rejected(
+        "onDelete",
+        invalid(|g| g["spec"]["stateStore"]["onDelete"] = json!("Purge")),
+        "is not one of",
+    );
     assert_rejected(
         "startPosition",
         invalid(|g| g["spec"]["streams"][0]["startPosition"] = json!("Earliest")),
@@ -160,14 +217,30 @@ fn rejects_a_value_outside_an_enum() {
 
 #[test]
 fn rejects_unknown_fields() {
-    assert_rejected("typo", invalid(|g| g["spec"]["replica"] = json!(2)), "spec.replica: unknown field");
-    assert_rejected("nested typo", invalid(|g| g["spec"]["stateStore"]["tableName"] = json!("x")), "unknown field");
+    assert_rejected(
+        "typo",
+        invalid(|g| g["spec"]["replica"] = json!(2)),
+        "spec.replica: unknown field",
+    );
+    assert_rejected(
+        "nested typo",
+        invalid(|g| g["spec"]["stateStore"]["tableName"] = json!("x")),
+        "unknown field",
+    );
 }
 
 #[test]
 fn rejects_bounds() {
-    assert_rejected("negative replicas", invalid(|g| g["spec"]["replicas"] = json!(-1)), "must be at least 0");
-    assert_rejected("no streams", invalid(|g| g["spec"]["streams"] = json!([])), "at least 1 items");
+    assert_rejected(
+        "negative replicas",
+        invalid(|g| g["spec"]["replicas"] = json!(-1)),
+        "must be at least 0",
+    );
+    assert_rejected(
+        "no streams",
+        invalid(|g| g["spec"]["streams"] = json!([])),
+        "at least 1 items",
+    );
     assert_rejected(
         "maxRecordsPerCall",
         invalid(|g| g["spec"]["tuning"] = json!({"maxRecordsPerCall": 20000})),
@@ -175,13 +248,26 @@ fn rejects_bounds() {
     );
     assert_rejected(
         "bad timestamp",
-        invalid(|g| g["spec"]["streams"][0] = json!({"name": "o", "startPosition": "AtTimestamp", "startTimestamp": "yesterday"})),
+        invalid(|g| {
+            g["spec"]["streams"][0] =
+                json!({"name": "o", "startPosition": "AtTimestamp", "startTimestamp": "yesterday"})
+        }),
         "RFC 3339",
     );
 }
 
 #[test]
 fn rejects_through_cel_rules() {
-    assert_rejected("two deliveries", invalid(|g| g["spec"]["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:1"}})), "exactly one of stdout or http");
-    assert_rejected("bad stream", invalid(|g| g["spec"]["streams"][0]["name"] = json!("no spaces please")), "Kinesis stream name");
+    assert_rejected(
+        "two deliveries",
+        invalid(|g| {
+            g["spec"]["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:1"}})
+        }),
+        "exactly one of stdout or http",
+    );
+    assert_rejected(
+        "bad stream",
+        invalid(|g| g["spec"]["streams"][0]["name"] = json!("no spaces please")),
+        "Kinesis stream name",
+    );
 }

@@ -11,7 +11,11 @@ use serde_json::Value;
 pub fn schema() -> Value {
     let crd = KinesisConsumerGroup::crd();
     let version = &crd.spec.versions[0];
-    let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).unwrap();
+    let schema = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .unwrap();
     serde_json::to_value(schema).unwrap()
 }
 
@@ -55,7 +59,10 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(v)
     {
-        errors.push(format!("{at}: {v} is not one of {}", Value::Array(allowed.clone())));
+        errors.push(format!(
+            "{at}: {v} is not one of {}",
+            Value::Array(allowed.clone())
+        ));
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
@@ -63,7 +70,12 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
                 errors.push(format!("{at}: must be an object"));
                 return;
             };
-            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            for req in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let req = req.as_str().unwrap();
                 if !map.contains_key(req) {
                     errors.push(format!("{at}: required field {req} is missing"));
@@ -71,10 +83,15 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
             }
             let props = schema.get("properties").and_then(Value::as_object);
             for (k, child) in map {
-                let child_path = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let child_path = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 if let Some(s) = props.and_then(|p| p.get(k)) {
                     check_schema(s, child, &child_path, errors);
-                } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object()) {
+                } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object())
+                {
                     check_schema(s, child, &child_path, errors);
                 } else {
                     // The root also allows apiVersion and kind; metadata is checked by the
