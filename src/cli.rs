@@ -50,6 +50,36 @@ pub enum Command {
     Crd,
     /// Print a group's status, built from its state-store table as the controller would.
     Status(StatusArgs),
+    /// Render the worker config (the ConfigMap's `config.yaml`) of a KinesisConsumerGroup
+    /// file with the operator's own code, for running `kcg-worker` without a cluster.
+    Render(RenderArgs),
+}
+
+/// One value `render --field` prints instead of the whole config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Field {
+    /// The group id (`namespace/name`), the state-store partition key.
+    Group,
+    /// The state-store table.
+    Table,
+    /// The first stream's name.
+    Stream,
+    /// The config hash the Deployment's pod template carries.
+    Hash,
+}
+
+/// Arguments of `render`.
+#[derive(Debug, clap::Args)]
+pub struct RenderArgs {
+    /// A KinesisConsumerGroup YAML file.
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Namespace of the group (default: the file's, else `default`).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Print only this value.
+    #[arg(long, value_enum)]
+    pub field: Option<Field>,
 }
 
 /// Arguments of `run`.
@@ -118,7 +148,7 @@ pub struct StatusArgs {
 /// Parses the command line and runs it. Returns the process exit code.
 pub async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let text_default = matches!(cli.command, Command::Status(_) | Command::Crd);
+    let text_default = !matches!(cli.command, Command::Run(_));
     let format = if text_default && std::env::var_os("KCG_LOG_FORMAT").is_none() {
         LogFormat::Text
     } else {
@@ -132,6 +162,7 @@ pub async fn main() -> std::process::ExitCode {
             .context("rendering the CRD")
             .and_then(|y| out(&y)),
         Command::Status(args) => status_cmd(args).await,
+        Command::Render(args) => render(&args).and_then(|text| out(&text)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -189,7 +220,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces.clone(),
         settings: OperatorSettings {
             worker_image: args.worker_image.clone(),
-            worker_service_account: args.worker_service_account.clone(),
+            worker_service_account: args.worker_service_account.clone().filter(|s| !s.is_empty()),
         },
     };
 
@@ -240,6 +271,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => Err(e).context("http server task"),
         },
     }
+}
+
+/// The output of `render`: the worker config YAML, or one field of it.
+pub fn render(args: &RenderArgs) -> anyhow::Result<String> {
+    let path = &args.spec;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut kcg: KinesisConsumerGroup =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
+    if let Some(ns) = &args.namespace {
+        kcg.metadata.namespace = Some(ns.clone());
+    }
+    if kcg.metadata.namespace.is_none() {
+        kcg.metadata.namespace = Some("default".into());
+    }
+    let config = kcg.worker_config();
+    config.validate().with_context(|| format!("{} is not a valid group", path.display()))?;
+    let yaml = config.to_yaml().context("rendering the worker config")?;
+    Ok(match args.field {
+        None => yaml,
+        Some(Field::Group) => format!("{}\n", config.group),
+        Some(Field::Table) => format!("{}\n", config.state_store.table),
+        Some(Field::Stream) => format!("{}\n", config.streams.first().map(|s| s.name.as_str()).unwrap_or("")),
+        Some(Field::Hash) => format!("{}\n", resources::config_hash(&yaml)),
+    })
 }
 
 /// Everything `status` needs besides the table contents.
@@ -518,6 +573,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["kcg-operator", "crd"]).is_ok());
+    }
+
+    #[test]
+    fn render_gives_the_worker_config_and_its_fields() {
+        let dir = std::env::temp_dir().join(format!("kcg-render-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = dir.join("g.yaml");
+        std::fs::write(
+            &spec,
+            "apiVersion: kcg.dev/v1alpha1\nkind: KinesisConsumerGroup\nmetadata: {name: orders}\nspec:\n  streams: [{name: orders-stream}]\n  stateStore: {table: kcg-state}\n  delivery: {stdout: {}}\n",
+        )
+        .unwrap();
+        let args = |field| RenderArgs { spec: spec.clone(), namespace: Some("demo".into()), field };
+        let yaml = render(&args(None)).unwrap();
+        let parsed = kcg_worker::config::WorkerConfig::from_yaml(&yaml).unwrap();
+        assert_eq!(parsed.group, "demo/orders");
+        assert_eq!(render(&args(Some(Field::Group))).unwrap(), "demo/orders\n");
+        assert_eq!(render(&args(Some(Field::Table))).unwrap(), "kcg-state\n");
+        assert_eq!(render(&args(Some(Field::Stream))).unwrap(), "orders-stream\n");
+        assert_eq!(render(&args(Some(Field::Hash))).unwrap().trim(), resources::config_hash(&yaml));
     }
 
     #[test]
