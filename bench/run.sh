@@ -16,6 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 need_emulators=1
+want_peer=1
 only=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -23,12 +24,36 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     -h | --help) need_emulators=0 ;;
     --only) only+=",${args[$((i + 1))]:-}" ;;
     --only=*) only+=",${args[$i]#--only=}" ;;
+    --no-peer) want_peer=0 ;;
   esac
 done
 # The pure-function benchmarks alone need no emulator.
 if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* ]]; then
   need_emulators=0
 fi
+[[ -n "$only" && "$only" != *e2e* ]] && want_peer=0
+((need_emulators)) || want_peer=0
+
+# The side-by-side peer (npm lifion-kinesis 1.3.3) for the e2e benchmark, installed next to
+# the emulators (gitignored). Without node/npm or the registry the peer is skipped, not failed.
+install_peer() {
+  local dir="${KCG_BENCH_PEER_DIR:-$ROOT/.emulators/bench-peer}"
+  local pkg="$dir/node_modules/lifion-kinesis/package.json"
+  if [[ ! -f "$pkg" ]] || ! grep -q '"version": "1.3.3"' "$pkg"; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "[bench] npm not found: skipping the lifion-kinesis side-by-side" >&2
+      return 0
+    fi
+    echo "[bench] installing npm lifion-kinesis@1.3.3 into $dir" >&2
+    mkdir -p "$dir"
+    [[ -f "$dir/package.json" ]] || printf '{ "name": "kcg-bench-peer", "private": true }\n' >"$dir/package.json"
+    if ! (cd "$dir" && npm install --save-exact --no-audit --no-fund --loglevel=error lifion-kinesis@1.3.3 >&2); then
+      echo "[bench] npm install failed: skipping the lifion-kinesis side-by-side" >&2
+      return 0
+    fi
+  fi
+  export KCG_BENCH_PEER_DIR="$dir"
+}
 
 if ((need_emulators)); then
   # dynamodb: the state store; sts: ministack, which also serves Kinesis on its gateway.
@@ -42,5 +67,6 @@ if ((need_emulators)); then
     export KCG_BENCH_KINESIS_EMULATOR="ministack 1.5.33"
   fi
 fi
+((want_peer)) && install_peer
 
 exec cargo run --release --locked -p kcg-bench --bin kcg-bench -- "$@"

@@ -1,6 +1,7 @@
 //! End-to-end consume throughput: N records in a fresh stream, ONE engine reading from
 //! TRIM_HORIZON into a counting handler until every record arrived.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,16 +27,45 @@ pub struct Params {
     pub max_records_per_call: u32,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Folder with `node_modules/lifion-kinesis` for the side-by-side peer run, if any.
+    pub peer_dir: Option<PathBuf>,
 }
+
+/// The peer's consumer script, shipped in this crate.
+const PEER_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peer/lifion-consume.js");
+/// The peer and version the script is written and installed for.
+pub const PEER: &str = "lifion-kinesis 1.3.3";
 
 /// Runs the benchmark on a fresh stream and table and always deletes both.
 pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
     let stream = support::unique("e2e");
     let table = support::unique("e2e-state");
-    let rows = match measure(aws, p, &stream, &table).await {
+    let peer_table = support::unique("e2e-peer-state");
+    let mut rows = match measure(aws, p, &stream, &table).await {
         Ok(rows) => rows,
         Err(e) => vec![Row::failed("e2e consume", &e)],
     };
+    // The peer reads the same records from the same stream after kcg is done.
+    let kcg_ok = rows.iter().all(|r| r.pass != Some(false));
+    match &p.peer_dir {
+        Some(dir) if kcg_ok => {
+            rows.extend(match peer(p, dir, &stream, &peer_table).await {
+                Ok(rows) => rows,
+                // The peer is a comparison, not a goal of ours: report, do not fail.
+                Err(e) => vec![Row::info("e2e peer", format!("{PEER}: ERROR {e:#}"), "-", "-")],
+            });
+            if let Err(e) = aws.dynamodb.delete_table().table_name(&peer_table).send().await {
+                eprintln!("kcg-bench: could not delete table {peer_table}: {e}");
+            }
+        }
+        Some(_) => {}
+        None => rows.push(Row::info(
+            "e2e peer",
+            format!("{PEER}: skipped (--no-peer, or not installed: bench/run.sh installs it)"),
+            "-",
+            "-",
+        )),
+    }
     support::cleanup(aws, &stream, &table).await;
     rows
 }
@@ -85,7 +115,7 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
 
     let distinct = counter.distinct();
     let shape = format!(
-        "{} x {} B, {} shards, 1 engine, TRIM_HORIZON, {}/GetRecords",
+        "kcg: {} x {} B, {} shards, 1 engine, TRIM_HORIZON, {}/GetRecords",
         p.records, p.payload, p.shards, p.max_records_per_call
     );
     rows.push(Row::goal(
@@ -98,7 +128,7 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     ));
     rows.push(Row::info(
         "e2e repeats",
-        "records delivered twice (one engine, no failures)",
+        "kcg: records delivered twice (one engine, no failures)",
         counter.repeated().to_string(),
         "records",
     ));
@@ -113,13 +143,13 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         if let Some(first) = counter.first() {
             rows.push(Row::info(
                 "e2e throughput",
-                "first record -> last record",
+                "kcg: first record -> last record",
                 num(p.records as f64 / (last - first).as_secs_f64().max(1e-9)),
                 "records/s",
             ));
             rows.push(Row::info(
                 "e2e time to first record",
-                "engine start (table exists) -> first batch delivered",
+                "kcg: engine start (table exists) -> first batch delivered",
                 num(first.as_secs_f64() * 1000.0),
                 "ms",
             ));
@@ -129,14 +159,87 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         Some(kib) => Row::info(
             "e2e peak RSS",
             if rss_reset {
-                "VmHWM of the process, reset before the engine started"
+                "kcg: VmHWM of the bench process, reset before the engine started"
             } else {
-                "VmHWM of the whole process (reset not permitted)"
+                "kcg: VmHWM of the whole bench process (reset not permitted)"
             },
             num(kib as f64 / 1024.0),
             "MiB",
         ),
         None => Row::info("e2e peak RSS", "/proc/self/status unreadable", "-", "MiB"),
     });
+    Ok(rows)
+}
+
+/// Runs the peer's consumer (Node) on the stream kcg just read and reports it the same way.
+async fn peer(p: &Params, dir: &std::path::Path, stream: &str, table: &str) -> anyhow::Result<Vec<Row>> {
+    use anyhow::Context;
+    let run = tokio::process::Command::new("node")
+        .arg(PEER_SCRIPT)
+        .env("NODE_PATH", dir.join("node_modules"))
+        .env("NODE_NO_WARNINGS", "1")
+        .env("PEER_STREAM", stream)
+        .env("PEER_TABLE", table)
+        .env("PEER_COUNT", p.records.to_string())
+        .env("PEER_TIMEOUT_MS", p.timeout.as_millis().to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(p.timeout + Duration::from_secs(30), run)
+        .await
+        .context("timed out")?
+        .context("starting node")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+        format!(
+            "no result (exit {}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(line).context("parsing its result")?;
+    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let count = f("count").unwrap_or(0.0) as u64;
+    let shape = format!("{PEER}: same stream, 1 consumer, polling, TRIM_HORIZON, 10000/GetRecords, 200ms gap");
+    let mut rows = vec![Row::info(
+        "e2e delivered",
+        format!("{shape}, in order per shard"),
+        count.to_string(),
+        "records",
+    )];
+    rows.push(Row::info(
+        "e2e repeats",
+        format!("{PEER}: records delivered twice"),
+        (f("repeated").unwrap_or(0.0) as u64).to_string(),
+        "records",
+    ));
+    if let (Some(first), Some(last), true) = (f("firstMs"), f("lastMs"), count >= p.records) {
+        rows.push(Row::info(
+            "e2e throughput",
+            format!("{PEER}: consumer created (creates its table) -> last record"),
+            num(count as f64 / (last / 1000.0)),
+            "records/s",
+        ));
+        rows.push(Row::info(
+            "e2e throughput",
+            format!("{PEER}: first record -> last record (checkpoints every batch)"),
+            num(count as f64 / ((last - first).max(1e-6) / 1000.0)),
+            "records/s",
+        ));
+        rows.push(Row::info(
+            "e2e time to first record",
+            format!("{PEER}: consumer created -> first batch delivered"),
+            num(first),
+            "ms",
+        ));
+    }
+    if let Some(kib) = f("maxRssKiB") {
+        rows.push(Row::info(
+            "e2e peak RSS",
+            format!("{PEER}: maxRSS of the node process"),
+            num(kib / 1024.0),
+            "MiB",
+        ));
+    }
     Ok(rows)
 }

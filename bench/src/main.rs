@@ -50,6 +50,13 @@ struct Args {
     /// Seconds the end-to-end benchmark waits for every record.
     #[arg(long, default_value_t = 120)]
     e2e_timeout: u64,
+    /// Folder holding `node_modules/lifion-kinesis` (1.3.3) for the side-by-side run of the
+    /// e2e benchmark; bench/run.sh installs it and sets this.
+    #[arg(long, env = "KCG_BENCH_PEER_DIR")]
+    peer_dir: Option<std::path::PathBuf>,
+    /// Skip the side-by-side peer run.
+    #[arg(long)]
+    no_peer: bool,
     /// Join / graceful-stop rounds of the rebalance benchmark.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -137,6 +144,7 @@ async fn main() -> ExitCode {
                     shards: args.shards,
                     max_records_per_call: args.max_records_per_call,
                     timeout: Duration::from_secs(args.e2e_timeout),
+                    peer_dir: if args.no_peer { None } else { args.peer_dir.clone() },
                 })
                 .await,
             );
