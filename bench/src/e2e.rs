@@ -52,9 +52,20 @@ pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
             rows.extend(match peer(p, dir, &stream, &peer_table).await {
                 Ok(rows) => rows,
                 // The peer is a comparison, not a goal of ours: report, do not fail.
-                Err(e) => vec![Row::info("e2e peer", format!("{PEER}: ERROR {e:#}"), "-", "-")],
+                Err(e) => vec![Row::info(
+                    "e2e peer",
+                    format!("{PEER}: ERROR {e:#}"),
+                    "-",
+                    "-",
+                )],
             });
-            if let Err(e) = aws.dynamodb.delete_table().table_name(&peer_table).send().await {
+            if let Err(e) = aws
+                .dynamodb
+                .delete_table()
+                .table_name(&peer_table)
+                .send()
+                .await
+            {
                 eprintln!("kcg-bench: could not delete table {peer_table}: {e}");
             }
         }
@@ -75,7 +86,10 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     let produced = support::produce(&aws.kinesis, stream, p.records, p.payload, 4).await?;
     let mut rows = vec![Row::info(
         "produce (setup)",
-        format!("{} x {} B, PutRecords 500/call, 4 in flight", p.records, p.payload),
+        format!(
+            "{} x {} B, PutRecords 500/call, 4 in flight",
+            p.records, p.payload
+        ),
         num(p.records as f64 / produced.as_secs_f64()),
         "records/s",
     )];
@@ -103,7 +117,9 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         Arc::new(Health::new(Duration::from_secs(30))),
         shutdown.clone(),
     ));
-    let finished = tokio::time::timeout(p.timeout, counter.reached()).await.is_ok();
+    let finished = tokio::time::timeout(p.timeout, counter.reached())
+        .await
+        .is_ok();
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(30), engine).await {
         Ok(Ok(Ok(()))) => {}
@@ -172,7 +188,12 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
 }
 
 /// Runs the peer's consumer (Node) on the stream kcg just read and reports it the same way.
-async fn peer(p: &Params, dir: &std::path::Path, stream: &str, table: &str) -> anyhow::Result<Vec<Row>> {
+async fn peer(
+    p: &Params,
+    dir: &std::path::Path,
+    stream: &str,
+    table: &str,
+) -> anyhow::Result<Vec<Row>> {
     use anyhow::Context;
     let run = tokio::process::Command::new("node")
         .arg(PEER_SCRIPT)
@@ -190,17 +211,23 @@ async fn peer(p: &Params, dir: &std::path::Path, stream: &str, table: &str) -> a
         .context("timed out")?
         .context("starting node")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
-        format!(
-            "no result (exit {}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| {
+            format!(
+                "no result (exit {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
     let v: serde_json::Value = serde_json::from_str(line).context("parsing its result")?;
     let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
     let count = f("count").unwrap_or(0.0) as u64;
-    let shape = format!("{PEER}: same stream, 1 consumer, polling, TRIM_HORIZON, 10000/GetRecords, 200ms gap");
+    let shape = format!(
+        "{PEER}: same stream, 1 consumer, polling, TRIM_HORIZON, 10000/GetRecords, 200ms gap"
+    );
     let mut rows = vec![Row::info(
         "e2e delivered",
         format!("{shape}, in order per shard"),

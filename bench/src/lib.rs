@@ -18,7 +18,12 @@ pub async fn ensure_stream(
     stream: &str,
     shards: i32,
 ) -> anyhow::Result<()> {
-    let exists = client.describe_stream_summary().stream_name(stream).send().await.is_ok();
+    let exists = client
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+        .is_ok();
     if !exists {
         client
             .create_stream()

@@ -78,14 +78,19 @@ fn machine() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "rustc unknown".into());
-    let profile = if cfg!(debug_assertions) { "debug build" } else { "release build" };
+    let rustc =
+        std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "rustc unknown".into());
+    let profile = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
     format!("machine: nproc {cores}, {cpu}, {rustc}, {profile}")
 }
 
@@ -138,14 +143,21 @@ async fn main() -> ExitCode {
         if selected(Bench::E2e) {
             progress("e2e");
             rows.extend(
-                e2e::run(&aws, &e2e::Params {
-                    records: args.records,
-                    payload: args.payload,
-                    shards: args.shards,
-                    max_records_per_call: args.max_records_per_call,
-                    timeout: Duration::from_secs(args.e2e_timeout),
-                    peer_dir: if args.no_peer { None } else { args.peer_dir.clone() },
-                })
+                e2e::run(
+                    &aws,
+                    &e2e::Params {
+                        records: args.records,
+                        payload: args.payload,
+                        shards: args.shards,
+                        max_records_per_call: args.max_records_per_call,
+                        timeout: Duration::from_secs(args.e2e_timeout),
+                        peer_dir: if args.no_peer {
+                            None
+                        } else {
+                            args.peer_dir.clone()
+                        },
+                    },
+                )
                 .await,
             );
         }

@@ -87,10 +87,13 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
         refreshed_at_ms: 1_800_000_000_000,
         refreshed_by: ids[0].clone(),
     };
-    let streams = assignment::streams_from_snapshot(&[STREAM.to_owned()], &GroupSnapshot {
-        shard_caches: vec![cache.clone()],
-        ..GroupSnapshot::default()
-    });
+    let streams = assignment::streams_from_snapshot(
+        &[STREAM.to_owned()],
+        &GroupSnapshot {
+            shard_caches: vec![cache.clone()],
+            ..GroupSnapshot::default()
+        },
+    );
     let plan = assignment::plan(&streams, &ids);
     let leases = plan
         .iter()
@@ -102,7 +105,9 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             shard_id: key.shard_id.clone(),
             owner: Some(owner.clone()),
             lease_counter: 1000 + n as u64,
-            checkpoint: Some(format!("49650000000000000000000000000000000000000000{n:012}")),
+            checkpoint: Some(format!(
+                "49650000000000000000000000000000000000000000{n:012}"
+            )),
             ended: false,
             millis_behind: Some((n as i64 * 37) % 5000),
             lag_at_ms: Some(1_800_000_000_000),
@@ -177,12 +182,15 @@ pub fn handoff() -> Vec<Row> {
                 .leases
                 .iter()
                 .map(|l| {
-                    (ShardKey::new(&l.stream, &l.shard_id), LeaseView {
-                        owner: l.owner.clone(),
-                        counter: l.lease_counter,
-                        ended: l.ended,
-                        stale: false,
-                    })
+                    (
+                        ShardKey::new(&l.stream, &l.shard_id),
+                        LeaseView {
+                            owner: l.owner.clone(),
+                            counter: l.lease_counter,
+                            ended: l.ended,
+                            stale: false,
+                        },
+                    )
                 })
                 .collect();
             let me = live[live.len() / 2].clone();
@@ -250,9 +258,14 @@ pub fn status() -> Vec<Row> {
             c.last_error = Some(long.clone());
             c.last_error_reason = Some("HandlerFailing".into());
         }
-        worst.problems.push(Problem::new("StateStoreUnavailable", "y".repeat(4000)));
+        worst
+            .problems
+            .push(Problem::new("StateStoreUnavailable", "y".repeat(4000)));
     }
-    for (label, input) in [("healthy", healthy), ("interleaved owners + long errors", worst)] {
+    for (label, input) in [
+        ("healthy", healthy),
+        ("interleaved owners + long errors", worst),
+    ] {
         let us = time_ns_with(|| input.clone(), build_status) / 1000.0;
         rows.push(Row::goal(
             "status builder",

@@ -163,7 +163,12 @@ fn held_by(snap: &GroupSnapshot, stream: &str, prefix: &str) -> BTreeSet<String>
 }
 
 /// Every shard in `shards` has a lease held by one of the engines `prefixes`.
-fn all_owned_by(snap: &GroupSnapshot, stream: &str, shards: &BTreeSet<String>, prefixes: &[String]) -> bool {
+fn all_owned_by(
+    snap: &GroupSnapshot,
+    stream: &str,
+    shards: &BTreeSet<String>,
+    prefixes: &[String],
+) -> bool {
     let held = snap
         .leases
         .iter()
@@ -266,7 +271,17 @@ pub async fn run(aws: &Aws, rounds: usize, kill_rounds: usize) -> Vec<Row> {
     let table = support::unique("rebalance-state");
     let stop_load = CancellationToken::new();
     let mut engines = Vec::new();
-    let rows = match measure(aws, &stream, &table, &stop_load, &mut engines, rounds.max(1), kill_rounds.max(1)).await {
+    let rows = match measure(
+        aws,
+        &stream,
+        &table,
+        &stop_load,
+        &mut engines,
+        rounds.max(1),
+        kill_rounds.max(1),
+    )
+    .await
+    {
         Ok(rows) => rows,
         Err(e) => vec![Row::failed("rebalance", &e)],
     };
@@ -301,7 +316,8 @@ async fn measure(
     let store = aws.store(table);
     trickle(aws.kinesis.clone(), stream.to_owned(), stop_load.clone());
 
-    let p = |names: &[&str]| -> Vec<String> { names.iter().map(|n| format!("bench-{n}-")).collect() };
+    let p =
+        |names: &[&str]| -> Vec<String> { names.iter().map(|n| format!("bench-{n}-")).collect() };
     let ab = p(&["a", "b"]);
     let abc = p(&["a", "b", "c"]);
     let b_only = p(&["b"]);
@@ -310,7 +326,14 @@ async fn measure(
     let start = Instant::now();
     engines.push(Hosted::start("a", config.clone())?);
     engines.push(Hosted::start("b", config.clone())?);
-    let settle = wait_for(&store, &group, start, limit, &[Box::new(|s| plan_applied(s, stream, &ab))]).await?;
+    let settle = wait_for(
+        &store,
+        &group,
+        start,
+        limit,
+        &[Box::new(|s| plan_applied(s, stream, &ab))],
+    )
+    .await?;
     let mut rows = vec![Row::info(
         "rebalance start",
         format!("2 engines start on {SHARDS} shards -> plan applied ({tuned})"),
@@ -325,13 +348,23 @@ async fn measure(
         // (a) c joins.
         let start = Instant::now();
         engines.push(Hosted::start("c", config.clone())?);
-        let joined = wait_for(&store, &group, start, limit, &[Box::new(|s| plan_applied(s, stream, &abc))]).await?;
+        let joined = wait_for(
+            &store,
+            &group,
+            start,
+            limit,
+            &[Box::new(|s| plan_applied(s, stream, &abc))],
+        )
+        .await?;
         joins.push(joined[0]);
         tokio::time::sleep(hb * 2).await;
 
         // (b) c stops gracefully: its shards go to a and b.
         let mut c = engines.pop().context("engine c")?;
-        let before = store.load_group(&group).await.context("reading the group")?;
+        let before = store
+            .load_group(&group)
+            .await
+            .context("reading the group")?;
         let of_c = held_by(&before, stream, "bench-c-");
         anyhow::ensure!(!of_c.is_empty(), "engine c holds no shard before its stop");
         moved = of_c.len();
@@ -378,20 +411,37 @@ async fn measure(
     let mut taken = 0;
     for round in 0..kill_rounds {
         tokio::time::sleep(hb * 2).await;
-        let before = store.load_group(&group).await.context("reading the group")?;
+        let before = store
+            .load_group(&group)
+            .await
+            .context("reading the group")?;
         let of_a = held_by(&before, stream, "bench-a-");
         anyhow::ensure!(!of_a.is_empty(), "engine a holds no shard before the kill");
         taken = of_a.len();
         let mut a = engines.remove(0);
         let start = Instant::now();
         a.kill.cancel();
-        let killed = wait_for(&store, &group, start, limit, &[Box::new(|s| all_owned_by(s, stream, &of_a, &b_only))]).await;
+        let killed = wait_for(
+            &store,
+            &group,
+            start,
+            limit,
+            &[Box::new(|s| all_owned_by(s, stream, &of_a, &b_only))],
+        )
+        .await;
         a.join().await;
         kills.push(killed?[0]);
         if round + 1 < kill_rounds {
             let start = Instant::now();
             engines.insert(0, Hosted::start("a", config.clone())?);
-            wait_for(&store, &group, start, limit, &[Box::new(|s| plan_applied(s, stream, &ab))]).await?;
+            wait_for(
+                &store,
+                &group,
+                start,
+                limit,
+                &[Box::new(|s| plan_applied(s, stream, &ab))],
+            )
+            .await?;
         }
     }
     // The observer starts its clock when it first sees the last renewal (up to one

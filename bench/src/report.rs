@@ -21,7 +21,12 @@ pub struct Row {
 
 impl Row {
     /// A row without a goal (informational).
-    pub fn info(bench: &str, params: impl Into<String>, result: impl Into<String>, unit: &str) -> Self {
+    pub fn info(
+        bench: &str,
+        params: impl Into<String>,
+        result: impl Into<String>,
+        unit: &str,
+    ) -> Self {
         Self {
             bench: bench.to_owned(),
             params: params.into(),
@@ -78,7 +83,13 @@ pub fn render(rows: &[Row]) -> String {
                 Some(true) => format!("{} ok", r.goal),
                 None => r.goal.clone(),
             };
-            [r.bench.clone(), r.params.clone(), r.result.clone(), r.unit.clone(), goal]
+            [
+                r.bench.clone(),
+                r.params.clone(),
+                r.result.clone(),
+                r.unit.clone(),
+                goal,
+            ]
         })
         .collect();
     let mut widths = header.map(str::len);

@@ -12,8 +12,7 @@ use anyhow::Context;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use kcg_worker::config::{
-    DeliveryConfig, StartPosition, StateStoreConfig, StdoutSink, StreamConfig, Tuning,
-    WorkerConfig,
+    DeliveryConfig, StartPosition, StateStoreConfig, StdoutSink, StreamConfig, Tuning, WorkerConfig,
 };
 use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
 use kcg_worker::store::StateStore;

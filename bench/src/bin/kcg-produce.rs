@@ -45,7 +45,11 @@ async fn main() -> anyhow::Result<()> {
     let mut counters = vec![0u64; args.keys as usize];
     let mut written = 0u64;
     let total = args.count.unwrap_or(u64::MAX);
-    let per_call = if args.rate == 0 { args.batch } else { args.batch.min(args.rate as usize).max(1) };
+    let per_call = if args.rate == 0 {
+        args.batch
+    } else {
+        args.batch.min(args.rate as usize).max(1)
+    };
     let pause = if args.rate == 0 {
         Duration::ZERO
     } else {
@@ -84,4 +88,3 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("kcg-produce: wrote {written} records to {}", args.stream);
     Ok(())
 }
-
