@@ -5,9 +5,12 @@
 //! [`classify`] function so the reader (and the engine) can decide what to do: back off,
 //! take a new iterator, or report an [`ErrorKind`] that tells the user what to fix.
 
+use std::time::Duration;
+
 use aws_config::SdkConfig;
 use aws_config::sts::AssumeRoleProvider;
 use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::{Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::ShardIteratorType;
@@ -251,7 +254,17 @@ impl StreamClient {
                 ))
             })?;
         let region = Region::new(region);
-        let mut builder = aws_sdk_kinesis::config::Builder::from(base).region(region.clone());
+        let mut builder = aws_sdk_kinesis::config::Builder::from(base)
+            .region(region.clone())
+            // A hung connection must surface as an error (retried, reported), never as a
+            // reader silently waiting forever. Kinesis calls normally take milliseconds.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(15))
+                    .operation_timeout(Duration::from_secs(45))
+                    .build(),
+            );
         if let Some(role) = &stream.role_arn {
             // The provider calls STS with the base (worker) credentials; the Kinesis client's
             // identity cache (from `base`) caches the assumed credentials and refreshes them
