@@ -418,9 +418,12 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     let live = match &snapshot {
         Some(snap) => {
             let mut trackers = lock(&ctx.liveness);
-            let tracker = trackers
-                .entry(group.clone())
-                .or_insert_with(|| Liveness::new(kcg.spec.tuning.client_timeout));
+            let timeout = kcg.spec.tuning.client_timeout;
+            let tracker = trackers.entry(group.clone()).or_insert_with(|| Liveness::new(timeout));
+            if tracker.timeout() != timeout {
+                // The spec changed the client timeout: judge with the new one from now on.
+                *tracker = Liveness::new(timeout);
+            }
             observe_clients(tracker, &snap.clients, Instant::now())
         }
         None => Vec::new(),
@@ -496,7 +499,7 @@ async fn publish_status(
 ) -> Result<(), Error> {
     let group = kcg.group_id();
     let old = kcg.status.as_ref();
-    if old == Some(&new_status) {
+    if !status::needs_write(old, &new_status) {
         debug!("status unchanged; nothing written");
         return Ok(());
     }

@@ -115,6 +115,33 @@ pub fn compact_ranges(stream: &str, shards: &[(String, Option<String>)]) -> Vec<
     assignment::compact_ranges(keyed.iter().map(|(k, o)| (k, *o)))
 }
 
+/// How stale a published client heartbeat may get before a refresh writes the status for
+/// that alone. Heartbeats move every few seconds; writing each one would turn every group
+/// into a steady stream of API writes.
+pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 30_000;
+
+/// Whether `new` must be written over the published `old`: on any change except client
+/// heartbeat times, or when a published heartbeat time lags by more than
+/// [`HEARTBEAT_WRITE_SLACK_MS`].
+pub fn needs_write(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsumerGroupStatus) -> bool {
+    let Some(old) = old else { return true };
+    let strip = |s: &KinesisConsumerGroupStatus| {
+        let mut s = s.clone();
+        for c in &mut s.clients {
+            c.last_heartbeat.clear();
+        }
+        s
+    };
+    if strip(old) != strip(new) {
+        return true;
+    }
+    let ms = |t: &str| t.parse::<jiff::Timestamp>().map(|t| t.as_millisecond()).ok();
+    old.clients.iter().zip(&new.clients).any(|(o, n)| match (ms(&o.last_heartbeat), ms(&n.last_heartbeat)) {
+        (Some(o), Some(n)) => n - o > HEARTBEAT_WRITE_SLACK_MS,
+        (o, n) => o != n,
+    })
+}
+
 /// Formats milliseconds as a short human duration: `0s`, `850ms`, `12s`, `3m12s`, `2h5m`.
 pub fn human_millis(ms: i64) -> String {
     let ms = ms.max(0);
@@ -523,8 +550,8 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             FALSE,
             "RolloutInProgress",
             format!(
-                "{}/{} replicas ready, {} updated",
-                dep.ready_replicas, d.desired_replicas, dep.updated_replicas
+                "{} ready of {} desired ({} pods, {} on the current template)",
+                dep.ready_replicas, d.desired_replicas, dep.replicas, dep.updated_replicas
             ),
         )
     } else if !unlisted.is_empty() {
@@ -561,6 +588,13 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
 
     let balanced = if !d.store_read {
         Verdict::new(BALANCED, UNKNOWN, "StateStoreUnavailable", "the state-store table could not be read")
+    } else if !unlisted.is_empty() && consumable == 0 {
+        Verdict::new(
+            BALANCED,
+            UNKNOWN,
+            "ShardsNotListed",
+            format!("no shards known yet for {}", unlisted.join(", ")),
+        )
     } else if !stale.is_empty() {
         Verdict::new(
             BALANCED,
@@ -606,8 +640,8 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             TRUE,
             "RollingOut",
             format!(
-                "rolling out workers: {}/{} updated, {} ready",
-                dep.updated_replicas, d.desired_replicas, dep.ready_replicas
+                "rolling out workers: {} desired, {} pods, {} on the current template, {} ready",
+                d.desired_replicas, dep.replicas, dep.updated_replicas, dep.ready_replicas
             ),
         )
     } else if rebalancing {

@@ -386,6 +386,16 @@ fn balanced_table() {
         ),
         ("no clients", |i| i.live_clients.clear(), FALSE, "StaleOwners"),
         ("store unreadable", |i| i.snapshot = None, UNKNOWN, "StateStoreUnavailable"),
+        (
+            "shards not listed yet",
+            |i| {
+                let snap = i.snapshot.as_mut().unwrap();
+                snap.shard_caches.clear();
+                snap.leases.clear();
+            },
+            UNKNOWN,
+            "ShardsNotListed",
+        ),
     ];
     for (name, edit, status, reason) in cases {
         let mut input = healthy(2, 4);
@@ -584,4 +594,27 @@ fn status_of_1000_shards_and_100_clients_stays_under_64_kib() {
             assert_eq!(s.streams[0].ranges.len(), 100);
         }
     }
+}
+
+#[test]
+fn needs_write_ignores_fresh_heartbeats_only() {
+    let base = build_status(healthy(2, 4));
+    assert!(needs_write(None, &base), "first status is written");
+    assert!(!needs_write(Some(&base), &base.clone()), "identical is not written");
+
+    let mut beat = base.clone();
+    beat.clients[0].last_heartbeat = "2023-11-14T22:13:25Z".into(); // +5s
+    assert!(!needs_write(Some(&base), &beat), "a heartbeat alone is not worth a write");
+
+    let mut stale = base.clone();
+    stale.clients[0].last_heartbeat = "2023-11-14T22:14:00Z".into(); // +40s
+    assert!(needs_write(Some(&base), &stale), "a published heartbeat 40s behind is refreshed");
+
+    let mut moved = beat.clone();
+    moved.clients[0].owned_shards = 3;
+    assert!(needs_write(Some(&base), &moved), "any other change is written");
+
+    let mut cond_flip = base.clone();
+    cond_flip.conditions[0].status = "False".into();
+    assert!(needs_write(Some(&base), &cond_flip));
 }
