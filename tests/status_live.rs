@@ -143,6 +143,41 @@ impl Harness {
     }
 }
 
+const PREFIX: &str = "kcg-live-";
+
+async fn remove_leftovers(kinesis: &aws_sdk_kinesis::Client) {
+    let Ok(out) = kinesis.list_streams().send().await else { return };
+    for name in out.stream_names() {
+        // Names are PREFIX<pid>-<nanos>: only a run whose process is gone is a leftover.
+        let pid = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next());
+        let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if name.starts_with(PREFIX) && !running {
+            let _ = kinesis.delete_stream().stream_name(name).enforce_consumer_deletion(true).send().await;
+        }
+    }
+}
+
+/// Deletes the test's stream when the test ends, also on a failed assertion.
+struct StreamGuard {
+    client: aws_sdk_kinesis::Client,
+    stream: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let (client, stream) = (self.client.clone(), self.stream.clone());
+        // Drop cannot await: run the delete on its own thread and runtime, and wait for it.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(async {
+                    let _ = client.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
 fn cond<'a>(s: &'a KinesisConsumerGroupStatus, t: &str) -> &'a str {
     s.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.as_str()).unwrap_or("")
 }
@@ -170,13 +205,21 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
     let Some(()) = endpoints() else { return };
     let conf = aws().await;
     let id = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
-    let table = format!("kcg-live-{id}");
-    let stream = format!("kcg-live-{id}");
+    let table = format!("{PREFIX}{id}");
+    let stream = format!("{PREFIX}{id}");
     let group = format!("live/g-{id}");
 
     let store = StateStore::new(aws_sdk_dynamodb::Client::new(&conf), table.clone());
     store.ensure_table(true).await.expect("DynamoDB Local is configured but unusable");
     let kinesis = aws_sdk_kinesis::Client::new(&conf);
+    // kinesis-local caps the shards of all streams together (50 by default): remove what an
+    // earlier, interrupted run of THIS test left (its own prefix only), and delete ours at
+    // the end through a guard.
+    remove_leftovers(&kinesis).await;
+    let _cleanup = StreamGuard {
+        client: kinesis.clone(),
+        stream: stream.clone(),
+    };
     kinesis
         .create_stream()
         .stream_name(&stream)
