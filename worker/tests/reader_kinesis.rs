@@ -602,3 +602,61 @@ async fn missing_shard_is_reported_not_skipped() {
     );
     delete_stream(&sdk, &name).await;
 }
+
+#[tokio::test]
+async fn stream_named_by_arn_uses_stream_arn_parameters() {
+    let Some(conf) = kinesis_config("stream_named_by_arn").await else {
+        return;
+    };
+    let sdk = aws_sdk_kinesis::Client::new(&conf);
+    let name = unique("arn");
+    create_stream(&sdk, &name, 1).await;
+    let arn = sdk
+        .describe_stream_summary()
+        .stream_name(&name)
+        .send()
+        .await
+        .expect("DescribeStreamSummary")
+        .stream_description_summary()
+        .map(|s| s.stream_arn().to_owned())
+        .expect("summary");
+    let sent = payloads("a", 5);
+    let seqs = put(&sdk, &name, "k", &sent).await;
+    // Region from the ARN; requests carry StreamARN, not StreamName.
+    let client = StreamClient::connect(&stream_config(&arn), &conf)
+        .await
+        .expect("connect");
+    assert_eq!(client.region, "us-east-1");
+    assert_eq!(client.stream_name(), name);
+    let shards = client.list_shards().await.expect("list by ARN");
+    assert_eq!(shards.len(), 1);
+    let handler = Recording::new();
+    let mut r = start(
+        Arc::new(client),
+        &arn,
+        &shards[0].shard_id,
+        None,
+        100,
+        handler.clone(),
+    );
+    handler.wait_for(5, Duration::from_secs(20)).await;
+    let want = seqs.last().cloned();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        r.progress.wait_for(|p| p.acked == want),
+    )
+    .await
+    .expect("acked")
+    .expect("progress");
+    stop(r).await;
+    assert_eq!(handler.payloads(), sent);
+    assert!(
+        handler
+            .accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|rec| rec.stream == arn)
+    );
+    delete_stream(&sdk, &name).await;
+}
