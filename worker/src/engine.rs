@@ -32,7 +32,7 @@ use crate::kinesis::StreamClient;
 use crate::membership::{self, Identity, Liveness};
 use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
-use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, shards_sk};
+use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
 use crate::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError, now_ms};
 
 /// How this process identifies itself in the group.
@@ -243,7 +243,14 @@ impl Engine {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        io_bounded(&self.metrics, self.store.table(), op, self.op_timeout(), fut).await
+        io_bounded(
+            &self.metrics,
+            self.store.table(),
+            op,
+            self.op_timeout(),
+            fut,
+        )
+        .await
     }
 
     fn backoff(attempt: u32, base: Duration) -> Duration {
@@ -620,6 +627,21 @@ impl Engine {
                     continue;
                 }
             };
+            for shard_id in trimmed_leases(&name, &shards, &snap.leases) {
+                let res = self
+                    .io(
+                        "delete_lease",
+                        self.store.delete_lease(self.group(), &name, &shard_id),
+                    )
+                    .await;
+                match res {
+                    Ok(()) => {
+                        debug!(stream = %name, shard = %shard_id, "deleted lease of a trimmed shard")
+                    }
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => self.note_store("delete_lease", &e),
+                }
+            }
             let existing = snap.shard_caches.iter().position(|c| c.stream == name);
             if existing.is_some_and(|i| snap.shard_caches[i].shards == shards) {
                 continue; // unchanged: save the write
@@ -1044,6 +1066,19 @@ impl Engine {
     }
 }
 
+/// Lease rows of `stream` that can go: the shard is no longer listed (trimmed after the
+/// retention period), it was read to its end, and nobody owns it. A parent missing from
+/// the cache counts as ended for its children, so deleting such a row changes no decision;
+/// rows of shards that did not end are kept, in case a listing was incomplete.
+fn trimmed_leases(stream: &str, listed: &[ShardInfo], leases: &[LeaseRow]) -> Vec<String> {
+    leases
+        .iter()
+        .filter(|l| l.stream == stream && l.ended && l.owner.is_none())
+        .filter(|l| !listed.iter().any(|s| s.shard_id == l.shard_id))
+        .map(|l| l.shard_id.clone())
+        .collect()
+}
+
 /// The release write for a reader's last progress: the acknowledged position, the end flag
 /// and the lag.
 fn final_update(p: &ShardProgress) -> CheckpointUpdate {
@@ -1251,6 +1286,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn trimmed_leases_table() {
+        let lease = |stream: &str, shard: &str, owner: Option<&str>, ended: bool| LeaseRow {
+            pk: "ns/g".into(),
+            sk: format!("lease#{stream}#{shard}"),
+            stream: stream.into(),
+            shard_id: shard.into(),
+            owner: owner.map(str::to_owned),
+            lease_counter: 1,
+            checkpoint: None,
+            ended,
+            millis_behind: None,
+            lag_at_ms: None,
+            updated_at_ms: 0,
+        };
+        let listed = vec![ShardInfo {
+            shard_id: "s-1".into(),
+            parent: Some("s-0".into()),
+            adjacent_parent: None,
+            closed: false,
+        }];
+        let leases = vec![
+            lease("a", "s-0", None, true),      // trimmed, ended, free: delete
+            lease("a", "s-1", None, false),     // still listed: keep
+            lease("a", "s-2", None, false),     // not listed but never ended: keep
+            lease("a", "s-3", Some("c"), true), // owned: keep
+            lease("b", "s-0", None, true),      // another stream: keep
+        ];
+        assert_eq!(
+            trimmed_leases("a", &listed, &leases),
+            vec!["s-0".to_owned()]
+        );
     }
 
     #[test]
