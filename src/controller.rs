@@ -587,12 +587,24 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
             }
             let cfg = &kcg.spec.state_store.config;
             let client = ctx.dynamo.client(cfg.region.as_deref()).await;
-            store_admin::delete_group(&client, &cfg.table, &group)
-                .await
-                .map_err(|source| Error::StoreAdmin {
+            if let Err(source) = store_admin::delete_group(&client, &cfg.table, &group).await {
+                let err = Error::StoreAdmin {
                     group: group.clone(),
                     source,
-                })?;
+                };
+                // The finalizer holds the object until this works: say why, on the object.
+                let event = KubeEvent {
+                    type_: EventType::Warning,
+                    reason: "CleanupFailed".into(),
+                    note: Some(crate::conditions::truncate(&error_chain(&err), events::MAX_NOTE_CHARS)),
+                    action: "Cleanup".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&event, &kcg.object_ref(&())).await {
+                    warn!(error = %e, "publishing event failed");
+                }
+                return Err(err);
+            }
         }
     }
     lock(&ctx.liveness).remove(&group);

@@ -124,7 +124,7 @@ async fn group_keys(
     let mut keys = Vec::new();
     let mut start: Option<HashMap<String, AttributeValue>> = None;
     loop {
-        let out = client
+        let result = client
             .query()
             .table_name(table)
             .key_condition_expression("#pk = :pk")
@@ -135,8 +135,14 @@ async fn group_keys(
             .consistent_read(true)
             .set_exclusive_start_key(start.take())
             .send()
-            .await
-            .map_err(|e| StoreAdminError::Query {
+            .await;
+        // No table, no rows: deleting a group whose table is gone must not block forever.
+        if let Err(e) = &result
+            && e.as_service_error().is_some_and(|se| se.is_resource_not_found_exception())
+        {
+            return Ok(Vec::new());
+        }
+        let out = result.map_err(|e| StoreAdminError::Query {
                 group: group.to_owned(),
                 table: table.to_owned(),
                 source: sdk_error(e),

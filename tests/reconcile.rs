@@ -661,3 +661,33 @@ async fn deployment_rejected_by_the_api_server_is_degraded_not_crash_looped() {
     assert_eq!(res.unwrap(), Action::requeue(controller::INVALID_SPEC_RETRY));
     let _ = verifier;
 }
+
+#[tokio::test]
+async fn delete_with_delete_and_no_table_does_not_block_the_deletion() {
+    let Some(endpoint) = emulator() else { return };
+    // The emulator must answer, so "no table" is really a missing table.
+    seeded_store(&endpoint, &unique_table("reach2")).await;
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(
+        "kcg-table-never-created",
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": {"stateStore": {"table": "kcg-table-never-created", "onDelete": "Delete"}}}),
+    );
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        let s = v.next().await;
+        assert_eq!(s.method, Method::DELETE);
+        Verifier::not_found(s.send);
+        let s = v.next().await;
+        assert_eq!(s.method, Method::GET);
+        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}));
+        let s = v.next().await;
+        assert_eq!(s.method, Method::PATCH);
+        assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
+        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "kcg.dev/v1alpha1", "kind": "KinesisConsumerGroup",
+            "metadata": {"name": NAME, "namespace": NS}, "spec": {"streams": [{"name": "orders"}], "stateStore": {"table": "t"}, "delivery": {"stdout": {}}}}));
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::await_change());
+    assert_quiet(verifier).await;
+}
