@@ -21,6 +21,7 @@ use kcg_worker::metrics::Metrics;
 use kcg_worker::server;
 use kcg_worker::store::StateStore;
 use kcg_worker::telemetry::{self, LogFormat};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -126,7 +127,10 @@ async fn run(
     };
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    // Installed before anything runs: without them the worker could not drain on SIGTERM.
+    let term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::spawn(watch_signals(term, int, shutdown.clone()));
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,
@@ -167,11 +171,7 @@ async fn run(
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    // Startup: without signal handlers the worker could not shut down gracefully at all.
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+async fn watch_signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
     for round in 0..2 {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
