@@ -27,7 +27,8 @@ use crate::status::{self, DeploymentState, Problem, StatusInput};
 use crate::telemetry::{self, LogFormat};
 
 /// Default worker image: the worker released with this operator version.
-pub const DEFAULT_WORKER_IMAGE: &str = concat!("ghcr.io/kcg-dev/kcg-worker:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_WORKER_IMAGE: &str =
+    concat!("ghcr.io/kcg-dev/kcg-worker:", env!("CARGO_PKG_VERSION"));
 
 /// kcg-operator: runs Kinesis consumer groups on Kubernetes.
 #[derive(Debug, Parser)]
@@ -96,7 +97,11 @@ pub struct RunArgs {
     pub worker_service_account: Option<String>,
     /// Watch only these namespaces; repeat the flag or separate with commas (default: all
     /// namespaces). The chart passes one flag per `watchNamespaces` entry.
-    #[arg(long = "namespace", env = "KCG_WATCH_NAMESPACES", value_delimiter = ',')]
+    #[arg(
+        long = "namespace",
+        env = "KCG_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
     pub namespaces: Vec<String>,
     /// Elect a leader through a Lease so several replicas are safe; only the leader
     /// reconciles. Disable only for a single local instance.
@@ -198,7 +203,10 @@ fn chain(e: &anyhow::Error) -> String {
 fn out(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
         _ => Ok(()),
     }
@@ -220,7 +228,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces.clone(),
         settings: OperatorSettings {
             worker_image: args.worker_image.clone(),
-            worker_service_account: args.worker_service_account.clone().filter(|s| !s.is_empty()),
+            worker_service_account: args
+                .worker_service_account
+                .clone()
+                .filter(|s| !s.is_empty()),
         },
     };
 
@@ -242,7 +253,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_grace(5)
             .build()
             .await
-            .with_context(|| format!("setting up leader election on Lease {}/{}", args.lease_namespace, args.lease_name))?;
+            .with_context(|| {
+                format!(
+                    "setting up leader election on Lease {}/{}",
+                    args.lease_namespace, args.lease_name
+                )
+            })?;
         let (mut leader, _task) = manager.watch().await;
         ready.store(true, Ordering::Relaxed);
         info!(identity, lease = %args.lease_name, "waiting for leadership");
@@ -276,9 +292,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// The output of `render`: the worker config YAML, or one field of it.
 pub fn render(args: &RenderArgs) -> anyhow::Result<String> {
     let path = &args.spec;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut kcg: KinesisConsumerGroup =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut kcg: KinesisConsumerGroup = serde_yaml::from_str(&text)
+        .with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
     if let Some(ns) = &args.namespace {
         kcg.metadata.namespace = Some(ns.clone());
     }
@@ -286,13 +303,22 @@ pub fn render(args: &RenderArgs) -> anyhow::Result<String> {
         kcg.metadata.namespace = Some("default".into());
     }
     let config = kcg.worker_config();
-    config.validate().with_context(|| format!("{} is not a valid group", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("{} is not a valid group", path.display()))?;
     let yaml = config.to_yaml().context("rendering the worker config")?;
     Ok(match args.field {
         None => yaml,
         Some(Field::Group) => format!("{}\n", config.group),
         Some(Field::Table) => format!("{}\n", config.state_store.table),
-        Some(Field::Stream) => format!("{}\n", config.streams.first().map(|s| s.name.as_str()).unwrap_or("")),
+        Some(Field::Stream) => format!(
+            "{}\n",
+            config
+                .streams
+                .first()
+                .map(|s| s.name.as_str())
+                .unwrap_or("")
+        ),
         Some(Field::Hash) => format!("{}\n", resources::config_hash(&yaml)),
     })
 }
@@ -311,9 +337,10 @@ fn status_target(args: &StatusArgs) -> anyhow::Result<StatusTarget> {
     };
     let spec = match &args.spec {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let mut kcg: KinesisConsumerGroup =
-                serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut kcg: KinesisConsumerGroup = serde_yaml::from_str(&text)
+                .with_context(|| format!("parsing {} as a KinesisConsumerGroup", path.display()))?;
             // The group id comes from --group, whatever the file says.
             kcg.metadata.namespace = Some(ns.to_owned());
             kcg.metadata.name = Some(name.to_owned());
@@ -326,10 +353,10 @@ fn status_target(args: &StatusArgs) -> anyhow::Result<StatusTarget> {
         (None, Some(k)) => k.spec.state_store.config.table.clone(),
         (None, None) => bail!("--table is required without --spec"),
     };
-    let region = args
-        .region
-        .clone()
-        .or_else(|| spec.as_ref().and_then(|k| k.spec.state_store.config.region.clone()));
+    let region = args.region.clone().or_else(|| {
+        spec.as_ref()
+            .and_then(|k| k.spec.state_store.config.region.clone())
+    });
     Ok(StatusTarget {
         group: format!("{ns}/{name}"),
         table,
@@ -341,7 +368,10 @@ fn status_target(args: &StatusArgs) -> anyhow::Result<StatusTarget> {
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
     let target = status_target(&args)?;
     let dynamo = DynamoClients::from_env().await;
-    let store = StateStore::new(dynamo.client(target.region.as_deref()).await, target.table.clone());
+    let store = StateStore::new(
+        dynamo.client(target.region.as_deref()).await,
+        target.table.clone(),
+    );
     let timeout = target
         .spec
         .as_ref()
@@ -357,12 +387,22 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         match args.output {
             Output::Yaml => {
                 let sep = if args.watch.is_some() { "---\n" } else { "" };
-                out(&format!("{sep}{}", serde_yaml::to_string(&s).context("rendering YAML")?))?;
+                out(&format!(
+                    "{sep}{}",
+                    serde_yaml::to_string(&s).context("rendering YAML")?
+                ))?;
             }
             Output::Table => {
                 // With --watch, clear the screen so the table refreshes in place.
-                let clear = if args.watch.is_some() { "\x1b[2J\x1b[H" } else { "" };
-                out(&format!("{clear}{}", render_table(&target.group, &target.table, &s, jiff::Timestamp::now())))?;
+                let clear = if args.watch.is_some() {
+                    "\x1b[2J\x1b[H"
+                } else {
+                    ""
+                };
+                out(&format!(
+                    "{clear}{}",
+                    render_table(&target.group, &target.table, &s, jiff::Timestamp::now())
+                ))?;
             }
         }
         previous = Some(s);
@@ -377,16 +417,26 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
 /// single read cannot tell a live client from a dead one. Before a one-shot status, watch
 /// the table until every client's counter has moved (typically one heartbeat interval) or
 /// the client timeout has passed (then the still ones are dead).
-async fn settle(store: &StateStore, group: &str, liveness: &mut Liveness<String>, timeout: Duration) {
+async fn settle(
+    store: &StateStore,
+    group: &str,
+    liveness: &mut Liveness<String>,
+    timeout: Duration,
+) {
     let start = Instant::now();
     let mut first: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
-        let Ok(snap) = store.load_group(group).await else { return };
+        let Ok(snap) = store.load_group(group).await else {
+            return;
+        };
         observe_clients(liveness, &snap.clients, Instant::now());
         for c in &snap.clients {
             first.entry(c.client_id.clone()).or_insert(c.heartbeat);
         }
-        let all_moved = snap.clients.iter().all(|c| first.get(&c.client_id) != Some(&c.heartbeat));
+        let all_moved = snap
+            .clients
+            .iter()
+            .all(|c| first.get(&c.client_id) != Some(&c.heartbeat));
         if all_moved || start.elapsed() > timeout {
             return;
         }
@@ -406,14 +456,29 @@ async fn status_once(
     let snapshot = match store.load_group(&target.group).await {
         Ok(s) => Some(s),
         Err(e) => {
-            let reason = if e.reason() == "AccessDenied" { "AccessDenied" } else { "StateStoreUnavailable" };
-            problems.push(Problem::new(reason, format!("reading table {}: {}", target.table, controller::error_chain(&e))));
+            let reason = if e.reason() == "AccessDenied" {
+                "AccessDenied"
+            } else {
+                "StateStoreUnavailable"
+            };
+            problems.push(Problem::new(
+                reason,
+                format!(
+                    "reading table {}: {}",
+                    target.table,
+                    controller::error_chain(&e)
+                ),
+            ));
             None
         }
     };
     let live: BTreeSet<String> = snapshot
         .as_ref()
-        .map(|s| observe_clients(liveness, &s.clients, Instant::now()).into_iter().collect())
+        .map(|s| {
+            observe_clients(liveness, &s.clients, Instant::now())
+                .into_iter()
+                .collect()
+        })
         .unwrap_or_default();
     let streams = match &target.spec {
         Some(k) => k.spec.streams.iter().map(|s| s.name.clone()).collect(),
@@ -424,7 +489,11 @@ async fn status_once(
     };
     let n = live.len() as i32;
     // Without a spec, "desired" is what runs (at least one: an empty group is not suspended).
-    let desired = target.spec.as_ref().map(|k| k.spec.replicas).unwrap_or(n.max(1));
+    let desired = target
+        .spec
+        .as_ref()
+        .map(|k| k.spec.replicas)
+        .unwrap_or(n.max(1));
     if let Some(k) = &target.spec
         && let Err(e) = k.worker_config().validate()
     {
@@ -434,7 +503,11 @@ async fn status_once(
         generation: target.spec.as_ref().and_then(|k| k.metadata.generation),
         streams,
         desired_replicas: desired,
-        selector: target.spec.as_ref().map(resources::selector_string).unwrap_or_default(),
+        selector: target
+            .spec
+            .as_ref()
+            .map(resources::selector_string)
+            .unwrap_or_default(),
         deployment: Some(DeploymentState {
             replicas: n,
             ready_replicas: n,
@@ -463,7 +536,13 @@ fn age(rfc3339: &str, now: jiff::Timestamp) -> String {
 fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -480,7 +559,12 @@ fn columns(rows: &[Vec<String>]) -> String {
 }
 
 /// The human-readable rendering of a status, as `kcg-operator status` prints it.
-pub fn render_table(group: &str, table: &str, s: &KinesisConsumerGroupStatus, now: jiff::Timestamp) -> String {
+pub fn render_table(
+    group: &str,
+    table: &str,
+    s: &KinesisConsumerGroupStatus,
+    now: jiff::Timestamp,
+) -> String {
     let mut out = String::new();
     let ready = conditions::find(&s.conditions, conditions::READY)
         .map(|c| c.status.as_str())
@@ -496,7 +580,11 @@ pub fn render_table(group: &str, table: &str, s: &KinesisConsumerGroupStatus, no
     ));
 
     out.push_str("\nCLIENTS\n");
-    let mut rows = vec![["INDEX", "ID", "POD", "OWNED", "HEARTBEAT", "ERROR"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["INDEX", "ID", "POD", "OWNED", "HEARTBEAT", "ERROR"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for c in &s.clients {
         rows.push(vec![
             c.index.to_string(),
@@ -504,7 +592,10 @@ pub fn render_table(group: &str, table: &str, s: &KinesisConsumerGroupStatus, no
             c.pod.clone(),
             c.owned_shards.to_string(),
             age(&c.last_heartbeat, now),
-            c.last_error.as_deref().map(|e| conditions::truncate(e, 60)).unwrap_or_else(|| "-".into()),
+            c.last_error
+                .as_deref()
+                .map(|e| conditions::truncate(e, 60))
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     if s.clients.is_empty() {
@@ -526,17 +617,35 @@ pub fn render_table(group: &str, table: &str, s: &KinesisConsumerGroupStatus, no
             out.push_str("  (no owned shards)\n");
             continue;
         }
-        let mut rows = vec![["CLIENT", "FIRST", "LAST", "COUNT"].map(String::from).to_vec()];
+        let mut rows = vec![
+            ["CLIENT", "FIRST", "LAST", "COUNT"]
+                .map(String::from)
+                .to_vec(),
+        ];
         for r in &st.ranges {
-            rows.push(vec![r.client.clone(), r.first.clone(), r.last.clone(), r.count.to_string()]);
+            rows.push(vec![
+                r.client.clone(),
+                r.first.clone(),
+                r.last.clone(),
+                r.count.to_string(),
+            ]);
         }
         out.push_str(&columns(&rows));
     }
 
     out.push_str("\nCONDITIONS\n");
-    let mut rows = vec![["TYPE", "STATUS", "REASON", "MESSAGE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["TYPE", "STATUS", "REASON", "MESSAGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for c in &s.conditions {
-        rows.push(vec![c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()]);
+        rows.push(vec![
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+        ]);
     }
     out.push_str(&columns(&rows));
     out
@@ -550,17 +659,35 @@ mod tests {
     #[test]
     fn cli_parses_the_documented_commands() {
         let c = Cli::try_parse_from([
-            "kcg-operator", "status", "--table", "t", "--group", "ns/g", "--output", "yaml", "--watch", "2",
+            "kcg-operator",
+            "status",
+            "--table",
+            "t",
+            "--group",
+            "ns/g",
+            "--output",
+            "yaml",
+            "--watch",
+            "2",
         ])
         .unwrap();
         match c.command {
             Command::Status(a) => {
-                assert_eq!((a.table.as_deref(), a.group.as_str(), a.output, a.watch), (Some("t"), "ns/g", Output::Yaml, Some(2)));
+                assert_eq!(
+                    (a.table.as_deref(), a.group.as_str(), a.output, a.watch),
+                    (Some("t"), "ns/g", Output::Yaml, Some(2))
+                );
             }
             other => panic!("{other:?}"),
         }
         let c = Cli::try_parse_from([
-            "kcg-operator", "run", "--namespace", "team-a", "--namespace=team-b,team-c", "--leader-election", "false",
+            "kcg-operator",
+            "run",
+            "--namespace",
+            "team-a",
+            "--namespace=team-b,team-c",
+            "--leader-election",
+            "false",
         ])
         .unwrap();
         match c.command {
@@ -568,7 +695,10 @@ mod tests {
                 assert_eq!(a.namespaces, vec!["team-a", "team-b", "team-c"]);
                 assert!(!a.leader_election);
                 assert_eq!(a.listen.to_string(), "0.0.0.0:8080");
-                assert!(a.worker_image.starts_with("ghcr.io/kcg-dev/kcg-worker:") || std::env::var("KCG_WORKER_IMAGE").is_ok());
+                assert!(
+                    a.worker_image.starts_with("ghcr.io/kcg-dev/kcg-worker:")
+                        || std::env::var("KCG_WORKER_IMAGE").is_ok()
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -585,14 +715,24 @@ mod tests {
             "apiVersion: kcg.dev/v1alpha1\nkind: KinesisConsumerGroup\nmetadata: {name: orders}\nspec:\n  streams: [{name: orders-stream}]\n  stateStore: {table: kcg-state}\n  delivery: {stdout: {}}\n",
         )
         .unwrap();
-        let args = |field| RenderArgs { spec: spec.clone(), namespace: Some("demo".into()), field };
+        let args = |field| RenderArgs {
+            spec: spec.clone(),
+            namespace: Some("demo".into()),
+            field,
+        };
         let yaml = render(&args(None)).unwrap();
         let parsed = kcg_worker::config::WorkerConfig::from_yaml(&yaml).unwrap();
         assert_eq!(parsed.group, "demo/orders");
         assert_eq!(render(&args(Some(Field::Group))).unwrap(), "demo/orders\n");
         assert_eq!(render(&args(Some(Field::Table))).unwrap(), "kcg-state\n");
-        assert_eq!(render(&args(Some(Field::Stream))).unwrap(), "orders-stream\n");
-        assert_eq!(render(&args(Some(Field::Hash))).unwrap().trim(), resources::config_hash(&yaml));
+        assert_eq!(
+            render(&args(Some(Field::Stream))).unwrap(),
+            "orders-stream\n"
+        );
+        assert_eq!(
+            render(&args(Some(Field::Hash))).unwrap().trim(),
+            resources::config_hash(&yaml)
+        );
     }
 
     #[test]
@@ -643,7 +783,14 @@ mod tests {
         };
         let now: jiff::Timestamp = "2026-01-01T00:00:05Z".parse().unwrap();
         let text = render_table("ns/g", "t", &s, now);
-        for needle in ["LEADER c0", "5s ago", "boom", "STREAM orders", "max lag 3s on shardId-000000000001", "shardId-000000000000  shardId-000000000001  2"] {
+        for needle in [
+            "LEADER c0",
+            "5s ago",
+            "boom",
+            "STREAM orders",
+            "max lag 3s on shardId-000000000001",
+            "shardId-000000000000  shardId-000000000001  2",
+        ] {
             assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
         }
     }

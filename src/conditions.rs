@@ -112,7 +112,12 @@ mod tests {
     #[test]
     fn keeps_transition_time_while_status_holds_and_moves_it_on_flip() {
         let first = apply(
-            vec![Verdict::new(READY, FALSE, "DeploymentNotReady", "0/2 ready")],
+            vec![Verdict::new(
+                READY,
+                FALSE,
+                "DeploymentNotReady",
+                "0/2 ready",
+            )],
             &[],
             Some(1),
             ts(100),
@@ -120,7 +125,12 @@ mod tests {
         assert_eq!(first[0].last_transition_time, Time(ts(100)));
         // Same status, new message: the time stays.
         let second = apply(
-            vec![Verdict::new(READY, FALSE, "DeploymentNotReady", "1/2 ready")],
+            vec![Verdict::new(
+                READY,
+                FALSE,
+                "DeploymentNotReady",
+                "1/2 ready",
+            )],
             &first,
             Some(1),
             ts(200),

@@ -124,7 +124,9 @@ pub enum Error {
     /// Cleanup waits until the workers are gone (they release leases and checkpoint on the
     /// way out) before it deletes the rows. Not a failure: the finalizer stays and the
     /// reconcile is retried shortly.
-    #[error("waiting for {pods} worker pods of {group} to stop before deleting its state-store rows")]
+    #[error(
+        "waiting for {pods} worker pods of {group} to stop before deleting its state-store rows"
+    )]
     WorkersStillRunning {
         /// Group id.
         group: String,
@@ -147,7 +149,9 @@ pub enum Error {
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// The CRD is not installed, or the operator may not list the resource.
-    #[error("cannot list KinesisConsumerGroups (is the CRD installed? `kcg-operator crd | kubectl apply -f -`): {0}")]
+    #[error(
+        "cannot list KinesisConsumerGroups (is the CRD installed? `kcg-operator crd | kubectl apply -f -`): {0}"
+    )]
     CrdMissing(#[source] kube::Error),
 }
 
@@ -248,7 +252,12 @@ pub struct Context {
 
 impl Context {
     /// A context with the given parts.
-    pub fn new(client: Client, settings: OperatorSettings, metrics: Arc<Metrics>, dynamo: DynamoClients) -> Self {
+    pub fn new(
+        client: Client,
+        settings: OperatorSettings,
+        metrics: Arc<Metrics>,
+        dynamo: DynamoClients,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -281,7 +290,9 @@ pub async fn reconcile(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Res
     let span = info_span!("reconcile", group = %group);
     async move {
         let _timer = ctx.metrics.reconcile_started();
-        let ns = kcg.namespace().ok_or_else(|| Error::NoNamespace(kcg.name_any()))?;
+        let ns = kcg
+            .namespace()
+            .ok_or_else(|| Error::NoNamespace(kcg.name_any()))?;
         let api: Api<KinesisConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
         let result = finalizer(&api, FINALIZER, kcg.clone(), |event| async {
             match event {
@@ -369,7 +380,10 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
             }) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
                 problems.push(Problem::new(
                     "ApplyRejected",
-                    format!("the API server rejected the {kind} rendered from the spec: {} ({})", s.message, s.reason),
+                    format!(
+                        "the API server rejected the {kind} rendered from the spec: {} ({})",
+                        s.message, s.reason
+                    ),
                 ));
                 None
             }
@@ -382,12 +396,15 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         Some(d) => Some(d),
         None => {
             let name = resources::deployment_name(&kcg);
-            deployments.get_opt(&name).await.map_err(|source| Error::Get {
-                kind: "Deployment",
-                namespace: ns.clone(),
-                name,
-                source,
-            })?
+            deployments
+                .get_opt(&name)
+                .await
+                .map_err(|source| Error::Get {
+                    kind: "Deployment",
+                    namespace: ns.clone(),
+                    name,
+                    source,
+                })?
         }
     };
     let valid = valid && problems.is_empty();
@@ -403,13 +420,19 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
                 "AccessDenied" => "AccessDenied",
                 _ => "StateStoreUnavailable",
             };
-            problems.push(Problem::new(reason, format!("reading table {}: {}", store_cfg.table, error_chain(&e))));
+            problems.push(Problem::new(
+                reason,
+                format!("reading table {}: {}", store_cfg.table, error_chain(&e)),
+            ));
             None
         }
         Err(_) => {
             problems.push(Problem::new(
                 "StateStoreUnavailable",
-                format!("reading table {} took longer than {STORE_READ_TIMEOUT:?}", store_cfg.table),
+                format!(
+                    "reading table {} took longer than {STORE_READ_TIMEOUT:?}",
+                    store_cfg.table
+                ),
             ));
             None
         }
@@ -419,7 +442,9 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         Some(snap) => {
             let mut trackers = lock(&ctx.liveness);
             let timeout = kcg.spec.tuning.client_timeout;
-            let tracker = trackers.entry(group.clone()).or_insert_with(|| Liveness::new(timeout));
+            let tracker = trackers
+                .entry(group.clone())
+                .or_insert_with(|| Liveness::new(timeout));
             if tracker.timeout() != timeout {
                 // The spec changed the client timeout: judge with the new one from now on.
                 *tracker = Liveness::new(timeout);
@@ -437,7 +462,11 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         deployment: deployment.as_ref().map(DeploymentState::from_deployment),
         snapshot,
         live_clients: live.into_iter().collect::<BTreeSet<_>>(),
-        previous_conditions: kcg.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default(),
+        previous_conditions: kcg
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
         now: now_seconds(),
         problems,
     };
@@ -452,7 +481,12 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Server-side applies the ConfigMap, then the Deployment; returns the Deployment as stored.
-async fn apply_owned(kcg: &KinesisConsumerGroup, ctx: &Context, ns: &str, group: &str) -> Result<Deployment, Error> {
+async fn apply_owned(
+    kcg: &KinesisConsumerGroup,
+    ctx: &Context,
+    ns: &str,
+    group: &str,
+) -> Result<Deployment, Error> {
     let rendered = resources::render(kcg, &ctx.settings).map_err(|source| Error::Render {
         group: group.to_owned(),
         source,
@@ -513,12 +547,16 @@ async fn publish_status(
             source,
         })?,
     });
-    api.patch_status(&kcg.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(|source| Error::PatchStatus {
-            group: group.clone(),
-            source,
-        })?;
+    api.patch_status(
+        &kcg.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        group: group.clone(),
+        source,
+    })?;
     ctx.metrics.status_patches.inc();
 
     let reference = kcg.object_ref(&());
@@ -538,7 +576,9 @@ async fn publish_status(
             Ok(()) => {
                 ctx.metrics
                     .events
-                    .get_or_create(&crate::metrics::EventLabels { reason: ev.reason.clone() })
+                    .get_or_create(&crate::metrics::EventLabels {
+                        reason: ev.reason.clone(),
+                    })
                     .inc();
                 info!(reason = %ev.reason, note = %ev.note, "event");
             }
@@ -583,7 +623,10 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
                 .items
                 .len();
             if running > 0 {
-                return Err(Error::WorkersStillRunning { group, pods: running });
+                return Err(Error::WorkersStillRunning {
+                    group,
+                    pods: running,
+                });
             }
             let cfg = &kcg.spec.state_store.config;
             let client = ctx.dynamo.client(cfg.region.as_deref()).await;
@@ -596,7 +639,10 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
                 let event = KubeEvent {
                     type_: EventType::Warning,
                     reason: "CleanupFailed".into(),
-                    note: Some(crate::conditions::truncate(&error_chain(&err), events::MAX_NOTE_CHARS)),
+                    note: Some(crate::conditions::truncate(
+                        &error_chain(&err),
+                        events::MAX_NOTE_CHARS,
+                    )),
                     action: "Cleanup".into(),
                     secondary: None,
                 };
@@ -685,7 +731,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        let got: Vec<u64> = [1, 2, 3, 4, 9, 10, 30].iter().map(|n| backoff_delay(*n).as_secs()).collect();
+        let got: Vec<u64> = [1, 2, 3, 4, 9, 10, 30]
+            .iter()
+            .map(|n| backoff_delay(*n).as_secs())
+            .collect();
         assert_eq!(got, vec![1, 2, 4, 8, 256, 300, 300]);
     }
 
@@ -700,7 +749,14 @@ mod tests {
             },
         };
         let chain = error_chain(&e);
-        assert!(chain.starts_with("cleanup of ns/g: deleting rows"), "{chain}");
-        assert_eq!(chain.matches("3 rows still unprocessed").count(), 1, "{chain}");
+        assert!(
+            chain.starts_with("cleanup of ns/g: deleting rows"),
+            "{chain}"
+        );
+        assert_eq!(
+            chain.matches("3 rows still unprocessed").count(),
+            1,
+            "{chain}"
+        );
     }
 }

@@ -65,7 +65,10 @@ fn show(d: &BTreeMap<String, i32>) -> String {
 }
 
 /// The events that the change from `old` to `new` calls for.
-pub fn diff(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsumerGroupStatus) -> Vec<EventSpec> {
+pub fn diff(
+    old: Option<&KinesisConsumerGroupStatus>,
+    new: &KinesisConsumerGroupStatus,
+) -> Vec<EventSpec> {
     let mut out = Vec::new();
     let empty = KinesisConsumerGroupStatus::default();
     let old = old.unwrap_or(&empty);
@@ -85,7 +88,8 @@ pub fn diff(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsumerGroup
     // Resharding: the set of open or draining shards of a stream changed.
     for st in &new.streams {
         if let Some(prev) = old.streams.iter().find(|p| p.name == st.name)
-            && (prev.open_shards, prev.closed_shards_draining) != (st.open_shards, st.closed_shards_draining)
+            && (prev.open_shards, prev.closed_shards_draining)
+                != (st.open_shards, st.closed_shards_draining)
             && (prev.open_shards + prev.closed_shards_draining) > 0
         {
             out.push(EventSpec::new(
@@ -115,7 +119,11 @@ pub fn diff(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsumerGroup
             .filter(|c| c.status == TRUE)
             .map(|c| c.reason.as_str());
         if was != Some(d.reason.as_str()) {
-            out.push(EventSpec::new(Severity::Warning, d.reason.clone(), d.message.clone()));
+            out.push(EventSpec::new(
+                Severity::Warning,
+                d.reason.clone(),
+                d.message.clone(),
+            ));
         }
     }
     out
@@ -136,7 +144,12 @@ mod tests {
         }
     }
 
-    fn status(leader: Option<&str>, open: i32, ranges: Vec<ShardRange>, degraded: Option<&str>) -> KinesisConsumerGroupStatus {
+    fn status(
+        leader: Option<&str>,
+        open: i32,
+        ranges: Vec<ShardRange>,
+        degraded: Option<&str>,
+    ) -> KinesisConsumerGroupStatus {
         KinesisConsumerGroupStatus {
             leader: leader.map(str::to_owned),
             streams: vec![StreamStatus {
@@ -164,8 +177,18 @@ mod tests {
     #[test]
     fn diff_table() {
         let base = status(Some("a"), 4, vec![range("a", 2), range("b", 2)], None);
-        let cases: Vec<(&str, Option<KinesisConsumerGroupStatus>, KinesisConsumerGroupStatus, Vec<&str>)> = vec![
-            ("unchanged refresh is silent", Some(base.clone()), base.clone(), vec![]),
+        let cases: Vec<(
+            &str,
+            Option<KinesisConsumerGroupStatus>,
+            KinesisConsumerGroupStatus,
+            Vec<&str>,
+        )> = vec![
+            (
+                "unchanged refresh is silent",
+                Some(base.clone()),
+                base.clone(),
+                vec![],
+            ),
             (
                 "first status names the leader and the distribution",
                 None,
@@ -187,7 +210,12 @@ mod tests {
             (
                 "scale-up moves shards",
                 Some(base.clone()),
-                status(Some("a"), 4, vec![range("a", 2), range("b", 1), range("c", 1)], None),
+                status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 1), range("c", 1)],
+                    None,
+                ),
                 vec!["Rebalanced"],
             ),
             (
@@ -199,19 +227,44 @@ mod tests {
             (
                 "newly degraded",
                 Some(base.clone()),
-                status(Some("a"), 4, vec![range("a", 2), range("b", 2)], Some("AccessDenied")),
+                status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 2)],
+                    Some("AccessDenied"),
+                ),
                 vec!["AccessDenied"],
             ),
             (
                 "still degraded for the same reason is silent",
-                Some(status(Some("a"), 4, vec![range("a", 2), range("b", 2)], Some("AccessDenied"))),
-                status(Some("a"), 4, vec![range("a", 2), range("b", 2)], Some("AccessDenied")),
+                Some(status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 2)],
+                    Some("AccessDenied"),
+                )),
+                status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 2)],
+                    Some("AccessDenied"),
+                ),
                 vec![],
             ),
             (
                 "degraded for a new reason",
-                Some(status(Some("a"), 4, vec![range("a", 2), range("b", 2)], Some("AccessDenied"))),
-                status(Some("a"), 4, vec![range("a", 2), range("b", 2)], Some("HandlerFailing")),
+                Some(status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 2)],
+                    Some("AccessDenied"),
+                )),
+                status(
+                    Some("a"),
+                    4,
+                    vec![range("a", 2), range("b", 2)],
+                    Some("HandlerFailing"),
+                ),
                 vec!["HandlerFailing"],
             ),
         ];
@@ -231,7 +284,15 @@ mod tests {
         assert_eq!(by("Rebalanced").note, "a=2 b=2 → b=4");
         let w = by("StreamNotFound");
         assert_eq!(w.severity, Severity::Warning);
-        assert!(w.note.contains("caused by: boom"), "the error chain travels: {}", w.note);
-        assert!(got.iter().filter(|e| e.reason != "StreamNotFound").all(|e| e.severity == Severity::Normal));
+        assert!(
+            w.note.contains("caused by: boom"),
+            "the error chain travels: {}",
+            w.note
+        );
+        assert!(
+            got.iter()
+                .filter(|e| e.reason != "StreamNotFound")
+                .all(|e| e.severity == Severity::Normal)
+        );
     }
 }

@@ -53,13 +53,29 @@ impl Metrics {
         let reconciles = Counter::default();
         registry.register("reconcile", "Reconciles run", reconciles.clone());
         let errors = Family::default();
-        registry.register("reconcile_errors", "Reconciles that failed, by error kind", errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error kind",
+            errors.clone(),
+        );
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register("reconcile_duration_seconds", "Time one reconcile took", duration.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            duration.clone(),
+        );
         let status_patches = Counter::default();
-        registry.register("status_patches", "Status patches written", status_patches.clone());
+        registry.register(
+            "status_patches",
+            "Status patches written",
+            status_patches.clone(),
+        );
         let events = Family::default();
-        registry.register("events", "Kubernetes events published, by reason", events.clone());
+        registry.register(
+            "events",
+            "Kubernetes events published, by reason",
+            events.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -105,7 +121,9 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 

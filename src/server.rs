@@ -50,7 +50,10 @@ pub fn router(state: ServerState) -> Router {
 
 async fn metrics(State(s): State<ServerState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }
@@ -69,7 +72,9 @@ pub async fn serve(addr: SocketAddr, state: ServerState) -> Result<(), ServerErr
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, router(state)).await.map_err(ServerError::Serve)
+    axum::serve(listener, router(state))
+        .await
+        .map_err(ServerError::Serve)
 }
 
 #[cfg(test)]
@@ -89,9 +94,11 @@ mod tests {
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out

@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kcg_worker::assignment::{self, OwnerRange, ShardKey};
 use kcg_worker::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow};
 
-use crate::conditions::{self, BALANCED, DEGRADED, FALSE, PROGRESSING, READY, TRUE, UNKNOWN, Verdict};
+use crate::conditions::{
+    self, BALANCED, DEGRADED, FALSE, PROGRESSING, READY, TRUE, UNKNOWN, Verdict,
+};
 use crate::crd::{ClientStatus, KinesisConsumerGroupStatus, ShardRange, StreamStatus};
 
 /// Most clients listed in the status; the count fields stay exact.
@@ -123,7 +125,10 @@ pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 30_000;
 /// Whether `new` must be written over the published `old`: on any change except client
 /// heartbeat times, or when a published heartbeat time lags by more than
 /// [`HEARTBEAT_WRITE_SLACK_MS`].
-pub fn needs_write(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsumerGroupStatus) -> bool {
+pub fn needs_write(
+    old: Option<&KinesisConsumerGroupStatus>,
+    new: &KinesisConsumerGroupStatus,
+) -> bool {
     let Some(old) = old else { return true };
     let strip = |s: &KinesisConsumerGroupStatus| {
         let mut s = s.clone();
@@ -135,10 +140,16 @@ pub fn needs_write(old: Option<&KinesisConsumerGroupStatus>, new: &KinesisConsum
     if strip(old) != strip(new) {
         return true;
     }
-    let ms = |t: &str| t.parse::<jiff::Timestamp>().map(|t| t.as_millisecond()).ok();
-    old.clients.iter().zip(&new.clients).any(|(o, n)| match (ms(&o.last_heartbeat), ms(&n.last_heartbeat)) {
-        (Some(o), Some(n)) => n - o > HEARTBEAT_WRITE_SLACK_MS,
-        (o, n) => o != n,
+    let ms = |t: &str| {
+        t.parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond())
+            .ok()
+    };
+    old.clients.iter().zip(&new.clients).any(|(o, n)| {
+        match (ms(&o.last_heartbeat), ms(&n.last_heartbeat)) {
+            (Some(o), Some(n)) => n - o > HEARTBEAT_WRITE_SLACK_MS,
+            (o, n) => o != n,
+        }
     })
 }
 
@@ -230,14 +241,30 @@ fn stream_facts(
 /// What the Degraded condition says for each known reason: what to fix.
 pub fn remedy(reason: &str) -> &'static str {
     match reason {
-        "StreamNotFound" => "check spec.streams[].name and region: the stream must exist in the account and region the worker reads (after assuming roleArn, if set)",
-        "AccessDenied" => "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream, and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table",
-        "StateStoreUnavailable" => "check spec.stateStore.table and region: the table must exist (or set stateStore.create: true) and DynamoDB must be reachable with the operator's and workers' credentials",
-        "TableNotFound" => "create the state-store table (or set spec.stateStore.create: true) and check spec.stateStore.region",
-        "HandlerFailing" => "the delivery target rejects batches: check spec.delivery (http url, the sidecar's logs); records are retried and not lost",
-        "ApplyRejected" => "fix the spec fields the API server names (spec.worker: resources, env, tolerations, affinity, extraContainers); the workers keep running with the last applied Deployment",
-        "InvalidSpec" => "fix the spec as the message says; the workers keep their last good config until then",
-        "Throttled" => "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval",
+        "StreamNotFound" => {
+            "check spec.streams[].name and region: the stream must exist in the account and region the worker reads (after assuming roleArn, if set)"
+        }
+        "AccessDenied" => {
+            "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream, and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table"
+        }
+        "StateStoreUnavailable" => {
+            "check spec.stateStore.table and region: the table must exist (or set stateStore.create: true) and DynamoDB must be reachable with the operator's and workers' credentials"
+        }
+        "TableNotFound" => {
+            "create the state-store table (or set spec.stateStore.create: true) and check spec.stateStore.region"
+        }
+        "HandlerFailing" => {
+            "the delivery target rejects batches: check spec.delivery (http url, the sidecar's logs); records are retried and not lost"
+        }
+        "ApplyRejected" => {
+            "fix the spec fields the API server names (spec.worker: resources, env, tolerations, affinity, extraContainers); the workers keep running with the last applied Deployment"
+        }
+        "InvalidSpec" => {
+            "fix the spec as the message says; the workers keep their last good config until then"
+        }
+        "Throttled" => {
+            "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval"
+        }
         _ => "see the worker logs for details",
     }
 }
@@ -341,7 +368,10 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
         .collect();
 
     let shard_count: u32 = facts.iter().map(|f| f.open + f.draining).sum();
-    let max_lag = facts.iter().filter_map(|f| f.lag.as_ref().map(|l| l.0)).max();
+    let max_lag = facts
+        .iter()
+        .filter_map(|f| f.lag.as_ref().map(|l| l.0))
+        .max();
 
     let verdicts = decide(Decide {
         desired_replicas,
@@ -414,7 +444,12 @@ struct Decide<'a> {
 
 fn name_some<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let all: Vec<&str> = items.collect();
-    let mut s = all.iter().take(MAX_NAMED_SHARDS).copied().collect::<Vec<_>>().join(", ");
+    let mut s = all
+        .iter()
+        .take(MAX_NAMED_SHARDS)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     if all.len() > MAX_NAMED_SHARDS {
         s.push_str(&format!(" and {} more", all.len() - MAX_NAMED_SHARDS));
     }
@@ -534,7 +569,12 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
     };
 
     let ready = if d.desired_replicas == 0 {
-        Verdict::new(READY, FALSE, "Suspended", "spec.replicas is 0: the group is suspended")
+        Verdict::new(
+            READY,
+            FALSE,
+            "Suspended",
+            "spec.replicas is 0: the group is suspended",
+        )
     } else if !d.store_read {
         Verdict::new(
             READY,
@@ -543,7 +583,12 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             "the state-store table could not be read; see the Degraded condition",
         )
     } else if d.deployment.is_none() {
-        Verdict::new(READY, FALSE, "DeploymentMissing", "the worker Deployment does not exist yet")
+        Verdict::new(
+            READY,
+            FALSE,
+            "DeploymentMissing",
+            "the worker Deployment does not exist yet",
+        )
     } else if rollout_pending {
         Verdict::new(
             READY,
@@ -587,7 +632,12 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
     };
 
     let balanced = if !d.store_read {
-        Verdict::new(BALANCED, UNKNOWN, "StateStoreUnavailable", "the state-store table could not be read")
+        Verdict::new(
+            BALANCED,
+            UNKNOWN,
+            "StateStoreUnavailable",
+            "the state-store table could not be read",
+        )
     } else if !unlisted.is_empty() && consumable == 0 {
         Verdict::new(
             BALANCED,
@@ -627,13 +677,16 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             BALANCED,
             TRUE,
             "Balanced",
-            format!("{consumable} shards over {} clients: {}", d.live.len(), distribution(d.owned)),
+            format!(
+                "{consumable} shards over {} clients: {}",
+                d.live.len(),
+                distribution(d.owned)
+            ),
         )
     };
 
-    let rebalancing = d.store_read
-        && !d.live.is_empty()
-        && (unowned > 0 || !stale.is_empty() || spread > 1);
+    let rebalancing =
+        d.store_read && !d.live.is_empty() && (unowned > 0 || !stale.is_empty() || spread > 1);
     let progressing = if rollout_pending {
         Verdict::new(
             PROGRESSING,
@@ -652,7 +705,12 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             format!("clients are moving shard leases: {}", distribution(d.owned)),
         )
     } else {
-        Verdict::new(PROGRESSING, FALSE, "Stable", "no rollout or rebalance under way")
+        Verdict::new(
+            PROGRESSING,
+            FALSE,
+            "Stable",
+            "no rollout or rebalance under way",
+        )
     };
 
     vec![ready, balanced, progressing, degraded]

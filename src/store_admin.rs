@@ -42,7 +42,9 @@ pub enum StoreAdminError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// DynamoDB kept returning unprocessed items.
-    #[error("deleting rows of group {group} in table {table}: {left} rows still unprocessed after {MAX_ATTEMPTS} attempts")]
+    #[error(
+        "deleting rows of group {group} in table {table}: {left} rows still unprocessed after {MAX_ATTEMPTS} attempts"
+    )]
     Unprocessed {
         /// Group id.
         group: String,
@@ -54,17 +56,25 @@ pub enum StoreAdminError {
 }
 
 /// The SDK error with its whole source chain as text (the service's message is in a source).
-fn sdk_error<E, R>(e: aws_sdk_dynamodb::error::SdkError<E, R>) -> Box<dyn std::error::Error + Send + Sync>
+fn sdk_error<E, R>(
+    e: aws_sdk_dynamodb::error::SdkError<E, R>,
+) -> Box<dyn std::error::Error + Send + Sync>
 where
     E: std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string().into()
+    aws_sdk_dynamodb::error::DisplayErrorContext(e)
+        .to_string()
+        .into()
 }
 
 /// Deletes every row whose partition key is `group`. Returns how many rows were deleted.
 /// Idempotent: a second call finds nothing and deletes nothing.
-pub async fn delete_group(client: &Client, table: &str, group: &str) -> Result<usize, StoreAdminError> {
+pub async fn delete_group(
+    client: &Client,
+    table: &str,
+    group: &str,
+) -> Result<usize, StoreAdminError> {
     let keys = group_keys(client, table, group).await?;
     let total = keys.len();
     for chunk in keys.chunks(BATCH) {
@@ -111,7 +121,12 @@ pub async fn delete_group(client: &Client, table: &str, group: &str) -> Result<u
                 .unwrap_or_default();
         }
     }
-    tracing::info!(group, table, rows = total, "deleted the group's state-store rows");
+    tracing::info!(
+        group,
+        table,
+        rows = total,
+        "deleted the group's state-store rows"
+    );
     Ok(total)
 }
 
@@ -138,15 +153,16 @@ async fn group_keys(
             .await;
         // No table, no rows: deleting a group whose table is gone must not block forever.
         if let Err(e) = &result
-            && e.as_service_error().is_some_and(|se| se.is_resource_not_found_exception())
+            && e.as_service_error()
+                .is_some_and(|se| se.is_resource_not_found_exception())
         {
             return Ok(Vec::new());
         }
         let out = result.map_err(|e| StoreAdminError::Query {
-                group: group.to_owned(),
-                table: table.to_owned(),
-                source: sdk_error(e),
-            })?;
+            group: group.to_owned(),
+            table: table.to_owned(),
+            source: sdk_error(e),
+        })?;
         keys.extend(out.items.unwrap_or_default());
         match out.last_evaluated_key {
             Some(k) if !k.is_empty() => start = Some(k),

@@ -33,7 +33,9 @@ fn emulator() -> Option<String> {
     match std::env::var("AWS_ENDPOINT_URL_DYNAMODB") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            eprintln!("SKIP: AWS_ENDPOINT_URL_DYNAMODB is not set; start DynamoDB Local (scripts/emulators.sh start dynamodb) and export it to run this test");
+            eprintln!(
+                "SKIP: AWS_ENDPOINT_URL_DYNAMODB is not set; start DynamoDB Local (scripts/emulators.sh start dynamodb) and export it to run this test"
+            );
             None
         }
     }
@@ -62,12 +64,17 @@ fn unique_table(test: &str) -> String {
 async fn seeded_store(endpoint: &str, table: &str) -> StateStore {
     let client = aws_sdk_dynamodb::Client::new(&aws(endpoint).await);
     let store = StateStore::new(client, table);
+    store.ensure_table(true).await.expect(
+        "DynamoDB Local is configured (AWS_ENDPOINT_URL_DYNAMODB) but could not create a table",
+    );
     store
-        .ensure_table(true)
+        .register(GROUP, "worker-a-1", "orders-7c9-a")
         .await
-        .expect("DynamoDB Local is configured (AWS_ENDPOINT_URL_DYNAMODB) but could not create a table");
-    store.register(GROUP, "worker-a-1", "orders-7c9-a").await.unwrap();
-    store.register(GROUP, "worker-b-1", "orders-7c9-b").await.unwrap();
+        .unwrap();
+    store
+        .register(GROUP, "worker-b-1", "orders-7c9-b")
+        .await
+        .unwrap();
     let shards: Vec<ShardInfo> = (0..4)
         .map(|i| ShardInfo {
             shard_id: format!("shardId-{i:012}"),
@@ -89,7 +96,10 @@ async fn seeded_store(endpoint: &str, table: &str) -> StateStore {
         .unwrap();
     for (i, s) in shards.iter().enumerate() {
         let owner = if i < 2 { "worker-a-1" } else { "worker-b-1" };
-        store.create_lease(GROUP, "orders", &s.shard_id).await.unwrap();
+        store
+            .create_lease(GROUP, "orders", &s.shard_id)
+            .await
+            .unwrap();
         store
             .claim_lease(GROUP, "orders", &s.shard_id, owner, None)
             .await
@@ -190,14 +200,21 @@ impl Verifier {
 
     fn assert_ssa(s: &Seen) {
         assert_eq!(s.method, Method::PATCH, "{}", s.path);
-        assert!(s.query.contains("fieldManager=kcg-operator"), "SSA field manager: {}", s.query);
+        assert!(
+            s.query.contains("fieldManager=kcg-operator"),
+            "SSA field manager: {}",
+            s.query
+        );
         assert!(s.query.contains("force=true"), "SSA force: {}", s.query);
     }
 
     /// The ConfigMap apply; returns its body.
     async fn expect_config_map(&mut self) -> Value {
         let s = self.next().await;
-        assert_eq!(s.path, format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config"));
+        assert_eq!(
+            s.path,
+            format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config")
+        );
         Self::assert_ssa(&s);
         let body = s.body.clone();
         Self::reply(s.send, StatusCode::OK, &body);
@@ -208,11 +225,17 @@ impl Verifier {
     /// returns the applied body.
     async fn expect_deployment(&mut self, status: Value) -> Value {
         let s = self.next().await;
-        assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
+        assert_eq!(
+            s.path,
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}")
+        );
         Self::assert_ssa(&s);
         let body = s.body.clone();
         let mut answer = body.clone();
-        merge(&mut answer, json!({"metadata": {"generation": 1}, "status": status}));
+        merge(
+            &mut answer,
+            json!({"metadata": {"generation": 1}, "status": status}),
+        );
         Self::reply(s.send, StatusCode::OK, &answer);
         body
     }
@@ -226,7 +249,8 @@ impl Verifier {
         );
         Self::assert_ssa(&s);
         assert_eq!(s.body["kind"], "KinesisConsumerGroup");
-        let status: KinesisConsumerGroupStatus = serde_json::from_value(s.body["status"].clone()).unwrap();
+        let status: KinesisConsumerGroupStatus =
+            serde_json::from_value(s.body["status"].clone()).unwrap();
         let mut answer = serde_json::to_value(kcg).unwrap();
         answer["status"] = s.body["status"].clone();
         Self::reply(s.send, StatusCode::OK, &answer);
@@ -237,7 +261,10 @@ impl Verifier {
     async fn expect_event(&mut self) -> (String, String, String) {
         let s = self.next().await;
         assert_eq!(s.method, Method::POST);
-        assert_eq!(s.path, format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"));
+        assert_eq!(
+            s.path,
+            format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
+        );
         assert_eq!(s.body["regarding"]["name"], NAME);
         let out = (
             s.body["type"].as_str().unwrap_or("").to_owned(),
@@ -270,24 +297,38 @@ fn hash_of(deployment: &Value) -> String {
         .to_owned()
 }
 
-fn cond<'a>(s: &'a KinesisConsumerGroupStatus, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t}"))
+fn cond<'a>(
+    s: &'a KinesisConsumerGroupStatus,
+    t: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t}"))
 }
 
 /// Runs one reconcile while the verifier script `script` answers the API requests; the
 /// script must consume every request the reconcile makes (an extra request finds no
 /// responder and fails the reconcile). Returns the reconcile result, the verifier and
 /// whatever the script captured.
-async fn run<F, Fut, T>(kcg: &KinesisConsumerGroup, ctx: &Arc<Context>, verifier: Verifier, script: F) -> (Result<Action, Error>, Verifier, T)
+async fn run<F, Fut, T>(
+    kcg: &KinesisConsumerGroup,
+    ctx: &Arc<Context>,
+    verifier: Verifier,
+    script: F,
+) -> (Result<Action, Error>, Verifier, T)
 where
     F: FnOnce(Verifier) -> Fut,
     Fut: std::future::Future<Output = (Verifier, T)> + Send + 'static,
     T: Send + 'static,
 {
     let server = tokio::spawn(script(verifier));
-    let result = tokio::time::timeout(Duration::from_secs(60), controller::reconcile(Arc::new(kcg.clone()), ctx.clone()))
-        .await
-        .expect("reconcile timed out");
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        controller::reconcile(Arc::new(kcg.clone()), ctx.clone()),
+    )
+    .await
+    .expect("reconcile timed out");
     let (verifier, captured) = tokio::time::timeout(Duration::from_secs(30), server)
         .await
         .expect("verifier timed out")
@@ -320,8 +361,15 @@ async fn create_adds_finalizer_then_applies_config_map_and_deployment_then_statu
     let (res, verifier, ()) = run(&fresh, &ctx, verifier, |mut v| async move {
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
-        assert_eq!(s.path, format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}"));
-        assert!(s.body.to_string().contains(controller::FINALIZER), "finalizer patch: {}", s.body);
+        assert_eq!(
+            s.path,
+            format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}")
+        );
+        assert!(
+            s.body.to_string().contains(controller::FINALIZER),
+            "finalizer patch: {}",
+            s.body
+        );
         let mut answer = serde_json::to_value(&fresh2).unwrap();
         answer["metadata"]["finalizers"] = json!([controller::FINALIZER]);
         Verifier::reply(s.send, StatusCode::OK, &answer);
@@ -335,8 +383,14 @@ async fn create_adds_finalizer_then_applies_config_map_and_deployment_then_statu
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         let cm = v.expect_config_map().await;
         let yaml = cm["data"]["config.yaml"].as_str().unwrap();
-        assert!(yaml.contains(GROUP), "worker config names the group: {yaml}");
-        assert_eq!(cm["metadata"]["ownerReferences"][0]["kind"], "KinesisConsumerGroup");
+        assert!(
+            yaml.contains(GROUP),
+            "worker config names the group: {yaml}"
+        );
+        assert_eq!(
+            cm["metadata"]["ownerReferences"][0]["kind"],
+            "KinesisConsumerGroup"
+        );
         let d = v.expect_deployment(ready_deployment(2)).await;
         assert_eq!(d["spec"]["replicas"], 2);
         assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
@@ -347,10 +401,25 @@ async fn create_adds_finalizer_then_applies_config_map_and_deployment_then_statu
         assert_eq!(status.client_count, 2);
         assert_eq!((status.replicas, status.ready_replicas), (2, 2));
         assert_eq!(status.observed_generation, Some(1));
-        assert!(status.selector.as_deref().unwrap().contains("app.kubernetes.io/instance=orders"));
-        let ranges: Vec<_> = status.streams[0].ranges.iter().map(|r| (r.client.as_str(), r.count)).collect();
+        assert!(
+            status
+                .selector
+                .as_deref()
+                .unwrap()
+                .contains("app.kubernetes.io/instance=orders")
+        );
+        let ranges: Vec<_> = status.streams[0]
+            .ranges
+            .iter()
+            .map(|r| (r.client.as_str(), r.count))
+            .collect();
         assert_eq!(ranges, vec![("worker-a-1", 2), ("worker-b-1", 2)]);
-        assert_eq!(cond(&status, "Ready").status, "True", "{}", cond(&status, "Ready").message);
+        assert_eq!(
+            cond(&status, "Ready").status,
+            "True",
+            "{}",
+            cond(&status, "Ready").message
+        );
         assert_eq!(cond(&status, "Balanced").status, "True");
         assert_eq!(cond(&status, "Degraded").status, "False");
         // The first status announces the leader and the distribution.
@@ -408,10 +477,10 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
     let mut replicas = Vec::new();
     let variants = [
         json!({}),
-        json!({}),                                              // same spec: same hash
-        json!({"spec": {"tuning": {"pollInterval": "2s"}}}),    // config change: new hash
-        json!({"spec": {"replicas": 5}}),                       // scale: replicas only
-        json!({"spec": {"replicas": 0}}),                       // suspend
+        json!({}),                                           // same spec: same hash
+        json!({"spec": {"tuning": {"pollInterval": "2s"}}}), // config change: new hash
+        json!({"spec": {"replicas": 5}}),                    // scale: replicas only
+        json!({"spec": {"replicas": 0}}),                    // suspend
     ];
     for extra in variants {
         let kcg = group(&table, extra);
@@ -440,7 +509,10 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
     }
     assert_eq!(hashes[0], hashes[1], "same spec, same hash");
     assert_ne!(hashes[1], hashes[2], "a config change rolls the workers");
-    assert_eq!(hashes[1], hashes[3], "replicas are not part of the worker config");
+    assert_eq!(
+        hashes[1], hashes[3],
+        "replicas are not part of the worker config"
+    );
     assert_eq!(replicas, vec![2, 2, 2, 5, 0]);
 }
 
@@ -459,7 +531,12 @@ async fn deployment_deleted_behind_our_back_is_recreated() {
         let d = v.expect_deployment(json!({})).await;
         assert_eq!(d["kind"], "Deployment");
         assert_eq!(d["spec"]["replicas"], 2);
-        assert!(d["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().contains("kcg-worker"));
+        assert!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap()
+                .contains("kcg-worker")
+        );
         let status = v.expect_status(&k2).await;
         assert_eq!(status.ready_replicas, 0);
         assert_eq!(cond(&status, "Ready").reason, "RolloutInProgress");
@@ -487,13 +564,24 @@ async fn missing_state_store_table_is_degraded_with_a_warning_event() {
         v.expect_deployment(ready_deployment(2)).await;
         let status = v.expect_status(&k2).await;
         let d = cond(&status, "Degraded");
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "StateStoreUnavailable"), "{}", d.message);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "StateStoreUnavailable"),
+            "{}",
+            d.message
+        );
         assert!(d.message.contains("kcg-no-such-table"), "{}", d.message);
         assert!(d.message.contains("fix:"), "{}", d.message);
         assert_eq!(cond(&status, "Ready").status, "Unknown");
         let (ty, reason, note) = v.expect_event().await;
-        assert_eq!((ty.as_str(), reason.as_str()), ("Warning", "StateStoreUnavailable"));
-        assert!(note.contains("kcg-no-such-table"), "the error chain travels: {note}");
+        assert_eq!(
+            (ty.as_str(), reason.as_str()),
+            ("Warning", "StateStoreUnavailable")
+        );
+        assert!(
+            note.contains("kcg-no-such-table"),
+            "the error chain travels: {note}"
+        );
         (v, ())
     })
     .await;
@@ -509,17 +597,26 @@ async fn invalid_spec_is_not_applied_but_reported() {
     seeded_store(&endpoint, &table).await;
     let (ctx, verifier) = context(&endpoint).await;
     // Slips past admission only if CEL is off (old API server); the controller checks again.
-    let kcg = group(&table, json!({"spec": {"tuning": {"heartbeatInterval": "10s", "clientTimeout": "5s"}}}));
+    let kcg = group(
+        &table,
+        json!({"spec": {"tuning": {"heartbeatInterval": "10s", "clientTimeout": "5s"}}}),
+    );
     let k2 = kcg.clone();
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         // No apply: only a read of the Deployment (absent here).
         let s = v.next().await;
         assert_eq!(s.method, Method::GET);
-        assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
+        assert_eq!(
+            s.path,
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}")
+        );
         Verifier::not_found(s.send);
         let status = v.expect_status(&k2).await;
         let d = cond(&status, "Degraded");
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InvalidSpec"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
         assert!(d.message.contains("clientTimeout"), "{}", d.message);
         let mut warned = false;
         for _ in 0..3 {
@@ -534,7 +631,10 @@ async fn invalid_spec_is_not_applied_but_reported() {
         (v, ())
     })
     .await;
-    assert_eq!(res.unwrap(), Action::requeue(controller::INVALID_SPEC_RETRY));
+    assert_eq!(
+        res.unwrap(),
+        Action::requeue(controller::INVALID_SPEC_RETRY)
+    );
     let _ = verifier;
 }
 
@@ -544,7 +644,10 @@ async fn delete_with_retain_keeps_the_rows() {
     let table = unique_table("retain");
     let store = seeded_store(&endpoint, &table).await;
     let (ctx, verifier) = context(&endpoint).await;
-    let kcg = group(&table, json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
+    let kcg = group(
+        &table,
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    );
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         // Only the finalizer goes; the Deployment is garbage-collected by its owner ref.
         let s = v.next().await;
@@ -559,7 +662,15 @@ async fn delete_with_retain_keeps_the_rows() {
     assert_eq!(res.unwrap(), Action::await_change());
     assert_quiet(verifier).await;
     let snap = store.load_group(GROUP).await.unwrap();
-    assert_eq!((snap.clients.len(), snap.leases.len(), snap.shard_caches.len()), (2, 4, 1), "Retain keeps every row");
+    assert_eq!(
+        (
+            snap.clients.len(),
+            snap.leases.len(),
+            snap.shard_caches.len()
+        ),
+        (2, 4, 1),
+        "Retain keeps every row"
+    );
 }
 
 #[tokio::test]
@@ -592,8 +703,15 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
     .await;
     let err = res.expect_err("cleanup waits for the workers");
     assert!(err.is_waiting(), "{err}");
-    assert_eq!(controller::error_policy(Arc::new(kcg.clone()), &err, ctx.clone()), Action::requeue(controller::CLEANUP_POLL));
-    assert_eq!(store.load_group(GROUP).await.unwrap().clients.len(), 2, "rows stay while workers run");
+    assert_eq!(
+        controller::error_policy(Arc::new(kcg.clone()), &err, ctx.clone()),
+        Action::requeue(controller::CLEANUP_POLL)
+    );
+    assert_eq!(
+        store.load_group(GROUP).await.unwrap().clients.len(),
+        2,
+        "rows stay while workers run"
+    );
 
     // Second pass: the Deployment is gone and so are the pods: rows go, then the finalizer.
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
@@ -614,8 +732,25 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
     assert_eq!(res.unwrap(), Action::await_change());
     assert_quiet(verifier).await;
     let snap = store.load_group(GROUP).await.unwrap();
-    assert_eq!((snap.clients.len(), snap.leases.len(), snap.shard_caches.len()), (0, 0, 0), "Delete removes the group's rows");
-    assert_eq!(store.load_group("team-b/other").await.unwrap().clients.len(), 1, "other groups are untouched");
+    assert_eq!(
+        (
+            snap.clients.len(),
+            snap.leases.len(),
+            snap.shard_caches.len()
+        ),
+        (0, 0, 0),
+        "Delete removes the group's rows"
+    );
+    assert_eq!(
+        store
+            .load_group("team-b/other")
+            .await
+            .unwrap()
+            .clients
+            .len(),
+        1,
+        "other groups are untouched"
+    );
 }
 
 #[tokio::test]
@@ -658,7 +793,10 @@ async fn deployment_rejected_by_the_api_server_is_degraded_not_crash_looped() {
         (v, ())
     })
     .await;
-    assert_eq!(res.unwrap(), Action::requeue(controller::INVALID_SPEC_RETRY));
+    assert_eq!(
+        res.unwrap(),
+        Action::requeue(controller::INVALID_SPEC_RETRY)
+    );
     let _ = verifier;
 }
 

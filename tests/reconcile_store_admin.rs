@@ -10,7 +10,9 @@ use kcg_worker::store::StateStore;
 #[tokio::test]
 async fn deletes_every_row_of_one_group_in_batches() {
     let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL_DYNAMODB") else {
-        eprintln!("SKIP: AWS_ENDPOINT_URL_DYNAMODB is not set; start DynamoDB Local (scripts/emulators.sh start dynamodb)");
+        eprintln!(
+            "SKIP: AWS_ENDPOINT_URL_DYNAMODB is not set; start DynamoDB Local (scripts/emulators.sh start dynamodb)"
+        );
         return;
     };
     let conf = aws_config::defaults(BehaviorVersion::latest())
@@ -22,21 +24,43 @@ async fn deletes_every_row_of_one_group_in_batches() {
     let client = aws_sdk_dynamodb::Client::new(&conf);
     let table = format!("kcg-store-admin-{}", std::process::id());
     let store = StateStore::new(client.clone(), table.clone());
-    store.ensure_table(true).await.expect("DynamoDB Local is configured but unusable");
+    store
+        .ensure_table(true)
+        .await
+        .expect("DynamoDB Local is configured but unusable");
 
     for i in 0..60 {
-        store.register("ns/doomed", &format!("c-{i:03}"), "pod").await.unwrap();
+        store
+            .register("ns/doomed", &format!("c-{i:03}"), "pod")
+            .await
+            .unwrap();
     }
     for i in 0..3 {
-        store.create_lease("ns/doomed", "s", &format!("shardId-{i}")).await.unwrap();
+        store
+            .create_lease("ns/doomed", "s", &format!("shardId-{i}"))
+            .await
+            .unwrap();
     }
     store.register("ns/kept", "k-1", "pod").await.unwrap();
 
     let deleted = delete_group(&client, &table, "ns/doomed").await.unwrap();
-    assert_eq!(deleted, 63, "60 clients + 3 leases, over three batches of 25");
+    assert_eq!(
+        deleted, 63,
+        "60 clients + 3 leases, over three batches of 25"
+    );
     let snap = store.load_group("ns/doomed").await.unwrap();
     assert!(snap.clients.is_empty() && snap.leases.is_empty());
     assert_eq!(store.load_group("ns/kept").await.unwrap().clients.len(), 1);
-    assert_eq!(delete_group(&client, &table, "ns/doomed").await.unwrap(), 0, "idempotent");
-    assert_eq!(delete_group(&client, "kcg-no-such-table-x", "ns/doomed").await.unwrap(), 0, "no table, no rows");
+    assert_eq!(
+        delete_group(&client, &table, "ns/doomed").await.unwrap(),
+        0,
+        "idempotent"
+    );
+    assert_eq!(
+        delete_group(&client, "kcg-no-such-table-x", "ns/doomed")
+            .await
+            .unwrap(),
+        0,
+        "no table, no rows"
+    );
 }

@@ -27,7 +27,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 fn endpoints() -> Option<()> {
     for var in ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_KINESIS"] {
         if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
-            eprintln!("SKIP status_live: {var} is not set; run `eval \"$(scripts/emulators.sh env)\"` after `scripts/emulators.sh start`");
+            eprintln!(
+                "SKIP status_live: {var} is not set; run `eval \"$(scripts/emulators.sh env)\"` after `scripts/emulators.sh start`"
+            );
             return None;
         }
     }
@@ -106,8 +108,14 @@ impl Harness {
         let start = Instant::now();
         let mut previous: Option<KinesisConsumerGroupStatus> = None;
         loop {
-            let snap = self.store.load_group(&self.group).await.expect("reading the table");
-            let live: BTreeSet<String> = observe_clients(liveness, &snap.clients, Instant::now()).into_iter().collect();
+            let snap = self
+                .store
+                .load_group(&self.group)
+                .await
+                .expect("reading the table");
+            let live: BTreeSet<String> = observe_clients(liveness, &snap.clients, Instant::now())
+                .into_iter()
+                .collect();
             let s = build_status(StatusInput {
                 generation: Some(1),
                 streams: vec![self.stream.clone()],
@@ -121,7 +129,10 @@ impl Harness {
                 }),
                 snapshot: Some(snap),
                 live_clients: live,
-                previous_conditions: previous.as_ref().map(|p| p.conditions.clone()).unwrap_or_default(),
+                previous_conditions: previous
+                    .as_ref()
+                    .map(|p| p.conditions.clone())
+                    .unwrap_or_default(),
                 now: jiff::Timestamp::now(),
                 problems: vec![],
             });
@@ -133,9 +144,16 @@ impl Harness {
                 for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
                     let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
                     let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                    logs.push_str(&format!("--- {}\n{}\n", entry.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+                    logs.push_str(&format!(
+                        "--- {}\n{}\n",
+                        entry.path().display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ));
                 }
-                panic!("{what}: not reached in {within:?}; last status:\n{}\n{logs}", serde_yaml::to_string(&s).unwrap());
+                panic!(
+                    "{what}: not reached in {within:?}; last status:\n{}\n{logs}",
+                    serde_yaml::to_string(&s).unwrap()
+                );
             }
             previous = Some(s);
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -146,13 +164,20 @@ impl Harness {
 const PREFIX: &str = "kcg-live-";
 
 async fn remove_leftovers(kinesis: &aws_sdk_kinesis::Client) {
-    let Ok(out) = kinesis.list_streams().send().await else { return };
+    let Ok(out) = kinesis.list_streams().send().await else {
+        return;
+    };
     for name in out.stream_names() {
         // Names are PREFIX<pid>-<nanos>: only a run whose process is gone is a leftover.
         let pid = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next());
         let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
         if name.starts_with(PREFIX) && !running {
-            let _ = kinesis.delete_stream().stream_name(name).enforce_consumer_deletion(true).send().await;
+            let _ = kinesis
+                .delete_stream()
+                .stream_name(name)
+                .enforce_consumer_deletion(true)
+                .send()
+                .await;
         }
     }
 }
@@ -168,9 +193,17 @@ impl Drop for StreamGuard {
         let (client, stream) = (self.client.clone(), self.stream.clone());
         // Drop cannot await: run the delete on its own thread and runtime, and wait for it.
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 rt.block_on(async {
-                    let _ = client.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
+                    let _ = client
+                        .delete_stream()
+                        .stream_name(&stream)
+                        .enforce_consumer_deletion(true)
+                        .send()
+                        .await;
                 });
             }
         })
@@ -179,18 +212,28 @@ impl Drop for StreamGuard {
 }
 
 fn cond<'a>(s: &'a KinesisConsumerGroupStatus, t: &str) -> &'a str {
-    s.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.as_str()).unwrap_or("")
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.as_str())
+        .unwrap_or("")
 }
 
 /// Every consumable shard is in a range, ranges belong to live clients, and ownership is
 /// settled (Ready and Balanced).
 fn settled(s: &KinesisConsumerGroupStatus, clients: i32) -> bool {
-    let ranged: i32 = s.streams.first().map(|st| st.ranges.iter().map(|r| r.count).sum()).unwrap_or(0);
+    let ranged: i32 = s
+        .streams
+        .first()
+        .map(|st| st.ranges.iter().map(|r| r.count).sum())
+        .unwrap_or(0);
     s.client_count == clients
         && ranged == SHARDS
         && cond(s, "Ready") == "True"
         && cond(s, "Balanced") == "True"
-        && s.streams.first().is_some_and(|st| st.max_lag_millis.is_some())
+        && s.streams
+            .first()
+            .is_some_and(|st| st.max_lag_millis.is_some())
 }
 
 fn client_of<'a>(s: &'a KinesisConsumerGroupStatus, base: &str) -> Option<&'a str> {
@@ -204,13 +247,23 @@ fn client_of<'a>(s: &'a KinesisConsumerGroupStatus, base: &str) -> Option<&'a st
 async fn status_follows_real_workers_through_scale_up_and_a_kill() {
     let Some(()) = endpoints() else { return };
     let conf = aws().await;
-    let id = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
     let table = format!("{PREFIX}{id}");
     let stream = format!("{PREFIX}{id}");
     let group = format!("live/g-{id}");
 
     let store = StateStore::new(aws_sdk_dynamodb::Client::new(&conf), table.clone());
-    store.ensure_table(true).await.expect("DynamoDB Local is configured but unusable");
+    store
+        .ensure_table(true)
+        .await
+        .expect("DynamoDB Local is configured but unusable");
     let kinesis = aws_sdk_kinesis::Client::new(&conf);
     // kinesis-local caps the shards of all streams together (50 by default): remove what an
     // earlier, interrupted run of THIS test left (its own prefix only), and delete ours at
@@ -229,11 +282,20 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         .expect("kinesis-local is configured but unusable");
     let start = Instant::now();
     loop {
-        let d = kinesis.describe_stream_summary().stream_name(&stream).send().await.expect("describe stream");
-        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+        let d = kinesis
+            .describe_stream_summary()
+            .stream_name(&stream)
+            .send()
+            .await
+            .expect("describe stream");
+        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
+        {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "stream not ACTIVE");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "stream not ACTIVE"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for i in 0..40 {
@@ -271,28 +333,77 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
     // Two workers: two clients, the lowest id leads, 2 + 2 contiguous shards, lag measured.
     let mut a = h.spawn("w-a");
     let _b = h.spawn("w-b");
-    let s = h.until(&mut liveness, 2, Duration::from_secs(90), "two workers settle", |s| settled(s, 2)).await;
+    let s = h
+        .until(
+            &mut liveness,
+            2,
+            Duration::from_secs(90),
+            "two workers settle",
+            |s| settled(s, 2),
+        )
+        .await;
     let a_id = client_of(&s, "w-a").expect("w-a listed").to_owned();
     let b_id = client_of(&s, "w-b").expect("w-b listed").to_owned();
-    assert_eq!(s.leader.as_deref(), Some(a_id.as_str()), "lowest sorted live id leads");
-    let pods: Vec<_> = s.clients.iter().map(|c| (c.index, c.pod.as_str(), c.owned_shards)).collect();
+    assert_eq!(
+        s.leader.as_deref(),
+        Some(a_id.as_str()),
+        "lowest sorted live id leads"
+    );
+    let pods: Vec<_> = s
+        .clients
+        .iter()
+        .map(|c| (c.index, c.pod.as_str(), c.owned_shards))
+        .collect();
     assert_eq!(pods, vec![(0, "pod-w-a", 2), (1, "pod-w-b", 2)]);
     let st = &s.streams[0];
     assert_eq!((st.open_shards, st.closed_shards_draining), (SHARDS, 0));
-    let ranges: Vec<_> = st.ranges.iter().map(|r| (r.client.as_str(), r.first.as_str(), r.last.as_str(), r.count)).collect();
+    let ranges: Vec<_> = st
+        .ranges
+        .iter()
+        .map(|r| {
+            (
+                r.client.as_str(),
+                r.first.as_str(),
+                r.last.as_str(),
+                r.count,
+            )
+        })
+        .collect();
     assert_eq!(
         ranges,
         vec![
-            (a_id.as_str(), "shardId-000000000000", "shardId-000000000001", 2),
-            (b_id.as_str(), "shardId-000000000002", "shardId-000000000003", 2),
+            (
+                a_id.as_str(),
+                "shardId-000000000000",
+                "shardId-000000000001",
+                2
+            ),
+            (
+                b_id.as_str(),
+                "shardId-000000000002",
+                "shardId-000000000003",
+                2
+            ),
         ]
     );
-    assert!(st.max_lag_shard.as_deref().is_some_and(|sh| sh.starts_with("shardId-")));
+    assert!(
+        st.max_lag_shard
+            .as_deref()
+            .is_some_and(|sh| sh.starts_with("shardId-"))
+    );
     assert!(s.max_lag.is_some());
 
     // Scale-up: a third worker joins and the four shards spread 2/1/1.
     let _c = h.spawn("w-c");
-    let s = h.until(&mut liveness, 3, Duration::from_secs(90), "scale-up to three", |s| settled(s, 3)).await;
+    let s = h
+        .until(
+            &mut liveness,
+            3,
+            Duration::from_secs(90),
+            "scale-up to three",
+            |s| settled(s, 3),
+        )
+        .await;
     let c_id = client_of(&s, "w-c").expect("w-c listed").to_owned();
     let mut owned: Vec<i32> = s.clients.iter().map(|c| c.owned_shards).collect();
     owned.sort();
@@ -304,12 +415,25 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
     // lowest id leads, and the survivors take its shards back to 2 + 2.
     a.start_kill().expect("SIGKILL w-a");
     a.wait().await.expect("w-a exits");
-    let s = h.until(&mut liveness, 2, Duration::from_secs(90), "recovery after SIGKILL", |s| {
-        settled(s, 2) && client_of(s, "w-a").is_none()
-    })
-    .await;
-    assert_eq!(s.leader.as_deref(), Some(b_id.as_str()), "next lowest id leads");
-    let owners: BTreeSet<&str> = s.streams[0].ranges.iter().map(|r| r.client.as_str()).collect();
+    let s = h
+        .until(
+            &mut liveness,
+            2,
+            Duration::from_secs(90),
+            "recovery after SIGKILL",
+            |s| settled(s, 2) && client_of(s, "w-a").is_none(),
+        )
+        .await;
+    assert_eq!(
+        s.leader.as_deref(),
+        Some(b_id.as_str()),
+        "next lowest id leads"
+    );
+    let owners: BTreeSet<&str> = s.streams[0]
+        .ranges
+        .iter()
+        .map(|r| r.client.as_str())
+        .collect();
     assert_eq!(owners, BTreeSet::from([b_id.as_str(), c_id.as_str()]));
     let mut owned: Vec<i32> = s.clients.iter().map(|c| c.owned_shards).collect();
     owned.sort();

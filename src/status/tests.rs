@@ -118,10 +118,18 @@ fn ranges(s: &KinesisConsumerGroupStatus) -> Vec<(String, u32, u32, i32)> {
 
 #[test]
 fn compact_ranges_table() {
-    type Case = (&'static str, Vec<(&'static str, Option<&'static str>)>, Vec<(&'static str, &'static str, &'static str, usize)>);
+    type Case = (
+        &'static str,
+        Vec<(&'static str, Option<&'static str>)>,
+        Vec<(&'static str, &'static str, &'static str, usize)>,
+    );
     let cases: Vec<Case> = vec![
         ("empty", vec![], vec![]),
-        ("one owner", vec![("1", Some("a")), ("2", Some("a"))], vec![("a", "1", "2", 2)]),
+        (
+            "one owner",
+            vec![("1", Some("a")), ("2", Some("a"))],
+            vec![("a", "1", "2", 2)],
+        ),
         (
             "two runs",
             vec![("1", Some("a")), ("2", Some("b")), ("3", Some("b"))],
@@ -178,7 +186,10 @@ fn healthy_group_reports_clients_leader_ranges_and_all_conditions() {
     let s = build_status(healthy(3, 6));
     assert_eq!(s.observed_generation, Some(3));
     assert_eq!((s.replicas, s.ready_replicas), (3, 3));
-    assert_eq!(s.selector.as_deref(), Some("app.kubernetes.io/instance=group"));
+    assert_eq!(
+        s.selector.as_deref(),
+        Some("app.kubernetes.io/instance=group")
+    );
     assert_eq!(s.leader.as_deref(), Some("c0"));
     assert_eq!(s.client_count, 3);
     assert_eq!(s.shard_count, 6);
@@ -189,12 +200,20 @@ fn healthy_group_reports_clients_leader_ranges_and_all_conditions() {
         .collect();
     assert_eq!(
         clients,
-        vec![("c0", "pod-c0", 0, 2), ("c1", "pod-c1", 1, 2), ("c2", "pod-c2", 2, 2)]
+        vec![
+            ("c0", "pod-c0", 0, 2),
+            ("c1", "pod-c1", 1, 2),
+            ("c2", "pod-c2", 2, 2)
+        ]
     );
     assert_eq!(s.clients[0].last_heartbeat, "2023-11-14T22:13:20Z");
     assert_eq!(
         ranges(&s),
-        vec![("c0".into(), 0, 1, 2), ("c1".into(), 2, 3, 2), ("c2".into(), 4, 5, 2)]
+        vec![
+            ("c0".into(), 0, 1, 2),
+            ("c1".into(), 2, 3, 2),
+            ("c2".into(), 4, 5, 2)
+        ]
     );
     assert_eq!(s.streams[0].open_shards, 6);
     assert_eq!(s.streams[0].closed_shards_draining, 0);
@@ -205,7 +224,12 @@ fn healthy_group_reports_clients_leader_ranges_and_all_conditions() {
         (DEGRADED, FALSE, "AsExpected"),
     ] {
         let c = cond(&s, t);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "{t}: {}", c.message);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, reason),
+            "{t}: {}",
+            c.message
+        );
         assert_eq!(c.last_transition_time, Time(ts(1000)));
     }
 }
@@ -217,14 +241,24 @@ fn dead_clients_are_left_out_and_the_leader_is_the_lowest_live_id() {
     let s = build_status(input);
     assert_eq!(s.leader.as_deref(), Some("c1"));
     assert_eq!(s.client_count, 2);
-    assert_eq!(s.clients.iter().map(|c| c.index).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(
+        s.clients.iter().map(|c| c.index).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
     // c0's shards are held by a dead client: neither Ready nor Balanced, and a rebalance is due.
     assert_eq!(cond(&s, READY).reason, "ShardsUnowned");
     assert_eq!(cond(&s, BALANCED).reason, "StaleOwners");
-    assert!(cond(&s, BALANCED).message.contains("s/shardId-000000000000"));
+    assert!(
+        cond(&s, BALANCED)
+            .message
+            .contains("s/shardId-000000000000")
+    );
     assert_eq!(cond(&s, PROGRESSING).reason, "Rebalancing");
     // The dead owner's shards are not listed as a range.
-    assert_eq!(ranges(&s), vec![("c1".into(), 2, 3, 2), ("c2".into(), 4, 5, 2)]);
+    assert_eq!(
+        ranges(&s),
+        vec![("c1".into(), 2, 3, 2), ("c2".into(), 4, 5, 2)]
+    );
 }
 
 #[test]
@@ -238,10 +272,19 @@ fn lag_is_the_max_with_its_shard_and_ignores_ended_shards() {
     snap.shard_caches[0].shards[3].closed = true;
     let s = build_status(input);
     assert_eq!(s.streams[0].max_lag_millis, Some(90_000));
-    assert_eq!(s.streams[0].max_lag_shard.as_deref(), Some("shardId-000000000002"));
+    assert_eq!(
+        s.streams[0].max_lag_shard.as_deref(),
+        Some("shardId-000000000002")
+    );
     assert_eq!(s.max_lag.as_deref(), Some("1m30s"));
     // The ended shard is neither open nor draining.
-    assert_eq!((s.streams[0].open_shards, s.streams[0].closed_shards_draining), (3, 0));
+    assert_eq!(
+        (
+            s.streams[0].open_shards,
+            s.streams[0].closed_shards_draining
+        ),
+        (3, 0)
+    );
     assert_eq!(s.shard_count, 3);
 }
 
@@ -258,12 +301,27 @@ fn resharding_children_wait_for_parents_and_closed_parents_drain() {
     let mut input = healthy(1, 1);
     let snap = input.snapshot.as_mut().unwrap();
     snap.shard_caches[0].shards = vec![
-        ShardInfo { closed: true, ..open(0) },
-        ShardInfo { parent: Some(shard(0)), ..open(1) },
-        ShardInfo { parent: Some(shard(0)), ..open(2) },
+        ShardInfo {
+            closed: true,
+            ..open(0)
+        },
+        ShardInfo {
+            parent: Some(shard(0)),
+            ..open(1)
+        },
+        ShardInfo {
+            parent: Some(shard(0)),
+            ..open(2)
+        },
     ];
     let s = build_status(input.clone());
-    assert_eq!((s.streams[0].open_shards, s.streams[0].closed_shards_draining), (2, 1));
+    assert_eq!(
+        (
+            s.streams[0].open_shards,
+            s.streams[0].closed_shards_draining
+        ),
+        (2, 1)
+    );
     // Children are not consumable yet, so they do not count as unowned.
     assert_eq!(cond(&s, READY).status, TRUE, "{}", cond(&s, READY).message);
     assert_eq!(ranges(&s), vec![("c0".into(), 0, 0, 1)]);
@@ -272,7 +330,13 @@ fn resharding_children_wait_for_parents_and_closed_parents_drain() {
     let snap = input.snapshot.as_mut().unwrap();
     snap.leases[0].ended = true;
     let s = build_status(input.clone());
-    assert_eq!((s.streams[0].open_shards, s.streams[0].closed_shards_draining), (2, 0));
+    assert_eq!(
+        (
+            s.streams[0].open_shards,
+            s.streams[0].closed_shards_draining
+        ),
+        (2, 0)
+    );
     assert_eq!(cond(&s, READY).reason, "ShardsUnowned");
     assert!(cond(&s, READY).message.contains("shardId-000000000001"));
     assert_eq!(cond(&s, BALANCED).reason, "UnownedShards");
@@ -291,7 +355,12 @@ fn ready_table() {
     let cases: Vec<(&str, Edit, &str, &str)> = vec![
         ("healthy", |_| {}, TRUE, "Ready"),
         ("suspended", |i| i.desired_replicas = 0, FALSE, "Suspended"),
-        ("no deployment", |i| i.deployment = None, FALSE, "DeploymentMissing"),
+        (
+            "no deployment",
+            |i| i.deployment = None,
+            FALSE,
+            "DeploymentMissing",
+        ),
         (
             "pods not ready",
             |i| i.deployment.as_mut().unwrap().ready_replicas = 1,
@@ -324,14 +393,24 @@ fn ready_table() {
             FALSE,
             "ShardsNotListed",
         ),
-        ("store unreadable", |i| i.snapshot = None, UNKNOWN, "StateStoreUnavailable"),
+        (
+            "store unreadable",
+            |i| i.snapshot = None,
+            UNKNOWN,
+            "StateStoreUnavailable",
+        ),
     ];
     for (name, edit, status, reason) in cases {
         let mut input = healthy(2, 4);
         edit(&mut input);
         let s = build_status(input);
         let c = cond(&s, READY);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "case {name}: {}", c.message);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, reason),
+            "case {name}: {}",
+            c.message
+        );
         assert!(!c.message.is_empty(), "case {name}");
     }
 }
@@ -384,8 +463,18 @@ fn balanced_table() {
             FALSE,
             "StaleOwners",
         ),
-        ("no clients", |i| i.live_clients.clear(), FALSE, "StaleOwners"),
-        ("store unreadable", |i| i.snapshot = None, UNKNOWN, "StateStoreUnavailable"),
+        (
+            "no clients",
+            |i| i.live_clients.clear(),
+            FALSE,
+            "StaleOwners",
+        ),
+        (
+            "store unreadable",
+            |i| i.snapshot = None,
+            UNKNOWN,
+            "StateStoreUnavailable",
+        ),
         (
             "shards not listed yet",
             |i| {
@@ -402,7 +491,12 @@ fn balanced_table() {
         edit(&mut input);
         let s = build_status(input);
         let c = cond(&s, BALANCED);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "case {name}: {}", c.message);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, reason),
+            "case {name}: {}",
+            c.message
+        );
     }
 }
 
@@ -417,12 +511,7 @@ fn progressing_table() {
             TRUE,
             "RollingOut",
         ),
-        (
-            "scale-up",
-            |i| i.desired_replicas = 3,
-            TRUE,
-            "RollingOut",
-        ),
+        ("scale-up", |i| i.desired_replicas = 3, TRUE, "RollingOut"),
         (
             "lease handoff",
             |i| i.snapshot.as_mut().unwrap().leases[0].owner = None,
@@ -445,7 +534,12 @@ fn progressing_table() {
         edit(&mut input);
         let s = build_status(input);
         let c = cond(&s, PROGRESSING);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "case {name}: {}", c.message);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, reason),
+            "case {name}: {}",
+            c.message
+        );
     }
 }
 
@@ -459,7 +553,10 @@ fn degraded_table() {
             |i| {
                 let c = &mut i.snapshot.as_mut().unwrap().clients[1];
                 c.last_error_reason = Some("StreamNotFound".into());
-                c.last_error = Some("ResourceNotFoundException: Stream orders under account 000000000000 not found".into());
+                c.last_error = Some(
+                    "ResourceNotFoundException: Stream orders under account 000000000000 not found"
+                        .into(),
+                );
             },
             TRUE,
             "StreamNotFound",
@@ -516,7 +613,10 @@ fn degraded_table() {
         (
             "invalid spec comes before worker errors",
             |i| {
-                i.problems.push(Problem::new("InvalidSpec", "tuning.clientTimeout must be at least twice tuning.heartbeatInterval"));
+                i.problems.push(Problem::new(
+                    "InvalidSpec",
+                    "tuning.clientTimeout must be at least twice tuning.heartbeatInterval",
+                ));
                 let c = &mut i.snapshot.as_mut().unwrap().clients[0];
                 c.last_error_reason = Some("HandlerFailing".into());
             },
@@ -530,10 +630,22 @@ fn degraded_table() {
         edit(&mut input);
         let s = build_status(input);
         let c = cond(&s, DEGRADED);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "case {name}: {}", c.message);
-        assert!(c.message.contains(needle), "case {name}: {:?} lacks {needle:?}", c.message);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (status, reason),
+            "case {name}: {}",
+            c.message
+        );
+        assert!(
+            c.message.contains(needle),
+            "case {name}: {:?} lacks {needle:?}",
+            c.message
+        );
         if status == TRUE {
-            assert!(c.message.contains("fix:"), "case {name}: message must say what to fix");
+            assert!(
+                c.message.contains("fix:"),
+                "case {name}: message must say what to fix"
+            );
         }
     }
 }
@@ -546,7 +658,10 @@ fn last_transition_time_is_stable_across_refreshes_and_moves_on_flip() {
     again.previous_conditions = first.conditions.clone();
     again.now = ts(2000);
     let second = build_status(again);
-    assert_eq!(first, second, "an unchanged group gives an identical status");
+    assert_eq!(
+        first, second,
+        "an unchanged group gives an identical status"
+    );
 
     // One shard loses its owner: Ready, Balanced and Progressing flip, Degraded does not.
     let mut flip = healthy(2, 4);
@@ -567,7 +682,10 @@ fn status_of_1000_shards_and_100_clients_stays_under_64_kib() {
         let mut input = healthy(100, 1000);
         let snap = input.snapshot.as_mut().unwrap();
         for c in &mut snap.clients {
-            c.client_id = format!("{}-kcg-worker-7d9f8b6c5d-abcde-0123456789abcdef", c.client_id);
+            c.client_id = format!(
+                "{}-kcg-worker-7d9f8b6c5d-abcde-0123456789abcdef",
+                c.client_id
+            );
             c.pod = format!("{}-very-long-pod-name-for-a-consumer-group-worker", c.pod);
             c.last_error = Some(long_error.clone());
             c.last_error_reason = Some("HandlerFailing".into());
@@ -580,10 +698,15 @@ fn status_of_1000_shards_and_100_clients_stays_under_64_kib() {
             l.millis_behind = Some(i as i64 * 1000);
         }
         input.live_clients = ids.into_iter().collect();
-        input.problems.push(Problem::new("InvalidSpec", long_error.clone()));
+        input
+            .problems
+            .push(Problem::new("InvalidSpec", long_error.clone()));
         let s = build_status(input);
         let size = serde_json::to_vec(&s).unwrap().len();
-        assert!(size < 64 * 1024, "fragmented={fragmented}: status is {size} bytes");
+        assert!(
+            size < 64 * 1024,
+            "fragmented={fragmented}: status is {size} bytes"
+        );
         assert_eq!(s.client_count, 100);
         assert_eq!(s.shard_count, 1000);
         assert!(s.clients[0].last_error.as_ref().unwrap().chars().count() <= MAX_ERROR_CHARS);
@@ -600,19 +723,31 @@ fn status_of_1000_shards_and_100_clients_stays_under_64_kib() {
 fn needs_write_ignores_fresh_heartbeats_only() {
     let base = build_status(healthy(2, 4));
     assert!(needs_write(None, &base), "first status is written");
-    assert!(!needs_write(Some(&base), &base.clone()), "identical is not written");
+    assert!(
+        !needs_write(Some(&base), &base.clone()),
+        "identical is not written"
+    );
 
     let mut beat = base.clone();
     beat.clients[0].last_heartbeat = "2023-11-14T22:13:25Z".into(); // +5s
-    assert!(!needs_write(Some(&base), &beat), "a heartbeat alone is not worth a write");
+    assert!(
+        !needs_write(Some(&base), &beat),
+        "a heartbeat alone is not worth a write"
+    );
 
     let mut stale = base.clone();
     stale.clients[0].last_heartbeat = "2023-11-14T22:14:00Z".into(); // +40s
-    assert!(needs_write(Some(&base), &stale), "a published heartbeat 40s behind is refreshed");
+    assert!(
+        needs_write(Some(&base), &stale),
+        "a published heartbeat 40s behind is refreshed"
+    );
 
     let mut moved = beat.clone();
     moved.clients[0].owned_shards = 3;
-    assert!(needs_write(Some(&base), &moved), "any other change is written");
+    assert!(
+        needs_write(Some(&base), &moved),
+        "any other change is written"
+    );
 
     let mut cond_flip = base.clone();
     cond_flip.conditions[0].status = "False".into();
