@@ -829,3 +829,47 @@ async fn delete_with_delete_and_no_table_does_not_block_the_deletion() {
     assert_eq!(res.unwrap(), Action::await_change());
     assert_quiet(verifier).await;
 }
+
+#[tokio::test]
+async fn backoff_grows_per_object_and_resets_after_a_success() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("backoff");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(&table, json!({}));
+    let other = group(&table, json!({"metadata": {"name": "other"}}));
+    let err = Error::NoNamespace("x".into());
+    let policy =
+        |k: &KinesisConsumerGroup| controller::error_policy(Arc::new(k.clone()), &err, ctx.clone());
+    assert_eq!(policy(&kcg), Action::requeue(Duration::from_secs(1)));
+    assert_eq!(policy(&kcg), Action::requeue(Duration::from_secs(2)));
+    assert_eq!(policy(&kcg), Action::requeue(Duration::from_secs(4)));
+    assert_eq!(
+        policy(&other),
+        Action::requeue(Duration::from_secs(1)),
+        "per object"
+    );
+
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        v.expect_config_map().await;
+        v.expect_deployment(ready_deployment(2)).await;
+        v.expect_status(&k2).await;
+        v.expect_event().await;
+        v.expect_event().await;
+        (v, ())
+    })
+    .await;
+    res.unwrap();
+    assert_quiet(verifier).await;
+    assert_eq!(
+        policy(&kcg),
+        Action::requeue(Duration::from_secs(1)),
+        "reset by the success"
+    );
+    assert_eq!(
+        policy(&other),
+        Action::requeue(Duration::from_secs(2)),
+        "the other object keeps its count"
+    );
+}
