@@ -245,7 +245,7 @@ pub fn remedy(reason: &str) -> &'static str {
             "check spec.streams[].name and region: the stream must exist in the account and region the worker reads (after assuming roleArn, if set)"
         }
         "AccessDenied" => {
-            "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream, and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table"
+            "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream, and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table; the operator itself needs dynamodb:Query on the table to report status"
         }
         "StateStoreUnavailable" => {
             "check spec.stateStore.table and region: the table must exist (or set stateStore.create: true) and DynamoDB must be reachable with the operator's and workers' credentials"
