@@ -460,3 +460,57 @@ async fn measure(
     ));
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_applied_and_handover_checks() {
+        // Two clients on 8 shards, every lease with its planned owner.
+        let mut snap = crate::micro::snapshot(SHARDS as u32, 2);
+        let stream = "orders";
+        let first = snap.clients[0].client_id.clone();
+        let second = snap.clients[1].client_id.clone();
+        let both = vec![
+            first[..first.len() - 6].to_owned(),
+            second[..second.len() - 6].to_owned(),
+        ];
+        assert!(plan_applied(&snap, stream, &both));
+        // A client missing from the rows: not applied.
+        assert!(!plan_applied(&snap, stream, &both[..1]));
+
+        let of_second = held_by(&snap, stream, &both[1]);
+        assert_eq!(of_second.len(), 4);
+        assert!(!all_owned_by(&snap, stream, &of_second, &both[..1]));
+        // The second client's shards move to the first one by one.
+        for l in snap
+            .leases
+            .iter_mut()
+            .filter(|l| of_second.contains(&l.shard_id))
+        {
+            l.owner = None;
+        }
+        assert!(!all_owned_by(&snap, stream, &of_second, &both[..1]));
+        assert!(!plan_applied(&snap, stream, &both));
+        for l in snap.leases.iter_mut() {
+            l.owner = Some(first.clone());
+        }
+        assert!(all_owned_by(&snap, stream, &of_second, &both[..1]));
+        assert!(
+            !plan_applied(&snap, stream, &both),
+            "an unbalanced group is not the plan"
+        );
+    }
+
+    #[test]
+    fn stats_are_min_median_max() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(stats(&ms(&[30, 10, 20])), (10.0, 20.0, 30.0));
+        assert_eq!(med_max(&ms(&[500, 400, 600, 450, 2000])), "500.0 / 2000");
+    }
+}

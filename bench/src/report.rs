@@ -121,3 +121,35 @@ pub fn render(rows: &[Row]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_aligned_and_marks_goals() {
+        let rows = vec![
+            Row::info("a", "p", "1", "ms"),
+            Row::goal("longer name", "params", "12345", "bytes", "< 2", false),
+            Row::goal("b", "q", "0.5", "ms", "< 1", true),
+        ];
+        let out = render(&rows);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5);
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width), "{out}");
+        assert!(lines[3].contains("< 2 MISSED"));
+        assert!(lines[4].contains("< 1 ok"));
+        assert!(
+            lines[2].contains("|      1 |"),
+            "results are right-aligned: {out}"
+        );
+    }
+
+    #[test]
+    fn num_precision_follows_magnitude() {
+        assert_eq!(num(1234.56), "1235");
+        assert_eq!(num(12.345), "12.3");
+        assert_eq!(num(1.2345), "1.23");
+    }
+}

@@ -268,3 +268,52 @@ pub fn peak_rss_kib() -> Option<u64> {
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_after_table() {
+        let cases = [
+            ("2", "1", true),
+            ("1", "2", false),
+            ("1", "1", false),
+            ("10", "9", true),
+            ("000000000010", "9", true),
+            ("0009", "10", false),
+            (
+                "49650000000000000000000000000000000000000000000000000002",
+                "49650000000000000000000000000000000000000000000000000001",
+                true,
+            ),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(seq_after(a, b), want, "{a} after {b}");
+        }
+    }
+
+    fn record(shard: &str, seq: &str) -> Record {
+        Record {
+            stream: "s".into(),
+            shard_id: shard.into(),
+            sequence: seq.into(),
+            partition_key: "k".into(),
+            data: Vec::new(),
+            arrival: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn counter_tells_repeats_from_new_records_per_shard() {
+        let c = Counter::new(Instant::now(), 4);
+        c.count(&[record("a", "1"), record("a", "2")]);
+        c.count(&[record("b", "1")]);
+        c.count(&[record("a", "2"), record("a", "3")]);
+        assert_eq!((c.distinct(), c.repeated()), (4, 1));
+        assert!(c.first().is_some());
+        tokio::time::timeout(Duration::from_secs(1), c.reached())
+            .await
+            .expect("target reached");
+    }
+}
