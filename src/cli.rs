@@ -262,22 +262,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (mut leader, _task) = manager.watch().await;
         ready.store(true, Ordering::Relaxed);
         info!(identity, lease = %args.lease_name, "waiting for leadership");
-        loop {
-            while !*leader.borrow_and_update() {
-                leader.changed().await.context("leader election stopped")?;
-            }
+        while_leader(&mut leader, || {
             info!(identity, "leading: starting the controller");
-            let mut lost = leader.clone();
-            tokio::select! {
-                r = controller::run(client.clone(), opts.clone(), metrics.clone()) => {
-                    // The controller returns on SIGTERM; dropping `leader` releases the Lease.
-                    return r.context("controller");
-                }
-                _ = async { while *lost.borrow_and_update() { if lost.changed().await.is_err() { break; } } } => {
-                    warn!(identity, "lost leadership: stopping the controller");
-                }
+            let (client, opts, metrics) = (client.clone(), opts.clone(), metrics.clone());
+            async move {
+                controller::run(client, opts, metrics)
+                    .await
+                    .context("controller")
             }
-        }
+        })
+        .await
     };
     tokio::select! {
         r = controller => r,
@@ -286,6 +280,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(Err(e)) => Err(e).context("http server"),
             Err(e) => Err(e).context("http server task"),
         },
+    }
+}
+
+/// Runs `work` only while `leader` says this replica leads: waits for leadership, starts
+/// `work`, and drops it (stopping the controller) as soon as leadership is lost, then waits
+/// again. Returns when `work` returns (shutdown signal) or when the election stops.
+pub async fn while_leader<F, Fut>(
+    leader: &mut tokio::sync::watch::Receiver<bool>,
+    mut work: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        while !*leader.borrow_and_update() {
+            leader.changed().await.context("leader election stopped")?;
+        }
+        let mut lost = leader.clone();
+        // Resolves to `true` when the election itself ended (its task died): we can no
+        // longer know whether we lead, so we must stop, not keep reconciling.
+        let ended = async {
+            loop {
+                if !*lost.borrow_and_update() {
+                    return false;
+                }
+                if lost.changed().await.is_err() {
+                    return true;
+                }
+            }
+        };
+        tokio::select! {
+            r = work() => return r,
+            closed = ended => {
+                if closed {
+                    bail!("leader election stopped while leading");
+                }
+                warn!("lost leadership: stopping the controller");
+            }
+        }
     }
 }
 
@@ -703,6 +737,67 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["kcg-operator", "crd"]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_the_leader_runs_the_controller() {
+        use std::sync::atomic::AtomicUsize;
+        struct Running(Arc<AtomicBool>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let started = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicBool::new(false));
+        let (s2, r2) = (started.clone(), running.clone());
+        let task = tokio::spawn(async move {
+            while_leader(&mut rx, move || {
+                let (s, r) = (s2.clone(), r2.clone());
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    r.store(true, Ordering::SeqCst);
+                    let _guard = Running(r);
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            })
+            .await
+        });
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        settle().await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            0,
+            "a follower does not reconcile"
+        );
+        tx.send(true).unwrap();
+        settle().await;
+        assert!(running.load(Ordering::SeqCst));
+        tx.send(false).unwrap();
+        settle().await;
+        assert!(
+            !running.load(Ordering::SeqCst),
+            "losing the lease stops the controller"
+        );
+        tx.send(true).unwrap();
+        settle().await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "regaining it starts it again"
+        );
+        drop(tx);
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            r.is_err(),
+            "the election ending ends the run (the pod restarts)"
+        );
+        assert!(!running.load(Ordering::SeqCst));
     }
 
     #[test]
