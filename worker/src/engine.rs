@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::assignment::{self, ShardKey};
+use crate::config::StartPosition;
 use crate::config::{ConfigError, StreamConfig, WorkerConfig};
 use crate::delivery::BatchHandler;
-use crate::handoff::{self, Action, HandoffInput, LeaseView};
+use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::kinesis::StreamClient;
 use crate::membership::{self, Identity, Liveness};
@@ -385,7 +386,6 @@ impl Engine {
 
         // Lease liveness, from our own observations of their counters.
         let mut views = BTreeMap::new();
-        let mut rows = BTreeMap::new();
         for l in &snap.leases {
             let key = ShardKey::new(&l.stream, &l.shard_id);
             self.leases.observe(key.clone(), l.lease_counter, now);
@@ -399,7 +399,6 @@ impl Engine {
                     stale,
                 },
             );
-            rows.insert(key, l.clone());
         }
         self.leases.retain(|k| views.contains_key(k));
 
@@ -413,7 +412,7 @@ impl Engine {
             reading: &reading,
         });
         for action in actions {
-            self.act(action, &rows).await;
+            self.act(action, &snap).await;
         }
         self.finish_tick();
     }
@@ -702,7 +701,7 @@ impl Engine {
 
     // ------------------------------------------------------------------ actions
 
-    async fn act(&mut self, action: Action, rows: &BTreeMap<ShardKey, LeaseRow>) {
+    async fn act(&mut self, action: Action, snap: &GroupSnapshot) {
         match action {
             Action::Claim { key, from } => {
                 if self.pending_release.contains_key(&key) {
@@ -718,7 +717,7 @@ impl Engine {
                 let res = self
                     .io(
                         "claim",
-                        self.store.claim_lease(
+                        self.store.claim_lease_detailed(
                             self.group(),
                             &key.stream,
                             &key.shard_id,
@@ -728,7 +727,8 @@ impl Engine {
                     )
                     .await;
                 match res {
-                    Ok(row) => {
+                    Ok(claimed) => {
+                        let row = &claimed.row;
                         self.metrics.leases_acquired.inc();
                         match &from {
                             Some((old, _)) => {
@@ -738,7 +738,13 @@ impl Engine {
                                 info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease")
                             }
                         }
-                        self.spawn_reader(key, idx, &row, sent);
+                        let fresh = no_checkpoint_start(
+                            self.streams[idx].config.start_position,
+                            parent_read_to_end(snap, &key),
+                            claimed.first_claim,
+                            claimed.first_claimed_at_ms,
+                        );
+                        self.spawn_reader(key, idx, &claimed.row, sent, fresh);
                     }
                     Err(StoreError::Conflict { .. }) => {
                         self.metrics.lease_conflicts.inc();
@@ -751,8 +757,7 @@ impl Engine {
                 if self.pending_release.contains_key(&key) {
                     return;
                 }
-                let (Some(idx), Some(row)) = (self.stream_index(&key.stream), rows.get(&key))
-                else {
+                let Some(idx) = self.stream_index(&key.stream) else {
                     return;
                 };
                 if self.streams[idx].client.is_none() {
@@ -761,15 +766,25 @@ impl Engine {
                 let sent = Instant::now();
                 let res = self
                     .io(
-                        "renew",
-                        self.store
-                            .renew_lease(self.group(), &key.stream, &key.shard_id, self.me()),
+                        "resume",
+                        self.store.resume_lease(
+                            self.group(),
+                            &key.stream,
+                            &key.shard_id,
+                            self.me(),
+                        ),
                     )
                     .await;
                 match res {
-                    Ok(_) => {
-                        info!(stream = %key.stream, shard = %key.shard_id, "resuming owned shard");
-                        self.spawn_reader(key, idx, row, sent);
+                    Ok(claimed) => {
+                        info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint, "resuming owned shard");
+                        let fresh = no_checkpoint_start(
+                            self.streams[idx].config.start_position,
+                            parent_read_to_end(snap, &key),
+                            false,
+                            claimed.first_claimed_at_ms,
+                        );
+                        self.spawn_reader(key, idx, &claimed.row, sent, fresh);
                     }
                     Err(StoreError::Conflict { .. }) => {
                         self.metrics.lease_conflicts.inc();
@@ -813,7 +828,14 @@ impl Engine {
         self.streams.iter().position(|s| s.config.name == name)
     }
 
-    fn spawn_reader(&mut self, key: ShardKey, stream_index: usize, row: &LeaseRow, sent: Instant) {
+    fn spawn_reader(
+        &mut self,
+        key: ShardKey,
+        stream_index: usize,
+        row: &LeaseRow,
+        sent: Instant,
+        fresh: FreshStart,
+    ) {
         self.generations += 1;
         let Some(client) = self.streams[stream_index].client.clone() else {
             return;
@@ -833,7 +855,7 @@ impl Engine {
         let kill = CancellationToken::new();
         let task = ShardTask {
             client,
-            stream: self.streams[stream_index].config.clone(),
+            stream: start_config(&self.streams[stream_index].config, row, fresh),
             shard_id: key.shard_id.clone(),
             checkpoint: row.checkpoint.clone(),
         };
@@ -1064,6 +1086,46 @@ impl Engine {
         self.metrics.leases_held.set(0);
         self.metrics.is_leader.set(0);
     }
+}
+
+/// Whether one of the shard's parents (per the leader's cache) has an ended lease here.
+fn parent_read_to_end(snap: &GroupSnapshot, key: &ShardKey) -> bool {
+    let Some(info) = snap
+        .shard_caches
+        .iter()
+        .find(|c| c.stream == key.stream)
+        .and_then(|c| c.shards.iter().find(|s| s.shard_id == key.shard_id))
+    else {
+        return false;
+    };
+    info.parents().any(|p| {
+        snap.leases
+            .iter()
+            .any(|l| l.stream == key.stream && l.shard_id == p && l.ended)
+    })
+}
+
+/// The stream config a reader gets: the configured one, with the start position replaced
+/// as [`no_checkpoint_start`] decided when the lease holds no checkpoint.
+fn start_config(configured: &StreamConfig, row: &LeaseRow, fresh: FreshStart) -> StreamConfig {
+    let mut stream = configured.clone();
+    if row.checkpoint.is_some() {
+        return stream;
+    }
+    match fresh {
+        FreshStart::Configured => {}
+        FreshStart::TrimHorizon => {
+            stream.start_position = StartPosition::TrimHorizon;
+            stream.start_timestamp = None;
+        }
+        FreshStart::AtTimestampMs(ms) => {
+            if let Ok(t) = jiff::Timestamp::from_millisecond(ms) {
+                stream.start_position = StartPosition::AtTimestamp;
+                stream.start_timestamp = Some(t);
+            }
+        }
+    }
+    stream
 }
 
 /// Lease rows of `stream` that can go: the shard is no longer listed (trimmed after the
@@ -1320,6 +1382,65 @@ mod tests {
             trimmed_leases("a", &listed, &leases),
             vec!["s-0".to_owned()]
         );
+    }
+
+    #[test]
+    fn start_config_table() {
+        let configured: StreamConfig =
+            serde_yaml::from_str("name: s\nstartPosition: Latest").expect("stream");
+        let row = |cp: Option<&str>| LeaseRow {
+            pk: "ns/g".into(),
+            sk: "lease#s#x".into(),
+            stream: "s".into(),
+            shard_id: "x".into(),
+            owner: Some("me".into()),
+            lease_counter: 1,
+            checkpoint: cp.map(str::to_owned),
+            ended: false,
+            millis_behind: None,
+            lag_at_ms: None,
+            updated_at_ms: 0,
+        };
+        let ts = |ms: i64| jiff::Timestamp::from_millisecond(ms).ok();
+        // (name, checkpoint, decision, want position, want timestamp)
+        let cases = [
+            (
+                "configured",
+                None,
+                FreshStart::Configured,
+                StartPosition::Latest,
+                None,
+            ),
+            (
+                "child",
+                None,
+                FreshStart::TrimHorizon,
+                StartPosition::TrimHorizon,
+                None,
+            ),
+            (
+                "handoff",
+                None,
+                FreshStart::AtTimestampMs(1_700_000_000_000),
+                StartPosition::AtTimestamp,
+                ts(1_700_000_000_000),
+            ),
+            (
+                "a checkpoint wins",
+                Some("42"),
+                FreshStart::TrimHorizon,
+                StartPosition::Latest,
+                None,
+            ),
+        ];
+        for (name, cp, fresh, pos, at) in cases {
+            let got = start_config(&configured, &row(cp), fresh);
+            assert_eq!(
+                (got.start_position, got.start_timestamp),
+                (pos, at),
+                "{name}"
+            );
+        }
     }
 
     #[test]

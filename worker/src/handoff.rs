@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::assignment::{Plan, ShardKey};
+use crate::config::StartPosition;
 
 /// What the table says about one lease, plus our own judgment of its counter.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +131,47 @@ fn decide_one(
             from: Some((owner.to_owned(), lease.counter)),
         }),
         Some(_) => Some(Action::Wait(key)),
+    }
+}
+
+/// Where a shard that has no checkpoint starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreshStart {
+    /// The stream's configured start position.
+    Configured,
+    /// The oldest record. The shard continues a parent this group read to its end, so
+    /// everything in it is new to the group, whatever the configured start (KCL starts
+    /// child leases at TRIM_HORIZON for the same reason). Reading a child at LATEST would
+    /// drop what arrived between the split and the first read.
+    TrimHorizon,
+    /// Records that arrived from this time (Unix ms) on. The shard was claimed before and
+    /// left without a checkpoint (its owner read nothing it acknowledged, then handed it
+    /// over or died); LATEST now would drop what arrived since that first claim.
+    AtTimestampMs(i64),
+}
+
+/// Subtracted from the first claim time when resuming a LATEST shard without checkpoint,
+/// to cover skew between the first claimer's clock and Kinesis' arrival timestamps. It
+/// can only add records (older ones), never skip any.
+pub const LATEST_HANDOFF_MARGIN_MS: i64 = 30_000;
+
+/// Decides where a shard without a checkpoint starts. `parent_read_to_end`: one of its
+/// parents has an ended lease in this group. `first_claim`: this claim is the shard's first
+/// ever; `first_claimed_at_ms`: when that first claim happened.
+pub fn no_checkpoint_start(
+    configured: StartPosition,
+    parent_read_to_end: bool,
+    first_claim: bool,
+    first_claimed_at_ms: Option<i64>,
+) -> FreshStart {
+    if parent_read_to_end {
+        return FreshStart::TrimHorizon;
+    }
+    match (configured, first_claim, first_claimed_at_ms) {
+        (StartPosition::Latest, false, Some(t)) => {
+            FreshStart::AtTimestampMs(t - LATEST_HANDOFF_MARGIN_MS)
+        }
+        _ => FreshStart::Configured,
     }
 }
 
@@ -315,6 +357,78 @@ mod tests {
                 reading: &reading,
             });
             assert_eq!(got, c.want.into_iter().collect::<Vec<_>>(), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn no_checkpoint_start_table() {
+        use StartPosition::*;
+        let m = LATEST_HANDOFF_MARGIN_MS;
+        // (name, configured, parent ended, first claim, first claimed at, want)
+        let cases = [
+            (
+                "first claim at LATEST",
+                Latest,
+                false,
+                true,
+                Some(1_000_000),
+                FreshStart::Configured,
+            ),
+            (
+                "LATEST shard handed over without checkpoint",
+                Latest,
+                false,
+                false,
+                Some(1_000_000),
+                FreshStart::AtTimestampMs(1_000_000 - m),
+            ),
+            (
+                "LATEST row from an older worker (no first-claim time)",
+                Latest,
+                false,
+                false,
+                None,
+                FreshStart::Configured,
+            ),
+            (
+                "TRIM_HORIZON is always safe",
+                TrimHorizon,
+                false,
+                false,
+                Some(1_000_000),
+                FreshStart::Configured,
+            ),
+            (
+                "AT_TIMESTAMP keeps its timestamp",
+                AtTimestamp,
+                false,
+                false,
+                Some(1_000_000),
+                FreshStart::Configured,
+            ),
+            (
+                "child of a parent we read to its end",
+                Latest,
+                true,
+                true,
+                Some(5),
+                FreshStart::TrimHorizon,
+            ),
+            (
+                "child, AT_TIMESTAMP configured",
+                AtTimestamp,
+                true,
+                false,
+                None,
+                FreshStart::TrimHorizon,
+            ),
+        ];
+        for (name, configured, parent, first, at, want) in cases {
+            assert_eq!(
+                no_checkpoint_start(configured, parent, first, at),
+                want,
+                "{name}"
+            );
         }
     }
 

@@ -240,6 +240,41 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         )
         .await
         .expect("lag only");
+    // The first claim is remembered: a later claim or resume is not "first".
+    let first = store
+        .claim_lease_detailed(G, "s", "fresh", "a", None)
+        .await
+        .expect("first claim");
+    assert!(first.first_claim);
+    let t = first.first_claimed_at_ms.expect("first claim time");
+    let resumed = store
+        .resume_lease(G, "s", "fresh", "a")
+        .await
+        .expect("resume");
+    assert_eq!(
+        (resumed.first_claim, resumed.first_claimed_at_ms),
+        (false, Some(t))
+    );
+    assert_eq!(resumed.row.lease_counter, first.row.lease_counter + 1);
+    assert!(
+        store
+            .resume_lease(G, "s", "fresh", "b")
+            .await
+            .is_err_and(|e| e.is_conflict())
+    );
+    store
+        .release_lease(G, "s", "fresh", "a", &CheckpointUpdate::default())
+        .await
+        .expect("release fresh");
+    let again = store
+        .claim_lease_detailed(G, "s", "fresh", "b", None)
+        .await
+        .expect("second claim");
+    assert_eq!(
+        (again.first_claim, again.first_claimed_at_ms),
+        (false, Some(t))
+    );
+    assert_eq!(again.row.checkpoint, None);
     // Ended: released with ended=true, never claimable again.
     store
         .release_lease(
@@ -261,8 +296,9 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect_err("ended is not claimable");
     assert!(err.is_conflict());
     let snap = store.load_group(G).await.expect("load");
-    assert!(snap.leases[0].ended);
-    assert_eq!(snap.leases[0].checkpoint.as_deref(), Some("43"));
+    let sh = snap.leases.iter().find(|l| l.shard_id == "sh").expect("row");
+    assert!(sh.ended);
+    assert_eq!(sh.checkpoint.as_deref(), Some("43"));
     // Unowned rows can be cleaned up; owned ones cannot.
     store
         .claim_lease(G, "s", "other", "c", None)

@@ -47,6 +47,22 @@ pub struct CheckpointUpdate {
     pub lag_at_ms: Option<i64>,
 }
 
+/// Lease attribute (Unix ms) set by the very first claim of a shard and never changed. Not
+/// part of [`LeaseRow`]: only the engine needs it, to start a shard that has no checkpoint
+/// after a handoff where the previous owner left it (see [`crate::handoff::no_checkpoint_start`]).
+pub const FIRST_CLAIMED_AT: &str = "firstClaimedAtMs";
+
+/// A claim's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claimed {
+    /// The lease row as written; its checkpoint is where reading resumes.
+    pub row: LeaseRow,
+    /// This claim was the shard's first ever in this group.
+    pub first_claim: bool,
+    /// When the first claim happened (Unix ms, the first claimer's clock).
+    pub first_claimed_at_ms: Option<i64>,
+}
+
 /// What a heartbeat records about the client.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeartbeatUpdate {
@@ -512,7 +528,23 @@ impl StateStore {
         me: &str,
         observed: Option<(&str, u64)>,
     ) -> Result<LeaseRow, StoreError> {
+        self.claim_lease_detailed(group, stream, shard_id, me, observed)
+            .await
+            .map(|c| c.row)
+    }
+
+    /// [`claim_lease`](Self::claim_lease), also telling whether this was the shard's very
+    /// first claim and when that first claim happened (see [`Claimed`]).
+    pub async fn claim_lease_detailed(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+        observed: Option<(&str, u64)>,
+    ) -> Result<Claimed, StoreError> {
         let sk = lease_sk(stream, shard_id);
+        let now = now_ms();
         let not_ended = "(attribute_not_exists(#ended) OR #ended = :false)";
         let mut req = self
             .client
@@ -521,8 +553,10 @@ impl StateStore {
             .set_key(Some(Self::key(group, &sk)))
             .update_expression(
                 "SET #owner = :me, #ctr = if_not_exists(#ctr, :zero) + :one, #upd = :now, \
-                 #stream = :stream, #shard = :shard, #ended = if_not_exists(#ended, :false)",
+                 #stream = :stream, #shard = :shard, #ended = if_not_exists(#ended, :false), \
+                 #first = if_not_exists(#first, :now)",
             )
+            .expression_attribute_names("#first", FIRST_CLAIMED_AT)
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_names("#ctr", "leaseCounter")
             .expression_attribute_names("#upd", "updatedAtMs")
@@ -532,7 +566,7 @@ impl StateStore {
             .expression_attribute_values(":me", s(me))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":stream", s(stream))
             .expression_attribute_values(":shard", s(shard_id))
             .expression_attribute_values(":false", AttributeValue::Bool(false))
@@ -555,12 +589,72 @@ impl StateStore {
             .await
             .map_err(|e| classify(e, self.ctx("claim", group, &sk, what)))?;
         let attrs = out.attributes().cloned().unwrap_or_default();
+        let first_claimed_at_ms = read_i(Some(&attrs), FIRST_CLAIMED_AT);
+        let row = self.decode_lease(group, sk, attrs)?;
+        Ok(Claimed {
+            row,
+            first_claim: first_claimed_at_ms == Some(now),
+            first_claimed_at_ms,
+        })
+    }
+
+    /// Renews a lease we own and returns its whole row: used to resume reading a shard we
+    /// still own, from the checkpoint it holds.
+    pub async fn resume_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        me: &str,
+    ) -> Result<Claimed, StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        let out = self
+            .renew_request(group, &sk, me)
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx("resume", group, &sk, "not the lease owner")))?;
+        let attrs = out.attributes().cloned().unwrap_or_default();
+        let first_claimed_at_ms = read_i(Some(&attrs), FIRST_CLAIMED_AT);
+        Ok(Claimed {
+            row: self.decode_lease(group, sk, attrs)?,
+            first_claim: false,
+            first_claimed_at_ms,
+        })
+    }
+
+    fn decode_lease(
+        &self,
+        group: &str,
+        sk: String,
+        attrs: HashMap<String, AttributeValue>,
+    ) -> Result<LeaseRow, StoreError> {
         serde_dynamo::from_item(attrs).map_err(|e| StoreError::Decode {
             table: self.table.clone(),
             group: group.to_owned(),
             key: sk,
             message: e.to_string(),
         })
+    }
+
+    fn renew_request(
+        &self,
+        group: &str,
+        sk: &str,
+        me: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, sk)))
+            .update_expression("SET #ctr = #ctr + :one, #upd = :now")
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
     }
 
     /// Renews a lease we own: increments its counter, which is what observers watch.
@@ -574,18 +668,7 @@ impl StateStore {
     ) -> Result<u64, StoreError> {
         let sk = lease_sk(stream, shard_id);
         let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(group, &sk)))
-            .update_expression("SET #ctr = #ctr + :one, #upd = :now")
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#ctr", "leaseCounter")
-            .expression_attribute_names("#upd", "updatedAtMs")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":now", n(now_ms()))
+            .renew_request(group, &sk, me)
             .return_values(ReturnValue::UpdatedNew)
             .send()
             .await
@@ -709,6 +792,14 @@ impl StateStore {
             .map_err(|e| classify(e, self.ctx("delete_lease", group, &sk, "lease is owned")))?;
         Ok(())
     }
+}
+
+/// Reads a signed number attribute, if present.
+fn read_i(attrs: Option<&HashMap<String, AttributeValue>>, name: &str) -> Option<i64> {
+    attrs
+        .and_then(|a| a.get(name))
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Reads a number attribute from an UpdateItem answer; 0 when absent (never for the

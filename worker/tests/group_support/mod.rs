@@ -87,6 +87,8 @@ pub struct Env {
     pub extra_streams: Vec<String>,
     /// `tuning.maxRecordsPerCall`: small values make shards take several polls.
     pub max_records: u32,
+    /// `startPosition` of every stream.
+    pub start_position: String,
 }
 
 pub fn suffix() -> String {
@@ -132,6 +134,7 @@ pub async fn env(test: &str, shards: i32) -> Option<Env> {
         checkpoint_interval: "500ms".into(),
         extra_streams: Vec::new(),
         max_records: 1000,
+        start_position: "TrimHorizon".into(),
     })
 }
 
@@ -178,7 +181,10 @@ tuning:
             group = self.group,
             streams = std::iter::once(&self.stream)
                 .chain(&self.extra_streams)
-                .map(|s| format!("  - name: {s}\n    startPosition: TrimHorizon\n"))
+                .map(|s| format!(
+                    "  - name: {s}\n    startPosition: {}\n",
+                    self.start_position
+                ))
                 .collect::<String>(),
             table = self.table,
             checkpoint = self.checkpoint_interval,
