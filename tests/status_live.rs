@@ -337,7 +337,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         .until(
             &mut liveness,
             2,
-            Duration::from_secs(90),
+            Duration::from_secs(120),
             "two workers settle",
             |s| settled(s, 2),
         )
@@ -399,7 +399,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         .until(
             &mut liveness,
             3,
-            Duration::from_secs(90),
+            Duration::from_secs(120),
             "scale-up to three",
             |s| settled(s, 3),
         )
@@ -419,7 +419,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         .until(
             &mut liveness,
             2,
-            Duration::from_secs(90),
+            Duration::from_secs(120),
             "recovery after SIGKILL",
             |s| settled(s, 2) && client_of(s, "w-a").is_none(),
         )
