@@ -48,12 +48,38 @@ pub enum Command {
     /// Run the controller (with leader election) and the /metrics, /healthz, /readyz server.
     Run(RunArgs),
     /// Print the KinesisConsumerGroup CRD as YAML.
-    Crd,
+    Crd(CrdArgs),
     /// Print a group's status, built from its state-store table as the controller would.
     Status(StatusArgs),
     /// Render the worker config (the ConfigMap's `config.yaml`) of a KinesisConsumerGroup
     /// file with the operator's own code, for running `kcg-worker` without a cluster.
     Render(RenderArgs),
+}
+
+/// Arguments of `crd`.
+#[derive(Debug, clap::Args)]
+pub struct CrdArgs {
+    /// Print the Markdown field reference (generated from the CRD schema) instead of YAML.
+    #[arg(long)]
+    pub reference: bool,
+    /// With --reference: rewrite the reference block of this README in place.
+    #[arg(long, requires = "reference", value_name = "README")]
+    pub update_readme: Option<PathBuf>,
+}
+
+/// `crd`: the CRD as YAML, or its field reference as Markdown.
+fn crd_cmd(args: &CrdArgs) -> anyhow::Result<()> {
+    if !args.reference {
+        return crate::crd::crd_yaml().context("rendering the CRD").and_then(|y| out(&y));
+    }
+    let Some(path) = &args.update_readme else {
+        return out(&crate::reference::markdown());
+    };
+    let readme = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let fresh = crate::reference::splice_into(&readme).with_context(|| {
+        format!("{} lacks the line {}", path.display(), crate::reference::BEGIN_MARKER)
+    })?;
+    std::fs::write(path, fresh).with_context(|| format!("writing {}", path.display()))
 }
 
 /// One value `render --field` prints instead of the whole config.
@@ -163,9 +189,7 @@ pub async fn main() -> std::process::ExitCode {
     let is_run = matches!(cli.command, Command::Run(_));
     let result = match cli.command {
         Command::Run(args) => run(args).await,
-        Command::Crd => crate::crd::crd_yaml()
-            .context("rendering the CRD")
-            .and_then(|y| out(&y)),
+        Command::Crd(args) => crd_cmd(&args),
         Command::Status(args) => status_cmd(args).await,
         Command::Render(args) => render(&args).and_then(|text| out(&text)),
     };

@@ -12,3 +12,4 @@ pub mod store_admin;
 pub mod telemetry;
 pub mod controller;
 pub mod cli;
+pub mod reference;
