@@ -89,6 +89,8 @@ pub struct Env {
     pub max_records: u32,
     /// `startPosition` of every stream.
     pub start_position: String,
+    /// `tuning.clientTimeout`.
+    pub client_timeout: String,
 }
 
 pub fn suffix() -> String {
@@ -135,6 +137,7 @@ pub async fn env(test: &str, shards: i32) -> Option<Env> {
         extra_streams: Vec::new(),
         max_records: 1000,
         start_position: "TrimHorizon".into(),
+        client_timeout: "2s".into(),
     })
 }
 
@@ -173,7 +176,7 @@ delivery:
 tuning:
   pollInterval: 200ms
   heartbeatInterval: 300ms
-  clientTimeout: 2s
+  clientTimeout: {client_timeout}
   checkpointInterval: {checkpoint}
   maxRecordsPerCall: {max_records}
   shutdownTimeout: 5s
@@ -189,6 +192,7 @@ tuning:
             table = self.table,
             checkpoint = self.checkpoint_interval,
             max_records = self.max_records,
+            client_timeout = self.client_timeout,
         ))
         .expect("config")
     }
