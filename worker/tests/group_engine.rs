@@ -11,8 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::types::ScalingType;
+use futures::future::BoxFuture;
 use group_support::*;
 use kcg_worker::assignment::{ShardKey, compact_ranges};
+use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::health::Health;
+use kcg_worker::metrics::Metrics;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_engines_converge_and_scale_down_without_duplicates() {
@@ -425,4 +429,95 @@ async fn latest_start_drops_nothing_across_handoff_and_split() {
         old.len()
     );
     assert_order_per_shard(&env.log.all());
+}
+
+/// Refuses every batch until `healthy` is set, then delivers to the log.
+struct Flaky {
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    inner: Collect,
+}
+
+impl BatchHandler for Flaky {
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        if !self.healthy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(HandlerError::new("sink answers 500")) });
+        }
+        self.inner.handle(batch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_handler_is_reported_and_skips_nothing() {
+    let Some(env) = env("handler", 1).await else {
+        return;
+    };
+    let want = env.put("a", 20).await;
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = Arc::new(Flaky {
+        healthy: healthy.clone(),
+        inner: Collect {
+            engine: "e1".into(),
+            log: env.log.clone(),
+        },
+    });
+    let w1 = env.start_full(
+        "e1",
+        handler,
+        Arc::new(Metrics::new()),
+        Arc::new(Health::new(Duration::from_secs(30))),
+    );
+    // The reader's problem reaches the client row (and so the CR status).
+    let start = Instant::now();
+    loop {
+        let snap = env.snapshot().await;
+        let reason = snap
+            .clients
+            .first()
+            .and_then(|c| c.last_error_reason.clone());
+        if reason.as_deref() == Some("HandlerFailing") {
+            let msg = snap.clients[0].last_error.clone().unwrap_or_default();
+            assert!(msg.contains("sink answers 500"), "{msg}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "lastErrorReason never set: {reason:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing was acknowledged, so nothing is checkpointed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let snap = env.snapshot().await;
+    assert!(
+        snap.leases.iter().all(|l| l.checkpoint.is_none()),
+        "checkpoint moved without an ack"
+    );
+
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    let start = Instant::now();
+    loop {
+        let snap = env.snapshot().await;
+        let cleared = snap
+            .clients
+            .first()
+            .is_some_and(|c| c.last_error_reason.is_none());
+        let checkpointed = snap.leases.iter().all(|l| l.checkpoint.is_some());
+        if cleared && checkpointed {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "error not cleared or no checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w1.stop().await;
+    let log = env.log.all();
+    assert_order_per_shard(&log);
+    assert_eq!(env.log.distinct_ids(), want);
+    assert!(
+        duplicates(&log).is_empty(),
+        "refused batches are not delivered twice"
+    );
 }

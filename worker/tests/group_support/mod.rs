@@ -207,11 +207,22 @@ tuning:
 
     /// Starts an engine named `name` (its client id base) with the given metrics and health.
     pub fn start_with(&self, name: &str, metrics: Arc<Metrics>, health: Arc<Health>) -> Worker {
-        let token = CancellationToken::new();
         let handler = Arc::new(Collect {
             engine: name.to_owned(),
             log: self.log.clone(),
         });
+        self.start_full(name, handler, metrics, health)
+    }
+
+    /// Starts an engine with its own handler.
+    pub fn start_full(
+        &self,
+        name: &str,
+        handler: Arc<dyn BatchHandler>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Worker {
+        let token = CancellationToken::new();
         let join = tokio::spawn(engine::run(
             self.config(),
             EngineOptions {
