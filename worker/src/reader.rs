@@ -176,23 +176,6 @@ pub fn should_report(kind: ErrorKind, consecutive_failures: u32) -> bool {
     }
 }
 
-/// The stream config a shard's reader should use. A shard created by a reshard whose
-/// parent this group read (`parent_read_by_group`) starts at TRIM_HORIZON whatever the
-/// stream's start position: under LATEST (or a timestamp) the child's records written
-/// between the reshard and the reader's start would be lost. KCL does the same. With a
-/// checkpoint the start position does not matter.
-pub fn start_config_for(
-    stream: &StreamConfig,
-    checkpoint: Option<&str>,
-    parent_read_by_group: bool,
-) -> StreamConfig {
-    let mut s = stream.clone();
-    if checkpoint.is_none() && parent_read_by_group {
-        s.start_position = crate::config::StartPosition::TrimHorizon;
-    }
-    s
-}
-
 // ---------------------------------------------------------------- the I/O loop
 
 /// Per-shard metric handles, looked up once.
@@ -619,29 +602,6 @@ mod tests {
         assert_eq!(b.attempts(), 50);
         b.reset();
         assert!(b.next_delay() <= MS(200));
-    }
-
-    #[test]
-    fn child_shards_start_at_trim_horizon() {
-        use crate::config::StartPosition::*;
-        // (configured, checkpoint, parent read by the group, effective)
-        let cases = [
-            (Latest, None, false, Latest),
-            (Latest, None, true, TrimHorizon),
-            (Latest, Some("5"), true, Latest),
-            (AtTimestamp, None, true, TrimHorizon),
-            (TrimHorizon, None, false, TrimHorizon),
-        ];
-        for (configured, checkpoint, parent, want) in cases {
-            let mut s: StreamConfig = serde_yaml::from_str("name: s").unwrap();
-            s.start_position = configured;
-            s.start_timestamp = Some(jiff::Timestamp::UNIX_EPOCH);
-            let got = start_config_for(&s, checkpoint, parent);
-            assert_eq!(
-                got.start_position, want,
-                "{configured:?} {checkpoint:?} {parent}"
-            );
-        }
     }
 
     #[test]
