@@ -50,3 +50,30 @@ pub async fn ensure_stream(
     }
     anyhow::bail!("stream {stream} did not become ACTIVE within 30s")
 }
+
+/// Deletes `stream` if it exists and waits until it is gone (the emulators cap the shards of
+/// an account, so a demo or a benchmark gives its shards back).
+pub async fn delete_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> anyhow::Result<()> {
+    let exists = |c: &aws_sdk_kinesis::Client| {
+        let c = c.clone();
+        let stream = stream.to_owned();
+        async move { c.describe_stream_summary().stream_name(stream).send().await.is_ok() }
+    };
+    if !exists(client).await {
+        return Ok(());
+    }
+    client
+        .delete_stream()
+        .stream_name(stream)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+        .with_context(|| format!("deleting stream {stream}"))?;
+    for _ in 0..120 {
+        if !exists(client).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("stream {stream} was not deleted within 30s")
+}

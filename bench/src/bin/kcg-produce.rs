@@ -20,6 +20,12 @@ struct Args {
     /// Create the stream with this many shards when it does not exist.
     #[arg(long)]
     create_shards: Option<i32>,
+    /// Delete the stream first if it exists (with --create-shards: start from an empty one).
+    #[arg(long)]
+    recreate: bool,
+    /// Only delete the stream, write nothing.
+    #[arg(long, conflicts_with_all = ["create_shards", "recreate"])]
+    delete: bool,
     /// Number of distinct partition keys.
     #[arg(long, default_value_t = 16)]
     keys: u32,
@@ -32,6 +38,10 @@ struct Args {
     /// Records per PutRecords call.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// After every call, write `{"key-0": N, ...}` (records written per key) to this file,
+    /// so a checker knows exactly what was produced even if the producer is killed.
+    #[arg(long)]
+    summary: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -39,6 +49,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let client = aws_sdk_kinesis::Client::new(&config);
+    if args.delete || args.recreate {
+        kcg_bench::delete_stream(&client, &args.stream).await?;
+        if args.delete {
+            return Ok(());
+        }
+    }
     if let Some(shards) = args.create_shards {
         kcg_bench::ensure_stream(&client, &args.stream, shards).await?;
     }
@@ -83,8 +99,24 @@ async fn main() -> anyhow::Result<()> {
             out.failed_record_count().unwrap_or(0)
         );
         written += n as u64;
+        if let Some(path) = &args.summary {
+            write_summary(path, &counters)?;
+        }
         tokio::time::sleep(pause).await;
     }
     eprintln!("kcg-produce: wrote {written} records to {}", args.stream);
     Ok(())
+}
+
+/// Writes the per-key counts atomically (temp file + rename): a reader never sees half a file.
+fn write_summary(path: &std::path::Path, counters: &[u64]) -> anyhow::Result<()> {
+    let map: serde_json::Map<String, serde_json::Value> = counters
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (format!("key-{k}"), (*n).into()))
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::Value::Object(map).to_string())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
