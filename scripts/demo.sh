@@ -30,15 +30,16 @@ WORK="$ROOT/.demo"
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 PIDS=()
+STARTED=()
 cleanup() {
   trap - EXIT INT TERM
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   # Give the stream's shards back (the emulator caps the shards of an account).
-  if [ -n "${STREAM:-}" ] && [ "${STARTED_EMULATORS:-0}" = 0 ]; then
+  if [ -n "${STREAM:-}" ] && [[ " ${STARTED[*]} " != *" kinesis "* ]]; then
     "$BIN/kcg-produce" --stream "$STREAM" --delete >/dev/null 2>&1 || true
   fi
-  if [ "${STARTED_EMULATORS:-0}" = 1 ]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi
+  if ((${#STARTED[@]})); then scripts/emulators.sh stop "${STARTED[@]}" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 trap 'echo; echo "interrupted: stopping everything the demo started"; exit 130' INT TERM
@@ -46,8 +47,15 @@ trap 'echo; echo "interrupted: stopping everything the demo started"; exit 130' 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "starting emulators (DynamoDB Local, kinesis-local)"
-if ! scripts/emulators.sh status >/dev/null 2>&1; then STARTED_EMULATORS=1; fi
-scripts/emulators.sh start
+# Stop at the end only the emulators this run starts (the pid files are the script's record).
+RUN_DIR="$ROOT/.emulators/run"
+STARTED=()
+BEFORE=()
+for n in dynamodb kinesis; do [ -f "$RUN_DIR/$n.pid" ] && BEFORE+=("$n"); done
+scripts/emulators.sh start dynamodb kinesis
+for n in dynamodb kinesis; do
+  if [ -f "$RUN_DIR/$n.pid" ] && [[ " ${BEFORE[*]} " != *" $n "* ]]; then STARTED+=("$n"); fi
+done
 eval "$(scripts/emulators.sh env)"
 
 say "building kcg-worker, kcg-operator and the demo producer"

@@ -194,6 +194,7 @@ launch() {
       # main-local.js must run from the package folder: it reads server.json from the cwd.
       (cd "$NPM_DIR/node_modules/kinesis-local" && \
         KINESIS_MOCK_PLAIN_PORT="$KINESIS_PORT" KINESIS_MOCK_TLS_PORT="$KINESIS_TLS_PORT" \
+        SHARD_LIMIT="${KCG_KINESIS_SHARD_LIMIT:-2000}" \
         exec setsid node main-local.js </dev/null >>"$logf" 2>&1) &
       pid=$! ;;
     sts)

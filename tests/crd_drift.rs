@@ -3,7 +3,7 @@
 //!
 //! To refresh `crds/` after changing the types:
 //! `cargo run -- crd > crds/kinesisconsumergroups.kcg.dev.yaml`
-//! (or `KCG_UPDATE_CRDS=1 cargo test --test crd_drift`).
+//! (or `KCG_UPDATE_CRDS=1 cargo test --test crd_drift`, which also refreshes the chart's copy).
 
 use kcg_operator::crd::{KinesisConsumerGroup, crd_yaml};
 use kube::CustomResourceExt;
@@ -12,20 +12,26 @@ const CRD_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/crds/kinesisconsumergroups.kcg.dev.yaml"
 );
+const CHART_CRD_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/charts/kcg-operator/crds/kinesisconsumergroups.kcg.dev.yaml"
+);
 
 #[test]
 fn crds_dir_is_up_to_date() {
     let generated = crd_yaml().unwrap();
-    if std::env::var_os("KCG_UPDATE_CRDS").is_some() {
-        std::fs::write(CRD_PATH, &generated).unwrap();
+    // The Helm chart ships its own copy (Helm installs CRDs only from the chart's crds/).
+    for path in [CRD_PATH, CHART_CRD_PATH] {
+        if std::env::var_os("KCG_UPDATE_CRDS").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "{path} is out of date with src/crd.rs (or the worker config types).\n\
+             Regenerate both copies with: KCG_UPDATE_CRDS=1 cargo test --test crd_drift"
+        );
     }
-    let on_disk = std::fs::read_to_string(CRD_PATH).unwrap_or_default();
-    assert!(
-        on_disk == generated,
-        "crds/kinesisconsumergroups.kcg.dev.yaml is out of date with src/crd.rs (or the worker config types).\n\
-         Regenerate it with: cargo run -- crd > crds/kinesisconsumergroups.kcg.dev.yaml\n\
-         (or: KCG_UPDATE_CRDS=1 cargo test --test crd_drift)"
-    );
 }
 
 #[test]
