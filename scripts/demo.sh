@@ -105,7 +105,7 @@ watch_status() {
   else
     local end=$((SECONDS + seconds))
     while [ $SECONDS -lt $end ]; do
-      clear
+      clear 2>/dev/null || printf "\n\n"
       printf '\033[1m%s\033[0m   (Ctrl-C stops the demo)\n\n' "$title"
       status || true
       sleep 2
