@@ -5,6 +5,7 @@
 //! [`classify`] function so the reader (and the engine) can decide what to do: back off,
 //! take a new iterator, or report an [`ErrorKind`] that tells the user what to fix.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
@@ -230,6 +231,8 @@ pub struct StreamClient {
     pub region: String,
     /// The parsed ARN when the stream was given as one (requests then carry `StreamARN`).
     pub arn: Option<StreamArn>,
+    /// `name`, shared by every [`Record`] this client hands out (no per-record copy).
+    shared_name: Arc<str>,
     client: Client,
     /// ListShards page size (None = service default); small values exercise paging.
     list_page_size: Option<i32>,
@@ -279,6 +282,7 @@ impl StreamClient {
         }
         Ok(Self {
             name: stream.name.clone(),
+            shared_name: Arc::from(stream.name.as_str()),
             region: region.to_string(),
             arn,
             client: Client::from_conf(builder.build()),
@@ -290,6 +294,11 @@ impl StreamClient {
     pub fn with_list_page_size(mut self, size: i32) -> Self {
         self.list_page_size = Some(size);
         self
+    }
+
+    /// The stream name as configured, shared: what [`Record::stream`] holds.
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.shared_name
     }
 
     /// The underlying SDK client (for tests and tools).
@@ -440,10 +449,12 @@ impl StreamClient {
         })
     }
 
-    /// One GetRecords call. Records are moved out of the SDK answer (no payload copy).
+    /// One GetRecords call. Records are moved out of the SDK answer (no payload copy); the
+    /// stream name and `shard_id` are shared by every record, so the conversion allocates
+    /// nothing per record beyond the output vector.
     pub async fn get_records(
         &self,
-        shard_id: &str,
+        shard_id: &Arc<str>,
         iterator: &str,
         limit: u32,
     ) -> Result<RecordsPage, KinesisError> {
@@ -462,8 +473,8 @@ impl StreamClient {
             .records
             .into_iter()
             .map(|r| Record {
-                stream: self.name.clone(),
-                shard_id: shard_id.to_owned(),
+                stream: Arc::clone(&self.shared_name),
+                shard_id: Arc::clone(shard_id),
                 sequence: r.sequence_number,
                 partition_key: r.partition_key,
                 data: r.data.into_inner(),

@@ -349,7 +349,8 @@ impl Reader {
 
     async fn run(&mut self) -> Result<(), Exit> {
         let client = self.task.client.clone();
-        let shard = self.task.shard_id.clone();
+        // Shared by every record of this reader: created once, not per record.
+        let shard: Arc<str> = Arc::from(self.task.shard_id.as_str());
         let limit = self.tuning.max_records_per_call;
         let mut iterator: Option<String> = None;
         let mut backoff = kinesis_backoff();

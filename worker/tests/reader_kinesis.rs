@@ -656,7 +656,7 @@ async fn stream_named_by_arn_uses_stream_arn_parameters() {
             .lock()
             .unwrap()
             .iter()
-            .all(|rec| rec.stream == arn)
+            .all(|rec| *rec.stream == *arn)
     );
     delete_stream(&sdk, &name).await;
 }

@@ -61,10 +61,11 @@ use crate::config::DeliveryConfig;
 /// One Kinesis record as handed to a handler.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
-    /// Stream name as configured.
-    pub stream: String,
-    /// Shard id.
-    pub shard_id: String,
+    /// Stream name as configured. Shared by every record of a reader (created once per
+    /// reader), so handing a record over allocates nothing for it.
+    pub stream: Arc<str>,
+    /// Shard id, shared like `stream`.
+    pub shard_id: Arc<str>,
     /// Kinesis sequence number.
     pub sequence: String,
     /// Partition key.

@@ -61,8 +61,8 @@ impl BatchHandler for Collect {
                 let at = log.len();
                 log.push(Delivery {
                     engine: self.engine.clone(),
-                    stream: r.stream.clone(),
-                    shard: r.shard_id.clone(),
+                    stream: r.stream.to_string(),
+                    shard: r.shard_id.to_string(),
                     sequence: r.sequence.clone(),
                     id: String::from_utf8_lossy(&r.data).into_owned(),
                     at,
