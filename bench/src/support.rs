@@ -263,6 +263,25 @@ pub fn peak_rss_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time (user + system, every thread) this process consumed so far, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s: Linux reports
+/// USER_HZ = 100 there on every architecture). `None` when unreadable.
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_ticks_from_stat(&stat).map(|t| Duration::from_millis(t * 10))
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) may contain
+/// spaces and parentheses, so fields are counted after its closing parenthesis.
+pub fn cpu_ticks_from_stat(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")": field 3 (state) is the first; utime is field 14, stime field 15.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Resets the peak RSS counter (Linux: write 5 to clear_refs), so VmHWM then covers only
 /// what follows. Returns whether the kernel accepted it.
 pub fn reset_peak_rss() -> bool {
@@ -272,6 +291,14 @@ pub fn reset_peak_rss() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_parse() {
+        let line = "1234 (kcg bench (x)) S 1 2 3 4 5 6 7 8 9 10 250 17 0 0 20 0 8 0 100";
+        assert_eq!(cpu_ticks_from_stat(line), Some(267));
+        assert_eq!(cpu_ticks_from_stat("garbage"), None);
+        assert!(process_cpu_time().is_some());
+    }
 
     #[test]
     fn seq_after_table() {
