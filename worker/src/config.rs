@@ -6,10 +6,52 @@
 //! in the CRD) and renders them into the worker's ConfigMap as YAML; `kcg-worker` parses that
 //! YAML back into the same types.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override the config file, e.g.
+/// `KCG__TUNING__POLL_INTERVAL=500ms`; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "KCG__";
+
+/// Kinesis stream name. The CRD's CEL rule and [`WorkerConfig::validate`] share this pattern.
+pub const STREAM_NAME_PATTERN: &str = "^[a-zA-Z0-9_.-]{1,128}$";
+/// Kinesis stream ARN.
+pub const STREAM_ARN_PATTERN: &str =
+    "^arn:aws[a-zA-Z-]*:kinesis:[a-z0-9-]+:[0-9]{12}:stream/[a-zA-Z0-9_.-]{1,128}$";
+/// IAM role ARN.
+pub const ROLE_ARN_PATTERN: &str =
+    "^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$";
+/// AWS region.
+pub const REGION_PATTERN: &str = "^[a-z]{2}(-[a-z]+)+-[0-9]+$";
+/// DynamoDB table name.
+pub const TABLE_PATTERN: &str = "^[a-zA-Z0-9_.-]{3,255}$";
+/// HTTP sink URL.
+pub const HTTP_URL_PATTERN: &str = "^https?://[^ ]+$";
+/// A Go-style duration such as `500ms`, `5s`, `1m30s`: what both the API server's CEL
+/// `duration()` and this crate's parser understand.
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+/// Longest duration string the schema admits.
+const DURATION_MAX_LEN: usize = 32;
+
+/// Compiles one of the constant patterns above; they are fixed and covered by tests, so a
+/// failure is a programming error caught before release.
+fn compiled(pattern: &'static str) -> Regex {
+    Regex::new(pattern).expect("constant pattern compiles")
+}
+
+static STREAM_NAME_RE: LazyLock<Regex> = LazyLock::new(|| compiled(STREAM_NAME_PATTERN));
+static STREAM_ARN_RE: LazyLock<Regex> = LazyLock::new(|| compiled(STREAM_ARN_PATTERN));
+static ROLE_ARN_RE: LazyLock<Regex> = LazyLock::new(|| compiled(ROLE_ARN_PATTERN));
+static REGION_RE: LazyLock<Regex> = LazyLock::new(|| compiled(REGION_PATTERN));
+static TABLE_RE: LazyLock<Regex> = LazyLock::new(|| compiled(TABLE_PATTERN));
+static HTTP_URL_RE: LazyLock<Regex> = LazyLock::new(|| compiled(HTTP_URL_PATTERN));
+static DURATION_RE: LazyLock<Regex> = LazyLock::new(|| compiled(DURATION_PATTERN));
 
 /// Errors found while loading or checking a worker configuration.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +64,15 @@ pub enum ConfigError {
         /// The underlying I/O error.
         source: std::io::Error,
     },
-    /// The YAML did not match the schema.
+    /// The YAML (or an environment override) did not match the schema; the message names
+    /// the field and where its value came from.
     #[error("parsing config: {0}")]
-    Parse(#[from] serde_yaml::Error),
-    /// The YAML parsed but a value is unusable; the message says what to fix.
+    Parse(String),
+    /// The config could not be rendered as YAML.
+    #[error("rendering config: {0}")]
+    Render(#[from] serde_yaml::Error),
+    /// The config parsed but a value is unusable; the message names the field and says what
+    /// to fix.
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -49,18 +96,27 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Reads and checks a YAML config file.
+    /// Reads a YAML config file, applies the `KCG__...` environment overrides (see
+    /// [`env_overrides`]) and checks the result.
     pub fn load(path: &str) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_yaml(&text)
+        let figment = Figment::from(Yaml::string(&text)).merge(env_overrides());
+        Self::extract(figment, path)
     }
 
-    /// Parses and checks a YAML config document.
+    /// Parses and checks a YAML config document, without environment overrides (the
+    /// operator renders and re-reads configs with this).
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml::from_str(text)?;
+        Self::extract(Figment::from(Yaml::string(text)), "the config")
+    }
+
+    fn extract(figment: Figment, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(describe(e, origin)))?;
         config.validate()?;
         Ok(config)
     }
@@ -71,41 +127,206 @@ impl WorkerConfig {
     }
 
     /// Checks what the CRD's schema and CEL rules check at admission, for configs that did
-    /// not come through the API server (local runs, hand-written files).
+    /// not come through the API server (local runs, hand-written files, env overrides).
+    /// Every message starts with the field's path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if !self.group.contains('/') {
-            return invalid(format!("group {:?} must be namespace/name", self.group));
+            return invalid(format!("group: {:?} must be namespace/name", self.group));
         }
         if self.streams.is_empty() {
-            return invalid("at least one stream is required".into());
+            return invalid("streams: at least one stream is required".into());
         }
         for (i, s) in self.streams.iter().enumerate() {
-            if self.streams[..i].iter().any(|t| t.name == s.name) {
-                return invalid(format!("stream {:?} is listed twice", s.name));
-            }
-            if s.start_position == StartPosition::AtTimestamp && s.start_timestamp.is_none() {
+            let at = format!("streams[{i}]");
+            if s.name.starts_with("arn:") {
+                if !STREAM_ARN_RE.is_match(&s.name) {
+                    return invalid(format!(
+                        "{at}.name: malformed stream ARN {:?} (expected arn:aws:kinesis:REGION:ACCOUNT_ID:stream/NAME)",
+                        s.name
+                    ));
+                }
+            } else if !STREAM_NAME_RE.is_match(&s.name) {
                 return invalid(format!(
-                    "stream {:?}: startPosition AtTimestamp needs startTimestamp",
+                    "{at}.name: {:?} is not a Kinesis stream name (1-128 characters of a-z, A-Z, 0-9, _ . -) or stream ARN",
                     s.name
                 ));
             }
+            if self.streams[..i].iter().any(|t| t.name == s.name) {
+                return invalid(format!("{at}.name: stream {:?} is listed twice", s.name));
+            }
+            if let Some(r) = &s.region {
+                check_region(&format!("{at}.region"), r)?;
+            }
+            if let Some(role) = &s.role_arn
+                && (role.len() > 2048 || !ROLE_ARN_RE.is_match(role))
+            {
+                return invalid(format!(
+                    "{at}.roleArn: malformed role ARN {role:?} (expected arn:aws:iam::ACCOUNT_ID:role/NAME)"
+                ));
+            }
+            if s.start_position == StartPosition::AtTimestamp && s.start_timestamp.is_none() {
+                return invalid(format!(
+                    "{at}.startTimestamp: startPosition AtTimestamp needs startTimestamp (an RFC 3339 time such as 2026-01-02T15:04:05Z)"
+                ));
+            }
+        }
+        let table = &self.state_store.table;
+        if table.is_empty() {
+            return invalid("stateStore.table: a DynamoDB table name is required".into());
+        }
+        if !TABLE_RE.is_match(table) {
+            return invalid(format!(
+                "stateStore.table: {table:?} is not a DynamoDB table name (3-255 characters of a-z, A-Z, 0-9, _ . -)"
+            ));
+        }
+        if let Some(r) = &self.state_store.region {
+            check_region("stateStore.region", r)?;
         }
         if self.delivery.stdout.is_some() == self.delivery.http.is_some() {
-            return invalid("delivery needs exactly one of stdout or http".into());
+            return invalid("delivery: needs exactly one of stdout or http".into());
+        }
+        if let Some(h) = &self.delivery.http {
+            if h.url.len() > 2048 || !HTTP_URL_RE.is_match(&h.url) {
+                return invalid(format!(
+                    "delivery.http.url: {:?} is not an http:// or https:// URL",
+                    h.url
+                ));
+            }
+            if h.timeout.is_zero() {
+                return invalid("delivery.http.timeout: must be greater than 0s".into());
+            }
+            if !(1..=10_000).contains(&h.max_batch_records) {
+                return invalid(
+                    "delivery.http.maxBatchRecords: must be between 1 and 10000".into(),
+                );
+            }
         }
         let t = &self.tuning;
         if t.poll_interval < Duration::from_millis(200) {
-            return invalid("tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
+            return invalid("tuning.pollInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
         }
         if !(1..=10_000).contains(&t.max_records_per_call) {
-            return invalid("tuning.maxRecordsPerCall must be between 1 and 10000".into());
+            return invalid("tuning.maxRecordsPerCall: must be between 1 and 10000".into());
+        }
+        if t.checkpoint_interval.is_zero() {
+            return invalid("tuning.checkpointInterval: must be greater than 0s".into());
+        }
+        if t.heartbeat_interval < MIN_HEARTBEAT {
+            return invalid("tuning.heartbeatInterval: must be at least 100ms".into());
         }
         if t.client_timeout < t.heartbeat_interval * 2 {
-            return invalid("tuning.clientTimeout must be at least twice tuning.heartbeatInterval".into());
+            return invalid("tuning.clientTimeout: must be at least twice tuning.heartbeatInterval".into());
+        }
+        if t.shutdown_timeout.is_zero() {
+            return invalid("tuning.shutdownTimeout: must be greater than 0s".into());
         }
         Ok(())
     }
+}
+
+/// Shortest heartbeat interval: a zero interval would spin (and `tokio::time::interval`
+/// panics on it); below 100ms the state store pays for nothing.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
+fn check_region(at: &str, region: &str) -> Result<(), ConfigError> {
+    if region.len() > 32 || !REGION_RE.is_match(region) {
+        return Err(ConfigError::Invalid(format!(
+            "{at}: {region:?} is not an AWS region (expected like us-east-1)"
+        )));
+    }
+    Ok(())
+}
+
+/// The environment overrides: `KCG__` + the field path in SCREAMING_SNAKE_CASE with `__`
+/// between levels, e.g. `KCG__STATE_STORE__TABLE=other` sets `stateStore.table`. Values are
+/// parsed like scalars (`500ms`, `true`, `10`); quote a value to force a string
+/// (`KCG__STATE_STORE__TABLE='"123"'`).
+pub fn env_overrides() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .map(|key| {
+            key.as_str()
+                .split('.')
+                .map(camel_case)
+                .collect::<Vec<_>>()
+                .join(".")
+                .into()
+        })
+        .lowercase(false)
+}
+
+/// `POLL_INTERVAL` → `pollInterval`, the serde name of the field.
+fn camel_case(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for (i, word) in segment
+        .split('_')
+        .filter(|w| !w.is_empty())
+        .enumerate()
+    {
+        let word = word.to_ascii_lowercase();
+        let mut chars = word.chars();
+        if i > 0
+            && let Some(first) = chars.next()
+        {
+            out.push(first.to_ascii_uppercase());
+            out.push_str(chars.as_str());
+        } else {
+            out.push_str(&word);
+        }
+    }
+    out
+}
+
+/// `pollInterval` → `POLL_INTERVAL`, to name the variable an override came from.
+fn screaming_snake(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len() + 4);
+    for c in segment.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// One line per problem, each starting with the field's path (`tuning.pollInterval: ...`)
+/// and saying where the value came from (the file or the environment variable).
+fn describe(error: figment::Error, origin: &str) -> String {
+    use figment::error::Kind;
+    error
+        .into_iter()
+        .map(|e| {
+            let mut path = e.path.join(".");
+            let what = match &e.kind {
+                Kind::MissingField(field) => {
+                    if path.is_empty() {
+                        path = field.to_string();
+                    } else {
+                        path = format!("{path}.{field}");
+                    }
+                    "is required".to_owned()
+                }
+                kind => kind.to_string(),
+            };
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let source = if from_env {
+                let var: Vec<_> = e.path.iter().map(|s| screaming_snake(s)).collect();
+                format!("{ENV_PREFIX}{}", var.join("__"))
+            } else {
+                origin.to_owned()
+            };
+            if path.is_empty() {
+                format!("{what} (in {source})")
+            } else {
+                format!("{path}: {what} (in {source})")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One stream the group reads.
@@ -118,21 +339,21 @@ impl WorkerConfig {
 pub struct StreamConfig {
     /// Stream name, or stream ARN for a stream in another account or region.
     #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-zA-Z0-9_.-]{1,128}$') || self.matches('^arn:aws[a-zA-Z-]*:kinesis:[a-z0-9-]+:[0-9]{12}:stream/[a-zA-Z0-9_.-]{1,128}$')",
+        "rule": format!("{} || {}", cel_matches(STREAM_NAME_PATTERN), cel_matches(STREAM_ARN_PATTERN)),
         "message": "name must be a Kinesis stream name (1-128 characters of a-z, A-Z, 0-9, _ . -) or a stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
     }]))]
     pub name: String,
     /// AWS region of the stream; defaults to the worker's region (or the ARN's region).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')",
+        "rule": cel_matches(REGION_PATTERN),
         "message": "region must look like us-east-1"
     }]))]
     pub region: Option<String>,
     /// IAM role to assume (through STS) to read this stream, for a stream in another account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$')",
+        "rule": cel_matches(ROLE_ARN_PATTERN),
         "message": "roleArn must be an IAM role ARN: arn:aws:iam::ACCOUNT_ID:role/NAME"
     }]))]
     pub role_arn: Option<String>,
@@ -162,14 +383,14 @@ pub enum StartPosition {
 pub struct StateStoreConfig {
     /// DynamoDB table name.
     #[schemars(length(max = 255), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-zA-Z0-9_.-]{3,255}$')",
+        "rule": cel_matches(TABLE_PATTERN),
         "message": "table must be a DynamoDB table name: 3-255 characters of a-z, A-Z, 0-9, _ . -"
     }]))]
     pub table: String,
     /// AWS region of the table; defaults to the worker's region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')",
+        "rule": cel_matches(REGION_PATTERN),
         "message": "region must look like us-east-1"
     }]))]
     pub region: Option<String>,
@@ -204,13 +425,13 @@ pub struct StdoutSink {}
 pub struct HttpSink {
     /// The endpoint, for example `http://localhost:9000/records`.
     #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^https?://[^ ]+$')",
+        "rule": cel_matches(HTTP_URL_PATTERN),
         "message": "url must be an http:// or https:// URL"
     }]))]
     pub url: String,
-    /// How long one POST may take before it is retried.
-    #[serde(default = "defaults::http_timeout", with = "humantime_serde")]
-    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    /// How long one POST may take before it is retried. More than 0s.
+    #[serde(default = "defaults::http_timeout", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub timeout: Duration,
     /// Most records in one POST.
     #[serde(default = "defaults::http_max_batch")]
@@ -222,14 +443,14 @@ pub struct HttpSink {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.clientTimeout) || !has(self.heartbeatInterval) || !self.clientTimeout.matches('^([0-9]+(ms|s|m|h))+$') || !self.heartbeatInterval.matches('^([0-9]+(ms|s|m|h))+$') || duration(self.clientTimeout) >= duration(self.heartbeatInterval) + duration(self.heartbeatInterval)",
+    "rule": format!("!has(self.clientTimeout) || !has(self.heartbeatInterval) || !self.clientTimeout.matches('{DURATION_PATTERN}') || !self.heartbeatInterval.matches('{DURATION_PATTERN}') || duration(self.clientTimeout) >= duration(self.heartbeatInterval) + duration(self.heartbeatInterval)"),
     "message": "tuning.clientTimeout must be at least twice tuning.heartbeatInterval, so one late heartbeat does not expire a live client"
 }]))]
 pub struct Tuning {
     /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
-    #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
+    #[serde(default = "defaults::poll_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
-        "rule": "!self.matches('^([0-9]+(ms|s|m|h))+$') || duration(self) >= duration('200ms')",
+        "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
         "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
     }]))]
     pub poll_interval: Duration,
@@ -237,21 +458,25 @@ pub struct Tuning {
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_records_per_call: u32,
-    /// How often a shard's acknowledged position is written to the state store.
-    #[serde(default = "defaults::checkpoint_interval", with = "humantime_serde")]
-    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    /// How often a shard's acknowledged position is written to the state store. More than 0s.
+    #[serde(default = "defaults::checkpoint_interval", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub checkpoint_interval: Duration,
-    /// How often a worker heartbeats, renews its leases and re-plans.
-    #[serde(default = "defaults::heartbeat_interval", with = "humantime_serde")]
-    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    /// How often a worker heartbeats, renews its leases and re-plans. At least 100ms.
+    #[serde(default = "defaults::heartbeat_interval", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
+        "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('100ms')"),
+        "message": "tuning.heartbeatInterval must be at least 100ms"
+    }]))]
     pub heartbeat_interval: Duration,
     /// A client (or lease) whose counter has not moved for this long is dead (expired).
-    #[serde(default = "defaults::client_timeout", with = "humantime_serde")]
+    #[serde(default = "defaults::client_timeout", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub client_timeout: Duration,
     /// Bound on a graceful shutdown: finish the batch, checkpoint, release, deregister.
-    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
-    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    /// More than 0s.
+    #[serde(default = "defaults::shutdown_timeout", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub shutdown_timeout: Duration,
 }
 
@@ -272,9 +497,120 @@ impl Default for Tuning {
 /// `1m30s`, which both the API server and `humantime` understand.
 fn duration_rule() -> serde_json::Value {
     serde_json::json!({
-        "rule": "self.matches('^([0-9]+(ms|s|m|h))+$')",
+        "rule": cel_matches(DURATION_PATTERN),
         "message": "must be a duration such as 500ms, 5s, 1m or 1m30s"
     })
+}
+
+/// For durations where zero is unusable (a zero interval spins, a zero timeout always
+/// fails). A malformed value is left to [`duration_rule`].
+fn positive_duration_rule() -> serde_json::Value {
+    serde_json::json!({
+        "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) > duration('0s')"),
+        "message": "must be a duration greater than 0s"
+    })
+}
+
+/// The CEL expression matching `self` against one of the shared patterns (none contains a
+/// quote or a backslash, so it embeds as is).
+fn cel_matches(pattern: &str) -> String {
+    format!("self.matches('{pattern}')")
+}
+
+/// Serde for durations in the one format both CEL and the worker accept (`500ms`, `5s`,
+/// `1m30s`, `1h`), so a value admitted by the API server always loads and vice versa.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    use super::{DURATION_MAX_LEN, DURATION_RE};
+
+    /// Parses `500ms`, `5s`, `1m30s`, ...; `None` when malformed or too large.
+    pub(super) fn parse(text: &str) -> Option<Duration> {
+        if text.len() > DURATION_MAX_LEN || !DURATION_RE.is_match(text) {
+            return None;
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+            let n: u64 = rest[..digits].parse().ok()?;
+            rest = &rest[digits..];
+            let (part, unit_len) = if rest.starts_with("ms") {
+                (Duration::from_millis(n), 2)
+            } else if rest.starts_with('s') {
+                (Duration::from_secs(n), 1)
+            } else if rest.starts_with('m') {
+                (Duration::from_secs(n.checked_mul(60)?), 1)
+            } else {
+                (Duration::from_secs(n.checked_mul(3600)?), 1)
+            };
+            total = total.checked_add(part)?;
+            rest = &rest[unit_len..];
+        }
+        Some(total)
+    }
+
+    /// Renders the compact form `parse` reads back (`1m30s`, not `1m 30s`); sub-millisecond
+    /// parts, which the format cannot express, are dropped.
+    pub(super) fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms == 0 {
+            return "0s".to_owned();
+        }
+        let (h, m, s, ms) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+        let mut out = String::new();
+        for (n, unit) in [(h, "h"), (m, "m"), (s, "s"), (ms, "ms")] {
+            if n > 0 {
+                out.push_str(&n.to_string());
+                out.push_str(unit);
+            }
+        }
+        out
+    }
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(Visitor)
+    }
+
+    fn invalid<E: serde::de::Error>(shown: impl std::fmt::Display) -> E {
+        E::custom(format!(
+            "invalid duration {shown} (expected like 500ms, 5s, 1m30s)"
+        ))
+    }
+
+    /// Strings are parsed; a bare number (`5`) gets the same clear message, since its unit
+    /// is unknown.
+    struct Visitor;
+
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration such as 500ms, 5s, 1m30s")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse(v).ok_or_else(|| invalid(format_args!("{v:?}")))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+            Err(invalid(v))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+            Err(invalid(v))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
+            Err(invalid(v))
+        }
+    }
 }
 
 /// Default values, shared by serde and the CRD schema.
@@ -312,5 +648,274 @@ pub mod defaults {
     /// HTTP sink batch size.
     pub fn http_max_batch() -> u32 {
         500
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const BASE: &str = "group: ns/g\nstreams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {stdout: {}}\ntuning: {pollInterval: 2s, checkpointInterval: 7s}\n";
+
+    /// Loads BASE from a file inside the jail, with the jail's environment.
+    fn load_in(jail: &Jail, yaml: &str) -> Result<WorkerConfig, ConfigError> {
+        let path = jail.directory().join("kcg.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        WorkerConfig::load(path.to_str().expect("utf-8 path"))
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KCG__TUNING__POLL_INTERVAL", "500ms");
+            jail.set_env("KCG__STATE_STORE__TABLE", "other");
+            jail.set_env("KCG__GROUP", "ns/name");
+            jail.set_env("KCG__TUNING__MAX_RECORDS_PER_CALL", "2000");
+            jail.set_env("KCG__STATE_STORE__CREATE", "true");
+            // Not ours: ignored.
+            jail.set_env("KCG_LOG_FORMAT", "json");
+            let c = load_in(jail, BASE).expect("loads");
+            assert_eq!(c.group, "ns/name");
+            assert_eq!(c.state_store.table, "other");
+            assert!(c.state_store.create);
+            assert_eq!(c.tuning.poll_interval, Duration::from_millis(500));
+            assert_eq!(c.tuning.max_records_per_call, 2000);
+            // Untouched file values and defaults stay.
+            assert_eq!(c.tuning.checkpoint_interval, Duration::from_secs(7));
+            assert_eq!(c.tuning.heartbeat_interval, defaults::heartbeat_interval());
+            assert_eq!(c.streams[0].name, "orders");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn without_env_the_file_wins_and_from_yaml_ignores_env() {
+        Jail::expect_with(|jail| {
+            let c = load_in(jail, BASE).expect("loads");
+            assert_eq!(c.tuning.poll_interval, Duration::from_secs(2));
+            assert_eq!(c.state_store.table, "kcg-state");
+            jail.set_env("KCG__STATE_STORE__TABLE", "other");
+            let c = WorkerConfig::from_yaml(BASE).expect("parses");
+            assert_eq!(c.state_store.table, "kcg-state", "the operator's path takes no env");
+            // A quoted value stays a string even when it looks like a number.
+            jail.set_env("KCG__STATE_STORE__TABLE", "\"12345\"");
+            assert_eq!(load_in(jail, BASE).expect("loads").state_store.table, "12345");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_errors_name_the_field_and_the_variable() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KCG__TUNING__POLL_INTERVAL", "5x");
+            let e = load_in(jail, BASE).unwrap_err().to_string();
+            assert!(
+                e.contains(r#"tuning.pollInterval: invalid duration "5x" (expected like 500ms, 5s, 1m30s)"#),
+                "{e}"
+            );
+            assert!(e.contains("KCG__TUNING__POLL_INTERVAL"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            // An override is validated like the file.
+            jail.set_env("KCG__TUNING__HEARTBEAT_INTERVAL", "0s");
+            let e = load_in(jail, BASE).unwrap_err().to_string();
+            assert!(e.contains("tuning.heartbeatInterval: must be at least 100ms"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// Each invalid config, then a fragment of the expected message.
+    #[test]
+    fn each_invalid_config_names_its_field() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "group: ns/g\nstreams: []\nstateStore: {table: t12}\ndelivery: {stdout: {}}\n".into(),
+                "streams: at least one stream is required",
+            ),
+            (
+                "group: g\nstreams: [{name: s}]\nstateStore: {table: t12}\ndelivery: {stdout: {}}\n".into(),
+                "group: \"g\" must be namespace/name",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {}\ndelivery: {stdout: {}}\n".into(),
+                "stateStore.table: is required",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: \"\"}\ndelivery: {stdout: {}}\n".into(),
+                "stateStore.table: a DynamoDB table name is required",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: ab}\ndelivery: {stdout: {}}\n".into(),
+                "stateStore.table: \"ab\" is not a DynamoDB table name",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc, region: Virginia}\ndelivery: {stdout: {}}\n".into(),
+                "stateStore.region: \"Virginia\" is not an AWS region",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\n".into(),
+                "delivery: is required",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: \"arn:aws:kinesis:us-east-1:1234:stream/o\"}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[0].name: malformed stream ARN",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}, {name: \"a b\"}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[1].name: \"a b\" is not a Kinesis stream name",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}, {name: s}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[1].name: stream \"s\" is listed twice",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s, roleArn: \"arn:aws:iam::123:role/r\"}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[0].roleArn: malformed role ARN",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s, region: us_east_1}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[0].region: \"us_east_1\" is not an AWS region",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s, startPosition: AtTimestamp}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[0].startTimestamp: startPosition AtTimestamp needs startTimestamp",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {stdout: {}, http: {url: \"http://x\"}}\n".into(),
+                "delivery: needs exactly one of stdout or http",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"localhost:9000\"}}\n".into(),
+                "delivery.http.url: \"localhost:9000\" is not an http:// or https:// URL",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"http://x\", timeout: 0s}}\n".into(),
+                "delivery.http.timeout: must be greater than 0s",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"http://x\", maxBatchRecords: 0}}\n".into(),
+                "delivery.http.maxBatchRecords: must be between 1 and 10000",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"http://x\", timeout: 10 seconds}}\n".into(),
+                "delivery.http.timeout: invalid duration \"10 seconds\"",
+            ),
+            (BASE.replace("pollInterval: 2s", "pollInterval: 5x"),
+                "tuning.pollInterval: invalid duration \"5x\" (expected like 500ms, 5s, 1m30s)"),
+            (BASE.replace("pollInterval: 2s", "pollInterval: 5"), "tuning.pollInterval: invalid duration 5 (expected"),
+            (BASE.replace("pollInterval: 2s", "pollInterval: 1.5s"), "tuning.pollInterval: invalid duration \"1.5s\""),
+            (BASE.replace("pollInterval: 2s", "pollInterval: 100ms"), "tuning.pollInterval: must be at least 200ms"),
+            (BASE.replace("checkpointInterval: 7s", "checkpointInterval: 0s"), "tuning.checkpointInterval: must be greater than 0s"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 0ms"), "tuning.heartbeatInterval: must be at least 100ms"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 99ms"), "tuning.heartbeatInterval: must be at least 100ms"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 6s"), "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval"),
+            (BASE.replace("pollInterval: 2s", "shutdownTimeout: 0s"), "tuning.shutdownTimeout: must be greater than 0s"),
+            (BASE.replace("pollInterval: 2s", "maxRecordsPerCall: 10001"), "tuning.maxRecordsPerCall: must be between 1 and 10000"),
+        ];
+        for (yaml, want) in cases {
+            let e = WorkerConfig::from_yaml(&yaml)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{yaml}\nwant {want:?}\ngot  {e}");
+        }
+    }
+
+    #[test]
+    fn valid_configs_load() {
+        for yaml in [
+            BASE.to_owned(),
+            "group: ns/g\nstreams: [{name: \"arn:aws:kinesis:eu-west-1:123456789012:stream/o\", roleArn: \"arn:aws:iam::123456789012:role/reader\", region: eu-west-1}]\nstateStore: {table: abc, region: us-gov-west-1}\ndelivery: {http: {url: \"https://sink.example.com/r\", timeout: 1m30s}}\ntuning: {heartbeatInterval: 100ms, clientTimeout: 200ms}\n".to_owned(),
+        ] {
+            WorkerConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
+    }
+
+    #[test]
+    fn durations_round_trip_in_the_cel_format() {
+        for (text, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("5s", Duration::from_secs(5)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1h", Duration::from_secs(3600)),
+            ("1h1m1s1ms", Duration::from_millis(3_661_001)),
+            ("0s", Duration::ZERO),
+        ] {
+            assert_eq!(duration::parse(text), Some(d), "{text}");
+            assert_eq!(duration::format(d), text);
+        }
+        // Accepted although not canonical.
+        assert_eq!(duration::parse("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(duration::parse("1s500ms"), Some(Duration::from_millis(1500)));
+        for bad in ["", "5", "5 s", "1.5s", "-1s", "5sec", "1d", "99999999999999999999h"] {
+            assert_eq!(duration::parse(bad), None, "{bad:?}");
+        }
+        let c = WorkerConfig::from_yaml(BASE).expect("parses");
+        let back = WorkerConfig::from_yaml(&c.to_yaml().expect("renders")).expect("re-parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn camel_and_snake_case() {
+        assert_eq!(camel_case("POLL_INTERVAL"), "pollInterval");
+        assert_eq!(camel_case("STATE_STORE"), "stateStore");
+        assert_eq!(camel_case("GROUP"), "group");
+        assert_eq!(camel_case("MAX_RECORDS_PER_CALL"), "maxRecordsPerCall");
+        assert_eq!(screaming_snake("maxRecordsPerCall"), "MAX_RECORDS_PER_CALL");
+    }
+
+    /// Each CEL rule of the generated schema embeds the very pattern `validate` uses, so the
+    /// admission check and the worker's check cannot drift apart.
+    #[test]
+    fn cel_rules_use_the_shared_patterns() {
+        fn rules(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::Array(rs)) = m.get("x-kubernetes-validations") {
+                        for r in rs {
+                            out.push((
+                                r["message"].as_str().unwrap_or_default().to_owned(),
+                                r["rule"].as_str().unwrap_or_default().to_owned(),
+                            ));
+                        }
+                    }
+                    m.values().for_each(|c| rules(c, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|c| rules(c, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        for schema in [
+            schemars::schema_for!(StreamConfig),
+            schemars::schema_for!(StateStoreConfig),
+            schemars::schema_for!(DeliveryConfig),
+            schemars::schema_for!(Tuning),
+        ] {
+            rules(&serde_json::to_value(schema).expect("schema is JSON"), &mut all);
+        }
+        let expect = [
+            ("name must be a Kinesis stream name", vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN]),
+            ("roleArn must be an IAM role ARN", vec![ROLE_ARN_PATTERN]),
+            ("region must look like us-east-1", vec![REGION_PATTERN]),
+            ("table must be a DynamoDB table name", vec![TABLE_PATTERN]),
+            ("url must be an http:// or https:// URL", vec![HTTP_URL_PATTERN]),
+            ("must be a duration such as", vec![DURATION_PATTERN]),
+            ("tuning.pollInterval must be at least 200ms", vec![DURATION_PATTERN]),
+            ("tuning.heartbeatInterval must be at least 100ms", vec![DURATION_PATTERN]),
+            ("must be a duration greater than 0s", vec![DURATION_PATTERN]),
+            ("tuning.clientTimeout must be at least twice", vec![DURATION_PATTERN]),
+        ];
+        for (message, patterns) in expect {
+            let found: Vec<_> = all.iter().filter(|(m, _)| m.starts_with(message)).collect();
+            assert!(!found.is_empty(), "no rule with message {message:?}");
+            for (_, rule) in found {
+                for p in &patterns {
+                    assert!(rule.contains(&format!("'{p}'")), "{rule} lacks {p}");
+                }
+            }
+        }
     }
 }
