@@ -1,6 +1,7 @@
 //! `kcg-worker`: one member of a Kinesis consumer group.
 //!
-//! - `kcg-worker run --config FILE`: join the group and consume until SIGTERM/SIGINT.
+//! - `kcg-worker run --config FILE`: join the group and consume until SIGTERM/SIGINT;
+//!   `KCG__SECTION__FIELD` environment variables override the file.
 //! - `kcg-worker create-table --table T`: create the state-store table.
 //!
 //! Logs go to stderr (stdout belongs to the stdout sink). Exit codes: 0 after a graceful
@@ -43,8 +44,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join the consumer group described by the config file and consume until stopped.
+    ///
+    /// Any config field can be overridden from the environment: `KCG__` followed by the
+    /// field path in upper snake case, `__` between levels, for example
+    /// `KCG__TUNING__POLL_INTERVAL=500ms`, `KCG__STATE_STORE__TABLE=other`,
+    /// `KCG__GROUP=ns/name`. Overrides win over the file and are checked like it. Quote a
+    /// value that looks like a number to keep it a string: `KCG__STATE_STORE__TABLE='"123"'`.
+    /// An unusable config exits with code 2 and a message naming the field.
     Run {
-        /// The worker config (YAML), as the operator renders it into the ConfigMap.
+        /// The worker config (YAML), as the operator renders it into the ConfigMap;
+        /// `KCG__...` environment variables override its fields.
         #[arg(long, env = "KCG_CONFIG")]
         config: String,
         /// Base of this client's id (a random suffix is added); default: POD_NAME, else

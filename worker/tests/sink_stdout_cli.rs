@@ -1,6 +1,6 @@
 //! The `kcg-worker` binary end to end with the stdout sink: stdout carries exactly one JSON
-//! line per record (logs go to stderr), SIGTERM shuts down gracefully with exit code 0, and
-//! a bad config exits 2 with a message naming the problem.
+//! line per record (logs go to stderr) and SIGTERM shuts down gracefully with exit code 0.
+//! Bad configs are covered by `config_cli.rs`.
 //!
 //! The run test needs `AWS_ENDPOINT_URL_KINESIS` and `AWS_ENDPOINT_URL_DYNAMODB`; it skips
 //! with a message when they are not set and fails when they are set but unreachable.
@@ -18,52 +18,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 /// Kinesis sequence numbers are decimal strings of varying length.
 fn seq_lt(a: &str, b: &str) -> bool {
     (a.len(), a) < (b.len(), b)
-}
-
-#[test]
-fn bad_config_exits_2_with_the_field_named() {
-    let dir = std::env::temp_dir().join(format!("kcg-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cases = [
-        (
-            "no streams",
-            "group: ns/g\nstreams: []\nstateStore: {table: tbl}\ndelivery: {stdout: {}}\n",
-            "stream",
-        ),
-        (
-            "bad duration",
-            "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: tbl}\ndelivery: {stdout: {}}\ntuning: {pollInterval: soon}\n",
-            "pollInterval",
-        ),
-        (
-            "missing table",
-            "group: ns/g\nstreams: [{name: s}]\nstateStore: {}\ndelivery: {stdout: {}}\n",
-            "table",
-        ),
-    ];
-    for (name, yaml, needle) in cases {
-        let path = dir.join(format!("{}.yaml", name.replace(' ', "-")));
-        std::fs::write(&path, yaml).unwrap();
-        let out = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:0"])
-            .output()
-            .expect("run kcg-worker");
-        assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
-        assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(needle),
-            "{name}: stderr should name {needle:?}: {err}"
-        );
-    }
-    let out = Command::new(BIN)
-        .args(["run", "--config", "/nonexistent/kcg.yaml"])
-        .output()
-        .expect("run kcg-worker");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/kcg.yaml"));
 }
 
 #[tokio::test]

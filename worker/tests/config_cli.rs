@@ -1,0 +1,123 @@
+//! Acceptance "Bad config": the real `kcg-worker` binary, given each kind of invalid config
+//! (in the file or through a `KCG__` environment override), exits with code 2 before
+//! touching AWS, prints nothing on stdout and names the field on stderr. No emulator needed.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
+
+const VALID: &str =
+    "group: ns/g\nstreams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {stdout: {}}\n";
+
+fn write(name: &str, yaml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kcg-config-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{}.yaml", name.replace(' ', "-")));
+    std::fs::write(&path, yaml).expect("write config");
+    path
+}
+
+/// Runs `kcg-worker run --config FILE` with `env` added and no inherited `KCG__` variables.
+fn run(path: &PathBuf, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"])
+        .arg(path)
+        .args(["--listen", "127.0.0.1:0"]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KCG__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run kcg-worker")
+}
+
+fn assert_config_error(name: &str, out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name}: exit code; stderr: {err}");
+    assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "{name}: stderr should contain {needle:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn each_kind_of_bad_config_exits_2_naming_the_field() {
+    let cases: [(&str, String, &[&str]); 9] = [
+        (
+            "no streams",
+            VALID.replace("[{name: orders}]", "[]"),
+            &["streams: at least one stream is required"],
+        ),
+        (
+            "bad duration",
+            format!("{VALID}tuning: {{pollInterval: 5x}}\n"),
+            &[r#"tuning.pollInterval: invalid duration "5x" (expected like 500ms, 5s, 1m30s)"#],
+        ),
+        (
+            "duration without unit",
+            format!("{VALID}tuning: {{checkpointInterval: 5}}\n"),
+            &["tuning.checkpointInterval: invalid duration 5"],
+        ),
+        (
+            "missing table",
+            VALID.replace("{table: kcg-state}", "{}"),
+            &["stateStore.table: is required"],
+        ),
+        (
+            "bad table name",
+            VALID.replace("kcg-state", "ab"),
+            &["stateStore.table", "is not a DynamoDB table name"],
+        ),
+        (
+            "malformed stream ARN",
+            VALID.replace("orders", "\"arn:aws:kinesis:us-east-1:12345:stream/orders\""),
+            &["streams[0].name: malformed stream ARN"],
+        ),
+        (
+            "malformed role ARN",
+            VALID.replace("{name: orders}", "{name: orders, roleArn: \"arn:aws:iam:role/x\"}"),
+            &["streams[0].roleArn: malformed role ARN"],
+        ),
+        (
+            "zero heartbeat",
+            format!("{VALID}tuning: {{heartbeatInterval: 0s}}\n"),
+            &["tuning.heartbeatInterval: must be at least 100ms"],
+        ),
+        (
+            "no delivery",
+            VALID.replace("delivery: {stdout: {}}\n", ""),
+            &["delivery: is required"],
+        ),
+    ];
+    for (name, yaml, needles) in cases {
+        let out = run(&write(name, &yaml), &[]);
+        assert_config_error(name, &out, needles);
+    }
+}
+
+#[test]
+fn a_bad_env_override_exits_2_naming_field_and_variable() {
+    let path = write("env", VALID);
+    let out = run(&path, &[("KCG__TUNING__HEARTBEAT_INTERVAL", "soon")]);
+    assert_config_error(
+        "env duration",
+        &out,
+        &[
+            r#"tuning.heartbeatInterval: invalid duration "soon""#,
+            "KCG__TUNING__HEARTBEAT_INTERVAL",
+        ],
+    );
+    let out = run(&path, &[("KCG__STATE_STORE__TABLE", "x")]);
+    assert_config_error("env table", &out, &["stateStore.table", "\"x\""]);
+}
+
+#[test]
+fn a_missing_file_exits_2_naming_it() {
+    let out = run(&PathBuf::from("/nonexistent/kcg.yaml"), &[]);
+    assert_config_error("missing file", &out, &["/nonexistent/kcg.yaml"]);
+}
