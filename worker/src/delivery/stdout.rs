@@ -1,22 +1,93 @@
 //! The stdout sink: one JSON line per record on the worker's stdout.
 
-use std::io::Write;
+use std::pin::Pin;
 
 use futures::future::BoxFuture;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Mutex;
 
 use super::{BatchHandler, HandlerError, Record, RecordJson};
 
+/// Bytes handed to the writer per write: whole lines only, so a write cut off when the
+/// reader is aborted never leaves half a line for the next batch to continue.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
 /// Writes one JSON line per record (`stream`, `shard`, `sequence`, `partitionKey`, `data`
-/// in standard base64, `arrival` in RFC 3339) to stdout. A batch is written with one
-/// locked write and flushed, so lines of concurrent shards never interleave; an I/O error
+/// in standard base64, `arrival` in RFC 3339) to stdout. Batches are written one at a time
+/// (an async lock per batch), so lines of concurrent shards never interleave; an I/O error
 /// (for example a closed pipe) fails the batch, which is then retried.
-#[derive(Debug, Default)]
-pub struct StdoutSink {}
+///
+/// The write is async and cancellable: when the engine aborts a reader (its lease may have
+/// been taken over), the write stops with it. At most the one chunk already handed to the
+/// OS (up to [`CHUNK_BYTES`] of whole lines) still lands; nothing after it does.
+pub struct StdoutSink {
+    out: Mutex<Out>,
+}
+
+struct Out {
+    w: Writer,
+    /// The rest of a line whose write was cut off (the writing reader was aborted): written
+    /// first by the next batch, so the output stays whole JSON lines.
+    owed: Vec<u8>,
+}
+
+impl Out {
+    /// Writes `bytes`, keeping `owed` accurate after every partial write, so that dropping
+    /// this future at any await leaves a state the next batch can complete.
+    async fn write_lines(&mut self, bytes: &[u8]) -> Result<(), HandlerError> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let n = self
+                .w
+                .write(&bytes[off..])
+                .await
+                .map_err(|e| HandlerError::new(format!("writing to stdout: {e}")))?;
+            if n == 0 {
+                return Err(HandlerError::new("writing to stdout: closed"));
+            }
+            off += n;
+            self.owed.clear();
+            if bytes[off - 1] != b'\n' {
+                // Cut mid-line: owe the rest of it (rare: only on a short write).
+                let end = bytes[off..]
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(bytes.len(), |i| off + i + 1);
+                self.owed.extend_from_slice(&bytes[off..end]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for StdoutSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdoutSink").finish_non_exhaustive()
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl StdoutSink {
     /// A sink on the process's stdout.
     pub fn new() -> Self {
-        Self {}
+        Self::with_writer(tokio::io::stdout())
+    }
+
+    /// A sink on any async writer (tests, or an embedding application's own output).
+    pub fn with_writer(w: impl AsyncWrite + Send + 'static) -> Self {
+        Self {
+            out: Mutex::new(Out {
+                w: Box::pin(w),
+                owed: Vec::new(),
+            }),
+        }
     }
 }
 
@@ -30,22 +101,50 @@ pub fn format_batch(buf: &mut Vec<u8>, batch: &[Record]) -> Result<(), HandlerEr
     Ok(())
 }
 
+/// Splits `buf` (complete lines) into chunks of whole lines of at most `max` bytes; a
+/// single line longer than `max` is a chunk of its own. Pure.
+pub fn line_chunks(buf: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest[..rest.len().min(max)];
+        let end = match window.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            // One line longer than `max`: up to its end (or everything left).
+            None => rest
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(rest.len(), |i| i + 1),
+        };
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 impl BatchHandler for StdoutSink {
     fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             // ~200 bytes per record is typical; one allocation per batch.
             let mut buf = Vec::with_capacity(batch.len() * 256);
             format_batch(&mut buf, batch)?;
-            // Blocking write off the async threads: a slow stdout reader must not stall
-            // the runtime.
-            tokio::task::spawn_blocking(move || {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&buf)?;
-                out.flush()
-            })
-            .await
-            .map_err(|e| HandlerError::new(format!("stdout writer task: {e}")))?
-            .map_err(|e| HandlerError::new(format!("writing to stdout: {e}")))
+            let mut out = self.out.lock().await;
+            if !out.owed.is_empty() {
+                let owed = std::mem::take(&mut out.owed);
+                out.owed = owed.clone();
+                out.write_lines(&owed).await?;
+            }
+            // tokio's stdout writes each chunk whole on a blocking thread; dropping this
+            // future (reader aborted) stops before the next chunk.
+            for chunk in line_chunks(&buf, CHUNK_BYTES) {
+                out.write_lines(chunk).await?;
+            }
+            out.w
+                .flush()
+                .await
+                .map_err(|e| HandlerError::new(format!("flushing stdout: {e}")))
         })
     }
 }
@@ -53,19 +152,27 @@ impl BatchHandler for StdoutSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
-    #[test]
-    fn one_json_line_per_record() {
-        let recs: Vec<Record> = (0..3)
+    fn recs(n: usize) -> Vec<Record> {
+        let (stream, shard): (Arc<str>, Arc<str>) = ("s".into(), "shardId-000000000000".into());
+        (0..n)
             .map(|i| Record {
-                stream: "s".into(),
-                shard_id: "shardId-000000000000".into(),
+                stream: stream.clone(),
+                shard_id: shard.clone(),
                 sequence: format!("{i}"),
                 partition_key: format!("k{i}"),
                 data: vec![0xff, 0x00, i as u8],
                 arrival: Some(jiff::Timestamp::from_second(1_700_000_000).unwrap()),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn one_json_line_per_record() {
+        let recs = recs(3);
         let mut buf = Vec::new();
         format_batch(&mut buf, &recs).unwrap();
         let text = String::from_utf8(buf).unwrap();
@@ -78,5 +185,78 @@ mod tests {
         assert_eq!(v["data"], "/wAC");
         assert_eq!(v["arrival"], "2023-11-14T22:13:20Z");
         assert_eq!(v.as_object().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn line_chunks_table() {
+        // (input, max, want chunks)
+        let cases: &[(&str, usize, &[&str])] = &[
+            ("", 4, &[]),
+            ("a\n", 4, &["a\n"]),
+            ("a\nb\nc\n", 4, &["a\nb\n", "c\n"]),
+            ("a\nb\nc\n", 100, &["a\nb\nc\n"]),
+            ("abcdef\ng\n", 4, &["abcdef\n", "g\n"]), // a line longer than max stays whole
+            ("a\nbcdefgh\n", 4, &["a\n", "bcdefgh\n"]),
+        ];
+        for (input, max, want) in cases {
+            let got: Vec<&[u8]> = line_chunks(input.as_bytes(), *max).collect();
+            let want: Vec<&[u8]> = want.iter().map(|s| s.as_bytes()).collect();
+            assert_eq!(got, want, "{input:?} max {max}");
+        }
+    }
+
+    /// The reader is aborted mid-write (its lease may be gone): the write must stop with
+    /// it, never keep writing in the background, and what was written is whole lines.
+    #[tokio::test]
+    async fn aborted_write_stops_and_leaves_whole_lines() {
+        // A pipe nobody reads yet: the write blocks once its buffer is full.
+        let (w, mut r) = tokio::io::duplex(CHUNK_BYTES * 2);
+        let sink = Arc::new(StdoutSink::with_writer(w));
+        let batch = recs(20_000); // ~3 MB of lines, far more than the pipe holds
+        let task = {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.handle(&batch).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "the write should be blocked on the pipe");
+        task.abort();
+        let _ = task.await;
+        // Drain everything that was written, then make sure nothing more comes.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), r.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        assert!(!got.is_empty());
+        assert!(
+            got.len() <= CHUNK_BYTES * 3,
+            "wrote {} bytes after the abort",
+            got.len()
+        );
+        // The sink still works for the next batch, starting on a fresh line.
+        let next = recs(2);
+        let writer = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.handle(&next).await }
+        });
+        let cut_lines = got.iter().filter(|b| **b == b'\n').count();
+        let want = cut_lines + usize::from(!got.ends_with(b"\n")) + 2;
+        while got.iter().filter(|b| **b == b'\n').count() < want {
+            let n = r.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap().unwrap();
+        // Every line is whole JSON: a line cut by the abort was completed first.
+        let lines: Vec<&[u8]> = got.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), want);
+        for line in &lines {
+            serde_json::from_slice::<serde_json::Value>(line).expect("a whole JSON line");
+        }
+        let last: serde_json::Value = serde_json::from_slice(lines[want - 1]).unwrap();
+        assert_eq!(last["sequence"], "1", "the next batch follows");
     }
 }
