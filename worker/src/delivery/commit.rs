@@ -18,9 +18,19 @@ pub type BatchId = u64;
 pub struct CommitQueue {
     /// Last sequence of the contiguous committed prefix (the checkpoint candidate).
     committed: Option<String>,
-    /// Batches handed out and not yet part of the prefix: (id, last sequence, committed).
-    pending: VecDeque<(BatchId, String, bool)>,
+    /// Batches handed out and not yet part of the prefix, in hand-out order.
+    pending: VecDeque<Entry>,
     next_id: BatchId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    id: BatchId,
+    last_sequence: String,
+    committed: bool,
+    /// Its token was dropped without commit: it will never be committed, so the reader
+    /// must redeliver from the committed prefix (see [`CommitQueue::restart`]).
+    abandoned: bool,
 }
 
 impl CommitQueue {
@@ -37,20 +47,25 @@ impl CommitQueue {
     pub fn begin(&mut self, last_sequence: &str) -> BatchId {
         let id = self.next_id;
         self.next_id += 1;
-        self.pending
-            .push_back((id, last_sequence.to_owned(), false));
+        self.pending.push_back(Entry {
+            id,
+            last_sequence: last_sequence.to_owned(),
+            committed: false,
+            abandoned: false,
+        });
         id
     }
 
     /// Marks `id` committed; returns true when the prefix advanced.
     pub fn commit(&mut self, id: BatchId) -> bool {
-        if let Some(entry) = self.pending.iter_mut().find(|e| e.0 == id) {
-            entry.2 = true;
+        if let Some(entry) = self.pending.iter_mut().find(|e| e.id == id) {
+            entry.committed = true;
+            entry.abandoned = false;
         }
         let mut advanced = false;
-        while self.pending.front().is_some_and(|e| e.2) {
-            if let Some((_, seq, _)) = self.pending.pop_front() {
-                self.committed = Some(seq);
+        while self.pending.front().is_some_and(|e| e.committed) {
+            if let Some(e) = self.pending.pop_front() {
+                self.committed = Some(e.last_sequence);
                 advanced = true;
             }
         }
@@ -60,9 +75,33 @@ impl CommitQueue {
     /// Forgets `id` if it is still pending and the most recent batch: the handler refused it,
     /// and the reader will hand the same records out again under a new id.
     pub fn abort(&mut self, id: BatchId) {
-        if self.pending.back().is_some_and(|e| e.0 == id && !e.2) {
+        // The refused batch's token was typically dropped first, which marked it
+        // abandoned; a withdrawn batch is simply handed out again.
+        if self.pending.back().is_some_and(|e| e.id == id && !e.committed) {
             self.pending.pop_back();
         }
+    }
+
+    /// Marks `id` abandoned (its token was dropped without commit) if it is still pending:
+    /// nothing after the committed prefix can be checkpointed any more, and the reader must
+    /// redeliver from there. A batch refused with `Err` is withdrawn by [`Self::abort`]
+    /// instead, which also clears this mark.
+    pub fn abandon(&mut self, id: BatchId) {
+        if let Some(e) = self.pending.iter_mut().find(|e| e.id == id && !e.committed) {
+            e.abandoned = true;
+        }
+    }
+
+    /// Whether a pending batch was abandoned.
+    pub fn abandoned(&self) -> bool {
+        self.pending.iter().any(|e| e.abandoned)
+    }
+
+    /// Forgets every pending batch (their late commits are ignored: ids are never reused)
+    /// and returns the committed prefix the reader redelivers after.
+    pub fn restart(&mut self) -> Option<String> {
+        self.pending.clear();
+        self.committed.clone()
     }
 
     /// Last sequence of the committed prefix.
@@ -83,6 +122,9 @@ pub struct CommitState {
     pub committed: Option<String>,
     /// Batches handed out and not yet in that prefix.
     pub pending: usize,
+    /// A commit token was dropped without commit: the reader must redeliver from
+    /// `committed` (otherwise the shard would wait forever).
+    pub abandoned: bool,
 }
 
 /// One shard's commit bookkeeping, shared by the reader and the tokens it hands out.
@@ -103,6 +145,7 @@ impl CommitTracker {
         let (state, _) = watch::channel(CommitState {
             committed: checkpoint.clone(),
             pending: 0,
+            abandoned: false,
         });
         Self {
             inner: Arc::new(TrackerInner {
@@ -120,6 +163,7 @@ impl CommitTracker {
         let next = CommitState {
             committed: q.committed().map(str::to_owned),
             pending: q.pending(),
+            abandoned: q.abandoned(),
         };
         self.inner.state.send_if_modified(|s| {
             if *s != next {
@@ -138,7 +182,14 @@ impl CommitTracker {
         CommitToken {
             tracker: self.clone(),
             id,
+            settled: false,
         }
+    }
+
+    /// Forgets every pending batch and returns the committed prefix to redeliver after
+    /// (the reader's reaction to [`CommitState::abandoned`]).
+    pub fn restart(&self) -> Option<String> {
+        self.update(|q| q.restart())
     }
 
     /// Withdraws batch `id` if it is still the newest pending one (the handler refused it).
@@ -159,24 +210,29 @@ impl CommitTracker {
 
 /// The right to commit one batch. Commit it once the batch is durably processed; the
 /// checkpoint moves past it only after every earlier batch of the shard is committed too.
-/// Dropping a token without committing leaves the batch (and everything after it)
-/// uncheckpointed: after a restart or handoff it is delivered again.
+/// Dropping a token without committing abandons the batch: the reader reports it
+/// (`HandlerFailing`) and delivers again everything after the last committed batch, so
+/// nothing is skipped and the shard never waits forever.
 #[derive(Debug)]
 #[must_use = "an uncommitted batch holds back the shard's checkpoint"]
 pub struct CommitToken {
     tracker: CommitTracker,
     id: BatchId,
+    /// Committed or aborted: nothing to do on drop.
+    settled: bool,
 }
 
 impl CommitToken {
     /// Marks the batch processed.
-    pub fn commit(self) {
+    pub fn commit(mut self) {
+        self.settled = true;
         let id = self.id;
         self.tracker.update(|q| q.commit(id));
     }
 
     /// Withdraws the batch (the handler refused it and it will be handed out again).
-    pub fn abort(self) {
+    pub fn abort(mut self) {
+        self.settled = true;
         let id = self.id;
         self.tracker.update(|q| q.abort(id));
     }
@@ -184,6 +240,15 @@ impl CommitToken {
     /// This batch's id within its shard (monotonic).
     pub fn id(&self) -> BatchId {
         self.id
+    }
+}
+
+impl Drop for CommitToken {
+    fn drop(&mut self) {
+        if !self.settled {
+            let id = self.id;
+            self.tracker.update(|q| q.abandon(id));
+        }
     }
 }
 
@@ -276,6 +341,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn dropped_token_abandons_and_restart_redelivers_from_prefix() {
+        let t = CommitTracker::new(Some("5".into()));
+        let a = t.begin("10");
+        let b = t.begin("20");
+        let c = t.begin("30");
+        a.commit();
+        drop(b); // never committed
+        let st = t.state();
+        assert!(st.abandoned, "a dropped token must not pin the queue silently");
+        assert_eq!(st.committed.as_deref(), Some("10"));
+        assert_eq!(t.restart().as_deref(), Some("10"), "redeliver after the prefix");
+        assert_eq!(
+            t.state(),
+            CommitState {
+                committed: Some("10".into()),
+                pending: 0,
+                abandoned: false,
+            }
+        );
+        // A late commit of a forgotten batch changes nothing (no skip past "20").
+        c.commit();
+        assert_eq!(t.state().committed.as_deref(), Some("10"));
+        // Committed and aborted tokens do not abandon on drop.
+        let d = t.begin("20");
+        d.commit();
+        let e = t.begin("30");
+        e.abort();
+        assert_eq!(t.state().committed.as_deref(), Some("20"));
+        assert!(!t.state().abandoned);
+        // Refusing a batch: the token is dropped, then the batch withdrawn: not abandoned.
+        let f = t.begin("30");
+        let id = f.id();
+        drop(f);
+        assert!(t.state().abandoned);
+        t.abort(id);
+        assert!(!t.state().abandoned);
+        assert_eq!(t.state().pending, 0);
+    }
+
     #[tokio::test]
     async fn tracker_publishes_changes() {
         let t = CommitTracker::new(None);
@@ -292,7 +397,8 @@ mod tests {
             *rx.borrow(),
             CommitState {
                 committed: Some("2".into()),
-                pending: 0
+                pending: 0,
+                abandoned: false,
             }
         );
     }

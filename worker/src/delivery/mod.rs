@@ -164,7 +164,13 @@ impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
             let mut rx = commits.subscribe();
             self.deliver(batch, &commits).await?;
             loop {
-                if rx.borrow_and_update().pending == 0 {
+                let st = rx.borrow_and_update().clone();
+                if st.abandoned {
+                    return Err(HandlerError::new(
+                        "a commit token was dropped without commit",
+                    ));
+                }
+                if st.pending == 0 {
                     return Ok(());
                 }
                 if rx.changed().await.is_err() {
@@ -301,7 +307,8 @@ mod tests {
             commits.state(),
             CommitState {
                 committed: Some("30".into()),
-                pending: 0
+                pending: 0,
+                abandoned: false,
             }
         );
     }
