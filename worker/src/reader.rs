@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{StreamConfig, Tuning};
 use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record};
+use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
 
@@ -176,6 +177,41 @@ pub fn should_report(kind: ErrorKind, consecutive_failures: u32) -> bool {
     }
 }
 
+/// Where the next shard iterator starts. After the last delivered record when there is one;
+/// else at the start pinned when the first iterator was taken ([`pin_start`]); else the
+/// stream's configured start. Never LATEST twice: a second LATEST would skip whatever
+/// arrived between the two requests.
+pub fn iterator_start(
+    delivered: Option<&str>,
+    pinned: Option<&IteratorStart>,
+    stream: &StreamConfig,
+) -> IteratorStart {
+    match (delivered, pinned) {
+        (Some(_), _) | (None, None) => IteratorStart::resolve(delivered, stream),
+        (None, Some(p)) => p.clone(),
+    }
+}
+
+/// Once the first iterator at `start` was obtained by a request sent at `requested_at`:
+/// the start every later iterator uses until a record is delivered. LATEST is pinned to
+/// AT_TIMESTAMP of the request time minus [`LATEST_HANDOFF_MARGIN_MS`] (Kinesis' arrival
+/// timestamps come from another clock); the margin can only add older records, never skip
+/// one. TRIM_HORIZON, AT_TIMESTAMP and after-a-sequence mean the same position every time.
+pub fn pin_start(start: &IteratorStart, requested_at: jiff::Timestamp) -> Option<IteratorStart> {
+    match start {
+        IteratorStart::Latest => Some(
+            requested_at
+                .checked_sub(jiff::SignedDuration::from_millis(LATEST_HANDOFF_MARGIN_MS))
+                .map_or(IteratorStart::TrimHorizon, IteratorStart::AtTimestamp),
+        ),
+        _ => None,
+    }
+}
+
+/// The issue a reader reports when a manual-commit handler dropped a token uncommitted.
+pub const DROPPED_TOKEN_MESSAGE: &str =
+    "a commit token was dropped without commit; redelivering from the last committed record";
+
 // ---------------------------------------------------------------- the I/O loop
 
 /// Per-shard metric handles, looked up once.
@@ -199,6 +235,8 @@ impl ShardMetrics {
 /// Why the loop stopped early.
 enum Exit {
     Stopped,
+    /// A commit token was dropped uncommitted: redeliver after the committed prefix.
+    Redeliver,
 }
 
 struct Reader {
@@ -213,6 +251,11 @@ struct Reader {
     stop: CancellationToken,
     /// Last sequence the handler accepted: where a new iterator resumes.
     delivered: Option<String>,
+    /// Where iterators start while nothing was delivered yet (see [`pin_start`]).
+    pinned: Option<IteratorStart>,
+    /// While the dropped-token issue is up: the committed prefix redelivery started from.
+    /// The issue clears once the handler commits past it.
+    redelivered_from: Option<Option<String>>,
 }
 
 impl Reader {
@@ -220,6 +263,22 @@ impl Reader {
         // `borrow`, not `borrow_and_update`: marking a version seen here could swallow the
         // wake-up a waiter in `wait_pending_at_most` relies on.
         self.progress.acked = self.commit_rx.borrow().committed.clone();
+        if self
+            .redelivered_from
+            .as_ref()
+            .is_some_and(|from| *from != self.progress.acked)
+        {
+            info!("the handler commits again after the redelivery");
+            self.redelivered_from = None;
+            if self
+                .progress
+                .issue
+                .as_ref()
+                .is_some_and(|i| i.message == DROPPED_TOKEN_MESSAGE)
+            {
+                self.progress.issue = None;
+            }
+        }
         let p = self.progress.clone();
         self.progress_tx.send_if_modified(|cur| {
             if *cur != p {
@@ -250,14 +309,24 @@ impl Reader {
         }
     }
 
-    /// Waits until at most `max` batches are uncommitted. `Err` when stopped.
+    /// Waits until at most `max` batches are uncommitted. `Err` when stopped, or
+    /// `Redeliver` when a batch was abandoned (it will never be committed: waiting for it
+    /// would be a silent stall).
     async fn wait_pending_at_most(
         &mut self,
         max: usize,
         stop: &CancellationToken,
     ) -> Result<(), Exit> {
         loop {
-            if self.commit_rx.borrow_and_update().pending <= max {
+            let (pending, abandoned) = {
+                let st = self.commit_rx.borrow_and_update();
+                (st.pending, st.abandoned)
+            };
+            if abandoned {
+                self.publish();
+                return Err(Exit::Redeliver);
+            }
+            if pending <= max {
                 self.publish();
                 return Ok(());
             }
@@ -312,12 +381,10 @@ impl Reader {
                     if let Some(last) = batch.last() {
                         self.delivered = Some(last.sequence.clone());
                     }
-                    if self
-                        .progress
-                        .issue
-                        .as_ref()
-                        .is_some_and(|i| i.reason == "HandlerFailing")
-                    {
+                    // (The dropped-token issue stays until the handler commits again.)
+                    if self.progress.issue.as_ref().is_some_and(|i| {
+                        i.reason == "HandlerFailing" && i.message != DROPPED_TOKEN_MESSAGE
+                    }) {
                         info!("handler accepts batches again");
                         self.progress.issue = None;
                     }
@@ -347,6 +414,21 @@ impl Reader {
         }
     }
 
+    /// A handler dropped a commit token uncommitted: forget the pending batches, report it,
+    /// and resume after the committed prefix (redelivery, never a skip).
+    fn redeliver(&mut self) {
+        let from = self.commits.restart();
+        warn!(resume_after = ?from, "{DROPPED_TOKEN_MESSAGE}");
+        self.m.error("HandlerFailing");
+        self.delivered = from.clone();
+        self.redelivered_from = Some(from);
+        self.progress.issue = Some(Issue {
+            reason: "HandlerFailing".into(),
+            message: DROPPED_TOKEN_MESSAGE.into(),
+        });
+        self.publish();
+    }
+
     async fn run(&mut self) -> Result<(), Exit> {
         let client = self.task.client.clone();
         // Shared by every record of this reader: created once, not per record.
@@ -363,21 +445,40 @@ impl Reader {
             }
             // A manual-commit handler holding too many batches: wait for it first.
             let stop = self.stop.clone();
-            self.wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop)
-                .await?;
+            match self
+                .wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop)
+                .await
+            {
+                Ok(()) => {}
+                Err(Exit::Redeliver) => {
+                    self.redeliver();
+                    iterator = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
 
             let it = match iterator.take() {
                 Some(it) => it,
                 None => {
-                    let start =
-                        IteratorStart::resolve(self.delivered.as_deref(), &self.task.stream);
+                    let start = iterator_start(
+                        self.delivered.as_deref(),
+                        self.pinned.as_ref(),
+                        &self.task.stream,
+                    );
                     debug!(?start, "getting shard iterator");
+                    let requested_at = jiff::Timestamp::now();
                     let got = tokio::select! {
                         r = client.shard_iterator(&shard, &start) => r,
                         _ = self.stop.cancelled() => return Err(Exit::Stopped),
                     };
                     match got {
-                        Ok(it) => it,
+                        Ok(it) => {
+                            if self.pinned.is_none() {
+                                self.pinned = pin_start(&start, requested_at);
+                            }
+                            it
+                        }
                         Err(e) => {
                             self.kinesis_failed(&e, &backoff);
                             let d = backoff.next_delay();
@@ -462,7 +563,14 @@ impl Reader {
                 None => {
                     // Shard end: it counts as ended only once every batch is committed.
                     let stop = self.stop.clone();
-                    self.wait_pending_at_most(0, &stop).await?;
+                    match self.wait_pending_at_most(0, &stop).await {
+                        Ok(()) => {}
+                        Err(Exit::Redeliver) => {
+                            self.redeliver();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                     self.progress.ended = true;
                     self.publish();
                     info!(last = ?self.progress.acked, "shard read to its end");
@@ -513,9 +621,11 @@ pub async fn read_shard(
             commits,
             commit_rx,
             stop,
+            pinned: None,
+            redelivered_from: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
-        if let Err(Exit::Stopped) = reader.run().await {
+        if let Err(Exit::Stopped | Exit::Redeliver) = reader.run().await {
             // Batches a manual-commit handler still holds: give it until the shutdown
             // bound to commit them, so the final checkpoint includes them.
             if reader.commits.state().pending > 0 {
@@ -603,6 +713,64 @@ mod tests {
         assert_eq!(b.attempts(), 50);
         b.reset();
         assert!(b.next_delay() <= MS(200));
+    }
+
+    #[test]
+    fn iterator_start_table() {
+        let latest: StreamConfig = serde_yaml::from_str("name: s").unwrap();
+        let trim: StreamConfig =
+            serde_yaml::from_str("name: s\nstartPosition: TrimHorizon").unwrap();
+        let t: jiff::Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        let pinned_latest = IteratorStart::AtTimestamp(
+            t.checked_sub(jiff::SignedDuration::from_millis(LATEST_HANDOFF_MARGIN_MS))
+                .unwrap(),
+        );
+        // (name, delivered, pinned, stream, want)
+        let cases = [
+            ("first iterator", None, None, &latest, IteratorStart::Latest),
+            (
+                "iterator dropped before any delivery: never LATEST again",
+                None,
+                Some(pinned_latest.clone()),
+                &latest,
+                pinned_latest.clone(),
+            ),
+            (
+                "after a delivery: right after it",
+                Some("42"),
+                Some(pinned_latest.clone()),
+                &latest,
+                IteratorStart::After("42".into()),
+            ),
+            ("trim horizon", None, None, &trim, IteratorStart::TrimHorizon),
+        ];
+        for (name, delivered, pinned, stream, want) in cases {
+            assert_eq!(
+                iterator_start(delivered, pinned.as_ref(), stream),
+                want,
+                "{name}"
+            );
+        }
+        // (start, pinned)
+        let pins = [
+            (IteratorStart::Latest, Some(pinned_latest)),
+            (IteratorStart::TrimHorizon, None),
+            (IteratorStart::AtTimestamp(t), None),
+            (IteratorStart::After("7".into()), None),
+        ];
+        for (start, want) in pins {
+            assert_eq!(pin_start(&start, t), want, "{start:?}");
+        }
+        // The whole decision: LATEST, iterator lost before any delivery, LATEST is not
+        // asked again; the re-resolved start lies before the first request.
+        let first = iterator_start(None, None, &latest);
+        let pinned = pin_start(&first, t);
+        let again = iterator_start(None, pinned.as_ref(), &latest);
+        assert_ne!(again, IteratorStart::Latest);
+        match again {
+            IteratorStart::AtTimestamp(at) => assert!(at < t),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
