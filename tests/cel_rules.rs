@@ -13,6 +13,8 @@ const REGION: &str = "region must look like us-east-1";
 const TABLE: &str = "table must be a DynamoDB table name";
 const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
 const POLL_MIN: &str = "tuning.pollInterval must be at least 200ms";
+const HEARTBEAT_MIN: &str = "tuning.heartbeatInterval must be at least 100ms";
+const POSITIVE: &str = "must be a duration greater than 0s";
 const CLIENT_TIMEOUT: &str = "tuning.clientTimeout must be at least twice tuning.heartbeatInterval";
 const ONE_DELIVERY: &str = "delivery needs exactly one of stdout or http";
 const UNIQUE_STREAMS: &str = "stream names must be unique";
@@ -27,6 +29,8 @@ const ALL: &[&str] = &[
     TABLE,
     DURATION,
     POLL_MIN,
+    HEARTBEAT_MIN,
+    POSITIVE,
     CLIENT_TIMEOUT,
     ONE_DELIVERY,
     UNIQUE_STREAMS,
@@ -209,6 +213,50 @@ fn poll_interval_minimum() {
             POLL_MIN,
         );
     }
+}
+
+#[test]
+fn heartbeat_interval_minimum() {
+    // A zero interval would make the worker spin (tokio's interval panics on it).
+    for ok in ["100ms", "2s", "1m"] {
+        accepts(
+            ok,
+            &with(|s| s["tuning"] = json!({"heartbeatInterval": ok, "clientTimeout": "5m"})),
+        );
+    }
+    for bad in ["99ms", "0s", "0ms"] {
+        rejects(
+            bad,
+            &with(|s| s["tuning"] = json!({"heartbeatInterval": bad})),
+            HEARTBEAT_MIN,
+        );
+    }
+}
+
+#[test]
+fn durations_that_must_be_positive() {
+    for field in ["checkpointInterval", "shutdownTimeout"] {
+        for ok in ["1ms", "5s", "1m30s"] {
+            accepts(
+                &format!("{field}={ok}"),
+                &with(|s| s["tuning"] = json!({field: ok})),
+            );
+        }
+        for bad in ["0s", "0ms", "0m0s"] {
+            rejects(
+                &format!("{field}={bad}"),
+                &with(|s| s["tuning"] = json!({field: bad})),
+                POSITIVE,
+            );
+        }
+    }
+    let http = |t: &str| {
+        with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000", "timeout": t}}))
+    };
+    accepts("http timeout 1ms", &http("1ms"));
+    accepts("http timeout 30s", &http("30s"));
+    rejects("http timeout 0s", &http("0s"), POSITIVE);
+    rejects("http timeout 0ms", &http("0ms"), POSITIVE);
 }
 
 #[test]

@@ -473,8 +473,7 @@ pub struct Tuning {
     #[serde(default = "defaults::client_timeout", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub client_timeout: Duration,
-    /// Bound on a graceful shutdown: finish the batch, checkpoint, release, deregister.
-    /// More than 0s.
+    /// Bound on a graceful shutdown (finish the batch, checkpoint, release, deregister). More than 0s.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub shutdown_timeout: Duration,
