@@ -1087,4 +1087,6 @@ async fn loss_and_order_with_real_worker_processes() {
         ),
         Err(errors) => h.fail(&format!("checker:\n{}", errors.join("\n"))),
     }
+    // Kept for inspection only when the test fails.
+    let _ = std::fs::remove_dir_all(&h.dir);
 }
