@@ -135,7 +135,7 @@ mod tests {
         let fresh = splice_into(readme).expect("README.md lacks the crd-reference markers");
         assert!(
             fresh == readme,
-            "README.md's CRD field reference is out of date: run `cargo run -q -- crd --reference --update-readme`"
+            "README.md's CRD field reference is out of date: run `cargo run -q -- crd --reference --update-readme README.md`"
         );
     }
 }
