@@ -29,7 +29,7 @@ use crate::config::{ConfigError, StreamConfig, WorkerConfig};
 use crate::delivery::BatchHandler;
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
-use crate::kinesis::StreamClient;
+use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
 use crate::membership::{self, Identity, Liveness};
 use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
@@ -411,9 +411,7 @@ impl Engine {
             leases: &views,
             reading: &reading,
         });
-        for action in actions {
-            self.act(action, &snap).await;
-        }
+        self.act_all(actions, &snap).await;
         self.finish_tick();
     }
 
@@ -606,6 +604,7 @@ impl Engine {
         {
             self.refresh_shard_caches(snap).await;
         }
+        prune_known_ended(&mut self.known_ended, snap);
         self.create_missing_leases(snap).await;
     }
 
@@ -617,7 +616,9 @@ impl Engine {
                 continue;
             };
             let name = self.streams[i].config.name.clone();
-            let shards = match client.list_shards().await {
+            // Bounded like the store calls: heartbeats and renewals come right after this
+            // in the same loop and must never wait behind a hung Kinesis.
+            let shards = match list_shards_bounded(&client, self.op_timeout()).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(stream = %name, error = %e, "ListShards failed");
@@ -701,97 +702,113 @@ impl Engine {
 
     // ------------------------------------------------------------------ actions
 
-    async fn act(&mut self, action: Action, snap: &GroupSnapshot) {
-        match action {
-            Action::Claim { key, from } => {
-                if self.pending_release.contains_key(&key) {
-                    return;
+    /// Carries out one tick's actions. The lease writes of claims and resumes run
+    /// concurrently: each may take up to the op timeout with a slow store, and one after
+    /// the other they would delay the next renewals past the fencing margin.
+    async fn act_all(&mut self, actions: Vec<Action>, snap: &GroupSnapshot) {
+        let mut writes = Vec::new();
+        for action in actions {
+            let (key, claim) = match action {
+                Action::Claim { key, from } => (key, Some(from)),
+                Action::Resume(key) => (key, None),
+                other => {
+                    self.act(other).await;
+                    continue;
                 }
-                let Some(idx) = self.stream_index(&key.stream) else {
-                    return;
-                };
-                if self.streams[idx].client.is_none() {
-                    return;
-                }
+            };
+            if self.pending_release.contains_key(&key) {
+                continue;
+            }
+            let Some(idx) = self.stream_index(&key.stream) else {
+                continue;
+            };
+            if self.streams[idx].client.is_none() {
+                continue;
+            }
+            let store = self.store.clone();
+            let metrics = self.metrics.clone();
+            let (group, me) = (self.group().to_owned(), self.me().to_owned());
+            let op_timeout = self.op_timeout();
+            writes.push(async move {
                 let sent = Instant::now();
-                let res = self
-                    .io(
-                        "claim",
-                        self.store.claim_lease_detailed(
-                            self.group(),
-                            &key.stream,
-                            &key.shard_id,
-                            self.me(),
-                            from.as_ref().map(|(o, c)| (o.as_str(), *c)),
-                        ),
-                    )
-                    .await;
-                match res {
-                    Ok(claimed) => {
-                        let row = &claimed.row;
-                        self.metrics.leases_acquired.inc();
-                        match &from {
-                            Some((old, _)) => {
-                                info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease")
-                            }
-                            None => {
-                                info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease")
-                            }
-                        }
-                        let fresh = no_checkpoint_start(
-                            self.streams[idx].config.start_position,
-                            parent_read_to_end(snap, &key),
-                            claimed.first_claim,
-                            claimed.first_claimed_at_ms,
-                        );
-                        self.spawn_reader(key, idx, &claimed.row, sent, fresh);
+                let res = match &claim {
+                    Some(from) => {
+                        io_bounded(
+                            &metrics,
+                            store.table(),
+                            "claim",
+                            op_timeout,
+                            store.claim_lease_detailed(
+                                &group,
+                                &key.stream,
+                                &key.shard_id,
+                                &me,
+                                from.as_ref().map(|(o, c)| (o.as_str(), *c)),
+                            ),
+                        )
+                        .await
                     }
-                    Err(StoreError::Conflict { .. }) => {
-                        self.metrics.lease_conflicts.inc();
+                    None => {
+                        io_bounded(
+                            &metrics,
+                            store.table(),
+                            "resume",
+                            op_timeout,
+                            store.resume_lease(&group, &key.stream, &key.shard_id, &me),
+                        )
+                        .await
+                    }
+                };
+                (key, idx, claim, sent, res)
+            });
+        }
+        for (key, idx, claim, sent, res) in join_all(writes).await {
+            match (claim, res) {
+                (Some(from), Ok(claimed)) => {
+                    let row = &claimed.row;
+                    self.metrics.leases_acquired.inc();
+                    match &from {
+                        Some((old, _)) => {
+                            info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease")
+                        }
+                        None => {
+                            info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease")
+                        }
+                    }
+                    let fresh = no_checkpoint_start(
+                        self.streams[idx].config.start_position,
+                        parent_read_to_end(snap, &key),
+                        claimed.first_claim,
+                        claimed.first_claimed_at_ms,
+                    );
+                    self.spawn_reader(key, idx, &claimed.row, sent, fresh);
+                }
+                (None, Ok(claimed)) => {
+                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint, "resuming owned shard");
+                    let fresh = no_checkpoint_start(
+                        self.streams[idx].config.start_position,
+                        parent_read_to_end(snap, &key),
+                        false,
+                        claimed.first_claimed_at_ms,
+                    );
+                    self.spawn_reader(key, idx, &claimed.row, sent, fresh);
+                }
+                (claim, Err(StoreError::Conflict { .. })) => {
+                    self.metrics.lease_conflicts.inc();
+                    if claim.is_some() {
                         debug!(stream = %key.stream, shard = %key.shard_id, "lost claim race");
                     }
-                    Err(e) => self.note_store("claim", &e),
                 }
+                (Some(_), Err(e)) => self.note_store("claim", &e),
+                (None, Err(e)) => self.note_store("renew", &e),
             }
-            Action::Resume(key) => {
-                if self.pending_release.contains_key(&key) {
-                    return;
-                }
-                let Some(idx) = self.stream_index(&key.stream) else {
-                    return;
-                };
-                if self.streams[idx].client.is_none() {
-                    return;
-                }
-                let sent = Instant::now();
-                let res = self
-                    .io(
-                        "resume",
-                        self.store.resume_lease(
-                            self.group(),
-                            &key.stream,
-                            &key.shard_id,
-                            self.me(),
-                        ),
-                    )
-                    .await;
-                match res {
-                    Ok(claimed) => {
-                        info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint, "resuming owned shard");
-                        let fresh = no_checkpoint_start(
-                            self.streams[idx].config.start_position,
-                            parent_read_to_end(snap, &key),
-                            false,
-                            claimed.first_claimed_at_ms,
-                        );
-                        self.spawn_reader(key, idx, &claimed.row, sent, fresh);
-                    }
-                    Err(StoreError::Conflict { .. }) => {
-                        self.metrics.lease_conflicts.inc();
-                    }
-                    Err(e) => self.note_store("renew", &e),
-                }
-            }
+        }
+    }
+
+    async fn act(&mut self, action: Action) {
+        match action {
+            // Claims and resumes go through `act_all`, concurrently.
+            Action::Claim { .. } | Action::Resume(_) => {}
             Action::Renew(_) => {} // done for every reader in renew_and_checkpoint
             Action::Release(key) => {
                 if let Some(o) = self.owned.get_mut(&key) {
@@ -1152,6 +1169,37 @@ fn final_update(p: &ShardProgress) -> CheckpointUpdate {
     }
 }
 
+/// ListShards, bounded by `limit`; a timeout counts as Kinesis being unavailable.
+async fn list_shards_bounded(
+    client: &StreamClient,
+    limit: Duration,
+) -> Result<Vec<ShardInfo>, KinesisError> {
+    match tokio::time::timeout(limit, client.list_shards()).await {
+        Ok(res) => res,
+        Err(_) => Err(KinesisError::Call {
+            kind: ErrorKind::Unavailable,
+            operation: "ListShards",
+            stream: client.name.clone(),
+            message: format!("no answer within {limit:?}"),
+        }),
+    }
+}
+
+/// Keeps `known_ended` bounded: only shards still in a shard cache, or whose ended lease
+/// row is still there (dropping those would make them "newly ended" again next tick).
+fn prune_known_ended(known: &mut BTreeSet<ShardKey>, snap: &GroupSnapshot) {
+    let mut keep: BTreeSet<ShardKey> = BTreeSet::new();
+    for c in &snap.shard_caches {
+        for s in &c.shards {
+            keep.insert(ShardKey::new(&c.stream, &s.shard_id));
+        }
+    }
+    for l in snap.leases.iter().filter(|l| l.ended) {
+        keep.insert(ShardKey::new(&l.stream, &l.shard_id));
+    }
+    known.retain(|k| keep.contains(k));
+}
+
 /// Bounds one state-store request; a timeout counts as the store being unavailable.
 async fn io_bounded<T>(
     metrics: &Metrics,
@@ -1441,6 +1489,145 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn prune_known_ended_table() {
+        let info = |id: &str| ShardInfo {
+            shard_id: id.into(),
+            parent: None,
+            adjacent_parent: None,
+            closed: true,
+        };
+        let lease = |shard: &str, ended: bool| LeaseRow {
+            pk: "ns/g".into(),
+            sk: format!("lease#a#{shard}"),
+            stream: "a".into(),
+            shard_id: shard.into(),
+            owner: None,
+            lease_counter: 1,
+            checkpoint: None,
+            ended,
+            millis_behind: None,
+            lag_at_ms: None,
+            updated_at_ms: 0,
+        };
+        let snap = GroupSnapshot {
+            shard_caches: vec![ShardCacheRow {
+                pk: "ns/g".into(),
+                sk: shards_sk("a"),
+                stream: "a".into(),
+                shards: vec![info("s-1")],
+                refreshed_at_ms: 0,
+                refreshed_by: "c".into(),
+            }],
+            leases: vec![lease("s-2", true), lease("s-3", false)],
+            ..GroupSnapshot::default()
+        };
+        let mut known: BTreeSet<ShardKey> = ["s-1", "s-2", "s-3", "s-4"]
+            .iter()
+            .map(|s| ShardKey::new("a", *s))
+            .chain([ShardKey::new("b", "s-1")])
+            .collect();
+        prune_known_ended(&mut known, &snap);
+        // s-1: still cached; s-2: its ended row is still there; s-3 (row not ended), s-4
+        // (gone) and another stream's shard absent from every cache: dropped.
+        let want: BTreeSet<ShardKey> = [ShardKey::new("a", "s-1"), ShardKey::new("a", "s-2")]
+            .into_iter()
+            .collect();
+        assert_eq!(known, want);
+    }
+
+    /// An endpoint that accepts connections and never answers: a hung Kinesis / DynamoDB.
+    async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        (url, task)
+    }
+
+    async fn sdk_config(url: &str) -> SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await
+    }
+
+    #[tokio::test]
+    async fn list_shards_is_bounded() {
+        let (url, hole) = black_hole().await;
+        let base = sdk_config(&url).await;
+        let stream: StreamConfig = serde_yaml::from_str("name: s").unwrap();
+        let client = StreamClient::connect(&stream, &base).await.unwrap();
+        let started = Instant::now();
+        let res = list_shards_bounded(&client, ms(300)).await;
+        assert!(started.elapsed() < ms(3000), "{:?}", started.elapsed());
+        assert_eq!(res.unwrap_err().kind(), ErrorKind::Unavailable);
+        hole.abort();
+    }
+
+    /// Claims against a store that never answers take one op timeout in all, not one per
+    /// claim: the next renewals must not fall behind the fencing margin.
+    #[tokio::test]
+    async fn claims_of_one_tick_run_concurrently() {
+        let (url, hole) = black_hole().await;
+        let base = sdk_config(&url).await;
+        let config: WorkerConfig = serde_yaml::from_str(
+            "group: ns/g\nstreams:\n- name: s\nstateStore:\n  table: t\ndelivery:\n  stdout: {}\ntuning:\n  heartbeatInterval: 500ms\n",
+        )
+        .expect("config");
+        let store = StateStore::new(aws_sdk_dynamodb::Client::new(&base), "t");
+        struct Nop;
+        impl BatchHandler for Nop {
+            fn handle<'a>(
+                &'a self,
+                _b: &'a [crate::delivery::Record],
+            ) -> futures::future::BoxFuture<'a, Result<(), crate::delivery::HandlerError>>
+            {
+                Box::pin(async { Ok(()) })
+            }
+        }
+        let mut engine = Engine::new(
+            config,
+            Identity::new(Some("c1".into()), Some("pod".into())),
+            store,
+            base.clone(),
+            Arc::new(Nop),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(30))),
+        );
+        engine.connect_streams().await;
+        assert!(engine.streams[0].client.is_some());
+        let timeout = engine.op_timeout();
+        let actions: Vec<Action> = (0..4)
+            .map(|i| Action::Claim {
+                key: ShardKey::new("s", &format!("shardId-00000000000{i}")),
+                from: None,
+            })
+            .chain([Action::Resume(ShardKey::new("s", "shardId-000000000009"))])
+            .collect();
+        let started = Instant::now();
+        engine.act_all(actions, &GroupSnapshot::default()).await;
+        let took = started.elapsed();
+        assert!(
+            took < timeout * 2,
+            "5 claims/resumes took {took:?} with an op timeout of {timeout:?}"
+        );
+        assert!(engine.owned.is_empty());
+        assert_eq!(
+            engine.tick_issue.as_ref().map(|i| i.reason.as_str()),
+            Some("StateStoreUnavailable")
+        );
+        hole.abort();
     }
 
     #[test]

@@ -581,6 +581,20 @@ impl Reader {
     }
 }
 
+/// Removes a shard's `behind_latest` gauge when dropped.
+pub struct LagGaugeGuard {
+    /// The metrics holding the gauge.
+    pub metrics: Arc<Metrics>,
+    /// The shard's labels.
+    pub labels: ShardLabels,
+}
+
+impl Drop for LagGaugeGuard {
+    fn drop(&mut self) {
+        self.metrics.behind_latest.remove(&self.labels);
+    }
+}
+
 /// Reads `task`'s shard until it ends or `stop` is cancelled. On stop it fetches nothing
 /// more, lets the in-flight delivery finish (the engine bounds that by dropping this future
 /// at the shutdown deadline) and returns the final progress, also published on `progress`.
@@ -593,6 +607,15 @@ pub async fn read_shard(
     stop: CancellationToken,
 ) -> ShardProgress {
     let span = info_span!("read_shard", stream = %task.client.name, shard = %task.shard_id);
+    // Removes the shard's lag gauge however the reader ends: returned, or aborted by the
+    // engine (fenced, lease lost, shutdown bound), which drops this future mid-way.
+    let _gauge = LagGaugeGuard {
+        metrics: metrics.clone(),
+        labels: ShardLabels {
+            stream: task.client.name.clone(),
+            shard: task.shard_id.clone(),
+        },
+    };
     async move {
         let commits = CommitTracker::new(task.checkpoint.clone());
         let commit_rx = commits.subscribe();
@@ -644,7 +667,6 @@ pub async fn read_shard(
             reader.publish();
             debug!(acked = ?reader.progress.acked, "reader stopped");
         }
-        reader.m.metrics.behind_latest.remove(&reader.m.shard);
         reader.progress.clone()
     }
     .instrument(span)
@@ -713,6 +735,35 @@ mod tests {
         assert_eq!(b.attempts(), 50);
         b.reset();
         assert!(b.next_delay() <= MS(200));
+    }
+
+    /// An aborted reader (the engine drops its future) must not leave its shard's lag
+    /// gauge behind.
+    #[tokio::test]
+    async fn lag_gauge_removed_when_the_reader_is_aborted() {
+        let metrics = Arc::new(Metrics::new());
+        let labels = ShardLabels {
+            stream: "s".into(),
+            shard: "shardId-000000000007".into(),
+        };
+        let (m, l) = (metrics.clone(), labels.clone());
+        let task = tokio::spawn(async move {
+            let _g = LagGaugeGuard {
+                metrics: m.clone(),
+                labels: l.clone(),
+            };
+            m.behind_latest.get_or_create(&l).set(1.5);
+            futures::future::pending::<()>().await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(metrics.encode().contains("shardId-000000000007"));
+        task.abort();
+        let _ = task.await;
+        assert!(
+            !metrics.encode().contains("shardId-000000000007"),
+            "{}",
+            metrics.encode()
+        );
     }
 
     #[test]
