@@ -1610,7 +1610,7 @@ mod tests {
         let timeout = engine.op_timeout();
         let actions: Vec<Action> = (0..4)
             .map(|i| Action::Claim {
-                key: ShardKey::new("s", &format!("shardId-00000000000{i}")),
+                key: ShardKey::new("s", format!("shardId-00000000000{i}")),
                 from: None,
             })
             .chain([Action::Resume(ShardKey::new("s", "shardId-000000000009"))])
