@@ -216,7 +216,9 @@ impl WorkerConfig {
             return invalid("tuning.heartbeatInterval: must be at least 100ms".into());
         }
         if t.client_timeout < t.heartbeat_interval * 2 {
-            return invalid("tuning.clientTimeout: must be at least twice tuning.heartbeatInterval".into());
+            return invalid(
+                "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval".into(),
+            );
         }
         if t.shutdown_timeout.is_zero() {
             return invalid("tuning.shutdownTimeout: must be greater than 0s".into());
@@ -259,11 +261,7 @@ pub fn env_overrides() -> Env {
 /// `POLL_INTERVAL` → `pollInterval`, the serde name of the field.
 fn camel_case(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
-    for (i, word) in segment
-        .split('_')
-        .filter(|w| !w.is_empty())
-        .enumerate()
-    {
+    for (i, word) in segment.split('_').filter(|w| !w.is_empty()).enumerate() {
         let word = word.to_ascii_lowercase();
         let mut chars = word.chars();
         if i > 0
@@ -651,6 +649,8 @@ pub mod defaults {
 }
 
 #[cfg(test)]
+// figment's Jail closures return its (large) Error type; nothing to shrink on our side.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -696,10 +696,16 @@ mod tests {
             assert_eq!(c.state_store.table, "kcg-state");
             jail.set_env("KCG__STATE_STORE__TABLE", "other");
             let c = WorkerConfig::from_yaml(BASE).expect("parses");
-            assert_eq!(c.state_store.table, "kcg-state", "the operator's path takes no env");
+            assert_eq!(
+                c.state_store.table, "kcg-state",
+                "the operator's path takes no env"
+            );
             // A quoted value stays a string even when it looks like a number.
             jail.set_env("KCG__STATE_STORE__TABLE", "\"12345\"");
-            assert_eq!(load_in(jail, BASE).expect("loads").state_store.table, "12345");
+            assert_eq!(
+                load_in(jail, BASE).expect("loads").state_store.table,
+                "12345"
+            );
             Ok(())
         });
     }
@@ -710,7 +716,9 @@ mod tests {
             jail.set_env("KCG__TUNING__POLL_INTERVAL", "5x");
             let e = load_in(jail, BASE).unwrap_err().to_string();
             assert!(
-                e.contains(r#"tuning.pollInterval: invalid duration "5x" (expected like 500ms, 5s, 1m30s)"#),
+                e.contains(
+                    r#"tuning.pollInterval: invalid duration "5x" (expected like 500ms, 5s, 1m30s)"#
+                ),
                 "{e}"
             );
             assert!(e.contains("KCG__TUNING__POLL_INTERVAL"), "{e}");
@@ -720,7 +728,10 @@ mod tests {
             // An override is validated like the file.
             jail.set_env("KCG__TUNING__HEARTBEAT_INTERVAL", "0s");
             let e = load_in(jail, BASE).unwrap_err().to_string();
-            assert!(e.contains("tuning.heartbeatInterval: must be at least 100ms"), "{e}");
+            assert!(
+                e.contains("tuning.heartbeatInterval: must be at least 100ms"),
+                "{e}"
+            );
             Ok(())
         });
     }
@@ -847,8 +858,20 @@ mod tests {
         }
         // Accepted although not canonical.
         assert_eq!(duration::parse("90s"), Some(Duration::from_secs(90)));
-        assert_eq!(duration::parse("1s500ms"), Some(Duration::from_millis(1500)));
-        for bad in ["", "5", "5 s", "1.5s", "-1s", "5sec", "1d", "99999999999999999999h"] {
+        assert_eq!(
+            duration::parse("1s500ms"),
+            Some(Duration::from_millis(1500))
+        );
+        for bad in [
+            "",
+            "5",
+            "5 s",
+            "1.5s",
+            "-1s",
+            "5sec",
+            "1d",
+            "99999999999999999999h",
+        ] {
             assert_eq!(duration::parse(bad), None, "{bad:?}");
         }
         let c = WorkerConfig::from_yaml(BASE).expect("parses");
@@ -893,19 +916,37 @@ mod tests {
             schemars::schema_for!(DeliveryConfig),
             schemars::schema_for!(Tuning),
         ] {
-            rules(&serde_json::to_value(schema).expect("schema is JSON"), &mut all);
+            rules(
+                &serde_json::to_value(schema).expect("schema is JSON"),
+                &mut all,
+            );
         }
         let expect = [
-            ("name must be a Kinesis stream name", vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN]),
+            (
+                "name must be a Kinesis stream name",
+                vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN],
+            ),
             ("roleArn must be an IAM role ARN", vec![ROLE_ARN_PATTERN]),
             ("region must look like us-east-1", vec![REGION_PATTERN]),
             ("table must be a DynamoDB table name", vec![TABLE_PATTERN]),
-            ("url must be an http:// or https:// URL", vec![HTTP_URL_PATTERN]),
+            (
+                "url must be an http:// or https:// URL",
+                vec![HTTP_URL_PATTERN],
+            ),
             ("must be a duration such as", vec![DURATION_PATTERN]),
-            ("tuning.pollInterval must be at least 200ms", vec![DURATION_PATTERN]),
-            ("tuning.heartbeatInterval must be at least 100ms", vec![DURATION_PATTERN]),
+            (
+                "tuning.pollInterval must be at least 200ms",
+                vec![DURATION_PATTERN],
+            ),
+            (
+                "tuning.heartbeatInterval must be at least 100ms",
+                vec![DURATION_PATTERN],
+            ),
             ("must be a duration greater than 0s", vec![DURATION_PATTERN]),
-            ("tuning.clientTimeout must be at least twice", vec![DURATION_PATTERN]),
+            (
+                "tuning.clientTimeout must be at least twice",
+                vec![DURATION_PATTERN],
+            ),
         ];
         for (message, patterns) in expect {
             let found: Vec<_> = all.iter().filter(|(m, _)| m.starts_with(message)).collect();

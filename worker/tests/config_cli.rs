@@ -7,8 +7,7 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 
-const VALID: &str =
-    "group: ns/g\nstreams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {stdout: {}}\n";
+const VALID: &str = "group: ns/g\nstreams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {stdout: {}}\n";
 
 fn write(name: &str, yaml: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kcg-config-cli-{}", std::process::id()));
@@ -35,7 +34,11 @@ fn run(path: &PathBuf, env: &[(&str, &str)]) -> Output {
 
 fn assert_config_error(name: &str, out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{name}: exit code; stderr: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name}: exit code; stderr: {err}"
+    );
     assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
     for needle in needles {
         assert!(
@@ -75,12 +78,18 @@ fn each_kind_of_bad_config_exits_2_naming_the_field() {
         ),
         (
             "malformed stream ARN",
-            VALID.replace("orders", "\"arn:aws:kinesis:us-east-1:12345:stream/orders\""),
+            VALID.replace(
+                "orders",
+                "\"arn:aws:kinesis:us-east-1:12345:stream/orders\"",
+            ),
             &["streams[0].name: malformed stream ARN"],
         ),
         (
             "malformed role ARN",
-            VALID.replace("{name: orders}", "{name: orders, roleArn: \"arn:aws:iam:role/x\"}"),
+            VALID.replace(
+                "{name: orders}",
+                "{name: orders, roleArn: \"arn:aws:iam:role/x\"}",
+            ),
             &["streams[0].roleArn: malformed role ARN"],
         ),
         (
