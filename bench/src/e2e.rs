@@ -11,6 +11,8 @@ use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
+use anyhow::Context;
+
 use crate::report::{Row, num};
 use crate::support::{self, Aws, Counter};
 
@@ -107,7 +109,7 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     let rss_reset = support::reset_peak_rss();
     // The producer is done: from here on this process only runs the engine (and the
     // counting handler), so its CPU time is the engine's.
-    let cpu_start = support::process_cpu_time();
+    let cpu_start = support::process_cpu_split();
     let start = Instant::now();
     let counter = Counter::new(start, p.records);
     let shutdown = CancellationToken::new();
@@ -125,7 +127,7 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     let finished = tokio::time::timeout(p.timeout, counter.reached())
         .await
         .is_ok();
-    let cpu_end = support::process_cpu_time();
+    let cpu_end = support::process_cpu_split();
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(30), engine).await {
         Ok(Ok(Ok(()))) => {}
@@ -181,12 +183,14 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     // library handler that only counts.
     rows.push(match (cpu_start, cpu_end) {
         (Some(a), Some(b)) if finished => {
-            let us = (b.saturating_sub(a)).as_secs_f64() * 1e6 / p.records as f64;
+            let (user, sys) = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1));
+            let us = (user + sys).as_secs_f64() * 1e6 / p.records as f64;
             Row::goal(
                 "e2e CPU per record",
                 format!(
-                    "kcg: process CPU (utime+stime, 10 ms ticks) engine start -> last record, / records; checkpoint every 1s, counting handler; {:.0} ms CPU",
-                    b.saturating_sub(a).as_secs_f64() * 1000.0
+                    "kcg: process CPU (utime+stime, 10 ms ticks) engine start -> last record, / records; checkpoint every 1s, counting handler; {:.0} ms user + {:.0} ms sys",
+                    user.as_secs_f64() * 1000.0,
+                    sys.as_secs_f64() * 1000.0
                 ),
                 num(us),
                 "us",
@@ -211,6 +215,29 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
             false,
         ),
     });
+    // The floor: the same records through a bare GetRecords loop (SDK only, no engine),
+    // measured the same way, so kcg's own share is the difference.
+    if finished {
+        rows.push(match bare_loop(aws, stream, p).await {
+            Ok((read, user, sys)) => Row::info(
+                "e2e CPU per record",
+                format!(
+                    "bare GetRecords loop (SDK only, 4 shards concurrently, {}/call, no engine): {read} records, {:.0} ms user + {:.0} ms sys",
+                    p.max_records_per_call,
+                    user.as_secs_f64() * 1000.0,
+                    sys.as_secs_f64() * 1000.0
+                ),
+                num((user + sys).as_secs_f64() * 1e6 / read.max(1) as f64),
+                "us",
+            ),
+            Err(e) => Row::info(
+                "e2e CPU per record",
+                format!("bare GetRecords loop: ERROR {e:#}"),
+                "-",
+                "us",
+            ),
+        });
+    }
     // Issue 2 "Efficiency": at most 48 MiB RSS while draining 4 shards.
     let rss_params = |what: &str| format!("{what}, draining {} shards", p.shards);
     rows.push(match peak {
@@ -241,6 +268,67 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     Ok(rows)
 }
 
+/// Reads every shard of `stream` from TRIM_HORIZON to its tip with plain GetRecords calls
+/// (all shards at once), dropping the records; returns (records, user CPU, system CPU).
+async fn bare_loop(
+    aws: &Aws,
+    stream: &str,
+    p: &Params,
+) -> anyhow::Result<(u64, Duration, Duration)> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let shards = aws
+        .kinesis
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await?
+        .shards
+        .unwrap_or_default();
+    let before = support::process_cpu_split().context("/proc/self/stat")?;
+    let mut set = tokio::task::JoinSet::new();
+    for s in shards {
+        let client = aws.kinesis.clone();
+        let stream = stream.to_owned();
+        let limit = p.max_records_per_call as i32;
+        set.spawn(async move {
+            let mut it = client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(s.shard_id)
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await?
+                .shard_iterator;
+            let mut read = 0u64;
+            while let Some(i) = it {
+                let out = client
+                    .get_records()
+                    .shard_iterator(i)
+                    .limit(limit)
+                    .send()
+                    .await?;
+                let n = out.records.len() as u64;
+                read += n;
+                if n == 0 && out.millis_behind_latest.unwrap_or(0) == 0 {
+                    break;
+                }
+                it = out.next_shard_iterator;
+            }
+            anyhow::Ok(read)
+        });
+    }
+    let mut read = 0;
+    while let Some(r) = set.join_next().await {
+        read += r??;
+    }
+    let after = support::process_cpu_split().context("/proc/self/stat")?;
+    Ok((
+        read,
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+    ))
+}
+
 /// Runs the peer's consumer (Node) on the stream kcg just read and reports it the same way.
 async fn peer(
     p: &Params,
@@ -248,7 +336,6 @@ async fn peer(
     stream: &str,
     table: &str,
 ) -> anyhow::Result<Vec<Row>> {
-    use anyhow::Context;
     let run = tokio::process::Command::new("node")
         .arg(PEER_SCRIPT)
         .env("NODE_PATH", dir.join("node_modules"))

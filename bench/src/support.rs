@@ -267,19 +267,25 @@ pub fn peak_rss_kib() -> Option<u64> {
 /// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s: Linux reports
 /// USER_HZ = 100 there on every architecture). `None` when unreadable.
 pub fn process_cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    cpu_ticks_from_stat(&stat).map(|t| Duration::from_millis(t * 10))
+    process_cpu_split().map(|(u, s)| u + s)
 }
 
-/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) may contain
+/// (user, system) CPU time of this process so far; see [`process_cpu_time`].
+pub fn process_cpu_split() -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let (u, s) = cpu_ticks_from_stat(&stat)?;
+    Some((Duration::from_millis(u * 10), Duration::from_millis(s * 10)))
+}
+
+/// (utime, stime) from a `/proc/<pid>/stat` line. The command name (field 2) may contain
 /// spaces and parentheses, so fields are counted after its closing parenthesis.
-pub fn cpu_ticks_from_stat(stat: &str) -> Option<u64> {
+pub fn cpu_ticks_from_stat(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After ")": field 3 (state) is the first; utime is field 14, stime field 15.
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Resets the peak RSS counter (Linux: write 5 to clear_refs), so VmHWM then covers only
@@ -295,7 +301,7 @@ mod tests {
     #[test]
     fn cpu_ticks_parse() {
         let line = "1234 (kcg bench (x)) S 1 2 3 4 5 6 7 8 9 10 250 17 0 0 20 0 8 0 100";
-        assert_eq!(cpu_ticks_from_stat(line), Some(267));
+        assert_eq!(cpu_ticks_from_stat(line), Some((250, 17)));
         assert_eq!(cpu_ticks_from_stat("garbage"), None);
         assert!(process_cpu_time().is_some());
     }
