@@ -793,7 +793,13 @@ mod tests {
                 &latest,
                 IteratorStart::After("42".into()),
             ),
-            ("trim horizon", None, None, &trim, IteratorStart::TrimHorizon),
+            (
+                "trim horizon",
+                None,
+                None,
+                &trim,
+                IteratorStart::TrimHorizon,
+            ),
         ];
         for (name, delivered, pinned, stream, want) in cases {
             assert_eq!(

@@ -113,12 +113,19 @@ async fn dropped_commit_token_is_reported_and_redelivered() {
         "checkpoint stuck at {:?}: a dropped token stalled the shard",
         rx.borrow().acked
     );
-    assert!(reported, "the dropped token must be reported as HandlerFailing");
+    assert!(
+        reported,
+        "the dropped token must be reported as HandlerFailing"
+    );
     // Redelivered from the last committed record (none): the first batch came twice, in
     // order, nothing skipped.
     let seen = handler.seen.lock().unwrap().clone();
     assert_eq!(&seen[..3], &seqs[..3]);
-    assert_eq!(&seen[3..], &seqs[..], "redelivery restarts after the committed prefix");
+    assert_eq!(
+        &seen[3..],
+        &seqs[..],
+        "redelivery restarts after the committed prefix"
+    );
     assert!(
         rx.borrow().issue.is_none(),
         "the issue clears once the handler commits again"

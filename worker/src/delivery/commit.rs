@@ -77,7 +77,11 @@ impl CommitQueue {
     pub fn abort(&mut self, id: BatchId) {
         // The refused batch's token was typically dropped first, which marked it
         // abandoned; a withdrawn batch is simply handed out again.
-        if self.pending.back().is_some_and(|e| e.id == id && !e.committed) {
+        if self
+            .pending
+            .back()
+            .is_some_and(|e| e.id == id && !e.committed)
+        {
             self.pending.pop_back();
         }
     }
@@ -350,9 +354,16 @@ mod tests {
         a.commit();
         drop(b); // never committed
         let st = t.state();
-        assert!(st.abandoned, "a dropped token must not pin the queue silently");
+        assert!(
+            st.abandoned,
+            "a dropped token must not pin the queue silently"
+        );
         assert_eq!(st.committed.as_deref(), Some("10"));
-        assert_eq!(t.restart().as_deref(), Some("10"), "redeliver after the prefix");
+        assert_eq!(
+            t.restart().as_deref(),
+            Some("10"),
+            "redeliver after the prefix"
+        );
         assert_eq!(
             t.state(),
             CommitState {

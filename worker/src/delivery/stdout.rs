@@ -218,7 +218,10 @@ mod tests {
             tokio::spawn(async move { sink.handle(&batch).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!task.is_finished(), "the write should be blocked on the pipe");
+        assert!(
+            !task.is_finished(),
+            "the write should be blocked on the pipe"
+        );
         task.abort();
         let _ = task.await;
         // Drain everything that was written, then make sure nothing more comes.
@@ -251,7 +254,10 @@ mod tests {
         }
         writer.await.unwrap().unwrap();
         // Every line is whole JSON: a line cut by the abort was completed first.
-        let lines: Vec<&[u8]> = got.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = got
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         assert_eq!(lines.len(), want);
         for line in &lines {
             serde_json::from_slice::<serde_json::Value>(line).expect("a whole JSON line");
