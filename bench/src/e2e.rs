@@ -215,28 +215,67 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
             false,
         ),
     });
+    // Steady state: from the first delivered batch to the last record, so the fixed
+    // start-up (SDK config, table check, registration, first connections) is outside.
+    if let (true, Some(((u0, s0), first_n)), Some((u1, s1))) =
+        (finished, counter.first_cpu(), cpu_end)
+    {
+        let (user, sys) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
+        let n = p.records.saturating_sub(first_n).max(1);
+        let us = (user + sys).as_secs_f64() * 1e6 / n as f64;
+        rows.push(Row::goal(
+            "e2e CPU per record",
+            format!(
+                "kcg steady state: process CPU first batch -> last record, / the {n} records after the first batch; {:.0} ms user + {:.0} ms sys",
+                user.as_secs_f64() * 1000.0,
+                sys.as_secs_f64() * 1000.0
+            ),
+            num(us),
+            "us",
+            "<= 2",
+            us <= 2.0,
+        ));
+    }
     // The floor: the same records through a bare GetRecords loop (SDK only, no engine),
     // measured the same way, so kcg's own share is the difference.
     if finished {
-        rows.push(match bare_loop(aws, stream, p).await {
-            Ok((read, user, sys)) => Row::info(
-                "e2e CPU per record",
-                format!(
-                    "bare GetRecords loop (SDK only, 4 shards concurrently, {}/call, no engine): {read} records, {:.0} ms user + {:.0} ms sys",
-                    p.max_records_per_call,
-                    user.as_secs_f64() * 1000.0,
-                    sys.as_secs_f64() * 1000.0
-                ),
-                num((user + sys).as_secs_f64() * 1e6 / read.max(1) as f64),
-                "us",
-            ),
-            Err(e) => Row::info(
+        match bare_loop(aws, stream, p).await {
+            Ok(b) => {
+                rows.push(Row::info(
+                    "e2e CPU per record",
+                    format!(
+                        "bare GetRecords loop (SDK only, 4 shards concurrently, {}/call, no engine): {} records in {} calls (max {}/call), {:.0} ms user + {:.0} ms sys",
+                        p.max_records_per_call,
+                        b.read,
+                        b.calls,
+                        b.max_per_call,
+                        b.user.as_secs_f64() * 1000.0,
+                        b.sys.as_secs_f64() * 1000.0
+                    ),
+                    num((b.user + b.sys).as_secs_f64() * 1e6 / b.read.max(1) as f64),
+                    "us",
+                ));
+                if let Some(((u0, s0), first_n)) = b.first {
+                    let cpu = b.user.saturating_sub(u0) + b.sys.saturating_sub(s0);
+                    rows.push(Row::info(
+                        "e2e CPU per record",
+                        format!(
+                            "bare loop steady state: first non-empty page -> end, / the {} records after it",
+                            b.read.saturating_sub(first_n)
+                        ),
+                        num(cpu.as_secs_f64() * 1e6
+                            / b.read.saturating_sub(first_n).max(1) as f64),
+                        "us",
+                    ));
+                }
+            }
+            Err(e) => rows.push(Row::info(
                 "e2e CPU per record",
                 format!("bare GetRecords loop: ERROR {e:#}"),
                 "-",
                 "us",
-            ),
-        });
+            )),
+        }
     }
     // Issue 2 "Efficiency": at most 48 MiB RSS while draining 4 shards.
     let rss_params = |what: &str| format!("{what}, draining {} shards", p.shards);
@@ -268,13 +307,23 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     Ok(rows)
 }
 
+/// Process CPU (user, system) when the first non-empty page arrived, and its size.
+type FirstPage = (Option<(Duration, Duration)>, u64);
+
+/// What the bare GetRecords loop did: CPU times are since its start; `first` is the CPU
+/// (since its start) when the first non-empty page arrived, and that page's size.
+struct Bare {
+    read: u64,
+    calls: u64,
+    max_per_call: u64,
+    user: Duration,
+    sys: Duration,
+    first: Option<((Duration, Duration), u64)>,
+}
+
 /// Reads every shard of `stream` from TRIM_HORIZON to its tip with plain GetRecords calls
-/// (all shards at once), dropping the records; returns (records, user CPU, system CPU).
-async fn bare_loop(
-    aws: &Aws,
-    stream: &str,
-    p: &Params,
-) -> anyhow::Result<(u64, Duration, Duration)> {
+/// (all shards at once), dropping the records.
+async fn bare_loop(aws: &Aws, stream: &str, p: &Params) -> anyhow::Result<Bare> {
     use aws_sdk_kinesis::types::ShardIteratorType;
     let shards = aws
         .kinesis
@@ -285,11 +334,13 @@ async fn bare_loop(
         .shards
         .unwrap_or_default();
     let before = support::process_cpu_split().context("/proc/self/stat")?;
+    let first: Arc<std::sync::OnceLock<FirstPage>> = Arc::new(std::sync::OnceLock::new());
     let mut set = tokio::task::JoinSet::new();
     for s in shards {
         let client = aws.kinesis.clone();
         let stream = stream.to_owned();
         let limit = p.max_records_per_call as i32;
+        let first = first.clone();
         set.spawn(async move {
             let mut it = client
                 .get_shard_iterator()
@@ -299,7 +350,7 @@ async fn bare_loop(
                 .send()
                 .await?
                 .shard_iterator;
-            let mut read = 0u64;
+            let (mut read, mut calls, mut max) = (0u64, 0u64, 0u64);
             while let Some(i) = it {
                 let out = client
                     .get_records()
@@ -308,25 +359,43 @@ async fn bare_loop(
                     .send()
                     .await?;
                 let n = out.records.len() as u64;
+                calls += 1;
+                max = max.max(n);
+                if n > 0 && first.get().is_none() {
+                    let _ = first.set((support::process_cpu_split(), n));
+                }
                 read += n;
                 if n == 0 && out.millis_behind_latest.unwrap_or(0) == 0 {
                     break;
                 }
                 it = out.next_shard_iterator;
             }
-            anyhow::Ok(read)
+            anyhow::Ok((read, calls, max))
         });
     }
-    let mut read = 0;
+    let (mut read, mut calls, mut max_per_call) = (0, 0, 0);
     while let Some(r) = set.join_next().await {
-        read += r??;
+        let (r, c, m) = r??;
+        read += r;
+        calls += c;
+        max_per_call = max_per_call.max(m);
     }
     let after = support::process_cpu_split().context("/proc/self/stat")?;
-    Ok((
+    let since =
+        |c: (Duration, Duration)| (c.0.saturating_sub(before.0), c.1.saturating_sub(before.1));
+    let first = match first.get() {
+        Some((Some(c), n)) => Some((since(*c), *n)),
+        _ => None,
+    };
+    let (user, sys) = since(after);
+    Ok(Bare {
         read,
-        after.0.saturating_sub(before.0),
-        after.1.saturating_sub(before.1),
-    ))
+        calls,
+        max_per_call,
+        user,
+        sys,
+        first,
+    })
 }
 
 /// Runs the peer's consumer (Node) on the stream kcg just read and reports it the same way.

@@ -113,6 +113,10 @@ pub struct Counter {
     distinct: AtomicU64,
     repeated: AtomicU64,
     first: OnceLock<Duration>,
+    /// Process CPU (user, system) and batch size when the first batch arrived: the
+    /// steady-state CPU per record excludes start-up (SDK config, table check, first
+    /// connection) by counting from here.
+    first_cpu: OnceLock<(Option<(Duration, Duration)>, u64)>,
     last_ns: AtomicU64,
     done: Notify,
 }
@@ -128,6 +132,7 @@ impl Counter {
             distinct: AtomicU64::new(0),
             repeated: AtomicU64::new(0),
             first: OnceLock::new(),
+            first_cpu: OnceLock::new(),
             last_ns: AtomicU64::new(0),
             done: Notify::new(),
         })
@@ -156,6 +161,13 @@ impl Counter {
         self.first.get().copied()
     }
 
+    /// Process CPU (user, system) when the first batch arrived (before counting it), and
+    /// that batch's size.
+    pub fn first_cpu(&self) -> Option<((Duration, Duration), u64)> {
+        let (cpu, n) = self.first_cpu.get()?;
+        Some(((*cpu)?, *n))
+    }
+
     /// Time from start to the latest delivered record.
     pub fn last(&self) -> Duration {
         Duration::from_nanos(self.last_ns.load(Ordering::SeqCst))
@@ -165,21 +177,30 @@ impl Counter {
         let Some(head) = batch.first() else {
             return;
         };
-        let _ = self.first.set(self.start.elapsed());
+        if self.first.set(self.start.elapsed()).is_ok() {
+            let _ = self
+                .first_cpu
+                .set((process_cpu_split(), batch.len() as u64));
+        }
         let key = format!("{}/{}", head.stream, head.shard_id);
         let (mut fresh, mut again) = (0u64, 0u64);
         {
             let mut last = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
-            let mut high = last.get(&key).cloned();
+            // Borrow the highest sequence from the batch and copy it once per batch, so the
+            // counting handler itself costs no allocation per record.
+            let mut high: Option<&str> = last.get(&key).map(String::as_str);
+            let mut moved = false;
             for r in batch {
-                if high.as_deref().is_none_or(|h| seq_after(&r.sequence, h)) {
+                if high.is_none_or(|h| seq_after(&r.sequence, h)) {
                     fresh += 1;
-                    high = Some(r.sequence.clone());
+                    high = Some(&r.sequence);
+                    moved = true;
                 } else {
                     again += 1;
                 }
             }
-            if let Some(h) = high {
+            if let (true, Some(h)) = (moved, high) {
+                let h = h.to_owned();
                 last.insert(key, h);
             }
         }
