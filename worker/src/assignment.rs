@@ -372,17 +372,9 @@ mod tests {
     fn plan_from_snapshot_uses_cache_and_ended_leases() {
         use crate::store::schema::{LeaseRow, ShardCacheRow};
         let lease = |shard: &str, ended: bool| LeaseRow {
-            pk: "ns/g".into(),
-            sk: format!("lease#a#{shard}"),
-            stream: "a".into(),
-            shard_id: shard.into(),
-            owner: None,
             lease_counter: 1,
-            checkpoint: None,
             ended,
-            millis_behind: None,
-            lag_at_ms: None,
-            updated_at_ms: 0,
+            ..LeaseRow::unowned("ns/g", "a", shard, 0)
         };
         let snap = GroupSnapshot {
             clients: vec![],

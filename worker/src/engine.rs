@@ -1401,17 +1401,10 @@ mod tests {
     #[test]
     fn trimmed_leases_table() {
         let lease = |stream: &str, shard: &str, owner: Option<&str>, ended: bool| LeaseRow {
-            pk: "ns/g".into(),
-            sk: format!("lease#{stream}#{shard}"),
-            stream: stream.into(),
-            shard_id: shard.into(),
             owner: owner.map(str::to_owned),
             lease_counter: 1,
-            checkpoint: None,
             ended,
-            millis_behind: None,
-            lag_at_ms: None,
-            updated_at_ms: 0,
+            ..LeaseRow::unowned("ns/g", stream, shard, 0)
         };
         let listed = vec![ShardInfo {
             shard_id: "s-1".into(),
@@ -1437,17 +1430,10 @@ mod tests {
         let configured: StreamConfig =
             serde_yaml::from_str("name: s\nstartPosition: Latest").expect("stream");
         let row = |cp: Option<&str>| LeaseRow {
-            pk: "ns/g".into(),
-            sk: "lease#s#x".into(),
-            stream: "s".into(),
-            shard_id: "x".into(),
             owner: Some("me".into()),
             lease_counter: 1,
             checkpoint: cp.map(str::to_owned),
-            ended: false,
-            millis_behind: None,
-            lag_at_ms: None,
-            updated_at_ms: 0,
+            ..LeaseRow::unowned("ns/g", "s", "x", 0)
         };
         let ts = |ms: i64| jiff::Timestamp::from_millisecond(ms).ok();
         // (name, checkpoint, decision, want position, want timestamp)
@@ -1500,17 +1486,9 @@ mod tests {
             closed: true,
         };
         let lease = |shard: &str, ended: bool| LeaseRow {
-            pk: "ns/g".into(),
-            sk: format!("lease#a#{shard}"),
-            stream: "a".into(),
-            shard_id: shard.into(),
-            owner: None,
             lease_counter: 1,
-            checkpoint: None,
             ended,
-            millis_behind: None,
-            lag_at_ms: None,
-            updated_at_ms: 0,
+            ..LeaseRow::unowned("ns/g", "a", shard, 0)
         };
         let snap = GroupSnapshot {
             shard_caches: vec![ShardCacheRow {

@@ -484,19 +484,7 @@ impl StateStore {
         stream: &str,
         shard_id: &str,
     ) -> Result<bool, StoreError> {
-        let row = LeaseRow {
-            pk: group.to_owned(),
-            sk: lease_sk(stream, shard_id),
-            stream: stream.to_owned(),
-            shard_id: shard_id.to_owned(),
-            owner: None,
-            lease_counter: 0,
-            checkpoint: None,
-            ended: false,
-            millis_behind: None,
-            lag_at_ms: None,
-            updated_at_ms: now_ms(),
-        };
+        let row = LeaseRow::unowned(group, stream, shard_id, now_ms());
         let item = self.encode(group, &row.sk, &row)?;
         match self
             .client

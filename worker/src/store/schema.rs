@@ -153,6 +153,26 @@ pub struct LeaseRow {
     pub updated_at_ms: i64,
 }
 
+impl LeaseRow {
+    /// A fresh, unowned lease row of `shard_id` (no checkpoint, counter 0), as the leader
+    /// creates it for a newly listed shard.
+    pub fn unowned(group: &str, stream: &str, shard_id: &str, now_ms: i64) -> Self {
+        Self {
+            pk: group.to_owned(),
+            sk: lease_sk(stream, shard_id),
+            stream: stream.to_owned(),
+            shard_id: shard_id.to_owned(),
+            owner: None,
+            lease_counter: 0,
+            checkpoint: None,
+            ended: false,
+            millis_behind: None,
+            lag_at_ms: None,
+            updated_at_ms: now_ms,
+        }
+    }
+}
+
 /// Every row of one group, as one Query returns them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GroupSnapshot {
