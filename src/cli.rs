@@ -70,14 +70,21 @@ pub struct CrdArgs {
 /// `crd`: the CRD as YAML, or its field reference as Markdown.
 fn crd_cmd(args: &CrdArgs) -> anyhow::Result<()> {
     if !args.reference {
-        return crate::crd::crd_yaml().context("rendering the CRD").and_then(|y| out(&y));
+        return crate::crd::crd_yaml()
+            .context("rendering the CRD")
+            .and_then(|y| out(&y));
     }
     let Some(path) = &args.update_readme else {
         return out(&crate::reference::markdown());
     };
-    let readme = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let readme =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let fresh = crate::reference::splice_into(&readme).with_context(|| {
-        format!("{} lacks the line {}", path.display(), crate::reference::BEGIN_MARKER)
+        format!(
+            "{} lacks the line {}",
+            path.display(),
+            crate::reference::BEGIN_MARKER
+        )
     })?;
     std::fs::write(path, fresh).with_context(|| format!("writing {}", path.display()))
 }

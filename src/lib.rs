@@ -1,15 +1,15 @@
 //! kcg-operator: reconciles `KinesisConsumerGroup` resources into worker Deployments and
 //! reports the group's health from its DynamoDB state store.
 
-pub mod crd;
-pub mod resources;
+pub mod cli;
 pub mod conditions;
+pub mod controller;
+pub mod crd;
 pub mod events;
 pub mod metrics;
-pub mod status;
+pub mod reference;
+pub mod resources;
 pub mod server;
+pub mod status;
 pub mod store_admin;
 pub mod telemetry;
-pub mod controller;
-pub mod cli;
-pub mod reference;

@@ -57,7 +57,13 @@ pub async fn delete_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> an
     let exists = |c: &aws_sdk_kinesis::Client| {
         let c = c.clone();
         let stream = stream.to_owned();
-        async move { c.describe_stream_summary().stream_name(stream).send().await.is_ok() }
+        async move {
+            c.describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+                .is_ok()
+        }
     };
     if !exists(client).await {
         return Ok(());

@@ -1,16 +1,16 @@
 //! kcg-worker: the consumer engine of kcg, a Kinesis consumer group coordinated through one
 //! DynamoDB table.
 
+pub mod assignment;
 pub mod config;
 pub mod delivery;
+pub mod engine;
+pub mod handoff;
 pub mod health;
 pub mod kinesis;
+pub mod membership;
 pub mod metrics;
 pub mod reader;
 pub mod server;
-pub mod telemetry;
 pub mod store;
-pub mod assignment;
-pub mod engine;
-pub mod handoff;
-pub mod membership;
+pub mod telemetry;

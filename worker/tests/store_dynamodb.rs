@@ -296,7 +296,11 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect_err("ended is not claimable");
     assert!(err.is_conflict());
     let snap = store.load_group(G).await.expect("load");
-    let sh = snap.leases.iter().find(|l| l.shard_id == "sh").expect("row");
+    let sh = snap
+        .leases
+        .iter()
+        .find(|l| l.shard_id == "sh")
+        .expect("row");
     assert!(sh.ended);
     assert_eq!(sh.checkpoint.as_deref(), Some("43"));
     // Unowned rows can be cleaned up; owned ones cannot.

@@ -115,7 +115,10 @@ pub struct ShardInfo {
 impl ShardInfo {
     /// The shard's parents, zero, one or two.
     pub fn parents(&self) -> impl Iterator<Item = &str> {
-        self.parent.iter().chain(self.adjacent_parent.iter()).map(String::as_str)
+        self.parent
+            .iter()
+            .chain(self.adjacent_parent.iter())
+            .map(String::as_str)
     }
 }
 
