@@ -7,11 +7,12 @@
 # Phases:
 #   1. emulators  scripts/emulators.sh start (installs DynamoDB Local, kinesis-local, ministack on
 #                 first use; reuses emulators already listening) and exports AWS_ENDPOINT_URL_*.
-#   2. build      compile every test binary of the workspace (--locked) and the kcg-worker binary.
-#   3. tests      cargo nextest run --workspace --profile ci (unit + integration tests).
-#   4. doctests   cargo test --doc --workspace (nextest does not run doctests).
-#   5. chart      scripts/check-chart.sh (helm lint/template, kubernetes-validate, schema, CRD).
-#   6. demo       ./scripts/demo.sh --once, when that script exists.
+#   2. format     cargo fmt --all --check.
+#   3. build      compile every test binary of the workspace (--locked) and the kcg-worker binary.
+#   4. tests      cargo nextest run --workspace --profile ci (unit + integration tests).
+#   5. doctests   cargo test --doc --workspace (nextest does not run doctests).
+#   6. chart      scripts/check-chart.sh (helm lint/template, kubernetes-validate, schema, CRD).
+#   7. demo       ./scripts/demo.sh --once, when that script exists.
 #
 # Why nextest: every test runs in its own process, so an integration test that spawns
 # kcg-worker processes and panics cannot disturb its neighbours, and the ci profile
@@ -111,6 +112,8 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 echo "AWS endpoints: dynamodb=$AWS_ENDPOINT_URL_DYNAMODB kinesis=$AWS_ENDPOINT_URL_KINESIS sts=$AWS_ENDPOINT_URL_STS"
 
 # --- Rust ---------------------------------------------------------------------------------
+run_phase format cargo fmt --all --check || true
+
 # Integration tests that run real kcg-worker processes call `cargo build -p kcg-worker` themselves;
 # building it here first (same flags) makes that a no-op instead of a build inside a test timeout.
 build_worker_bin() { cargo build --locked -p kcg-worker --bin kcg-worker; }
