@@ -24,6 +24,9 @@
 # Environment overrides: KCG_EMULATORS_DIR (default <repo>/.emulators),
 # KCG_DYNAMODB_PORT (8000), KCG_KINESIS_PORT (4567), KCG_KINESIS_TLS_PORT (4568),
 # KCG_STS_PORT (4566), KCG_EMULATOR_TIMEOUT (seconds to wait for each, default 90).
+#
+# `env` also exports KCG_MINISTACK_PYTHON, the venv's python: the expired-iterator test starts
+# a private ministack with short iterator lifetimes from it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -299,6 +302,7 @@ export AWS_ENDPOINT_URL_STS=http://127.0.0.1:$STS_PORT
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test
 export AWS_REGION=us-east-1
+export KCG_MINISTACK_PYTHON=$VENV/bin/python3
 EOF
 }
 

@@ -11,62 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ScalingType;
-use kcg_worker::delivery::BatchHandler;
 use kcg_worker::kinesis::{ErrorKind, StreamClient};
-use kcg_worker::metrics::Metrics;
-use kcg_worker::reader::{ShardProgress, ShardTask, read_shard};
 use reader_support::*;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-struct Running {
-    progress: watch::Receiver<ShardProgress>,
-    stop: CancellationToken,
-    join: JoinHandle<ShardProgress>,
-    metrics: Arc<Metrics>,
-}
-
-fn start(
-    client: Arc<StreamClient>,
-    name: &str,
-    shard: &str,
-    checkpoint: Option<String>,
-    max_records: u32,
-    handler: Arc<dyn BatchHandler>,
-) -> Running {
-    let (tx, rx) = watch::channel(ShardProgress::default());
-    let stop = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
-    let task = ShardTask {
-        client,
-        stream: stream_config(name),
-        shard_id: shard.to_owned(),
-        checkpoint,
-    };
-    let join = tokio::spawn(read_shard(
-        task,
-        tuning(max_records),
-        handler,
-        metrics.clone(),
-        tx,
-        stop.clone(),
-    ));
-    Running {
-        progress: rx,
-        stop,
-        join,
-        metrics,
-    }
-}
-
-async fn stop(r: Running) -> ShardProgress {
-    r.stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), r.join)
-        .await
-        .expect("reader returns promptly after stop")
-        .expect("reader task")
-}
 
 #[tokio::test]
 async fn list_shards_pages_and_sorts() {

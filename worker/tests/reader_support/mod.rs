@@ -12,6 +12,12 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use futures::future::BoxFuture;
 use kcg_worker::config::{StreamConfig, Tuning};
 use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::kinesis::StreamClient;
+use kcg_worker::metrics::Metrics;
+use kcg_worker::reader::{ShardProgress, ShardTask, read_shard};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// The SDK config for the Kinesis emulator, or `None` (with a printed reason) when
 /// `AWS_ENDPOINT_URL_KINESIS` is not set. When it is set, tests must fail if the emulator
@@ -198,4 +204,122 @@ impl BatchHandler for Recording {
             }
         })
     }
+}
+
+/// A private ministack (Kinesis) whose shard iterators expire after `expiry_secs` instead of
+/// AWS's 5 minutes, so a test can outlive an iterator. ministack hard-codes the lifetime in
+/// `ministack.services.kinesis.ITERATOR_EXPIRY_SECONDS`; this sets it before the server
+/// starts. Killed on drop.
+pub struct ShortIteratorKinesis {
+    child: std::process::Child,
+    cwd: std::path::PathBuf,
+    /// The SDK config pointing Kinesis at this instance.
+    pub conf: SdkConfig,
+}
+
+impl ShortIteratorKinesis {
+    /// Starts it on a free loopback port, or returns `None` (with a printed reason) when
+    /// `KCG_MINISTACK_PYTHON` (exported by `scripts/emulators.sh env`) is not set.
+    pub async fn start(test: &str, expiry_secs: f64) -> Option<Self> {
+        let Ok(python) = std::env::var("KCG_MINISTACK_PYTHON") else {
+            eprintln!(
+                "SKIP {test}: KCG_MINISTACK_PYTHON is not set (eval \"$(scripts/emulators.sh env)\")"
+            );
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        // ministack writes its state files to the working directory.
+        let cwd = std::env::temp_dir().join(unique("ministack"));
+        std::fs::create_dir_all(&cwd).expect("temp dir");
+        let script = "import sys\n\
+            import ministack.services.kinesis as kinesis\n\
+            kinesis.ITERATOR_EXPIRY_SECONDS = float(sys.argv[1])\n\
+            from ministack.app import main\n\
+            sys.argv = ['ministack']\n\
+            sys.exit(main())\n";
+        let child = std::process::Command::new(&python)
+            .args(["-c", script, &expiry_secs.to_string()])
+            .current_dir(&cwd)
+            .env("BIND_HOST", "127.0.0.1")
+            .env("GATEWAY_PORT", port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start ministack with {python}: {e}"));
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
+            .load()
+            .await;
+        let me = Self { child, cwd, conf };
+        let client = Client::new(&me.conf);
+        for _ in 0..300 {
+            if client.list_streams().send().await.is_ok() {
+                return Some(me);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the short-iterator ministack on port {port} did not answer within 30s");
+    }
+}
+
+impl Drop for ShortIteratorKinesis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.cwd);
+    }
+}
+
+/// A reader running on its own task.
+pub struct Running {
+    pub progress: watch::Receiver<ShardProgress>,
+    pub stop: CancellationToken,
+    pub join: JoinHandle<ShardProgress>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts `read_shard` for one shard with the test tuning.
+pub fn start(
+    client: Arc<StreamClient>,
+    name: &str,
+    shard: &str,
+    checkpoint: Option<String>,
+    max_records: u32,
+    handler: Arc<dyn BatchHandler>,
+) -> Running {
+    let (tx, rx) = watch::channel(ShardProgress::default());
+    let stop = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let task = ShardTask {
+        client,
+        stream: stream_config(name),
+        shard_id: shard.to_owned(),
+        checkpoint,
+    };
+    let join = tokio::spawn(read_shard(
+        task,
+        tuning(max_records),
+        handler,
+        metrics.clone(),
+        tx,
+        stop.clone(),
+    ));
+    Running {
+        progress: rx,
+        stop,
+        join,
+        metrics,
+    }
+}
+
+/// Stops the reader and returns its final progress.
+pub async fn stop(r: Running) -> ShardProgress {
+    r.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), r.join)
+        .await
+        .expect("reader returns promptly after stop")
+        .expect("reader task")
 }
