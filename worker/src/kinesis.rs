@@ -476,7 +476,8 @@ impl StreamClient {
                 stream: Arc::clone(&self.shared_name),
                 shard_id: Arc::clone(shard_id),
                 sequence: r.sequence_number,
-                partition_key: r.partition_key,
+                // Required by Kinesis; the SDK types it optional since its schema-based codec.
+                partition_key: r.partition_key.unwrap_or_default(),
                 data: r.data.into_inner(),
                 arrival: r
                     .approximate_arrival_timestamp
