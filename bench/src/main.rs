@@ -104,9 +104,20 @@ fn emulators(kinesis_name: &str) -> String {
     )
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Runs on `kcg-worker`'s runtime (same builder, same thread count), so the e2e CPU and RSS
+/// rows measure the engine as it runs in a pod.
+fn main() -> ExitCode {
     let args = Args::parse();
+    match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
+        Ok(rt) => rt.block_on(bench(args)),
+        Err(e) => {
+            eprintln!("kcg-bench: cannot start the Tokio runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(args: Args) -> ExitCode {
     // Engine logs only on request: they would bury the table.
     if std::env::var_os("RUST_LOG").is_some() {
         kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);

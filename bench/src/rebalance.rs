@@ -54,17 +54,14 @@ impl Hosted {
         let thread = std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("kcg-bench: engine {name}: runtime: {e}");
-                        return;
-                    }
-                };
+                let rt =
+                    match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            eprintln!("kcg-bench: engine {name}: runtime: {e}");
+                            return;
+                        }
+                    };
                 rt.block_on(async {
                     let handler = Counter::new(Instant::now(), u64::MAX);
                     let run = engine::run(

@@ -11,6 +11,7 @@ pub mod kinesis;
 pub mod membership;
 pub mod metrics;
 pub mod reader;
+pub mod runtime;
 pub mod server;
 pub mod store;
 pub mod telemetry;

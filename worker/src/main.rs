@@ -19,6 +19,7 @@ use kcg_worker::delivery::build_handler;
 use kcg_worker::engine::{self, EngineError, EngineOptions};
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
+use kcg_worker::runtime;
 use kcg_worker::server;
 use kcg_worker::store::StateStore;
 use kcg_worker::telemetry::{self, LogFormat};
@@ -37,6 +38,9 @@ struct Cli {
     /// Log format.
     #[arg(long, env = "KCG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Tokio runtime threads. One is enough for most workers: see the `runtime` module.
+    #[arg(long, env = "KCG_WORKER_THREADS", default_value_t = runtime::DEFAULT_WORKER_THREADS, global = true)]
+    worker_threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,19 +83,27 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    match cli.command {
-        Command::Run {
-            config,
-            client_id,
-            listen,
-            create_table,
-        } => run(&config, client_id, listen, create_table).await,
-        Command::CreateTable { table, region } => create(table, region).await,
-    }
+    let rt = match runtime::build(cli.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the Tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Run {
+                config,
+                client_id,
+                listen,
+                create_table,
+            } => run(&config, client_id, listen, create_table).await,
+            Command::CreateTable { table, region } => create(table, region).await,
+        }
+    })
 }
 
 /// Exit code for a configuration the user must fix.
