@@ -21,6 +21,8 @@ use crate::support::{self, Aws, Counter};
 pub struct Params {
     /// Records produced and consumed.
     pub records: u64,
+    /// Engine (and bare-loop) reads of those records; CPU rows give the median.
+    pub runs: usize,
     /// Payload bytes per record.
     pub payload: usize,
     /// Shards of the stream.
@@ -96,6 +98,261 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         "records/s",
     )];
 
+    // CPU time on a shared 2-core machine moves by +-20% from one run to the next, so the
+    // engine and the bare loop each read the stream `runs` times and the rows give medians.
+    let mut runs = Vec::new();
+    for i in 0..p.runs.max(1) {
+        // A new group each time: no checkpoints, TRIM_HORIZON again.
+        let run = engine_run(p, &format!("bench/{stream}-{i}"), stream, table).await?;
+        let complete = run.complete;
+        runs.push(run);
+        if !complete {
+            break;
+        }
+    }
+    let shape = format!(
+        "kcg: {} x {} B, {} shards, 1 engine, TRIM_HORIZON, {}/GetRecords",
+        p.records, p.payload, p.shards, p.max_records_per_call
+    );
+    let n = runs.len();
+    let all_complete = runs.iter().all(|r| r.complete);
+    rows.push(Row::goal(
+        "e2e delivered",
+        format!("{shape}, in order per shard, {n} run(s)"),
+        runs.iter()
+            .map(|r| r.distinct)
+            .min()
+            .unwrap_or(0)
+            .to_string(),
+        "records",
+        format!("= {} within {}s", p.records, p.timeout.as_secs()),
+        all_complete,
+    ));
+    rows.push(Row::info(
+        "e2e repeats",
+        "kcg: records delivered twice (one engine, no failures), all runs",
+        runs.iter().map(|r| r.repeated).sum::<u64>().to_string(),
+        "records",
+    ));
+    if all_complete {
+        let rate = |d: Duration| p.records as f64 / d.as_secs_f64().max(1e-9);
+        rows.push(Row::info(
+            "e2e throughput",
+            format!("{shape}, engine start -> last record, median of {n}"),
+            num(median(runs.iter().map(|r| rate(r.last)))),
+            "records/s",
+        ));
+        rows.push(Row::info(
+            "e2e throughput",
+            format!("kcg: first record -> last record, median of {n}"),
+            num(median(runs.iter().map(|r| rate(r.last - r.first)))),
+            "records/s",
+        ));
+        rows.push(Row::info(
+            "e2e time to first record",
+            format!("kcg: engine start (table exists) -> first batch delivered, median of {n}"),
+            num(median(runs.iter().map(|r| r.first.as_secs_f64() * 1000.0))),
+            "ms",
+        ));
+    }
+    // Issue 2 "Efficiency": at most 2 us of CPU per record with checkpointing on and a
+    // library handler that only counts; once from engine start, once in steady state (from
+    // the first delivered batch, so the fixed start-up is outside).
+    let whole: Vec<CpuSpan> = runs.iter().filter_map(|r| r.whole).collect();
+    let steady: Vec<CpuSpan> = runs.iter().filter_map(|r| r.steady).collect();
+    rows.push(cpu_row(
+        &format!(
+            "kcg: process CPU (utime+stime, 10 ms ticks) engine start -> last record, / records; checkpoint every 1s, counting handler; median of {n}"
+        ),
+        all_complete,
+        &whole,
+    ));
+    rows.push(cpu_row(
+        &format!(
+            "kcg steady state: process CPU first batch -> last record, / the records after the first batch; median of {n}"
+        ),
+        all_complete,
+        &steady,
+    ));
+    // The floor: the same records through a bare GetRecords loop (SDK only, no engine),
+    // measured the same way and as often, so kcg's own share is the difference.
+    if all_complete {
+        let mut bare = Vec::new();
+        for _ in 0..n {
+            match bare_loop(aws, stream, p).await {
+                Ok(b) => bare.push(b),
+                Err(e) => {
+                    rows.push(Row::info(
+                        "e2e CPU per record",
+                        format!("bare GetRecords loop: ERROR {e:#}"),
+                        "-",
+                        "us",
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(b) = bare.first() {
+            let whole: Vec<CpuSpan> = bare.iter().map(|b| b.whole).collect();
+            let steady: Vec<CpuSpan> = bare.iter().filter_map(|b| b.steady).collect();
+            rows.push(Row::info(
+                "e2e CPU per record",
+                format!(
+                    "bare GetRecords loop (SDK only, 4 shards concurrently, {}/call, no engine): {} records in {} calls (max {}/call); median of {}: {}",
+                    p.max_records_per_call,
+                    b.read,
+                    b.calls,
+                    b.max_per_call,
+                    whole.len(),
+                    spans(&whole)
+                ),
+                num(median(whole.iter().map(CpuSpan::us_per_record))),
+                "us",
+            ));
+            if !steady.is_empty() {
+                rows.push(Row::info(
+                    "e2e CPU per record",
+                    format!(
+                        "bare loop steady state: first non-empty page -> end; median of {}: {}",
+                        steady.len(),
+                        spans(&steady)
+                    ),
+                    num(median(steady.iter().map(CpuSpan::us_per_record))),
+                    "us",
+                ));
+            }
+        }
+    }
+    // Issue 2 "Efficiency": at most 48 MiB RSS while draining 4 shards.
+    let peaks: Vec<u64> = runs.iter().filter_map(|r| r.peak_kib).collect();
+    rows.push(match peaks.iter().max() {
+        Some(&kib) if peaks.len() == n => {
+            let mib = kib as f64 / 1024.0;
+            let what = if runs.iter().all(|r| r.rss_reset) {
+                "kcg: VmHWM of the bench process, reset before each engine run"
+            } else {
+                "kcg: VmHWM of the whole bench process (reset not permitted)"
+            };
+            Row::goal(
+                "e2e peak RSS",
+                format!("{what}, draining {} shards; highest of {n}", p.shards),
+                num(mib),
+                "MiB",
+                "<= 48",
+                mib <= 48.0,
+            )
+        }
+        _ => Row::goal(
+            "e2e peak RSS",
+            "/proc/self/status unreadable",
+            "-",
+            "MiB",
+            "<= 48",
+            false,
+        ),
+    });
+    Ok(rows)
+}
+
+/// Process CPU spent on some records.
+#[derive(Clone, Copy, Debug)]
+struct CpuSpan {
+    user: Duration,
+    sys: Duration,
+    records: u64,
+}
+
+impl CpuSpan {
+    /// From two `(user, system)` samples of the process.
+    fn between(from: (Duration, Duration), to: (Duration, Duration), records: u64) -> Self {
+        Self {
+            user: to.0.saturating_sub(from.0),
+            sys: to.1.saturating_sub(from.1),
+            records,
+        }
+    }
+
+    fn us_per_record(&self) -> f64 {
+        (self.user + self.sys).as_secs_f64() * 1e6 / self.records.max(1) as f64
+    }
+}
+
+/// `2.05 us (180+25 ms / 190000), ...` for the params column.
+fn spans(s: &[CpuSpan]) -> String {
+    s.iter()
+        .map(|c| {
+            format!(
+                "{:.2} us ({:.0}+{:.0} ms / {})",
+                c.us_per_record(),
+                c.user.as_secs_f64() * 1000.0,
+                c.sys.as_secs_f64() * 1000.0,
+                c.records
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The median (upper median for an even count); NaN for none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A CPU-per-record goal row (<= 2 us) over the runs' spans.
+fn cpu_row(what: &str, complete: bool, spans_: &[CpuSpan]) -> Row {
+    if !complete {
+        return Row::goal(
+            "e2e CPU per record",
+            "kcg: not every record arrived",
+            "-",
+            "us",
+            "<= 2",
+            false,
+        );
+    }
+    if spans_.is_empty() {
+        return Row::goal(
+            "e2e CPU per record",
+            "/proc/self/stat unreadable",
+            "-",
+            "us",
+            "<= 2",
+            false,
+        );
+    }
+    let us = median(spans_.iter().map(CpuSpan::us_per_record));
+    Row::goal(
+        "e2e CPU per record",
+        format!("{what}: {}", spans(spans_)),
+        num(us),
+        "us",
+        "<= 2",
+        us <= 2.0,
+    )
+}
+
+/// One engine reading the stream from TRIM_HORIZON as group `group` until every record
+/// arrived.
+struct EngineRun {
+    complete: bool,
+    distinct: u64,
+    repeated: u64,
+    first: Duration,
+    last: Duration,
+    whole: Option<CpuSpan>,
+    steady: Option<CpuSpan>,
+    peak_kib: Option<u64>,
+    rss_reset: bool,
+}
+
+async fn engine_run(
+    p: &Params,
+    group: &str,
+    stream: &str,
+    table: &str,
+) -> anyhow::Result<EngineRun> {
     let tuning = Tuning {
         poll_interval: Duration::from_millis(200),
         max_records_per_call: p.max_records_per_call,
@@ -105,7 +362,7 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         checkpoint_interval: Duration::from_secs(1),
         ..Tuning::default()
     };
-    let config = support::worker_config(&format!("bench/{stream}"), stream, table, tuning);
+    let config = support::worker_config(group, stream, table, tuning);
     let rss_reset = support::reset_peak_rss();
     // The producer is done: from here on this process only runs the engine (and the
     // counting handler), so its CPU time is the engine's.
@@ -135,190 +392,41 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         Ok(Err(e)) => anyhow::bail!("engine task: {e}"),
         Err(_) => anyhow::bail!("engine did not stop within 30s of shutdown"),
     }
-    let peak = support::peak_rss_kib();
-
     let distinct = counter.distinct();
-    let shape = format!(
-        "kcg: {} x {} B, {} shards, 1 engine, TRIM_HORIZON, {}/GetRecords",
-        p.records, p.payload, p.shards, p.max_records_per_call
-    );
-    rows.push(Row::goal(
-        "e2e delivered",
-        format!("{shape}, in order per shard"),
-        distinct.to_string(),
-        "records",
-        format!("= {} within {}s", p.records, p.timeout.as_secs()),
-        finished && distinct == p.records,
-    ));
-    rows.push(Row::info(
-        "e2e repeats",
-        "kcg: records delivered twice (one engine, no failures)",
-        counter.repeated().to_string(),
-        "records",
-    ));
-    if finished {
-        let last = counter.last();
-        rows.push(Row::info(
-            "e2e throughput",
-            format!("{shape}, engine start -> last record"),
-            num(p.records as f64 / last.as_secs_f64()),
-            "records/s",
-        ));
-        if let Some(first) = counter.first() {
-            rows.push(Row::info(
-                "e2e throughput",
-                "kcg: first record -> last record",
-                num(p.records as f64 / (last - first).as_secs_f64().max(1e-9)),
-                "records/s",
-            ));
-            rows.push(Row::info(
-                "e2e time to first record",
-                "kcg: engine start (table exists) -> first batch delivered",
-                num(first.as_secs_f64() * 1000.0),
-                "ms",
-            ));
+    let whole = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some(CpuSpan::between(a, b, p.records)),
+        _ => None,
+    };
+    let steady = match (counter.first_cpu(), cpu_end) {
+        (Some((a, first_n)), Some(b)) => {
+            Some(CpuSpan::between(a, b, p.records.saturating_sub(first_n)))
         }
-    }
-    // Issue 2 "Efficiency": at most 2 us of CPU per record with checkpointing on and a
-    // library handler that only counts.
-    rows.push(match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) if finished => {
-            let (user, sys) = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1));
-            let us = (user + sys).as_secs_f64() * 1e6 / p.records as f64;
-            Row::goal(
-                "e2e CPU per record",
-                format!(
-                    "kcg: process CPU (utime+stime, 10 ms ticks) engine start -> last record, / records; checkpoint every 1s, counting handler; {:.0} ms user + {:.0} ms sys",
-                    user.as_secs_f64() * 1000.0,
-                    sys.as_secs_f64() * 1000.0
-                ),
-                num(us),
-                "us",
-                "<= 2",
-                us <= 2.0,
-            )
-        }
-        _ if !finished => Row::goal(
-            "e2e CPU per record",
-            "kcg: not every record arrived",
-            "-",
-            "us",
-            "<= 2",
-            false,
-        ),
-        _ => Row::goal(
-            "e2e CPU per record",
-            "/proc/self/stat unreadable",
-            "-",
-            "us",
-            "<= 2",
-            false,
-        ),
-    });
-    // Steady state: from the first delivered batch to the last record, so the fixed
-    // start-up (SDK config, table check, registration, first connections) is outside.
-    if let (true, Some(((u0, s0), first_n)), Some((u1, s1))) =
-        (finished, counter.first_cpu(), cpu_end)
-    {
-        let (user, sys) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
-        let n = p.records.saturating_sub(first_n).max(1);
-        let us = (user + sys).as_secs_f64() * 1e6 / n as f64;
-        rows.push(Row::goal(
-            "e2e CPU per record",
-            format!(
-                "kcg steady state: process CPU first batch -> last record, / the {n} records after the first batch; {:.0} ms user + {:.0} ms sys",
-                user.as_secs_f64() * 1000.0,
-                sys.as_secs_f64() * 1000.0
-            ),
-            num(us),
-            "us",
-            "<= 2",
-            us <= 2.0,
-        ));
-    }
-    // The floor: the same records through a bare GetRecords loop (SDK only, no engine),
-    // measured the same way, so kcg's own share is the difference.
-    if finished {
-        match bare_loop(aws, stream, p).await {
-            Ok(b) => {
-                rows.push(Row::info(
-                    "e2e CPU per record",
-                    format!(
-                        "bare GetRecords loop (SDK only, 4 shards concurrently, {}/call, no engine): {} records in {} calls (max {}/call), {:.0} ms user + {:.0} ms sys",
-                        p.max_records_per_call,
-                        b.read,
-                        b.calls,
-                        b.max_per_call,
-                        b.user.as_secs_f64() * 1000.0,
-                        b.sys.as_secs_f64() * 1000.0
-                    ),
-                    num((b.user + b.sys).as_secs_f64() * 1e6 / b.read.max(1) as f64),
-                    "us",
-                ));
-                if let Some(((u0, s0), first_n)) = b.first {
-                    let cpu = b.user.saturating_sub(u0) + b.sys.saturating_sub(s0);
-                    rows.push(Row::info(
-                        "e2e CPU per record",
-                        format!(
-                            "bare loop steady state: first non-empty page -> end, / the {} records after it",
-                            b.read.saturating_sub(first_n)
-                        ),
-                        num(cpu.as_secs_f64() * 1e6
-                            / b.read.saturating_sub(first_n).max(1) as f64),
-                        "us",
-                    ));
-                }
-            }
-            Err(e) => rows.push(Row::info(
-                "e2e CPU per record",
-                format!("bare GetRecords loop: ERROR {e:#}"),
-                "-",
-                "us",
-            )),
-        }
-    }
-    // Issue 2 "Efficiency": at most 48 MiB RSS while draining 4 shards.
-    let rss_params = |what: &str| format!("{what}, draining {} shards", p.shards);
-    rows.push(match peak {
-        Some(kib) => {
-            let mib = kib as f64 / 1024.0;
-            Row::goal(
-                "e2e peak RSS",
-                rss_params(if rss_reset {
-                    "kcg: VmHWM of the bench process, reset before the engine started"
-                } else {
-                    "kcg: VmHWM of the whole bench process (reset not permitted)"
-                }),
-                num(mib),
-                "MiB",
-                "<= 48",
-                mib <= 48.0,
-            )
-        }
-        None => Row::goal(
-            "e2e peak RSS",
-            "/proc/self/status unreadable",
-            "-",
-            "MiB",
-            "<= 48",
-            false,
-        ),
-    });
-    Ok(rows)
+        _ => None,
+    };
+    Ok(EngineRun {
+        complete: finished && distinct == p.records,
+        distinct,
+        repeated: counter.repeated(),
+        first: counter.first().unwrap_or_default(),
+        last: counter.last(),
+        whole,
+        steady,
+        peak_kib: support::peak_rss_kib(),
+        rss_reset,
+    })
 }
 
 /// Process CPU (user, system) when the first non-empty page arrived, and its size.
 type FirstPage = (Option<(Duration, Duration)>, u64);
 
-/// What the bare GetRecords loop did: CPU times are since its start; `first` is the CPU
-/// (since its start) when the first non-empty page arrived, and that page's size.
+/// What the bare GetRecords loop did: its CPU from start to end, and from the first
+/// non-empty page to the end (steady state).
 struct Bare {
     read: u64,
     calls: u64,
     max_per_call: u64,
-    user: Duration,
-    sys: Duration,
-    first: Option<((Duration, Duration), u64)>,
+    whole: CpuSpan,
+    steady: Option<CpuSpan>,
 }
 
 /// Reads every shard of `stream` from TRIM_HORIZON to its tip with plain GetRecords calls
@@ -381,20 +489,16 @@ async fn bare_loop(aws: &Aws, stream: &str, p: &Params) -> anyhow::Result<Bare> 
         max_per_call = max_per_call.max(m);
     }
     let after = support::process_cpu_split().context("/proc/self/stat")?;
-    let since =
-        |c: (Duration, Duration)| (c.0.saturating_sub(before.0), c.1.saturating_sub(before.1));
-    let first = match first.get() {
-        Some((Some(c), n)) => Some((since(*c), *n)),
+    let steady = match first.get() {
+        Some((Some(c), n)) => Some(CpuSpan::between(*c, after, read.saturating_sub(*n))),
         _ => None,
     };
-    let (user, sys) = since(after);
     Ok(Bare {
         read,
         calls,
         max_per_call,
-        user,
-        sys,
-        first,
+        whole: CpuSpan::between(before, after, read),
+        steady,
     })
 }
 

@@ -36,8 +36,12 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<Bench>,
     /// Records the end-to-end benchmark produces and consumes.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 200_000)]
     records: u64,
+    /// Times the end-to-end benchmark reads them (engine and bare loop each); the CPU rows
+    /// give the median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Payload bytes per record.
     #[arg(long, default_value_t = 200)]
     payload: usize,
@@ -158,6 +162,7 @@ async fn bench(args: Args) -> ExitCode {
                     &aws,
                     &e2e::Params {
                         records: args.records,
+                        runs: args.runs,
                         payload: args.payload,
                         shards: args.shards,
                         max_records_per_call: args.max_records_per_call,
