@@ -14,12 +14,16 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::StreamStatus;
 use kcg_operator::crd::KinesisConsumerGroupStatus;
 use kcg_operator::status::{DeploymentState, StatusInput, build_status};
 use kcg_worker::membership::{Liveness, observe_clients};
 use kcg_worker::store::StateStore;
 use tokio::process::{Child, Command};
+
+// The worker tests' stream helper, shared rather than copied.
+#[path = "../worker/tests/stream_support/mod.rs"]
+mod stream_support;
+use stream_support::create_stream;
 
 const SHARDS: i32 = 4;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -273,31 +277,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         client: kinesis.clone(),
         stream: stream.clone(),
     };
-    kinesis
-        .create_stream()
-        .stream_name(&stream)
-        .shard_count(SHARDS)
-        .send()
-        .await
-        .expect("kinesis-local is configured but unusable");
-    let start = Instant::now();
-    loop {
-        let d = kinesis
-            .describe_stream_summary()
-            .stream_name(&stream)
-            .send()
-            .await
-            .expect("describe stream");
-        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "stream not ACTIVE"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    create_stream(&kinesis, &stream, SHARDS).await;
     for i in 0..40 {
         kinesis
             .put_record()

@@ -24,13 +24,16 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use base64::Engine as _;
 use kcg_worker::assignment::{ShardKey, plan, streams_from_snapshot};
 use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::GroupSnapshot;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+mod stream_support;
+use stream_support::create_stream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 const SHARDS: i32 = 4;
@@ -933,30 +936,7 @@ async fn loss_and_order_with_real_worker_processes() {
         .await
         .expect("AWS_ENDPOINT_URL_DYNAMODB is set but DynamoDB Local is unusable");
     remove_leftovers(&kinesis).await;
-    kinesis
-        .create_stream()
-        .stream_name(&name)
-        .shard_count(SHARDS)
-        .send()
-        .await
-        .expect("AWS_ENDPOINT_URL_KINESIS is set but kinesis-local is unusable");
-    loop {
-        let d = kinesis
-            .describe_stream_summary()
-            .stream_name(&name)
-            .send()
-            .await
-            .expect("describe stream");
-        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "stream not ACTIVE"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    create_stream(&kinesis, &name, SHARDS).await;
 
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).unwrap();

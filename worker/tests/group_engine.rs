@@ -221,7 +221,7 @@ async fn reshard(env: &Env, target: i32) {
         .send()
         .await
         .expect("update shard count");
-    wait_stream_active(&env.kinesis, &env.stream).await;
+    wait_active(&env.kinesis, &env.stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -320,29 +320,16 @@ async fn one_group_reads_two_streams_while_another_group_shares_the_table() {
     };
     // A second stream for g1.
     let second = format!("{}-b", g1.stream);
-    g1.kinesis
-        .create_stream()
-        .stream_name(&second)
-        .shard_count(2)
-        .send()
-        .await
-        .expect("create second stream");
-    wait_stream_active(&g1.kinesis, &second).await;
+    create_stream(&g1.kinesis, &second, 2).await;
     g1.extra_streams.push(second.clone());
     // g2: another group in the same table, reading g1's first stream on its own.
-    let g2 = Env {
-        kinesis: g1.kinesis.clone(),
-        store: g1.store.clone(),
-        table: g1.table.clone(),
-        stream: g1.stream.clone(),
-        group: format!("{}-other", g1.group),
-        log: Arc::new(Log::default()),
-        checkpoint_interval: "500ms".into(),
-        extra_streams: Vec::new(),
-        max_records: 1000,
-        start_position: "TrimHorizon".into(),
-        client_timeout: "2s".into(),
-    };
+    let g2 = Env::new(
+        g1.kinesis.clone(),
+        g1.store.clone(),
+        g1.table.clone(),
+        g1.stream.clone(),
+        format!("{}-other", g1.group),
+    );
 
     let mut want1 = g1.put("a", 30).await;
     let want2 = want1.clone();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::future::BoxFuture;
 use kcg_worker::config::WorkerConfig;
 use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
@@ -19,6 +19,11 @@ use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::GroupSnapshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+#[path = "../stream_support/mod.rs"]
+mod stream_support;
+#[allow(unused_imports)] // each test binary uses a subset
+pub use stream_support::{create_stream, wait_active};
 
 /// One delivery as the test handler saw it.
 #[derive(Clone, Debug)]
@@ -118,52 +123,41 @@ pub async fn env(test: &str, shards: i32) -> Option<Env> {
     let stream = format!("kcg-grp-{test}-{id}");
     let store = StateStore::new(aws_sdk_dynamodb::Client::new(&conf), table.clone());
     store.create_table().await.expect("create table");
-    kinesis
-        .create_stream()
-        .stream_name(&stream)
-        .shard_count(shards)
-        .send()
-        .await
-        .expect("create stream");
-    wait_stream_active(&kinesis, &stream).await;
-    Some(Env {
+    create_stream(&kinesis, &stream, shards).await;
+    Some(Env::new(
         kinesis,
         store,
         table,
         stream,
-        group: format!("test/{test}-{id}"),
-        log: Arc::new(Log::default()),
-        checkpoint_interval: "500ms".into(),
-        extra_streams: Vec::new(),
-        max_records: 1000,
-        start_position: "TrimHorizon".into(),
-        client_timeout: "2s".into(),
-    })
-}
-
-pub async fn wait_stream_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) {
-    let start = Instant::now();
-    loop {
-        let out = kinesis
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .expect("describe");
-        if out.stream_description_summary().map(|d| d.stream_status())
-            == Some(&StreamStatus::Active)
-        {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "stream {stream} not ACTIVE"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        format!("test/{test}-{id}"),
+    ))
 }
 
 impl Env {
+    /// A group reading `stream` through `table`, with the tests' default tuning and an empty
+    /// delivery log.
+    pub fn new(
+        kinesis: aws_sdk_kinesis::Client,
+        store: StateStore,
+        table: String,
+        stream: String,
+        group: String,
+    ) -> Self {
+        Self {
+            kinesis,
+            store,
+            table,
+            stream,
+            group,
+            log: Arc::new(Log::default()),
+            checkpoint_interval: "500ms".into(),
+            extra_streams: Vec::new(),
+            max_records: 1000,
+            start_position: "TrimHorizon".into(),
+            client_timeout: "2s".into(),
+        }
+    }
+
     pub fn config(&self) -> WorkerConfig {
         WorkerConfig::from_yaml(&format!(
             r#"

@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::future::BoxFuture;
 use kcg_worker::config::{StreamConfig, Tuning};
 use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
@@ -18,6 +18,11 @@ use kcg_worker::reader::{ShardProgress, ShardTask, read_shard};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+#[path = "../stream_support/mod.rs"]
+mod stream_support;
+#[allow(unused_imports)] // each test binary uses a subset
+pub use stream_support::{create_stream, wait_active};
 
 /// The SDK config for the Kinesis emulator, or `None` (with a printed reason) when
 /// `AWS_ENDPOINT_URL_KINESIS` is not set. When it is set, tests must fail if the emulator
@@ -38,18 +43,6 @@ pub fn unique(prefix: &str) -> String {
     format!("kcg-{prefix}-{:08x}", rand::rng().random::<u32>())
 }
 
-/// Creates a stream and waits until it is ACTIVE.
-pub async fn create_stream(client: &Client, name: &str, shards: i32) {
-    client
-        .create_stream()
-        .stream_name(name)
-        .shard_count(shards)
-        .send()
-        .await
-        .expect("CreateStream (is the Kinesis emulator running?)");
-    wait_active(client, name).await;
-}
-
 /// Deletes a test stream, so repeated runs stay under the emulator's shard limit.
 pub async fn delete_stream(client: &Client, name: &str) {
     client
@@ -59,24 +52,6 @@ pub async fn delete_stream(client: &Client, name: &str) {
         .send()
         .await
         .expect("DeleteStream");
-}
-
-/// Waits until the stream is ACTIVE (after create or UpdateShardCount).
-pub async fn wait_active(client: &Client, name: &str) {
-    for _ in 0..300 {
-        let d = client
-            .describe_stream_summary()
-            .stream_name(name)
-            .send()
-            .await
-            .expect("DescribeStreamSummary");
-        if d.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("stream {name} did not become ACTIVE within 30s");
 }
 
 /// Puts `payloads` with one partition key, in order (PutRecords keeps per-shard order
