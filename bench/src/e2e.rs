@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use anyhow::Context;
 
-use crate::report::{Row, num};
+use crate::report::{Row, median, num};
 use crate::support::{self, Aws, Counter};
 
 /// Parameters of the throughput run.
@@ -294,13 +294,6 @@ fn spans(s: &[CpuSpan]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The median (upper median for an even count); NaN for none.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A CPU-per-record goal row (<= 2 us) over the runs' spans.

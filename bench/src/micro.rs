@@ -11,7 +11,7 @@ use kcg_worker::assignment::{self, ShardKey};
 use kcg_worker::handoff::{self, HandoffInput, LeaseView};
 use kcg_worker::store::schema::{ClientRow, GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo};
 
-use crate::report::{Row, num};
+use crate::report::{Row, median, num};
 
 /// Timed samples per measurement; the median is reported.
 const SAMPLES: usize = 51;
@@ -52,8 +52,7 @@ pub fn time_ns_with<I, T>(mut setup: impl FnMut() -> I, mut f: impl FnMut(I) -> 
         }
         samples.push(t.elapsed().as_nanos() as f64 / batch as f64);
     }
-    samples.sort_by(f64::total_cmp);
-    samples[SAMPLES / 2]
+    median(samples)
 }
 
 const GROUP: &str = "bench/group";

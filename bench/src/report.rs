@@ -61,6 +61,13 @@ impl Row {
     }
 }
 
+/// The median (upper median for an even count); NaN for none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Formats a float with a precision that suits its magnitude.
 pub fn num(v: f64) -> String {
     if v >= 1000.0 {
