@@ -59,7 +59,7 @@ done
 eval "$(scripts/emulators.sh env)"
 
 say "building kcg-worker, kcg-operator and the demo producer"
-cargo build --quiet --locked -p kcg-worker -p kcg-operator -p kcg-bench --bins
+scripts/build-bins.sh --quiet
 BIN="$ROOT/target/debug"
 
 say "rendering the worker config from $SPEC (the operator's own code)"

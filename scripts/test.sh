@@ -8,7 +8,8 @@
 #   1. emulators  scripts/emulators.sh start (installs DynamoDB Local, kinesis-local, ministack on
 #                 first use; reuses emulators already listening) and exports AWS_ENDPOINT_URL_*.
 #   2. format     cargo fmt --all --check.
-#   3. build      compile every test binary of the workspace (--locked) and the kcg-worker binary.
+#   3. build      compile every test binary of the workspace (--locked) and the binaries
+#                 (scripts/build-bins.sh).
 #   4. tests      cargo nextest run --workspace --profile ci (unit + integration tests).
 #   5. doctests   cargo test --doc --workspace (nextest does not run doctests).
 #   6. chart      scripts/check-chart.sh (helm lint/template, kubernetes-validate, schema, CRD).
@@ -32,7 +33,7 @@ EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
     --) shift; EXTRA_ARGS=("$@"); break ;;
-    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +76,9 @@ summary() {
     printf '  %-10s %6ss  %s\n' "${PHASES[$i]}" "${TIMES[$i]}" "${RESULTS[$i]}"
   done
   printf '  %-10s %6ss\n' total "$(($(date +%s) - T0))"
+  # Disk is the first thing a small CI machine runs out of: say how much the build took.
+  printf '  disk: target/ %s, %s free\n' "$(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1)" \
+    "$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ')"
 }
 
 # --- emulators: remember which ones we start, so only those are stopped at exit -------------
@@ -114,11 +118,10 @@ echo "AWS endpoints: dynamodb=$AWS_ENDPOINT_URL_DYNAMODB kinesis=$AWS_ENDPOINT_U
 # --- Rust ---------------------------------------------------------------------------------
 run_phase format cargo fmt --all --check || true
 
-# Integration tests that run real kcg-worker processes call `cargo build -p kcg-worker` themselves;
-# building it here first (same flags) makes that a no-op instead of a build inside a test timeout.
-build_worker_bin() { cargo build --locked -p kcg-worker --bin kcg-worker; }
-build_nextest() { cargo nextest run --workspace --locked --profile ci --no-run && build_worker_bin; }
-build_cargo() { cargo test --workspace --locked --no-run && build_worker_bin; }
+# The demo and tests/status_live.rs run the binaries that scripts/build-bins.sh builds, with the
+# tests' feature resolution; after the test build that adds only the bench's binaries.
+build_nextest() { cargo nextest run --workspace --locked --profile ci --no-run && scripts/build-bins.sh; }
+build_cargo() { cargo test --workspace --locked --no-run && scripts/build-bins.sh; }
 
 if [[ "$RUNNER" == nextest ]]; then
   if run_phase build build_nextest; then

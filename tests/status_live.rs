@@ -4,7 +4,8 @@
 //! show the right clients, leader, ranges and lag, then follow a scale-up and a SIGKILL.
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` and `AWS_ENDPOINT_URL_KINESIS` (skips with a message
-//! when unset, fails when set but unreachable). Builds `kcg-worker` with cargo if needed.
+//! when unset, fails when set but unreachable). Builds `kcg-worker` with
+//! `scripts/build-bins.sh` if needed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -57,13 +58,13 @@ fn worker_binary() -> PathBuf {
         .map(PathBuf::from)
         .map(|p| if p.is_relative() { root.join(p) } else { p })
         .unwrap_or_else(|| root.join("target"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-p", "kcg-worker", "--bin", "kcg-worker"])
-        .current_dir(&root)
+    // The script builds with the tests' feature resolution, so after a test build this is a
+    // no-op rather than a second build of the dependencies.
+    let status = std::process::Command::new("bash")
+        .arg(root.join("scripts/build-bins.sh"))
         .status()
-        .expect("running cargo build -p kcg-worker");
-    assert!(status.success(), "cargo build -p kcg-worker failed");
+        .expect("running scripts/build-bins.sh");
+    assert!(status.success(), "scripts/build-bins.sh failed");
     let bin = target.join("debug").join("kcg-worker");
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
