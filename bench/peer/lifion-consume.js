@@ -5,8 +5,9 @@
 // Input (env): PEER_STREAM, PEER_TABLE, PEER_COUNT, PEER_TIMEOUT_MS, and the standard
 // AWS_ENDPOINT_URL_KINESIS / AWS_ENDPOINT_URL_DYNAMODB / AWS_REGION and credentials.
 // Output: one JSON line on stdout:
-//   {"count":N,"repeated":R,"firstMs":..,"lastMs":..,"maxRssKiB":..,"complete":true}
-// with times from just before `new Kinesis(...)`. Exit code 0 when complete.
+//   {"count":N,"repeated":R,"firstMs":..,"lastMs":..,"cpuUs":..,"maxRssKiB":..,"complete":true}
+// with times and CPU (user + system, microseconds) from just before `new Kinesis(...)` to the
+// last record. Exit code 0 when complete.
 'use strict';
 
 const { performance } = require('perf_hooks');
@@ -28,7 +29,9 @@ const timeoutMs = Number(process.env.PEER_TIMEOUT_MS || 120000);
 const region = process.env.AWS_REGION || 'us-east-1';
 
 const t0 = performance.now();
+const cpu0 = process.cpuUsage();
 let count = 0;
+let cpuUs = null;
 let repeated = 0;
 let firstMs = null;
 let lastMs = null;
@@ -61,6 +64,7 @@ const finish = async (complete) => {
     repeated,
     firstMs,
     lastMs,
+    cpuUs,
     maxRssKiB: process.resourceUsage().maxRSS,
     complete,
   };
@@ -89,7 +93,11 @@ consumer.on('data', ({ records, shardId }) => {
   }
   lastSeq.set(shardId, high);
   lastMs = now;
-  if (count >= target) finish(true);
+  if (count >= target) {
+    const cpu = process.cpuUsage(cpu0);
+    cpuUs = cpu.user + cpu.system;
+    finish(true);
+  }
 });
 consumer.on('error', (e) => console.error(`lifion-consume: ${e}`));
 

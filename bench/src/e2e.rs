@@ -570,6 +570,14 @@ async fn peer(
             "ms",
         ));
     }
+    if let (Some(us), true) = (f("cpuUs"), count > 0) {
+        rows.push(Row::info(
+            "e2e CPU per record",
+            format!("{PEER}: process CPU (user + system) from consumer created -> last record"),
+            num(us / count as f64),
+            "us",
+        ));
+    }
     if let Some(kib) = f("maxRssKiB") {
         rows.push(Row::info(
             "e2e peak RSS",
