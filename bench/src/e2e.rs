@@ -177,8 +177,8 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
         all_complete,
         &steady,
     ));
-    // The floor: the same records through a bare GetRecords loop (SDK only, no engine),
-    // measured the same way and as often, so kcg's own share is the difference.
+    // For comparison: the same records through a bare GetRecords loop (the SDK alone, with
+    // its own decoder; no engine), measured the same way and as often.
     if all_complete {
         let mut bare = Vec::new();
         for _ in 0..n {

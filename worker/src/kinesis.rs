@@ -18,6 +18,7 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 
 use crate::config::{StartPosition, StreamConfig};
 use crate::delivery::Record;
+use crate::get_records_codec::GetRecordsCodec;
 use crate::store::schema::ShardInfo;
 
 /// What kind of failure a Kinesis call hit; decides the reaction and the reported reason.
@@ -259,6 +260,9 @@ impl StreamClient {
         let region = Region::new(region);
         let mut builder = aws_sdk_kinesis::config::Builder::from(base)
             .region(region.clone())
+            // Decodes GetRecords pages at about half the SDK codec's CPU; errors and anything
+            // unexpected still go through the SDK's deserializer.
+            .interceptor(GetRecordsCodec::default())
             // A hung connection must surface as an error (retried, reported), never as a
             // reader silently waiting forever. Kinesis calls normally take milliseconds.
             .timeout_config(

@@ -5,6 +5,7 @@ pub mod assignment;
 pub mod config;
 pub mod delivery;
 pub mod engine;
+pub mod get_records_codec;
 pub mod handoff;
 pub mod health;
 pub mod kinesis;
