@@ -8,10 +8,8 @@
 
 mod reader_support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kcg_worker::kinesis::StreamClient;
 use kcg_worker::metrics::ReasonLabels;
 use reader_support::*;
 
@@ -34,11 +32,7 @@ async fn expired_iterator_resumes_after_the_last_delivered_record() {
     // while the handler retries is stale by the time the batch is acknowledged.
     let failing_until = Instant::now() + Duration::from_secs_f64(2.0 * ITERATOR_LIFETIME_SECS);
     let handler = Recording::failing(move |_| Instant::now() < failing_until);
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &kinesis.conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &kinesis.conf).await;
     let r = start(
         client,
         &name,

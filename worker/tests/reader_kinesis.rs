@@ -104,11 +104,7 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
     create_stream(&sdk, &name, 1).await;
     let sent = payloads("r", 60);
     let seqs = put(&sdk, &name, "k", &sent).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let shard = "shardId-000000000000";
 
     // From TRIM_HORIZON, 7 records per call: many batches, all in order.
@@ -169,11 +165,7 @@ async fn failing_handler_is_retried_without_skipping() {
     create_stream(&sdk, &name, 1).await;
     let sent = payloads("f", 30);
     let seqs = put(&sdk, &name, "k", &sent).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
 
     // Calls 1-3 fail, then every other call fails.
     let handler = Recording::failing(|n| n <= 3 || n % 2 == 0);
@@ -245,11 +237,7 @@ async fn closed_shard_is_read_to_its_end() {
         .expect("UpdateShardCount");
     wait_active(&sdk, &name).await;
 
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let shards = client.list_shards().await.expect("list");
     let parent = shards
         .iter()
@@ -289,11 +277,7 @@ async fn stop_returns_promptly_on_an_idle_shard() {
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("idle");
     create_stream(&sdk, &name, 1).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let handler = Recording::new();
     let mut r = start(
         client,
@@ -347,11 +331,7 @@ async fn manual_commit_checkpoints_only_a_contiguous_prefix() {
     let name = unique("manual");
     create_stream(&sdk, &name, 1).await;
     let seqs = put(&sdk, &name, "k", &payloads("m", 9)).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let holding = Arc::new(Holding(std::sync::Mutex::new(Vec::new())));
     struct Shared(Arc<Holding>);
     impl kcg_worker::delivery::ManualBatchHandler for Shared {
@@ -464,11 +444,7 @@ async fn http_sink_failing_for_a_while_loses_nothing() {
 
     let sink =
         kcg_worker::delivery::http::HttpSink::with(&url, Duration::from_secs(2), 4).expect("sink");
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let mut r = start(
         client,
         &name,
@@ -518,11 +494,7 @@ async fn missing_shard_is_reported_not_skipped() {
     let sdk = aws_sdk_kinesis::Client::new(&conf);
     let name = unique("noshard");
     create_stream(&sdk, &name, 1).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let mut r = start(
         client,
         &name,

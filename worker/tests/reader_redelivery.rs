@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kcg_worker::delivery::{CommitToken, HandlerError, ManualBatchHandler, ManualCommit, Record};
-use kcg_worker::kinesis::StreamClient;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::reader::{DROPPED_TOKEN_MESSAGE, ShardProgress, ShardTask, read_shard};
 use reader_support::*;
@@ -51,11 +50,7 @@ async fn dropped_commit_token_is_reported_and_redelivered() {
     let name = unique("droptoken");
     create_stream(&sdk, &name, 1).await;
     let seqs = put(&sdk, &name, "k", &payloads("d", 6)).await;
-    let client = Arc::new(
-        StreamClient::connect(&stream_config(&name), &conf)
-            .await
-            .expect("connect"),
-    );
+    let client = connect(&name, &conf).await;
     let handler = Arc::new(DropsFirst {
         seen: Mutex::new(Vec::new()),
     });

@@ -101,6 +101,15 @@ pub fn stream_config(name: &str) -> StreamConfig {
         .expect("stream config")
 }
 
+/// A shared client for stream `name` (read from TRIM_HORIZON), as readers take it.
+pub async fn connect(name: &str, conf: &SdkConfig) -> Arc<StreamClient> {
+    Arc::new(
+        StreamClient::connect(&stream_config(name), conf)
+            .await
+            .expect("connect"),
+    )
+}
+
 /// Fast tuning for tests.
 pub fn tuning(max_records: u32) -> Tuning {
     Tuning {
