@@ -78,14 +78,12 @@ impl DeserializeResponse for FastThenSdk {
         response: &HttpResponse,
         cfg: &ConfigBag,
     ) -> Result<Output, OrchestratorError<Error>> {
-        if response.status().is_success()
-            && let Some(output) = response.body().bytes().and_then(decode)
-        {
-            #[cfg(test)]
-            tests::FAST_DECODES.with(|n| n.set(n.get() + 1));
-            return Ok(Output::erase(output));
-        }
         if response.status().is_success() {
+            if let Some(output) = response.body().bytes().and_then(decode) {
+                #[cfg(test)]
+                tests::FAST_DECODES.with(|n| n.set(n.get() + 1));
+                return Ok(Output::erase(output));
+            }
             tracing::debug!("GetRecords answer not in the expected shape: the SDK decodes it");
         }
         match self.sdk.load::<SharedResponseDeserializer>() {
@@ -108,7 +106,7 @@ struct Page {
     #[serde(default)]
     millis_behind_latest: Option<i64>,
     #[serde(default)]
-    child_shards: Option<Vec<RawChildShard>>,
+    child_shards: Option<Vec<SdkChildShard>>,
 }
 
 /// One record, decoded straight into the SDK's type: no second list per page.
@@ -147,6 +145,28 @@ struct RawRecord<'a> {
     encryption_type: Option<Cow<'a, str>>,
 }
 
+/// A child shard of an ended shard, decoded straight into the SDK's type.
+struct SdkChildShard(ChildShard);
+
+impl<'de> Deserialize<'de> for SdkChildShard {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let c = RawChildShard::deserialize(d)?;
+        let range = HashKeyRange::builder()
+            .starting_hash_key(c.hash_key_range.starting_hash_key)
+            .ending_hash_key(c.hash_key_range.ending_hash_key)
+            .build()
+            .map_err(D::Error::custom)?;
+        ChildShard::builder()
+            .shard_id(c.shard_id)
+            .set_parent_shards(Some(c.parent_shards))
+            .hash_key_range(range)
+            .build()
+            .map(SdkChildShard)
+            .map_err(D::Error::custom)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct RawChildShard {
@@ -168,39 +188,21 @@ struct RawHashKeyRange {
 pub fn decode(body: &[u8]) -> Option<GetRecordsOutput> {
     // One UTF-8 check of the whole body (ASCII fast path) instead of one per string.
     let page: Page = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
-    // Same layout, so this reuses the list's allocation.
-    let records: Vec<Record> = page
-        .records
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    let child_shards = match page.child_shards {
-        None => None,
-        Some(children) => Some(
-            children
-                .into_iter()
-                .map(|c| {
-                    let range = HashKeyRange::builder()
-                        .starting_hash_key(c.hash_key_range.starting_hash_key)
-                        .ending_hash_key(c.hash_key_range.ending_hash_key)
-                        .build()
-                        .ok()?;
-                    ChildShard::builder()
-                        .shard_id(c.shard_id)
-                        .set_parent_shards(Some(c.parent_shards))
-                        .hash_key_range(range)
-                        .build()
-                        .ok()
-                })
-                .collect::<Option<Vec<_>>>()?,
-        ),
-    };
+    // The wrappers have the SDK types' layout, so these reuse the lists' allocations.
     GetRecordsOutput::builder()
-        .set_records(Some(records))
+        .set_records(Some(
+            page.records
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.0)
+                .collect(),
+        ))
         .set_next_shard_iterator(page.next_shard_iterator)
         .set_millis_behind_latest(page.millis_behind_latest)
-        .set_child_shards(child_shards)
+        .set_child_shards(
+            page.child_shards
+                .map(|children| children.into_iter().map(|c| c.0).collect()),
+        )
         .build()
         .ok()
 }
