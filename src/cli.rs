@@ -833,9 +833,8 @@ mod tests {
 
     #[test]
     fn render_gives_the_worker_config_and_its_fields() {
-        let dir = std::env::temp_dir().join(format!("kcg-render-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let spec = dir.join("g.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("g.yaml");
         std::fs::write(
             &spec,
             "apiVersion: kcg.dev/v1alpha1\nkind: KinesisConsumerGroup\nmetadata: {name: orders}\nspec:\n  streams: [{name: orders-stream}]\n  stateStore: {table: kcg-state}\n  delivery: {stdout: {}}\n",

@@ -290,8 +290,9 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
             .expect("put record");
     }
 
-    let dir = std::env::temp_dir().join(format!("kcg-status-live-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Deleted when the test ends; a failure message carries the worker logs first.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     let config = dir.join("config.yaml");
     std::fs::write(
         &config,

@@ -2,16 +2,14 @@
 //! (in the file or through a `KCG__` environment override), exits with code 2 before
 //! touching AWS, prints nothing on stdout and names the field on stderr. No emulator needed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 
 const VALID: &str = "group: ns/g\nstreams: [{name: orders}]\nstateStore: {table: kcg-state}\ndelivery: {stdout: {}}\n";
 
-fn write(name: &str, yaml: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kcg-config-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(format!("{}.yaml", name.replace(' ', "-")));
     std::fs::write(&path, yaml).expect("write config");
     path
@@ -103,15 +101,17 @@ fn each_kind_of_bad_config_exits_2_naming_the_field() {
             &["delivery: is required"],
         ),
     ];
+    let dir = tempfile::tempdir().expect("temp dir");
     for (name, yaml, needles) in cases {
-        let out = run(&write(name, &yaml), &[]);
+        let out = run(&write(dir.path(), name, &yaml), &[]);
         assert_config_error(name, &out, needles);
     }
 }
 
 #[test]
 fn a_bad_env_override_exits_2_naming_field_and_variable() {
-    let path = write("env", VALID);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(dir.path(), "env", VALID);
     let out = run(&path, &[("KCG__TUNING__HEARTBEAT_INTERVAL", "soon")]);
     assert_config_error(
         "env duration",

@@ -44,9 +44,8 @@ async fn run_writes_json_lines_and_stops_on_sigterm() {
         .await;
         sent.push(p);
     }
-    let dir = std::env::temp_dir().join(format!("kcg-cli-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
     std::fs::write(
         &path,
         format!(
