@@ -573,12 +573,7 @@ async fn status_once(
             .as_ref()
             .map(resources::selector_string)
             .unwrap_or_default(),
-        deployment: Some(DeploymentState {
-            replicas: n,
-            ready_replicas: n,
-            updated_replicas: n,
-            observed_current: true,
-        }),
+        deployment: Some(DeploymentState::all_ready(n)),
         snapshot,
         live_clients: live,
         previous_conditions: previous.map(|p| p.conditions.clone()).unwrap_or_default(),

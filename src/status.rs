@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use k8s_openapi::api::apps::v1::DeploymentCondition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kcg_worker::assignment::{self, OwnerRange, ShardKey};
 use kcg_worker::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow};
@@ -42,6 +43,9 @@ pub struct DeploymentState {
     /// `.status.observedGeneration >= .metadata.generation`: the Deployment controller has
     /// seen our latest apply.
     pub observed_current: bool,
+    /// Why the workers cannot run, in the API server's own words, when the Deployment says
+    /// so; see [`DeploymentState::failure_of`].
+    pub failure: Option<Problem>,
 }
 
 impl DeploymentState {
@@ -58,7 +62,57 @@ impl DeploymentState {
             ready_replicas: s.ready_replicas.unwrap_or(0),
             updated_replicas: s.updated_replicas.unwrap_or(0),
             observed_current,
+            failure: Self::failure_of(s.conditions.as_deref().unwrap_or_default()),
         }
+    }
+
+    /// A Deployment whose `replicas` pods all run the current template and are ready.
+    pub fn all_ready(replicas: i32) -> Self {
+        Self {
+            replicas,
+            ready_replicas: replicas,
+            updated_replicas: replicas,
+            observed_current: true,
+            failure: None,
+        }
+    }
+
+    /// The Deployment's own verdict on its pods, as a Degraded problem:
+    /// - `ReplicaFailure=True` (the Deployment controller copies it from the ReplicaSet's
+    ///   FailedCreate: a missing ServiceAccount, a quota, an admission policy...) is
+    ///   `PodsNotCreated`;
+    /// - `Progressing=False` with `ProgressDeadlineExceeded` (pods exist but never became
+    ///   ready within `progressDeadlineSeconds`) is `RolloutStalled`.
+    ///
+    /// Without this, a group whose pods cannot be created only says "rolling out, 0 pods",
+    /// and the cause is visible in `kubectl get events` alone.
+    pub fn failure_of(conditions: &[DeploymentCondition]) -> Option<Problem> {
+        let find = |t: &str, status: &str| {
+            conditions
+                .iter()
+                .find(|c| c.type_.as_deref() == Some(t) && c.status.as_deref() == Some(status))
+        };
+        if let Some(c) = find("ReplicaFailure", "True") {
+            return Some(Problem::new(
+                "PodsNotCreated",
+                format!(
+                    "the worker pods cannot be created ({}): {}",
+                    c.reason.as_deref().unwrap_or("ReplicaFailure"),
+                    c.message.as_deref().unwrap_or("no message")
+                ),
+            ));
+        }
+        find("Progressing", "False")
+            .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            .map(|c| {
+                Problem::new(
+                    "RolloutStalled",
+                    format!(
+                        "the worker rollout made no progress before its deadline (ProgressDeadlineExceeded): {}",
+                        c.message.as_deref().unwrap_or("no message")
+                    ),
+                )
+            })
     }
 }
 
@@ -261,6 +315,15 @@ pub fn remedy(reason: &str) -> &'static str {
         }
         "InvalidSpec" => {
             "fix the spec as the message says; the workers keep their last good config until then"
+        }
+        "PodsNotCreated" => {
+            "the ReplicaSet cannot create pods; fix what the API server names: a missing ServiceAccount (spec.worker.serviceAccountName must exist in the group's namespace), a ResourceQuota or LimitRange, or a Pod Security or admission policy"
+        }
+        "RolloutStalled" => {
+            "the worker pods do not become ready: check `kubectl get pods -l kcg.dev/group=NAME` and the worker logs (image pull, crash loop, readiness probe)"
+        }
+        "ServiceAccountMissing" => {
+            "create the worker ServiceAccount in the group's namespace, set spec.worker.serviceAccountName to one that exists, or grant the operator `create` on serviceaccounts (the chart does)"
         }
         "Throttled" => {
             "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval"
@@ -521,10 +584,12 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
         }
     }
 
-    // Degraded first: the other conditions' messages may point at it.
+    // Degraded first: the other conditions' messages may point at it. The controller's own
+    // problems come first, then the Deployment's, then what the workers report.
     let mut degraded_reasons: Vec<(String, String)> = d
         .problems
         .iter()
+        .chain(d.deployment.and_then(|dep| dep.failure.as_ref()))
         .map(|p| (p.reason.clone(), p.message.clone()))
         .collect();
     let mut by_reason: BTreeMap<String, Vec<(&str, &str)>> = BTreeMap::new();
@@ -595,8 +660,15 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             FALSE,
             "RolloutInProgress",
             format!(
-                "{} ready of {} desired ({} pods, {} on the current template)",
-                dep.ready_replicas, d.desired_replicas, dep.replicas, dep.updated_replicas
+                "{} ready of {} desired ({} pods, {} on the current template){}",
+                dep.ready_replicas,
+                d.desired_replicas,
+                dep.replicas,
+                dep.updated_replicas,
+                match &dep.failure {
+                    Some(f) => format!("; {}: see the Degraded condition", f.reason),
+                    None => String::new(),
+                }
             ),
         )
     } else if !unlisted.is_empty() {

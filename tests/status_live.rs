@@ -126,12 +126,7 @@ impl Harness {
                 streams: vec![self.stream.clone()],
                 desired_replicas: replicas,
                 selector: "app.kubernetes.io/instance=live".into(),
-                deployment: Some(DeploymentState {
-                    replicas,
-                    ready_replicas: replicas,
-                    updated_replicas: replicas,
-                    observed_current: true,
-                }),
+                deployment: Some(DeploymentState::all_ready(replicas)),
                 snapshot: Some(snap),
                 live_clients: live,
                 previous_conditions: previous

@@ -66,15 +66,6 @@ fn lease(stream: &str, i: u32, owner: Option<&str>) -> LeaseRow {
     }
 }
 
-fn ready_deployment(n: i32) -> DeploymentState {
-    DeploymentState {
-        replicas: n,
-        ready_replicas: n,
-        updated_replicas: n,
-        observed_current: true,
-    }
-}
-
 /// A group of `n_clients` clients ("c0", "c1", ...) on stream "s" with `n_shards` shards
 /// split into contiguous ranges, everything healthy.
 fn healthy(n_clients: u32, n_shards: u32) -> StatusInput {
@@ -90,7 +81,7 @@ fn healthy(n_clients: u32, n_shards: u32) -> StatusInput {
         streams: vec!["s".into()],
         desired_replicas: n_clients as i32,
         selector: "app.kubernetes.io/instance=group".into(),
-        deployment: Some(ready_deployment(n_clients as i32)),
+        deployment: Some(DeploymentState::all_ready(n_clients as i32)),
         snapshot: Some(GroupSnapshot {
             clients: ids.iter().map(|i| client(i)).collect(),
             shard_caches: vec![cache("s", (0..n_shards).map(open).collect())],
@@ -624,6 +615,51 @@ fn degraded_table() {
             "InvalidSpec",
             "clientTimeout",
         ),
+        (
+            "pods cannot be created: the API server's words are shown",
+            |i| {
+                let d = i.deployment.as_mut().unwrap();
+                (d.replicas, d.ready_replicas) = (0, 0);
+                d.failure = DeploymentState::failure_of(&[deployment_condition(
+                    "ReplicaFailure",
+                    "True",
+                    "FailedCreate",
+                    "pods \"orders-6f8b649ffd-\" is forbidden: error looking up service account team-a/kcg-worker: serviceaccount \"kcg-worker\" not found",
+                )]);
+            },
+            TRUE,
+            "PodsNotCreated",
+            "serviceaccount \"kcg-worker\" not found",
+        ),
+        (
+            "rollout past its progress deadline",
+            |i| {
+                i.deployment.as_mut().unwrap().failure =
+                    DeploymentState::failure_of(&[deployment_condition(
+                        "Progressing",
+                        "False",
+                        "ProgressDeadlineExceeded",
+                        "ReplicaSet \"orders-6f8b649ffd\" has timed out progressing.",
+                    )]);
+            },
+            TRUE,
+            "RolloutStalled",
+            "has timed out progressing",
+        ),
+        (
+            "the controller's own problem comes before the Deployment's",
+            |i| {
+                i.problems.push(Problem::new(
+                    "InvalidSpec",
+                    "tuning.pollInterval: too short",
+                ));
+                i.deployment.as_mut().unwrap().failure =
+                    Some(Problem::new("PodsNotCreated", "quota exceeded"));
+            },
+            TRUE,
+            "InvalidSpec",
+            "PodsNotCreated: quota exceeded",
+        ),
     ];
     for (name, edit, status, reason, needle) in cases {
         let mut input = healthy(2, 4);
@@ -752,4 +788,97 @@ fn needs_write_ignores_fresh_heartbeats_only() {
     let mut cond_flip = base.clone();
     cond_flip.conditions[0].status = "False".into();
     assert!(needs_write(Some(&base), &cond_flip));
+}
+
+fn deployment_condition(t: &str, status: &str, reason: &str, message: &str) -> DeploymentCondition {
+    DeploymentCondition {
+        type_: Some(t.into()),
+        status: Some(status.into()),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        ..DeploymentCondition::default()
+    }
+}
+
+#[test]
+fn deployment_failure_table() {
+    let cases: Vec<(&str, Vec<DeploymentCondition>, Option<&str>)> = vec![
+        ("no conditions", vec![], None),
+        (
+            "a healthy rollout",
+            vec![
+                deployment_condition("Available", "True", "MinimumReplicasAvailable", "ok"),
+                deployment_condition("Progressing", "True", "NewReplicaSetAvailable", "ok"),
+            ],
+            None,
+        ),
+        (
+            "pods still starting: not a failure",
+            vec![deployment_condition(
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )],
+            None,
+        ),
+        (
+            "FailedCreate copied from the ReplicaSet",
+            vec![
+                deployment_condition("Progressing", "True", "NewReplicaSetCreated", "ok"),
+                deployment_condition("ReplicaFailure", "True", "FailedCreate", "quota"),
+            ],
+            Some("PodsNotCreated"),
+        ),
+        (
+            "a cleared ReplicaFailure",
+            vec![deployment_condition(
+                "ReplicaFailure",
+                "False",
+                "FailedCreate",
+                "old",
+            )],
+            None,
+        ),
+        (
+            "progress deadline exceeded",
+            vec![deployment_condition(
+                "Progressing",
+                "False",
+                "ProgressDeadlineExceeded",
+                "timed out",
+            )],
+            Some("RolloutStalled"),
+        ),
+        (
+            "both: the pods that cannot be created are the cause",
+            vec![
+                deployment_condition("Progressing", "False", "ProgressDeadlineExceeded", "t"),
+                deployment_condition("ReplicaFailure", "True", "FailedCreate", "quota"),
+            ],
+            Some("PodsNotCreated"),
+        ),
+    ];
+    for (name, conditions, want) in cases {
+        let got = DeploymentState::failure_of(&conditions);
+        assert_eq!(got.as_ref().map(|p| p.reason.as_str()), want, "case {name}");
+    }
+}
+
+#[test]
+fn ready_points_at_the_deployment_failure() {
+    let mut input = healthy(2, 4);
+    let d = input.deployment.as_mut().unwrap();
+    (d.replicas, d.ready_replicas, d.updated_replicas) = (0, 0, 0);
+    d.failure = Some(Problem::new("PodsNotCreated", "serviceaccount not found"));
+    let s = build_status(input);
+    let ready = cond(&s, READY);
+    assert_eq!(ready.reason, "RolloutInProgress");
+    assert!(
+        ready
+            .message
+            .contains("PodsNotCreated: see the Degraded condition"),
+        "{}",
+        ready.message
+    );
 }
