@@ -2,7 +2,7 @@
 //! `status` (the status the controller would publish, built from the state-store table by
 //! the same code, without a cluster).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,9 +125,21 @@ pub struct RunArgs {
     /// Worker image for groups that do not set spec.worker.image.
     #[arg(long, default_value = DEFAULT_WORKER_IMAGE, env = "KCG_WORKER_IMAGE")]
     pub worker_image: String,
-    /// Service account for worker pods that do not set spec.worker.serviceAccountName.
+    /// Service account for worker pods that do not set spec.worker.serviceAccountName. The
+    /// operator creates it in a group's namespace when it is missing there.
     #[arg(long, env = "KCG_WORKER_SERVICE_ACCOUNT")]
     pub worker_service_account: Option<String>,
+    /// Annotations, as a JSON object, of the worker service account the operator creates,
+    /// e.g. '{"eks.amazonaws.com/role-arn":"arn:aws:iam::123456789012:role/kcg-worker"}'.
+    /// The chart passes its workerServiceAccount.annotations.
+    #[arg(
+        long,
+        env = "KCG_WORKER_SERVICE_ACCOUNT_ANNOTATIONS",
+        value_name = "JSON",
+        default_value = "{}",
+        value_parser = parse_annotations
+    )]
+    pub worker_service_account_annotations: BTreeMap<String, String>,
     /// Watch only these namespaces; repeat the flag or separate with commas (default: all
     /// namespaces). The chart passes one flag per `watchNamespaces` entry.
     #[arg(
@@ -146,6 +158,52 @@ pub struct RunArgs {
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, default_value = "default", env = "POD_NAMESPACE")]
     pub lease_namespace: String,
+}
+
+impl RunArgs {
+    /// The operator settings these arguments give.
+    pub fn settings(&self) -> OperatorSettings {
+        OperatorSettings {
+            worker_image: self.worker_image.clone(),
+            worker_service_account: self
+                .worker_service_account
+                .clone()
+                .filter(|s| !s.is_empty()),
+            worker_service_account_annotations: self.worker_service_account_annotations.clone(),
+        }
+    }
+}
+
+/// Parses `--worker-service-account-annotations`: a JSON object of strings (empty = none).
+fn parse_annotations(text: &str) -> Result<BTreeMap<String, String>, String> {
+    if text.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    serde_json::from_str(text).map_err(|e| {
+        format!(
+            "expected a JSON object of string values, e.g. {{\"eks.amazonaws.com/role-arn\":\"arn:aws:iam::123456789012:role/kcg-worker\"}}: {e}"
+        )
+    })
+}
+
+/// Seconds a leader's Lease lasts without renewal.
+pub const LEASE_DURATION_SECONDS: u64 = 15;
+/// Seconds before expiry the leader renews its Lease.
+pub const LEASE_GRACE_SECONDS: u64 = 5;
+
+/// The leader election as `run` sets it up: Lease `lease_name` in `namespace`, held as
+/// `identity`.
+pub fn lease_manager_builder(
+    client: Client,
+    lease_name: &str,
+    namespace: &str,
+    identity: &str,
+) -> LeaseManagerBuilder {
+    LeaseManagerBuilder::new(client, lease_name)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(LEASE_DURATION_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
 }
 
 /// Output format of `status`.
@@ -257,13 +315,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let opts = RunOptions {
         namespaces: args.namespaces.clone(),
-        settings: OperatorSettings {
-            worker_image: args.worker_image.clone(),
-            worker_service_account: args
-                .worker_service_account
-                .clone()
-                .filter(|s| !s.is_empty()),
-        },
+        settings: args.settings(),
     };
 
     let controller = async {
@@ -277,19 +329,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .ok()
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| format!("kcg-operator-{}", std::process::id()));
-        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-            .with_namespace(&args.lease_namespace)
-            .with_identity(&identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await
-            .with_context(|| {
-                format!(
-                    "setting up leader election on Lease {}/{}",
-                    args.lease_namespace, args.lease_name
-                )
-            })?;
+        let manager = lease_manager_builder(
+            client.clone(),
+            &args.lease_name,
+            &args.lease_namespace,
+            &identity,
+        )
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "setting up leader election on Lease {}/{}",
+                args.lease_namespace, args.lease_name
+            )
+        })?;
         let (mut leader, _task) = manager.watch().await;
         ready.store(true, Ordering::Relaxed);
         info!(identity, lease = %args.lease_name, "waiting for leadership");
@@ -763,6 +816,47 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["kcg-operator", "crd"]).is_ok());
+    }
+
+    #[test]
+    fn worker_service_account_annotations_are_a_json_object() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["kcg-operator", "run", "--worker-service-account=kcg-worker"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Run(a)) => Ok(a.settings()),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let s = run(&[
+            r#"--worker-service-account-annotations={"eks.amazonaws.com/role-arn":"arn:aws:iam::123456789012:role/kcg-worker"}"#,
+        ])
+        .unwrap();
+        assert_eq!(s.worker_service_account.as_deref(), Some("kcg-worker"));
+        assert_eq!(
+            s.worker_service_account_annotations["eks.amazonaws.com/role-arn"],
+            "arn:aws:iam::123456789012:role/kcg-worker"
+        );
+        for empty in ["{}", ""] {
+            let flag = format!("--worker-service-account-annotations={empty}");
+            assert!(
+                run(&[&flag])
+                    .unwrap()
+                    .worker_service_account_annotations
+                    .is_empty()
+            );
+        }
+        if std::env::var_os("KCG_WORKER_SERVICE_ACCOUNT_ANNOTATIONS").is_none() {
+            assert!(
+                run(&[])
+                    .unwrap()
+                    .worker_service_account_annotations
+                    .is_empty()
+            );
+        }
+        let err = run(&[r#"--worker-service-account-annotations={"a": 1}"#]).unwrap_err();
+        assert!(err.contains("JSON object of string values"), "{err}");
     }
 
     #[tokio::test]

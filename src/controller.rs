@@ -1,22 +1,24 @@
 //! The controller: reconciles each `KinesisConsumerGroup` into a ConfigMap and a worker
 //! Deployment (server-side apply, field manager `kcg-operator`), refreshes its status from
 //! the Deployment and the state-store table every few seconds, publishes events on change,
-//! and on deletion (finalizer) removes the group's rows when `onDelete: Delete`.
+//! and on deletion (finalizer) removes the group's rows when `onDelete: Delete`. Before the
+//! Deployment it makes sure the default worker ServiceAccount exists in the group's
+//! namespace (created when missing, never modified or deleted).
 //!
 //! Decisions live in pure modules ([`crate::status`], [`crate::events`],
 //! [`crate::resources`]); this module is the I/O around them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
 use kcg_worker::membership::{Liveness, observe_clients};
 use kcg_worker::store::StateStore;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -44,6 +46,12 @@ pub const INVALID_SPEC_RETRY: Duration = Duration::from_secs(60);
 pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval while waiting for the workers to stop before deleting rows.
 pub const CLEANUP_POLL: Duration = Duration::from_secs(5);
+/// Most event recorders kept (one per distinct event, see [`EventRecorders`]); the least
+/// recently used one goes first.
+pub const MAX_EVENT_RECORDERS: usize = 1000;
+/// Degraded reason when the default worker ServiceAccount is missing from the group's
+/// namespace and the operator could not create it.
+pub const SERVICE_ACCOUNT_MISSING: &str = "ServiceAccountMissing";
 
 /// Errors of one reconcile. Each names the object and the step.
 #[derive(Debug, thiserror::Error)]
@@ -112,25 +120,29 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Listing the worker pods during cleanup failed.
-    #[error("listing worker pods of {group}: {source}")]
-    ListPods {
-        /// Group id.
-        group: String,
+    /// Reading or creating the default worker ServiceAccount failed for a reason that may
+    /// pass (a refusal of the API server is a Degraded problem instead, not an error).
+    #[error("ensuring ServiceAccount {namespace}/{name}: {source}")]
+    ServiceAccount {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
         /// The API error.
         #[source]
         source: kube::Error,
     },
     /// Cleanup waits until the workers are gone (they release leases and checkpoint on the
-    /// way out) before it deletes the rows. Not a failure: the finalizer stays and the
-    /// reconcile is retried shortly.
+    /// way out) before it deletes the rows: the worker Deployment, deleted in the
+    /// foreground, exists until its pods are gone. Not a failure: the finalizer stays and
+    /// the reconcile is retried shortly.
     #[error(
         "waiting for {pods} worker pods of {group} to stop before deleting its state-store rows"
     )]
     WorkersStillRunning {
         /// Group id.
         group: String,
-        /// Pods still present.
+        /// Pods the Deployment still counts (its `status.replicas`).
         pods: usize,
     },
     /// Deleting the group's rows failed.
@@ -165,7 +177,7 @@ impl Error {
             Error::SerializeStatus { .. } => "SerializeStatus",
             Error::Render { .. } => "Render",
             Error::DeleteDeployment { .. } => "DeleteDeployment",
-            Error::ListPods { .. } => "ListPods",
+            Error::ServiceAccount { .. } => "ServiceAccount",
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
             Error::NoNamespace(_) => "NoNamespace",
@@ -231,12 +243,114 @@ impl DynamoClients {
     }
 }
 
+/// Publishes events through kube's [`Recorder`], one recorder per distinct event.
+///
+/// A `Recorder` aggregates an event into the series of an earlier one (same object, type,
+/// reason, action and reporter, within 6 minutes) by PATCHing that earlier event's
+/// `series.count`, whatever the new note says: a second `Rebalanced` with another
+/// distribution would only bump the first one's count, and its note would be lost. Keyed
+/// by the note as well, each distinct event is created as an Event of its own, and only
+/// identical repeats aggregate into a series. At most [`MAX_EVENT_RECORDERS`] are kept;
+/// the least recently used goes first (kube forgets a series after 6 minutes anyway).
+pub struct EventRecorders {
+    client: Client,
+    reporter: Reporter,
+    cache: Mutex<RecorderCache>,
+}
+
+#[derive(Default)]
+struct RecorderCache {
+    /// Use counter: a larger stamp is a more recent use.
+    clock: u64,
+    by_event: HashMap<EventKey, (u64, Recorder)>,
+}
+
+/// What makes two events "the same" for aggregation: the object (by kind, namespace, name
+/// and uid), type, reason, action and note.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EventKey {
+    regarding: [Option<String>; 4],
+    type_: EventType,
+    reason: String,
+    action: String,
+    note: Option<String>,
+}
+
+impl EventKey {
+    fn new(event: &KubeEvent, regarding: &ObjectReference) -> Self {
+        Self {
+            regarding: [
+                regarding.kind.clone(),
+                regarding.namespace.clone(),
+                regarding.name.clone(),
+                regarding.uid.clone(),
+            ],
+            type_: event.type_,
+            reason: event.reason.clone(),
+            action: event.action.clone(),
+            note: event.note.clone(),
+        }
+    }
+}
+
+impl EventRecorders {
+    /// Recorders that publish as `reporter`.
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            client,
+            reporter,
+            cache: Mutex::new(RecorderCache::default()),
+        }
+    }
+
+    /// Publishes `event` on the object `regarding`: a new Event, or, for a repeat of an
+    /// identical event within kube's 6-minute window, a series update of that Event.
+    pub async fn publish(
+        &self,
+        event: &KubeEvent,
+        regarding: &ObjectReference,
+    ) -> Result<(), kube::Error> {
+        let key = EventKey::new(event, regarding);
+        match self.recorder(&key).publish(event, regarding).await {
+            // The series update of an Event that is gone (expired or deleted): forget it and
+            // create a new one.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                lock(&self.cache).by_event.remove(&key);
+                self.recorder(&key).publish(event, regarding).await
+            }
+            other => other,
+        }
+    }
+
+    fn recorder(&self, key: &EventKey) -> Recorder {
+        let mut cache = lock(&self.cache);
+        cache.clock += 1;
+        let now = cache.clock;
+        if let Some((used, recorder)) = cache.by_event.get_mut(key) {
+            *used = now;
+            return recorder.clone();
+        }
+        if cache.by_event.len() >= MAX_EVENT_RECORDERS
+            && let Some(oldest) = cache
+                .by_event
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            cache.by_event.remove(&oldest);
+        }
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        cache.by_event.insert(key.clone(), (now, recorder.clone()));
+        recorder
+    }
+}
+
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
     /// Kubernetes client.
     pub client: Client,
-    /// Event recorder (it also deduplicates repeated events into series).
-    pub recorder: Recorder,
+    /// Event publishing (repeated identical events become series).
+    pub events: EventRecorders,
     /// Operator metrics.
     pub metrics: Arc<Metrics>,
     /// Operator settings (default worker image, ...).
@@ -263,7 +377,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: EventRecorders::new(client.clone(), reporter),
             client,
             metrics,
             settings,
@@ -332,7 +446,7 @@ pub fn error_policy(kcg: Arc<KinesisConsumerGroup>, error: &Error, ctx: Arc<Cont
     Action::requeue(delay)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the maps hold plain values.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -369,6 +483,12 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let applied = if valid {
+        // The pods cannot start without their ServiceAccount. A missing one that cannot be
+        // created is reported; the Deployment is applied all the same and starts its pods
+        // as soon as the account exists.
+        if let Some(problem) = ensure_worker_service_account(&kcg, &ctx, &ns).await? {
+            problems.push(problem);
+        }
         match apply_owned(&kcg, &ctx, &ns, &group).await {
             Ok(d) => Some(d),
             // The API server refused what the spec rendered to (a bad quantity in
@@ -480,6 +600,65 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     })
 }
 
+/// Makes sure the worker pods' default ServiceAccount exists in the group's namespace, when
+/// the group does not name its own (`spec.worker.serviceAccountName`) and the operator has
+/// one (`--worker-service-account`). A pod can only use an account of its own namespace,
+/// and the chart creates it only in the namespaces it knows of.
+///
+/// A missing account is created with the configured annotations (the IRSA role) and no
+/// owner: the groups of a namespace share it, so it stays until the namespace goes. An
+/// existing account is never modified: it may be the user's or the chart's. An account the
+/// API server does not let the operator read or create is returned as a Degraded problem.
+async fn ensure_worker_service_account(
+    kcg: &KinesisConsumerGroup,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<Problem>, Error> {
+    if kcg.spec.worker.service_account_name.is_some() {
+        return Ok(None);
+    }
+    let Some(name) = ctx.settings.worker_service_account.as_deref() else {
+        return Ok(None);
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    let (step, failure) = match api.get_opt(name).await {
+        Ok(Some(_)) => return Ok(None),
+        Ok(None) => {
+            let account = resources::worker_service_account(ns, name, &ctx.settings);
+            match api.create(&PostParams::default(), &account).await {
+                Ok(_) => {
+                    info!(
+                        namespace = ns,
+                        service_account = name,
+                        "created the worker ServiceAccount"
+                    );
+                    return Ok(None);
+                }
+                // Created meanwhile (another group of the namespace, or the chart).
+                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
+                Err(e) => ("it is missing and creating it failed", e),
+            }
+        }
+        Err(e) => ("reading it failed", e),
+    };
+    match failure {
+        kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429 => {
+            Ok(Some(Problem::new(
+                SERVICE_ACCOUNT_MISSING,
+                format!(
+                    "the worker pods run as ServiceAccount {ns}/{name}, and {step}: {} ({}). Create it (`kubectl -n {ns} create serviceaccount {name}`) or set spec.worker.serviceAccountName to an account of namespace {ns}",
+                    s.message, s.reason
+                ),
+            )))
+        }
+        source => Err(Error::ServiceAccount {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Server-side applies the ConfigMap, then the Deployment; returns the Deployment as stored.
 async fn apply_owned(
     kcg: &KinesisConsumerGroup,
@@ -572,7 +751,7 @@ async fn publish_status(
             secondary: None,
         };
         // An event that cannot be published is logged; it must not fail the reconcile.
-        match ctx.recorder.publish(&event, &reference).await {
+        match ctx.events.publish(&event, &reference).await {
             Ok(()) => {
                 ctx.metrics
                     .events
@@ -597,11 +776,14 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
         }
         OnDelete::Delete => {
             // Stop the workers first: they release leases and checkpoint on the way out,
-            // and a running worker would recreate rows we delete.
+            // and a running worker would recreate rows we delete. Deleted in the foreground,
+            // the Deployment stays (with a deletionTimestamp) until the garbage collector has
+            // removed its ReplicaSets and their pods, so once it is gone every worker has
+            // stopped; no need to read pods (the operator may not).
             let name = resources::deployment_name(&kcg);
             let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-            match deployments.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => info!(deployment = %name, "deleting the worker Deployment"),
+            match deployments.delete(&name, &DeleteParams::foreground()).await {
+                Ok(_) => debug!(deployment = %name, "deleting the worker Deployment (foreground)"),
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(source) => {
                     return Err(Error::DeleteDeployment {
@@ -611,21 +793,20 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
                     });
                 }
             }
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let lp = ListParams::default().labels(&resources::selector_string(&kcg));
-            let running = pods
-                .list_metadata(&lp)
+            let remaining = deployments
+                .get_opt(&name)
                 .await
-                .map_err(|source| Error::ListPods {
-                    group: group.clone(),
+                .map_err(|source| Error::Get {
+                    kind: "Deployment",
+                    namespace: ns.clone(),
+                    name: name.clone(),
                     source,
-                })?
-                .items
-                .len();
-            if running > 0 {
+                })?;
+            if let Some(d) = remaining {
+                let pods = d.status.and_then(|s| s.replicas).unwrap_or(0);
                 return Err(Error::WorkersStillRunning {
                     group,
-                    pods: running,
+                    pods: usize::try_from(pods).unwrap_or(0),
                 });
             }
             let cfg = &kcg.spec.state_store.config;
@@ -646,7 +827,7 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
                     action: "Cleanup".into(),
                     secondary: None,
                 };
-                if let Err(e) = ctx.recorder.publish(&event, &kcg.object_ref(&())).await {
+                if let Err(e) = ctx.events.publish(&event, &kcg.object_ref(&())).await {
                     warn!(error = %e, "publishing event failed");
                 }
                 return Err(err);
@@ -736,6 +917,43 @@ mod tests {
             .map(|n| backoff_delay(*n).as_secs())
             .collect();
         assert_eq!(got, vec![1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    #[tokio::test]
+    async fn event_recorders_are_per_note_and_bounded() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let recorders = EventRecorders::new(Client::new(service, "default"), "test".into());
+        let key = |note: usize| EventKey {
+            regarding: [
+                Some("KinesisConsumerGroup".into()),
+                Some("ns".into()),
+                Some("g".into()),
+                None,
+            ],
+            type_: EventType::Normal,
+            reason: "Rebalanced".into(),
+            action: "Reconcile".into(),
+            note: Some(format!("note {note}")),
+        };
+        let held = || lock(&recorders.cache).by_event.len();
+        recorders.recorder(&key(0));
+        recorders.recorder(&key(0));
+        assert_eq!(held(), 1, "an identical event reuses its recorder (series)");
+        recorders.recorder(&key(1));
+        assert_eq!(held(), 2, "another note, another recorder");
+        for n in 2..MAX_EVENT_RECORDERS + 10 {
+            // Keep note 0 in use: the least recently used recorders go first.
+            recorders.recorder(&key(0));
+            recorders.recorder(&key(n));
+        }
+        let cache = lock(&recorders.cache);
+        assert_eq!(cache.by_event.len(), MAX_EVENT_RECORDERS);
+        assert!(cache.by_event.contains_key(&key(0)));
+        assert!(!cache.by_event.contains_key(&key(1)));
+        assert!(cache.by_event.contains_key(&key(MAX_EVENT_RECORDERS + 9)));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The objects a `KinesisConsumerGroup` owns: the ConfigMap holding the rendered worker config
-//! and the Deployment running `kcg-worker`.
+//! and the Deployment running `kcg-worker`; and the default worker ServiceAccount the
+//! operator creates in a group's namespace when it is missing (owned by no group).
 //!
 //! Pure functions from the CR (plus operator settings) to desired objects, so the reconciler
 //! only applies them and tests can check every field without an API server.
@@ -10,7 +11,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -47,7 +48,11 @@ pub struct OperatorSettings {
     pub worker_image: String,
     /// Service account for worker pods when `spec.worker.serviceAccountName` is not set
     /// (the chart creates one, where IRSA annotations go). `None` leaves the namespace default.
+    /// The operator creates it in a group's namespace where it is missing.
     pub worker_service_account: Option<String>,
+    /// Annotations of the worker service account the operator creates (e.g. the IRSA role
+    /// ARN; the chart passes its `workerServiceAccount.annotations`).
+    pub worker_service_account_annotations: BTreeMap<String, String>,
 }
 
 impl OperatorSettings {
@@ -56,7 +61,36 @@ impl OperatorSettings {
         Self {
             worker_image: worker_image.into(),
             worker_service_account: None,
+            worker_service_account_annotations: BTreeMap::new(),
         }
+    }
+}
+
+/// The default worker ServiceAccount `name` as the operator creates it in namespace `ns`:
+/// the configured annotations, no API token (workers never call the Kubernetes API), and no
+/// owner reference, since every group of the namespace uses it.
+pub fn worker_service_account(ns: &str, name: &str, settings: &OperatorSettings) -> ServiceAccount {
+    let labels = [
+        ("app.kubernetes.io/managed-by", "kcg-operator"),
+        ("app.kubernetes.io/component", "worker"),
+        ("app.kubernetes.io/part-of", "kcg"),
+    ];
+    let annotations = &settings.worker_service_account_annotations;
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            annotations: (!annotations.is_empty()).then(|| annotations.clone()),
+            ..ObjectMeta::default()
+        },
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
     }
 }
 
@@ -727,5 +761,29 @@ delivery: {stdout: {}}
         let d = deployment(&group(BASE), &settings(), "h");
         assert_eq!(pod(&d).service_account_name, None);
         assert_eq!(pod(&d).node_selector, None);
+    }
+
+    #[test]
+    fn worker_service_account_has_annotations_no_token_and_no_owner() {
+        let mut s = settings();
+        s.worker_service_account_annotations = BTreeMap::from([(
+            "eks.amazonaws.com/role-arn".to_owned(),
+            "arn:aws:iam::123456789012:role/kcg-worker".to_owned(),
+        )]);
+        let sa = worker_service_account("shop", "kcg-worker", &s);
+        assert_eq!(sa.metadata.name.as_deref(), Some("kcg-worker"));
+        assert_eq!(sa.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(sa.automount_service_account_token, Some(false));
+        assert_eq!(sa.metadata.owner_references, None);
+        let labels = sa.metadata.labels.unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "kcg-operator");
+        assert_eq!(labels["app.kubernetes.io/component"], "worker");
+        assert_eq!(labels["app.kubernetes.io/part-of"], "kcg");
+        assert_eq!(
+            sa.metadata.annotations.unwrap()["eks.amazonaws.com/role-arn"],
+            "arn:aws:iam::123456789012:role/kcg-worker"
+        );
+        let bare = worker_service_account("shop", "kcg-worker", &settings());
+        assert_eq!(bare.metadata.annotations, None);
     }
 }

@@ -25,6 +25,9 @@ use tower_test::mock::{self, Handle, SendResponse};
 const NS: &str = "team-a";
 const NAME: &str = "orders";
 const GROUP: &str = "team-a/orders";
+/// The default worker ServiceAccount of [`settings_with_worker_sa`].
+const WORKER_SA: &str = "kcg-operator-worker";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/kcg-worker";
 
 // ------------------------------------------------------------------ emulator
 
@@ -140,12 +143,31 @@ fn merge(a: &mut Value, b: Value) {
     }
 }
 
+/// A context whose settings name no default worker ServiceAccount (the pods use the
+/// namespace's `default`), so no reconcile looks at ServiceAccounts.
 async fn context(endpoint: &str) -> (Arc<Context>, Verifier) {
+    context_with(
+        endpoint,
+        OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test"),
+    )
+    .await
+}
+
+/// Settings as the chart gives them: a default worker ServiceAccount with an IRSA role.
+fn settings_with_worker_sa() -> OperatorSettings {
+    let mut s = OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test");
+    s.worker_service_account = Some(WORKER_SA.into());
+    s.worker_service_account_annotations =
+        [("eks.amazonaws.com/role-arn".to_owned(), ROLE_ARN.to_owned())].into();
+    s
+}
+
+async fn context_with(endpoint: &str, settings: OperatorSettings) -> (Arc<Context>, Verifier) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context::new(
         client,
-        OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test"),
+        settings,
         Arc::new(Metrics::new()),
         DynamoClients::from_config(aws(endpoint).await),
     );
@@ -257,23 +279,92 @@ impl Verifier {
         status
     }
 
-    /// An event POST; returns (type, reason, note).
-    async fn expect_event(&mut self) -> (String, String, String) {
+    /// An event write on the group: a POST of a new Event, or a PATCH of an earlier Event
+    /// (named in the path) that turns it into a series. Returns the method and the event.
+    async fn expect_event_write(&mut self) -> (Method, Value) {
         let s = self.next().await;
-        assert_eq!(s.method, Method::POST);
-        assert_eq!(
-            s.path,
-            format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
-        );
+        let events = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+        match s.method {
+            Method::POST => assert_eq!(s.path, events),
+            Method::PATCH => assert_eq!(
+                s.path,
+                format!(
+                    "{events}/{}",
+                    s.body["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            ),
+            _ => panic!("expected an event write, got {} {}", s.method, s.path),
+        }
         assert_eq!(s.body["regarding"]["name"], NAME);
-        let out = (
-            s.body["type"].as_str().unwrap_or("").to_owned(),
-            s.body["reason"].as_str().unwrap_or("").to_owned(),
-            s.body["note"].as_str().unwrap_or("").to_owned(),
-        );
         let body = s.body.clone();
         Self::reply(s.send, StatusCode::OK, &body);
-        out
+        (s.method, body)
+    }
+
+    /// A new event (a POST); returns (type, reason, note).
+    async fn expect_event(&mut self) -> (String, String, String) {
+        let (method, body) = self.expect_event_write().await;
+        assert_eq!(
+            method,
+            Method::POST,
+            "a new event, not a series update: {body}"
+        );
+        let field = |f: &str| body[f].as_str().unwrap_or("").to_owned();
+        (field("type"), field("reason"), field("note"))
+    }
+
+    /// The new events of a reconcile up to the Warning `reason` (it comes after at most a
+    /// leader and a distribution event); returns its note.
+    async fn expect_warning(&mut self, reason: &str) -> String {
+        for _ in 0..3 {
+            let (ty, r, note) = self.expect_event().await;
+            if r == reason {
+                assert_eq!(ty, "Warning", "{reason}: {note}");
+                return note;
+            }
+        }
+        panic!("no Warning {reason} event among the reconcile's first three events");
+    }
+
+    /// The read of the default worker ServiceAccount, answered as present or absent.
+    async fn expect_worker_sa_get(&mut self, present: bool) {
+        let s = self.next().await;
+        assert_eq!(s.method, Method::GET);
+        assert_eq!(
+            s.path,
+            format!("/api/v1/namespaces/{NS}/serviceaccounts/{WORKER_SA}")
+        );
+        if present {
+            Self::reply(
+                s.send,
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": WORKER_SA, "namespace": NS, "annotations": {"owner": "the-chart"}}}),
+            );
+        } else {
+            Self::not_found(s.send);
+        }
+    }
+
+    /// The create of the default worker ServiceAccount, answered with `code` (201, or an
+    /// error status); returns the object sent.
+    async fn expect_worker_sa_create(&mut self, code: StatusCode) -> Value {
+        let s = self.next().await;
+        assert_eq!(s.method, Method::POST);
+        assert_eq!(s.path, format!("/api/v1/namespaces/{NS}/serviceaccounts"));
+        let body = s.body.clone();
+        if code.is_success() {
+            Self::reply(s.send, code, &body);
+        } else {
+            Self::reply(
+                s.send,
+                code,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "reason": "Forbidden", "code": code.as_u16(),
+                        "message": format!("serviceaccounts is forbidden: User \"system:serviceaccount:kcg-system:kcg-operator\" cannot create resource \"serviceaccounts\" in API group \"\" in the namespace \"{NS}\"")}),
+            );
+        }
+        body
     }
 
     fn not_found(send: SendResponse<Response<Body>>) {
@@ -339,6 +430,11 @@ where
 /// Asserts that the API saw no further request (the reconcile is over, so any queued
 /// request would be an unexpected extra write).
 async fn assert_quiet(mut v: Verifier) {
+    assert_no_request(&mut v).await;
+}
+
+/// [`assert_quiet`] for a verifier that is used again afterwards.
+async fn assert_no_request(v: &mut Verifier) {
     let extra = tokio::time::timeout(Duration::from_millis(200), v.0.next_request()).await;
     if let Ok(Some((req, _))) = extra {
         panic!("unexpected request {} {}", req.method(), req.uri());
@@ -433,12 +529,20 @@ async fn create_adds_finalizer_then_applies_config_map_and_deployment_then_statu
     assert_quiet(verifier).await;
 }
 
-#[tokio::test]
-async fn unchanged_refresh_writes_no_status_and_emits_no_events() {
-    let Some(endpoint) = emulator() else { return };
-    let table = unique_table("refresh");
-    seeded_store(&endpoint, &table).await;
-    let (ctx, verifier) = context(&endpoint).await;
+/// A seeded group reconciled once (no status before: the leader and the distribution are
+/// announced). Returns the context, the verifier, the group and the status written.
+async fn first_reconcile(
+    endpoint: &str,
+    test: &str,
+) -> (
+    Arc<Context>,
+    Verifier,
+    KinesisConsumerGroup,
+    KinesisConsumerGroupStatus,
+) {
+    let table = unique_table(test);
+    seeded_store(endpoint, &table).await;
+    let (ctx, verifier) = context(endpoint).await;
     let kcg = group(&table, json!({}));
     let k2 = kcg.clone();
     let (res, verifier, status) = run(&kcg, &ctx, verifier, |mut v| async move {
@@ -451,6 +555,13 @@ async fn unchanged_refresh_writes_no_status_and_emits_no_events() {
     })
     .await;
     res.unwrap();
+    (ctx, verifier, kcg, status)
+}
+
+#[tokio::test]
+async fn unchanged_refresh_writes_no_status_and_emits_no_events() {
+    let Some(endpoint) = emulator() else { return };
+    let (ctx, verifier, kcg, status) = first_reconcile(&endpoint, "refresh").await;
 
     // The watch hands back the object carrying the published status: a refresh that finds
     // the same group writes nothing and says nothing.
@@ -618,16 +729,7 @@ async fn invalid_spec_is_not_applied_but_reported() {
             ("True", "InvalidSpec")
         );
         assert!(d.message.contains("clientTimeout"), "{}", d.message);
-        let mut warned = false;
-        for _ in 0..3 {
-            let (ty, reason, _) = v.expect_event().await;
-            if reason == "InvalidSpec" {
-                assert_eq!(ty, "Warning");
-                warned = true;
-                break;
-            }
-        }
-        assert!(warned, "a Warning InvalidSpec event");
+        v.expect_warning("InvalidSpec").await;
         (v, ())
     })
     .await;
@@ -686,23 +788,34 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
         json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"stateStore": {"table": table, "onDelete": "Delete"}}}),
     );
 
-    // First pass: the Deployment is deleted, but a worker pod is still shutting down.
+    // First pass: the Deployment is deleted in the foreground, so it stays while a worker
+    // pod is still shutting down. Pods are never read (the chart grants no pods access).
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         let s = v.next().await;
         assert_eq!(s.method, Method::DELETE);
         assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
-        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": NAME, "namespace": NS}}));
+        assert_eq!(s.body["propagationPolicy"], "Foreground", "foreground deletion: {}", s.body);
+        let terminating = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": NAME, "namespace": NS, "deletionTimestamp": "2026-01-01T00:00:01Z", "finalizers": ["foregroundDeletion"]},
+            "status": {"replicas": 1}});
+        Verifier::reply(s.send, StatusCode::OK, &terminating);
         let s = v.next().await;
+        assert!(!s.path.contains("/pods"), "no pods request: {} {}", s.method, s.path);
         assert_eq!(s.method, Method::GET);
-        assert_eq!(s.path, format!("/api/v1/namespaces/{NS}/pods"));
-        assert!(s.query.contains("labelSelector="), "{}", s.query);
-        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {},
-            "items": [{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "orders-7c9-a", "namespace": NS}}]}));
+        assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
+        Verifier::reply(s.send, StatusCode::OK, &terminating);
         (v, ())
     })
     .await;
+    let mut verifier = verifier;
+    assert_no_request(&mut verifier).await;
     let err = res.expect_err("cleanup waits for the workers");
     assert!(err.is_waiting(), "{err}");
+    assert!(
+        controller::error_chain(&err).contains("waiting for 1 worker pods"),
+        "{}",
+        controller::error_chain(&err)
+    );
     assert_eq!(
         controller::error_policy(Arc::new(kcg.clone()), &err, ctx.clone()),
         Action::requeue(controller::CLEANUP_POLL)
@@ -713,14 +826,15 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
         "rows stay while workers run"
     );
 
-    // Second pass: the Deployment is gone and so are the pods: rows go, then the finalizer.
+    // Second pass: the Deployment is gone, so are its pods: rows go, then the finalizer.
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         let s = v.next().await;
         assert_eq!(s.method, Method::DELETE);
+        assert_eq!(s.body["propagationPolicy"], "Foreground", "{}", s.body);
         Verifier::not_found(s.send);
         let s = v.next().await;
-        assert_eq!(s.method, Method::GET);
-        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}));
+        assert_eq!((s.method.clone(), s.path.as_str()), (Method::GET, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}").as_str()));
+        Verifier::not_found(s.send);
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
         assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
@@ -779,17 +893,8 @@ async fn deployment_rejected_by_the_api_server_is_degraded_not_crash_looped() {
         let d = cond(&status, "Degraded");
         assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "ApplyRejected"));
         assert!(d.message.contains("resources.requests"), "{}", d.message);
-        let mut warned = false;
-        for _ in 0..3 {
-            let (ty, reason, note) = v.expect_event().await;
-            if reason == "ApplyRejected" {
-                assert_eq!(ty, "Warning");
-                assert!(note.contains("Invalid value"), "{note}");
-                warned = true;
-                break;
-            }
-        }
-        assert!(warned, "a Warning ApplyRejected event");
+        let note = v.expect_warning("ApplyRejected").await;
+        assert!(note.contains("Invalid value"), "{note}");
         (v, ())
     })
     .await;
@@ -816,8 +921,8 @@ async fn delete_with_delete_and_no_table_does_not_block_the_deletion() {
         assert_eq!(s.method, Method::DELETE);
         Verifier::not_found(s.send);
         let s = v.next().await;
-        assert_eq!(s.method, Method::GET);
-        Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}));
+        assert_eq!((s.method.clone(), s.path.as_str()), (Method::GET, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}").as_str()));
+        Verifier::not_found(s.send);
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
         assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
@@ -872,4 +977,220 @@ async fn backoff_grows_per_object_and_resets_after_a_success() {
         Action::requeue(Duration::from_secs(2)),
         "the other object keeps its count"
     );
+}
+
+// ------------------------------------------------------------------ worker ServiceAccount
+
+/// The worker ServiceAccount step of a reconcile with the chart's settings.
+#[derive(Clone, Copy, Debug)]
+enum WorkerSa {
+    /// Not found: created.
+    Missing,
+    /// Found: left alone (it may be the chart's or the user's).
+    Present,
+    /// Not looked at: the group names its own account.
+    NotAsked,
+}
+
+/// One reconcile of a healthy group (`extra` merged into the spec) with the chart's
+/// settings: the ServiceAccount step as `sa`, then ConfigMap, Deployment (whose pods run as
+/// `want_account`), status and the first two events. Returns the ServiceAccount created.
+async fn reconcile_with_worker_sa(
+    test: &str,
+    extra: Value,
+    sa: WorkerSa,
+    want_account: &'static str,
+) -> Option<Value> {
+    let endpoint = emulator()?;
+    let table = unique_table(test);
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context_with(&endpoint, settings_with_worker_sa()).await;
+    let kcg = group(&table, extra);
+    let k2 = kcg.clone();
+    let (res, verifier, created) = run(&kcg, &ctx, verifier, move |mut v| async move {
+        let created = match sa {
+            WorkerSa::Missing => {
+                v.expect_worker_sa_get(false).await;
+                Some(v.expect_worker_sa_create(StatusCode::CREATED).await)
+            }
+            WorkerSa::Present => {
+                v.expect_worker_sa_get(true).await;
+                None
+            }
+            // The first request is the ConfigMap's.
+            WorkerSa::NotAsked => None,
+        };
+        v.expect_config_map().await;
+        let d = v.expect_deployment(ready_deployment(2)).await;
+        assert_eq!(
+            d["spec"]["template"]["spec"]["serviceAccountName"],
+            want_account
+        );
+        let status = v.expect_status(&k2).await;
+        assert_eq!(cond(&status, "Degraded").status, "False");
+        v.expect_event().await;
+        v.expect_event().await;
+        (v, created)
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    assert_quiet(verifier).await;
+    created
+}
+
+#[tokio::test]
+async fn missing_worker_service_account_is_created_before_the_deployment() {
+    let Some(sa) =
+        reconcile_with_worker_sa("sa-create", json!({}), WorkerSa::Missing, WORKER_SA).await
+    else {
+        return;
+    };
+    assert_eq!(sa["kind"], "ServiceAccount");
+    assert_eq!(sa["metadata"]["name"], WORKER_SA);
+    assert_eq!(sa["metadata"]["namespace"], NS);
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        ROLE_ARN
+    );
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    let labels = &sa["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "kcg-operator");
+    assert_eq!(labels["app.kubernetes.io/component"], "worker");
+    assert_eq!(labels["app.kubernetes.io/part-of"], "kcg");
+    assert!(
+        sa["metadata"].get("ownerReferences").is_none(),
+        "shared by the namespace's groups, owned by none: {sa}"
+    );
+}
+
+#[tokio::test]
+async fn existing_worker_service_account_is_not_touched() {
+    reconcile_with_worker_sa("sa-present", json!({}), WorkerSa::Present, WORKER_SA).await;
+}
+
+#[tokio::test]
+async fn group_with_its_own_service_account_needs_no_default_one() {
+    let own = json!({"spec": {"worker": {"serviceAccountName": "orders-reader"}}});
+    reconcile_with_worker_sa("sa-own", own, WorkerSa::NotAsked, "orders-reader").await;
+}
+
+#[tokio::test]
+async fn forbidden_worker_service_account_create_is_degraded_not_crash_looped() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("sa-forbidden");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context_with(&endpoint, settings_with_worker_sa()).await;
+    let kcg = group(&table, json!({}));
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        v.expect_worker_sa_get(false).await;
+        v.expect_worker_sa_create(StatusCode::FORBIDDEN).await;
+        // The Deployment is applied all the same: its pods start once the account exists.
+        v.expect_config_map().await;
+        v.expect_deployment(json!({})).await;
+        let status = v.expect_status(&k2).await;
+        let d = cond(&status, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "ServiceAccountMissing"),
+            "{}",
+            d.message
+        );
+        for needle in [
+            format!("{NS}/{WORKER_SA}"),
+            "forbidden".to_owned(),
+            format!("kubectl -n {NS} create serviceaccount {WORKER_SA}"),
+            "spec.worker.serviceAccountName".to_owned(),
+        ] {
+            assert!(d.message.contains(&needle), "{needle:?} in: {}", d.message);
+        }
+        let note = v.expect_warning("ServiceAccountMissing").await;
+        assert!(note.contains(WORKER_SA), "{note}");
+        (v, ())
+    })
+    .await;
+    // Reported and retried later, not a reconcile error.
+    assert_eq!(
+        res.unwrap(),
+        Action::requeue(controller::INVALID_SPEC_RETRY)
+    );
+    assert_quiet(verifier).await;
+}
+
+// ------------------------------------------------------------------ events
+
+/// `status` with every shard of the stream on `client`.
+fn all_shards_on(status: &KinesisConsumerGroupStatus, client: &str) -> KinesisConsumerGroupStatus {
+    let mut v = serde_json::to_value(status).unwrap();
+    v["streams"][0]["ranges"] = json!([{"client": client, "first": "shardId-000000000000",
+                                        "last": "shardId-000000000003", "count": 4}]);
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test]
+async fn every_distribution_change_is_an_event_and_identical_repeats_are_a_series() {
+    let Some(endpoint) = emulator() else { return };
+    let (ctx, mut verifier, kcg, status) = first_reconcile(&endpoint, "events").await;
+
+    // The table says a=2 b=2 each time; the previously published status differs, so each
+    // reconcile publishes one Rebalanced event. Within kube's 6-minute series window, a
+    // new distribution must still be an Event of its own, with its own note.
+    let mut names = Vec::new();
+    for (from, want_method) in [
+        ("worker-a-1", Method::POST),
+        ("worker-b-1", Method::POST),
+        ("worker-a-1", Method::PATCH),
+    ] {
+        let mut published = kcg.clone();
+        published.status = Some(all_shards_on(&status, from));
+        let k2 = published.clone();
+        let (res, v, (method, event)) = run(&published, &ctx, verifier, |mut v| async move {
+            v.expect_config_map().await;
+            v.expect_deployment(ready_deployment(2)).await;
+            v.expect_status(&k2).await;
+            let event = v.expect_event_write().await;
+            (v, event)
+        })
+        .await;
+        assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+        verifier = v;
+        assert_no_request(&mut verifier).await;
+        assert_eq!(event["reason"], "Rebalanced");
+        assert_eq!(
+            event["note"],
+            format!("{from}=4 → worker-a-1=2 worker-b-1=2"),
+            "the note of this change"
+        );
+        assert_eq!(method, want_method, "{from}: {event}");
+        names.push(event["metadata"]["name"].as_str().unwrap().to_owned());
+        if method == Method::PATCH {
+            assert_eq!(event["series"]["count"], 2, "{event}");
+        }
+    }
+    assert_ne!(names[0], names[1], "two distributions, two Events");
+    assert_eq!(
+        names[2], names[0],
+        "the identical repeat updates the series of the first"
+    );
+
+    // The Event of a series is gone (expired, or deleted by someone): a new one is made.
+    let mut published = kcg.clone();
+    published.status = Some(all_shards_on(&status, "worker-b-1"));
+    let k2 = published.clone();
+    let gone = names[1].clone();
+    let (res, verifier, note) = run(&published, &ctx, verifier, |mut v| async move {
+        v.expect_config_map().await;
+        v.expect_deployment(ready_deployment(2)).await;
+        v.expect_status(&k2).await;
+        let s = v.next().await;
+        assert_eq!(s.method, Method::PATCH, "a series update of {gone}");
+        assert!(s.path.ends_with(&format!("/events/{gone}")), "{}", s.path);
+        Verifier::not_found(s.send);
+        let (_, _, note) = v.expect_event().await;
+        (v, note)
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    assert_eq!(note, "worker-b-1=4 → worker-a-1=2 worker-b-1=2");
+    assert_quiet(verifier).await;
 }

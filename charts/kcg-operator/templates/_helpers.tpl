@@ -110,6 +110,16 @@ RBAC rules the reconciler needs wherever groups live. Least privilege: no secret
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+# The workers' default ServiceAccount: created in a group's namespace where it is missing
+# (never updated or deleted). create cannot be limited by name (the object does not exist
+# yet); get can.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  resourceNames: [{{ include "kcg-operator.workerServiceAccountName" . | quote }}]
+  verbs: ["get"]
 # Events on the groups (kube-rs' Recorder uses events.k8s.io/v1).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
