@@ -226,12 +226,7 @@ fn status_input(snap: GroupSnapshot) -> StatusInput {
         streams: vec![STREAM.to_owned()],
         desired_replicas: n,
         selector: "app.kubernetes.io/name=kcg-worker,app.kubernetes.io/instance=orders".into(),
-        deployment: Some(DeploymentState {
-            replicas: n,
-            ready_replicas: n,
-            updated_replicas: n,
-            observed_current: true,
-        }),
+        deployment: Some(DeploymentState::all_ready(n)),
         snapshot: Some(snap),
         live_clients: live,
         previous_conditions: Vec::new(),
