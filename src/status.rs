@@ -317,7 +317,7 @@ pub fn remedy(reason: &str) -> &'static str {
             "fix the spec as the message says; the workers keep their last good config until then"
         }
         "PodsNotCreated" => {
-            "the ReplicaSet cannot create pods; fix what the API server names: a missing ServiceAccount (spec.worker.serviceAccountName must exist in the group's namespace), a ResourceQuota or LimitRange, or a Pod Security or admission policy"
+            "remove what stops the pods as the API server names it: create the missing ServiceAccount (or set spec.worker.serviceAccountName to one in the group's namespace), raise the ResourceQuota or LimitRange, or meet the Pod Security or admission policy"
         }
         "RolloutStalled" => {
             "the worker pods do not become ready: check `kubectl get pods -l kcg.dev/group=NAME` and the worker logs (image pull, crash loop, readiness probe)"
