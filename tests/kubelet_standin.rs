@@ -9,24 +9,25 @@
 //! ```sh
 //! ../shared/kube/cluster.sh start .kube-local && export KUBECONFIG=$PWD/.kube-local/kubeconfig
 //! scripts/emulators.sh start dynamodb kinesis && eval "$(scripts/emulators.sh env)"
-//! scripts/build-bins.sh && cargo test --test kubelet_standin -- --nocapture
+//! scripts/build-bins.sh && KCG_E2E=1 cargo test --test kubelet_standin -- --nocapture
 //! ```
 //!
-//! Skips (passes, printing `skipping: ...`) when `KUBECONFIG` is unset, its cluster does not
-//! answer or is not on 127.0.0.1 (the stand-in binds every pending pod of the cluster to a
-//! fake node: never on a real cluster), or `AWS_ENDPOINT_URL_DYNAMODB`/`_KINESIS` are unset.
-//! Fails when a cluster is configured but `target/debug/kcg-worker` was not built.
+//! Runs only with `KCG_E2E=1` (see `e2e_support::skip_reason`): the stand-in binds every
+//! pending pod of the cluster to a fake node, so it must never see a real cluster. With it,
+//! a cluster that does not answer or is not on 127.0.0.1, missing emulators or a missing
+//! `target/debug/kcg-worker` fail the test.
 
-#[path = "e2e_support/kubelet.rs"]
-mod kubelet;
+mod e2e_support;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
+use e2e_support::kubelet::{Kubelet, KubeletOptions, Signal};
+use e2e_support::{Env, skip_reason, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::{
@@ -38,90 +39,10 @@ use kcg_operator::resources::{CONFIG_KEY, OperatorSettings, WORKER_CONTAINER, re
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
-use kubelet::{Kubelet, KubeletOptions, Signal};
 
-const TIMEOUT: Duration = Duration::from_secs(90);
 const GROUP: &str = "orders";
 const TOKEN_POD: &str = "token-pod";
 const TOKEN_SA: &str = "standin";
-
-/// The admin client and kubeconfig path, or `None` (after printing why) to skip.
-async fn cluster() -> Option<(Client, PathBuf)> {
-    let Some(path) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) else {
-        println!("skipping: KUBECONFIG is not set (start ../shared/kube/cluster.sh)");
-        return None;
-    };
-    let path = PathBuf::from(path);
-    let answers = async {
-        let client = Client::try_default().await.map_err(|e| e.to_string())?;
-        tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(client)
-    };
-    let client = match answers.await {
-        Ok(client) => client,
-        Err(e) => {
-            println!("skipping: the cluster of KUBECONFIG does not answer: {e}");
-            return None;
-        }
-    };
-    let server = KubeletOptions::from_kubeconfig(&path, ".")
-        .map(|o| o.api_server)
-        .unwrap_or_default();
-    if !server.starts_with("https://127.0.0.1:") && !server.starts_with("https://localhost:") {
-        println!("skipping: {server} is not a local test cluster (the stand-in binds all pods)");
-        return None;
-    }
-    Some((client, path))
-}
-
-fn emulators_configured() -> bool {
-    let set = |var| std::env::var(var).is_ok_and(|v| !v.is_empty());
-    if set("AWS_ENDPOINT_URL_DYNAMODB") && set("AWS_ENDPOINT_URL_KINESIS") {
-        return true;
-    }
-    println!(
-        "skipping: AWS_ENDPOINT_URL_DYNAMODB/_KINESIS are not set (scripts/emulators.sh start \
-         dynamodb kinesis; eval \"$(scripts/emulators.sh env)\")"
-    );
-    false
-}
-
-/// `target/debug/kcg-worker`; panics with the fix when it was not built.
-fn worker_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|t| root.join(t))
-        .unwrap_or_else(|| root.join("target"));
-    let binary = target.join("debug/kcg-worker");
-    assert!(
-        binary.is_file(),
-        "{} is missing: run scripts/build-bins.sh first",
-        binary.display()
-    );
-    binary
-}
-
-/// Polls `check` every 250 ms until it returns `Some`; panics naming `what` after TIMEOUT.
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {TIMEOUT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
@@ -213,13 +134,13 @@ async fn client_from(kubeconfig: &Path) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_standin_runs_binds_restarts_and_deletes_pods() {
-    let Some((client, kubeconfig)) = cluster().await else {
-        return;
-    };
-    let binary = worker_binary();
-    if !emulators_configured() {
+    if let Some(why) = skip_reason() {
+        println!("skipping: {why}");
         return;
     }
+    let env = Env::connect().await;
+    let (client, kubeconfig) = (env.client.clone(), env.kubeconfig.clone());
+    let binary = env.bin_dir.join("kcg-worker");
 
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
