@@ -3,7 +3,9 @@
 #   1. helm lint --strict (default values and each example values file);
 #   2. helm template with default values and with each examples/values-*.yaml, piped through
 #      kubernetes-validate --strict against Kubernetes 1.33 (custom resources such as the
-#      ServiceMonitor are skipped by the tool: they are checked for presence instead);
+#      ServiceMonitor are skipped by the tool: they are checked for presence instead); no
+#      render holds a ServiceAccount besides the operator's own (the operator alone makes the
+#      worker ServiceAccounts);
 #   3. bad values files are rejected by values.schema.json (helm must fail);
 #   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly;
 #   5. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
@@ -56,6 +58,14 @@ render_and_validate() {
   else
     fail "kubernetes-validate ($label)"; echo "$v" >&2; return 1
   fi
+  # Worker ServiceAccounts are the operator's alone: a chart-rendered one would make a later
+  # `helm install` fail on the account the operator created ("invalid ownership metadata").
+  if [[ "$(grep -c '^kind: ServiceAccount$' "$out")" -le 1 ]] \
+      && ! grep -q '^    app.kubernetes.io/component: worker$' "$out"; then
+    pass "$label: no ServiceAccount besides the operator's"
+  else
+    fail "$label: the chart renders a ServiceAccount besides the operator's (worker ServiceAccounts are the operator's to make)"
+  fi
   RENDERED="$out"
 }
 
@@ -72,8 +82,10 @@ for f in examples/values-*.yaml; do
   # Facts each example must keep; kubernetes-validate skips custom resources, so check them here.
   case "$f" in
     */values-eks-irsa.yaml)
-      [[ "$(grep -c 'eks.amazonaws.com/role-arn:' "$RENDERED")" -ge 2 ]] && pass "$f: IRSA role ARNs on both ServiceAccounts" \
-        || fail "$f: expected eks.amazonaws.com/role-arn on the operator and worker ServiceAccounts"
+      grep -q '^    eks.amazonaws.com/role-arn: arn:aws:iam::[0-9]*:role/kcg-operator$' "$RENDERED" \
+        && grep -q -- '--worker-service-account-annotations={\\"eks.amazonaws.com/role-arn\\":\\"arn:aws:iam::[0-9]*:role/kcg-worker' "$RENDERED" \
+        && pass "$f: IRSA role ARNs on the operator ServiceAccount and in --worker-service-account-annotations" \
+        || fail "$f: expected eks.amazonaws.com/role-arn on the operator ServiceAccount and in --worker-service-account-annotations"
       grep -q '^kind: PodDisruptionBudget$' "$RENDERED" && pass "$f: PodDisruptionBudget" || fail "$f: PodDisruptionBudget missing"
       if grep -q '^kind: ServiceMonitor$' "$RENDERED" && grep -q 'path: /metrics' "$RENDERED"; then
         pass "$f: ServiceMonitor scraping /metrics"
@@ -118,6 +130,7 @@ bad_case 'unknown top-level key'         'replicas: 2'                          
 bad_case 'typo in a nested key'          'serviceMonitor: {enable: true}'        "additional properties 'enable' not allowed"
 bad_case 'logFormat not json|text'       'logFormat: xml'                       "/logFormat"
 bad_case 'invalid namespace name'        'watchNamespaces: [Team_A]'            "/watchNamespaces/0"
+bad_case 'removed workerServiceAccount.extraNamespaces' 'workerServiceAccount: {create: true, name: "", annotations: {}, extraNamespaces: [team-a]}' "additional properties 'extraNamespaces' not allowed"
 bad_case 'IRSA annotation not a string'  'serviceAccount: {create: true, name: "", annotations: {eks.amazonaws.com/role-arn: 5}}' "/serviceAccount/annotations"
 # helm lint applies the schema too: a typo must fail lint as well.
 printf 'replicas: 2\n' >"$WORK/lint-bad.yaml"

@@ -125,12 +125,19 @@ pub struct RunArgs {
     /// Worker image for groups that do not set spec.worker.image.
     #[arg(long, default_value = DEFAULT_WORKER_IMAGE, env = "KCG_WORKER_IMAGE")]
     pub worker_image: String,
-    /// Service account for worker pods that do not set spec.worker.serviceAccountName. The
-    /// operator creates it in a group's namespace when it is missing there.
+    /// Service account for worker pods that do not set spec.worker.serviceAccountName. With
+    /// --create-worker-service-account (the default), the operator creates it in a group's
+    /// namespace when it is missing there.
     #[arg(long, env = "KCG_WORKER_SERVICE_ACCOUNT")]
     pub worker_service_account: Option<String>,
-    /// Annotations, as a JSON object, of the worker service account the operator creates,
-    /// e.g. '{"eks.amazonaws.com/role-arn":"arn:aws:iam::123456789012:role/kcg-worker"}'.
+    /// Create the worker service account in each namespace with a group that uses it, and
+    /// keep the annotations of the ones the operator made in sync with
+    /// --worker-service-account-annotations. false: the operator never creates or changes
+    /// it (you provide it). The chart passes its workerServiceAccount.create.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KCG_CREATE_WORKER_SERVICE_ACCOUNT")]
+    pub create_worker_service_account: bool,
+    /// Annotations, as a JSON object, of the worker service account the operator creates and
+    /// keeps, e.g. '{"eks.amazonaws.com/role-arn":"arn:aws:iam::123456789012:role/kcg-worker"}'.
     /// The chart passes its workerServiceAccount.annotations.
     #[arg(
         long,
@@ -170,6 +177,7 @@ impl RunArgs {
                 .clone()
                 .filter(|s| !s.is_empty()),
             worker_service_account_annotations: self.worker_service_account_annotations.clone(),
+            create_worker_service_account: self.create_worker_service_account,
         }
     }
 }
@@ -818,17 +826,21 @@ mod tests {
         assert!(Cli::try_parse_from(["kcg-operator", "crd"]).is_ok());
     }
 
+    /// The settings of `run --worker-service-account=kcg-worker` plus `extra`, or the
+    /// parse error.
+    fn run_settings(extra: &[&str]) -> Result<OperatorSettings, String> {
+        let mut argv = vec!["kcg-operator", "run", "--worker-service-account=kcg-worker"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Run(a)) => Ok(a.settings()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     #[test]
     fn worker_service_account_annotations_are_a_json_object() {
-        let run = |extra: &[&str]| {
-            let mut argv = vec!["kcg-operator", "run", "--worker-service-account=kcg-worker"];
-            argv.extend_from_slice(extra);
-            match Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(Command::Run(a)) => Ok(a.settings()),
-                Ok(other) => panic!("{other:?}"),
-                Err(e) => Err(e.to_string()),
-            }
-        };
+        let run = run_settings;
         let s = run(&[
             r#"--worker-service-account-annotations={"eks.amazonaws.com/role-arn":"arn:aws:iam::123456789012:role/kcg-worker"}"#,
         ])
@@ -857,6 +869,30 @@ mod tests {
         }
         let err = run(&[r#"--worker-service-account-annotations={"a": 1}"#]).unwrap_err();
         assert!(err.contains("JSON object of string values"), "{err}");
+    }
+
+    #[test]
+    fn create_worker_service_account_takes_a_value_and_defaults_to_true() {
+        let run = run_settings;
+        if std::env::var_os("KCG_CREATE_WORKER_SERVICE_ACCOUNT").is_none() {
+            assert!(run(&[]).unwrap().create_worker_service_account);
+        }
+        // The chart's form, and the separate-value form.
+        for (args, want) in [
+            (&["--create-worker-service-account=true"][..], true),
+            (&["--create-worker-service-account=false"][..], false),
+            (&["--create-worker-service-account", "false"][..], false),
+        ] {
+            let s = run(args).unwrap();
+            assert_eq!(s.create_worker_service_account, want, "{args:?}");
+            assert_eq!(s.worker_service_account.as_deref(), Some("kcg-worker"));
+        }
+        let err = run(&["--create-worker-service-account=maybe"]).unwrap_err();
+        assert!(err.contains("maybe"), "{err}");
+        assert!(
+            run(&["--create-worker-service-account"]).is_err(),
+            "a value is required, as for --leader-election"
+        );
     }
 
     #[tokio::test]

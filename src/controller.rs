@@ -3,7 +3,8 @@
 //! the Deployment and the state-store table every few seconds, publishes events on change,
 //! and on deletion (finalizer) removes the group's rows when `onDelete: Delete`. Before the
 //! Deployment it makes sure the default worker ServiceAccount exists in the group's
-//! namespace (created when missing, never modified or deleted).
+//! namespace (applied when missing or when its annotations are stale, only ever on an
+//! account the operator made; never deleted).
 //!
 //! Decisions live in pure modules ([`crate::status`], [`crate::events`],
 //! [`crate::resources`]); this module is the I/O around them.
@@ -18,7 +19,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
 use kcg_worker::membership::{Liveness, observe_clients};
 use kcg_worker::store::StateStore;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -50,7 +51,7 @@ pub const CLEANUP_POLL: Duration = Duration::from_secs(5);
 /// recently used one goes first.
 pub const MAX_EVENT_RECORDERS: usize = 1000;
 /// Degraded reason when the default worker ServiceAccount is missing from the group's
-/// namespace and the operator could not create it.
+/// namespace and the operator could not create it (or could not read or update it).
 pub const SERVICE_ACCOUNT_MISSING: &str = "ServiceAccountMissing";
 
 /// Errors of one reconcile. Each names the object and the step.
@@ -601,52 +602,75 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Makes sure the worker pods' default ServiceAccount exists in the group's namespace, when
-/// the group does not name its own (`spec.worker.serviceAccountName`) and the operator has
-/// one (`--worker-service-account`). A pod can only use an account of its own namespace,
-/// and the chart creates it only in the namespaces it knows of.
+/// the group does not name its own (`spec.worker.serviceAccountName`), the operator has one
+/// (`--worker-service-account`) and may make it (`--create-worker-service-account`). A pod
+/// can only use an account of its own namespace, and the operator is the only maker of
+/// these accounts (the chart renders none).
 ///
-/// A missing account is created with the configured annotations (the IRSA role) and no
-/// owner: the groups of a namespace share it, so it stays until the namespace goes. An
-/// existing account is never modified: it may be the user's or the chart's. An account the
-/// API server does not let the operator read or create is returned as a Degraded problem.
+/// A missing account is server-side applied with the configured annotations (the IRSA
+/// role) and no owner: the groups of a namespace share it, so it stays until the namespace
+/// goes. An existing one is applied again only when it is the operator's
+/// (`app.kubernetes.io/managed-by: kcg-operator`) and misses a configured annotation or
+/// holds another value, say a new IRSA role after `helm upgrade`. An annotation the
+/// settings no longer name does not trigger that apply, so it stays until some other
+/// change does (the apply then drops it). An account the operator did not make (the user's,
+/// or one an older chart rendered) is never touched. An account the API server does not let
+/// the operator read or write is returned as a Degraded problem.
 async fn ensure_worker_service_account(
     kcg: &KinesisConsumerGroup,
     ctx: &Context,
     ns: &str,
 ) -> Result<Option<Problem>, Error> {
-    if kcg.spec.worker.service_account_name.is_some() {
+    if kcg.spec.worker.service_account_name.is_some() || !ctx.settings.create_worker_service_account
+    {
         return Ok(None);
     }
     let Some(name) = ctx.settings.worker_service_account.as_deref() else {
         return Ok(None);
     };
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
-    let (step, failure) = match api.get_opt(name).await {
-        Ok(Some(_)) => return Ok(None),
-        Ok(None) => {
+    let create_it = format!(
+        "Create it (`kubectl -n {ns} create serviceaccount {name}`) or set spec.worker.serviceAccountName to an account of namespace {ns}"
+    );
+    let (step, fix, failure) = match api.get_opt(name).await {
+        Ok(Some(existing))
+            if !resources::worker_service_account_is_stale(&existing, &ctx.settings) =>
+        {
+            return Ok(None);
+        }
+        Ok(existing) => {
+            let (step, fix, done) = match existing {
+                None => (
+                    "it is missing and creating it failed",
+                    create_it,
+                    "created the worker ServiceAccount",
+                ),
+                Some(_) => (
+                    "its annotations differ from --worker-service-account-annotations and updating them failed",
+                    format!(
+                        "Grant the operator `patch` on serviceaccounts named {name} (the chart does), or set the annotations yourself (`kubectl -n {ns} annotate serviceaccount {name} KEY=VALUE --overwrite`)"
+                    ),
+                    "updated the worker ServiceAccount's annotations",
+                ),
+            };
             let account = resources::worker_service_account(ns, name, &ctx.settings);
-            match api.create(&PostParams::default(), &account).await {
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            match api.patch(name, &pp, &Patch::Apply(&account)).await {
                 Ok(_) => {
-                    info!(
-                        namespace = ns,
-                        service_account = name,
-                        "created the worker ServiceAccount"
-                    );
+                    info!(namespace = ns, service_account = name, "{done}");
                     return Ok(None);
                 }
-                // Created meanwhile (another group of the namespace, or the chart).
-                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
-                Err(e) => ("it is missing and creating it failed", e),
+                Err(e) => (step, fix, e),
             }
         }
-        Err(e) => ("reading it failed", e),
+        Err(e) => ("reading it failed", create_it, e),
     };
     match failure {
-        kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429 => {
+        kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
             Ok(Some(Problem::new(
                 SERVICE_ACCOUNT_MISSING,
                 format!(
-                    "the worker pods run as ServiceAccount {ns}/{name}, and {step}: {} ({}). Create it (`kubectl -n {ns} create serviceaccount {name}`) or set spec.worker.serviceAccountName to an account of namespace {ns}",
+                    "the worker pods run as ServiceAccount {ns}/{name}, and {step}: {} ({}). {fix}",
                     s.message, s.reason
                 ),
             )))

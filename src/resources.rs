@@ -37,6 +37,11 @@ pub const METRICS_PORT_NAME: &str = "metrics";
 pub const METRICS_PORT: i32 = 8080;
 /// UID and GID the workers run as (distroless `nonroot`).
 pub const RUN_AS_USER: i64 = 65532;
+/// Label naming who manages an object; on the worker ServiceAccount the operator makes it
+/// is [`MANAGED_BY`], which is how the operator tells its own accounts from others.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`] on what the operator makes.
+pub const MANAGED_BY: &str = "kcg-operator";
 /// Seconds added to the worker's shutdown bound for the grace period, so Kubernetes never
 /// SIGKILLs a worker that is still releasing leases.
 pub const GRACE_MARGIN_SECONDS: i64 = 10;
@@ -47,12 +52,15 @@ pub struct OperatorSettings {
     /// Worker image used when `spec.worker.image` is not set.
     pub worker_image: String,
     /// Service account for worker pods when `spec.worker.serviceAccountName` is not set
-    /// (the chart creates one, where IRSA annotations go). `None` leaves the namespace default.
-    /// The operator creates it in a group's namespace where it is missing.
+    /// (where IRSA annotations go). `None` leaves the namespace default.
     pub worker_service_account: Option<String>,
-    /// Annotations of the worker service account the operator creates (e.g. the IRSA role
-    /// ARN; the chart passes its `workerServiceAccount.annotations`).
+    /// Annotations of the worker service account the operator creates and keeps (e.g. the
+    /// IRSA role ARN; the chart passes its `workerServiceAccount.annotations`).
     pub worker_service_account_annotations: BTreeMap<String, String>,
+    /// Whether the operator creates [`Self::worker_service_account`] in each namespace with
+    /// a group using it, and keeps the annotations of the ones it made in sync. `false`:
+    /// the user provides the account and the operator never reads or writes it.
+    pub create_worker_service_account: bool,
 }
 
 impl OperatorSettings {
@@ -62,16 +70,17 @@ impl OperatorSettings {
             worker_image: worker_image.into(),
             worker_service_account: None,
             worker_service_account_annotations: BTreeMap::new(),
+            create_worker_service_account: true,
         }
     }
 }
 
-/// The default worker ServiceAccount `name` as the operator creates it in namespace `ns`:
+/// The default worker ServiceAccount `name` as the operator applies it in namespace `ns`:
 /// the configured annotations, no API token (workers never call the Kubernetes API), and no
 /// owner reference, since every group of the namespace uses it.
 pub fn worker_service_account(ns: &str, name: &str, settings: &OperatorSettings) -> ServiceAccount {
     let labels = [
-        ("app.kubernetes.io/managed-by", "kcg-operator"),
+        (MANAGED_BY_LABEL, MANAGED_BY),
         ("app.kubernetes.io/component", "worker"),
         ("app.kubernetes.io/part-of", "kcg"),
     ];
@@ -92,6 +101,28 @@ pub fn worker_service_account(ns: &str, name: &str, settings: &OperatorSettings)
         automount_service_account_token: Some(false),
         ..ServiceAccount::default()
     }
+}
+
+/// Whether an existing worker ServiceAccount must be applied again: it is the operator's
+/// ([`MANAGED_BY_LABEL`] is [`MANAGED_BY`]) and lacks one of the configured annotations or
+/// holds another value (say the IRSA role changed with `helm upgrade`). An account the
+/// operator did not make (the user's, or one an older chart rendered, managed by Helm) is
+/// never touched. Only missing or different annotations count: one the settings no longer
+/// name is not looked for (the apply would drop it, as the field manager's, but nothing
+/// triggers that apply).
+pub fn worker_service_account_is_stale(
+    existing: &ServiceAccount,
+    settings: &OperatorSettings,
+) -> bool {
+    let ours = existing
+        .labels()
+        .get(MANAGED_BY_LABEL)
+        .is_some_and(|v| v == MANAGED_BY);
+    let annotations = existing.annotations();
+    ours && settings
+        .worker_service_account_annotations
+        .iter()
+        .any(|(k, v)| annotations.get(k) != Some(v))
 }
 
 /// Name of the group's Deployment (the same as the group's).
@@ -785,5 +816,57 @@ delivery: {stdout: {}}
         );
         let bare = worker_service_account("shop", "kcg-worker", &settings());
         assert_eq!(bare.metadata.annotations, None);
+    }
+
+    #[test]
+    fn only_the_operators_own_worker_service_account_with_other_annotations_is_stale() {
+        const ROLE: &str = "eks.amazonaws.com/role-arn";
+        let mut s = settings();
+        s.worker_service_account_annotations =
+            BTreeMap::from([(ROLE.to_owned(), "arn:aws:iam::1:role/new".to_owned())]);
+        let ours = |annotations: &[(&str, &str)]| {
+            let mut sa = worker_service_account("shop", "kcg-worker", &settings());
+            sa.metadata.annotations = Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            );
+            sa
+        };
+        assert!(worker_service_account_is_stale(&ours(&[]), &s), "missing");
+        assert!(
+            worker_service_account_is_stale(&ours(&[(ROLE, "arn:aws:iam::1:role/old")]), &s),
+            "another value"
+        );
+        assert!(!worker_service_account_is_stale(
+            &worker_service_account("shop", "kcg-worker", &s),
+            &s
+        ));
+        assert!(
+            !worker_service_account_is_stale(
+                &ours(&[(ROLE, "arn:aws:iam::1:role/new"), ("extra", "kept")]),
+                &s
+            ),
+            "an annotation the settings do not name is no reason to apply"
+        );
+        assert!(
+            !worker_service_account_is_stale(&ours(&[]), &settings()),
+            "nothing configured, nothing missing"
+        );
+        let mut helms = ours(&[(ROLE, "arn:aws:iam::1:role/old")]);
+        helms
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(MANAGED_BY_LABEL.to_owned(), "Helm".to_owned());
+        assert!(!worker_service_account_is_stale(&helms, &s), "not ours");
+        let mut unlabelled = ours(&[]);
+        unlabelled.metadata.labels = None;
+        assert!(
+            !worker_service_account_is_stale(&unlabelled, &s),
+            "not ours"
+        );
     }
 }

@@ -890,7 +890,10 @@ fn check(chart: &Chart, ns: &str, run: &Run) {
         ("watch", "kinesisconsumergroups"),
         ("watch", "deployments"),
         ("watch", "configmaps"),
+        // The worker ServiceAccount's server-side apply (a PATCH that creates it, so
+        // authorized as create too), after its GET.
         ("get", "serviceaccounts"),
+        ("patch", "serviceaccounts"),
         ("create", "serviceaccounts"),
         ("patch", "configmaps"),
         ("create", "configmaps"),
@@ -904,14 +907,28 @@ fn check(chart: &Chart, ns: &str, run: &Run) {
         ("create", "leases"),
         ("patch", "leases"),
     ];
+    // With workerServiceAccount.create=false the operator leaves ServiceAccounts alone.
+    let creates_worker_sa = chart.args.create_worker_service_account;
     let missing: Vec<_> = expected
         .iter()
+        .filter(|(_, r)| creates_worker_sa || *r != "serviceaccounts")
         .filter(|(v, r)| !used.contains(&((*v).to_owned(), (*r).to_owned())))
         .collect();
     assert!(
         missing.is_empty(),
         "these paths were not exercised, so their RBAC is unchecked: {missing:?}; requests made: {used:?}"
     );
+    if !creates_worker_sa {
+        let accounts: Vec<_> = used
+            .iter()
+            .filter(|(_, r)| r == "serviceaccounts")
+            .collect();
+        assert!(
+            accounts.is_empty(),
+            "chart ({}): --create-worker-service-account=false, yet the operator made {accounts:?} on serviceaccounts",
+            chart.label
+        );
+    }
     let pods: Vec<_> = seen.iter().filter(|s| s.path.contains("/pods")).collect();
     assert!(pods.is_empty(), "the operator reads no pods: {pods:?}");
     assert!(
@@ -989,6 +1006,63 @@ async fn default_install_allows_every_request_of_the_operator_and_nothing_on_pod
 #[tokio::test]
 async fn namespaced_install_allows_every_request_of_the_operator_and_nothing_on_pods_or_secrets() {
     check_install(&["watchNamespaces={team-a}"], &["team-a"], "team-a").await;
+}
+
+#[tokio::test]
+async fn install_without_worker_service_account_creation_grants_nothing_on_service_accounts() {
+    let chart = chart(&["workerServiceAccount.create=false"]);
+    assert!(!chart.args.create_worker_service_account);
+    let on_accounts: Vec<_> = chart
+        .grants
+        .iter()
+        .filter(|g| {
+            g.rule
+                .resources
+                .iter()
+                .any(|r| r == "*" || r.starts_with("serviceaccounts"))
+        })
+        .collect();
+    assert!(
+        on_accounts.is_empty(),
+        "the operator makes no worker ServiceAccount, so it needs no rule on them: {on_accounts:?}"
+    );
+    check_least_privilege(&chart, &[RELEASE_NS, "default", "team-a"]);
+    let run = drive(&chart, "default").await;
+    check(&chart, "default", &run);
+}
+
+#[test]
+fn the_chart_passes_its_worker_service_account_settings_to_the_operator() {
+    let chart = chart(&[
+        "workerServiceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/kcg-worker",
+    ]);
+    let settings = chart.args.settings();
+    assert!(settings.create_worker_service_account);
+    assert_eq!(
+        settings.worker_service_account.as_deref(),
+        Some("kcg-operator-worker")
+    );
+    assert_eq!(
+        settings.worker_service_account_annotations["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/kcg-worker"
+    );
+    let sa_rules: Vec<_> = chart
+        .grants
+        .iter()
+        .filter(|g| g.rule.resources.iter().any(|r| r == "serviceaccounts"))
+        .map(|g| (g.rule.verbs.clone(), g.rule.resource_names.clone()))
+        .collect();
+    assert_eq!(
+        sa_rules,
+        vec![
+            (vec!["create".to_owned()], vec![]),
+            (
+                vec!["get".to_owned(), "patch".to_owned()],
+                vec!["kcg-operator-worker".to_owned()]
+            ),
+        ],
+        "create (cannot be limited by name), and get/patch on the worker account's name only"
+    );
 }
 
 #[test]

@@ -326,32 +326,29 @@ impl Verifier {
         panic!("no Warning {reason} event among the reconcile's first three events");
     }
 
-    /// The read of the default worker ServiceAccount, answered as present or absent.
-    async fn expect_worker_sa_get(&mut self, present: bool) {
+    /// The read of the default worker ServiceAccount, answered with `existing` or 404.
+    async fn expect_worker_sa_get(&mut self, existing: Option<Value>) {
         let s = self.next().await;
         assert_eq!(s.method, Method::GET);
         assert_eq!(
             s.path,
             format!("/api/v1/namespaces/{NS}/serviceaccounts/{WORKER_SA}")
         );
-        if present {
-            Self::reply(
-                s.send,
-                StatusCode::OK,
-                &json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                        "metadata": {"name": WORKER_SA, "namespace": NS, "annotations": {"owner": "the-chart"}}}),
-            );
-        } else {
-            Self::not_found(s.send);
+        match existing {
+            Some(account) => Self::reply(s.send, StatusCode::OK, &account),
+            None => Self::not_found(s.send),
         }
     }
 
-    /// The create of the default worker ServiceAccount, answered with `code` (201, or an
-    /// error status); returns the object sent.
-    async fn expect_worker_sa_create(&mut self, code: StatusCode) -> Value {
+    /// The server-side apply of the default worker ServiceAccount, answered with `code` (200,
+    /// or an error status); returns the object sent.
+    async fn expect_worker_sa_apply(&mut self, code: StatusCode) -> Value {
         let s = self.next().await;
-        assert_eq!(s.method, Method::POST);
-        assert_eq!(s.path, format!("/api/v1/namespaces/{NS}/serviceaccounts"));
+        assert_eq!(
+            s.path,
+            format!("/api/v1/namespaces/{NS}/serviceaccounts/{WORKER_SA}")
+        );
+        Self::assert_ssa(&s);
         let body = s.body.clone();
         if code.is_success() {
             Self::reply(s.send, code, &body);
@@ -361,7 +358,7 @@ impl Verifier {
                 code,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                         "reason": "Forbidden", "code": code.as_u16(),
-                        "message": format!("serviceaccounts is forbidden: User \"system:serviceaccount:kcg-system:kcg-operator\" cannot create resource \"serviceaccounts\" in API group \"\" in the namespace \"{NS}\"")}),
+                        "message": format!("serviceaccounts \"{WORKER_SA}\" is forbidden: User \"system:serviceaccount:kcg-system:kcg-operator\" cannot patch resource \"serviceaccounts\" in API group \"\" in the namespace \"{NS}\"")}),
             );
         }
         body
@@ -981,22 +978,37 @@ async fn backoff_grows_per_object_and_resets_after_a_success() {
 
 // ------------------------------------------------------------------ worker ServiceAccount
 
-/// The worker ServiceAccount step of a reconcile with the chart's settings.
-#[derive(Clone, Copy, Debug)]
+/// The worker ServiceAccount step of a reconcile.
+#[derive(Clone, Debug)]
 enum WorkerSa {
-    /// Not found: created.
+    /// Not found: applied (created).
     Missing,
-    /// Found: left alone (it may be the chart's or the user's).
-    Present,
-    /// Not looked at: the group names its own account.
+    /// Found as this object; `apply`: applied again (the operator's own, with stale
+    /// annotations), else left alone.
+    Found { account: Value, apply: bool },
+    /// Not looked at: the group names its own account, or the operator may not create it.
     NotAsked,
 }
 
-/// One reconcile of a healthy group (`extra` merged into the spec) with the chart's
-/// settings: the ServiceAccount step as `sa`, then ConfigMap, Deployment (whose pods run as
-/// `want_account`), status and the first two events. Returns the ServiceAccount created.
+/// An existing worker ServiceAccount, `managed-by` (None: no labels), with `annotations`.
+fn existing_worker_sa(managed_by: Option<&str>, annotations: Value) -> Value {
+    let mut account = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": WORKER_SA, "namespace": NS, "uid": "5a1e0000-0000-4000-8000-000000000002",
+                     "resourceVersion": "7", "annotations": annotations},
+        "automountServiceAccountToken": false});
+    if let Some(m) = managed_by {
+        account["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": m,
+            "app.kubernetes.io/component": "worker", "app.kubernetes.io/part-of": "kcg"});
+    }
+    account
+}
+
+/// One reconcile of a healthy group (`extra` merged into the spec) with `settings`: the
+/// ServiceAccount step as `sa`, then ConfigMap, Deployment (whose pods run as
+/// `want_account`), status and the first two events. Returns the ServiceAccount applied.
 async fn reconcile_with_worker_sa(
     test: &str,
+    settings: OperatorSettings,
     extra: Value,
     sa: WorkerSa,
     want_account: &'static str,
@@ -1004,18 +1016,22 @@ async fn reconcile_with_worker_sa(
     let endpoint = emulator()?;
     let table = unique_table(test);
     seeded_store(&endpoint, &table).await;
-    let (ctx, verifier) = context_with(&endpoint, settings_with_worker_sa()).await;
+    let (ctx, verifier) = context_with(&endpoint, settings).await;
     let kcg = group(&table, extra);
     let k2 = kcg.clone();
-    let (res, verifier, created) = run(&kcg, &ctx, verifier, move |mut v| async move {
-        let created = match sa {
+    let (res, verifier, applied) = run(&kcg, &ctx, verifier, move |mut v| async move {
+        let applied = match sa {
             WorkerSa::Missing => {
-                v.expect_worker_sa_get(false).await;
-                Some(v.expect_worker_sa_create(StatusCode::CREATED).await)
+                v.expect_worker_sa_get(None).await;
+                Some(v.expect_worker_sa_apply(StatusCode::CREATED).await)
             }
-            WorkerSa::Present => {
-                v.expect_worker_sa_get(true).await;
-                None
+            WorkerSa::Found { account, apply } => {
+                v.expect_worker_sa_get(Some(account)).await;
+                if apply {
+                    Some(v.expect_worker_sa_apply(StatusCode::OK).await)
+                } else {
+                    None
+                }
             }
             // The first request is the ConfigMap's.
             WorkerSa::NotAsked => None,
@@ -1030,27 +1046,25 @@ async fn reconcile_with_worker_sa(
         assert_eq!(cond(&status, "Degraded").status, "False");
         v.expect_event().await;
         v.expect_event().await;
-        (v, created)
+        (v, applied)
     })
     .await;
     assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    // No write besides the ones the script expected.
     assert_quiet(verifier).await;
-    created
+    applied
 }
 
-#[tokio::test]
-async fn missing_worker_service_account_is_created_before_the_deployment() {
-    let Some(sa) =
-        reconcile_with_worker_sa("sa-create", json!({}), WorkerSa::Missing, WORKER_SA).await
-    else {
-        return;
-    };
+/// The worker ServiceAccount as the operator applies it with [`settings_with_worker_sa`].
+fn assert_is_the_operators_worker_sa(sa: &Value) {
+    assert_eq!(sa["apiVersion"], "v1");
     assert_eq!(sa["kind"], "ServiceAccount");
     assert_eq!(sa["metadata"]["name"], WORKER_SA);
     assert_eq!(sa["metadata"]["namespace"], NS);
     assert_eq!(
-        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
-        ROLE_ARN
+        sa["metadata"]["annotations"],
+        json!({"eks.amazonaws.com/role-arn": ROLE_ARN}),
+        "the configured annotations, and only those: {sa}"
     );
     assert_eq!(sa["automountServiceAccountToken"], false);
     let labels = &sa["metadata"]["labels"];
@@ -1061,60 +1075,164 @@ async fn missing_worker_service_account_is_created_before_the_deployment() {
         sa["metadata"].get("ownerReferences").is_none(),
         "shared by the namespace's groups, owned by none: {sa}"
     );
+    // An apply carries no read-back fields (they would fail or pin the object).
+    for field in ["uid", "resourceVersion", "managedFields"] {
+        assert!(sa["metadata"].get(field).is_none(), "{field} in {sa}");
+    }
+}
+
+/// [`reconcile_with_worker_sa`] of a group without an account of its own, with the chart's
+/// settings.
+async fn reconcile_default_worker_sa(test: &str, sa: WorkerSa) -> Option<Value> {
+    reconcile_with_worker_sa(test, settings_with_worker_sa(), json!({}), sa, WORKER_SA).await
+}
+
+/// The operator's own worker ServiceAccount with the IRSA role of before a `helm upgrade`.
+fn stale_worker_sa() -> Value {
+    existing_worker_sa(
+        Some("kcg-operator"),
+        json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kcg-worker-old"}),
+    )
 }
 
 #[tokio::test]
-async fn existing_worker_service_account_is_not_touched() {
-    reconcile_with_worker_sa("sa-present", json!({}), WorkerSa::Present, WORKER_SA).await;
+async fn missing_worker_service_account_is_applied_before_the_deployment() {
+    if let Some(sa) = reconcile_default_worker_sa("sa-create", WorkerSa::Missing).await {
+        assert_is_the_operators_worker_sa(&sa);
+    }
+}
+
+#[tokio::test]
+async fn the_operators_worker_service_account_with_a_stale_annotation_is_applied_again() {
+    let stale = WorkerSa::Found {
+        account: stale_worker_sa(),
+        apply: true,
+    };
+    if let Some(sa) = reconcile_default_worker_sa("sa-stale", stale).await {
+        assert_is_the_operators_worker_sa(&sa);
+    }
+}
+
+#[tokio::test]
+async fn the_operators_current_worker_service_account_is_not_written() {
+    // An annotation the settings do not name (another tool's, or one the chart stopped
+    // setting) is no reason to write.
+    let current = existing_worker_sa(
+        Some("kcg-operator"),
+        json!({"eks.amazonaws.com/role-arn": ROLE_ARN, "example.com/note": "kept"}),
+    );
+    let current = WorkerSa::Found {
+        account: current,
+        apply: false,
+    };
+    reconcile_default_worker_sa("sa-current", current).await;
+}
+
+#[tokio::test]
+async fn a_worker_service_account_the_operator_did_not_make_is_never_written() {
+    // One an older chart rendered (managed by Helm), and the user's own (no labels): both with
+    // other annotations than the settings', both left alone.
+    let other = json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/theirs",
+                       "owner": "the-chart"});
+    for (test, managed_by) in [("sa-helm", Some("Helm")), ("sa-users", None)] {
+        let found = WorkerSa::Found {
+            account: existing_worker_sa(managed_by, other.clone()),
+            apply: false,
+        };
+        reconcile_default_worker_sa(test, found).await;
+    }
 }
 
 #[tokio::test]
 async fn group_with_its_own_service_account_needs_no_default_one() {
     let own = json!({"spec": {"worker": {"serviceAccountName": "orders-reader"}}});
-    reconcile_with_worker_sa("sa-own", own, WorkerSa::NotAsked, "orders-reader").await;
+    reconcile_with_worker_sa(
+        "sa-own",
+        settings_with_worker_sa(),
+        own,
+        WorkerSa::NotAsked,
+        "orders-reader",
+    )
+    .await;
 }
 
 #[tokio::test]
-async fn forbidden_worker_service_account_create_is_degraded_not_crash_looped() {
-    let Some(endpoint) = emulator() else { return };
-    let table = unique_table("sa-forbidden");
-    seeded_store(&endpoint, &table).await;
-    let (ctx, verifier) = context_with(&endpoint, settings_with_worker_sa()).await;
-    let kcg = group(&table, json!({}));
-    let k2 = kcg.clone();
-    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
-        v.expect_worker_sa_get(false).await;
-        v.expect_worker_sa_create(StatusCode::FORBIDDEN).await;
-        // The Deployment is applied all the same: its pods start once the account exists.
-        v.expect_config_map().await;
-        v.expect_deployment(json!({})).await;
-        let status = v.expect_status(&k2).await;
-        let d = cond(&status, "Degraded");
-        assert_eq!(
-            (d.status.as_str(), d.reason.as_str()),
-            ("True", "ServiceAccountMissing"),
-            "{}",
-            d.message
-        );
-        for needle in [
-            format!("{NS}/{WORKER_SA}"),
-            "forbidden".to_owned(),
-            format!("kubectl -n {NS} create serviceaccount {WORKER_SA}"),
-            "spec.worker.serviceAccountName".to_owned(),
-        ] {
-            assert!(d.message.contains(&needle), "{needle:?} in: {}", d.message);
-        }
-        let note = v.expect_warning("ServiceAccountMissing").await;
-        assert!(note.contains(WORKER_SA), "{note}");
-        (v, ())
-    })
+async fn without_create_worker_service_account_no_service_account_is_read_or_written() {
+    // --create-worker-service-account=false: the user provides the account; the pods still
+    // run as it.
+    let mut settings = settings_with_worker_sa();
+    settings.create_worker_service_account = false;
+    reconcile_with_worker_sa(
+        "sa-no-create",
+        settings,
+        json!({}),
+        WorkerSa::NotAsked,
+        WORKER_SA,
+    )
     .await;
-    // Reported and retried later, not a reconcile error.
-    assert_eq!(
-        res.unwrap(),
-        Action::requeue(controller::INVALID_SPEC_RETRY)
-    );
-    assert_quiet(verifier).await;
+}
+
+#[tokio::test]
+async fn forbidden_worker_service_account_apply_is_degraded_not_crash_looped() {
+    let Some(endpoint) = emulator() else { return };
+    // Missing and not creatable; the operator's own with a stale role and not updatable.
+    let cases = [
+        (
+            "sa-forbidden",
+            None,
+            vec![
+                "it is missing and creating it failed".to_owned(),
+                format!("kubectl -n {NS} create serviceaccount {WORKER_SA}"),
+                "spec.worker.serviceAccountName".to_owned(),
+            ],
+        ),
+        (
+            "sa-forbidden-update",
+            Some(stale_worker_sa()),
+            vec![
+                "updating them failed".to_owned(),
+                "`patch` on serviceaccounts".to_owned(),
+                format!("kubectl -n {NS} annotate serviceaccount {WORKER_SA}"),
+            ],
+        ),
+    ];
+    for (test, existing, needles) in cases {
+        let table = unique_table(test);
+        seeded_store(&endpoint, &table).await;
+        let (ctx, verifier) = context_with(&endpoint, settings_with_worker_sa()).await;
+        let kcg = group(&table, json!({}));
+        let k2 = kcg.clone();
+        let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+            v.expect_worker_sa_get(existing).await;
+            v.expect_worker_sa_apply(StatusCode::FORBIDDEN).await;
+            // The Deployment is applied all the same: its pods start once the account exists.
+            v.expect_config_map().await;
+            v.expect_deployment(json!({})).await;
+            let status = v.expect_status(&k2).await;
+            let d = cond(&status, "Degraded");
+            assert_eq!(
+                (d.status.as_str(), d.reason.as_str()),
+                ("True", "ServiceAccountMissing"),
+                "{}",
+                d.message
+            );
+            let common = [format!("{NS}/{WORKER_SA}"), "forbidden".to_owned()];
+            for needle in common.iter().chain(&needles) {
+                assert!(d.message.contains(needle), "{needle:?} in: {}", d.message);
+            }
+            let note = v.expect_warning("ServiceAccountMissing").await;
+            assert!(note.contains(WORKER_SA), "{note}");
+            (v, ())
+        })
+        .await;
+        // Reported and retried later, not a reconcile error.
+        assert_eq!(
+            res.unwrap(),
+            Action::requeue(controller::INVALID_SPEC_RETRY),
+            "{test}"
+        );
+        assert_quiet(verifier).await;
+    }
 }
 
 // ------------------------------------------------------------------ events

@@ -63,7 +63,9 @@ Operator ServiceAccount name.
 {{- end }}
 
 {{/*
-Default worker ServiceAccount name (passed as --worker-service-account).
+Default worker ServiceAccount name (passed as --worker-service-account). The chart renders no
+worker ServiceAccount: with workerServiceAccount.create the operator creates it in each
+namespace with a group that uses it; otherwise the user provides it.
 */}}
 {{- define "kcg-operator.workerServiceAccountName" -}}
 {{- if .Values.workerServiceAccount.create }}
@@ -71,14 +73,6 @@ Default worker ServiceAccount name (passed as --worker-service-account).
 {{- else }}
 {{- default "default" .Values.workerServiceAccount.name }}
 {{- end }}
-{{- end }}
-
-{{/*
-Namespaces the worker ServiceAccount is created in: release namespace, watched namespaces, extras.
-*/}}
-{{- define "kcg-operator.workerNamespaces" -}}
-{{- $all := concat (list .Release.Namespace) .Values.watchNamespaces (.Values.workerServiceAccount.extraNamespaces | default list) | uniq }}
-{{- toJson $all }}
 {{- end }}
 
 {{- define "kcg-operator.image" -}}
@@ -110,16 +104,20 @@ RBAC rules the reconciler needs wherever groups live. Least privilege: no secret
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# The workers' default ServiceAccount: created in a group's namespace where it is missing
-# (never updated or deleted). create cannot be limited by name (the object does not exist
-# yet); get can.
+{{- if .Values.workerServiceAccount.create }}
+# The workers' default ServiceAccount, which only the operator makes: server-side applied in
+# a group's namespace where it is missing, and again when an account the operator made has
+# stale annotations (never deleted; an account it did not make is only read). get and patch
+# are limited to its name; create cannot be (the object does not exist yet), and an apply
+# that creates the object is authorized as create too.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["create"]
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   resourceNames: [{{ include "kcg-operator.workerServiceAccountName" . | quote }}]
-  verbs: ["get"]
+  verbs: ["get", "patch"]
+{{- end }}
 # Events on the groups (kube-rs' Recorder uses events.k8s.io/v1).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
