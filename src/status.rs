@@ -323,7 +323,7 @@ pub fn remedy(reason: &str) -> &'static str {
             "the worker pods do not become ready: check `kubectl get pods -l kcg.dev/group=NAME` and the worker logs (image pull, crash loop, readiness probe)"
         }
         "ServiceAccountMissing" => {
-            "create the worker ServiceAccount in the group's namespace, set spec.worker.serviceAccountName to one that exists, or grant the operator `create` on serviceaccounts (the chart does)"
+            "create the worker ServiceAccount in the group's namespace, set spec.worker.serviceAccountName to one that exists, or grant the operator `create`, and `get`/`patch` on that account's name, on serviceaccounts (the chart does)"
         }
         "Throttled" => {
             "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval"
