@@ -1271,11 +1271,12 @@ async fn no_forbidden(kubelet: &Kubelet) -> Result<(), String> {
     if logs.is_empty() {
         return Err("no operator log at all".into());
     }
-    // RBAC refusals carry the reason `Forbidden` and code 403; the lower-case "forbidden" of
-    // an API server message quoted in a condition (a pod admission refusal) is not ours.
+    // An RBAC refusal reads `... is forbidden: User "system:serviceaccount:..." cannot VERB
+    // resource ...`; other 403s (a namespace being terminated, a pod admission refusal quoted
+    // in a condition) are not RBAC's.
     let bad: Vec<&str> = logs
         .lines()
-        .filter(|l| l.contains("Forbidden") || l.contains("code: 403"))
+        .filter(|l| l.contains("is forbidden: User "))
         .collect();
     println!("  {} operator log lines read", logs.lines().count());
     if bad.is_empty() {

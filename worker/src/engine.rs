@@ -353,7 +353,13 @@ impl Engine {
         self.health.tick();
         self.ticks += 1;
         self.connect_streams().await;
-        self.heartbeat().await;
+        if !self.heartbeat().await {
+            // The store did not answer: the renewals, releases and the group read would each
+            // wait out their own timeout too, stretching the tick past the liveness bound
+            // while achieving nothing. Readers fence themselves by their last renewal anyway.
+            self.finish_tick();
+            return;
+        }
         self.renew_and_checkpoint().await;
         self.retry_pending_releases().await;
 
@@ -425,7 +431,9 @@ impl Engine {
         self.last_issue = self.tick_issue.take();
     }
 
-    async fn heartbeat(&mut self) {
+    /// Writes our heartbeat (registering again if the leader pruned us); false when the
+    /// store could not be reached or refused it.
+    async fn heartbeat(&mut self) -> bool {
         let reader_issue = self
             .owned
             .values()
@@ -445,6 +453,7 @@ impl Engine {
             Ok(_) => {
                 self.metrics.heartbeats.inc();
                 self.health.heartbeat_ok();
+                true
             }
             Err(StoreError::Conflict { .. }) => {
                 // The leader pruned us (it saw our heartbeat stand still): come back.
@@ -457,12 +466,19 @@ impl Engine {
                     )
                     .await;
                 match res {
-                    Ok(_) => self.health.heartbeat_ok(),
-                    Err(e) => self.note_store("register", &e),
+                    Ok(_) => {
+                        self.health.heartbeat_ok();
+                        true
+                    }
+                    Err(e) => {
+                        self.note_store("register", &e);
+                        false
+                    }
                 }
             }
             Err(e) => {
                 self.note_store("heartbeat", &e);
+                false
             }
         }
     }
