@@ -17,6 +17,7 @@ use aws_config::{BehaviorVersion, Region};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kcg_worker::membership::{Liveness, observe_clients};
 use kcg_worker::store::StateStore;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -28,6 +29,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
+use crate::disruption::{self, PdbAction};
 use crate::events::{self, Severity};
 use crate::metrics::Metrics;
 use crate::resources::{self, OperatorSettings};
@@ -121,6 +123,19 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Deleting an owned object the spec no longer wants (the PodDisruptionBudget) failed.
+    #[error("deleting {kind} {namespace}/{name}: {source}")]
+    Delete {
+        /// Kind.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Reading or creating the default worker ServiceAccount failed for a reason that may
     /// pass (a refusal of the API server is a Degraded problem instead, not an error).
     #[error("ensuring ServiceAccount {namespace}/{name}: {source}")]
@@ -178,6 +193,7 @@ impl Error {
             Error::SerializeStatus { .. } => "SerializeStatus",
             Error::Render { .. } => "Render",
             Error::DeleteDeployment { .. } => "DeleteDeployment",
+            Error::Delete { .. } => "Delete",
             Error::ServiceAccount { .. } => "ServiceAccount",
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
@@ -578,7 +594,8 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     let input = StatusInput {
         generation: kcg.metadata.generation,
         streams: kcg.spec.streams.iter().map(|s| s.name.clone()).collect(),
-        desired_replicas: kcg.spec.replicas,
+        desired_replicas: resources::effective_replicas(&kcg),
+        suspended: kcg.spec.suspend,
         selector: resources::selector_string(&kcg),
         deployment: deployment.as_ref().map(DeploymentState::from_deployment),
         snapshot,
@@ -718,7 +735,51 @@ async fn apply_owned(
             source,
         })?;
     debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
+    apply_pdb(kcg, ctx, ns).await?;
     Ok(applied)
+}
+
+/// Applies the workers' PodDisruptionBudget when the group wants one, and deletes it when
+/// the spec changed so that it wants none (replicas down to 1, suspended, disabled).
+async fn apply_pdb(kcg: &KinesisConsumerGroup, ctx: &Context, ns: &str) -> Result<(), Error> {
+    let wanted = disruption::pod_disruption_budget(kcg);
+    let spec_changed = kcg.status.as_ref().and_then(|s| s.observed_generation)
+        != kcg.metadata.generation
+        || kcg.metadata.generation.is_none();
+    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    let name = disruption::pdb_name(kcg);
+    match (
+        disruption::pdb_action(wanted.is_some(), spec_changed),
+        wanted,
+    ) {
+        (PdbAction::Apply, Some(pdb)) => {
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&name, &pp, &Patch::Apply(&pdb))
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "PodDisruptionBudget",
+                    namespace: ns.to_owned(),
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        (PdbAction::Delete, _) => match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                debug!(pdb = %name, "deleted the PodDisruptionBudget the spec no longer wants")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: "PodDisruptionBudget",
+                    namespace: ns.to_owned(),
+                    name,
+                    source,
+                });
+            }
+        },
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `now` truncated to whole seconds: the API server stores condition times with second
@@ -890,16 +951,18 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     };
     let mut controllers = Vec::new();
     for ns in scopes {
-        let (groups, deployments, config_maps) = match &ns {
+        let (groups, deployments, config_maps, pdbs) = match &ns {
             Some(ns) => (
                 Api::<KinesisConsumerGroup>::namespaced(client.clone(), ns),
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 Api::<ConfigMap>::namespaced(client.clone(), ns),
+                Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
             ),
             None => (
                 Api::<KinesisConsumerGroup>::all(client.clone()),
                 Api::<Deployment>::all(client.clone()),
                 Api::<ConfigMap>::all(client.clone()),
+                Api::<PodDisruptionBudget>::all(client.clone()),
             ),
         };
         groups
@@ -913,7 +976,8 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
         controllers.push(async move {
             Controller::new(groups, watcher::Config::default().any_semantic())
                 .owns(deployments, owned.clone())
-                .owns(config_maps, owned)
+                .owns(config_maps, owned.clone())
+                .owns(pdbs, owned)
                 .shutdown_on_signal()
                 .run(reconcile, error_policy, ctx)
                 .for_each(|res| async move {

@@ -928,6 +928,14 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             "spec.replicas",
         ),
         (
+            "both PDB bounds",
+            with(&|s| {
+                s["worker"] =
+                    json!({"podDisruptionBudget": {"maxUnavailable": 1, "minAvailable": 1}})
+            }),
+            ONE_PDB_BOUND,
+        ),
+        (
             "no streams",
             with(&|s| s["streams"] = json!([])),
             "spec.streams",

@@ -259,7 +259,27 @@ impl Verifier {
             json!({"metadata": {"generation": 1}, "status": status}),
         );
         Self::reply(s.send, StatusCode::OK, &answer);
+        self.expect_pdb().await;
         body
+    }
+
+    /// What follows the Deployment: the workers' PodDisruptionBudget applied (more than one
+    /// replica) or deleted (fewer; answered 404 as when there is none). Returns the applied
+    /// budget, `None` for a delete.
+    async fn expect_pdb(&mut self) -> Option<Value> {
+        let s = self.next().await;
+        assert_eq!(
+            s.path,
+            format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}")
+        );
+        if s.method == Method::DELETE {
+            Self::not_found(s.send);
+            return None;
+        }
+        Self::assert_ssa(&s);
+        let body = s.body.clone();
+        Self::reply(s.send, StatusCode::OK, &body);
+        Some(body)
     }
 
     /// The status apply; returns the status written.
