@@ -14,6 +14,8 @@
 
 mod crd_support;
 mod e2e_support;
+#[path = "e2e/pods.rs"]
+mod pods;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 
@@ -64,6 +66,11 @@ async fn e2e_suite() {
             .expect("kubeconfig")
             .binary("kcg-worker", env.bin_dir.join("kcg-worker"))
             .binary("kcg-operator", env.bin_dir.join("kcg-operator"))
+            .command(
+                pods::CONSUMER_IMAGE,
+                pods::consumer_program().0,
+                [pods::consumer_program().1],
+            )
             .envs(env.aws_env.clone()),
     )
     .await
@@ -128,6 +135,16 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "drift: a spec change rolls out; an edited or deleted Deployment is put back",
         drift(env),
+    )
+    .await?;
+    step(
+        "native sidecar: a deleted worker's last batch is checkpointed, nothing lost",
+        pods::native_sidecar(env, kubelet),
+    )
+    .await?;
+    step(
+        "suspend next to an HPA: 0 pods, Suspended; resume from the checkpoints",
+        pods::suspend(env),
     )
     .await?;
     step(
@@ -285,7 +302,15 @@ async fn printer_columns(
     let row = lines.next().ok_or("no row")?;
     // Columns start where their header word starts; values may be empty.
     let starts: Vec<(usize, &str)> = [
-        "NAME", "DESIRED", "READY", "CLIENTS", "SHARDS", "MAX LAG", "STATUS", "AGE",
+        "NAME",
+        "DESIRED",
+        "READY",
+        "CLIENTS",
+        "SHARDS",
+        "MAX LAG",
+        "SUSPENDED",
+        "STATUS",
+        "AGE",
     ]
     .iter()
     .map(|h| {
