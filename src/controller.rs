@@ -508,6 +508,17 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
         match apply_owned(&kcg, &ctx, &ns, &group).await {
             Ok(d) => Some(d),
+            // The namespace is being deleted, and with it the group: the API server refuses
+            // to create anything in it (say the PodDisruptionBudget the namespace controller
+            // just removed). Not the spec's fault; the group's cleanup follows.
+            Err(Error::Apply {
+                kind,
+                source: kube::Error::Api(s),
+                ..
+            }) if namespace_terminating(&s) => {
+                debug!(kind, "namespace {ns} is being deleted: nothing applied");
+                return Ok(Action::await_change());
+            }
             // The API server refused what the spec rendered to (a bad quantity in
             // spec.worker.resources, a forbidden field...): report it, do not crash-loop.
             Err(Error::Apply {
@@ -618,6 +629,16 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     })
 }
 
+/// Whether the API server refused a write because the namespace is being deleted (403 with
+/// the cause `NamespaceTerminating`).
+pub fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.code == 403
+        && status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
 /// Makes sure the worker pods' default ServiceAccount exists in the group's namespace, when
 /// the group does not name its own (`spec.worker.serviceAccountName`), the operator has one
 /// (`--worker-service-account`) and may make it (`--create-worker-service-account`). A pod
@@ -683,6 +704,9 @@ async fn ensure_worker_service_account(
         Err(e) => ("reading it failed", create_it, e),
     };
     match failure {
+        // The namespace is being deleted (its accounts with it): nothing is missing that
+        // the group still needs.
+        kube::Error::Api(s) if namespace_terminating(&s) => Ok(None),
         kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
             Ok(Some(Problem::new(
                 SERVICE_ACCOUNT_MISSING,
@@ -1042,6 +1066,32 @@ mod tests {
         assert!(cache.by_event.contains_key(&key(0)));
         assert!(!cache.by_event.contains_key(&key(1)));
         assert!(cache.by_event.contains_key(&key(MAX_EVENT_RECORDERS + 9)));
+    }
+
+    #[test]
+    fn namespace_terminating_only_for_its_cause() {
+        let status = |code: u16, cause: &str| -> kube::core::Status {
+            serde_json::from_value(serde_json::json!({
+                "code": code,
+                "details": {"causes": [{"reason": cause}]}
+            }))
+            .unwrap()
+        };
+        let cases = [
+            (status(403, "NamespaceTerminating"), true),
+            (status(403, "FieldValueInvalid"), false),
+            (status(422, "NamespaceTerminating"), false),
+            (
+                kube::core::Status {
+                    code: 403,
+                    ..Default::default()
+                },
+                false,
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(namespace_terminating(&s), want, "{s:?}");
+        }
     }
 
     #[test]

@@ -2169,3 +2169,43 @@ async fn http_get_ok(port: u16, path: &str) -> bool {
         .and_then(|code| code.parse::<u16>().ok());
     status.is_some_and(|code| (200..400).contains(&code))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_ports_of_the_pod_are_rewritten() {
+        let ports = HashMap::from([(9000, 41234u16), (80, 41000u16)]);
+        let cases = [
+            (
+                "http://localhost:9000/records",
+                "http://127.0.0.1:41234/records",
+            ),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:41234"),
+            (
+                "localhost:80,localhost:9000",
+                "127.0.0.1:41000,127.0.0.1:41234",
+            ),
+            ("http://localhost:8000/", "http://localhost:8000/"),
+            ("http://localhost:9000", "http://127.0.0.1:41234"),
+            ("localhost:800", "localhost:800"),
+            ("plain", "plain"),
+        ];
+        for (value, want) in cases {
+            assert_eq!(rewrite_localhost_ports(value, &ports), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn init_container_roles() {
+        let c = |policy: Option<&str>| Container {
+            name: "c".into(),
+            restart_policy: policy.map(str::to_owned),
+            ..Container::default()
+        };
+        assert_eq!(Role::of_init(&c(None)), Role::Init);
+        assert_eq!(Role::of_init(&c(Some("Always"))), Role::Sidecar);
+        assert_eq!(Role::of_init(&c(Some("OnFailure"))), Role::Init);
+    }
+}
