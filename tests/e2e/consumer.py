@@ -1,7 +1,7 @@
 """A slow http sink consumer for the e2e suite, run as a native sidecar of the worker pods.
 
 Each POST of a batch ({"records": [...]}) is appended to the file named by KCG_TEST_OUT, one
-JSON line per record with the pod's name, then answered 200 after --delay seconds: a
+JSON line per record with the pod's name and the time received, then answered 200 after --delay seconds: a
 consumer that answers slowly, so a worker stopped mid-stream has a batch in flight.
 
 On SIGTERM it behaves like a well-behaved sidecar: it keeps serving until the requests in
@@ -40,7 +40,7 @@ class Handler(BaseHTTPRequestHandler):
             records = body.get("records", [])
             with out_lock, open(self.out, "a", encoding="utf-8") as f:
                 for r in records:
-                    f.write(json.dumps({"pod": self.pod, "record": r}) + "\n")
+                    f.write(json.dumps({"pod": self.pod, "at": time.time(), "record": r}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             time.sleep(self.delay)

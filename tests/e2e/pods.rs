@@ -123,6 +123,8 @@ async fn produce(
 #[derive(Debug)]
 struct Received {
     pod: String,
+    /// Seconds since the epoch when the consumer got it.
+    at: f64,
     shard: String,
     sequence: String,
     n: u32,
@@ -142,6 +144,7 @@ fn received() -> Vec<Received> {
             }
             Some(Received {
                 pod: v["pod"].as_str()?.to_owned(),
+                at: v["at"].as_f64()?,
                 shard: r["shard"].as_str()?.to_owned(),
                 sequence: r["sequence"].as_str()?.to_owned(),
                 n: u32::try_from(payload["n"].as_u64()?).ok()?,
@@ -237,6 +240,10 @@ pub async fn native_sidecar(env: &Env, kubelet: &Kubelet) -> Result<(), String> 
     )
     .await?;
     let api: Api<Pod> = Api::namespaced(env.client.clone(), NS);
+    let deleted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs_f64();
     api.delete(&victim, &DeleteParams::default())
         .await
         .map_err(|e| e.to_string())?;
@@ -304,8 +311,14 @@ pub async fn native_sidecar(env: &Env, kubelet: &Kubelet) -> Result<(), String> 
         }
     }
     let victims = got.iter().filter(|r| r.pod == victim).count();
+    // Delivered while the victim's worker was shutting down: what an extra container,
+    // SIGTERMed with the worker, could have missed.
+    let during_shutdown = got
+        .iter()
+        .filter(|r| r.pod == victim && r.at >= deleted_at)
+        .count();
     println!(
-        "  {SIDECAR_RECORDS} records, {} received ({victims} by {victim}), none delivered twice across the handoff; checkpoints cover {last:?}",
+        "  {SIDECAR_RECORDS} records, {} received ({victims} by {victim}, {during_shutdown} of them after its deletion), none delivered twice across the handoff; checkpoints cover {last:?}",
         got.len()
     );
     Ok(())
