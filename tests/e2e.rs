@@ -532,7 +532,18 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
                 ],
             )?;
             if cols["MAX LAG"].is_empty() {
-                return Err(format!("MAX LAG is empty: {cols:?}"));
+                // The workers write their lag with a checkpoint (every checkpointInterval)
+                // and the status takes it at the next refresh: right after Ready it may not
+                // be there yet. A user looks again a few seconds later; so do we.
+                wait_until("MAX LAG in kubectl get kcg", WAIT, || async {
+                    let cols = printer_columns(env, "default", "orders").await?;
+                    if cols["MAX LAG"].is_empty() {
+                        Err(format!("MAX LAG is empty: {cols:?}"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await?;
             }
         } else if command.starts_with("kubectl describe") {
             let s = groups(env, "default")
