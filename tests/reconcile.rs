@@ -288,6 +288,17 @@ impl Verifier {
         Some(body)
     }
 
+    /// Answers every event write until the reconciler is quiet for 300 ms.
+    async fn drain_events(&mut self) {
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await
+        {
+            assert!(req.uri().path().contains("/events"), "{}", req.uri());
+            let b = req.into_body().collect_bytes().await.unwrap();
+            send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
+        }
+    }
+
     /// The status apply; returns the status written.
     async fn expect_status(&mut self, kcg: &KinesisConsumerGroup) -> KinesisConsumerGroupStatus {
         let s = self.next().await;
@@ -626,13 +637,7 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
             let out = (hash_of(&d), d["spec"]["replicas"].as_i64().unwrap());
             v.expect_status(&k2).await;
             // Events depend on the object's previous status (none here): drain them.
-            while let Ok(Some((req, send))) =
-                tokio::time::timeout(Duration::from_millis(300), v.0.next_request()).await
-            {
-                assert!(req.uri().path().contains("/events"), "{}", req.uri());
-                let b = req.into_body().collect_bytes().await.unwrap();
-                send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
-            }
+            v.drain_events().await;
             (v, out)
         })
         .await;
@@ -677,13 +682,7 @@ async fn the_budget_follows_replicas_suspend_and_the_spec() {
             v.expect_config_map().await;
             let (_, pdb) = v.expect_deployment_and_pdb(ready_deployment(2)).await;
             v.expect_status(&k2).await;
-            while let Ok(Some((req, send))) =
-                tokio::time::timeout(Duration::from_millis(300), v.0.next_request()).await
-            {
-                assert!(req.uri().path().contains("/events"), "{}", req.uri());
-                let b = req.into_body().collect_bytes().await.unwrap();
-                send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
-            }
+            v.drain_events().await;
             (v, pdb)
         })
         .await;
