@@ -19,7 +19,6 @@ use super::*;
 pub const CONSUMER_IMAGE: &str = "kcg-test-consumer";
 const NS: &str = "pods";
 const GROUP: &str = "slow";
-const STREAM_NAME: &str = "kcg-e2e-sidecar";
 /// Records of the sidecar flow: `n` in `0..SIDECAR_RECORDS`.
 const SIDECAR_RECORDS: u32 = 160;
 /// Records produced while the group is suspended: `n` in `SIDECAR_RECORDS..ALL_RECORDS`.
@@ -45,6 +44,14 @@ fn out_file() -> PathBuf {
     std::env::temp_dir().join(format!("kcg-e2e-consumer-{}.jsonl", std::process::id()))
 }
 
+/// The stream of this run: a new one per test process, so the group does not first work
+/// through the records earlier runs left in the emulator (a backlog that makes the deleted
+/// worker's shutdown take as long as its grace period allows, which is not what the flow
+/// is about).
+fn stream_name() -> String {
+    format!("kcg-e2e-sidecar-{}", std::process::id())
+}
+
 /// Tags this run's records, so records of an earlier run on the same stream are ignored.
 fn run_id() -> String {
     format!("pods-{}", std::process::id())
@@ -57,7 +64,7 @@ fn group_manifest() -> Value {
         "metadata": {"name": GROUP, "namespace": NS},
         "spec": {
             "replicas": 1,
-            "streams": [{"name": STREAM_NAME, "startPosition": "TrimHorizon"}],
+            "streams": [{"name": stream_name(), "startPosition": "TrimHorizon"}],
             "stateStore": {"table": TABLE, "create": true},
             "delivery": {"http": {
                 "url": "http://localhost:9000/records",
@@ -99,7 +106,7 @@ async fn produce(
     let run = run_id();
     let all: Vec<u32> = range.collect();
     for chunk in all.chunks(4) {
-        let mut batch = kinesis.put_records().stream_name(STREAM_NAME);
+        let mut batch = kinesis.put_records().stream_name(stream_name());
         for n in chunk {
             let data = json!({"run": run, "n": n}).to_string();
             batch = batch.records(
@@ -194,14 +201,14 @@ pub async fn native_sidecar(env: &Env, kubelet: &Kubelet) -> Result<(), String> 
     let kinesis = kinesis().await;
     if kinesis
         .describe_stream_summary()
-        .stream_name(STREAM_NAME)
+        .stream_name(stream_name())
         .send()
         .await
         .is_err()
     {
-        stream_support::create_stream(&kinesis, STREAM_NAME, 2).await;
+        stream_support::create_stream(&kinesis, &stream_name(), 2).await;
     }
-    stream_support::wait_active(&kinesis, STREAM_NAME).await;
+    stream_support::wait_active(&kinesis, &stream_name()).await;
     let group_id = format!("{NS}/{GROUP}");
     let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&aws);
