@@ -629,6 +629,7 @@ async fn status_once(
         generation: target.spec.as_ref().and_then(|k| k.metadata.generation),
         streams,
         desired_replicas: desired,
+        suspended: target.spec.as_ref().is_some_and(|k| k.spec.suspend),
         selector: target
             .spec
             .as_ref()

@@ -17,6 +17,7 @@ use aws_config::{BehaviorVersion, Region};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kcg_worker::membership::{Liveness, observe_clients};
 use kcg_worker::store::StateStore;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -28,6 +29,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
+use crate::disruption::{self, PdbAction};
 use crate::events::{self, Severity};
 use crate::metrics::Metrics;
 use crate::resources::{self, OperatorSettings};
@@ -121,6 +123,19 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Deleting an owned object the spec no longer wants (the PodDisruptionBudget) failed.
+    #[error("deleting {kind} {namespace}/{name}: {source}")]
+    Delete {
+        /// Kind.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Reading or creating the default worker ServiceAccount failed for a reason that may
     /// pass (a refusal of the API server is a Degraded problem instead, not an error).
     #[error("ensuring ServiceAccount {namespace}/{name}: {source}")]
@@ -178,6 +193,7 @@ impl Error {
             Error::SerializeStatus { .. } => "SerializeStatus",
             Error::Render { .. } => "Render",
             Error::DeleteDeployment { .. } => "DeleteDeployment",
+            Error::Delete { .. } => "Delete",
             Error::ServiceAccount { .. } => "ServiceAccount",
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
@@ -492,6 +508,17 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
         match apply_owned(&kcg, &ctx, &ns, &group).await {
             Ok(d) => Some(d),
+            // The namespace is being deleted, and with it the group: the API server refuses
+            // to create anything in it (say the PodDisruptionBudget the namespace controller
+            // just removed). Not the spec's fault; the group's cleanup follows.
+            Err(Error::Apply {
+                kind,
+                source: kube::Error::Api(s),
+                ..
+            }) if namespace_terminating(&s) => {
+                debug!(kind, "namespace {ns} is being deleted: nothing applied");
+                return Ok(Action::await_change());
+            }
             // The API server refused what the spec rendered to (a bad quantity in
             // spec.worker.resources, a forbidden field...): report it, do not crash-loop.
             Err(Error::Apply {
@@ -578,7 +605,8 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     let input = StatusInput {
         generation: kcg.metadata.generation,
         streams: kcg.spec.streams.iter().map(|s| s.name.clone()).collect(),
-        desired_replicas: kcg.spec.replicas,
+        desired_replicas: resources::effective_replicas(&kcg),
+        suspended: kcg.spec.suspend,
         selector: resources::selector_string(&kcg),
         deployment: deployment.as_ref().map(DeploymentState::from_deployment),
         snapshot,
@@ -599,6 +627,16 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     } else {
         Action::requeue(INVALID_SPEC_RETRY)
     })
+}
+
+/// Whether the API server refused a write because the namespace is being deleted (403 with
+/// the cause `NamespaceTerminating`).
+pub fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.code == 403
+        && status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
 }
 
 /// Makes sure the worker pods' default ServiceAccount exists in the group's namespace, when
@@ -666,6 +704,9 @@ async fn ensure_worker_service_account(
         Err(e) => ("reading it failed", create_it, e),
     };
     match failure {
+        // The namespace is being deleted (its accounts with it): nothing is missing that
+        // the group still needs.
+        kube::Error::Api(s) if namespace_terminating(&s) => Ok(None),
         kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
             Ok(Some(Problem::new(
                 SERVICE_ACCOUNT_MISSING,
@@ -718,7 +759,51 @@ async fn apply_owned(
             source,
         })?;
     debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
+    apply_pdb(kcg, ctx, ns).await?;
     Ok(applied)
+}
+
+/// Applies the workers' PodDisruptionBudget when the group wants one, and deletes it when
+/// the spec changed so that it wants none (replicas down to 1, suspended, disabled).
+async fn apply_pdb(kcg: &KinesisConsumerGroup, ctx: &Context, ns: &str) -> Result<(), Error> {
+    let wanted = disruption::pod_disruption_budget(kcg);
+    let spec_changed = kcg.status.as_ref().and_then(|s| s.observed_generation)
+        != kcg.metadata.generation
+        || kcg.metadata.generation.is_none();
+    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    let name = disruption::pdb_name(kcg);
+    match (
+        disruption::pdb_action(wanted.is_some(), spec_changed),
+        wanted,
+    ) {
+        (PdbAction::Apply, Some(pdb)) => {
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&name, &pp, &Patch::Apply(&pdb))
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "PodDisruptionBudget",
+                    namespace: ns.to_owned(),
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        (PdbAction::Delete, _) => match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                debug!(pdb = %name, "deleted the PodDisruptionBudget the spec no longer wants")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: "PodDisruptionBudget",
+                    namespace: ns.to_owned(),
+                    name,
+                    source,
+                });
+            }
+        },
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `now` truncated to whole seconds: the API server stores condition times with second
@@ -890,16 +975,18 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     };
     let mut controllers = Vec::new();
     for ns in scopes {
-        let (groups, deployments, config_maps) = match &ns {
+        let (groups, deployments, config_maps, pdbs) = match &ns {
             Some(ns) => (
                 Api::<KinesisConsumerGroup>::namespaced(client.clone(), ns),
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 Api::<ConfigMap>::namespaced(client.clone(), ns),
+                Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
             ),
             None => (
                 Api::<KinesisConsumerGroup>::all(client.clone()),
                 Api::<Deployment>::all(client.clone()),
                 Api::<ConfigMap>::all(client.clone()),
+                Api::<PodDisruptionBudget>::all(client.clone()),
             ),
         };
         groups
@@ -913,7 +1000,8 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
         controllers.push(async move {
             Controller::new(groups, watcher::Config::default().any_semantic())
                 .owns(deployments, owned.clone())
-                .owns(config_maps, owned)
+                .owns(config_maps, owned.clone())
+                .owns(pdbs, owned)
                 .shutdown_on_signal()
                 .run(reconcile, error_policy, ctx)
                 .for_each(|res| async move {
@@ -978,6 +1066,32 @@ mod tests {
         assert!(cache.by_event.contains_key(&key(0)));
         assert!(!cache.by_event.contains_key(&key(1)));
         assert!(cache.by_event.contains_key(&key(MAX_EVENT_RECORDERS + 9)));
+    }
+
+    #[test]
+    fn namespace_terminating_only_for_its_cause() {
+        let status = |code: u16, cause: &str| -> kube::core::Status {
+            serde_json::from_value(serde_json::json!({
+                "code": code,
+                "details": {"causes": [{"reason": cause}]}
+            }))
+            .unwrap()
+        };
+        let cases = [
+            (status(403, "NamespaceTerminating"), true),
+            (status(403, "FieldValueInvalid"), false),
+            (status(422, "NamespaceTerminating"), false),
+            (
+                kube::core::Status {
+                    code: 403,
+                    ..Default::default()
+                },
+                false,
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(namespace_terminating(&s), want, "{s:?}");
+        }
     }
 
     #[test]

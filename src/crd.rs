@@ -8,11 +8,13 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::DeploymentStrategy;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
-    TopologySpreadConstraint,
+    Affinity, Container, EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements,
+    Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kcg_worker::config::{DeliveryConfig, StateStoreConfig, StreamConfig, Tuning, WorkerConfig};
 use kube::{CustomResource, CustomResourceExt, ResourceExt};
 use schemars::JsonSchema;
@@ -77,6 +79,12 @@ pub const MAX_STREAMS: usize = 32;
         description = "Largest MillisBehindLatest over all shards"
     ),
     printcolumn(
+        name = "Suspended",
+        type_ = "boolean",
+        json_path = ".spec.suspend",
+        description = "Whether the workers are stopped by spec.suspend"
+    ),
+    printcolumn(
         name = "Status",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
@@ -90,10 +98,18 @@ pub const MAX_STREAMS: usize = 32;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KinesisConsumerGroupSpec {
-    /// Number of worker pods. 0 suspends the group (its checkpoints are kept).
+    /// Number of worker pods. The scale subresource (`kubectl scale`, an HPA, KEDA) sets it.
+    /// 0 stops the workers too, but `suspend` is the way to pause a group: it keeps this
+    /// value for the resume.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
+    /// Stops the workers (the Deployment goes to 0 pods) and keeps the checkpoints, without
+    /// changing `replicas`, so an autoscaler keeps its value; setting it back to false
+    /// resumes from the checkpoints. An HPA does not act on a target at 0 pods (the
+    /// Kubernetes convention for a paused target).
+    #[serde(default)]
+    pub suspend: bool,
     /// The streams the group reads, each by name or ARN. Names must be unique.
     #[schemars(
         length(min = 1, max = 32),
@@ -159,9 +175,46 @@ pub struct WorkerPodSpec {
     /// Secrets for pulling the worker (and extra containers') images from a private registry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// CPU and memory of the worker container.
+    /// CPU and memory of the worker container. Unset: requests of cpu 100m and memory 64Mi
+    /// and a memory limit of 256Mi (a worker's resident memory is about 36 MiB), so the
+    /// pods are Burstable and an HPA has requests to compute utilization from. No CPU
+    /// limit: throttling would only delay heartbeats. Set, it replaces these as a whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The worker container's command; default `[kcg-worker]`. Set it to run an image built
+    /// on the kcg-worker library with a binary of another name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// The worker container's arguments; default `[run, --config, /etc/kcg/config.yaml]`
+    /// (the rendered config is mounted there whatever the command).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment of the worker container from whole ConfigMaps or Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Extra volumes of the pods, for the worker's `volumeMounts` and the extra and init
+    /// containers. `config` and `tmp` are the operator's names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Extra mounts of the worker container (`/etc/kcg` and `/tmp` are taken).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Init containers. One with `restartPolicy: Always` is a native sidecar: it starts
+    /// before the worker and stops after it, which is how the http sink's consumer should
+    /// run, so the worker's last batch is delivered and checkpointed during shutdown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
+    /// The Deployment's strategy. Default: RollingUpdate with maxSurge 1 and maxUnavailable
+    /// 0, so a new worker joins before an old one leaves and shards move by graceful
+    /// handoff, never all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<DeploymentStrategy>,
+    /// The workers' PodDisruptionBudget, `{enabled, maxUnavailable | minAvailable}` (each a
+    /// number or a percentage). Default: one with maxUnavailable 1 whenever replicas > 1
+    /// and the group is not suspended, so a node drain stops one worker at a time; none for
+    /// a single worker, whose budget would block every drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_disruption_budget: Option<PodDisruptionBudgetSpec>,
     /// Extra environment of the worker container, e.g. AWS_REGION or RUST_LOG.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
@@ -193,6 +246,31 @@ pub struct WorkerPodSpec {
     /// localhost. They get the restricted security context unless they set their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_containers: Vec<Container>,
+}
+
+/// The workers' PodDisruptionBudget. The operator renders one only when the group has more
+/// than one replica (a budget for a single pod blocks every drain) and is not suspended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.maxUnavailable) && has(self.minAvailable))",
+    "message": "podDisruptionBudget: set at most one of maxUnavailable or minAvailable"
+}]))]
+pub struct PodDisruptionBudgetSpec {
+    /// Whether to have a budget at all; default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Workers (a number or a percentage) that may be down at once; default 1 when
+    /// neither this nor `minAvailable` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+    /// Workers (a number or a percentage) that must stay up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Kubernetes image pull policies.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod disruption;
 pub mod events;
 pub mod metrics;
 pub mod reference;

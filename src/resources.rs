@@ -7,12 +7,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, ServiceAccount, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccount,
+    Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kcg_worker::config::{ConfigError, WorkerConfig};
@@ -42,6 +46,14 @@ pub const RUN_AS_USER: i64 = 65532;
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`] on what the operator makes.
 pub const MANAGED_BY: &str = "kcg-operator";
+/// CPU request of the worker container when `spec.worker.resources` is unset.
+pub const DEFAULT_CPU_REQUEST: &str = "100m";
+/// Memory request of the worker container when `spec.worker.resources` is unset: about
+/// twice a worker's measured resident memory (~36 MiB).
+pub const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
+/// Memory limit of the worker container when `spec.worker.resources` is unset: room for
+/// large batches, and a bound on a leak before it hurts the node.
+pub const DEFAULT_MEMORY_LIMIT: &str = "256Mi";
 /// Seconds added to the worker's shutdown bound for the grace period, so Kubernetes never
 /// SIGKILLs a worker that is still releasing leases.
 pub const GRACE_MARGIN_SECONDS: i64 = 10;
@@ -172,7 +184,7 @@ pub fn config_hash(config_yaml: &str) -> String {
 }
 
 /// Metadata shared by the owned objects: namespace, labels, controller owner reference.
-fn owned_meta(kcg: &KinesisConsumerGroup, name: String) -> ObjectMeta {
+pub(crate) fn owned_meta(kcg: &KinesisConsumerGroup, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: kcg.namespace(),
@@ -288,6 +300,77 @@ pub fn termination_grace_seconds(kcg: &KinesisConsumerGroup) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX - GRACE_MARGIN_SECONDS) + GRACE_MARGIN_SECONDS
 }
 
+/// Replicas the Deployment runs: `spec.replicas`, or 0 while `spec.suspend` is set.
+pub fn effective_replicas(kcg: &KinesisConsumerGroup) -> i32 {
+    if kcg.spec.suspend {
+        0
+    } else {
+        kcg.spec.replicas
+    }
+}
+
+/// The worker container's resources: the spec's as a whole, or the defaults (requests so
+/// the pods are not BestEffort and an HPA can compute utilization; a memory limit; no CPU
+/// limit, whose throttling would only delay heartbeats).
+pub fn worker_resources(spec: Option<&ResourceRequirements>) -> ResourceRequirements {
+    if let Some(r) = spec {
+        return r.clone();
+    }
+    let q = |v: &str| Quantity(v.to_owned());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), q(DEFAULT_CPU_REQUEST)),
+            ("memory".to_owned(), q(DEFAULT_MEMORY_REQUEST)),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            q(DEFAULT_MEMORY_LIMIT),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The Deployment strategy: the spec's, or a rolling update that adds a worker before it
+/// removes one (maxSurge 1, maxUnavailable 0), so leases move by graceful handoff to a
+/// worker that is already up instead of waiting for a replacement.
+pub fn strategy(spec: Option<&DeploymentStrategy>) -> DeploymentStrategy {
+    spec.cloned().unwrap_or_else(|| DeploymentStrategy {
+        type_: Some("RollingUpdate".to_owned()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(0)),
+        }),
+    })
+}
+
+/// The worker's command line: the spec's command and args, each defaulting on its own to
+/// `kcg-worker` and `run --config <mounted config>`.
+pub fn worker_command(command: &[String], args: &[String]) -> (Vec<String>, Vec<String>) {
+    let command = if command.is_empty() {
+        vec!["kcg-worker".to_owned()]
+    } else {
+        command.to_vec()
+    };
+    let args = if args.is_empty() {
+        vec![
+            "run".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]
+    } else {
+        args.to_vec()
+    };
+    (command, args)
+}
+
+/// A user container with the restricted security context unless it sets its own.
+fn restricted_unless_set(mut c: Container) -> Container {
+    if c.security_context.is_none() {
+        c.security_context = Some(restricted_container_security());
+    }
+    c
+}
+
 /// The worker container.
 fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> Container {
     let w = &kcg.spec.worker;
@@ -309,6 +392,22 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
             None => env.push(user.clone()),
         }
     }
+    let (command, args) = worker_command(&w.command, &w.args);
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "config".to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        // The root filesystem is read-only; give the process a scratch directory.
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    volume_mounts.extend(w.volume_mounts.iter().cloned());
     Container {
         name: WORKER_CONTAINER.to_owned(),
         image: Some(
@@ -317,13 +416,10 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
                 .unwrap_or_else(|| settings.worker_image.clone()),
         ),
         image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_owned()),
-        command: Some(vec!["kcg-worker".to_owned()]),
-        args: Some(vec![
-            "run".to_owned(),
-            "--config".to_owned(),
-            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-        ]),
+        command: Some(command),
+        args: Some(args),
         env: Some(env),
+        env_from: (!w.env_from.is_empty()).then(|| w.env_from.clone()),
         ports: Some(vec![ContainerPort {
             name: Some(METRICS_PORT_NAME.to_owned()),
             container_port: METRICS_PORT,
@@ -332,22 +428,9 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
         }]),
         readiness_probe: Some(http_probe("/readyz", 2, 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 10, 3)),
-        resources: w.resources.clone(),
+        resources: Some(worker_resources(w.resources.as_ref())),
         security_context: Some(restricted_container_security()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: CONFIG_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            // The root filesystem is read-only; give the process a scratch directory.
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts),
         ..Container::default()
     }
 }
@@ -368,12 +451,34 @@ pub fn deployment(
     pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned());
 
     let mut containers = vec![worker_container(kcg, settings)];
-    containers.extend(w.extra_containers.iter().cloned().map(|mut c| {
-        if c.security_context.is_none() {
-            c.security_context = Some(restricted_container_security());
-        }
-        c
-    }));
+    containers.extend(
+        w.extra_containers
+            .iter()
+            .cloned()
+            .map(restricted_unless_set),
+    );
+    let init_containers: Vec<Container> = w
+        .init_containers
+        .iter()
+        .cloned()
+        .map(restricted_unless_set)
+        .collect();
+    let mut volumes = vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(kcg),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    volumes.extend(w.volumes.iter().cloned());
 
     let pod = PodSpec {
         containers,
@@ -400,29 +505,17 @@ pub fn deployment(
         priority_class_name: w.priority_class_name.clone(),
         image_pull_secrets: (!w.image_pull_secrets.is_empty())
             .then(|| w.image_pull_secrets.clone()),
-        volumes: Some(vec![
-            Volume {
-                name: "config".to_owned(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(kcg),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
         ..PodSpec::default()
     };
 
     Deployment {
         metadata: owned_meta(kcg, deployment_name(kcg)),
         spec: DeploymentSpec {
-            replicas: Some(kcg.spec.replicas),
+            replicas: Some(effective_replicas(kcg)),
             revision_history_limit: Some(3),
+            strategy: Some(strategy(w.strategy.as_ref())),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(kcg)),
                 ..LabelSelector::default()
@@ -534,6 +627,144 @@ delivery: {stdout: {}}
             let d = deployment(&group(&format!("{BASE}replicas: {n}\n")), &settings(), "h");
             assert_eq!(d.spec.replicas, Some(n));
         }
+    }
+
+    #[test]
+    fn suspend_stops_the_pods_and_keeps_replicas() {
+        let cases = [
+            ("replicas: 3\n", 3),
+            ("replicas: 3\nsuspend: false\n", 3),
+            ("replicas: 3\nsuspend: true\n", 0),
+            ("replicas: 0\nsuspend: true\n", 0),
+        ];
+        for (extra, want) in cases {
+            let g = group(&format!("{BASE}{extra}"));
+            let d = deployment(&g, &settings(), "h");
+            assert_eq!(d.spec.replicas, Some(want), "{extra:?}");
+        }
+    }
+
+    #[test]
+    fn default_resources_unless_the_spec_sets_them() {
+        let q = |v: &str| Quantity(v.to_owned());
+        let d = deployment(&group(BASE), &settings(), "h");
+        let r = pod(&d).containers[0].resources.clone().unwrap();
+        let requests = r.requests.unwrap();
+        assert_eq!(requests["cpu"], q("100m"));
+        assert_eq!(requests["memory"], q("64Mi"));
+        let limits = r.limits.unwrap();
+        assert_eq!(limits["memory"], q("256Mi"));
+        assert!(!limits.contains_key("cpu"), "no CPU limit: no throttling");
+        let own = format!("{BASE}worker: {{resources: {{limits: {{memory: 1Gi}}}}}}\n");
+        let d = deployment(&group(&own), &settings(), "h");
+        let r = pod(&d).containers[0].resources.clone().unwrap();
+        assert_eq!(
+            r.requests, None,
+            "the spec's resources replace ours as a whole"
+        );
+        assert_eq!(r.limits.unwrap()["memory"], q("1Gi"));
+    }
+
+    #[test]
+    fn strategy_surges_one_before_stopping_one_by_default() {
+        let d = deployment(&group(BASE), &settings(), "h");
+        let s = d.spec.strategy.unwrap();
+        assert_eq!(s.type_.as_deref(), Some("RollingUpdate"));
+        let ru = s.rolling_update.unwrap();
+        assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        let own = format!("{BASE}worker: {{strategy: {{type: Recreate}}}}\n");
+        let s = deployment(&group(&own), &settings(), "h")
+            .spec
+            .strategy
+            .unwrap();
+        assert_eq!(s.type_.as_deref(), Some("Recreate"));
+        assert_eq!(s.rolling_update, None);
+    }
+
+    #[test]
+    fn command_and_args_default_each_on_their_own() {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        let default_args = s(&["run", "--config", "/etc/kcg/config.yaml"]);
+        let cases = [
+            (vec![], vec![], s(&["kcg-worker"]), default_args.clone()),
+            (
+                s(&["my-consumer"]),
+                vec![],
+                s(&["my-consumer"]),
+                default_args,
+            ),
+            (
+                s(&["my-consumer"]),
+                s(&["serve", "-c", "/etc/kcg/config.yaml"]),
+                s(&["my-consumer"]),
+                s(&["serve", "-c", "/etc/kcg/config.yaml"]),
+            ),
+            (vec![], s(&["check"]), s(&["kcg-worker"]), s(&["check"])),
+        ];
+        for (command, args, want_command, want_args) in cases {
+            assert_eq!(
+                worker_command(&command, &args),
+                (want_command, want_args),
+                "{command:?} {args:?}"
+            );
+        }
+        let spec = format!("{BASE}worker: {{command: [my-consumer]}}\n");
+        let d = deployment(&group(&spec), &settings(), "h");
+        assert_eq!(
+            pod(&d).containers[0].command,
+            Some(vec!["my-consumer".to_owned()])
+        );
+    }
+
+    #[test]
+    fn volumes_env_from_and_init_containers_are_added_to_ours() {
+        let spec = format!(
+            "{BASE}worker:
+  envFrom: [{{secretRef: {{name: sink-token}}}}]
+  volumes: [{{name: certs, secret: {{secretName: ca}}}}]
+  volumeMounts: [{{name: certs, mountPath: /etc/certs, readOnly: true}}]
+  initContainers:
+  - {{name: migrate, image: tool:1}}
+  - {{name: consumer, image: consumer:1, restartPolicy: Always}}
+  - {{name: own, image: own:1, securityContext: {{runAsUser: 1000}}}}
+"
+        );
+        let d = deployment(&group(&spec), &settings(), "h");
+        let p = pod(&d);
+        assert_eq!(
+            p.volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>(),
+            ["config", "tmp", "certs"]
+        );
+        let c = &p.containers[0];
+        assert_eq!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect::<Vec<_>>(),
+            ["/etc/kcg", "/tmp", "/etc/certs"]
+        );
+        let env_from = c.env_from.as_ref().unwrap();
+        assert_eq!(env_from[0].secret_ref.as_ref().unwrap().name, "sink-token");
+        let init = p.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 3);
+        assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        for c in &init[..2] {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+        }
+        assert_eq!(
+            init[2].security_context.as_ref().unwrap().run_as_user,
+            Some(1000)
+        );
+        let bare = deployment(&group(BASE), &settings(), "h");
+        assert_eq!(pod(&bare).init_containers, None);
+        assert_eq!(pod(&bare).containers[0].env_from, None);
     }
 
     #[test]

@@ -142,8 +142,10 @@ pub struct StatusInput {
     pub generation: Option<i64>,
     /// Stream names from the spec, in spec order.
     pub streams: Vec<String>,
-    /// `.spec.replicas`.
+    /// Pods the Deployment should run: `.spec.replicas`, or 0 while suspended.
     pub desired_replicas: i32,
+    /// `.spec.suspend`: the workers are stopped on purpose.
+    pub suspended: bool,
     /// The label selector of the worker pods, as a string (for the scale subresource).
     pub selector: String,
     /// The Deployment's numbers; `None` when it does not exist (yet).
@@ -338,6 +340,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
         generation,
         streams,
         desired_replicas,
+        suspended,
         selector,
         deployment,
         snapshot,
@@ -438,6 +441,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
 
     let verdicts = decide(Decide {
         desired_replicas,
+        suspended,
         deployment: deployment.as_ref(),
         store_read: snapshot.is_some(),
         facts: &facts,
@@ -496,6 +500,7 @@ fn fit(mut s: KinesisConsumerGroupStatus) -> KinesisConsumerGroupStatus {
 
 struct Decide<'a> {
     desired_replicas: i32,
+    suspended: bool,
     deployment: Option<&'a DeploymentState>,
     store_read: bool,
     facts: &'a [StreamFacts],
@@ -633,7 +638,14 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
         }
     };
 
-    let ready = if d.desired_replicas == 0 {
+    let ready = if d.suspended {
+        Verdict::new(
+            READY,
+            FALSE,
+            "Suspended",
+            "spec.suspend is true: the workers are stopped and the checkpoints kept; spec.replicas is kept for the resume",
+        )
+    } else if d.desired_replicas == 0 {
         Verdict::new(
             READY,
             FALSE,
@@ -775,6 +787,13 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             TRUE,
             "Rebalancing",
             format!("clients are moving shard leases: {}", distribution(d.owned)),
+        )
+    } else if d.suspended {
+        Verdict::new(
+            PROGRESSING,
+            FALSE,
+            "Suspended",
+            "spec.suspend is true: nothing to roll out until it is resumed",
         )
     } else {
         Verdict::new(

@@ -271,6 +271,20 @@ fn exactly_one_delivery() {
 }
 
 #[test]
+fn at_most_one_pdb_bound() {
+    let pdb = |v: Value| with(|s| s["worker"] = json!({"podDisruptionBudget": v}));
+    accepts("empty", &pdb(json!({})));
+    accepts("disabled", &pdb(json!({"enabled": false})));
+    accepts("maxUnavailable", &pdb(json!({"maxUnavailable": 1})));
+    accepts("minAvailable", &pdb(json!({"minAvailable": "50%"})));
+    rejects(
+        "both",
+        &pdb(json!({"maxUnavailable": 1, "minAvailable": 2})),
+        ONE_PDB_BOUND,
+    );
+}
+
+#[test]
 fn unique_stream_names() {
     accepts(
         "two",

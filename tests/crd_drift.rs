@@ -81,6 +81,7 @@ fn printer_columns() {
         ("Clients", "integer", ".status.clientCount"),
         ("Shards", "integer", ".status.shardCount"),
         ("Max Lag", "string", ".status.maxLag"),
+        ("Suspended", "boolean", ".spec.suspend"),
         (
             "Status",
             "string",

@@ -14,6 +14,8 @@
 
 mod crd_support;
 mod e2e_support;
+#[path = "e2e/pods.rs"]
+mod pods;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 
@@ -64,6 +66,11 @@ async fn e2e_suite() {
             .expect("kubeconfig")
             .binary("kcg-worker", env.bin_dir.join("kcg-worker"))
             .binary("kcg-operator", env.bin_dir.join("kcg-operator"))
+            .command(
+                pods::CONSUMER_IMAGE,
+                pods::consumer_program().0,
+                [pods::consumer_program().1],
+            )
             .envs(env.aws_env.clone()),
     )
     .await
@@ -128,6 +135,16 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "drift: a spec change rolls out; an edited or deleted Deployment is put back",
         drift(env),
+    )
+    .await?;
+    step(
+        "native sidecar: a deleted worker's last batch is checkpointed, nothing lost",
+        pods::native_sidecar(env, kubelet),
+    )
+    .await?;
+    step(
+        "suspend next to an HPA: 0 pods, Suspended; resume from the checkpoints",
+        pods::suspend(env),
     )
     .await?;
     step(
@@ -285,7 +302,15 @@ async fn printer_columns(
     let row = lines.next().ok_or("no row")?;
     // Columns start where their header word starts; values may be empty.
     let starts: Vec<(usize, &str)> = [
-        "NAME", "DESIRED", "READY", "CLIENTS", "SHARDS", "MAX LAG", "STATUS", "AGE",
+        "NAME",
+        "DESIRED",
+        "READY",
+        "CLIENTS",
+        "SHARDS",
+        "MAX LAG",
+        "SUSPENDED",
+        "STATUS",
+        "AGE",
     ]
     .iter()
     .map(|h| {
@@ -507,7 +532,18 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
                 ],
             )?;
             if cols["MAX LAG"].is_empty() {
-                return Err(format!("MAX LAG is empty: {cols:?}"));
+                // The workers write their lag with a checkpoint (every checkpointInterval)
+                // and the status takes it at the next refresh: right after Ready it may not
+                // be there yet. A user looks again a few seconds later; so do we.
+                wait_until("MAX LAG in kubectl get kcg", WAIT, || async {
+                    let cols = printer_columns(env, "default", "orders").await?;
+                    if cols["MAX LAG"].is_empty() {
+                        Err(format!("MAX LAG is empty: {cols:?}"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await?;
             }
         } else if command.starts_with("kubectl describe") {
             let s = groups(env, "default")
@@ -926,6 +962,14 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             "negative replicas",
             with(&|s| s["replicas"] = json!(-1)),
             "spec.replicas",
+        ),
+        (
+            "both PDB bounds",
+            with(&|s| {
+                s["worker"] =
+                    json!({"podDisruptionBudget": {"maxUnavailable": 1, "minAvailable": 1}})
+            }),
+            ONE_PDB_BOUND,
         ),
         (
             "no streams",

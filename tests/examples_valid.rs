@@ -149,7 +149,9 @@ fn http_sidecar_example_listens_where_the_worker_posts() {
     let doc = documents(&path).remove(0);
     let url = doc["spec"]["delivery"]["http"]["url"].as_str().unwrap();
     assert!(url.starts_with("http://localhost:9000"), "{url}");
-    let sidecar = &doc["spec"]["worker"]["extraContainers"][0];
+    // A native sidecar: started before the worker, stopped after it.
+    let sidecar = &doc["spec"]["worker"]["initContainers"][0];
+    assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["ports"][0]["containerPort"], 9000);
 }
 

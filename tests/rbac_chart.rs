@@ -710,6 +710,14 @@ async fn drive(chart: &Chart, ns: &str) -> Run {
     without_status.as_object_mut().unwrap().remove("status");
     fake.put(&orders, without_status);
     step("repeated event (series)", &orders, Want::Done).await;
+    // Scaled to one worker: the spec changed (a new generation), the budget goes.
+    let mut scaled = fake.get(&orders).unwrap();
+    scaled["spec"]["replicas"] = json!(1);
+    scaled["metadata"]["generation"] = json!(2);
+    fake.put(&orders, scaled);
+    step("scaled to 1 (the budget is deleted)", &orders, Want::Done).await;
+    let pdb = format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/orders");
+    let pdb_left = fake.get(&pdb).is_some();
 
     // onDelete: Delete: foreground deletion of the workers, wait, rows, finalizer.
     mark_deleted(&fake, &orders);
@@ -737,6 +745,9 @@ async fn drive(chart: &Chart, ns: &str) -> Run {
     fake.put(&archive, g);
     let removed = Want::Action(Action::await_change());
     step("delete with onDelete Retain", &archive, removed).await;
+    if pdb_left {
+        surprises.push("the PodDisruptionBudget is left after scaling to 1".to_owned());
+    }
     for path in [&orders, &archive] {
         let finalizers = fake.get(path).unwrap()["metadata"]["finalizers"].clone();
         if finalizers != json!([]) {
@@ -764,7 +775,7 @@ async fn drive(chart: &Chart, ns: &str) -> Run {
             .filter(|a| a.verb == "watch")
             .map(|a| a.resource)
             .collect();
-        resources.len() >= 3
+        resources.len() >= 4
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !watched(&fake.seen()) && tokio::time::Instant::now() < deadline {
@@ -890,6 +901,11 @@ fn check(chart: &Chart, ns: &str, run: &Run) {
         ("watch", "kinesisconsumergroups"),
         ("watch", "deployments"),
         ("watch", "configmaps"),
+        ("watch", "poddisruptionbudgets"),
+        // The workers' budget: applied with 2 replicas, deleted once scaled to 1.
+        ("patch", "poddisruptionbudgets"),
+        ("create", "poddisruptionbudgets"),
+        ("delete", "poddisruptionbudgets"),
         // The worker ServiceAccount's server-side apply (a PATCH that creates it, so
         // authorized as create too), after its GET.
         ("get", "serviceaccounts"),

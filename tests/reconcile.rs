@@ -246,6 +246,12 @@ impl Verifier {
     /// The Deployment apply, answered with `status` as the API server would show it;
     /// returns the applied body.
     async fn expect_deployment(&mut self, status: Value) -> Value {
+        self.expect_deployment_and_pdb(status).await.0
+    }
+
+    /// [`Verifier::expect_deployment`], also returning the budget applied after it (`None`:
+    /// deleted).
+    async fn expect_deployment_and_pdb(&mut self, status: Value) -> (Value, Option<Value>) {
         let s = self.next().await;
         assert_eq!(
             s.path,
@@ -259,7 +265,38 @@ impl Verifier {
             json!({"metadata": {"generation": 1}, "status": status}),
         );
         Self::reply(s.send, StatusCode::OK, &answer);
-        body
+        let pdb = self.expect_pdb().await;
+        (body, pdb)
+    }
+
+    /// What follows the Deployment: the workers' PodDisruptionBudget applied (more than one
+    /// replica) or deleted (fewer; answered 404 as when there is none). Returns the applied
+    /// budget, `None` for a delete.
+    async fn expect_pdb(&mut self) -> Option<Value> {
+        let s = self.next().await;
+        assert_eq!(
+            s.path,
+            format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}")
+        );
+        if s.method == Method::DELETE {
+            Self::not_found(s.send);
+            return None;
+        }
+        Self::assert_ssa(&s);
+        let body = s.body.clone();
+        Self::reply(s.send, StatusCode::OK, &body);
+        Some(body)
+    }
+
+    /// Answers every event write until the reconciler is quiet for 300 ms.
+    async fn drain_events(&mut self) {
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await
+        {
+            assert!(req.uri().path().contains("/events"), "{}", req.uri());
+            let b = req.into_body().collect_bytes().await.unwrap();
+            send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
+        }
     }
 
     /// The status apply; returns the status written.
@@ -600,13 +637,7 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
             let out = (hash_of(&d), d["spec"]["replicas"].as_i64().unwrap());
             v.expect_status(&k2).await;
             // Events depend on the object's previous status (none here): drain them.
-            while let Ok(Some((req, send))) =
-                tokio::time::timeout(Duration::from_millis(300), v.0.next_request()).await
-            {
-                assert!(req.uri().path().contains("/events"), "{}", req.uri());
-                let b = req.into_body().collect_bytes().await.unwrap();
-                send.send_response(Response::builder().body(Body::from(b.to_vec())).unwrap());
-            }
+            v.drain_events().await;
             (v, out)
         })
         .await;
@@ -622,6 +653,57 @@ async fn spec_change_gives_a_new_config_hash_and_scale_sets_replicas() {
         "replicas are not part of the worker config"
     );
     assert_eq!(replicas, vec![2, 2, 2, 5, 0]);
+}
+
+#[tokio::test]
+async fn the_budget_follows_replicas_suspend_and_the_spec() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("pdb");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, mut verifier) = context(&endpoint).await;
+    // (spec change, the budget applied: Some(bounds), or deleted: None)
+    let cases = [
+        (json!({}), Some(json!({"maxUnavailable": 1}))),
+        (json!({"spec": {"replicas": 1}}), None),
+        (json!({"spec": {"replicas": 3, "suspend": true}}), None),
+        (
+            json!({"spec": {"replicas": 3, "worker": {"podDisruptionBudget": {"enabled": false}}}}),
+            None,
+        ),
+        (
+            json!({"spec": {"replicas": 3, "worker": {"podDisruptionBudget": {"minAvailable": "50%"}}}}),
+            Some(json!({"minAvailable": "50%"})),
+        ),
+    ];
+    for (extra, want) in cases {
+        let kcg = group(&table, extra.clone());
+        let k2 = kcg.clone();
+        let (res, v, pdb) = run(&kcg, &ctx, verifier, |mut v| async move {
+            v.expect_config_map().await;
+            let (_, pdb) = v.expect_deployment_and_pdb(ready_deployment(2)).await;
+            v.expect_status(&k2).await;
+            v.drain_events().await;
+            (v, pdb)
+        })
+        .await;
+        res.unwrap();
+        verifier = v;
+        let got = pdb.map(|p| {
+            assert_eq!(p["apiVersion"], "policy/v1", "{extra}");
+            assert_eq!(
+                p["metadata"]["ownerReferences"][0]["kind"],
+                "KinesisConsumerGroup"
+            );
+            assert_eq!(
+                p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+                NAME
+            );
+            let mut bounds = p["spec"].clone();
+            bounds.as_object_mut().unwrap().remove("selector");
+            bounds
+        });
+        assert_eq!(got, want, "{extra}");
+    }
 }
 
 #[tokio::test]

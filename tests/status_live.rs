@@ -125,6 +125,7 @@ impl Harness {
                 generation: Some(1),
                 streams: vec![self.stream.clone()],
                 desired_replicas: replicas,
+                suspended: false,
                 selector: "app.kubernetes.io/instance=live".into(),
                 deployment: Some(DeploymentState::all_ready(replicas)),
                 snapshot: Some(snap),

@@ -225,6 +225,7 @@ fn status_input(snap: GroupSnapshot) -> StatusInput {
         generation: Some(7),
         streams: vec![STREAM.to_owned()],
         desired_replicas: n,
+        suspended: false,
         selector: "app.kubernetes.io/name=kcg-worker,app.kubernetes.io/instance=orders".into(),
         deployment: Some(DeploymentState::all_ready(n)),
         snapshot: Some(snap),

@@ -80,6 +80,7 @@ fn healthy(n_clients: u32, n_shards: u32) -> StatusInput {
         generation: Some(3),
         streams: vec!["s".into()],
         desired_replicas: n_clients as i32,
+        suspended: false,
         selector: "app.kubernetes.io/instance=group".into(),
         deployment: Some(DeploymentState::all_ready(n_clients as i32)),
         snapshot: Some(GroupSnapshot {
@@ -347,6 +348,25 @@ fn ready_table() {
         ("healthy", |_| {}, TRUE, "Ready"),
         ("suspended", |i| i.desired_replicas = 0, FALSE, "Suspended"),
         (
+            "spec.suspend, pods still stopping",
+            |i| {
+                i.suspended = true;
+                i.desired_replicas = 0;
+            },
+            FALSE,
+            "Suspended",
+        ),
+        (
+            "spec.suspend, store unreadable",
+            |i| {
+                i.suspended = true;
+                i.desired_replicas = 0;
+                i.snapshot = None;
+            },
+            FALSE,
+            "Suspended",
+        ),
+        (
             "no deployment",
             |i| i.deployment = None,
             FALSE,
@@ -503,6 +523,26 @@ fn progressing_table() {
             "RollingOut",
         ),
         ("scale-up", |i| i.desired_replicas = 3, TRUE, "RollingOut"),
+        (
+            "suspended, pods stopping",
+            |i| {
+                i.suspended = true;
+                i.desired_replicas = 0;
+            },
+            TRUE,
+            "RollingOut",
+        ),
+        (
+            "suspended, pods gone",
+            |i| {
+                i.suspended = true;
+                i.desired_replicas = 0;
+                i.deployment = Some(DeploymentState::all_ready(0));
+                i.snapshot.as_mut().unwrap().clients.clear();
+            },
+            FALSE,
+            "Suspended",
+        ),
         (
             "lease handoff",
             |i| i.snapshot.as_mut().unwrap().leases[0].owner = None,

@@ -204,6 +204,8 @@ pub mod rule_messages {
     pub const UNIQUE_STREAMS: &str = "stream names must be unique";
     pub const AT_TIMESTAMP: &str = "startPosition AtTimestamp needs startTimestamp";
     pub const URL: &str = "url must be an http:// or https:// URL";
+    pub const ONE_PDB_BOUND: &str =
+        "podDisruptionBudget: set at most one of maxUnavailable or minAvailable";
 
     /// The messages above, which must cover every rule in the schema.
     pub const ALL: &[&str] = &[
@@ -220,5 +222,6 @@ pub mod rule_messages {
         UNIQUE_STREAMS,
         AT_TIMESTAMP,
         URL,
+        ONE_PDB_BOUND,
     ];
 }

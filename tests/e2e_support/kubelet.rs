@@ -14,8 +14,16 @@
 //!   `automountServiceAccountToken: false`, a kubeconfig holding a TokenRequest token of the
 //!   pod's ServiceAccount (`KUBECONFIG`), never the admin credentials;
 //! - patches `pods/status` (Running, container states, Ready from the readiness probe);
+//! - runs init containers first, in order, each to completion, before the next one and the
+//!   main containers; an init container with `restartPolicy: Always` (a native sidecar) is
+//!   started instead and runs next to the main containers, restarted whenever it exits;
+//! - lets the containers of a pod reach each other on their declared ports, as in a pod's
+//!   network namespace: an env value naming `localhost:<containerPort>` of any container of
+//!   the pod is rewritten to that container's local port;
 //! - restarts exited containers after about 1 s;
-//! - on deletion: SIGTERM, the grace period, SIGKILL, then removes the pod (grace 0).
+//! - on deletion: SIGTERM to the main (and running init) containers; once they exited,
+//!   SIGTERM to the native sidecars, last one first; SIGKILL to what is left when the grace
+//!   period ends; then removes the pod (grace 0).
 //!
 //! Container stdout and stderr go to `<work_dir>/<namespace>/<pod>/<container>.log`.
 //! Each process runs in its own process group; signals go to the whole group.
@@ -97,6 +105,9 @@ pub struct KubeletOptions {
     /// Image-name substring → local binary. A container runs the first binary whose
     /// substring its image contains; containers with no match are not started.
     pub binaries: Vec<(String, PathBuf)>,
+    /// Image-name substring → arguments put before the container's own, for a binary that
+    /// is an interpreter (`python3 script.py`); see [`KubeletOptions::command`].
+    pub leading_args: Vec<(String, Vec<String>)>,
     /// The "node" environment every process starts from (AWS endpoints and credentials, like
     /// IRSA would inject), before the container's own env. PATH and HOME come from the test
     /// process; nothing else does.
@@ -118,6 +129,7 @@ impl KubeletOptions {
             node_name: NODE_NAME.to_owned(),
             work_dir: work_dir.into(),
             binaries: Vec::new(),
+            leading_args: Vec::new(),
             env: Vec::new(),
             api_server,
             ca_pem,
@@ -128,6 +140,22 @@ impl KubeletOptions {
     pub fn binary(mut self, image_substring: impl Into<String>, path: impl Into<PathBuf>) -> Self {
         self.binaries.push((image_substring.into(), path.into()));
         self
+    }
+
+    /// Adds a command line for images containing `image_substring`: `program`, then
+    /// `leading_args`, then the container's command (without its first word) and args.
+    pub fn command(
+        mut self,
+        image_substring: impl Into<String>,
+        program: impl Into<PathBuf>,
+        leading_args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        let needle = image_substring.into();
+        self.leading_args.push((
+            needle.clone(),
+            leading_args.into_iter().map(Into::into).collect(),
+        ));
+        self.binary(needle, program)
     }
 
     /// Adds one variable to the node environment.
@@ -151,6 +179,14 @@ impl KubeletOptions {
             .iter()
             .find(|(needle, _)| image.contains(needle.as_str()))
             .map(|(_, path)| path.clone())
+    }
+
+    fn leading_args_for(&self, image: &str) -> Vec<String> {
+        self.leading_args
+            .iter()
+            .find(|(needle, _)| image.contains(needle.as_str()))
+            .map(|(_, args)| args.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -864,6 +900,33 @@ impl Mounts {
     }
 }
 
+/// `value` with each `localhost:<port>` (or `127.0.0.1:<port>`) whose port is one of the
+/// pod's declared container ports pointed at that port's local stand-in.
+fn rewrite_localhost_ports(value: &str, ports: &HashMap<i32, u16>) -> String {
+    let mut out = value.to_owned();
+    for (declared, local) in ports {
+        for host in ["localhost", "127.0.0.1"] {
+            let from = format!("{host}:{declared}");
+            let mut rest = out.as_str();
+            let mut rewritten = String::new();
+            while let Some(at) = rest.find(&from) {
+                let after = &rest[at + from.len()..];
+                rewritten.push_str(&rest[..at]);
+                // `localhost:90` must not match `localhost:9000`.
+                if after.starts_with(|c: char| c.is_ascii_digit()) {
+                    rewritten.push_str(&from);
+                } else {
+                    rewritten.push_str(&format!("{POD_IP}:{local}"));
+                }
+                rest = after;
+            }
+            rewritten.push_str(rest);
+            out = rewritten;
+        }
+    }
+    out
+}
+
 /// Replaces the value of `--listen=X` or `--listen X` by `addr`.
 fn rewrite_listen(args: Vec<String>, addr: &str) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
@@ -914,9 +977,34 @@ impl Launch {
     }
 }
 
+/// What a container is to its pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A regular init container: runs to completion before anything after it starts.
+    Init,
+    /// An init container with `restartPolicy: Always`: started before what follows it,
+    /// runs next to the main containers, stopped after them.
+    Sidecar,
+    /// A container of `spec.containers`.
+    Main,
+}
+
+impl Role {
+    fn of_init(spec: &Container) -> Self {
+        if spec.restart_policy.as_deref() == Some("Always") {
+            Role::Sidecar
+        } else {
+            Role::Init
+        }
+    }
+}
+
 /// One container of a pod and its process.
 struct ContainerRun {
     spec: Container,
+    role: Role,
+    /// Arguments before the container's own (see [`KubeletOptions::command`]).
+    leading_args: Vec<String>,
     /// `None`: unknown image, not started, reported as running and ready.
     binary: Option<PathBuf>,
     ports: Ports,
@@ -935,9 +1023,11 @@ struct ContainerRun {
 }
 
 impl ContainerRun {
-    fn new(spec: Container, binary: Option<PathBuf>, ports: Ports) -> Self {
+    fn new(spec: Container, role: Role, binary: Option<PathBuf>, ports: Ports) -> Self {
         Self {
             spec,
+            role,
+            leading_args: Vec::new(),
             binary,
             ports,
             child: None,
@@ -992,6 +1082,21 @@ impl ContainerRun {
         self.spec.image.clone().unwrap_or_default()
     }
 
+    /// Whether what follows this init container may start: a regular one exited with code
+    /// 0, a sidecar runs. An unknown image counts as done.
+    fn lets_the_next_start(&self) -> bool {
+        if self.binary.is_none() {
+            return true;
+        }
+        match self.role {
+            Role::Init => {
+                self.child.is_none() && self.last_exit.as_ref().is_some_and(|e| e.code == 0)
+            }
+            Role::Sidecar => self.child.is_some(),
+            Role::Main => true,
+        }
+    }
+
     /// The `containerStatuses` entry.
     fn status(&self, pod_started: Timestamp) -> Value {
         let running = self.binary.is_none() || self.child.is_some();
@@ -1043,6 +1148,8 @@ struct PodRunner {
     volumes: Option<BTreeMap<String, PathBuf>>,
     volume_error: Option<String>,
     containers: Vec<ContainerRun>,
+    /// Every init container completed (or, a sidecar, started): the main ones may run.
+    initialized: bool,
     started: Timestamp,
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, Timestamp)>,
@@ -1062,18 +1169,25 @@ impl PodRunner {
             volumes: None,
             volume_error: None,
             containers: Vec::new(),
+            initialized: false,
             started: Timestamp::now(),
             conditions: BTreeMap::new(),
             published: None,
         }
     }
 
-    fn spec_containers(&self) -> Vec<Container> {
-        self.pod
-            .spec
-            .as_ref()
-            .map(|s| s.containers.clone())
-            .unwrap_or_default()
+    /// The pod's containers with their roles: init containers first, in order.
+    fn spec_containers(&self) -> Vec<(Container, Role)> {
+        let Some(spec) = self.pod.spec.as_ref() else {
+            return Vec::new();
+        };
+        let init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| (c.clone(), Role::of_init(c)));
+        let main = spec.containers.iter().map(|c| (c.clone(), Role::Main));
+        init.chain(main).collect()
     }
 
     /// The task's loop: follow the latest desired state, sync every second.
@@ -1120,9 +1234,10 @@ impl PodRunner {
     fn setup(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        for spec in self.spec_containers() {
+        for (spec, role) in self.spec_containers() {
             let image = spec.image.clone().unwrap_or_default();
             let binary = self.shared.opts.binary_for(&image);
+            let leading_args = self.shared.opts.leading_args_for(&image);
             if binary.is_none() {
                 println!(
                     "[kubelet] {}/{}: no binary for image {image:?}: not started, reported running",
@@ -1131,7 +1246,9 @@ impl PodRunner {
                 );
             }
             let ports = Ports::allocate(&spec)?;
-            self.containers.push(ContainerRun::new(spec, binary, ports));
+            let mut run = ContainerRun::new(spec, role, binary, ports);
+            run.leading_args = leading_args;
+            self.containers.push(run);
         }
         Ok(())
     }
@@ -1154,9 +1271,22 @@ impl PodRunner {
             }
         }
         if self.volumes.is_some() {
+            // Init containers in order, each a gate for what follows; then the main ones.
+            let mut gate_open = true;
             for i in 0..self.containers.len() {
+                if !gate_open {
+                    break;
+                }
                 self.step_container(i).await;
+                if self.containers[i].role != Role::Main {
+                    gate_open = self.containers[i].lets_the_next_start();
+                }
             }
+            self.initialized = self
+                .containers
+                .iter()
+                .filter(|c| c.role != Role::Main)
+                .all(ContainerRun::lets_the_next_start);
         }
         self.probe_all().await;
         self.publish_status().await;
@@ -1169,10 +1299,11 @@ impl PodRunner {
         if let Some(exit) = self.containers[i].reap() {
             self.shared
                 .set_pid(&self.key, &self.uid, &self.containers[i].spec.name, None);
-            let restart = match restart_policy.as_str() {
-                "Never" => false,
-                "OnFailure" => exit.code != 0,
-                _ => true,
+            let restart = match (self.containers[i].role, restart_policy.as_str()) {
+                (Role::Sidecar, _) => true,
+                (_, "Never") => false,
+                (Role::Init, _) | (_, "OnFailure") => exit.code != 0,
+                (Role::Main, _) => true,
             };
             let c = &mut self.containers[i];
             let delay = c.next_backoff();
@@ -1251,14 +1382,29 @@ impl PodRunner {
                 .into_iter()
                 .map(|(k, v)| (k, mounts.rewrite_path(&v))),
         );
-        let mut args: Vec<String> = c
-            .spec
-            .command
+        // The pod's containers share one network namespace: `localhost:<containerPort>` in
+        // an env value is that container's local port.
+        let pod_ports: HashMap<i32, u16> = self
+            .containers
             .iter()
-            .flatten()
-            .skip(1)
-            .chain(c.spec.args.iter().flatten())
-            .map(|a| mounts.rewrite_arg(a))
+            .flat_map(|c| c.ports.by_number.iter().map(|(k, v)| (*k, *v)))
+            .collect();
+        for (_, value) in &mut env {
+            *value = rewrite_localhost_ports(value, &pod_ports);
+        }
+        let mut args: Vec<String> = c
+            .leading_args
+            .iter()
+            .cloned()
+            .chain(
+                c.spec
+                    .command
+                    .iter()
+                    .flatten()
+                    .skip(1)
+                    .chain(c.spec.args.iter().flatten())
+                    .map(|a| mounts.rewrite_arg(a)),
+            )
             .collect();
         if let Some(port) = c.ports.first {
             let addr = format!("{POD_IP}:{port}");
@@ -1448,19 +1594,34 @@ impl PodRunner {
     /// The pod status as a merge patch; its timestamps only change with the state.
     fn status_patch(&mut self) -> Value {
         let started = self.started;
-        let containers: Vec<Value> = self.containers.iter().map(|c| c.status(started)).collect();
-        let all_ready = self.containers.iter().all(|c| c.ready);
+        let of = |role: fn(Role) -> bool| {
+            self.containers
+                .iter()
+                .filter(move |c| role(c.role))
+                .collect::<Vec<_>>()
+        };
+        let main = of(|r| r == Role::Main);
+        let containers: Vec<Value> = main.iter().map(|c| c.status(started)).collect();
+        let init_statuses: Vec<Value> = of(|r| r != Role::Main)
+            .iter()
+            .map(|c| c.status(started))
+            .collect();
+        // Ready needs the main containers and the sidecars ready, as the kubelet has it.
+        let all_ready = self.initialized
+            && self
+                .containers
+                .iter()
+                .filter(|c| c.role != Role::Init)
+                .all(|c| c.ready);
         let any_running = self
             .containers
             .iter()
             .any(|c| c.binary.is_none() || c.child.is_some());
-        let all_done = self
-            .containers
+        let all_done = main
             .iter()
             .all(|c| c.child.is_none() && c.last_exit.is_some() && c.restart_at.is_none());
-        let phase = if all_done && !self.containers.is_empty() {
-            let ok = self
-                .containers
+        let phase = if all_done && !main.is_empty() {
+            let ok = main
                 .iter()
                 .all(|c| c.last_exit.as_ref().is_some_and(|e| e.code == 0));
             if ok { "Succeeded" } else { "Failed" }
@@ -1477,7 +1638,7 @@ impl PodRunner {
                 volumes_ready,
                 self.volume_error.clone(),
             ),
-            self.condition("Initialized", true, None),
+            self.condition("Initialized", self.initialized, None),
             self.condition("ContainersReady", all_ready, None),
             self.condition("Ready", all_ready, None),
         ];
@@ -1500,6 +1661,7 @@ impl PodRunner {
             "startTime": Time(started),
             "conditions": conditions,
             "containerStatuses": containers,
+            "initContainerStatuses": init_statuses,
         }})
     }
 
@@ -1584,24 +1746,40 @@ impl PodRunner {
 
     /// SIGTERM to every process, SIGKILL to what is left after `grace` (at once if the pod
     /// vanishes or the stand-in shuts down meanwhile). Returns whether the pod vanished.
+    /// Native sidecars get their SIGTERM only once the other containers exited (in reverse
+    /// order, within the same grace period), so they serve the main containers' shutdown.
     async fn stop(&mut self, grace: Duration, rx: &mut watch::Receiver<Desired>) -> bool {
         let start = Instant::now();
-        self.signal_all(Signal::Term);
-        let mut vanished = false;
-        while self.reap_all() > 0 && start.elapsed() < grace {
-            tokio::select! {
-                changed = rx.changed() => {
-                    let hurry = changed.is_err()
-                        || matches!(*rx.borrow(), Desired::Gone | Desired::Shutdown);
-                    if hurry {
-                        vanished = !matches!(*rx.borrow(), Desired::Shutdown);
-                        break;
-                    }
-                }
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        let mut hurry = None;
+        let first = |c: &ContainerRun| c.role != Role::Sidecar;
+        self.signal(first, Signal::Term);
+        while self.reap_all(first) > 0 && start.elapsed() < grace && hurry.is_none() {
+            hurry = Self::hurry(rx).await;
+        }
+        if hurry.is_none() {
+            let sidecars: Vec<u32> = self
+                .containers
+                .iter()
+                .rev()
+                .filter(|c| c.role == Role::Sidecar)
+                .filter_map(|c| c.pid)
+                .collect();
+            if !sidecars.is_empty() {
+                println!(
+                    "[kubelet] {}: main containers stopped after {:.1}s: SIGTERM to the sidecars",
+                    id(&self.key),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            for pid in sidecars {
+                let _ = signal_group(pid, Signal::Term);
             }
         }
-        if self.reap_all() > 0 {
+        while self.reap_all(|_| true) > 0 && start.elapsed() < grace && hurry.is_none() {
+            hurry = Self::hurry(rx).await;
+        }
+        let vanished = hurry.unwrap_or(false);
+        if self.reap_all(|_| true) > 0 {
             println!(
                 "[kubelet] {}: still running after {:.1}s: SIGKILL",
                 id(&self.key),
@@ -1618,21 +1796,47 @@ impl PodRunner {
         vanished
     }
 
-    /// Collects exits; returns how many processes still run.
-    fn reap_all(&mut self) -> usize {
+    /// Waits up to 100 ms for a change of the desired state; `Some(vanished)` when the
+    /// pod must go at once (it vanished, or the stand-in shuts down).
+    async fn hurry(rx: &mut watch::Receiver<Desired>) -> Option<bool> {
+        tokio::select! {
+            changed = rx.changed() => {
+                let hurry = changed.is_err()
+                    || matches!(*rx.borrow(), Desired::Gone | Desired::Shutdown);
+                hurry.then(|| !matches!(*rx.borrow(), Desired::Shutdown))
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => None,
+        }
+    }
+
+    /// Collects exits; returns how many processes of the containers `which` selects still
+    /// run.
+    fn reap_all(&mut self, which: impl Fn(&ContainerRun) -> bool) -> usize {
         for c in &mut self.containers {
             if c.reap().is_some() {
                 self.shared
                     .set_pid(&self.key, &self.uid, &c.spec.name, None);
             }
         }
-        self.containers.iter().filter(|c| c.child.is_some()).count()
+        self.containers
+            .iter()
+            .filter(|c| which(c) && c.child.is_some())
+            .count()
+    }
+
+    fn signal(&self, which: impl Fn(&ContainerRun) -> bool, signal: Signal) {
+        for pid in self
+            .containers
+            .iter()
+            .filter(|c| which(c))
+            .filter_map(|c| c.pid)
+        {
+            let _ = signal_group(pid, signal);
+        }
     }
 
     fn signal_all(&self, signal: Signal) {
-        for pid in self.containers.iter().filter_map(|c| c.pid) {
-            let _ = signal_group(pid, signal);
-        }
+        self.signal(|_| true, signal);
     }
 
     /// SIGKILLs every process group and waits for the processes.
@@ -1964,4 +2168,44 @@ async fn http_get_ok(port: u16, path: &str) -> bool {
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok());
     status.is_some_and(|code| (200..400).contains(&code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_ports_of_the_pod_are_rewritten() {
+        let ports = HashMap::from([(9000, 41234u16), (80, 41000u16)]);
+        let cases = [
+            (
+                "http://localhost:9000/records",
+                "http://127.0.0.1:41234/records",
+            ),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:41234"),
+            (
+                "localhost:80,localhost:9000",
+                "127.0.0.1:41000,127.0.0.1:41234",
+            ),
+            ("http://localhost:8000/", "http://localhost:8000/"),
+            ("http://localhost:9000", "http://127.0.0.1:41234"),
+            ("localhost:800", "localhost:800"),
+            ("plain", "plain"),
+        ];
+        for (value, want) in cases {
+            assert_eq!(rewrite_localhost_ports(value, &ports), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn init_container_roles() {
+        let c = |policy: Option<&str>| Container {
+            name: "c".into(),
+            restart_policy: policy.map(str::to_owned),
+            ..Container::default()
+        };
+        assert_eq!(Role::of_init(&c(None)), Role::Init);
+        assert_eq!(Role::of_init(&c(Some("Always"))), Role::Sidecar);
+        assert_eq!(Role::of_init(&c(Some("OnFailure"))), Role::Init);
+    }
 }
