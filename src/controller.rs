@@ -28,6 +28,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
+use crate::crd_check::{self, CrdState};
 use crate::events::{self, Severity};
 use crate::metrics::Metrics;
 use crate::resources::{self, OperatorSettings};
@@ -363,6 +364,9 @@ pub struct Context {
     pub dynamo: DynamoClients,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Whether the installed CRD lacks fields (see [`crate::crd_check`]), kept current by
+    /// [`run`]; reported on every group.
+    pub crd: Arc<CrdState>,
 }
 
 impl Context {
@@ -385,6 +389,7 @@ impl Context {
             liveness: Mutex::new(HashMap::new()),
             dynamo,
             failures: Mutex::new(HashMap::new()),
+            crd: Arc::default(),
         }
     }
 }
@@ -529,6 +534,8 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
     };
     let valid = valid && problems.is_empty();
+    // Not a spec problem: the group is applied and refreshed as usual.
+    problems.extend(ctx.crd.problem());
 
     // The state store: a failure is a condition, never a crash or a reconcile error.
     let store_cfg = &kcg.spec.state_store.config;
@@ -592,6 +599,9 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         problems,
     };
     let new_status = status::build_status(input);
+    ctx.metrics
+        .groups
+        .observe(&ns, &kcg.name_any(), &new_status);
     publish_status(&kcg, &ctx, new_status).await?;
 
     Ok(if valid {
@@ -860,6 +870,7 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
     }
     lock(&ctx.liveness).remove(&group);
     lock(&ctx.failures).remove(&object_key(&kcg));
+    ctx.metrics.groups.forget(&ns, &kcg.name_any());
     Ok(Action::await_change())
 }
 
@@ -870,6 +881,9 @@ pub struct RunOptions {
     pub namespaces: Vec<String>,
     /// Operator settings passed to the resource builders.
     pub settings: OperatorSettings,
+    /// Check the installed CRD's fields against the compiled-in schema (needs `get` on the
+    /// CRD, a cluster-scoped right).
+    pub check_crd: bool,
 }
 
 /// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
@@ -888,6 +902,13 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     } else {
         opts.namespaces.iter().cloned().map(Some).collect()
     };
+    // Dropped with this future, like the controllers (lost leadership, shutdown).
+    let _crd_check = opts.check_crd.then(|| {
+        AbortOnDrop(tokio::spawn(crd_check::keep_checking(
+            client.clone(),
+            ctx.crd.clone(),
+        )))
+    });
     let mut controllers = Vec::new();
     for ns in scopes {
         let (groups, deployments, config_maps) = match &ns {
@@ -928,6 +949,15 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     futures::future::join_all(controllers).await;
     info!("controller stopped");
     Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

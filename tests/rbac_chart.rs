@@ -751,6 +751,7 @@ async fn drive(chart: &Chart, ns: &str) -> Run {
     let opts = RunOptions {
         namespaces: chart.args.namespaces.clone(),
         settings,
+        check_crd: chart.args.check_crd,
     };
     let running = tokio::spawn(controller::run(
         fake.client(),
