@@ -8,8 +8,12 @@
 #      worker ServiceAccounts);
 #   3. bad values files are rejected by values.schema.json (helm must fail);
 #   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly;
-#   5. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
-#      (`scripts/check-chart.sh --sync-crd` copies it over), and passes kubernetes-validate.
+#   5. the chart's CRD copy (files/, rendered by templates/crd.yaml so that `helm upgrade`
+#      upgrades it) equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
+#      (`scripts/check-chart.sh --sync-crd` copies it over) and passes kubernetes-validate; the
+#      rendered CRD is that file plus the chart's labels and the keep annotation; crds.enabled
+#      and crds.keep switch them off; the chart has no crds/ folder;
+#   6. podMonitor.enabled renders a PodMonitor selecting the worker pods' `metrics` port.
 #
 # Tools come from scripts/tools.sh (installed into .tools/ on first use).
 set -euo pipefail
@@ -21,8 +25,8 @@ CRD_NAME=kinesisconsumergroups.kcg.dev.yaml
 K8S_VERSION="${KCG_K8S_VALIDATE_VERSION:-1.33.0}"
 
 if [[ "${1:-}" == "--sync-crd" ]]; then
-  cp "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"
-  echo "copied crds/$CRD_NAME -> $CHART/crds/$CRD_NAME"
+  cp "crds/$CRD_NAME" "$CHART/files/$CRD_NAME"
+  echo "copied crds/$CRD_NAME -> $CHART/files/$CRD_NAME"
   exit 0
 fi
 
@@ -131,6 +135,8 @@ bad_case 'typo in a nested key'          'serviceMonitor: {enable: true}'       
 bad_case 'logFormat not json|text'       'logFormat: xml'                       "/logFormat"
 bad_case 'invalid namespace name'        'watchNamespaces: [Team_A]'            "/watchNamespaces/0"
 bad_case 'removed workerServiceAccount.extraNamespaces' 'workerServiceAccount: {create: true, name: "", annotations: {}, extraNamespaces: [team-a]}' "additional properties 'extraNamespaces' not allowed"
+bad_case 'typo in crds'                  'crds: {enable: true}'                 "additional properties 'enable' not allowed"
+bad_case 'podMonitor.interval not a duration' 'podMonitor: {enabled: true, interval: soon}' "/podMonitor/interval"
 bad_case 'IRSA annotation not a string'  'serviceAccount: {create: true, name: "", annotations: {eks.amazonaws.com/role-arn: 5}}' "/serviceAccount/annotations"
 # helm lint applies the schema too: a typo must fail lint as well.
 printf 'replicas: 2\n' >"$WORK/lint-bad.yaml"
@@ -222,23 +228,70 @@ PY
 fi
 
 echo "== CRD"
+KV_PY="$(dirname "$KUBERNETES_VALIDATE")/python"
 if [[ ! -f "crds/$CRD_NAME" ]]; then
   fail "crds/$CRD_NAME does not exist (generate it first)"
-elif [[ ! -f "$CHART/crds/$CRD_NAME" ]]; then
-  fail "$CHART/crds/$CRD_NAME is missing (run scripts/check-chart.sh --sync-crd)"
-elif cmp -s "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"; then
-  pass "$CHART/crds/$CRD_NAME equals crds/$CRD_NAME"
+elif [[ ! -f "$CHART/files/$CRD_NAME" ]]; then
+  fail "$CHART/files/$CRD_NAME is missing (run scripts/check-chart.sh --sync-crd)"
+elif cmp -s "crds/$CRD_NAME" "$CHART/files/$CRD_NAME"; then
+  pass "$CHART/files/$CRD_NAME equals crds/$CRD_NAME"
   if v="$("$KUBERNETES_VALIDATE" --strict -k "$K8S_VERSION" --quiet "crds/$CRD_NAME" 2>&1)"; then
     pass "CRD passes kubernetes-validate"
   else
     fail "CRD does not validate"; echo "$v" >&2
   fi
 else
-  fail "$CHART/crds/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
-  diff -u "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME" | head -20 >&2 || true
+  fail "$CHART/files/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
+  diff -u "crds/$CRD_NAME" "$CHART/files/$CRD_NAME" | head -20 >&2 || true
 fi
-extra="$(find "$CHART/crds" -type f ! -name "$CRD_NAME" 2>/dev/null | sort)"
-[[ -z "$extra" ]] || fail "unexpected files in $CHART/crds: $extra"
+# Helm would install a crds/ folder besides the template, and the two would clash.
+[[ ! -e "$CHART/crds" ]] && pass "no $CHART/crds folder (the CRD is templates/crd.yaml)" \
+  || fail "$CHART/crds exists: the CRD must only come from templates/crd.yaml"
+# The rendered CRD: the generated one, plus the chart's labels and (crds.keep) the keep policy.
+crd_render() { "$HELM" template "$RELEASE" "$CHART" --namespace "$NS" -s templates/crd.yaml "$@" 2>&1; }
+if out="$(crd_render | "$KV_PY" -c '
+import sys, yaml
+rendered = [d for d in yaml.safe_load_all(sys.stdin) if d]
+want = yaml.safe_load(open(sys.argv[1]))
+assert len(rendered) == 1, f"{len(rendered)} objects rendered"
+got = rendered[0]
+meta = got["metadata"]
+assert meta.get("annotations", {}).get("helm.sh/resource-policy") == "keep", "no keep annotation"
+assert meta.get("labels", {}).get("app.kubernetes.io/managed-by") == "Helm", "no chart labels"
+meta.pop("labels"); meta.pop("annotations")
+assert got == want, "the rendered CRD differs from the generated one"
+' "crds/$CRD_NAME" 2>&1)"; then
+  pass "templates/crd.yaml renders crds/$CRD_NAME, with the chart labels and helm.sh/resource-policy: keep"
+else
+  fail "templates/crd.yaml: $out"
+fi
+if out="$(crd_render --set crds.keep=false)" && ! grep -q 'resource-policy' <<<"$out" && grep -q '^kind: CustomResourceDefinition$' <<<"$out"; then
+  pass "crds.keep=false: the CRD without the keep policy"
+else
+  fail "crds.keep=false should render the CRD without helm.sh/resource-policy"
+fi
+if ! "$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set crds.enabled=false | grep -q '^kind: CustomResourceDefinition$'; then
+  pass "crds.enabled=false: no CRD"
+else
+  fail "crds.enabled=false still renders the CRD"
+fi
+
+echo "== PodMonitor for the worker pods"
+if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set podMonitor.enabled=true -s templates/podmonitor.yaml 2>&1)" \
+    && grep -q '^kind: PodMonitor$' <<<"$out" && grep -q 'app.kubernetes.io/name: kcg-worker$' <<<"$out" \
+    && grep -q -- '- port: metrics$' <<<"$out" && grep -q 'any: true$' <<<"$out"; then
+  pass "podMonitor.enabled: a PodMonitor on port metrics of app.kubernetes.io/name=kcg-worker pods, all namespaces"
+else
+  fail "podMonitor.enabled: expected a PodMonitor selecting kcg-worker pods on port metrics"; echo "$out" >&2
+fi
+if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set podMonitor.enabled=true --set 'watchNamespaces={team-a}' -s templates/podmonitor.yaml 2>&1)" \
+    && grep -A2 'matchNames:' <<<"$out" | grep -q -- '- team-a$'; then
+  pass "podMonitor with watchNamespaces: only the watched namespaces"
+else
+  fail "podMonitor with watchNamespaces should select only those namespaces"; echo "$out" >&2
+fi
+"$HELM" template "$RELEASE" "$CHART" --namespace "$NS" | grep -q '^kind: PodMonitor$' \
+  && fail "a PodMonitor is rendered by default" || pass "no PodMonitor by default"
 
 if ((failures)); then
   echo "check-chart: $failures check(s) FAILED" >&2
