@@ -7,7 +7,8 @@
 #      render holds a ServiceAccount besides the operator's own (the operator alone makes the
 #      worker ServiceAccounts);
 #   3. bad values files are rejected by values.schema.json (helm must fail);
-#   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly;
+#   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly,
+#      and example KEDA ScaledObjects against KEDA's CRD (vendored in tests/vendor/keda/);
 #   5. the chart's CRD copy (files/, rendered by templates/crd.yaml so that `helm upgrade`
 #      upgrades it) equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
 #      (`scripts/check-chart.sh --sync-crd` copies it over) and passes kubernetes-validate; the
@@ -162,13 +163,18 @@ echo "== examples vs the CRD's OpenAPI schema (strict: unknown fields are errors
 # the CRD's openAPIV3Schema here (CEL rules are checked by the Rust tests with kube's validator).
 if [[ -f "crds/$CRD_NAME" ]]; then
   KV_PY="$(dirname "$KUBERNETES_VALIDATE")/python"
-  if out="$("$KV_PY" - "crds/$CRD_NAME" examples/*.yaml <<'PY' 2>&1
+  if out="$("$KV_PY" - "crds/$CRD_NAME,tests/vendor/keda/keda.sh_scaledobjects.yaml" examples/*.yaml <<'PY' 2>&1
 import copy, sys, yaml, jsonschema
 
-crd_path, files = sys.argv[1], sys.argv[2:]
-crd = yaml.safe_load(open(crd_path))
-group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-schemas = {f'{group}/{v["name"]}': v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v.get("served")}
+crd_paths, files = sys.argv[1].split(","), sys.argv[2:]
+schemas, kinds = {}, set()
+for crd_path in crd_paths:
+    crd = next(d for d in yaml.safe_load_all(open(crd_path)) if d)
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    kinds.add(kind)
+    for v in crd["spec"]["versions"]:
+        if v.get("served"):
+            schemas[(f'{group}/{v["name"]}', kind)] = v["schema"]["openAPIV3Schema"]
 
 def strict(node):
     """Turn a structural schema into a JSON schema that rejects unknown fields, like the API
@@ -198,11 +204,12 @@ for path in files:
     if "/values-" in path:
         continue  # Helm values files, checked above
     for doc in yaml.safe_load_all(open(path)):
-        if not isinstance(doc, dict) or doc.get("kind") != kind:
+        if not isinstance(doc, dict) or doc.get("kind") not in kinds:
             continue
+        kind = doc["kind"]
         checked += 1
         name = f'{path}: {kind}/{doc.get("metadata", {}).get("name")}'
-        schema = schemas.get(doc.get("apiVersion"))
+        schema = schemas.get((doc.get("apiVersion"), kind))
         if schema is None:
             print(f"FAIL {name}: apiVersion {doc.get('apiVersion')} is not served by the CRD"); failed += 1; continue
         schema = strict(copy.deepcopy(schema))
@@ -220,7 +227,7 @@ sys.exit(1 if failed or checked == 0 else 0)
 PY
 )"; then
     sed 's/^/  /' <<<"$out"
-    pass "example KinesisConsumerGroups match the CRD schema"
+    pass "example KinesisConsumerGroups match the CRD schema, and ScaledObjects KEDA's"
   else
     sed 's/^/  /' <<<"$out" >&2
     fail "examples vs CRD schema (an example is invalid, or there is none)"
