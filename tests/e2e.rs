@@ -16,6 +16,8 @@ mod crd_support;
 mod e2e_support;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
+#[path = "e2e/upgrades.rs"]
+mod upgrades;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -151,6 +153,26 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     )
     .await?;
     step(
+        "operator /metrics: group gauges equal the status (maxLagMillis too)",
+        upgrades::group_gauges(env, kubelet),
+    )
+    .await?;
+    step(
+        "the chart's PodMonitor selects the worker pods' metrics port",
+        upgrades::pod_monitor(env),
+    )
+    .await?;
+    step(
+        "KEDA ScaledObject example admitted (KEDA's CRD, server dry run)",
+        upgrades::keda_example(env),
+    )
+    .await?;
+    step(
+        "an outdated CRD: Degraded CrdOutdated; helm upgrade restores it",
+        upgrades::outdated_crd(env, kubelet),
+    )
+    .await?;
+    step(
         "delete with onDelete: Retain keeps the rows",
         delete_retain(env),
     )
@@ -168,6 +190,11 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "helm install with watchNamespaces (Roles only)",
         watch_namespaces(env),
+    )
+    .await?;
+    step(
+        "helm upgrade from a chart with crds/: --take-ownership adopts the CRD",
+        upgrades::upgrade_from_crds_folder(env),
     )
     .await?;
     Ok(())
