@@ -602,6 +602,7 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics
         .groups
         .observe(&ns, &kcg.name_any(), &new_status);
+    let new_status = ctx.crd.fit_status(new_status);
     publish_status(&kcg, &ctx, new_status).await?;
 
     Ok(if valid {

@@ -1,13 +1,14 @@
 //! Is the installed CRD as new as this operator?
 //!
-//! The API server prunes every field its CRD's schema does not list, silently: with a CRD
-//! older than the operator, new spec fields never reach the operator and new status fields
-//! (say `status.maxLagMillis`) are dropped on write. So the operator reads the installed
-//! `kinesisconsumergroups.kcg.dev` at start (and again every [`RECHECK`], so a `helm
-//! upgrade` that fixes it clears the finding), compares its schema with the one compiled
-//! in ([`missing_paths`], pure) and, when fields are missing, logs it and reports a
-//! Degraded `CrdOutdated` problem on every group. It keeps running either way: everything
-//! the old schema has still works.
+//! With a CRD older than the operator, the API server prunes the new spec fields a user sets
+//! (silently), and refuses outright a server-side apply of a status holding a field its
+//! schema lacks (`.status.maxLagMillis: field not declared in schema`): no status at all
+//! would be written. So the operator reads the installed `kinesisconsumergroups.kcg.dev` at
+//! start (and again every [`RECHECK`], so a `helm upgrade` that fixes it clears the
+//! finding), compares its schema with the one compiled in ([`missing_paths`], pure) and,
+//! when fields are missing, logs it, reports a Degraded `CrdOutdated` problem on every group
+//! and leaves the missing fields out of the status it writes ([`prune`]). It keeps running:
+//! everything the old schema has still works.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -18,7 +19,7 @@ use kube::{Api, Client, CustomResourceExt};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::crd::KinesisConsumerGroup;
+use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus};
 use crate::status::Problem;
 
 /// Degraded reason when the installed CRD lacks fields of the compiled-in schema.
@@ -119,7 +120,7 @@ pub fn verdict(name: &str, missing: &[String]) -> Option<Problem> {
     Some(Problem::new(
         CRD_OUTDATED,
         format!(
-            "the installed CRD {name} is older than this operator: it lacks {} field(s) the operator uses ({}), which the API server drops. Upgrade the CRD: `helm upgrade` the kcg-operator release (crds.enabled: true, the default), or `kubectl apply --server-side -f crds/` from this release",
+            "the installed CRD {name} is older than this operator: it lacks {} field(s) the operator uses ({}): it drops them from specs and refuses statuses holding them, so the operator leaves them out. Upgrade the CRD: `helm upgrade` the kcg-operator release (crds.enabled: true, the default), or `kubectl apply --server-side -f crds/` from this release",
             missing.len(),
             named.join(", ")
         ),
@@ -132,7 +133,7 @@ fn expected_crd() -> Result<Value, CrdCheckError> {
 }
 
 /// Reads the installed CRD and judges it.
-pub async fn check(client: Client) -> Result<Option<Problem>, CrdCheckError> {
+async fn check(client: Client) -> Result<Option<Finding>, CrdCheckError> {
     let expected = expected_crd()?;
     let name = expected["metadata"]["name"]
         .as_str()
@@ -144,32 +145,92 @@ pub async fn check(client: Client) -> Result<Option<Problem>, CrdCheckError> {
         source,
     })?;
     let installed = serde_json::to_value(installed).map_err(CrdCheckError::Serialize)?;
-    Ok(verdict(&name, &missing_paths(&installed, &expected)))
+    let missing = missing_paths(&installed, &expected);
+    Ok(verdict(&name, &missing).map(|problem| Finding { problem, missing }))
+}
+
+/// Removes from `object` (a whole object as JSON) the fields at `paths` (as
+/// [`property_paths`] names them, e.g. `status.streams[].maxLagMillis`). Pure.
+pub fn prune(object: &mut Value, paths: &[String]) {
+    for path in paths {
+        let segments: Vec<&str> = path.split('.').collect();
+        remove_at(object, &segments);
+    }
+}
+
+fn remove_at(node: &mut Value, segments: &[&str]) {
+    let Some((first, rest)) = segments.split_first() else {
+        return;
+    };
+    let (name, each) = match first.strip_suffix("[]") {
+        Some(n) => (n, true),
+        None => (*first, false),
+    };
+    let Some(map) = node.as_object_mut() else {
+        return;
+    };
+    if rest.is_empty() && !each {
+        map.remove(name);
+        return;
+    }
+    match map.get_mut(name) {
+        Some(Value::Array(items)) if each => {
+            for item in items {
+                remove_at(item, rest);
+            }
+        }
+        Some(child) if !each => remove_at(child, rest),
+        _ => {}
+    }
+}
+
+/// What the last check found: the problem to report and the missing field paths.
+#[derive(Clone, Debug, PartialEq)]
+struct Finding {
+    problem: Problem,
+    missing: Vec<String>,
 }
 
 /// The latest finding, shared by the reconciles: `Some` while the CRD is outdated.
 #[derive(Default)]
 pub struct CrdState {
-    problem: RwLock<Option<Problem>>,
+    finding: RwLock<Option<Finding>>,
 }
 
 impl CrdState {
     /// The problem to report on every group, if any.
     pub fn problem(&self) -> Option<Problem> {
-        self.problem
+        self.read().map(|f| f.problem)
+    }
+
+    /// `status` without the fields the installed CRD lacks, so that the API server accepts
+    /// it (a server-side apply with an undeclared field is refused as a whole).
+    pub fn fit_status(&self, status: KinesisConsumerGroupStatus) -> KinesisConsumerGroupStatus {
+        let Some(finding) = self.read() else {
+            return status;
+        };
+        let Ok(mut object) = serde_json::to_value(serde_json::json!({ "status": &status })) else {
+            return status;
+        };
+        prune(&mut object, &finding.missing);
+        serde_json::from_value(object["status"].take()).unwrap_or(status)
+    }
+
+    fn read(&self) -> Option<Finding> {
+        self.finding
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
     /// Records a new finding; logs only when it changed, so a recheck is quiet.
-    fn set(&self, new: Option<Problem>) {
-        let mut cur = self.problem.write().unwrap_or_else(|e| e.into_inner());
+    fn set(&self, new: Option<Finding>) {
+        let mut cur = self.finding.write().unwrap_or_else(|e| e.into_inner());
         if *cur == new {
             return;
         }
         match &new {
-            Some(p) => warn!(reason = CRD_OUTDATED, "{}", p.message),
+            Some(f) => warn!(reason = CRD_OUTDATED, "{}", f.problem.message),
             None if cur.is_some() => {
                 info!("the installed CRD now has every field this operator uses")
             }
@@ -274,6 +335,57 @@ mod tests {
         assert!(missing_paths(&c, &c).is_empty());
         assert!(
             property_paths(version_schema(&c, "v1alpha1").unwrap()).contains("status.maxLagMillis")
+        );
+    }
+
+    #[test]
+    fn prune_removes_paths_through_objects_and_arrays() {
+        let cases: &[(&str, Value, &[&str], Value)] = &[
+            (
+                "a top-level status field",
+                json!({"status": {"maxLag": "1s", "maxLagMillis": 1000}}),
+                &["status.maxLagMillis"],
+                json!({"status": {"maxLag": "1s"}}),
+            ),
+            (
+                "a field of every array item",
+                json!({"status": {"streams": [{"name": "a", "x": 1}, {"name": "b", "x": 2}]}}),
+                &["status.streams[].x"],
+                json!({"status": {"streams": [{"name": "a"}, {"name": "b"}]}}),
+            ),
+            (
+                "absent paths and versions are ignored",
+                json!({"status": {"a": 1}}),
+                &["status.b.c", "version v1alpha1", "status.a[].b"],
+                json!({"status": {"a": 1}}),
+            ),
+        ];
+        for (name, input, paths, want) in cases {
+            let mut got = input.clone();
+            let paths: Vec<String> = paths.iter().map(|p| (*p).to_owned()).collect();
+            prune(&mut got, &paths);
+            assert_eq!(&got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn fit_status_leaves_out_what_the_crd_lacks() {
+        let state = CrdState::default();
+        let status = KinesisConsumerGroupStatus {
+            max_lag: Some("1s".into()),
+            max_lag_millis: Some(1000),
+            ..KinesisConsumerGroupStatus::default()
+        };
+        assert_eq!(state.fit_status(status.clone()), status, "nothing missing");
+        let missing = vec!["status.maxLagMillis".to_owned()];
+        state.set(Some(Finding {
+            problem: verdict("x", &missing).unwrap(),
+            missing,
+        }));
+        let fitted = state.fit_status(status);
+        assert_eq!(
+            (fitted.max_lag.as_deref(), fitted.max_lag_millis),
+            (Some("1s"), None)
         );
     }
 
