@@ -263,26 +263,64 @@ async fn degraded(env: &Env) -> Result<(String, String, String), String> {
         .ok_or_else(|| "no Degraded condition".to_owned())
 }
 
-/// An older CRD (without `status.maxLagMillis`) makes every group Degraded `CrdOutdated`
-/// with the fix; `helm upgrade` puts the release's CRD back, and the condition clears.
+/// A copy of this chart whose CRD lacks `status.maxLagMillis`: the chart of a release
+/// before that field existed.
+fn chart_with_older_crd() -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("kcg-older-crd-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(root().join("charts/kcg-operator"))
+        .arg(dir.path())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !copied.success() {
+        return Err("copying the chart failed".into());
+    }
+    let file = dir
+        .path()
+        .join("kcg-operator/files")
+        .join(format!("{CRD}.yaml"));
+    let mut crd: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&file).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    crd.pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/status/properties")
+        .and_then(Value::as_object_mut)
+        .ok_or("no status schema")?
+        .remove("maxLagMillis")
+        .ok_or("the chart's CRD has no status.maxLagMillis")?;
+    std::fs::write(
+        &file,
+        serde_yaml::to_string(&crd).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// The release runs with an older CRD (a chart without `status.maxLagMillis`): every group
+/// turns Degraded `CrdOutdated`, with the fix, and its status is still written; `helm
+/// upgrade` to this chart upgrades the CRD, and the condition clears.
 pub async fn outdated_crd(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
-    let mut crd = installed_crd(env).await?;
-    if !has_max_lag_millis(&crd) {
+    if !has_max_lag_millis(&installed_crd(env).await?) {
         return Err("the release's CRD lacks status.maxLagMillis".into());
     }
-    let status_props = crd
-        .pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/status/properties")
-        .and_then(Value::as_object_mut)
-        .ok_or("no status schema")?;
-    status_props.remove("maxLagMillis");
-    crd["metadata"]
-        .as_object_mut()
-        .ok_or("no metadata")?
-        .retain(|k, _| ["name", "labels", "annotations"].contains(&k.as_str()));
-    crd.as_object_mut().ok_or("not an object")?.remove("status");
-    env.kubectl_stdin(&["replace", "-f", "-"], &crd.to_string())
-        .await?;
-    println!("  replaced the CRD with one without status.maxLagMillis");
+    let older = chart_with_older_crd()?;
+    let older_chart = older.path().join("kcg-operator");
+    env.helm(&[
+        "upgrade",
+        RELEASE,
+        older_chart.to_str().ok_or("temp path")?,
+        "-n",
+        OPERATOR_NS,
+        "--reuse-values",
+    ])
+    .await?;
+    if has_max_lag_millis(&installed_crd(env).await?) {
+        return Err("the older chart's CRD still has status.maxLagMillis".into());
+    }
+    println!("  helm upgrade to a chart whose CRD lacks status.maxLagMillis");
     let (_, _, message) = wait_until(
         "default/orders Degraded CrdOutdated",
         CRD_NOTICE,
@@ -309,6 +347,8 @@ pub async fn outdated_crd(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     if !operator_logs(kubelet).contains("is older than this operator") {
         return Err("the operator did not log the outdated CRD".into());
     }
+    // The status is still written (without the field the CRD lacks): Ready follows a scale.
+    scale(env, "default", "orders", 2).await?;
 
     env.helm(&[
         "upgrade",
@@ -409,7 +449,12 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
             "the old chart's CRD should come from crds/: no Helm labels, no maxLagMillis".into(),
         );
     }
-    println!("  old chart installed; its CRD came from crds/ (no Helm ownership)");
+    // What the old chart's README said to do after each upgrade.
+    env.kubectl(&["apply", "--server-side", "-f", &format!("{old}/crds/")])
+        .await?;
+    println!(
+        "  old chart installed; its CRD came from crds/ and `kubectl apply --server-side` (no Helm ownership)"
+    );
     let upgrade = |extra: &'static [&'static str]| {
         let mut args = vec![
             "upgrade",
@@ -435,7 +480,9 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
             ));
         }
     }
-    upgrade(&["--take-ownership"]).await?;
+    // kubectl's server-side apply owns the CRD's fields: Helm 4 applies server-side too, and
+    // takes them over only with --force-conflicts.
+    upgrade(&["--take-ownership", "--force-conflicts"]).await?;
     let crd = installed_crd(env).await?;
     let annotations = &crd["metadata"]["annotations"];
     if !has_max_lag_millis(&crd)
@@ -446,7 +493,9 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
             "after --take-ownership the CRD should be this release's, current, and kept: annotations {annotations}"
         ));
     }
-    println!("  helm upgrade --take-ownership: the CRD is the release's, with status.maxLagMillis");
+    println!(
+        "  helm upgrade --take-ownership --force-conflicts: the CRD is the release's, with status.maxLagMillis"
+    );
     wait_operator_ready(env, 1).await?;
     env.helm(&["uninstall", RELEASE, "-n", OPERATOR_NS, "--wait"])
         .await?;
