@@ -172,9 +172,18 @@ mod tests {
         }
     }
 
+    /// Name, status, shards, clients, lag seconds per stream.
+    type Case = (
+        &'static str,
+        KinesisConsumerGroupStatus,
+        i64,
+        i64,
+        &'static [(&'static str, f64)],
+    );
+
     #[test]
     fn values_from_status() {
-        let cases: &[(&str, KinesisConsumerGroupStatus, i64, i64, &[(&str, f64)])] = &[
+        let cases: &[Case] = &[
             ("empty status", status(0, 0, &[]), 0, 0, &[]),
             (
                 "lag in seconds per stream",
