@@ -521,6 +521,17 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
             }
             records.produce().await?;
         } else if command.starts_with("kubectl get kcg") {
+            // The lag shows once a worker has reported one (after its first reads of the
+            // records just produced) and the next refresh published it: a user looks again.
+            wait_until("MAX LAG to show", WAIT, || async {
+                let cols = printer_columns(env, "default", "orders").await?;
+                if cols["MAX LAG"].is_empty() {
+                    Err(format!("MAX LAG is empty: {cols:?}"))
+                } else {
+                    Ok(())
+                }
+            })
+            .await?;
             let cols = printer_columns(env, "default", "orders").await?;
             expect_columns(
                 &cols,
