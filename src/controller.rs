@@ -533,6 +533,12 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
                 })?
         }
     };
+    // A namespace being deleted takes the group with it, and its API server refuses every
+    // new object there (events included): nothing to report, the deletion follows.
+    if problems.iter().any(|p| namespace_terminating(&p.message)) {
+        debug!("the namespace is being deleted; not reporting");
+        return Ok(Action::requeue(REFRESH));
+    }
     let valid = valid && problems.is_empty();
     // Not a spec problem: the group is applied and refreshed as usual.
     problems.extend(ctx.crd.problem());
@@ -952,6 +958,12 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     Ok(())
 }
 
+/// Whether an API server message says the namespace is being deleted (its
+/// `NamespaceTerminating` refusal of new objects).
+fn namespace_terminating(message: &str) -> bool {
+    message.contains("because it is being terminated")
+}
+
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -964,6 +976,23 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespace_terminating_is_recognised() {
+        for (message, want) in [
+            (
+                "the API server rejected the ConfigMap rendered from the spec: configmaps \"orders\" is forbidden: unable to create new content in namespace hpa-example because it is being terminated (Forbidden)",
+                true,
+            ),
+            (
+                "deployments.apps \"orders\" is forbidden: User cannot create",
+                false,
+            ),
+            ("", false),
+        ] {
+            assert_eq!(namespace_terminating(message), want, "{message}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
