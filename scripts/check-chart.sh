@@ -7,9 +7,14 @@
 #      render holds a ServiceAccount besides the operator's own (the operator alone makes the
 #      worker ServiceAccounts);
 #   3. bad values files are rejected by values.schema.json (helm must fail);
-#   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly;
-#   5. the chart's CRD equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
-#      (`scripts/check-chart.sh --sync-crd` copies it over), and passes kubernetes-validate.
+#   4. example KinesisConsumerGroups (examples/*.yaml) validate against the CRD schema, strictly,
+#      and example KEDA ScaledObjects against KEDA's CRD (vendored in tests/vendor/keda/);
+#   5. the chart's CRD copy (files/, rendered by templates/crd.yaml so that `helm upgrade`
+#      upgrades it) equals the generated crds/kinesisconsumergroups.kcg.dev.yaml byte for byte
+#      (`scripts/check-chart.sh --sync-crd` copies it over) and passes kubernetes-validate; the
+#      rendered CRD is that file plus the chart's labels and the keep annotation; crds.enabled
+#      and crds.keep switch them off; the chart has no crds/ folder;
+#   6. podMonitor.enabled renders a PodMonitor selecting the worker pods' `metrics` port.
 #
 # Tools come from scripts/tools.sh (installed into .tools/ on first use).
 set -euo pipefail
@@ -21,8 +26,8 @@ CRD_NAME=kinesisconsumergroups.kcg.dev.yaml
 K8S_VERSION="${KCG_K8S_VALIDATE_VERSION:-1.33.0}"
 
 if [[ "${1:-}" == "--sync-crd" ]]; then
-  cp "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"
-  echo "copied crds/$CRD_NAME -> $CHART/crds/$CRD_NAME"
+  cp "crds/$CRD_NAME" "$CHART/files/$CRD_NAME"
+  echo "copied crds/$CRD_NAME -> $CHART/files/$CRD_NAME"
   exit 0
 fi
 
@@ -131,6 +136,8 @@ bad_case 'typo in a nested key'          'serviceMonitor: {enable: true}'       
 bad_case 'logFormat not json|text'       'logFormat: xml'                       "/logFormat"
 bad_case 'invalid namespace name'        'watchNamespaces: [Team_A]'            "/watchNamespaces/0"
 bad_case 'removed workerServiceAccount.extraNamespaces' 'workerServiceAccount: {create: true, name: "", annotations: {}, extraNamespaces: [team-a]}' "additional properties 'extraNamespaces' not allowed"
+bad_case 'typo in crds'                  'crds: {enable: true}'                 "additional properties 'enable' not allowed"
+bad_case 'podMonitor.interval not a duration' 'podMonitor: {enabled: true, interval: soon}' "/podMonitor/interval"
 bad_case 'IRSA annotation not a string'  'serviceAccount: {create: true, name: "", annotations: {eks.amazonaws.com/role-arn: 5}}' "/serviceAccount/annotations"
 # helm lint applies the schema too: a typo must fail lint as well.
 printf 'replicas: 2\n' >"$WORK/lint-bad.yaml"
@@ -156,13 +163,18 @@ echo "== examples vs the CRD's OpenAPI schema (strict: unknown fields are errors
 # the CRD's openAPIV3Schema here (CEL rules are checked by the Rust tests with kube's validator).
 if [[ -f "crds/$CRD_NAME" ]]; then
   KV_PY="$(dirname "$KUBERNETES_VALIDATE")/python"
-  if out="$("$KV_PY" - "crds/$CRD_NAME" examples/*.yaml <<'PY' 2>&1
+  if out="$("$KV_PY" - "crds/$CRD_NAME,tests/vendor/keda/keda.sh_scaledobjects.yaml" examples/*.yaml <<'PY' 2>&1
 import copy, sys, yaml, jsonschema
 
-crd_path, files = sys.argv[1], sys.argv[2:]
-crd = yaml.safe_load(open(crd_path))
-group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-schemas = {f'{group}/{v["name"]}': v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v.get("served")}
+crd_paths, files = sys.argv[1].split(","), sys.argv[2:]
+schemas, kinds = {}, set()
+for crd_path in crd_paths:
+    crd = next(d for d in yaml.safe_load_all(open(crd_path)) if d)
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    kinds.add(kind)
+    for v in crd["spec"]["versions"]:
+        if v.get("served"):
+            schemas[(f'{group}/{v["name"]}', kind)] = v["schema"]["openAPIV3Schema"]
 
 def strict(node):
     """Turn a structural schema into a JSON schema that rejects unknown fields, like the API
@@ -192,11 +204,12 @@ for path in files:
     if "/values-" in path:
         continue  # Helm values files, checked above
     for doc in yaml.safe_load_all(open(path)):
-        if not isinstance(doc, dict) or doc.get("kind") != kind:
+        if not isinstance(doc, dict) or doc.get("kind") not in kinds:
             continue
+        kind = doc["kind"]
         checked += 1
         name = f'{path}: {kind}/{doc.get("metadata", {}).get("name")}'
-        schema = schemas.get(doc.get("apiVersion"))
+        schema = schemas.get((doc.get("apiVersion"), kind))
         if schema is None:
             print(f"FAIL {name}: apiVersion {doc.get('apiVersion')} is not served by the CRD"); failed += 1; continue
         schema = strict(copy.deepcopy(schema))
@@ -214,7 +227,7 @@ sys.exit(1 if failed or checked == 0 else 0)
 PY
 )"; then
     sed 's/^/  /' <<<"$out"
-    pass "example KinesisConsumerGroups match the CRD schema"
+    pass "example KinesisConsumerGroups match the CRD schema, and ScaledObjects KEDA's"
   else
     sed 's/^/  /' <<<"$out" >&2
     fail "examples vs CRD schema (an example is invalid, or there is none)"
@@ -222,23 +235,70 @@ PY
 fi
 
 echo "== CRD"
+KV_PY="$(dirname "$KUBERNETES_VALIDATE")/python"
 if [[ ! -f "crds/$CRD_NAME" ]]; then
   fail "crds/$CRD_NAME does not exist (generate it first)"
-elif [[ ! -f "$CHART/crds/$CRD_NAME" ]]; then
-  fail "$CHART/crds/$CRD_NAME is missing (run scripts/check-chart.sh --sync-crd)"
-elif cmp -s "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME"; then
-  pass "$CHART/crds/$CRD_NAME equals crds/$CRD_NAME"
+elif [[ ! -f "$CHART/files/$CRD_NAME" ]]; then
+  fail "$CHART/files/$CRD_NAME is missing (run scripts/check-chart.sh --sync-crd)"
+elif cmp -s "crds/$CRD_NAME" "$CHART/files/$CRD_NAME"; then
+  pass "$CHART/files/$CRD_NAME equals crds/$CRD_NAME"
   if v="$("$KUBERNETES_VALIDATE" --strict -k "$K8S_VERSION" --quiet "crds/$CRD_NAME" 2>&1)"; then
     pass "CRD passes kubernetes-validate"
   else
     fail "CRD does not validate"; echo "$v" >&2
   fi
 else
-  fail "$CHART/crds/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
-  diff -u "crds/$CRD_NAME" "$CHART/crds/$CRD_NAME" | head -20 >&2 || true
+  fail "$CHART/files/$CRD_NAME differs from crds/$CRD_NAME (run scripts/check-chart.sh --sync-crd):"
+  diff -u "crds/$CRD_NAME" "$CHART/files/$CRD_NAME" | head -20 >&2 || true
 fi
-extra="$(find "$CHART/crds" -type f ! -name "$CRD_NAME" 2>/dev/null | sort)"
-[[ -z "$extra" ]] || fail "unexpected files in $CHART/crds: $extra"
+# Helm would install a crds/ folder besides the template, and the two would clash.
+[[ ! -e "$CHART/crds" ]] && pass "no $CHART/crds folder (the CRD is templates/crd.yaml)" \
+  || fail "$CHART/crds exists: the CRD must only come from templates/crd.yaml"
+# The rendered CRD: the generated one, plus the chart's labels and (crds.keep) the keep policy.
+crd_render() { "$HELM" template "$RELEASE" "$CHART" --namespace "$NS" -s templates/crd.yaml "$@" 2>&1; }
+if out="$(crd_render | "$KV_PY" -c '
+import sys, yaml
+rendered = [d for d in yaml.safe_load_all(sys.stdin) if d]
+want = yaml.safe_load(open(sys.argv[1]))
+assert len(rendered) == 1, f"{len(rendered)} objects rendered"
+got = rendered[0]
+meta = got["metadata"]
+assert meta.get("annotations", {}).get("helm.sh/resource-policy") == "keep", "no keep annotation"
+assert meta.get("labels", {}).get("app.kubernetes.io/managed-by") == "Helm", "no chart labels"
+meta.pop("labels"); meta.pop("annotations")
+assert got == want, "the rendered CRD differs from the generated one"
+' "crds/$CRD_NAME" 2>&1)"; then
+  pass "templates/crd.yaml renders crds/$CRD_NAME, with the chart labels and helm.sh/resource-policy: keep"
+else
+  fail "templates/crd.yaml: $out"
+fi
+if out="$(crd_render --set crds.keep=false)" && ! grep -q 'resource-policy' <<<"$out" && grep -q '^kind: CustomResourceDefinition$' <<<"$out"; then
+  pass "crds.keep=false: the CRD without the keep policy"
+else
+  fail "crds.keep=false should render the CRD without helm.sh/resource-policy"
+fi
+if ! "$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set crds.enabled=false | grep -q '^kind: CustomResourceDefinition$'; then
+  pass "crds.enabled=false: no CRD"
+else
+  fail "crds.enabled=false still renders the CRD"
+fi
+
+echo "== PodMonitor for the worker pods"
+if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set podMonitor.enabled=true -s templates/podmonitor.yaml 2>&1)" \
+    && grep -q '^kind: PodMonitor$' <<<"$out" && grep -q 'app.kubernetes.io/name: kcg-worker$' <<<"$out" \
+    && grep -q -- '- port: metrics$' <<<"$out" && grep -q 'any: true$' <<<"$out"; then
+  pass "podMonitor.enabled: a PodMonitor on port metrics of app.kubernetes.io/name=kcg-worker pods, all namespaces"
+else
+  fail "podMonitor.enabled: expected a PodMonitor selecting kcg-worker pods on port metrics"; echo "$out" >&2
+fi
+if out="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NS" --set podMonitor.enabled=true --set 'watchNamespaces={team-a}' -s templates/podmonitor.yaml 2>&1)" \
+    && grep -A2 'matchNames:' <<<"$out" | grep -q -- '- team-a$'; then
+  pass "podMonitor with watchNamespaces: only the watched namespaces"
+else
+  fail "podMonitor with watchNamespaces should select only those namespaces"; echo "$out" >&2
+fi
+"$HELM" template "$RELEASE" "$CHART" --namespace "$NS" | grep -q '^kind: PodMonitor$' \
+  && fail "a PodMonitor is rendered by default" || pass "no PodMonitor by default"
 
 if ((failures)); then
   echo "check-chart: $failures check(s) FAILED" >&2

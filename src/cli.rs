@@ -159,6 +159,12 @@ pub struct RunArgs {
     /// reconciles. Disable only for a single local instance.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KCG_LEADER_ELECTION")]
     pub leader_election: bool,
+    /// Check at start (and every 30 s) that the installed KinesisConsumerGroup CRD has every
+    /// field this operator uses; when not, log it and report Degraded `CrdOutdated` on every
+    /// group. Needs `get` on customresourcedefinitions/kinesisconsumergroups.kcg.dev; the
+    /// chart grants it, and passes false for a namespaced install (no cluster-wide rights).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KCG_CHECK_CRD")]
+    pub check_crd: bool,
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "kcg-operator", env = "KCG_LEASE_NAME")]
     pub lease_name: String,
@@ -324,6 +330,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         namespaces: args.namespaces.clone(),
         settings: args.settings(),
+        check_crd: args.check_crd,
     };
 
     let controller = async {

@@ -29,6 +29,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
+use crate::crd_check::{self, CrdState};
 use crate::disruption::{self, PdbAction};
 use crate::events::{self, Severity};
 use crate::metrics::Metrics;
@@ -379,6 +380,9 @@ pub struct Context {
     pub dynamo: DynamoClients,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Whether the installed CRD lacks fields (see [`crate::crd_check`]), kept current by
+    /// [`run`]; reported on every group.
+    pub crd: Arc<CrdState>,
 }
 
 impl Context {
@@ -401,6 +405,7 @@ impl Context {
             liveness: Mutex::new(HashMap::new()),
             dynamo,
             failures: Mutex::new(HashMap::new()),
+            crd: Arc::default(),
         }
     }
 }
@@ -556,6 +561,8 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
     };
     let valid = valid && problems.is_empty();
+    // Not a spec problem: the group is applied and refreshed as usual.
+    problems.extend(ctx.crd.problem());
 
     // The state store: a failure is a condition, never a crash or a reconcile error.
     let store_cfg = &kcg.spec.state_store.config;
@@ -620,6 +627,10 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         problems,
     };
     let new_status = status::build_status(input);
+    ctx.metrics
+        .groups
+        .observe(&ns, &kcg.name_any(), &new_status);
+    let new_status = ctx.crd.fit_status(new_status);
     publish_status(&kcg, &ctx, new_status).await?;
 
     Ok(if valid {
@@ -945,6 +956,7 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
     }
     lock(&ctx.liveness).remove(&group);
     lock(&ctx.failures).remove(&object_key(&kcg));
+    ctx.metrics.groups.forget(&ns, &kcg.name_any());
     Ok(Action::await_change())
 }
 
@@ -955,6 +967,9 @@ pub struct RunOptions {
     pub namespaces: Vec<String>,
     /// Operator settings passed to the resource builders.
     pub settings: OperatorSettings,
+    /// Check the installed CRD's fields against the compiled-in schema (needs `get` on the
+    /// CRD, a cluster-scoped right).
+    pub check_crd: bool,
 }
 
 /// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
@@ -973,6 +988,13 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     } else {
         opts.namespaces.iter().cloned().map(Some).collect()
     };
+    // Dropped with this future, like the controllers (lost leadership, shutdown).
+    let _crd_check = opts.check_crd.then(|| {
+        AbortOnDrop(tokio::spawn(crd_check::keep_checking(
+            client.clone(),
+            ctx.crd.clone(),
+        )))
+    });
     let mut controllers = Vec::new();
     for ns in scopes {
         let (groups, deployments, config_maps, pdbs) = match &ns {
@@ -1016,6 +1038,15 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
     futures::future::join_all(controllers).await;
     info!("controller stopped");
     Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -316,6 +316,10 @@ pub struct KinesisConsumerGroupStatus {
     /// Largest lag over all shards, human readable (e.g. `1.2s`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_lag: Option<String>,
+    /// Largest lag over all shards in milliseconds (MillisBehindLatest): the number to
+    /// alert or autoscale on; `maxLag` is the same value for people (the printer column).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_lag_millis: Option<i64>,
     /// Client id of the leader (lowest sorted live client id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,

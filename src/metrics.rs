@@ -38,6 +38,8 @@ pub struct Metrics {
     pub status_patches: Counter,
     /// Events published, by reason (`kcg_operator_events_total`).
     pub events: Family<EventLabels, Counter>,
+    /// Per-group lag, shard and client gauges (`kcg_operator_group_*`).
+    pub groups: crate::group_metrics::GroupMetrics,
 }
 
 impl Default for Metrics {
@@ -76,6 +78,7 @@ impl Metrics {
             "Kubernetes events published, by reason",
             events.clone(),
         );
+        let groups = crate::group_metrics::GroupMetrics::register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -83,6 +86,7 @@ impl Metrics {
             duration,
             status_patches,
             events,
+            groups,
         }
     }
 

@@ -330,6 +330,9 @@ pub fn remedy(reason: &str) -> &'static str {
         "Throttled" => {
             "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval"
         }
+        "CrdOutdated" => {
+            "upgrade the CRD to this operator's release: `helm upgrade` (the chart upgrades it with crds.enabled: true) or `kubectl apply --server-side -f crds/`"
+        }
         _ => "see the worker logs for details",
     }
 }
@@ -462,6 +465,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
         client_count: live.len() as i32,
         shard_count: shard_count as i32,
         max_lag: max_lag.map(human_millis),
+        max_lag_millis: max_lag,
         clients,
         streams: stream_status,
         conditions,

@@ -4,6 +4,9 @@
 //! To refresh `crds/` after changing the types:
 //! `cargo run -- crd > crds/kinesisconsumergroups.kcg.dev.yaml`
 //! (or `KCG_UPDATE_CRDS=1 cargo test --test crd_drift`, which also refreshes the chart's copy).
+//!
+//! The chart renders its copy (`charts/kcg-operator/files/`) through `templates/crd.yaml`, so
+//! that `helm upgrade` upgrades the CRD; `scripts/check-chart.sh` checks the rendered object.
 
 use kcg_operator::crd::{KinesisConsumerGroup, crd_yaml};
 use kube::CustomResourceExt;
@@ -14,13 +17,13 @@ const CRD_PATH: &str = concat!(
 );
 const CHART_CRD_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/charts/kcg-operator/crds/kinesisconsumergroups.kcg.dev.yaml"
+    "/charts/kcg-operator/files/kinesisconsumergroups.kcg.dev.yaml"
 );
 
 #[test]
 fn crds_dir_is_up_to_date() {
     let generated = crd_yaml().unwrap();
-    // The Helm chart ships its own copy (Helm installs CRDs only from the chart's crds/).
+    // The Helm chart ships its own copy (a chart reads files only from inside itself).
     for path in [CRD_PATH, CHART_CRD_PATH] {
         if std::env::var_os("KCG_UPDATE_CRDS").is_some() {
             std::fs::write(path, &generated).unwrap();
@@ -32,6 +35,25 @@ fn crds_dir_is_up_to_date() {
              Regenerate both copies with: KCG_UPDATE_CRDS=1 cargo test --test crd_drift"
         );
     }
+}
+
+#[test]
+fn the_chart_templates_its_copy_and_has_no_crds_folder() {
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/kcg-operator/templates/crd.yaml"
+    ))
+    .unwrap();
+    assert!(
+        template.contains(".Files.Get \"files/kinesisconsumergroups.kcg.dev.yaml\""),
+        "templates/crd.yaml must render the synced copy, not a text of its own"
+    );
+    // A crds/ folder would be installed by Helm besides the template, and the two would clash.
+    let crds_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kcg-operator/crds");
+    assert!(
+        !std::path::Path::new(crds_dir).exists(),
+        "{crds_dir} must not exist: the CRD is a template (templates/crd.yaml)"
+    );
 }
 
 #[test]

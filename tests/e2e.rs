@@ -18,6 +18,8 @@ mod e2e_support;
 mod pods;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
+#[path = "e2e/upgrades.rs"]
+mod upgrades;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -168,6 +170,26 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     )
     .await?;
     step(
+        "operator /metrics: group gauges equal the status (maxLagMillis too)",
+        upgrades::group_gauges(env, kubelet),
+    )
+    .await?;
+    step(
+        "the chart's PodMonitor selects the worker pods' metrics port",
+        upgrades::pod_monitor(env),
+    )
+    .await?;
+    step(
+        "KEDA ScaledObject example admitted (KEDA's CRD, server dry run)",
+        upgrades::keda_example(env),
+    )
+    .await?;
+    step(
+        "an outdated CRD: Degraded CrdOutdated; helm upgrade restores it",
+        upgrades::outdated_crd(env, kubelet),
+    )
+    .await?;
+    step(
         "delete with onDelete: Retain keeps the rows",
         delete_retain(env),
     )
@@ -185,6 +207,11 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "helm install with watchNamespaces (Roles only)",
         watch_namespaces(env),
+    )
+    .await?;
+    step(
+        "helm upgrade from a chart with crds/: --take-ownership adopts the CRD",
+        upgrades::upgrade_from_crds_folder(env),
     )
     .await?;
     Ok(())
@@ -519,6 +546,18 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
             }
             records.produce().await?;
         } else if command.starts_with("kubectl get kcg") {
+            // The lag shows once a worker has reported one (it writes it with a checkpoint)
+            // and the next refresh published it: right after Ready it may not be there
+            // yet, and a user looks again a few seconds later; so do we.
+            wait_until("MAX LAG to show", WAIT, || async {
+                let cols = printer_columns(env, "default", "orders").await?;
+                if cols["MAX LAG"].is_empty() {
+                    Err(format!("MAX LAG is empty: {cols:?}"))
+                } else {
+                    Ok(())
+                }
+            })
+            .await?;
             let cols = printer_columns(env, "default", "orders").await?;
             expect_columns(
                 &cols,
@@ -531,20 +570,6 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
                     ("STATUS", "True"),
                 ],
             )?;
-            if cols["MAX LAG"].is_empty() {
-                // The workers write their lag with a checkpoint (every checkpointInterval)
-                // and the status takes it at the next refresh: right after Ready it may not
-                // be there yet. A user looks again a few seconds later; so do we.
-                wait_until("MAX LAG in kubectl get kcg", WAIT, || async {
-                    let cols = printer_columns(env, "default", "orders").await?;
-                    if cols["MAX LAG"].is_empty() {
-                        Err(format!("MAX LAG is empty: {cols:?}"))
-                    } else {
-                        Ok(())
-                    }
-                })
-                .await?;
-            }
         } else if command.starts_with("kubectl describe") {
             let s = groups(env, "default")
                 .get_status("orders")

@@ -1,7 +1,9 @@
 //! Every `KinesisConsumerGroup` in `examples/*.yaml` is admitted by the generated CRD (schema
 //! and CEL rules, as the API server would check them), renders a worker config that passes
-//! the worker's own `validate()`, and renders a Deployment. HorizontalPodAutoscalers in the
-//! examples must target a group of the same file through the scale subresource.
+//! the worker's own `validate()`, and renders a Deployment. HorizontalPodAutoscalers and KEDA
+//! ScaledObjects in the examples must target a group of the same file through the scale
+//! subresource; ScaledObjects must also match KEDA's own CRD schema (vendored in
+//! `tests/vendor/keda/`, see its README).
 //!
 //! The inline invalid objects at the end prove the checker rejects what the API server would.
 
@@ -9,7 +11,7 @@ mod crd_support;
 
 use std::path::PathBuf;
 
-use crd_support::{admission_errors, valid_group};
+use crd_support::{admission_errors, check_schema, valid_group};
 use kcg_operator::crd::KinesisConsumerGroup;
 use kcg_operator::resources::{OperatorSettings, render};
 use kcg_worker::config::WorkerConfig;
@@ -40,6 +42,49 @@ fn documents(path: &PathBuf) -> Vec<Value> {
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// The `openAPIV3Schema` of KEDA's ScaledObject CRD (vendored, Apache-2.0).
+fn keda_scaled_object_schema() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/vendor/keda/keda.sh_scaledobjects.yaml"
+    );
+    let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "v1alpha1")
+        .expect("ScaledObject v1alpha1")["schema"]["openAPIV3Schema"]
+        .clone()
+}
+
+/// Schema problems of a ScaledObject, as the API server would report them with KEDA's CRD
+/// installed (metadata is the API server's own ObjectMeta, not the CRD's to check).
+fn scaled_object_errors(doc: &Value) -> Vec<String> {
+    let mut body = doc.clone();
+    body.as_object_mut().unwrap().remove("metadata");
+    let mut errors = Vec::new();
+    check_schema(&keda_scaled_object_schema(), &body, "", &mut errors);
+    errors
+}
+
+/// A scale target of an example must be a group of the same file, by its scale subresource.
+fn assert_targets_a_group(path: &std::path::Path, target: &Value, group_names: &[&str]) {
+    assert_eq!(
+        target["apiVersion"],
+        "kcg.dev/v1alpha1",
+        "{}",
+        path.display()
+    );
+    assert_eq!(target["kind"], "KinesisConsumerGroup", "{}", path.display());
+    let name = target["name"].as_str().unwrap();
+    assert!(
+        group_names.contains(&name),
+        "{}: scales unknown group {name}",
+        path.display()
+    );
 }
 
 /// Admission, worker validation and rendering of one group; returns the problems found.
@@ -88,6 +133,7 @@ fn every_example_group_is_valid() {
         "http-sidecar.yaml",
         "cross-account.yaml",
         "hpa.yaml",
+        "keda-lag.yaml",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -112,20 +158,7 @@ fn every_example_group_is_valid() {
                 }
                 Some("HorizontalPodAutoscaler") => {
                     assert_eq!(doc["apiVersion"], "autoscaling/v2", "{}", path.display());
-                    let target = &doc["spec"]["scaleTargetRef"];
-                    assert_eq!(
-                        target["apiVersion"],
-                        "kcg.dev/v1alpha1",
-                        "{}",
-                        path.display()
-                    );
-                    assert_eq!(target["kind"], "KinesisConsumerGroup", "{}", path.display());
-                    let name = target["name"].as_str().unwrap();
-                    assert!(
-                        group_names.contains(&name),
-                        "{}: HPA targets unknown group {name}",
-                        path.display()
-                    );
+                    assert_targets_a_group(path, &doc["spec"]["scaleTargetRef"], &group_names);
                     let (min, max) = (&doc["spec"]["minReplicas"], &doc["spec"]["maxReplicas"]);
                     assert!(
                         min.as_i64().unwrap_or(1) <= max.as_i64().unwrap(),
@@ -133,11 +166,26 @@ fn every_example_group_is_valid() {
                         path.display()
                     );
                 }
+                Some("ScaledObject") => {
+                    assert_eq!(doc["apiVersion"], "keda.sh/v1alpha1", "{}", path.display());
+                    let errors = scaled_object_errors(doc);
+                    assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+                    assert_targets_a_group(path, &doc["spec"]["scaleTargetRef"], &group_names);
+                    // More workers than shards read nothing: the example caps the count.
+                    let (min, max) = (
+                        &doc["spec"]["minReplicaCount"],
+                        &doc["spec"]["maxReplicaCount"],
+                    );
+                    let max = max
+                        .as_i64()
+                        .expect("maxReplicaCount is set (the shard count)");
+                    assert!(min.as_i64().unwrap_or(0) <= max, "{}", path.display());
+                }
                 other => panic!("{}: unexpected kind {other:?} in examples", path.display()),
             }
         }
     }
-    assert!(groups >= 4, "found only {groups} example groups");
+    assert!(groups >= 5, "found only {groups} example groups");
 }
 
 #[test]
@@ -271,5 +319,36 @@ fn rejects_through_cel_rules() {
         "bad stream",
         invalid(|g| g["spec"]["streams"][0]["name"] = json!("no spaces please")),
         "Kinesis stream name",
+    );
+}
+
+#[test]
+fn the_keda_schema_rejects_what_keda_would() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/keda-lag.yaml"
+    ));
+    let so = documents(&path)
+        .into_iter()
+        .find(|d| d["kind"] == "ScaledObject")
+        .unwrap();
+    assert_eq!(scaled_object_errors(&so), Vec::<String>::new());
+    let mut typo = so.clone();
+    typo["spec"]["maxReplicas"] = json!(4);
+    assert!(!scaled_object_errors(&typo).is_empty(), "an unknown field");
+    let mut no_triggers = so.clone();
+    no_triggers["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("triggers");
+    assert!(
+        !scaled_object_errors(&no_triggers).is_empty(),
+        "triggers are required"
+    );
+    let mut bad_threshold = so;
+    bad_threshold["spec"]["triggers"][0]["metadata"]["threshold"] = json!(30);
+    assert!(
+        !scaled_object_errors(&bad_threshold).is_empty(),
+        "trigger metadata are strings"
     );
 }

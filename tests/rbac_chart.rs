@@ -762,6 +762,7 @@ async fn drive(chart: &Chart, ns: &str) -> Run {
     let opts = RunOptions {
         namespaces: chart.args.namespaces.clone(),
         settings,
+        check_crd: chart.args.check_crd,
     };
     let running = tokio::spawn(controller::run(
         fake.client(),
@@ -922,12 +923,15 @@ fn check(chart: &Chart, ns: &str, run: &Run) {
         ("get", "leases"),
         ("create", "leases"),
         ("patch", "leases"),
+        // The CRD check at start (cluster-wide installs only).
+        ("get", "customresourcedefinitions"),
     ];
     // With workerServiceAccount.create=false the operator leaves ServiceAccounts alone.
     let creates_worker_sa = chart.args.create_worker_service_account;
     let missing: Vec<_> = expected
         .iter()
         .filter(|(_, r)| creates_worker_sa || *r != "serviceaccounts")
+        .filter(|(_, r)| chart.args.check_crd || *r != "customresourcedefinitions")
         .filter(|(v, r)| !used.contains(&((*v).to_owned(), (*r).to_owned())))
         .collect();
     assert!(

@@ -269,6 +269,7 @@ fn lag_is_the_max_with_its_shard_and_ignores_ended_shards() {
         Some("shardId-000000000002")
     );
     assert_eq!(s.max_lag.as_deref(), Some("1m30s"));
+    assert_eq!(s.max_lag_millis, Some(90_000), "the same lag, as a number");
     // The ended shard is neither open nor draining.
     assert_eq!(
         (
@@ -284,7 +285,7 @@ fn lag_is_the_max_with_its_shard_and_ignores_ended_shards() {
 fn no_lag_reported_when_no_reader_measured_it() {
     let s = build_status(healthy(2, 4));
     assert!(s.streams[0].max_lag_millis.is_none() && s.streams[0].max_lag_shard.is_none());
-    assert!(s.max_lag.is_none());
+    assert!(s.max_lag.is_none() && s.max_lag_millis.is_none());
 }
 
 #[test]
