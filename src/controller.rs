@@ -22,22 +22,24 @@ use kcg_worker::store::StateStore;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector;
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
 use crate::events::{self, Severity};
+use crate::finalizing::{self, Step};
 use crate::metrics::Metrics;
+use crate::observed::{self, Observed};
+use crate::owned;
 use crate::resources::{self, OperatorSettings};
 use crate::status::{self, DeploymentState, Problem, StatusInput};
 use crate::store_admin::{self, StoreAdminError};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "kcg-operator";
-/// Finalizer that holds a group until its cleanup ran.
-pub const FINALIZER: &str = "kcg.dev/cleanup";
+pub use crate::finalizing::FINALIZER;
 /// How often the status is refreshed while a group exists.
 pub const REFRESH: Duration = Duration::from_secs(5);
 /// How often a group whose spec is invalid is looked at again (a spec edit triggers a
@@ -158,9 +160,28 @@ pub enum Error {
     /// The object has no namespace (the CRD is namespaced, so only a hand-built object).
     #[error("KinesisConsumerGroup {0} has no namespace")]
     NoNamespace(String),
-    /// The finalizer helper failed (adding/removing the finalizer, or the wrapped step).
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the cleanup finalizer failed.
+    #[error("{action} the finalizer {FINALIZER} of {group}: {source}")]
+    Finalizer {
+        /// `adding` or `removing`.
+        action: &'static str,
+        /// Group id.
+        group: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Serializing an owned object failed (cannot happen with these types).
+    #[error("serializing {kind} {name}: {source}")]
+    SerializeOwned {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The CRD is not installed, or the operator may not list the resource.
     #[error(
         "cannot list KinesisConsumerGroups (is the CRD installed? `kcg-operator crd | kubectl apply -f -`): {0}"
@@ -182,25 +203,15 @@ impl Error {
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
             Error::NoNamespace(_) => "NoNamespace",
-            Error::Finalizer(inner) => match &**inner {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "Finalizer",
-            },
+            Error::Finalizer { .. } => "Finalizer",
+            Error::SerializeOwned { .. } => "SerializeOwned",
             Error::CrdMissing(_) => "CrdMissing",
         }
     }
 
     /// True when this is the "workers still stopping" wait, which is polled, not backed off.
     pub fn is_waiting(&self) -> bool {
-        match self {
-            Error::WorkersStillRunning { .. } => true,
-            Error::Finalizer(inner) => matches!(
-                &**inner,
-                kube::runtime::finalizer::Error::CleanupFailed(Error::WorkersStillRunning { .. })
-            ),
-            _ => false,
-        }
+        matches!(self, Error::WorkersStillRunning { .. })
     }
 }
 
@@ -363,6 +374,9 @@ pub struct Context {
     pub dynamo: DynamoClients,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The owned objects as the watches see them (empty without watches: then each is
+    /// read before it is applied).
+    pub observed: Observed,
 }
 
 impl Context {
@@ -385,7 +399,14 @@ impl Context {
             liveness: Mutex::new(HashMap::new()),
             dynamo,
             failures: Mutex::new(HashMap::new()),
+            observed: Observed::default(),
         }
+    }
+
+    /// The same context comparing against `observed` caches.
+    pub fn with_observed(mut self, observed: Observed) -> Self {
+        self.observed = observed;
+        self
     }
 }
 
@@ -409,14 +430,33 @@ pub async fn reconcile(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Res
             .namespace()
             .ok_or_else(|| Error::NoNamespace(kcg.name_any()))?;
         let api: Api<KinesisConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
-        let result = finalizer(&api, FINALIZER, kcg.clone(), |event| async {
-            match event {
-                Finalizer::Apply(k) => apply(k, ctx.clone()).await,
-                Finalizer::Cleanup(k) => cleanup(k, ctx.clone()).await,
+        let set_finalizer = |present: bool| {
+            let (api, kcg, group) = (&api, &kcg, &group);
+            async move {
+                finalizing::set(api, kcg, present)
+                    .await
+                    .map_err(|source| Error::Finalizer {
+                        action: if present { "adding" } else { "removing" },
+                        group: group.clone(),
+                        source,
+                    })
             }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
+        };
+        // The finalizer only while onDelete is Delete; its change comes back as a watch
+        // event (the group watch passes finalizer changes), which reconciles again.
+        let result = match finalizing::step_for(&kcg) {
+            Step::Add => set_finalizer(true).await.map(|()| Action::await_change()),
+            Step::Remove => set_finalizer(false).await.map(|()| Action::await_change()),
+            Step::Cleanup => match cleanup(kcg.clone(), ctx.clone()).await {
+                Ok(action) => set_finalizer(false).await.map(|()| action),
+                Err(e) => Err(e),
+            },
+            Step::Gone => {
+                forget(&kcg, &ctx);
+                Ok(Action::await_change())
+            }
+            Step::Proceed => apply(kcg.clone(), ctx.clone()).await,
+        };
         match &result {
             Ok(_) => {
                 lock(&ctx.failures).remove(&object_key(&kcg));
@@ -490,26 +530,9 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         if let Some(problem) = ensure_worker_service_account(&kcg, &ctx, &ns).await? {
             problems.push(problem);
         }
-        match apply_owned(&kcg, &ctx, &ns, &group).await {
-            Ok(d) => Some(d),
-            // The API server refused what the spec rendered to (a bad quantity in
-            // spec.worker.resources, a forbidden field...): report it, do not crash-loop.
-            Err(Error::Apply {
-                kind,
-                source: kube::Error::Api(s),
-                ..
-            }) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
-                problems.push(Problem::new(
-                    "ApplyRejected",
-                    format!(
-                        "the API server rejected the {kind} rendered from the spec: {} ({})",
-                        s.message, s.reason
-                    ),
-                ));
-                None
-            }
-            Err(e) => return Err(e),
-        }
+        let (deployment, refused) = owned::ensure_group_objects(&kcg, &ctx, &ns).await?;
+        problems.extend(refused);
+        deployment
     } else {
         None
     };
@@ -517,15 +540,20 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         Some(d) => Some(d),
         None => {
             let name = resources::deployment_name(&kcg);
-            deployments
-                .get_opt(&name)
-                .await
-                .map_err(|source| Error::Get {
-                    kind: "Deployment",
-                    namespace: ns.clone(),
-                    name,
-                    source,
-                })?
+            let found = match ctx.observed.deployment(&ns, &name) {
+                Some(d) => Some((*d).clone()),
+                None => deployments
+                    .get_opt(&name)
+                    .await
+                    .map_err(|source| Error::Get {
+                        kind: "Deployment",
+                        namespace: ns.clone(),
+                        name,
+                        source,
+                    })?,
+            };
+            // Another object of that name says nothing about the group's workers.
+            found.filter(|d| crate::apply::is_owned_by(&d.metadata, &kcg.uid().unwrap_or_default()))
         }
     };
     let valid = valid && problems.is_empty();
@@ -683,44 +711,6 @@ async fn ensure_worker_service_account(
     }
 }
 
-/// Server-side applies the ConfigMap, then the Deployment; returns the Deployment as stored.
-async fn apply_owned(
-    kcg: &KinesisConsumerGroup,
-    ctx: &Context,
-    ns: &str,
-    group: &str,
-) -> Result<Deployment, Error> {
-    let rendered = resources::render(kcg, &ctx.settings).map_err(|source| Error::Render {
-        group: group.to_owned(),
-        source,
-    })?;
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    let cm_name = resources::config_map_name(kcg);
-    config_maps
-        .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "ConfigMap",
-            namespace: ns.to_owned(),
-            name: cm_name.clone(),
-            source,
-        })?;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let name = resources::deployment_name(kcg);
-    let applied = deployments
-        .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "Deployment",
-            namespace: ns.to_owned(),
-            name: name.clone(),
-            source,
-        })?;
-    debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
-    Ok(applied)
-}
-
 /// `now` truncated to whole seconds: the API server stores condition times with second
 /// precision, so a finer time would make every refresh look like a change.
 fn now_seconds() -> jiff::Timestamp {
@@ -858,9 +848,14 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    lock(&ctx.liveness).remove(&group);
-    lock(&ctx.failures).remove(&object_key(&kcg));
+    forget(&kcg, &ctx);
     Ok(Action::await_change())
+}
+
+/// Drops what the context keeps about a group that goes.
+fn forget(kcg: &KinesisConsumerGroup, ctx: &Context) {
+    lock(&ctx.liveness).remove(&kcg.group_id());
+    lock(&ctx.failures).remove(&object_key(kcg));
 }
 
 /// Where and how the controller runs.
@@ -875,20 +870,16 @@ pub struct RunOptions {
 /// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
 /// (lost leadership).
 pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Result<(), Error> {
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        opts.settings.clone(),
-        metrics,
-        DynamoClients::from_env().await,
-    ));
     // One controller per watched namespace (a watch is per namespace or cluster-wide);
-    // they share the context, so trackers, backoff and metrics are common.
+    // they share the context, so trackers, backoff, metrics and the owned-object caches
+    // are common.
     let scopes: Vec<Option<String>> = if opts.namespaces.is_empty() {
         vec![None]
     } else {
         opts.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut controllers = Vec::new();
+    let mut observed = Observed::default();
+    let mut wired = Vec::new();
     for ns in scopes {
         let (groups, deployments, config_maps) = match &ns {
             Some(ns) => (
@@ -906,14 +897,44 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
             .list(&ListParams::default().limit(1))
             .await
             .map_err(Error::CrdMissing)?;
-        // Owned objects carry this label; watching only them keeps the caches small.
-        let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kcg-operator");
+        let (cm_store, cm_stream) = observed::owned_stream(config_maps);
+        let (dep_store, dep_stream) = observed::owned_stream(deployments);
+        observed.add(cm_store, dep_store);
+        wired.push((ns, groups, cm_stream, dep_stream));
+    }
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            opts.settings.clone(),
+            metrics,
+            DynamoClients::from_env().await,
+        )
+        .with_observed(observed),
+    );
+    let mut controllers = Vec::new();
+    for (ns, groups, cm_stream, dep_stream) in wired {
+        // Our own status writes must not reconcile again: only a spec change (generation),
+        // a finalizer or label/annotation change, or deletion (which bumps the generation)
+        // does. The status is refreshed by each reconcile's requeue.
+        let (reader, writer) = reflector::store();
+        let group_stream = reflector::reflector(
+            writer,
+            watcher(groups, watcher::Config::default().any_semantic()),
+        )
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::labels)
+                .combine(predicates::annotations),
+            Default::default(),
+        );
         info!(namespace = ?ns, "controller starting");
         let ctx = ctx.clone();
         controllers.push(async move {
-            Controller::new(groups, watcher::Config::default().any_semantic())
-                .owns(deployments, owned.clone())
-                .owns(config_maps, owned)
+            Controller::for_stream(group_stream, reader)
+                .owns_stream(dep_stream)
+                .owns_stream(cm_stream)
                 .shutdown_on_signal()
                 .run(reconcile, error_policy, ctx)
                 .for_each(|res| async move {

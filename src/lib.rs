@@ -1,12 +1,17 @@
 //! kcg-operator: reconciles `KinesisConsumerGroup` resources into worker Deployments and
 //! reports the group's health from its DynamoDB state store.
 
+pub mod api_problem;
+pub mod apply;
 pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod finalizing;
 pub mod metrics;
+pub mod observed;
+pub mod owned;
 pub mod reference;
 pub mod resources;
 pub mod server;

@@ -23,6 +23,13 @@ pub struct EventLabels {
     pub reason: String,
 }
 
+/// Labels of the apply counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The applied object's kind: `ConfigMap`, `Deployment`.
+    pub kind: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -38,6 +45,9 @@ pub struct Metrics {
     pub status_patches: Counter,
     /// Events published, by reason (`kcg_operator_events_total`).
     pub events: Family<EventLabels, Counter>,
+    /// Server-side applies of owned objects, by kind (`kcg_operator_applies_total`); owned
+    /// objects already as rendered are not applied, so this stays flat in a steady state.
+    pub applies: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +86,12 @@ impl Metrics {
             "Kubernetes events published, by reason",
             events.clone(),
         );
+        let applies = Family::default();
+        registry.register(
+            "applies",
+            "Server-side applies of owned objects, by kind",
+            applies.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -83,6 +99,7 @@ impl Metrics {
             duration,
             status_patches,
             events,
+            applies,
         }
     }
 
@@ -100,6 +117,15 @@ impl Metrics {
         self.errors
             .get_or_create(&ErrorLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a server-side apply of an owned object of `kind`.
+    pub fn applies(&self, kind: &str) {
+        self.applies
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
             })
             .inc();
     }

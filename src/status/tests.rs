@@ -882,3 +882,42 @@ fn ready_points_at_the_deployment_failure() {
         ready.message
     );
 }
+
+#[test]
+fn lag_is_published_coarse() {
+    let cases = [
+        (0, 0),
+        (850, 0),
+        (1_500, 1_000),
+        (59_999, 59_000),
+        (60_000, 60_000),
+        (64_321, 60_000),
+        (129_999, 120_000),
+        (-5, 0),
+    ];
+    for (ms, want) in cases {
+        assert_eq!(coarse_lag_millis(ms), want, "{ms}");
+    }
+    let mut input = healthy(2, 4);
+    let snap = input.snapshot.as_mut().unwrap();
+    snap.leases[0].millis_behind = Some(61_234);
+    let s = build_status(input);
+    assert_eq!(s.streams[0].max_lag_millis, Some(60_000));
+    assert_eq!(s.max_lag.as_deref(), Some("1m"));
+}
+
+#[test]
+fn retry_counters_are_kept_out_of_messages() {
+    let cases = [
+        (
+            "the handler refused a batch of 10 records (3 attempts): 500",
+            "the handler refused a batch of 10 records: 500",
+        ),
+        ("throttled, attempt 4 of backoff", "throttled, of backoff"),
+        ("no counter here", "no counter here"),
+        ("1 attempt (1 attempt)", "1 attempt"),
+    ];
+    for (msg, want) in cases {
+        assert_eq!(without_counters(msg), want, "{msg}");
+    }
+}
