@@ -556,7 +556,13 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
             found.filter(|d| crate::apply::is_owned_by(&d.metadata, &kcg.uid().unwrap_or_default()))
         }
     };
-    let valid = valid && problems.is_empty();
+    // A name taken by an object the group does not own is looked at again at the refresh
+    // pace (one read): the watch of owned objects does not see it go, and the group should
+    // proceed as soon as it does.
+    let valid = valid
+        && problems
+            .iter()
+            .all(|p| p.reason == crate::api_problem::RESOURCE_NOT_OWNED);
 
     // The state store: a failure is a condition, never a crash or a reconcile error.
     let store_cfg = &kcg.spec.state_store.config;

@@ -174,7 +174,7 @@ pub fn compact_ranges(stream: &str, shards: &[(String, Option<String>)]) -> Vec<
 /// How stale a published client heartbeat may get before a refresh writes the status for
 /// that alone. Heartbeats move every few seconds; writing each one would turn every group
 /// into a steady stream of API writes.
-pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 30_000;
+pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 60_000;
 
 /// Whether `new` must be written over the published `old`: on any change except client
 /// heartbeat times, or when a published heartbeat time lags by more than

@@ -1497,10 +1497,7 @@ async fn a_config_map_the_group_does_not_own_is_left_alone_and_reported() {
         (v, ())
     })
     .await;
-    assert_eq!(
-        res.unwrap(),
-        Action::requeue(controller::INVALID_SPEC_RETRY)
-    );
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
     let _ = verifier;
 }
 
@@ -1540,10 +1537,7 @@ async fn a_deployment_the_group_does_not_own_is_left_alone_and_reported() {
         (v, ())
     })
     .await;
-    assert_eq!(
-        res.unwrap(),
-        Action::requeue(controller::INVALID_SPEC_RETRY)
-    );
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
     let _ = verifier;
 }
 

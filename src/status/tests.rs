@@ -772,10 +772,10 @@ fn needs_write_ignores_fresh_heartbeats_only() {
     );
 
     let mut stale = base.clone();
-    stale.clients[0].last_heartbeat = "2023-11-14T22:14:00Z".into(); // +40s
+    stale.clients[0].last_heartbeat = "2023-11-14T22:14:30Z".into(); // +70s
     assert!(
         needs_write(Some(&base), &stale),
-        "a published heartbeat 40s behind is refreshed"
+        "a published heartbeat 70s behind is refreshed"
     );
 
     let mut moved = beat.clone();
