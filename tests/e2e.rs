@@ -14,6 +14,8 @@
 
 mod crd_support;
 mod e2e_support;
+#[path = "e2e/quiet.rs"]
+mod quiet;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 
@@ -148,6 +150,21 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "operator HA: helm upgrade to 2 replicas, kill the leader",
         operator_ha(env, kubelet),
+    )
+    .await?;
+    step(
+        "quiet: a steady group's objects are not applied, its status hardly written",
+        quiet::steady_group_is_quiet(env),
+    )
+    .await?;
+    step(
+        "a ConfigMap or Deployment the group does not own is left alone: ResourceNotOwned",
+        quiet::foreign_objects_are_left_alone(env),
+    )
+    .await?;
+    step(
+        "the finalizer follows onDelete; Retain goes at once with the operator stopped",
+        quiet::finalizer_follows_on_delete(env),
     )
     .await?;
     step(
