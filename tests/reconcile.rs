@@ -1612,63 +1612,43 @@ async fn refusals_are_named_for_what_they_are() {
     }
 }
 
+/// One reconcile of `kcg` that only writes the finalizer list `want` (with the
+/// resourceVersion read, so a concurrent change conflicts) and waits for the change.
+async fn expect_finalizer_patch(endpoint: &str, kcg: KinesisConsumerGroup, want: Value) {
+    let (ctx, verifier) = context(endpoint).await;
+    let path = format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}");
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        let s = v.next().await;
+        assert_eq!((s.method.clone(), s.path.clone()), (Method::PATCH, path));
+        assert_eq!(s.body["metadata"]["finalizers"], want, "{}", s.body);
+        assert_eq!(s.body["metadata"]["resourceVersion"], "100", "{}", s.body);
+        Verifier::reply(s.send, StatusCode::OK, &serde_json::to_value(&k2).unwrap());
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::await_change());
+    assert_quiet(verifier).await;
+}
+
 #[tokio::test]
 async fn the_finalizer_follows_on_delete() {
     let Some(endpoint) = emulator() else { return };
     let table = unique_table("finalizer");
     seeded_store(&endpoint, &table).await;
-    let group_path = format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}");
     // Retain with the finalizer (switched from Delete): it is removed, keeping others.
-    let (ctx, verifier) = context(&endpoint).await;
     let kcg = group(
         &table,
         json!({"metadata": {"finalizers": ["other.example/keep", controller::FINALIZER]}}),
     );
-    let (k2, path) = (kcg.clone(), group_path.clone());
-    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
-        let s = v.next().await;
-        assert_eq!((s.method.clone(), s.path.clone()), (Method::PATCH, path));
-        assert_eq!(
-            s.body["metadata"]["finalizers"],
-            json!(["other.example/keep"]),
-            "{}",
-            s.body
-        );
-        assert_eq!(
-            s.body["metadata"]["resourceVersion"], "100",
-            "optimistic: {}",
-            s.body
-        );
-        Verifier::reply(s.send, StatusCode::OK, &serde_json::to_value(&k2).unwrap());
-        (v, ())
-    })
-    .await;
-    assert_eq!(res.unwrap(), Action::await_change());
-    assert_quiet(verifier).await;
-
+    expect_finalizer_patch(&endpoint, kcg, json!(["other.example/keep"])).await;
     // Delete without it (switched from Retain): it is added.
-    let (ctx, verifier) = context(&endpoint).await;
     let mut kcg = group(
         &table,
         json!({"spec": {"stateStore": {"onDelete": "Delete"}}}),
     );
     kcg.metadata.finalizers = None;
-    let (k2, path) = (kcg.clone(), group_path.clone());
-    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
-        let s = v.next().await;
-        assert_eq!((s.method.clone(), s.path.clone()), (Method::PATCH, path));
-        assert_eq!(
-            s.body["metadata"]["finalizers"],
-            json!([controller::FINALIZER]),
-            "{}",
-            s.body
-        );
-        Verifier::reply(s.send, StatusCode::OK, &serde_json::to_value(&k2).unwrap());
-        (v, ())
-    })
-    .await;
-    assert_eq!(res.unwrap(), Action::await_change());
-    assert_quiet(verifier).await;
+    expect_finalizer_patch(&endpoint, kcg, json!([controller::FINALIZER])).await;
 
     // Retain, no finalizer, being deleted: nothing to do, no request.
     let (ctx, verifier) = context(&endpoint).await;

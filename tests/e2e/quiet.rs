@@ -278,27 +278,12 @@ pub async fn finalizer_follows_on_delete(env: &Env) -> Result<(), String> {
     )
     .await?;
     wait_finalizer(env, "final", false).await?;
-    let set = |policy: &str| format!(r#"{{"spec":{{"stateStore":{{"onDelete":"{policy}"}}}}}}"#);
-    env.kubectl(&[
-        "patch",
-        "kcg",
-        "final",
-        "--type=merge",
-        "-p",
-        &set("Delete"),
-    ])
-    .await?;
-    wait_finalizer(env, "final", true).await?;
-    env.kubectl(&[
-        "patch",
-        "kcg",
-        "final",
-        "--type=merge",
-        "-p",
-        &set("Retain"),
-    ])
-    .await?;
-    wait_finalizer(env, "final", false).await?;
+    for (policy, present) in [("Delete", true), ("Retain", false)] {
+        let patch = format!(r#"{{"spec":{{"stateStore":{{"onDelete":"{policy}"}}}}}}"#);
+        env.kubectl(&["patch", "kcg", "final", "--type=merge", "-p", &patch])
+            .await?;
+        wait_finalizer(env, "final", present).await?;
+    }
 
     let operators: Api<Deployment> = Api::namespaced(env.client.clone(), OPERATOR_NS);
     let replicas = operators
