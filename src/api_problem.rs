@@ -18,8 +18,18 @@ pub const APPLY_REJECTED: &str = "ApplyRejected";
 /// the group's.
 pub const RESOURCE_NOT_OWNED: &str = "ResourceNotOwned";
 
+/// Whether the refusal says the namespace is being deleted (403 with cause
+/// `NamespaceTerminating`): nothing new may be made there, and the group goes with it.
+pub fn namespace_terminating(s: &Status) -> bool {
+    s.code == 403
+        && s.details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
 /// The problem a refusal of `verb` on `kind` `namespace/name` is, or `None` when the
-/// request should simply be retried (conflict, throttling, server errors).
+/// request should simply be retried (conflict, throttling, server errors) or the namespace
+/// is being deleted ([`namespace_terminating`]).
 pub fn classify(
     verb: &str,
     kind: &str,
@@ -28,6 +38,9 @@ pub fn classify(
     s: &Status,
 ) -> Option<Problem> {
     let object = format!("{kind} {namespace}/{name}");
+    if namespace_terminating(s) {
+        return None;
+    }
     match s.code {
         403 => {
             let (verb, resource) = forbidden_request(&s.message)
@@ -94,6 +107,20 @@ mod tests {
         }
     }
 
+    fn terminating() -> Status {
+        let mut s = status(
+            403,
+            "Forbidden",
+            "unable to create new content in namespace team-a because it is being terminated",
+        );
+        s.details = serde_json::from_value(serde_json::json!({
+            "causes": [{"reason": "NamespaceTerminating", "message": "namespace team-a is being terminated"}]
+        }))
+        .ok();
+        assert!(s.details.is_some());
+        s
+    }
+
     #[test]
     fn classification() {
         let rbac = r#"deployments.apps "orders" is forbidden: User "system:serviceaccount:kcg-system:kcg-operator" cannot patch resource "deployments" in API group "apps" in the namespace "team-a""#;
@@ -126,6 +153,7 @@ mod tests {
             (status(409, "Conflict", "conflict"), None, ""),
             (status(429, "TooManyRequests", "slow down"), None, ""),
             (status(500, "InternalError", "etcd"), None, ""),
+            (terminating(), None, ""),
         ];
         for (s, reason, words) in cases {
             let got = classify("apply", "Deployment", "team-a", "orders", &s);

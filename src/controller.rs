@@ -171,6 +171,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The group's namespace is being deleted: nothing new may be made there, and the group
+    /// goes with it. Not reported on the group (events cannot be created there either).
+    #[error("namespace {namespace} is being deleted; the group goes with it")]
+    NamespaceTerminating {
+        /// Namespace.
+        namespace: String,
+    },
     /// Serializing an owned object failed (cannot happen with these types).
     #[error("serializing {kind} {name}: {source}")]
     SerializeOwned {
@@ -205,6 +212,7 @@ impl Error {
             Error::NoNamespace(_) => "NoNamespace",
             Error::Finalizer { .. } => "Finalizer",
             Error::SerializeOwned { .. } => "SerializeOwned",
+            Error::NamespaceTerminating { .. } => "NamespaceTerminating",
             Error::CrdMissing(_) => "CrdMissing",
         }
     }
@@ -475,6 +483,10 @@ pub fn error_policy(kcg: Arc<KinesisConsumerGroup>, error: &Error, ctx: Arc<Cont
     if error.is_waiting() {
         info!(group = %kcg.group_id(), "{error}");
         return Action::requeue(CLEANUP_POLL);
+    }
+    if matches!(error, Error::NamespaceTerminating { .. }) {
+        debug!(group = %kcg.group_id(), "{error}");
+        return Action::requeue(INVALID_SPEC_RETRY);
     }
     let failures = {
         let mut map = lock(&ctx.failures);
@@ -780,6 +792,10 @@ async fn publish_status(
                     })
                     .inc();
                 info!(reason = %ev.reason, note = %ev.note, "event");
+            }
+            // A namespace being deleted takes no new events, and the group goes with it.
+            Err(kube::Error::Api(s)) if crate::api_problem::namespace_terminating(&s) => {
+                debug!(reason = %ev.reason, "namespace terminating: event not published");
             }
             Err(e) => warn!(reason = %ev.reason, error = %e, "publishing event failed"),
         }

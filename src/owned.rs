@@ -201,6 +201,11 @@ fn refusal<K>(outcome: Result<Outcome<K>, Error>, group: &str) -> Result<Option<
                 } => ("get", *kind, namespace, name, s),
                 _ => return Err(Refused::Error(e)),
             };
+            if api_problem::namespace_terminating(status) {
+                return Err(Refused::Error(Error::NamespaceTerminating {
+                    namespace: namespace.clone(),
+                }));
+            }
             match api_problem::classify(verb, kind, namespace, name, status) {
                 Some(p) => {
                     debug!(group, reason = %p.reason, "refused by the API server");
