@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
 use kcg_worker::membership::{Liveness, observe_clients};
@@ -941,7 +941,12 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
         let (reader, writer) = reflector::store();
         let group_stream = reflector::reflector(
             writer,
-            watcher(groups, watcher::Config::default().any_semantic()),
+            // Managed fields are the bulk of a cached object and never read.
+            watcher(groups, watcher::Config::default().any_semantic()).map_ok(|ev| {
+                ev.modify(|g| {
+                    g.managed_fields_mut().clear();
+                })
+            }),
         )
         .applied_objects()
         .predicate_filter(

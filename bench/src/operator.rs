@@ -202,25 +202,33 @@ async fn steady_window(
 ) -> anyhow::Result<Vec<Row>> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let started = Instant::now();
+    // Steady: the Deployment controller has made every ReplicaSet and pod (its client is
+    // rate-limited, so 100 Deployments take a while) and every group's status shows it.
     wait(
-        "every group with its Deployment and a status",
-        Duration::from_secs(180),
+        "every group with its Deployment, pods made, and a status showing them",
+        Duration::from_secs(300),
         || async {
-            let with_status = groups
+            let pods_made = deployments
                 .list(&ListParams::default())
                 .await?
                 .items
                 .iter()
-                .filter(|g| g.status.is_some())
+                .filter(|d| d.status.as_ref().and_then(|s| s.replicas) == Some(1))
                 .count();
-            let deps = deployments.list(&ListParams::default()).await?.items.len();
-            Ok(with_status == p.groups && deps == p.groups)
+            let shown = groups
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .filter(|g| g.status.as_ref().is_some_and(|s| s.replicas == 1))
+                .count();
+            Ok(pods_made == p.groups && shown == p.groups)
         },
     )
     .await?;
     let settle = started.elapsed();
-    // The Deployment controller's first status writes and the watch events they cause pass.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // The last watch events and refreshes they cause pass.
+    tokio::time::sleep(Duration::from_secs(20)).await;
 
     let counts = || async {
         Ok::<_, anyhow::Error>((
@@ -262,7 +270,7 @@ async fn steady_window(
     Ok(vec![
         Row::info(
             "operator",
-            format!("{what}: every group with objects and status after"),
+            format!("{what}: every group with objects, pods made and shown in its status after"),
             num(settle.as_secs_f64()),
             "s",
         ),
