@@ -52,6 +52,9 @@ pub const CLEANUP_POLL: Duration = Duration::from_secs(5);
 /// Most event recorders kept (one per distinct event, see [`EventRecorders`]); the least
 /// recently used one goes first.
 pub const MAX_EVENT_RECORDERS: usize = 1000;
+/// How long a namespace's default worker ServiceAccount, once found in order, is not read
+/// again.
+pub const SERVICE_ACCOUNT_RECHECK: Duration = Duration::from_secs(300);
 /// Degraded reason when the default worker ServiceAccount is missing from the group's
 /// namespace and the operator could not create it (or could not read or update it).
 pub const SERVICE_ACCOUNT_MISSING: &str = "ServiceAccountMissing";
@@ -382,6 +385,8 @@ pub struct Context {
     pub dynamo: DynamoClients,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Namespaces whose default worker ServiceAccount was last found in order, and when.
+    pub service_accounts_checked: Mutex<HashMap<String, Instant>>,
     /// The owned objects as the watches see them (empty without watches: then each is
     /// read before it is applied).
     pub observed: Observed,
@@ -408,6 +413,7 @@ impl Context {
             dynamo,
             failures: Mutex::new(HashMap::new()),
             observed: Observed::default(),
+            service_accounts_checked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -674,6 +680,17 @@ async fn ensure_worker_service_account(
     let Some(name) = ctx.settings.worker_service_account.as_deref() else {
         return Ok(None);
     };
+    // Found in order lately: not read again on every refresh (a read per group every few
+    // seconds is the steady API traffic the operator avoids).
+    if lock(&ctx.service_accounts_checked)
+        .get(ns)
+        .is_some_and(|at| at.elapsed() < SERVICE_ACCOUNT_RECHECK)
+    {
+        return Ok(None);
+    }
+    let checked = || {
+        lock(&ctx.service_accounts_checked).insert(ns.to_owned(), Instant::now());
+    };
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let create_it = format!(
         "Create it (`kubectl -n {ns} create serviceaccount {name}`) or set spec.worker.serviceAccountName to an account of namespace {ns}"
@@ -682,6 +699,7 @@ async fn ensure_worker_service_account(
         Ok(Some(existing))
             if !resources::worker_service_account_is_stale(&existing, &ctx.settings) =>
         {
+            checked();
             return Ok(None);
         }
         Ok(existing) => {
@@ -704,6 +722,7 @@ async fn ensure_worker_service_account(
             match api.patch(name, &pp, &Patch::Apply(&account)).await {
                 Ok(_) => {
                     info!(namespace = ns, service_account = name, "{done}");
+                    checked();
                     return Ok(None);
                 }
                 Err(e) => (step, fix, e),
