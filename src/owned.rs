@@ -148,7 +148,7 @@ pub async fn ensure_group_objects(
             ));
         }
         Err(Refused::Problem(p)) => return Ok((None, vec![p])),
-        Err(Refused::Error(e)) => return Err(e),
+        Err(Refused::Error(e)) => return Err(*e),
     }
     let name = resources::deployment_name(kcg);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
@@ -171,13 +171,14 @@ pub async fn ensure_group_objects(
             vec![api_problem::not_owned("Deployment", ns, &name, &group)],
         )),
         Err(Refused::Problem(p)) => Ok((None, vec![p])),
-        Err(Refused::Error(e)) => Err(e),
+        Err(Refused::Error(e)) => Err(*e),
     }
 }
 
 enum Refused {
     Problem(Problem),
-    Error(Error),
+    /// Boxed: the error is large and this is the rare path.
+    Error(Box<Error>),
 }
 
 /// The object of an outcome (`None` when not owned), or what a failure is.
@@ -199,19 +200,19 @@ fn refusal<K>(outcome: Result<Outcome<K>, Error>, group: &str) -> Result<Option<
                     name,
                     source: kube::Error::Api(s),
                 } => ("get", *kind, namespace, name, s),
-                _ => return Err(Refused::Error(e)),
+                _ => return Err(Refused::Error(Box::new(e))),
             };
             if api_problem::namespace_terminating(status) {
-                return Err(Refused::Error(Error::NamespaceTerminating {
+                return Err(Refused::Error(Box::new(Error::NamespaceTerminating {
                     namespace: namespace.clone(),
-                }));
+                })));
             }
             match api_problem::classify(verb, kind, namespace, name, status) {
                 Some(p) => {
                     debug!(group, reason = %p.reason, "refused by the API server");
                     Err(Refused::Problem(p))
                 }
-                None => Err(Refused::Error(e)),
+                None => Err(Refused::Error(Box::new(e))),
             }
         }
     }
