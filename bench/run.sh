@@ -2,7 +2,7 @@
 # Runs kcg's benchmarks and prints one table (see bench/README.md).
 #
 #   bench/run.sh                         every benchmark
-#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance)
+#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance operator)
 #   bench/run.sh --help                  all options
 #
 # Starts (or reuses) the emulators with scripts/emulators.sh. Kinesis traffic goes to
@@ -28,7 +28,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 # The pure-function benchmarks alone need no emulator.
-if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* ]]; then
+if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *operator* ]]; then
   need_emulators=0
 fi
 [[ -n "$only" && "$only" != *e2e* ]] && want_peer=0
@@ -68,5 +68,10 @@ if ((need_emulators)); then
   fi
 fi
 ((want_peer)) && install_peer
+
+# The operator benchmark runs the real operator binary (target/release/kcg-operator).
+if [[ -z "$only" || "$only" == *operator* ]]; then
+  cargo build --release --locked -p kcg-operator --bin kcg-operator
+fi
 
 exec cargo run --release --locked -p kcg-bench --bin kcg-bench -- "$@"

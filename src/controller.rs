@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -23,24 +23,25 @@ use kcg_worker::store::StateStore;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector;
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
 use crate::crd_check::{self, CrdState};
-use crate::disruption::{self, PdbAction};
 use crate::events::{self, Severity};
+use crate::finalizing::{self, Step};
 use crate::metrics::Metrics;
+use crate::observed::{self, Observed};
+use crate::owned;
 use crate::resources::{self, OperatorSettings};
 use crate::status::{self, DeploymentState, Problem, StatusInput};
 use crate::store_admin::{self, StoreAdminError};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "kcg-operator";
-/// Finalizer that holds a group until its cleanup ran.
-pub const FINALIZER: &str = "kcg.dev/cleanup";
+pub use crate::finalizing::FINALIZER;
 /// How often the status is refreshed while a group exists.
 pub const REFRESH: Duration = Duration::from_secs(5);
 /// How often a group whose spec is invalid is looked at again (a spec edit triggers a
@@ -53,6 +54,9 @@ pub const CLEANUP_POLL: Duration = Duration::from_secs(5);
 /// Most event recorders kept (one per distinct event, see [`EventRecorders`]); the least
 /// recently used one goes first.
 pub const MAX_EVENT_RECORDERS: usize = 1000;
+/// How long a namespace's default worker ServiceAccount, once found in order, is not read
+/// again.
+pub const SERVICE_ACCOUNT_RECHECK: Duration = Duration::from_secs(300);
 /// Degraded reason when the default worker ServiceAccount is missing from the group's
 /// namespace and the operator could not create it (or could not read or update it).
 pub const SERVICE_ACCOUNT_MISSING: &str = "ServiceAccountMissing";
@@ -174,9 +178,35 @@ pub enum Error {
     /// The object has no namespace (the CRD is namespaced, so only a hand-built object).
     #[error("KinesisConsumerGroup {0} has no namespace")]
     NoNamespace(String),
-    /// The finalizer helper failed (adding/removing the finalizer, or the wrapped step).
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the cleanup finalizer failed.
+    #[error("{action} the finalizer {FINALIZER} of {group}: {source}")]
+    Finalizer {
+        /// `adding` or `removing`.
+        action: &'static str,
+        /// Group id.
+        group: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The group's namespace is being deleted: nothing new may be made there, and the group
+    /// goes with it. Not reported on the group (events cannot be created there either).
+    #[error("namespace {namespace} is being deleted; the group goes with it")]
+    NamespaceTerminating {
+        /// Namespace.
+        namespace: String,
+    },
+    /// Serializing an owned object failed (cannot happen with these types).
+    #[error("serializing {kind} {name}: {source}")]
+    SerializeOwned {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The CRD is not installed, or the operator may not list the resource.
     #[error(
         "cannot list KinesisConsumerGroups (is the CRD installed? `kcg-operator crd | kubectl apply -f -`): {0}"
@@ -199,25 +229,16 @@ impl Error {
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
             Error::NoNamespace(_) => "NoNamespace",
-            Error::Finalizer(inner) => match &**inner {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "Finalizer",
-            },
+            Error::Finalizer { .. } => "Finalizer",
+            Error::SerializeOwned { .. } => "SerializeOwned",
+            Error::NamespaceTerminating { .. } => "NamespaceTerminating",
             Error::CrdMissing(_) => "CrdMissing",
         }
     }
 
     /// True when this is the "workers still stopping" wait, which is polled, not backed off.
     pub fn is_waiting(&self) -> bool {
-        match self {
-            Error::WorkersStillRunning { .. } => true,
-            Error::Finalizer(inner) => matches!(
-                &**inner,
-                kube::runtime::finalizer::Error::CleanupFailed(Error::WorkersStillRunning { .. })
-            ),
-            _ => false,
-        }
+        matches!(self, Error::WorkersStillRunning { .. })
     }
 }
 
@@ -383,6 +404,11 @@ pub struct Context {
     /// Whether the installed CRD lacks fields (see [`crate::crd_check`]), kept current by
     /// [`run`]; reported on every group.
     pub crd: Arc<CrdState>,
+    /// Namespaces whose default worker ServiceAccount was last found in order, and when.
+    pub service_accounts_checked: Mutex<HashMap<String, Instant>>,
+    /// The owned objects as the watches see them (empty without watches: then each is
+    /// read before it is applied).
+    pub observed: Observed,
 }
 
 impl Context {
@@ -406,7 +432,15 @@ impl Context {
             dynamo,
             failures: Mutex::new(HashMap::new()),
             crd: Arc::default(),
+            observed: Observed::default(),
+            service_accounts_checked: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context comparing against `observed` caches.
+    pub fn with_observed(mut self, observed: Observed) -> Self {
+        self.observed = observed;
+        self
     }
 }
 
@@ -430,14 +464,33 @@ pub async fn reconcile(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Res
             .namespace()
             .ok_or_else(|| Error::NoNamespace(kcg.name_any()))?;
         let api: Api<KinesisConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
-        let result = finalizer(&api, FINALIZER, kcg.clone(), |event| async {
-            match event {
-                Finalizer::Apply(k) => apply(k, ctx.clone()).await,
-                Finalizer::Cleanup(k) => cleanup(k, ctx.clone()).await,
+        let set_finalizer = |present: bool| {
+            let (api, kcg, group) = (&api, &kcg, &group);
+            async move {
+                finalizing::set(api, kcg, present)
+                    .await
+                    .map_err(|source| Error::Finalizer {
+                        action: if present { "adding" } else { "removing" },
+                        group: group.clone(),
+                        source,
+                    })
             }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
+        };
+        // The finalizer only while onDelete is Delete; its change comes back as a watch
+        // event (the group watch passes finalizer changes), which reconciles again.
+        let result = match finalizing::step_for(&kcg) {
+            Step::Add => set_finalizer(true).await.map(|()| Action::await_change()),
+            Step::Remove => set_finalizer(false).await.map(|()| Action::await_change()),
+            Step::Cleanup => match cleanup(kcg.clone(), ctx.clone()).await {
+                Ok(action) => set_finalizer(false).await.map(|()| action),
+                Err(e) => Err(e),
+            },
+            Step::Gone => {
+                forget(&kcg, &ctx);
+                Ok(Action::await_change())
+            }
+            Step::Proceed => apply(kcg.clone(), ctx.clone()).await,
+        };
         match &result {
             Ok(_) => {
                 lock(&ctx.failures).remove(&object_key(&kcg));
@@ -456,6 +509,10 @@ pub fn error_policy(kcg: Arc<KinesisConsumerGroup>, error: &Error, ctx: Arc<Cont
     if error.is_waiting() {
         info!(group = %kcg.group_id(), "{error}");
         return Action::requeue(CLEANUP_POLL);
+    }
+    if matches!(error, Error::NamespaceTerminating { .. }) {
+        debug!(group = %kcg.group_id(), "{error}");
+        return Action::requeue(INVALID_SPEC_RETRY);
     }
     let failures = {
         let mut map = lock(&ctx.failures);
@@ -511,37 +568,12 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         if let Some(problem) = ensure_worker_service_account(&kcg, &ctx, &ns).await? {
             problems.push(problem);
         }
-        match apply_owned(&kcg, &ctx, &ns, &group).await {
-            Ok(d) => Some(d),
-            // The namespace is being deleted, and with it the group: the API server refuses
-            // to create anything in it (say the PodDisruptionBudget the namespace controller
-            // just removed). Not the spec's fault; the group's cleanup follows.
-            Err(Error::Apply {
-                kind,
-                source: kube::Error::Api(s),
-                ..
-            }) if namespace_terminating(&s) => {
-                debug!(kind, "namespace {ns} is being deleted: nothing applied");
-                return Ok(Action::await_change());
-            }
-            // The API server refused what the spec rendered to (a bad quantity in
-            // spec.worker.resources, a forbidden field...): report it, do not crash-loop.
-            Err(Error::Apply {
-                kind,
-                source: kube::Error::Api(s),
-                ..
-            }) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
-                problems.push(Problem::new(
-                    "ApplyRejected",
-                    format!(
-                        "the API server rejected the {kind} rendered from the spec: {} ({})",
-                        s.message, s.reason
-                    ),
-                ));
-                None
-            }
-            Err(e) => return Err(e),
+        let (deployment, refused) = owned::ensure_group_objects(&kcg, &ctx, &ns).await?;
+        problems.extend(refused);
+        if deployment.is_some() {
+            problems.extend(owned::ensure_disruption_budget(&kcg, &ctx, &ns).await?);
         }
+        deployment
     } else {
         None
     };
@@ -549,18 +581,29 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         Some(d) => Some(d),
         None => {
             let name = resources::deployment_name(&kcg);
-            deployments
-                .get_opt(&name)
-                .await
-                .map_err(|source| Error::Get {
-                    kind: "Deployment",
-                    namespace: ns.clone(),
-                    name,
-                    source,
-                })?
+            let found = match ctx.observed.deployment(&ns, &name) {
+                Some(d) => Some((*d).clone()),
+                None => deployments
+                    .get_opt(&name)
+                    .await
+                    .map_err(|source| Error::Get {
+                        kind: "Deployment",
+                        namespace: ns.clone(),
+                        name,
+                        source,
+                    })?,
+            };
+            // Another object of that name says nothing about the group's workers.
+            found.filter(|d| crate::apply::is_owned_by(&d.metadata, &kcg.uid().unwrap_or_default()))
         }
     };
-    let valid = valid && problems.is_empty();
+    // A name taken by an object the group does not own is looked at again at the refresh
+    // pace (one read): the watch of owned objects does not see it go, and the group should
+    // proceed as soon as it does.
+    let valid = valid
+        && problems
+            .iter()
+            .all(|p| p.reason == crate::api_problem::RESOURCE_NOT_OWNED);
     // Not a spec problem: the group is applied and refreshed as usual.
     problems.extend(ctx.crd.problem());
 
@@ -640,16 +683,6 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     })
 }
 
-/// Whether the API server refused a write because the namespace is being deleted (403 with
-/// the cause `NamespaceTerminating`).
-pub fn namespace_terminating(status: &kube::core::Status) -> bool {
-    status.code == 403
-        && status
-            .details
-            .as_ref()
-            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
-}
-
 /// Makes sure the worker pods' default ServiceAccount exists in the group's namespace, when
 /// the group does not name its own (`spec.worker.serviceAccountName`), the operator has one
 /// (`--worker-service-account`) and may make it (`--create-worker-service-account`). A pod
@@ -677,6 +710,17 @@ async fn ensure_worker_service_account(
     let Some(name) = ctx.settings.worker_service_account.as_deref() else {
         return Ok(None);
     };
+    // Found in order lately: not read again on every refresh (a read per group every few
+    // seconds is the steady API traffic the operator avoids).
+    if lock(&ctx.service_accounts_checked)
+        .get(ns)
+        .is_some_and(|at| at.elapsed() < SERVICE_ACCOUNT_RECHECK)
+    {
+        return Ok(None);
+    }
+    let checked = || {
+        lock(&ctx.service_accounts_checked).insert(ns.to_owned(), Instant::now());
+    };
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let create_it = format!(
         "Create it (`kubectl -n {ns} create serviceaccount {name}`) or set spec.worker.serviceAccountName to an account of namespace {ns}"
@@ -685,6 +729,7 @@ async fn ensure_worker_service_account(
         Ok(Some(existing))
             if !resources::worker_service_account_is_stale(&existing, &ctx.settings) =>
         {
+            checked();
             return Ok(None);
         }
         Ok(existing) => {
@@ -707,6 +752,7 @@ async fn ensure_worker_service_account(
             match api.patch(name, &pp, &Patch::Apply(&account)).await {
                 Ok(_) => {
                     info!(namespace = ns, service_account = name, "{done}");
+                    checked();
                     return Ok(None);
                 }
                 Err(e) => (step, fix, e),
@@ -717,7 +763,7 @@ async fn ensure_worker_service_account(
     match failure {
         // The namespace is being deleted (its accounts with it): nothing is missing that
         // the group still needs.
-        kube::Error::Api(s) if namespace_terminating(&s) => Ok(None),
+        kube::Error::Api(s) if crate::api_problem::namespace_terminating(&s) => Ok(None),
         kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
             Ok(Some(Problem::new(
                 SERVICE_ACCOUNT_MISSING,
@@ -733,88 +779,6 @@ async fn ensure_worker_service_account(
             source,
         }),
     }
-}
-
-/// Server-side applies the ConfigMap, then the Deployment; returns the Deployment as stored.
-async fn apply_owned(
-    kcg: &KinesisConsumerGroup,
-    ctx: &Context,
-    ns: &str,
-    group: &str,
-) -> Result<Deployment, Error> {
-    let rendered = resources::render(kcg, &ctx.settings).map_err(|source| Error::Render {
-        group: group.to_owned(),
-        source,
-    })?;
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    let cm_name = resources::config_map_name(kcg);
-    config_maps
-        .patch(&cm_name, &pp, &Patch::Apply(&rendered.config_map))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "ConfigMap",
-            namespace: ns.to_owned(),
-            name: cm_name.clone(),
-            source,
-        })?;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let name = resources::deployment_name(kcg);
-    let applied = deployments
-        .patch(&name, &pp, &Patch::Apply(&rendered.deployment))
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "Deployment",
-            namespace: ns.to_owned(),
-            name: name.clone(),
-            source,
-        })?;
-    debug!(config_hash = %rendered.config_hash, "applied ConfigMap and Deployment");
-    apply_pdb(kcg, ctx, ns).await?;
-    Ok(applied)
-}
-
-/// Applies the workers' PodDisruptionBudget when the group wants one, and deletes it when
-/// the spec changed so that it wants none (replicas down to 1, suspended, disabled).
-async fn apply_pdb(kcg: &KinesisConsumerGroup, ctx: &Context, ns: &str) -> Result<(), Error> {
-    let wanted = disruption::pod_disruption_budget(kcg);
-    let spec_changed = kcg.status.as_ref().and_then(|s| s.observed_generation)
-        != kcg.metadata.generation
-        || kcg.metadata.generation.is_none();
-    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-    let name = disruption::pdb_name(kcg);
-    match (
-        disruption::pdb_action(wanted.is_some(), spec_changed),
-        wanted,
-    ) {
-        (PdbAction::Apply, Some(pdb)) => {
-            let pp = PatchParams::apply(FIELD_MANAGER).force();
-            api.patch(&name, &pp, &Patch::Apply(&pdb))
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "PodDisruptionBudget",
-                    namespace: ns.to_owned(),
-                    name: name.clone(),
-                    source,
-                })?;
-        }
-        (PdbAction::Delete, _) => match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {
-                debug!(pdb = %name, "deleted the PodDisruptionBudget the spec no longer wants")
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Delete {
-                    kind: "PodDisruptionBudget",
-                    namespace: ns.to_owned(),
-                    name,
-                    source,
-                });
-            }
-        },
-        _ => {}
-    }
-    Ok(())
 }
 
 /// `now` truncated to whole seconds: the API server stores condition times with second
@@ -880,6 +844,10 @@ async fn publish_status(
                     })
                     .inc();
                 info!(reason = %ev.reason, note = %ev.note, "event");
+            }
+            // A namespace being deleted takes no new events, and the group goes with it.
+            Err(kube::Error::Api(s)) if crate::api_problem::namespace_terminating(&s) => {
+                debug!(reason = %ev.reason, "namespace terminating: event not published");
             }
             Err(e) => warn!(reason = %ev.reason, error = %e, "publishing event failed"),
         }
@@ -954,10 +922,17 @@ async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    lock(&ctx.liveness).remove(&group);
-    lock(&ctx.failures).remove(&object_key(&kcg));
-    ctx.metrics.groups.forget(&ns, &kcg.name_any());
+    forget(&kcg, &ctx);
     Ok(Action::await_change())
+}
+
+/// Drops what the context keeps about a group that goes.
+fn forget(kcg: &KinesisConsumerGroup, ctx: &Context) {
+    lock(&ctx.liveness).remove(&kcg.group_id());
+    lock(&ctx.failures).remove(&object_key(kcg));
+    ctx.metrics
+        .groups
+        .forget(&kcg.namespace().unwrap_or_default(), &kcg.name_any());
 }
 
 /// Where and how the controller runs.
@@ -975,27 +950,16 @@ pub struct RunOptions {
 /// Runs the controller until shutdown (SIGTERM/ctrl-c) or until the future is dropped
 /// (lost leadership).
 pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Result<(), Error> {
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        opts.settings.clone(),
-        metrics,
-        DynamoClients::from_env().await,
-    ));
     // One controller per watched namespace (a watch is per namespace or cluster-wide);
-    // they share the context, so trackers, backoff and metrics are common.
+    // they share the context, so trackers, backoff, metrics and the owned-object caches
+    // are common.
     let scopes: Vec<Option<String>> = if opts.namespaces.is_empty() {
         vec![None]
     } else {
         opts.namespaces.iter().cloned().map(Some).collect()
     };
-    // Dropped with this future, like the controllers (lost leadership, shutdown).
-    let _crd_check = opts.check_crd.then(|| {
-        AbortOnDrop(tokio::spawn(crd_check::keep_checking(
-            client.clone(),
-            ctx.crd.clone(),
-        )))
-    });
-    let mut controllers = Vec::new();
+    let mut observed = Observed::default();
+    let mut wired = Vec::new();
     for ns in scopes {
         let (groups, deployments, config_maps, pdbs) = match &ns {
             Some(ns) => (
@@ -1015,15 +979,58 @@ pub async fn run(client: Client, opts: RunOptions, metrics: Arc<Metrics>) -> Res
             .list(&ListParams::default().limit(1))
             .await
             .map_err(Error::CrdMissing)?;
-        // Owned objects carry this label; watching only them keeps the caches small.
-        let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=kcg-operator");
+        let (cm_store, cm_stream) = observed::owned_stream(config_maps);
+        let (dep_store, dep_stream) = observed::owned_stream(deployments);
+        let (pdb_store, pdb_stream) = observed::owned_stream(pdbs);
+        observed.add(cm_store, dep_store, pdb_store);
+        wired.push((ns, groups, cm_stream, dep_stream, pdb_stream));
+    }
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            opts.settings.clone(),
+            metrics,
+            DynamoClients::from_env().await,
+        )
+        .with_observed(observed),
+    );
+    // Dropped with this future, like the controllers (lost leadership, shutdown).
+    let _crd_check = opts.check_crd.then(|| {
+        AbortOnDrop(tokio::spawn(crd_check::keep_checking(
+            client.clone(),
+            ctx.crd.clone(),
+        )))
+    });
+    let mut controllers = Vec::new();
+    for (ns, groups, cm_stream, dep_stream, pdb_stream) in wired {
+        // Our own status writes must not reconcile again: only a spec change (generation),
+        // a finalizer or label/annotation change, or deletion (which bumps the generation)
+        // does. The status is refreshed by each reconcile's requeue.
+        let (reader, writer) = reflector::store();
+        let group_stream = reflector::reflector(
+            writer,
+            // Managed fields are the bulk of a cached object and never read.
+            watcher(groups, watcher::Config::default().any_semantic()).map_ok(|ev| {
+                ev.modify(|g| {
+                    g.managed_fields_mut().clear();
+                })
+            }),
+        )
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::labels)
+                .combine(predicates::annotations),
+            Default::default(),
+        );
         info!(namespace = ?ns, "controller starting");
         let ctx = ctx.clone();
         controllers.push(async move {
-            Controller::new(groups, watcher::Config::default().any_semantic())
-                .owns(deployments, owned.clone())
-                .owns(config_maps, owned.clone())
-                .owns(pdbs, owned)
+            Controller::for_stream(group_stream, reader)
+                .owns_stream(dep_stream)
+                .owns_stream(cm_stream)
+                .owns_stream(pdb_stream)
                 .shutdown_on_signal()
                 .run(reconcile, error_policy, ctx)
                 .for_each(|res| async move {
@@ -1121,7 +1128,7 @@ mod tests {
             ),
         ];
         for (s, want) in cases {
-            assert_eq!(namespace_terminating(&s), want, "{s:?}");
+            assert_eq!(crate::api_problem::namespace_terminating(&s), want, "{s:?}");
         }
     }
 

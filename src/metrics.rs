@@ -23,6 +23,13 @@ pub struct EventLabels {
     pub reason: String,
 }
 
+/// Labels of the apply counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The applied object's kind: `ConfigMap`, `Deployment`.
+    pub kind: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -40,6 +47,9 @@ pub struct Metrics {
     pub events: Family<EventLabels, Counter>,
     /// Per-group lag, shard and client gauges (`kcg_operator_group_*`).
     pub groups: crate::group_metrics::GroupMetrics,
+    /// Server-side applies of owned objects, by kind (`kcg_operator_applies_total`); owned
+    /// objects already as rendered are not applied, so this stays flat in a steady state.
+    pub applies: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +89,12 @@ impl Metrics {
             events.clone(),
         );
         let groups = crate::group_metrics::GroupMetrics::register(&mut registry);
+        let applies = Family::default();
+        registry.register(
+            "applies",
+            "Server-side applies of owned objects, by kind",
+            applies.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -87,6 +103,7 @@ impl Metrics {
             status_patches,
             events,
             groups,
+            applies,
         }
     }
 
@@ -104,6 +121,15 @@ impl Metrics {
         self.errors
             .get_or_create(&ErrorLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a server-side apply of an owned object of `kind`.
+    pub fn applies(&self, kind: &str) {
+        self.applies
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
             })
             .inc();
     }

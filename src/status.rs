@@ -176,7 +176,7 @@ pub fn compact_ranges(stream: &str, shards: &[(String, Option<String>)]) -> Vec<
 /// How stale a published client heartbeat may get before a refresh writes the status for
 /// that alone. Heartbeats move every few seconds; writing each one would turn every group
 /// into a steady stream of API writes.
-pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 30_000;
+pub const HEARTBEAT_WRITE_SLACK_MS: i64 = 60_000;
 
 /// Whether `new` must be written over the published `old`: on any change except client
 /// heartbeat times, or when a published heartbeat time lags by more than
@@ -226,6 +226,26 @@ pub fn human_millis(ms: i64) -> String {
         (0, m, sec) => format!("{m}m{sec}s"),
         (h, 0, _) => format!("{h}h"),
         (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// Lag as published: whole seconds under a minute, 10-second steps above. Lag moves with
+/// every poll; published exactly, every refresh would be a status write.
+pub fn coarse_lag_millis(ms: i64) -> i64 {
+    let step = if ms < 60_000 { 1_000 } else { 10_000 };
+    ms.max(0) / step * step
+}
+
+/// `message` without retry counters (`(3 attempts)`, `attempt 4`): a counter that grows
+/// with each retry would make each refresh a status write and a new event.
+pub fn without_counters(message: &str) -> String {
+    static COUNTERS: std::sync::LazyLock<Option<regex::Regex>> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\s*\(\d+ (?:attempts?|retries|tries)\)|\s*\b(?:attempt|retry) #?\d+\b")
+            .ok()
+    });
+    match COUNTERS.as_ref() {
+        Some(re) => re.replace_all(message, "").into_owned(),
+        None => message.to_owned(),
     }
 }
 
@@ -284,7 +304,7 @@ fn stream_facts(
             .and_then(|l| l.owner.as_deref())
             .filter(|o| live.contains(*o))
             .map(str::to_owned);
-        if let Some(ms) = lease.and_then(|l| l.millis_behind)
+        if let Some(ms) = lease.and_then(|l| l.millis_behind).map(coarse_lag_millis)
             && f.lag.as_ref().is_none_or(|(m, _)| ms > *m)
         {
             f.lag = Some((ms, shard.clone()));
@@ -314,6 +334,15 @@ pub fn remedy(reason: &str) -> &'static str {
         }
         "ApplyRejected" => {
             "fix the spec fields the API server names (spec.worker: resources, env, tolerations, affinity, extraContainers); the workers keep running with the last applied Deployment"
+        }
+        "ResourceNotOwned" => {
+            "an object with the name of the group's ConfigMap (NAME-config) or Deployment (NAME) exists and is not the group's: rename the group, or delete or rename that object; the operator never overwrites it"
+        }
+        "Forbidden" => {
+            "grant the operator's ServiceAccount the verb on the resource the message names (the chart's ClusterRole or Role does; check `kubectl auth can-i --as=system:serviceaccount:NAMESPACE:kcg-operator VERB RESOURCE -n GROUP_NAMESPACE`)"
+        }
+        "NotFound" => {
+            "an object the write needs is missing: if the group's namespace is being deleted this passes with it; otherwise create the object the message names"
         }
         "InvalidSpec" => {
             "fix the spec as the message says; the workers keep their last good config until then"
@@ -407,7 +436,7 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
             last_error: c
                 .last_error
                 .as_deref()
-                .map(|e| conditions::truncate(e, MAX_ERROR_CHARS)),
+                .map(|e| conditions::truncate(&without_counters(e), MAX_ERROR_CHARS)),
         })
         .collect();
 
@@ -626,7 +655,7 @@ fn decide(d: Decide<'_>) -> Vec<Verdict> {
             reason,
             format!(
                 "client {client}{more}: {}",
-                conditions::truncate(err, MAX_ERROR_CHARS)
+                conditions::truncate(&without_counters(err), MAX_ERROR_CHARS)
             ),
         ));
     }

@@ -16,6 +16,8 @@ mod crd_support;
 mod e2e_support;
 #[path = "e2e/pods.rs"]
 mod pods;
+#[path = "e2e/quiet.rs"]
+mod quiet;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 #[path = "e2e/upgrades.rs"]
@@ -187,6 +189,21 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "an outdated CRD: Degraded CrdOutdated; helm upgrade restores it",
         upgrades::outdated_crd(env, kubelet),
+    )
+    .await?;
+    step(
+        "quiet: a steady group's objects are not applied, its status hardly written",
+        quiet::steady_group_is_quiet(env),
+    )
+    .await?;
+    step(
+        "a ConfigMap or Deployment the group does not own is left alone: ResourceNotOwned",
+        quiet::foreign_objects_are_left_alone(env),
+    )
+    .await?;
+    step(
+        "the finalizer follows onDelete; Retain goes at once with the operator stopped",
+        quiet::finalizer_follows_on_delete(env),
     )
     .await?;
     step(

@@ -10,15 +10,20 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kcg_operator::controller::{self, Context, DynamoClients, Error};
-use kcg_operator::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus};
+use kcg_operator::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
 use kcg_operator::metrics::Metrics;
+use kcg_operator::observed::Observed;
 use kcg_operator::resources::{CONFIG_HASH_ANNOTATION, OperatorSettings};
 use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
@@ -119,7 +124,7 @@ fn group(table: &str, extra: Value) -> KinesisConsumerGroup {
         "kind": "KinesisConsumerGroup",
         "metadata": {
             "name": NAME, "namespace": NS, "uid": "6f1c1d1e-0000-4000-8000-000000000001",
-            "generation": 1, "finalizers": [controller::FINALIZER]
+            "generation": 1, "resourceVersion": "100"
         },
         "spec": {
             "replicas": 2,
@@ -129,7 +134,12 @@ fn group(table: &str, extra: Value) -> KinesisConsumerGroup {
         }
     });
     merge(&mut v, extra);
-    serde_json::from_value(v).unwrap()
+    let mut kcg: KinesisConsumerGroup = serde_json::from_value(v).unwrap();
+    // As the operator leaves it: the cleanup finalizer exactly with onDelete: Delete.
+    if kcg.spec.state_store.on_delete == OnDelete::Delete && kcg.metadata.finalizers.is_none() {
+        kcg.metadata.finalizers = Some(vec![controller::FINALIZER.into()]);
+    }
+    kcg
 }
 
 fn merge(a: &mut Value, b: Value) {
@@ -230,8 +240,18 @@ impl Verifier {
         assert!(s.query.contains("force=true"), "SSA force: {}", s.query);
     }
 
-    /// The ConfigMap apply; returns its body.
+    /// The read of an owned object the watch cache does not hold (empty in these tests
+    /// unless fed), answered 404.
+    async fn expect_read_missing(&mut self, path: &str) {
+        let s = self.next().await;
+        assert_eq!((s.method.clone(), s.path.as_str()), (Method::GET, path));
+        Self::not_found(s.send);
+    }
+
+    /// The read of the ConfigMap (missing), then its apply; returns its body.
     async fn expect_config_map(&mut self) -> Value {
+        self.expect_read_missing(&format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config"))
+            .await;
         let s = self.next().await;
         assert_eq!(
             s.path,
@@ -243,8 +263,8 @@ impl Verifier {
         body
     }
 
-    /// The Deployment apply, answered with `status` as the API server would show it;
-    /// returns the applied body.
+    /// The read of the Deployment (missing), then its apply, answered with `status` as the
+    /// API server would show it; returns the applied body.
     async fn expect_deployment(&mut self, status: Value) -> Value {
         self.expect_deployment_and_pdb(status).await.0
     }
@@ -252,6 +272,8 @@ impl Verifier {
     /// [`Verifier::expect_deployment`], also returning the budget applied after it (`None`:
     /// deleted).
     async fn expect_deployment_and_pdb(&mut self, status: Value) -> (Value, Option<Value>) {
+        self.expect_read_missing(&format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"))
+            .await;
         let s = self.next().await;
         assert_eq!(
             s.path,
@@ -273,15 +295,18 @@ impl Verifier {
     /// replica) or deleted (fewer; answered 404 as when there is none). Returns the applied
     /// budget, `None` for a delete.
     async fn expect_pdb(&mut self) -> Option<Value> {
-        let s = self.next().await;
-        assert_eq!(
-            s.path,
-            format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}")
-        );
+        let path = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}");
+        let mut s = self.next().await;
+        assert_eq!(s.path, path);
         if s.method == Method::DELETE {
             Self::not_found(s.send);
             return None;
         }
+        // Read (missing) before it is applied, like the other owned objects.
+        assert_eq!(s.method, Method::GET);
+        Self::not_found(s.send);
+        s = self.next().await;
+        assert_eq!(s.path, path);
         Self::assert_ssa(&s);
         let body = s.body.clone();
         Self::reply(s.send, StatusCode::OK, &body);
@@ -478,14 +503,19 @@ async fn assert_no_request(v: &mut Verifier) {
 // ------------------------------------------------------------------ tests
 
 #[tokio::test]
-async fn create_adds_finalizer_then_applies_config_map_and_deployment_then_status() {
+async fn create_with_on_delete_delete_adds_finalizer_then_applies_config_map_and_deployment_then_status()
+ {
     let Some(endpoint) = emulator() else { return };
     let table = unique_table("create");
     seeded_store(&endpoint, &table).await;
     let (ctx, verifier) = context(&endpoint).await;
 
-    // A brand-new object has no finalizer: the first reconcile only adds it.
-    let mut fresh = group(&table, json!({}));
+    // A brand-new object with onDelete: Delete has no finalizer: the first reconcile only
+    // adds it.
+    let mut fresh = group(
+        &table,
+        json!({"spec": {"stateStore": {"onDelete": "Delete"}}}),
+    );
     fresh.metadata.finalizers = None;
     let fresh2 = fresh.clone();
     let (res, verifier, ()) = run(&fresh, &ctx, verifier, |mut v| async move {
@@ -825,16 +855,17 @@ async fn delete_with_retain_keeps_the_rows() {
     let table = unique_table("retain");
     let store = seeded_store(&endpoint, &table).await;
     let (ctx, verifier) = context(&endpoint).await;
+    // A group from an older operator, which added the finalizer whatever the policy.
     let kcg = group(
         &table,
-        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": [controller::FINALIZER]}}),
     );
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         // Only the finalizer goes; the Deployment is garbage-collected by its owner ref.
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
         assert_eq!(s.path, format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}"));
-        assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
+        assert_eq!(s.body["metadata"]["finalizers"], json!([]), "finalizer removal: {}", s.body);
         Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "kcg.dev/v1alpha1", "kind": "KinesisConsumerGroup",
             "metadata": {"name": NAME, "namespace": NS}, "spec": {"streams": [{"name": "orders"}], "stateStore": {"table": "t"}, "delivery": {"stdout": {}}}}));
         (v, ())
@@ -916,7 +947,7 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
         Verifier::not_found(s.send);
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
-        assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
+        assert_eq!(s.body["metadata"]["finalizers"], json!([]), "finalizer removal: {}", s.body);
         Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "kcg.dev/v1alpha1", "kind": "KinesisConsumerGroup",
             "metadata": {"name": NAME, "namespace": NS}, "spec": {"streams": [{"name": "orders"}], "stateStore": {"table": "t"}, "delivery": {"stdout": {}}}}));
         (v, ())
@@ -956,6 +987,7 @@ async fn deployment_rejected_by_the_api_server_is_degraded_not_crash_looped() {
     let k2 = kcg.clone();
     let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
         v.expect_config_map().await;
+        v.expect_read_missing(&format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}")).await;
         let s = v.next().await;
         assert_eq!(s.path, format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"));
         Verifier::reply(
@@ -1004,7 +1036,7 @@ async fn delete_with_delete_and_no_table_does_not_block_the_deletion() {
         Verifier::not_found(s.send);
         let s = v.next().await;
         assert_eq!(s.method, Method::PATCH);
-        assert!(s.body.to_string().contains("remove"), "finalizer removal: {}", s.body);
+        assert_eq!(s.body["metadata"]["finalizers"], json!([]), "finalizer removal: {}", s.body);
         Verifier::reply(s.send, StatusCode::OK, &json!({"apiVersion": "kcg.dev/v1alpha1", "kind": "KinesisConsumerGroup",
             "metadata": {"name": NAME, "namespace": NS}, "spec": {"streams": [{"name": "orders"}], "stateStore": {"table": "t"}, "delivery": {"stdout": {}}}}));
         (v, ())
@@ -1392,5 +1424,324 @@ async fn every_distribution_change_is_an_event_and_identical_repeats_are_a_serie
     .await;
     assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
     assert_eq!(note, "worker-b-1=4 → worker-a-1=2 worker-b-1=2");
+    assert_quiet(verifier).await;
+}
+
+// ------------------------------------------------------------------ quiet, safe, reasons
+
+/// A context comparing against watch caches the test feeds through the returned writers.
+async fn context_with_caches(
+    endpoint: &str,
+) -> (
+    Arc<Context>,
+    Verifier,
+    Writer<ConfigMap>,
+    Writer<Deployment>,
+) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let (config_maps, cm_writer) = reflector::store();
+    let (deployments, dep_writer) = reflector::store();
+    let ctx = Context::new(
+        Client::new(service, "default"),
+        OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test"),
+        Arc::new(Metrics::new()),
+        DynamoClients::from_config(aws(endpoint).await),
+    )
+    .with_observed(Observed::new(vec![config_maps], vec![deployments]));
+    (Arc::new(ctx), Verifier(handle), cm_writer, dep_writer)
+}
+
+fn feed<K>(writer: &mut Writer<K>, object: Value)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+{
+    let object: K = serde_json::from_value(object).unwrap();
+    writer.apply_watcher_event(&watcher::Event::Apply(object));
+}
+
+#[tokio::test]
+async fn objects_as_rendered_are_not_applied_and_drift_is_put_back() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("quiet");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier, mut cms, mut deps) = context_with_caches(&endpoint).await;
+    let kcg = group(&table, json!({}));
+    let k2 = kcg.clone();
+    let (res, verifier, (cm, dep, status)) = run(&kcg, &ctx, verifier, |mut v| async move {
+        let cm = v.expect_config_map().await;
+        let mut dep = v.expect_deployment(ready_deployment(2)).await;
+        merge(
+            &mut dep,
+            json!({"metadata": {"generation": 1}, "status": ready_deployment(2)}),
+        );
+        let status = v.expect_status(&k2).await;
+        v.expect_event().await;
+        v.expect_event().await;
+        (v, (cm, dep, status))
+    })
+    .await;
+    res.unwrap();
+    assert!(
+        cm["metadata"]["annotations"]["kcg.dev/applied-hash"].is_string(),
+        "{cm}"
+    );
+    // The watch sees what was applied.
+    feed::<ConfigMap>(&mut cms, cm);
+    feed::<Deployment>(&mut deps, dep.clone());
+
+    // The periodic refresh: objects as rendered, status unchanged: no request at all.
+    let mut published = kcg.clone();
+    published.status = Some(status);
+    let (res, mut verifier, ()) = run(&published, &ctx, verifier, |v| async move { (v, ()) }).await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    assert_no_request(&mut verifier).await;
+
+    // Scaled behind our back: only the Deployment is applied, nothing is read.
+    let mut scaled = dep.clone();
+    scaled["spec"]["replicas"] = json!(5);
+    feed::<Deployment>(&mut deps, scaled);
+    let (res, verifier, ()) = run(&published, &ctx, verifier, |mut v| async move {
+        let s = v.next().await;
+        assert_eq!(
+            s.path,
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}")
+        );
+        Verifier::assert_ssa(&s);
+        assert_eq!(s.body["spec"]["replicas"], 2);
+        Verifier::reply(s.send, StatusCode::OK, &dep);
+        (v, ())
+    })
+    .await;
+    res.unwrap();
+    assert_quiet(verifier).await;
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains("kcg_operator_applies_total{kind=\"Deployment\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kcg_operator_applies_total{kind=\"ConfigMap\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn foreign(kind: &str, name: &str) -> Value {
+    let api_version = if kind == "Deployment" {
+        "apps/v1"
+    } else {
+        "v1"
+    };
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"name": name, "namespace": NS, "uid": "someone-else", "resourceVersion": "3",
+                        "labels": {"app": "theirs"}},
+           "data": {"theirs": "yes"}})
+}
+
+#[tokio::test]
+async fn a_config_map_the_group_does_not_own_is_left_alone_and_reported() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("notowned-cm");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(&table, json!({}));
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        let s = v.next().await;
+        assert_eq!(
+            (s.method.clone(), s.path.clone()),
+            (
+                Method::GET,
+                format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config")
+            )
+        );
+        Verifier::reply(
+            s.send,
+            StatusCode::OK,
+            &foreign("ConfigMap", &format!("{NAME}-config")),
+        );
+        // No apply of anything: the Deployment would mount a ConfigMap that is not ours. It
+        // is only read for the status.
+        v.expect_read_missing(&format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"))
+            .await;
+        let status = v.expect_status(&k2).await;
+        let d = cond(&status, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "ResourceNotOwned"),
+            "{}",
+            d.message
+        );
+        for needle in [
+            format!("ConfigMap {NS}/{NAME}-config"),
+            "rename the group".into(),
+            "delete or rename".into(),
+        ] {
+            assert!(d.message.contains(&needle), "{needle} in {}", d.message);
+        }
+        v.expect_warning("ResourceNotOwned").await;
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    let _ = verifier;
+}
+
+#[tokio::test]
+async fn a_deployment_the_group_does_not_own_is_left_alone_and_reported() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("notowned-dep");
+    seeded_store(&endpoint, &table).await;
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(&table, json!({}));
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        v.expect_config_map().await;
+        let path = format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}");
+        for _ in 0..2 {
+            // Read before the apply (not ours: no apply), then for the status (ignored).
+            let s = v.next().await;
+            assert_eq!(
+                (s.method.clone(), s.path.clone()),
+                (Method::GET, path.clone())
+            );
+            Verifier::reply(s.send, StatusCode::OK, &foreign("Deployment", NAME));
+        }
+        let status = v.expect_status(&k2).await;
+        let d = cond(&status, "Degraded");
+        assert_eq!(d.reason, "ResourceNotOwned", "{}", d.message);
+        assert!(
+            d.message.contains(&format!("Deployment {NS}/{NAME}")),
+            "{}",
+            d.message
+        );
+        assert_eq!(
+            status.replicas, 0,
+            "the foreign Deployment's pods are not the group's"
+        );
+        v.expect_warning("ResourceNotOwned").await;
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::requeue(controller::REFRESH));
+    let _ = verifier;
+}
+
+#[tokio::test]
+async fn refusals_are_named_for_what_they_are() {
+    let Some(endpoint) = emulator() else { return };
+    let forbidden = format!(
+        "deployments.apps \"{NAME}\" is forbidden: User \"system:serviceaccount:kcg-system:kcg-operator\" cannot patch resource \"deployments\" in API group \"apps\" in the namespace \"{NS}\""
+    );
+    let cases = [
+        (
+            403,
+            "Forbidden",
+            forbidden.clone(),
+            "Forbidden",
+            vec!["may not patch deployments", "kubectl auth can-i"],
+        ),
+        (
+            404,
+            "NotFound",
+            format!("namespaces \"{NS}\" not found"),
+            "NotFound",
+            vec!["not found", "namespace is being deleted"],
+        ),
+        (
+            400,
+            "BadRequest",
+            "bad request".to_owned(),
+            "ApplyRejected",
+            vec!["rejected the Deployment"],
+        ),
+    ];
+    for (code, reason, message, want, needles) in cases {
+        let table = unique_table(&format!("refused-{code}"));
+        seeded_store(&endpoint, &table).await;
+        let (ctx, verifier) = context(&endpoint).await;
+        let kcg = group(&table, json!({}));
+        let k2 = kcg.clone();
+        let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+            v.expect_config_map().await;
+            let path = format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}");
+            v.expect_read_missing(&path).await;
+            let s = v.next().await;
+            Verifier::assert_ssa(&s);
+            Verifier::reply(
+                s.send,
+                StatusCode::from_u16(code).unwrap(),
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "reason": reason, "code": code, "message": message}),
+            );
+            v.expect_read_missing(&path).await;
+            let status = v.expect_status(&k2).await;
+            let d = cond(&status, "Degraded");
+            assert_eq!(d.reason, want, "{code}: {}", d.message);
+            for needle in needles {
+                assert!(
+                    d.message.contains(needle),
+                    "{code}: {needle} in {}",
+                    d.message
+                );
+            }
+            v.expect_warning(want).await;
+            (v, ())
+        })
+        .await;
+        assert_eq!(
+            res.unwrap(),
+            Action::requeue(controller::INVALID_SPEC_RETRY),
+            "{code}"
+        );
+        let _ = verifier;
+    }
+}
+
+/// One reconcile of `kcg` that only writes the finalizer list `want` (with the
+/// resourceVersion read, so a concurrent change conflicts) and waits for the change.
+async fn expect_finalizer_patch(endpoint: &str, kcg: KinesisConsumerGroup, want: Value) {
+    let (ctx, verifier) = context(endpoint).await;
+    let path = format!("/apis/kcg.dev/v1alpha1/namespaces/{NS}/kinesisconsumergroups/{NAME}");
+    let k2 = kcg.clone();
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |mut v| async move {
+        let s = v.next().await;
+        assert_eq!((s.method.clone(), s.path.clone()), (Method::PATCH, path));
+        assert_eq!(s.body["metadata"]["finalizers"], want, "{}", s.body);
+        assert_eq!(s.body["metadata"]["resourceVersion"], "100", "{}", s.body);
+        Verifier::reply(s.send, StatusCode::OK, &serde_json::to_value(&k2).unwrap());
+        (v, ())
+    })
+    .await;
+    assert_eq!(res.unwrap(), Action::await_change());
+    assert_quiet(verifier).await;
+}
+
+#[tokio::test]
+async fn the_finalizer_follows_on_delete() {
+    let Some(endpoint) = emulator() else { return };
+    let table = unique_table("finalizer");
+    seeded_store(&endpoint, &table).await;
+    // Retain with the finalizer (switched from Delete): it is removed, keeping others.
+    let kcg = group(
+        &table,
+        json!({"metadata": {"finalizers": ["other.example/keep", controller::FINALIZER]}}),
+    );
+    expect_finalizer_patch(&endpoint, kcg, json!(["other.example/keep"])).await;
+    // Delete without it (switched from Retain): it is added.
+    let mut kcg = group(
+        &table,
+        json!({"spec": {"stateStore": {"onDelete": "Delete"}}}),
+    );
+    kcg.metadata.finalizers = None;
+    expect_finalizer_patch(&endpoint, kcg, json!([controller::FINALIZER])).await;
+
+    // Retain, no finalizer, being deleted: nothing to do, no request.
+    let (ctx, verifier) = context(&endpoint).await;
+    let kcg = group(
+        &table,
+        json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+    );
+    let (res, verifier, ()) = run(&kcg, &ctx, verifier, |v| async move { (v, ()) }).await;
+    assert_eq!(res.unwrap(), Action::await_change());
     assert_quiet(verifier).await;
 }

@@ -3,6 +3,7 @@
 
 pub mod e2e;
 pub mod micro;
+pub mod operator;
 pub mod rebalance;
 pub mod report;
 pub mod support;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{e2e, micro, rebalance};
+use kcg_bench::{e2e, micro, operator, rebalance};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -26,6 +26,9 @@ enum Bench {
     E2e,
     /// Join, graceful stop and kill of engines on 8 shards (needs emulators).
     Rebalance,
+    /// The operator's steady-state API requests and memory with N groups on a real control
+    /// plane (needs DynamoDB Local and `../shared/kube/cluster.sh`).
+    Operator,
 }
 
 /// Command-line options.
@@ -67,6 +70,16 @@ struct Args {
     /// Kill rounds of the rebalance benchmark (each waits about one client timeout).
     #[arg(long, default_value_t = 3)]
     kill_rounds: usize,
+    /// Groups of the operator benchmark.
+    #[arg(long, default_value_t = 100)]
+    groups: usize,
+    /// Seconds of the operator benchmark's measured steady window.
+    #[arg(long, default_value_t = 60)]
+    operator_window: u64,
+    /// The `kcg-operator` binary of the operator benchmark; default target/release, else
+    /// target/debug.
+    #[arg(long)]
+    operator_bin: Option<std::path::PathBuf>,
     /// Name of the Kinesis emulator, for the report line.
     #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
     kinesis_emulator: String,
@@ -98,6 +111,25 @@ fn machine() -> String {
     format!("machine: nproc {cores}, {cpu}, {rustc}, {profile}")
 }
 
+/// The operator benchmark's parameters: binaries and the cluster folder under the
+/// workspace root (the bench runs from it, as `bench/run.sh` does).
+fn operator_params(args: &Args) -> operator::Params {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = |profile: &str| root.join("target").join(profile).join("kcg-operator");
+    let operator_bin = args.operator_bin.clone().unwrap_or_else(|| {
+        Some(built("release"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| built("debug"))
+    });
+    operator::Params {
+        groups: args.groups,
+        window: Duration::from_secs(args.operator_window),
+        operator_bin,
+        cluster_script: root.join("../shared/kube/cluster.sh"),
+        cluster_dir: root.join(".kube-bench"),
+    }
+}
+
 fn emulators(kinesis_name: &str) -> String {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "(unset)".into());
     format!(
@@ -127,10 +159,10 @@ async fn bench(args: Args) -> ExitCode {
         kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);
     }
     let selected = |b: Bench| args.only.is_empty() || args.only.contains(&b);
-    let needs_aws = selected(Bench::E2e) || selected(Bench::Rebalance);
-    if needs_aws
-        && (std::env::var_os("AWS_ENDPOINT_URL_KINESIS").is_none()
-            || std::env::var_os("AWS_ENDPOINT_URL_DYNAMODB").is_none())
+    let needs_kinesis = selected(Bench::E2e) || selected(Bench::Rebalance);
+    let needs_aws = needs_kinesis || selected(Bench::Operator);
+    if (needs_kinesis && std::env::var_os("AWS_ENDPOINT_URL_KINESIS").is_none())
+        || (needs_aws && std::env::var_os("AWS_ENDPOINT_URL_DYNAMODB").is_none())
     {
         eprintln!(
             "kcg-bench: e2e and rebalance need the emulators: run bench/run.sh, or set \
@@ -180,6 +212,10 @@ async fn bench(args: Args) -> ExitCode {
         if selected(Bench::Rebalance) {
             progress("rebalance");
             rows.extend(rebalance::run(&aws, args.rounds, args.kill_rounds).await);
+        }
+        if selected(Bench::Operator) {
+            progress("operator");
+            rows.extend(operator::run(&aws, &operator_params(&args)).await);
         }
     }
 

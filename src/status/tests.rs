@@ -813,10 +813,10 @@ fn needs_write_ignores_fresh_heartbeats_only() {
     );
 
     let mut stale = base.clone();
-    stale.clients[0].last_heartbeat = "2023-11-14T22:14:00Z".into(); // +40s
+    stale.clients[0].last_heartbeat = "2023-11-14T22:14:30Z".into(); // +70s
     assert!(
         needs_write(Some(&base), &stale),
-        "a published heartbeat 40s behind is refreshed"
+        "a published heartbeat 70s behind is refreshed"
     );
 
     let mut moved = beat.clone();
@@ -922,4 +922,43 @@ fn ready_points_at_the_deployment_failure() {
         "{}",
         ready.message
     );
+}
+
+#[test]
+fn lag_is_published_coarse() {
+    let cases = [
+        (0, 0),
+        (850, 0),
+        (1_500, 1_000),
+        (59_999, 59_000),
+        (60_000, 60_000),
+        (64_321, 60_000),
+        (129_999, 120_000),
+        (-5, 0),
+    ];
+    for (ms, want) in cases {
+        assert_eq!(coarse_lag_millis(ms), want, "{ms}");
+    }
+    let mut input = healthy(2, 4);
+    let snap = input.snapshot.as_mut().unwrap();
+    snap.leases[0].millis_behind = Some(61_234);
+    let s = build_status(input);
+    assert_eq!(s.streams[0].max_lag_millis, Some(60_000));
+    assert_eq!(s.max_lag.as_deref(), Some("1m"));
+}
+
+#[test]
+fn retry_counters_are_kept_out_of_messages() {
+    let cases = [
+        (
+            "the handler refused a batch of 10 records (3 attempts): 500",
+            "the handler refused a batch of 10 records: 500",
+        ),
+        ("throttled, attempt 4 of backoff", "throttled, of backoff"),
+        ("no counter here", "no counter here"),
+        ("1 attempt (1 attempt)", "1 attempt"),
+    ];
+    for (msg, want) in cases {
+        assert_eq!(without_counters(msg), want, "{msg}");
+    }
 }

@@ -104,11 +104,12 @@ RBAC rules the reconciler needs wherever groups live. Least privilege: no secret
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# The workers' PodDisruptionBudget: watched as an owned object, server-side applied (a PATCH
+# The workers' PodDisruptionBudget: watched as an owned object (read once before the watch
+# has seen it), server-side applied only on a difference (a PATCH
 # that creates it is authorized as create too), deleted when the spec no longer wants one.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- if .Values.workerServiceAccount.create }}
 # The workers' default ServiceAccount, which only the operator makes: server-side applied in
 # a group's namespace where it is missing, and again when an account the operator made has
