@@ -1271,8 +1271,7 @@ async fn helm_uninstall(env: &Env) -> Result<(), String> {
     env.kubectl_stdin(&["apply", "-f", "-"], &group.to_string())
         .await?;
     wait_ready(env, "team-b", "survivor", 1).await?;
-    env.helm(&["uninstall", RELEASE, "-n", OPERATOR_NS, "--wait"])
-        .await?;
+    helm_uninstall_operator(env).await?;
     wait_until("the operator pods gone", WAIT, || async {
         let n = operator_pods(env).await?.len();
         if n == 0 {
@@ -1343,9 +1342,42 @@ async fn watch_namespaces(env: &Env) -> Result<(), String> {
     env.kubectl(&["delete", "kcg", "survivor", "-n", "team-b", "--wait=false"])
         .await?;
     wait_gone(env, "team-b", "survivor", DELETE_LIMIT).await?;
-    env.helm(&["uninstall", RELEASE, "-n", OPERATOR_NS, "--wait"])
-        .await?;
+    helm_uninstall_operator(env).await?;
     Ok(())
+}
+
+/// Scales the operator's Deployment and waits for its pods (ready, or gone at 0).
+pub(crate) async fn scale_operator(env: &Env, replicas: usize) -> Result<(), String> {
+    env.kubectl(&[
+        "scale",
+        "deployment",
+        RELEASE,
+        "-n",
+        OPERATOR_NS,
+        &format!("--replicas={replicas}"),
+    ])
+    .await?;
+    if replicas > 0 {
+        wait_operator_ready(env, replicas).await?;
+        return Ok(());
+    }
+    wait_until("the operator pods gone", WAIT, || async {
+        match operator_pods(env).await?.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} pods")),
+        }
+    })
+    .await
+}
+
+/// `helm uninstall` of the operator, stopped first: Helm deletes its RBAC while the pod's
+/// grace period still runs, and the suite's RBAC check judges only an operator that holds
+/// the chart's rights.
+pub(crate) async fn helm_uninstall_operator(env: &Env) -> Result<(), String> {
+    scale_operator(env, 0).await?;
+    env.helm(&["uninstall", RELEASE, "-n", OPERATOR_NS, "--wait"])
+        .await
+        .map(drop)
 }
 
 fn operator_logs(kubelet: &Kubelet) -> String {

@@ -246,29 +246,6 @@ async fn wait_finalizer(env: &Env, name: &str, present: bool) -> Result<(), Stri
     .await
 }
 
-async fn scale_operator(env: &Env, replicas: usize) -> Result<(), String> {
-    env.kubectl(&[
-        "scale",
-        "deployment",
-        RELEASE,
-        "-n",
-        OPERATOR_NS,
-        &format!("--replicas={replicas}"),
-    ])
-    .await?;
-    if replicas > 0 {
-        wait_operator_ready(env, replicas).await?;
-        return Ok(());
-    }
-    wait_until("the operator pods gone", WAIT, || async {
-        match operator_pods(env).await?.len() {
-            0 => Ok(()),
-            n => Err(format!("{n} pods")),
-        }
-    })
-    .await
-}
-
 /// `onDelete: Retain` carries no finalizer (and goes at once with the operator stopped);
 /// switching to Delete adds it, back to Retain removes it.
 pub async fn finalizer_follows_on_delete(env: &Env) -> Result<(), String> {

@@ -430,7 +430,9 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
     })
     .await?;
     env.kubectl(&["delete", "crd", CRD, "--wait=true"]).await?;
-    // The old operator did not check its CRD (and the old chart grants no read of it).
+    // No operator pod for the old chart: the stand-in would run today's binary under the
+    // old chart's RBAC, a pairing no user runs (and its refusals would fail the suite's
+    // RBAC check). This flow is about the CRD.
     env.helm(&[
         "install",
         RELEASE,
@@ -438,7 +440,7 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
         "-n",
         OPERATOR_NS,
         "--set",
-        "extraArgs={--check-crd=false}",
+        "replicaCount=0",
     ])
     .await?;
     let crd = installed_crd(env).await?;
@@ -497,8 +499,7 @@ pub async fn upgrade_from_crds_folder(env: &Env) -> Result<(), String> {
         "  helm upgrade --take-ownership --force-conflicts: the CRD is the release's, with status.maxLagMillis"
     );
     wait_operator_ready(env, 1).await?;
-    env.helm(&["uninstall", RELEASE, "-n", OPERATOR_NS, "--wait"])
-        .await?;
+    helm_uninstall_operator(env).await?;
     installed_crd(env)
         .await
         .map_err(|e| format!("helm uninstall deleted the CRD despite crds.keep: {e}"))?;
