@@ -435,21 +435,13 @@ impl Records {
 
     async fn produce(&self) -> Result<(), String> {
         for n in 0..self.per_key {
-            let mut batch = self.kinesis.put_records().stream_name(STREAM);
-            for k in 0..self.keys {
-                let data = json!({"run": self.run, "key": k, "n": n}).to_string();
-                batch = batch.records(
-                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                        .partition_key(format!("key-{k}"))
-                        .data(aws_sdk_kinesis::primitives::Blob::new(data))
-                        .build()
-                        .map_err(|e| e.to_string())?,
-                );
-            }
-            let out = batch.send().await.map_err(|e| format!("PutRecords: {e}"))?;
-            if out.failed_record_count().unwrap_or(0) > 0 {
-                return Err("PutRecords: some records failed".into());
-            }
+            let batch = (0..self.keys).map(|k| {
+                (
+                    format!("key-{k}"),
+                    json!({"run": self.run, "key": k, "n": n}),
+                )
+            });
+            put_records(&self.kinesis, STREAM, batch).await?;
         }
         Ok(())
     }
@@ -523,6 +515,30 @@ impl Records {
         );
         Ok(())
     }
+}
+
+/// One PutRecords call of JSON records, each with its partition key; fails if any record
+/// was refused.
+pub(crate) async fn put_records(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    records: impl IntoIterator<Item = (String, Value)>,
+) -> Result<(), String> {
+    let mut batch = kinesis.put_records().stream_name(stream);
+    for (key, data) in records {
+        batch = batch.records(
+            aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                .partition_key(key)
+                .data(aws_sdk_kinesis::primitives::Blob::new(data.to_string()))
+                .build()
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let out = batch.send().await.map_err(|e| format!("PutRecords: {e}"))?;
+    if out.failed_record_count().unwrap_or(0) > 0 {
+        return Err("PutRecords: some records failed".into());
+    }
+    Ok(())
 }
 
 fn base64_json(data: &str) -> Option<Value> {

@@ -106,21 +106,10 @@ async fn produce(
     let run = run_id();
     let all: Vec<u32> = range.collect();
     for chunk in all.chunks(4) {
-        let mut batch = kinesis.put_records().stream_name(stream_name());
-        for n in chunk {
-            let data = json!({"run": run, "n": n}).to_string();
-            batch = batch.records(
-                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                    .partition_key(format!("key-{}", n % 8))
-                    .data(aws_sdk_kinesis::primitives::Blob::new(data))
-                    .build()
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        let out = batch.send().await.map_err(|e| format!("PutRecords: {e}"))?;
-        if out.failed_record_count().unwrap_or(0) > 0 {
-            return Err("PutRecords: some records failed".into());
-        }
+        let batch = chunk
+            .iter()
+            .map(|n| (format!("key-{}", n % 8), json!({"run": run, "n": n})));
+        put_records(&kinesis, &stream_name(), batch).await?;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     Ok(())
