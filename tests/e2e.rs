@@ -18,6 +18,8 @@ mod e2e_support;
 mod pods;
 #[path = "e2e/quiet.rs"]
 mod quiet;
+#[path = "e2e/spec.rs"]
+mod spec;
 #[path = "../worker/tests/stream_support/mod.rs"]
 mod stream_support;
 #[path = "e2e/upgrades.rs"]
@@ -204,6 +206,16 @@ async fn flows(env: &Env, kubelet: &Kubelet) -> Result<(), String> {
     step(
         "the finalizer follows onDelete; Retain goes at once with the operator stopped",
         quiet::finalizer_follows_on_delete(env),
+    )
+    .await?;
+    step(
+        "the worker pod spec: default requests, strategy, budget, volumes, envFrom, command",
+        spec::worker_pod_spec(env, kubelet),
+    )
+    .await?;
+    step(
+        "a refusal by RBAC is Degraded Forbidden, naming the verb and the resource",
+        spec::forbidden_is_named(env),
     )
     .await?;
     step(
@@ -1410,7 +1422,7 @@ async fn no_forbidden(kubelet: &Kubelet) -> Result<(), String> {
     // in a condition) are not RBAC's.
     let bad: Vec<&str> = logs
         .lines()
-        .filter(|l| l.contains("is forbidden: User "))
+        .filter(|l| l.contains("is forbidden: User ") && !spec::expected_refusal(l))
         .collect();
     println!("  {} operator log lines read", logs.lines().count());
     if bad.is_empty() {
