@@ -27,11 +27,15 @@ pub struct Observed {
 
 impl Observed {
     /// Caches that are filled elsewhere (tests feed them through their writers).
-    pub fn new(config_maps: Vec<Store<ConfigMap>>, deployments: Vec<Store<Deployment>>) -> Self {
+    pub fn new(
+        config_maps: Vec<Store<ConfigMap>>,
+        deployments: Vec<Store<Deployment>>,
+        budgets: Vec<Store<PodDisruptionBudget>>,
+    ) -> Self {
         Self {
             config_maps,
             deployments,
-            budgets: Vec::new(),
+            budgets,
         }
     }
 

@@ -12,6 +12,7 @@ use aws_sdk_dynamodb::config::Credentials;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kcg_operator::controller::{self, Context, DynamoClients, Error};
 use kcg_operator::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
 use kcg_operator::metrics::Metrics;
@@ -1437,18 +1438,30 @@ async fn context_with_caches(
     Verifier,
     Writer<ConfigMap>,
     Writer<Deployment>,
+    Writer<PodDisruptionBudget>,
 ) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let (config_maps, cm_writer) = reflector::store();
     let (deployments, dep_writer) = reflector::store();
+    let (budgets, pdb_writer) = reflector::store();
     let ctx = Context::new(
         Client::new(service, "default"),
         OperatorSettings::new("ghcr.io/kcg-dev/kcg-worker:test"),
         Arc::new(Metrics::new()),
         DynamoClients::from_config(aws(endpoint).await),
     )
-    .with_observed(Observed::new(vec![config_maps], vec![deployments]));
-    (Arc::new(ctx), Verifier(handle), cm_writer, dep_writer)
+    .with_observed(Observed::new(
+        vec![config_maps],
+        vec![deployments],
+        vec![budgets],
+    ));
+    (
+        Arc::new(ctx),
+        Verifier(handle),
+        cm_writer,
+        dep_writer,
+        pdb_writer,
+    )
 }
 
 fn feed<K>(writer: &mut Writer<K>, object: Value)
@@ -1464,12 +1477,12 @@ async fn objects_as_rendered_are_not_applied_and_drift_is_put_back() {
     let Some(endpoint) = emulator() else { return };
     let table = unique_table("quiet");
     seeded_store(&endpoint, &table).await;
-    let (ctx, verifier, mut cms, mut deps) = context_with_caches(&endpoint).await;
+    let (ctx, verifier, mut cms, mut deps, mut pdbs) = context_with_caches(&endpoint).await;
     let kcg = group(&table, json!({}));
     let k2 = kcg.clone();
-    let (res, verifier, (cm, dep, status)) = run(&kcg, &ctx, verifier, |mut v| async move {
+    let (res, verifier, (cm, dep, pdb, status)) = run(&kcg, &ctx, verifier, |mut v| async move {
         let cm = v.expect_config_map().await;
-        let mut dep = v.expect_deployment(ready_deployment(2)).await;
+        let (mut dep, pdb) = v.expect_deployment_and_pdb(ready_deployment(2)).await;
         merge(
             &mut dep,
             json!({"metadata": {"generation": 1}, "status": ready_deployment(2)}),
@@ -1477,7 +1490,7 @@ async fn objects_as_rendered_are_not_applied_and_drift_is_put_back() {
         let status = v.expect_status(&k2).await;
         v.expect_event().await;
         v.expect_event().await;
-        (v, (cm, dep, status))
+        (v, (cm, dep, pdb, status))
     })
     .await;
     res.unwrap();
@@ -1488,6 +1501,7 @@ async fn objects_as_rendered_are_not_applied_and_drift_is_put_back() {
     // The watch sees what was applied.
     feed::<ConfigMap>(&mut cms, cm);
     feed::<Deployment>(&mut deps, dep.clone());
+    feed::<PodDisruptionBudget>(&mut pdbs, pdb.expect("two replicas want a budget"));
 
     // The periodic refresh: objects as rendered, status unchanged: no request at all.
     let mut published = kcg.clone();
