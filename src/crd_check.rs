@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DynamicObject};
 use kube::{Api, Client, CustomResourceExt};
 use serde_json::Value;
 use tracing::{info, warn};
@@ -84,18 +85,48 @@ fn version_schema<'a>(crd: &'a Value, version: &str) -> Option<&'a Value> {
 /// every version `expected` defines; a version the installed CRD lacks altogether is
 /// named as `VERSION` (all of its fields are missing). Pure.
 pub fn missing_paths(installed: &Value, expected: &Value) -> Vec<String> {
-    let mut missing = Vec::new();
-    let versions = expected
-        .pointer("/spec/versions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for v in &versions {
-        let name = v["name"].as_str().unwrap_or_default();
-        let want = v
-            .pointer("/schema/openAPIV3Schema")
-            .map(property_paths)
+    missing_from(installed, &Expected::of(expected))
+}
+
+/// What the compiled-in CRD defines, reduced to its name and each version's property paths:
+/// a few KB kept for the operator's life instead of the whole schema.
+#[derive(Clone, Debug, Default)]
+pub struct Expected {
+    name: String,
+    versions: Vec<(String, BTreeSet<String>)>,
+}
+
+impl Expected {
+    /// The name and property paths of a CRD given as JSON.
+    pub fn of(crd: &Value) -> Self {
+        let versions = crd
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| {
+                        let paths = v
+                            .pointer("/schema/openAPIV3Schema")
+                            .map(property_paths)
+                            .unwrap_or_default();
+                        (v["name"].as_str().unwrap_or_default().to_owned(), paths)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
+        Self {
+            name: crd["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            versions,
+        }
+    }
+}
+
+fn missing_from(installed: &Value, expected: &Expected) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (name, want) in &expected.versions {
         match version_schema(installed, name) {
             None => missing.push(format!("version {name}")),
             Some(have) => {
@@ -132,21 +163,24 @@ fn expected_crd() -> Result<Value, CrdCheckError> {
     serde_json::to_value(KinesisConsumerGroup::crd()).map_err(CrdCheckError::Serialize)
 }
 
-/// Reads the installed CRD and judges it.
-async fn check(client: Client) -> Result<Option<Finding>, CrdCheckError> {
-    let expected = expected_crd()?;
-    let name = expected["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let api: Api<CustomResourceDefinition> = Api::all(client);
+/// Reads the installed CRD and judges it against `expected` (the compiled-in CRD). The
+/// installed one is read as plain JSON: a typed copy of a 400 KB schema would only be
+/// converted back, and the operator's memory is a budget.
+async fn check(client: Client, expected: &Expected) -> Result<Option<Finding>, CrdCheckError> {
+    let name = expected.name.clone();
+    let api: Api<DynamicObject> = Api::all_with(client, &crd_api_resource());
     let installed = api.get(&name).await.map_err(|source| CrdCheckError::Read {
         name: name.clone(),
         source,
     })?;
     let installed = serde_json::to_value(installed).map_err(CrdCheckError::Serialize)?;
-    let missing = missing_paths(&installed, &expected);
+    let missing = missing_from(&installed, expected);
     Ok(verdict(&name, &missing).map(|problem| Finding { problem, missing }))
+}
+
+/// `apiextensions.k8s.io/v1` CustomResourceDefinition, for a dynamic (untyped) read.
+fn crd_api_resource() -> ApiResource {
+    ApiResource::erase::<CustomResourceDefinition>(&())
 }
 
 /// Removes from `object` (a whole object as JSON) the fields at `paths` (as
@@ -244,8 +278,16 @@ impl CrdState {
 /// failed read is logged (once per distinct error) and leaves the last finding in place.
 pub async fn keep_checking(client: Client, state: Arc<CrdState>) {
     let mut last_error = None;
+    // Rendered once: it is the same for the operator's whole life.
+    let expected = match expected_crd() {
+        Ok(e) => Expected::of(&e),
+        Err(e) => {
+            warn!(error = %e, "could not render the compiled-in CRD; not checking the installed one");
+            return;
+        }
+    };
     loop {
-        match check(client.clone()).await {
+        match check(client.clone(), &expected).await {
             Ok(p) => {
                 last_error = None;
                 state.set(p);
