@@ -323,6 +323,15 @@ pub async fn native_sidecar(env: &Env, kubelet: &Kubelet) -> Result<(), String> 
 /// The flow: suspend the group next to an HPA; 0 pods, `Suspended` in the status and in
 /// `kubectl get kcg`, spec.replicas untouched; resume; records produced meanwhile arrive and
 /// none is lost.
+/// `kubectl patch kcg GROUP --type merge -p '{"spec":{"suspend":...}}'`.
+async fn set_suspend(env: &Env, suspend: bool) -> Result<String, String> {
+    let patch = json!({"spec": {"suspend": suspend}}).to_string();
+    env.kubectl(&[
+        "patch", "kcg", GROUP, "-n", NS, "--type", "merge", "-p", &patch,
+    ])
+    .await
+}
+
 pub async fn suspend(env: &Env) -> Result<(), String> {
     let hpa = json!({
         "apiVersion": "autoscaling/v2",
@@ -337,18 +346,7 @@ pub async fn suspend(env: &Env) -> Result<(), String> {
     });
     env.kubectl_stdin(&["apply", "-f", "-"], &hpa.to_string())
         .await?;
-    env.kubectl(&[
-        "patch",
-        "kcg",
-        GROUP,
-        "-n",
-        NS,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"suspend":true}}"#,
-    ])
-    .await?;
+    set_suspend(env, true).await?;
     wait_until("no worker pod left", WAIT, || async {
         let pods = worker_pods(env).await?;
         if pods.is_empty() {
@@ -405,18 +403,7 @@ pub async fn suspend(env: &Env) -> Result<(), String> {
         return Err("records were delivered while the group was suspended".into());
     }
 
-    env.kubectl(&[
-        "patch",
-        "kcg",
-        GROUP,
-        "-n",
-        NS,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"suspend":false}}"#,
-    ])
-    .await?;
+    set_suspend(env, false).await?;
     wait_ready(env, NS, GROUP, 1).await?;
     let got = wait_received(ALL_RECORDS).await?;
     let cols = printer_columns(env, NS, GROUP).await?;
