@@ -15,6 +15,7 @@ use crate::config::{StreamConfig, Tuning};
 use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
+use crate::kpl;
 use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
 use crate::position::Position;
 
@@ -568,7 +569,15 @@ impl Reader {
             last_got_records = !page.records.is_empty();
             last_behind = page.millis_behind;
 
-            let mut records = page.records;
+            let failures = &self.m;
+            let mut records = kpl::deaggregate_page(page.records, |raw, e| {
+                warn!(sequence = %raw.sequence, error = %e, "KPL aggregated record could not be deaggregated; delivering it raw");
+                failures
+                    .metrics
+                    .deaggregation_failures
+                    .get_or_create(&failures.shard)
+                    .inc();
+            });
             skip_done(&mut records, self.delivered.as_ref());
             if !records.is_empty() {
                 self.deliver(&records).await?;
