@@ -833,10 +833,7 @@ mod tests {
             ),
         ];
         for (name, delivered, pinned, stream, want) in cases {
-            let delivered = delivered.map(|d: &str| match d.split_once('/') {
-                Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
-                None => Position::whole(d),
-            });
+            let delivered = delivered.map(Position::parse);
             assert_eq!(
                 iterator_start(delivered.as_ref(), pinned.as_ref(), stream),
                 want,
