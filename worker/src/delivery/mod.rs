@@ -46,7 +46,9 @@
 //! ```
 
 pub mod commit;
+pub mod dead_letter;
 pub mod http;
+pub mod poison;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -56,7 +58,8 @@ use serde::Serialize;
 
 pub use commit::{CommitState, CommitToken, CommitTracker};
 
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, OnFailure, RetryPolicy};
+use dead_letter::{DeadLetterError, DeadLetterWriter};
 
 /// One Kinesis record as handed to a handler.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +200,81 @@ impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
             }
             result
         })
+    }
+}
+
+/// What the reader does with batches the handler refuses: `delivery.retry`, and for
+/// records that keep failing alone, `delivery.onFailure` with its dead-letter writer.
+#[derive(Clone, Default)]
+pub struct FailurePolicy {
+    /// Attempts and backoff.
+    pub retry: RetryPolicy,
+    /// What happens to a poison record.
+    pub on_failure: FailureAction,
+}
+
+/// `delivery.onFailure`, with the writer `DeadLetter` needs.
+#[derive(Clone, Default)]
+pub enum FailureAction {
+    /// Retry without end.
+    #[default]
+    Block,
+    /// Drop the record (counted, reported).
+    Skip,
+    /// Write it to the dead-letter target, then go on.
+    DeadLetter(Arc<DeadLetterWriter>),
+}
+
+impl std::fmt::Debug for FailurePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let action = match &self.on_failure {
+            FailureAction::Block => "Block".to_owned(),
+            FailureAction::Skip => "Skip".to_owned(),
+            FailureAction::DeadLetter(w) => format!("DeadLetter({})", w.describe()),
+        };
+        f.debug_struct("FailurePolicy")
+            .field("retry", &self.retry)
+            .field("on_failure", &action)
+            .finish()
+    }
+}
+
+impl FailurePolicy {
+    /// The policy `config` asks for; connects the dead-letter writer of group `group`.
+    pub async fn connect(
+        config: &DeliveryConfig,
+        group: &str,
+        base: &aws_config::SdkConfig,
+    ) -> Result<Self, DeadLetterError> {
+        let on_failure = match (config.on_failure, &config.dead_letter) {
+            (OnFailure::Block, _) => FailureAction::Block,
+            (OnFailure::Skip, _) => FailureAction::Skip,
+            (OnFailure::DeadLetter, Some(target)) => FailureAction::DeadLetter(Arc::new(
+                DeadLetterWriter::connect(target, group, base).await?,
+            )),
+            (OnFailure::DeadLetter, None) => {
+                return Err(DeadLetterError {
+                    target: "delivery.deadLetter".into(),
+                    message: "onFailure DeadLetter needs a dead-letter target".into(),
+                });
+            }
+        };
+        Ok(Self {
+            retry: config.retry.clone(),
+            on_failure,
+        })
+    }
+
+    /// The plain data the decisions ([`poison::BatchState::step`]) take.
+    pub fn decisions(&self) -> poison::Policy {
+        poison::Policy {
+            max_attempts: self.retry.max_attempts,
+            on_failure: match self.on_failure {
+                FailureAction::Block => OnFailure::Block,
+                FailureAction::Skip => OnFailure::Skip,
+                FailureAction::DeadLetter(_) => OnFailure::DeadLetter,
+            },
+        }
     }
 }
 
