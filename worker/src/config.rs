@@ -1080,6 +1080,34 @@ mod tests {
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 6s"), "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval"),
             (BASE.replace("pollInterval: 2s", "shutdownTimeout: 0s"), "tuning.shutdownTimeout: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "maxRecordsPerCall: 10001"), "tuning.maxRecordsPerCall: must be between 1 and 10000"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter}"),
+                "delivery.deadLetter: onFailure DeadLetter needs a dead-letter target"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, deadLetter: {sqs: {queueUrl: \"https://q\"}}}"),
+                "delivery.deadLetter: only used with onFailure: DeadLetter"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: Skip, deadLetter: {sqs: {queueUrl: \"https://q\"}}}"),
+                "delivery.deadLetter: only used with onFailure: DeadLetter"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {}}"),
+                "delivery.deadLetter: needs exactly one of sqs or kinesis"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"https://q\"}, kinesis: {stream: dlq}}}"),
+                "delivery.deadLetter: needs exactly one of sqs or kinesis"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"sqs/q\"}}}"),
+                "delivery.deadLetter.sqs.queueUrl: \"sqs/q\" is not an http:// or https:// URL"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"https://q\", region: EU}}}"),
+                "delivery.deadLetter.sqs.region: \"EU\" is not an AWS region"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: \"a b\"}}}"),
+                "delivery.deadLetter.kinesis.stream: \"a b\" is not a Kinesis stream name"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: dlq, roleArn: \"arn:aws:iam::1:role/r\"}}}"),
+                "delivery.deadLetter.kinesis.roleArn: malformed role ARN"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: Drop}"),
+                "delivery.onFailure: unknown variant: found `Drop`, expected `one of `Block`, `Skip`, `DeadLetter``"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {maxAttempts: 0}}"),
+                "delivery.retry.maxAttempts: must be between 1 and 1000"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 0s}}}"),
+                "delivery.retry.backoff.initial: must be greater than 0s"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 5s, max: 1s}}}"),
+                "delivery.retry.backoff.max: must be at least delivery.retry.backoff.initial"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 1.5s}}}"),
+                "delivery.retry.backoff.initial: invalid duration \"1.5s\""),
         ];
         for (yaml, want) in cases {
             let e = WorkerConfig::from_yaml(&yaml)
@@ -1098,6 +1126,27 @@ mod tests {
         ] {
             WorkerConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
         }
+    }
+
+    #[test]
+    fn failure_policy_defaults_and_round_trip() {
+        let c = WorkerConfig::from_yaml(BASE).expect("parses");
+        assert_eq!(c.delivery.on_failure, OnFailure::Block);
+        assert_eq!(c.delivery.retry.max_attempts, 10);
+        assert_eq!(c.delivery.retry.backoff.initial, Duration::from_millis(200));
+        assert_eq!(c.delivery.retry.backoff.max, Duration::from_secs(30));
+        // Defaults are not rendered: an existing group's worker config stays byte-identical.
+        assert!(!c.to_yaml().expect("renders").contains("retry"));
+        let yaml = BASE.replace(
+            "{stdout: {}}",
+            "{stdout: {}, retry: {maxAttempts: 3, backoff: {initial: 50ms, max: 2s}}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: \"arn:aws:kinesis:eu-west-1:123456789012:stream/dlq\", roleArn: \"arn:aws:iam::123456789012:role/w\"}}}",
+        );
+        let c = WorkerConfig::from_yaml(&yaml).expect("parses");
+        assert_eq!(c.delivery.retry.max_attempts, 3);
+        assert_eq!(c.delivery.retry.backoff.max, Duration::from_secs(2));
+        assert_eq!(c.delivery.on_failure, OnFailure::DeadLetter);
+        let back = WorkerConfig::from_yaml(&c.to_yaml().expect("renders")).expect("re-parses");
+        assert_eq!(back, c);
     }
 
     #[test]
@@ -1200,6 +1249,18 @@ mod tests {
                 vec![DURATION_PATTERN],
             ),
             ("must be a duration greater than 0s", vec![DURATION_PATTERN]),
+            (
+                "delivery.retry.backoff.max must be at least",
+                vec![DURATION_PATTERN],
+            ),
+            (
+                "queueUrl must be an http:// or https:// URL",
+                vec![HTTP_URL_PATTERN],
+            ),
+            (
+                "stream must be a Kinesis stream name",
+                vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN],
+            ),
             (
                 "tuning.clientTimeout must be at least twice",
                 vec![DURATION_PATTERN],

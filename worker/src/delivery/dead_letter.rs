@@ -462,15 +462,16 @@ mod tests {
 
     #[test]
     fn chunks_table() {
+        type Case = (Vec<usize>, usize, usize, Vec<Range<usize>>);
         // (sizes, max entries, max bytes, want)
-        let cases: Vec<(Vec<usize>, usize, usize, Vec<Range<usize>>)> = vec![
+        let cases: Vec<Case> = vec![
             (vec![], 10, 100, vec![]),
             (vec![1; 25], 10, 1000, vec![0..10, 10..20, 20..25]),
             (vec![40, 40, 40, 40], 10, 100, vec![0..2, 2..4]),
             (vec![100, 1, 100], 10, 100, vec![0..1, 1..2, 2..3]),
             // Too large alone: its own run (the service reports it).
             (vec![5, 500, 5], 10, 100, vec![0..1, 1..2, 2..3]),
-            (vec![50, 50], 10, 100, vec![0..2]),
+            (vec![50, 50], 10, 100, [0..2].to_vec()),
         ];
         for (sizes, n, bytes, want) in cases {
             assert_eq!(chunks(&sizes, n, bytes), want, "{sizes:?} {n} {bytes}");

@@ -182,7 +182,8 @@ mod tests {
         let skip = policy(2, OnFailure::Skip);
         let block = policy(2, OnFailure::Block);
         // (name, len, policy, events, steps taken)
-        let cases: Vec<(&str, usize, Policy, Vec<Event>, Vec<Next>)> = vec![
+        type Case = (&'static str, usize, Policy, Vec<Event>, Vec<Next>);
+        let cases: Vec<Case> = vec![
             ("empty batch", 0, dl, vec![], vec![Done]),
             (
                 "accepted at once",
