@@ -471,7 +471,7 @@ mod tests {
             (vec![100, 1, 100], 10, 100, vec![0..1, 1..2, 2..3]),
             // Too large alone: its own run (the service reports it).
             (vec![5, 500, 5], 10, 100, vec![0..1, 1..2, 2..3]),
-            (vec![50, 50], 10, 100, [0..2].to_vec()),
+            (vec![50, 50], 10, 100, vec![Range { start: 0, end: 2 }]),
         ];
         for (sizes, n, bytes, want) in cases {
             assert_eq!(chunks(&sizes, n, bytes), want, "{sizes:?} {n} {bytes}");
