@@ -618,6 +618,39 @@ fn degraded_table() {
             "spec.delivery",
         ),
         (
+            "records dead-lettered",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("RecordsDeadLettered".into());
+                c.last_error = Some("2 record(s) of this shard dead-lettered to SQS queue https://sqs.us-east-1.amazonaws.com/1/dlq so far".into());
+            },
+            TRUE,
+            "RecordsDeadLettered",
+            "replay them from the dead-letter target",
+        ),
+        (
+            "dead-letter target failing",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("DeadLetterFailing".into());
+                c.last_error = Some("record 4959 could not be dead-lettered".into());
+            },
+            TRUE,
+            "DeadLetterFailing",
+            "sqs:SendMessage",
+        ),
+        (
+            "records skipped",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("RecordsSkipped".into());
+                c.last_error = Some("1 record(s) of this shard skipped so far".into());
+            },
+            TRUE,
+            "RecordsSkipped",
+            "onFailure DeadLetter",
+        ),
+        (
             "a dead client's old error is ignored",
             |i| {
                 let snap = i.snapshot.as_mut().unwrap();

@@ -449,18 +449,14 @@ impl Reader {
                 if let Some(last) = records.last() {
                     self.delivered = Some(last.sequence.clone());
                 }
-                let poison_hold_over = self
-                    .last_poison
-                    .is_none_or(|at| at.elapsed() >= POISON_ISSUE_HOLD);
                 // (The dropped-token issue stays until the handler commits again.)
                 if self.progress.issue.as_ref().is_some_and(|i| {
-                    (i.reason == "HandlerFailing" && i.message != DROPPED_TOKEN_MESSAGE)
-                        || (poison_hold_over
-                            && (i.reason == "RecordsSkipped" || i.reason == "RecordsDeadLettered"))
+                    i.reason == "HandlerFailing" && i.message != DROPPED_TOKEN_MESSAGE
                 }) {
                     info!("handler accepts batches again");
                     self.progress.issue = None;
                 }
+                self.expire_poison_issue();
                 self.publish();
                 Event::Accepted
             }
@@ -561,6 +557,23 @@ impl Reader {
                     self.sleep(delay).await?;
                 }
             }
+        }
+    }
+
+    /// Clears the `RecordsSkipped` / `RecordsDeadLettered` issue once
+    /// [`POISON_ISSUE_HOLD`] passed since the last such record.
+    fn expire_poison_issue(&mut self) {
+        let held = self
+            .progress
+            .issue
+            .as_ref()
+            .is_some_and(|i| i.reason == "RecordsSkipped" || i.reason == "RecordsDeadLettered");
+        if held
+            && self
+                .last_poison
+                .is_none_or(|at| at.elapsed() >= POISON_ISSUE_HOLD)
+        {
+            self.progress.issue = None;
         }
     }
 
@@ -714,6 +727,7 @@ impl Reader {
                 info!("kinesis reads work again");
                 self.progress.issue = None;
             }
+            self.expire_poison_issue();
             self.progress.millis_behind = page.millis_behind;
             self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
             if let Some(ms) = page.millis_behind {
