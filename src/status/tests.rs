@@ -622,7 +622,7 @@ fn degraded_table() {
             |i| {
                 let c = &mut i.snapshot.as_mut().unwrap().clients[0];
                 c.last_error_reason = Some("RecordsDeadLettered".into());
-                c.last_error = Some("2 record(s) of this shard dead-lettered to SQS queue https://sqs.us-east-1.amazonaws.com/1/dlq so far".into());
+                c.last_error = Some("records the handler refuses on their own are dead-lettered to SQS queue https://sqs.us-east-1.amazonaws.com/1/dlq; last: sequence 4959 (2 attempts): bad amount".into());
             },
             TRUE,
             "RecordsDeadLettered",
@@ -644,7 +644,7 @@ fn degraded_table() {
             |i| {
                 let c = &mut i.snapshot.as_mut().unwrap().clients[0];
                 c.last_error_reason = Some("RecordsSkipped".into());
-                c.last_error = Some("1 record(s) of this shard skipped so far".into());
+                c.last_error = Some("records the handler refuses on their own are skipped; last: sequence 4959 (2 attempts): bad amount".into());
             },
             TRUE,
             "RecordsSkipped",
@@ -988,6 +988,10 @@ fn retry_counters_are_kept_out_of_messages() {
             "the handler refused a batch of 10 records: 500",
         ),
         ("throttled, attempt 4 of backoff", "throttled, of backoff"),
+        (
+            "record 4959 could not be dead-lettered (3 attempts); the shard waits: QueueDoesNotExist",
+            "record 4959 could not be dead-lettered; the shard waits: QueueDoesNotExist",
+        ),
         ("no counter here", "no counter here"),
         ("1 attempt (1 attempt)", "1 attempt"),
     ];

@@ -268,8 +268,7 @@ struct Reader {
     /// While the dropped-token issue is up: the committed prefix redelivery started from.
     /// The issue clears once the handler commits past it.
     redelivered_from: Option<Option<String>>,
-    /// Records skipped / dead-lettered by this reader, and when the last one was.
-    poisoned: u64,
+    /// When this reader last skipped or dead-lettered a record.
     last_poison: Option<Instant>,
 }
 
@@ -588,13 +587,12 @@ impl Reader {
     ) {
         self.commits.begin(&record.sequence).commit();
         self.delivered = Some(record.sequence.clone());
-        self.poisoned += 1;
         self.last_poison = Some(Instant::now());
         self.set_issue(Some(Issue {
             reason: reason.into(),
             message: format!(
-                "{} record(s) of this shard {what} so far; last: sequence {} after {attempts} attempts: {error}",
-                self.poisoned, record.sequence
+                "records the handler refuses on their own are {what}; last: sequence {} ({attempts} attempts): {error}",
+                record.sequence
             ),
         }));
     }
@@ -832,7 +830,6 @@ pub async fn read_shard(
             stop,
             pinned: None,
             redelivered_from: None,
-            poisoned: 0,
             last_poison: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
