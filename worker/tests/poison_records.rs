@@ -525,3 +525,55 @@ tuning: {{pollInterval: 200ms, heartbeatInterval: 300ms, clientTimeout: 2s, chec
         .expect("engine ok");
     delete_stream(&sdk, &name).await;
 }
+
+/// A FIFO queue takes the dead letters too (message group: the shard; deduplication id: the
+/// sequence number), in shard order.
+#[tokio::test]
+async fn dead_letter_to_a_fifo_queue() {
+    let Some(conf) = aws("dead_letter_fifo").await else {
+        return;
+    };
+    let sdk = aws_sdk_kinesis::Client::new(&conf);
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let name = unique("poison-fifo");
+    create_stream(&sdk, &name, 1).await;
+    let queue = sqs
+        .create_queue()
+        .queue_name(format!("{}.fifo", unique("dlq")))
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .expect("CreateQueue FIFO")
+        .queue_url()
+        .expect("queue url")
+        .to_owned();
+    let payloads = mixed();
+    let seqs = put(&sdk, &name, "k", &payloads).await;
+    let failure = policy(
+        &conf,
+        &format!("onFailure: DeadLetter\ndeadLetter: {{sqs: {{queueUrl: \"{queue}\"}}}}\n"),
+    )
+    .await;
+    let handler = Arc::new(RefusesMarked::default());
+    let mut r = start_with(
+        connect(&name, &conf).await,
+        &name,
+        SHARD,
+        None,
+        5,
+        Arc::new(Shared(handler.clone())),
+        failure,
+    );
+    let last = seqs.last().unwrap().clone();
+    wait_progress(&mut r.progress, Duration::from_secs(30), |p| {
+        p.acked.as_deref() == Some(last.as_str())
+    })
+    .await;
+    assert_eq!(handler.payloads(), good(&payloads));
+    let letters = receive(&sqs, &queue, 2, Duration::from_secs(15)).await;
+    for (env, i) in letters.iter().zip([3, 8]) {
+        check_envelope(env, "test/poison", &name, &payloads[i], &seqs[i]);
+    }
+    stop(r).await;
+    delete_stream(&sdk, &name).await;
+}
