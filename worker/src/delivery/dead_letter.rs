@@ -299,12 +299,7 @@ impl DeadLetterWriter {
         letters: &[Letter<'_>],
         bodies: &[String],
     ) -> Result<(), DeadLetterError> {
-        let mut todo: Vec<usize> = (0..letters.len()).collect();
-        let mut last_error = String::new();
-        for _ in 0..=PARTIAL_RETRIES {
-            if todo.is_empty() {
-                return Ok(());
-            }
+        let call = |todo: Vec<usize>| async move {
             let mut entries = Vec::with_capacity(todo.len());
             for &i in &todo {
                 let r = letters[i].record;
@@ -316,7 +311,7 @@ impl DeadLetterWriter {
                         .message_group_id(r.shard_id.as_ref())
                         .message_deduplication_id(&r.sequence);
                 }
-                entries.push(e.build().map_err(|e| self.failed(e.to_string()))?);
+                entries.push(e.build().map_err(|e| e.to_string())?);
             }
             let out = client
                 .send_message_batch()
@@ -324,24 +319,20 @@ impl DeadLetterWriter {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| self.failed(DisplayErrorContext(&e).to_string()))?;
-            let mut again = Vec::new();
-            for f in out.failed() {
-                last_error = format!("{}: {}", f.code(), f.message().unwrap_or("entry refused"));
-                if let Some(i) = f.id().strip_prefix('r').and_then(|n| n.parse().ok()) {
-                    again.push(i);
-                }
-            }
-            todo = again;
-        }
-        if todo.is_empty() {
-            return Ok(());
-        }
-        Err(self.failed(format!(
-            "{} of {} messages refused: {last_error}",
-            todo.len(),
-            letters.len()
-        )))
+                .map_err(|e| DisplayErrorContext(&e).to_string())?;
+            Ok(out
+                .failed()
+                .iter()
+                .filter_map(|f| {
+                    let i = f.id().strip_prefix('r')?.parse().ok()?;
+                    let why = format!("{}: {}", f.code(), f.message().unwrap_or("entry refused"));
+                    Some((i, why))
+                })
+                .collect())
+        };
+        send_retrying(letters.len(), call)
+            .await
+            .map_err(|m| self.failed(m))
     }
 
     /// One PutRecords, then again for the records it refused.
@@ -351,12 +342,7 @@ impl DeadLetterWriter {
         letters: &[Letter<'_>],
         datas: &[String],
     ) -> Result<(), DeadLetterError> {
-        let mut todo: Vec<usize> = (0..letters.len()).collect();
-        let mut last_error = String::new();
-        for _ in 0..=PARTIAL_RETRIES {
-            if todo.is_empty() {
-                return Ok(());
-            }
+        let call = |todo: Vec<usize>| async move {
             let mut entries = Vec::with_capacity(todo.len());
             for &i in &todo {
                 // The source's partition key: dead letters of one key stay in one shard.
@@ -364,31 +350,52 @@ impl DeadLetterWriter {
                     .partition_key(&letters[i].record.partition_key)
                     .data(Blob::new(datas[i].as_bytes()))
                     .build()
-                    .map_err(|e| self.failed(e.to_string()))?;
+                    .map_err(|e| e.to_string())?;
                 entries.push(entry);
             }
             let results = stream
                 .put_records(entries)
                 .await
-                .map_err(|e| self.failed(e.to_string()))?;
-            let mut again = Vec::new();
-            for (&i, result) in todo.iter().zip(results) {
-                if let Some(e) = result {
-                    last_error = e;
-                    again.push(i);
-                }
-            }
-            todo = again;
-        }
+                .map_err(|e| e.to_string())?;
+            Ok(todo
+                .iter()
+                .zip(results)
+                .filter_map(|(&i, result)| result.map(|why| (i, why)))
+                .collect())
+        };
+        send_retrying(letters.len(), call)
+            .await
+            .map_err(|m| self.failed(m))
+    }
+}
+
+/// Sends entries `0..n` through `call` (which gets the indices to send and returns those
+/// the service refused, with why), then the refused ones again, at most
+/// [`PARTIAL_RETRIES`] more times. `Err` says how many stayed refused, or the call's error.
+async fn send_retrying<F, Fut>(n: usize, mut call: F) -> Result<(), String>
+where
+    F: FnMut(Vec<usize>) -> Fut,
+    Fut: Future<Output = Result<Vec<(usize, String)>, String>>,
+{
+    let mut todo: Vec<usize> = (0..n).collect();
+    let mut last_error = String::new();
+    for _ in 0..=PARTIAL_RETRIES {
         if todo.is_empty() {
             return Ok(());
         }
-        Err(self.failed(format!(
-            "{} of {} records refused: {last_error}",
-            todo.len(),
-            letters.len()
-        )))
+        let refused = call(todo).await?;
+        if let Some((_, why)) = refused.last() {
+            last_error.clone_from(why);
+        }
+        todo = refused.into_iter().map(|(i, _)| i).collect();
     }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} of {n} entries refused: {last_error}",
+        todo.len()
+    ))
 }
 
 #[cfg(test)]
@@ -458,6 +465,44 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&big).unwrap();
         assert!(v["data"].is_string());
         assert!(v.get("dataOmitted").is_none());
+    }
+
+    /// The service refuses entry 1 `refusals` times: it is sent again alone, until accepted or
+    /// out of retries.
+    async fn partial(refusals: usize) -> (Result<(), String>, Vec<Vec<usize>>) {
+        let calls = std::sync::Mutex::new(Vec::new());
+        let result = send_retrying(3, |todo: Vec<usize>| {
+            let mut c = calls.lock().unwrap();
+            c.push(todo.clone());
+            let refuse = c.len() <= refusals;
+            async move {
+                Ok(todo
+                    .into_iter()
+                    .filter(|&i| refuse && i == 1)
+                    .map(|i| (i, format!("Throttled: entry {i}")))
+                    .collect())
+            }
+        })
+        .await;
+        (result, calls.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn refused_entries_are_sent_again() {
+        assert_eq!(partial(0).await, (Ok(()), vec![vec![0, 1, 2]]));
+        assert_eq!(
+            partial(2).await,
+            (Ok(()), vec![vec![0, 1, 2], vec![1], vec![1]])
+        );
+        let (result, calls) = partial(100).await;
+        assert_eq!(calls.len(), PARTIAL_RETRIES + 1);
+        assert_eq!(
+            result,
+            Err("1 of 3 entries refused: Throttled: entry 1".to_owned())
+        );
+        // A failing call (not a partial refusal) is reported as is.
+        let failed = send_retrying(2, |_| async { Err("QueueDoesNotExist".to_owned()) }).await;
+        assert_eq!(failed, Err("QueueDoesNotExist".to_owned()));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
 //! per-shard [`CommitTracker`]; both styles end up there.
 //!
+//! A batch the handler refuses is retried as the [`FailurePolicy`] (`delivery.retry`,
+//! `delivery.onFailure`) says: the decisions are in [`poison`], the dead-letter target's
+//! I/O in [`dead_letter`].
+//!
 //! A manual-commit handler that hands batches to a background writer and commits once the
 //! writer has flushed them:
 //!
