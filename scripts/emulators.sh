@@ -19,7 +19,8 @@
 # Everything lives in .emulators/ at the repository root (gitignored): npm packages,
 # the Python venv, logs/ and run/ (pid files). Why these three: kinesis-local is the only
 # Kinesis emulator here with correct shard-end/ChildShards/resharding semantics, DynamoDB Local
-# is the official engine (conditional writes, transactions), ministack provides STS AssumeRole.
+# is the official engine (conditional writes, transactions), ministack provides STS AssumeRole
+# and SQS (the dead-letter target tests).
 #
 # If a port is already listening and answers the expected AWS call (for example an emulator a
 # colleague started by hand), it is reused and left alone by `stop`.
@@ -309,6 +310,7 @@ cmd_env() {
 export AWS_ENDPOINT_URL_DYNAMODB=http://127.0.0.1:$DYNAMODB_PORT
 export AWS_ENDPOINT_URL_KINESIS=http://127.0.0.1:$KINESIS_PORT
 export AWS_ENDPOINT_URL_STS=http://127.0.0.1:$STS_PORT
+export AWS_ENDPOINT_URL_SQS=http://127.0.0.1:$STS_PORT
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test
 export AWS_REGION=us-east-1

@@ -132,7 +132,7 @@ else
   echo "scripts/tools.sh could not install helm/kubectl; the tests that need them will fail" >&2
 fi
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
-echo "AWS endpoints: dynamodb=$AWS_ENDPOINT_URL_DYNAMODB kinesis=$AWS_ENDPOINT_URL_KINESIS sts=$AWS_ENDPOINT_URL_STS"
+echo "AWS endpoints: dynamodb=$AWS_ENDPOINT_URL_DYNAMODB kinesis=$AWS_ENDPOINT_URL_KINESIS sts=$AWS_ENDPOINT_URL_STS sqs=$AWS_ENDPOINT_URL_SQS"
 
 # --- Rust ---------------------------------------------------------------------------------
 run_phase format cargo fmt --all --check || true

@@ -330,7 +330,16 @@ pub fn remedy(reason: &str) -> &'static str {
             "create the state-store table (or set spec.stateStore.create: true) and check spec.stateStore.region"
         }
         "HandlerFailing" => {
-            "the delivery target rejects batches: check spec.delivery (http url, the sidecar's logs); records are retried and not lost"
+            "the delivery target rejects batches: check spec.delivery (http url, the sidecar's logs); records are retried (spec.delivery.retry), and with onFailure Block (the default) never skipped"
+        }
+        "RecordsDeadLettered" => {
+            "the handler refused some records spec.delivery.retry.maxAttempts times on their own; they went to spec.delivery.deadLetter with the error: fix the handler or the records, then replay them from the dead-letter target"
+        }
+        "RecordsSkipped" => {
+            "the handler refused some records spec.delivery.retry.maxAttempts times on their own and onFailure Skip dropped them (kcg_worker_records_skipped_total; the worker log names each sequence): fix the handler, or use onFailure DeadLetter to keep them"
+        }
+        "DeadLetterFailing" => {
+            "the dead-letter target refuses writes and the shard waits before the poison record: check spec.delivery.deadLetter (queueUrl or stream, region, roleArn) and grant the worker sqs:SendMessage on the queue or kinesis:PutRecords on the stream"
         }
         "ApplyRejected" => {
             "fix the spec fields the API server names (spec.worker: resources, env, tolerations, affinity, extraContainers); the workers keep running with the last applied Deployment"

@@ -357,6 +357,106 @@ fn http_url() {
     }
 }
 
+#[test]
+fn failure_policy_and_dead_letter_target() {
+    let delivery = |d: Value| {
+        with(|s| {
+            let mut full = json!({"stdout": {}});
+            for (k, v) in d.as_object().expect("object") {
+                full[k] = v.clone();
+            }
+            s["delivery"] = full;
+        })
+    };
+    let sqs = json!({"sqs": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/dlq"}});
+    accepts("block by default", &delivery(json!({})));
+    accepts("skip", &delivery(json!({"onFailure": "Skip"})));
+    accepts(
+        "dead letter to sqs",
+        &delivery(json!({"onFailure": "DeadLetter", "deadLetter": sqs})),
+    );
+    accepts(
+        "dead letter to kinesis, other account",
+        &delivery(
+            json!({"onFailure": "DeadLetter", "deadLetter": {"kinesis": {
+            "stream": "arn:aws:kinesis:eu-west-1:123456789012:stream/dlq",
+            "region": "eu-west-1",
+            "roleArn": "arn:aws:iam::123456789012:role/dlq-writer"}}}),
+        ),
+    );
+    accepts(
+        "retry",
+        &delivery(
+            json!({"retry": {"maxAttempts": 3, "backoff": {"initial": "100ms", "max": "5s"}}}),
+        ),
+    );
+    rejects(
+        "dead letter without target",
+        &delivery(json!({"onFailure": "DeadLetter"})),
+        DEAD_LETTER_NEEDED,
+    );
+    rejects(
+        "target without dead letter",
+        &delivery(json!({"deadLetter": sqs})),
+        DEAD_LETTER_UNUSED,
+    );
+    rejects(
+        "target with skip",
+        &delivery(json!({"onFailure": "Skip", "deadLetter": sqs})),
+        DEAD_LETTER_UNUSED,
+    );
+    rejects(
+        "no target kind",
+        &delivery(json!({"onFailure": "DeadLetter", "deadLetter": {}})),
+        ONE_DEAD_LETTER,
+    );
+    rejects(
+        "both target kinds",
+        &delivery(json!({"onFailure": "DeadLetter", "deadLetter": {
+            "sqs": {"queueUrl": "https://q"}, "kinesis": {"stream": "dlq"}}})),
+        ONE_DEAD_LETTER,
+    );
+    rejects(
+        "queue url",
+        &delivery(json!({"onFailure": "DeadLetter", "deadLetter": {"sqs": {"queueUrl": "dlq"}}})),
+        QUEUE_URL,
+    );
+    rejects(
+        "target stream",
+        &delivery(json!({"onFailure": "DeadLetter", "deadLetter": {"kinesis": {"stream": "a b"}}})),
+        DEAD_LETTER_STREAM,
+    );
+    rejects(
+        "target region",
+        &delivery(
+            json!({"onFailure": "DeadLetter", "deadLetter": {"sqs": {"queueUrl": "https://q", "region": "EU"}}}),
+        ),
+        REGION,
+    );
+    rejects(
+        "target role",
+        &delivery(
+            json!({"onFailure": "DeadLetter", "deadLetter": {"kinesis": {"stream": "dlq", "roleArn": "arn:aws:iam::1:role/r"}}}),
+        ),
+        ROLE_ARN,
+    );
+    rejects(
+        "backoff max below initial",
+        &delivery(json!({"retry": {"backoff": {"initial": "5s", "max": "1s"}}})),
+        BACKOFF_MAX,
+    );
+    rejects(
+        "backoff initial zero",
+        &delivery(json!({"retry": {"backoff": {"initial": "0s"}}})),
+        POSITIVE,
+    );
+    rejects(
+        "backoff duration format",
+        &delivery(json!({"retry": {"backoff": {"max": "5 s"}}})),
+        DURATION,
+    );
+}
+
 /// Every rule in the generated schema carries one of the messages tested above, and every
 /// tested message exists in the schema.
 #[test]

@@ -243,7 +243,7 @@ pub fn worker_config(group: &str, stream: &str, table: &str, tuning: Tuning) -> 
         // Required by validation; the benchmark passes its own handler to the engine.
         delivery: DeliveryConfig {
             stdout: Some(StdoutSink {}),
-            http: None,
+            ..DeliveryConfig::default()
         },
         tuning,
     }

@@ -619,6 +619,39 @@ fn degraded_table() {
             "spec.delivery",
         ),
         (
+            "records dead-lettered",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("RecordsDeadLettered".into());
+                c.last_error = Some("records the handler refuses on their own are dead-lettered to SQS queue https://sqs.us-east-1.amazonaws.com/1/dlq; last: sequence 4959 (2 attempts): bad amount".into());
+            },
+            TRUE,
+            "RecordsDeadLettered",
+            "replay them from the dead-letter target",
+        ),
+        (
+            "dead-letter target failing",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("DeadLetterFailing".into());
+                c.last_error = Some("record 4959 could not be dead-lettered".into());
+            },
+            TRUE,
+            "DeadLetterFailing",
+            "sqs:SendMessage",
+        ),
+        (
+            "records skipped",
+            |i| {
+                let c = &mut i.snapshot.as_mut().unwrap().clients[0];
+                c.last_error_reason = Some("RecordsSkipped".into());
+                c.last_error = Some("records the handler refuses on their own are skipped; last: sequence 4959 (2 attempts): bad amount".into());
+            },
+            TRUE,
+            "RecordsSkipped",
+            "onFailure DeadLetter",
+        ),
+        (
             "a dead client's old error is ignored",
             |i| {
                 let snap = i.snapshot.as_mut().unwrap();
@@ -956,6 +989,10 @@ fn retry_counters_are_kept_out_of_messages() {
             "the handler refused a batch of 10 records: 500",
         ),
         ("throttled, attempt 4 of backoff", "throttled, of backoff"),
+        (
+            "record 4959 could not be dead-lettered (3 attempts); the shard waits: QueueDoesNotExist",
+            "record 4959 could not be dead-lettered; the shard waits: QueueDoesNotExist",
+        ),
         ("no counter here", "no counter here"),
         ("1 attempt (1 attempt)", "1 attempt"),
     ];

@@ -206,6 +206,14 @@ pub mod rule_messages {
     pub const URL: &str = "url must be an http:// or https:// URL";
     pub const ONE_PDB_BOUND: &str =
         "podDisruptionBudget: set at most one of maxUnavailable or minAvailable";
+    pub const DEAD_LETTER_NEEDED: &str = "delivery.onFailure DeadLetter needs delivery.deadLetter";
+    pub const DEAD_LETTER_UNUSED: &str =
+        "delivery.deadLetter is only used with delivery.onFailure: DeadLetter";
+    pub const ONE_DEAD_LETTER: &str = "deadLetter needs exactly one of sqs or kinesis";
+    pub const QUEUE_URL: &str = "queueUrl must be an http:// or https:// URL";
+    pub const DEAD_LETTER_STREAM: &str = "stream must be a Kinesis stream name";
+    pub const BACKOFF_MAX: &str =
+        "delivery.retry.backoff.max must be at least delivery.retry.backoff.initial";
 
     /// The messages above, which must cover every rule in the schema.
     pub const ALL: &[&str] = &[
@@ -223,5 +231,11 @@ pub mod rule_messages {
         AT_TIMESTAMP,
         URL,
         ONE_PDB_BOUND,
+        DEAD_LETTER_NEEDED,
+        DEAD_LETTER_UNUSED,
+        ONE_DEAD_LETTER,
+        QUEUE_URL,
+        DEAD_LETTER_STREAM,
+        BACKOFF_MAX,
     ];
 }

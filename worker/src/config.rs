@@ -155,16 +155,7 @@ impl WorkerConfig {
             if self.streams[..i].iter().any(|t| t.name == s.name) {
                 return invalid(format!("{at}.name: stream {:?} is listed twice", s.name));
             }
-            if let Some(r) = &s.region {
-                check_region(&format!("{at}.region"), r)?;
-            }
-            if let Some(role) = &s.role_arn
-                && (role.len() > 2048 || !ROLE_ARN_RE.is_match(role))
-            {
-                return invalid(format!(
-                    "{at}.roleArn: malformed role ARN {role:?} (expected arn:aws:iam::ACCOUNT_ID:role/NAME)"
-                ));
-            }
+            check_target(&at, s.region.as_deref(), s.role_arn.as_deref())?;
             if s.start_position == StartPosition::AtTimestamp && s.start_timestamp.is_none() {
                 return invalid(format!(
                     "{at}.startTimestamp: startPosition AtTimestamp needs startTimestamp (an RFC 3339 time such as 2026-01-02T15:04:05Z)"
@@ -202,6 +193,7 @@ impl WorkerConfig {
                 );
             }
         }
+        self.delivery.validate_failure_policy()?;
         let t = &self.tuning;
         if t.poll_interval < Duration::from_millis(200) {
             return invalid("tuning.pollInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
@@ -403,6 +395,12 @@ pub struct StateStoreConfig {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.stdout) != has(self.http)",
     "message": "delivery needs exactly one of stdout or http"
+}, {
+    "rule": "!has(self.onFailure) || self.onFailure != 'DeadLetter' || has(self.deadLetter)",
+    "message": "delivery.onFailure DeadLetter needs delivery.deadLetter (an sqs queue or a kinesis stream)"
+}, {
+    "rule": "!has(self.deadLetter) || (has(self.onFailure) && self.onFailure == 'DeadLetter')",
+    "message": "delivery.deadLetter is only used with delivery.onFailure: DeadLetter; set it, or remove deadLetter"
 }]))]
 pub struct DeliveryConfig {
     /// Write one JSON line per record to the worker's stdout.
@@ -411,6 +409,253 @@ pub struct DeliveryConfig {
     /// POST each batch as JSON to a URL, usually a sidecar in the same pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
+    /// How a batch the handler refuses is retried.
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
+    pub retry: RetryPolicy,
+    /// What happens to a record that still fails after `retry.maxAttempts` attempts on its
+    /// own: `Block` (the default) retries it without end, `Skip` drops it, `DeadLetter`
+    /// writes it to `deadLetter` first.
+    #[serde(default, skip_serializing_if = "OnFailure::is_block")]
+    pub on_failure: OnFailure,
+    /// Where `onFailure: DeadLetter` writes records that keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterConfig>,
+}
+
+/// Retries of a refused batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Attempts per batch (and then per record) before `onFailure` applies, 1 to 1000.
+    /// With `onFailure: Block` retries go on after it, only the reason shown changes.
+    #[serde(default = "defaults::max_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: defaults::max_attempts(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Exponential backoff with jitter between `initial` and `max`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": format!("!has(self.initial) || !has(self.max) || !self.initial.matches('{DURATION_PATTERN}') || !self.max.matches('{DURATION_PATTERN}') || duration(self.max) >= duration(self.initial)"),
+    "message": "delivery.retry.backoff.max must be at least delivery.retry.backoff.initial"
+}]))]
+pub struct BackoffConfig {
+    /// Delay after the first failure; doubles with each further one. More than 0s.
+    #[serde(default = "defaults::backoff_initial", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    #[serde(default = "defaults::backoff_max", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
+    pub max: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: defaults::backoff_initial(),
+            max: defaults::backoff_max(),
+        }
+    }
+}
+
+/// What to do with a record that exhausted its attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OnFailure {
+    /// Keep retrying it; the shard waits (nothing is ever lost or skipped).
+    #[default]
+    Block,
+    /// Drop it (counted and reported) and go on with the next record.
+    Skip,
+    /// Write it to `deadLetter`, then go on; the shard waits while that write fails.
+    DeadLetter,
+}
+
+impl OnFailure {
+    fn is_block(&self) -> bool {
+        *self == OnFailure::Block
+    }
+}
+
+/// The dead-letter target. Exactly one field is set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.sqs) != has(self.kinesis)",
+    "message": "deadLetter needs exactly one of sqs or kinesis"
+}]))]
+pub struct DeadLetterConfig {
+    /// An SQS queue: one message per record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqs: Option<SqsTarget>,
+    /// A Kinesis stream: one record per record, same partition key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinesis: Option<KinesisTarget>,
+}
+
+/// An SQS dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SqsTarget {
+    /// The queue URL, for example `https://sqs.us-east-1.amazonaws.com/123456789012/orders-dlq`.
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(HTTP_URL_PATTERN),
+        "message": "queueUrl must be an http:// or https:// URL"
+    }]))]
+    pub queue_url: String,
+    /// AWS region of the queue; defaults to the worker's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(REGION_PATTERN),
+        "message": "region must look like us-east-1"
+    }]))]
+    pub region: Option<String>,
+    /// IAM role to assume (through STS) to send to the queue, for a queue in another account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(ROLE_ARN_PATTERN),
+        "message": "roleArn must be an IAM role ARN: arn:aws:iam::ACCOUNT_ID:role/NAME"
+    }]))]
+    pub role_arn: Option<String>,
+}
+
+/// A Kinesis dead-letter stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KinesisTarget {
+    /// Stream name, or stream ARN for a stream in another account or region.
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-validations" = [{
+        "rule": format!("{} || {}", cel_matches(STREAM_NAME_PATTERN), cel_matches(STREAM_ARN_PATTERN)),
+        "message": "stream must be a Kinesis stream name (1-128 characters of a-z, A-Z, 0-9, _ . -) or a stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
+    }]))]
+    pub stream: String,
+    /// AWS region of the stream; defaults to the worker's region (or the ARN's region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(REGION_PATTERN),
+        "message": "region must look like us-east-1"
+    }]))]
+    pub region: Option<String>,
+    /// IAM role to assume (through STS) to write the stream, for a stream in another account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(ROLE_ARN_PATTERN),
+        "message": "roleArn must be an IAM role ARN: arn:aws:iam::ACCOUNT_ID:role/NAME"
+    }]))]
+    pub role_arn: Option<String>,
+}
+
+impl KinesisTarget {
+    /// The target as a [`StreamConfig`], so the reading side's client builder (region,
+    /// ARN, assumed role) serves it too.
+    pub fn as_stream(&self) -> StreamConfig {
+        StreamConfig {
+            name: self.stream.clone(),
+            region: self.region.clone(),
+            role_arn: self.role_arn.clone(),
+            start_position: StartPosition::default(),
+            start_timestamp: None,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// The checks of `retry`, `onFailure` and `deadLetter` (the CRD's CEL rules, for configs
+    /// that did not come through the API server).
+    fn validate_failure_policy(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if !(1..=1000).contains(&self.retry.max_attempts) {
+            return invalid("delivery.retry.maxAttempts: must be between 1 and 1000");
+        }
+        let b = &self.retry.backoff;
+        if b.initial.is_zero() {
+            return invalid("delivery.retry.backoff.initial: must be greater than 0s");
+        }
+        if b.max < b.initial {
+            return invalid(
+                "delivery.retry.backoff.max: must be at least delivery.retry.backoff.initial",
+            );
+        }
+        match (&self.on_failure, &self.dead_letter) {
+            (OnFailure::DeadLetter, None) => {
+                return invalid(
+                    "delivery.deadLetter: onFailure DeadLetter needs a dead-letter target (deadLetter.sqs.queueUrl or deadLetter.kinesis.stream)",
+                );
+            }
+            (OnFailure::Block | OnFailure::Skip, Some(_)) => {
+                return invalid(
+                    "delivery.deadLetter: only used with onFailure: DeadLetter; set it, or remove deadLetter",
+                );
+            }
+            _ => {}
+        }
+        let Some(dl) = &self.dead_letter else {
+            return Ok(());
+        };
+        match (&dl.sqs, &dl.kinesis) {
+            (Some(q), None) => {
+                if q.queue_url.len() > 2048 || !HTTP_URL_RE.is_match(&q.queue_url) {
+                    return Err(ConfigError::Invalid(format!(
+                        "delivery.deadLetter.sqs.queueUrl: {:?} is not an http:// or https:// URL",
+                        q.queue_url
+                    )));
+                }
+                check_target(
+                    "delivery.deadLetter.sqs",
+                    q.region.as_deref(),
+                    q.role_arn.as_deref(),
+                )
+            }
+            (None, Some(k)) => {
+                if !STREAM_NAME_RE.is_match(&k.stream) && !STREAM_ARN_RE.is_match(&k.stream) {
+                    return Err(ConfigError::Invalid(format!(
+                        "delivery.deadLetter.kinesis.stream: {:?} is not a Kinesis stream name or stream ARN",
+                        k.stream
+                    )));
+                }
+                check_target(
+                    "delivery.deadLetter.kinesis",
+                    k.region.as_deref(),
+                    k.role_arn.as_deref(),
+                )
+            }
+            _ => invalid("delivery.deadLetter: needs exactly one of sqs or kinesis"),
+        }
+    }
+}
+
+/// Region and role of a stream or a dead-letter target.
+fn check_target(at: &str, region: Option<&str>, role: Option<&str>) -> Result<(), ConfigError> {
+    if let Some(r) = region {
+        check_region(&format!("{at}.region"), r)?;
+    }
+    if let Some(role) = role
+        && (role.len() > 2048 || !ROLE_ARN_RE.is_match(role))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{at}.roleArn: malformed role ARN {role:?} (expected arn:aws:iam::ACCOUNT_ID:role/NAME)"
+        )));
+    }
+    Ok(())
 }
 
 /// The stdout sink has no settings.
@@ -646,6 +891,18 @@ pub mod defaults {
     pub fn http_max_batch() -> u32 {
         500
     }
+    /// Attempts before `onFailure` applies.
+    pub fn max_attempts() -> u32 {
+        10
+    }
+    /// First handler retry delay.
+    pub fn backoff_initial() -> Duration {
+        Duration::from_millis(200)
+    }
+    /// Longest handler retry delay.
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 #[cfg(test)]
@@ -823,6 +1080,34 @@ mod tests {
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 6s"), "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval"),
             (BASE.replace("pollInterval: 2s", "shutdownTimeout: 0s"), "tuning.shutdownTimeout: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "maxRecordsPerCall: 10001"), "tuning.maxRecordsPerCall: must be between 1 and 10000"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter}"),
+                "delivery.deadLetter: onFailure DeadLetter needs a dead-letter target"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, deadLetter: {sqs: {queueUrl: \"https://q\"}}}"),
+                "delivery.deadLetter: only used with onFailure: DeadLetter"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: Skip, deadLetter: {sqs: {queueUrl: \"https://q\"}}}"),
+                "delivery.deadLetter: only used with onFailure: DeadLetter"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {}}"),
+                "delivery.deadLetter: needs exactly one of sqs or kinesis"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"https://q\"}, kinesis: {stream: dlq}}}"),
+                "delivery.deadLetter: needs exactly one of sqs or kinesis"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"sqs/q\"}}}"),
+                "delivery.deadLetter.sqs.queueUrl: \"sqs/q\" is not an http:// or https:// URL"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {sqs: {queueUrl: \"https://q\", region: EU}}}"),
+                "delivery.deadLetter.sqs.region: \"EU\" is not an AWS region"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: \"a b\"}}}"),
+                "delivery.deadLetter.kinesis.stream: \"a b\" is not a Kinesis stream name"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: dlq, roleArn: \"arn:aws:iam::1:role/r\"}}}"),
+                "delivery.deadLetter.kinesis.roleArn: malformed role ARN"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: Drop}"),
+                "delivery.onFailure: unknown variant: found `Drop`, expected `one of `Block`, `Skip`, `DeadLetter``"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {maxAttempts: 0}}"),
+                "delivery.retry.maxAttempts: must be between 1 and 1000"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 0s}}}"),
+                "delivery.retry.backoff.initial: must be greater than 0s"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 5s, max: 1s}}}"),
+                "delivery.retry.backoff.max: must be at least delivery.retry.backoff.initial"),
+            (BASE.replace("{stdout: {}}", "{stdout: {}, retry: {backoff: {initial: 1.5s}}}"),
+                "delivery.retry.backoff.initial: invalid duration \"1.5s\""),
         ];
         for (yaml, want) in cases {
             let e = WorkerConfig::from_yaml(&yaml)
@@ -841,6 +1126,27 @@ mod tests {
         ] {
             WorkerConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
         }
+    }
+
+    #[test]
+    fn failure_policy_defaults_and_round_trip() {
+        let c = WorkerConfig::from_yaml(BASE).expect("parses");
+        assert_eq!(c.delivery.on_failure, OnFailure::Block);
+        assert_eq!(c.delivery.retry.max_attempts, 10);
+        assert_eq!(c.delivery.retry.backoff.initial, Duration::from_millis(200));
+        assert_eq!(c.delivery.retry.backoff.max, Duration::from_secs(30));
+        // Defaults are not rendered: an existing group's worker config stays byte-identical.
+        assert!(!c.to_yaml().expect("renders").contains("retry"));
+        let yaml = BASE.replace(
+            "{stdout: {}}",
+            "{stdout: {}, retry: {maxAttempts: 3, backoff: {initial: 50ms, max: 2s}}, onFailure: DeadLetter, deadLetter: {kinesis: {stream: \"arn:aws:kinesis:eu-west-1:123456789012:stream/dlq\", roleArn: \"arn:aws:iam::123456789012:role/w\"}}}",
+        );
+        let c = WorkerConfig::from_yaml(&yaml).expect("parses");
+        assert_eq!(c.delivery.retry.max_attempts, 3);
+        assert_eq!(c.delivery.retry.backoff.max, Duration::from_secs(2));
+        assert_eq!(c.delivery.on_failure, OnFailure::DeadLetter);
+        let back = WorkerConfig::from_yaml(&c.to_yaml().expect("renders")).expect("re-parses");
+        assert_eq!(back, c);
     }
 
     #[test]
@@ -943,6 +1249,18 @@ mod tests {
                 vec![DURATION_PATTERN],
             ),
             ("must be a duration greater than 0s", vec![DURATION_PATTERN]),
+            (
+                "delivery.retry.backoff.max must be at least",
+                vec![DURATION_PATTERN],
+            ),
+            (
+                "queueUrl must be an http:// or https:// URL",
+                vec![HTTP_URL_PATTERN],
+            ),
+            (
+                "stream must be a Kinesis stream name",
+                vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN],
+            ),
             (
                 "tuning.clientTimeout must be at least twice",
                 vec![DURATION_PATTERN],

@@ -27,6 +27,8 @@ use crate::assignment::{self, ShardKey};
 use crate::config::StartPosition;
 use crate::config::{ConfigError, StreamConfig, WorkerConfig};
 use crate::delivery::BatchHandler;
+use crate::delivery::FailurePolicy;
+use crate::delivery::dead_letter::DeadLetterError;
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
@@ -59,6 +61,9 @@ pub enum EngineError {
         /// The store error.
         source: StoreError,
     },
+    /// The dead-letter target cannot be set up (no region, malformed stream ARN).
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// The leader refreshes shard caches every this many heartbeats (and right after a shard
@@ -90,7 +95,9 @@ pub async fn run(
             config.state_store.table.clone(),
         );
         info!(pod = %identity.pod, table = %store.table(), "starting");
-        let engine = Engine::new(config, identity, store, base, handler, metrics, health);
+        let failure = FailurePolicy::connect(&config.delivery, &config.group, &base).await?;
+        let engine = Engine::new(config, identity, store, base, handler, metrics, health)
+            .with_failure(failure);
         engine.run(shutdown).await
     }
     .instrument(span)
@@ -137,6 +144,8 @@ struct Engine {
     store: StateStore,
     base: SdkConfig,
     handler: Arc<dyn BatchHandler>,
+    /// Retries and what happens to records the handler keeps refusing.
+    failure: FailurePolicy,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     streams: Vec<StreamSlot>,
@@ -184,6 +193,7 @@ impl Engine {
             store,
             base,
             handler,
+            failure: FailurePolicy::default(),
             metrics,
             health,
             streams,
@@ -201,6 +211,13 @@ impl Engine {
             tick_issue: None,
             last_issue: None,
         }
+    }
+
+    /// Sets the failure policy (`delivery.retry` / `onFailure`; the dead-letter writer is
+    /// connected asynchronously, so it comes after `new`).
+    fn with_failure(mut self, failure: FailurePolicy) -> Self {
+        self.failure = failure;
+        self
     }
 
     fn group(&self) -> &str {
@@ -891,6 +908,7 @@ impl Engine {
             stream: start_config(&self.streams[stream_index].config, row, fresh),
             shard_id: key.shard_id.clone(),
             checkpoint: row.checkpoint_position(),
+            failure: self.failure.clone(),
         };
         let span = info_span!("shard", group = %self.config.group, client = %self.identity.client_id, stream = %key.stream, shard = %key.shard_id);
         let reader = reader::read_shard(

@@ -231,6 +231,23 @@ pub struct RecordsPage {
     pub millis_behind: Option<i64>,
 }
 
+/// Credentials of `role`, assumed through STS with the base (worker) credentials. A client
+/// built with them caches the assumed credentials (identity cache from `base`) and
+/// refreshes them before they expire.
+pub async fn assumed_role(
+    role: &str,
+    region: &Region,
+    base: &SdkConfig,
+) -> SharedCredentialsProvider {
+    let provider = AssumeRoleProvider::builder(role)
+        .session_name("kcg-worker")
+        .region(region.clone())
+        .configure(base)
+        .build()
+        .await;
+    SharedCredentialsProvider::new(provider)
+}
+
 /// A Kinesis client bound to one configured stream.
 #[derive(Clone, Debug)]
 pub struct StreamClient {
@@ -281,16 +298,7 @@ impl StreamClient {
                     .build(),
             );
         if let Some(role) = &stream.role_arn {
-            // The provider calls STS with the base (worker) credentials; the Kinesis client's
-            // identity cache (from `base`) caches the assumed credentials and refreshes them
-            // before they expire.
-            let provider = AssumeRoleProvider::builder(role.clone())
-                .session_name("kcg-worker")
-                .region(region.clone())
-                .configure(base)
-                .build()
-                .await;
-            builder = builder.credentials_provider(SharedCredentialsProvider::new(provider));
+            builder = builder.credentials_provider(assumed_role(role, &region, base).await);
         }
         Ok(Self {
             name: stream.name.clone(),
@@ -380,6 +388,31 @@ impl StreamClient {
             stream: self.name.clone(),
             message,
         }
+    }
+
+    /// PutRecords of `entries` (at most 500, 5 MiB together). Per entry, in order: `None`
+    /// when written, else the entry's error (`code: message`), to be retried by the caller.
+    pub async fn put_records(
+        &self,
+        entries: Vec<aws_sdk_kinesis::types::PutRecordsRequestEntry>,
+    ) -> Result<Vec<Option<String>>, KinesisError> {
+        let out = self
+            .client
+            .put_records()
+            .set_stream_name(self.stream_name_param())
+            .set_stream_arn(self.stream_arn_param())
+            .set_records(Some(entries))
+            .send()
+            .await
+            .map_err(|e| self.error("PutRecords", None, e))?;
+        Ok(out
+            .records()
+            .iter()
+            .map(|r| {
+                r.error_code()
+                    .map(|code| format!("{code}: {}", r.error_message().unwrap_or_default()))
+            })
+            .collect())
     }
 
     /// Every shard of the stream (ListShards with paging), sorted by shard id.

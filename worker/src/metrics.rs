@@ -51,6 +51,12 @@ pub struct Metrics {
     pub delivery_failures: Family<StreamLabels, Counter>,
     /// Time the handler took per batch.
     pub delivery_duration: Histogram,
+    /// Handler calls repeated after a refusal (`delivery.retry`), per shard.
+    pub handler_retries: Family<ShardLabels, Counter>,
+    /// Records skipped after exhausting their attempts (`onFailure: Skip`), per shard.
+    pub records_skipped: Family<ShardLabels, Counter>,
+    /// Records written to the dead-letter target (`onFailure: DeadLetter`), per shard.
+    pub records_dead_lettered: Family<ShardLabels, Counter>,
     /// GetRecords calls made.
     pub get_records_calls: Family<StreamLabels, Counter>,
     /// Kinesis or DynamoDB errors, by reason.
@@ -114,6 +120,24 @@ impl Metrics {
             "delivery_duration_seconds",
             "Time the handler took per batch",
             delivery_duration.clone(),
+        );
+        let handler_retries = Family::default();
+        registry.register(
+            "handler_retries",
+            "Handler calls repeated after a refusal",
+            handler_retries.clone(),
+        );
+        let records_skipped = Family::default();
+        registry.register(
+            "records_skipped",
+            "Records skipped after exhausting their delivery attempts (onFailure Skip)",
+            records_skipped.clone(),
+        );
+        let records_dead_lettered = Family::default();
+        registry.register(
+            "records_dead_lettered",
+            "Records written to the dead-letter target (onFailure DeadLetter)",
+            records_dead_lettered.clone(),
         );
         let get_records_calls = Family::default();
         registry.register(
@@ -202,6 +226,9 @@ impl Metrics {
             batches_delivered,
             delivery_failures,
             delivery_duration,
+            handler_retries,
+            records_skipped,
+            records_dead_lettered,
             get_records_calls,
             errors,
             behind_latest,

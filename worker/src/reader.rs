@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{StreamConfig, Tuning};
-use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record};
+use crate::delivery::dead_letter::{DeadLetterWriter, Letter};
+use crate::delivery::poison::{BatchState, Event, Next};
+use crate::delivery::{BatchHandler, CommitState, CommitTracker, FailureAction, Record};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::kpl;
@@ -30,6 +32,8 @@ pub struct ShardTask {
     pub shard_id: String,
     /// The checkpoint from the lease row: reading resumes after it.
     pub checkpoint: Option<Position>,
+    /// Retries, and what happens to records the handler keeps refusing.
+    pub failure: crate::delivery::FailurePolicy,
 }
 
 /// A problem worth surfacing in the client row and the CR status.
@@ -134,11 +138,6 @@ pub fn kinesis_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(20))
 }
 
-/// Backoff for a handler that refuses a batch.
-pub fn handler_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
-}
-
 /// What the reader does after a failed Kinesis call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorAction {
@@ -222,6 +221,19 @@ pub fn skip_done(records: &mut Vec<Record>, done: Option<&Position>) {
     records.drain(..n);
 }
 
+/// Issue reasons of the delivery side (the handler, skipped and dead-lettered records);
+/// a working GetRecords does not clear them.
+pub fn is_delivery_reason(reason: &str) -> bool {
+    matches!(
+        reason,
+        "HandlerFailing" | "DeadLetterFailing" | "RecordsSkipped" | "RecordsDeadLettered"
+    )
+}
+
+/// How long the `RecordsSkipped` / `RecordsDeadLettered` issue stays up after the last
+/// such record, so that the operator's status (and `kubectl describe`) shows it.
+pub const POISON_ISSUE_HOLD: Duration = Duration::from_secs(300);
+
 /// The issue a reader reports when a manual-commit handler dropped a token uncommitted.
 pub const DROPPED_TOKEN_MESSAGE: &str =
     "a commit token was dropped without commit; redelivering from the last committed record";
@@ -270,6 +282,8 @@ struct Reader {
     /// While the dropped-token issue is up: the committed prefix redelivery started from.
     /// The issue clears once the handler commits past it.
     redelivered_from: Option<Option<Position>>,
+    /// When this reader last skipped or dead-lettered a record.
+    last_poison: Option<Instant>,
 }
 
 impl Reader {
@@ -370,55 +384,186 @@ impl Reader {
         }
     }
 
-    /// Hands `batch` to the handler until it accepts it. `Err` only when stopped while
-    /// retrying (the batch is then abandoned: not acknowledged, read again by whoever
-    /// reads the shard next).
+    /// Hands `batch` to the handler until every record is accepted or, once a record failed
+    /// `delivery.retry.maxAttempts` times alone, skipped or dead-lettered as
+    /// `delivery.onFailure` says (see [`crate::delivery::poison`]). `Err` only when stopped
+    /// while retrying (the rest of the batch is then not acknowledged, and read again by
+    /// whoever reads the shard next).
     async fn deliver(&mut self, batch: &[Record]) -> Result<(), Exit> {
-        let mut backoff = handler_backoff();
-        let n = batch.len() as u64;
+        let failure = self.task.failure.clone();
+        let policy = failure.decisions();
+        let b = &failure.retry.backoff;
+        let mut backoff = Backoff::new(b.initial, b.max);
+        let mut last_error = String::new();
+        let (mut state, mut next) = BatchState::start(batch.len());
         loop {
-            let started = Instant::now();
-            let result = self.handler.deliver(batch, &self.commits).await;
-            self.m
-                .metrics
-                .delivery_duration
-                .observe(started.elapsed().as_secs_f64());
-            match result {
+            let event = match next {
+                Next::Done => return Ok(()),
+                Next::Deliver(range) => {
+                    backoff.reset();
+                    self.hand_over(&batch[range], &mut last_error).await
+                }
+                Next::Retry(range) => {
+                    self.m
+                        .metrics
+                        .handler_retries
+                        .get_or_create(&self.m.shard)
+                        .inc();
+                    self.sleep(backoff.next_delay()).await?;
+                    self.hand_over(&batch[range], &mut last_error).await
+                }
+                // The decisions come from `failure.on_failure`, so the action matches.
+                Next::Skip(i) | Next::DeadLetter(i) => match &failure.on_failure {
+                    FailureAction::Skip => {
+                        self.skipped(&batch[i], state.attempts, &last_error);
+                        Event::Resolved
+                    }
+                    FailureAction::DeadLetter(writer) => {
+                        let letter = Letter {
+                            record: &batch[i],
+                            attempts: state.attempts,
+                            error: &last_error,
+                        };
+                        self.dead_letter(writer, letter, &failure.retry.backoff)
+                            .await?;
+                        Event::Resolved
+                    }
+                    // Block never gives a record up: count it refused again (a retry).
+                    FailureAction::Block => Event::Refused,
+                },
+            };
+            let range = state.range();
+            (state, next) = state.step(event, policy);
+            if event == Event::Refused {
+                self.report_refusal(&batch[range], state.attempts, &next, &last_error);
+            }
+        }
+    }
+
+    /// One handler call for `records`; the event for the decisions. Keeps the error text.
+    async fn hand_over(&mut self, records: &[Record], last_error: &mut String) -> Event {
+        let started = Instant::now();
+        let result = self.handler.deliver(records, &self.commits).await;
+        self.m
+            .metrics
+            .delivery_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                let m = &self.m.metrics;
+                m.records_delivered
+                    .get_or_create(&self.m.stream)
+                    .inc_by(records.len() as u64);
+                m.batches_delivered.get_or_create(&self.m.stream).inc();
+                let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+                m.bytes_delivered
+                    .get_or_create(&self.m.stream)
+                    .inc_by(bytes as u64);
+                if let Some(last) = records.last() {
+                    self.delivered = Some(last.position());
+                }
+                // (The dropped-token issue stays until the handler commits again.)
+                if self.progress.issue.as_ref().is_some_and(|i| {
+                    i.reason == "HandlerFailing" && i.message != DROPPED_TOKEN_MESSAGE
+                }) {
+                    info!("handler accepts batches again");
+                    self.progress.issue = None;
+                }
+                self.expire_poison_issue();
+                self.publish();
+                Event::Accepted
+            }
+            Err(e) => {
+                self.m
+                    .metrics
+                    .delivery_failures
+                    .get_or_create(&self.m.stream)
+                    .inc();
+                self.m.error("HandlerFailing");
+                *last_error = e.message;
+                Event::Refused
+            }
+        }
+    }
+
+    /// Logs and reports a refusal of `records`, after `attempts` attempts, going to `next`.
+    fn report_refusal(&mut self, records: &[Record], attempts: u32, next: &Next, error: &str) {
+        let n = records.len();
+        let first = records.first().map_or("", |r| r.sequence.as_str());
+        let what = match next {
+            Next::Retry(_) => "retrying the same records",
+            Next::Deliver(_) => "maxAttempts reached; handing the records over one at a time",
+            Next::Skip(_) => "maxAttempts reached alone; skipping the record",
+            Next::DeadLetter(_) => "maxAttempts reached alone; dead-lettering the record",
+            Next::Done => "",
+        };
+        warn!(error = %error, attempts, first = %first, records = n, "handler refused records; {what}");
+        let block = matches!(self.task.failure.on_failure, FailureAction::Block)
+            && attempts >= self.task.failure.retry.max_attempts;
+        let suffix = if block {
+            " (delivery.onFailure is Block: retrying without end)"
+        } else {
+            ""
+        };
+        self.set_issue(Some(Issue {
+            reason: "HandlerFailing".into(),
+            message: format!(
+                "the handler refused {n} records from sequence {first} ({attempts} attempts){suffix}: {error}"
+            ),
+        }));
+    }
+
+    /// `onFailure: Skip`: counts and reports the record, and moves the checkpoint past it.
+    fn skipped(&mut self, record: &Record, attempts: u32, error: &str) {
+        self.m
+            .metrics
+            .records_skipped
+            .get_or_create(&self.m.shard)
+            .inc();
+        warn!(sequence = %record.sequence, attempts, error = %error, "skipped a record the handler keeps refusing");
+        self.poison_resolved(record, "RecordsSkipped", "skipped", attempts, error);
+    }
+
+    /// `onFailure: DeadLetter`: writes the record until the target takes it (the shard waits
+    /// meanwhile, reporting `DeadLetterFailing`), then moves the checkpoint past it. `Err`
+    /// when stopped while waiting.
+    async fn dead_letter(
+        &mut self,
+        writer: &DeadLetterWriter,
+        letter: Letter<'_>,
+        backoff: &crate::config::BackoffConfig,
+    ) -> Result<(), Exit> {
+        let mut backoff = Backoff::new(backoff.initial, backoff.max);
+        loop {
+            match writer.write(&[letter]).await {
                 Ok(()) => {
-                    let m = &self.m.metrics;
-                    m.records_delivered.get_or_create(&self.m.stream).inc_by(n);
-                    m.batches_delivered.get_or_create(&self.m.stream).inc();
-                    let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
-                    m.bytes_delivered
-                        .get_or_create(&self.m.stream)
-                        .inc_by(bytes as u64);
-                    if let Some(last) = batch.last() {
-                        self.delivered = Some(last.position());
-                    }
-                    // (The dropped-token issue stays until the handler commits again.)
-                    if self.progress.issue.as_ref().is_some_and(|i| {
-                        i.reason == "HandlerFailing" && i.message != DROPPED_TOKEN_MESSAGE
-                    }) {
-                        info!("handler accepts batches again");
-                        self.progress.issue = None;
-                    }
-                    self.publish();
+                    self.m
+                        .metrics
+                        .records_dead_lettered
+                        .get_or_create(&self.m.shard)
+                        .inc();
+                    warn!(sequence = %letter.record.sequence, attempts = letter.attempts, error = %letter.error,
+                        target = %writer.describe(), "dead-lettered a record the handler keeps refusing");
+                    let what = format!("dead-lettered to {}", writer.describe());
+                    self.poison_resolved(
+                        letter.record,
+                        "RecordsDeadLettered",
+                        &what,
+                        letter.attempts,
+                        letter.error,
+                    );
                     return Ok(());
                 }
                 Err(e) => {
-                    self.m
-                        .metrics
-                        .delivery_failures
-                        .get_or_create(&self.m.stream)
-                        .inc();
-                    self.m.error("HandlerFailing");
+                    self.m.error("DeadLetterFailing");
                     let delay = backoff.next_delay();
-                    warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
-                        first = %batch[0].sequence, records = n, "handler refused batch; retrying the same batch");
+                    warn!(error = %e, sequence = %letter.record.sequence, retry_in_ms = delay.as_millis() as u64,
+                        "dead-letter write failed; the shard waits and retries");
                     self.set_issue(Some(Issue {
-                        reason: "HandlerFailing".into(),
+                        reason: "DeadLetterFailing".into(),
                         message: format!(
-                            "the handler refused a batch of {n} records ({} attempts): {e}",
+                            "record {} could not be dead-lettered ({} attempts); the shard waits: {e}",
+                            letter.record.sequence,
                             backoff.attempts()
                         ),
                     }));
@@ -426,6 +571,44 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Clears the `RecordsSkipped` / `RecordsDeadLettered` issue once
+    /// [`POISON_ISSUE_HOLD`] passed since the last such record.
+    fn expire_poison_issue(&mut self) {
+        let held = self
+            .progress
+            .issue
+            .as_ref()
+            .is_some_and(|i| i.reason == "RecordsSkipped" || i.reason == "RecordsDeadLettered");
+        if held
+            && self
+                .last_poison
+                .is_none_or(|at| at.elapsed() >= POISON_ISSUE_HOLD)
+        {
+            self.progress.issue = None;
+        }
+    }
+
+    /// A poison record is done with: the checkpoint may pass it, and the issue says so.
+    fn poison_resolved(
+        &mut self,
+        record: &Record,
+        reason: &str,
+        what: &str,
+        attempts: u32,
+        error: &str,
+    ) {
+        self.commits.begin(record.position()).commit();
+        self.delivered = Some(record.position());
+        self.last_poison = Some(Instant::now());
+        self.set_issue(Some(Issue {
+            reason: reason.into(),
+            message: format!(
+                "records the handler refuses on their own are {what}; last: sequence {} ({attempts} attempts): {error}",
+                record.sequence
+            ),
+        }));
     }
 
     /// A handler dropped a commit token uncommitted: forget the pending batches, report it,
@@ -551,11 +734,12 @@ impl Reader {
                 .progress
                 .issue
                 .as_ref()
-                .is_some_and(|i| i.reason != "HandlerFailing")
+                .is_some_and(|i| !is_delivery_reason(&i.reason))
             {
                 info!("kinesis reads work again");
                 self.progress.issue = None;
             }
+            self.expire_poison_issue();
             self.progress.millis_behind = page.millis_behind;
             self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
             if let Some(ms) = page.millis_behind {
@@ -670,6 +854,7 @@ pub async fn read_shard(
             stop,
             pinned: None,
             redelivered_from: None,
+            last_poison: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
         if let Err(Exit::Stopped | Exit::Redeliver) = reader.run().await {

@@ -72,6 +72,7 @@ async fn dropped_commit_token_is_reported_and_redelivered() {
         stream: stream_config(&name),
         shard_id: "shardId-000000000000".into(),
         checkpoint: None,
+        failure: Default::default(),
     };
     let join = tokio::spawn(read_shard(
         task,

@@ -89,6 +89,7 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
         stream: cfg.clone(),
         shard_id: shards[0].shard_id.clone(),
         checkpoint: None,
+        failure: Default::default(),
     };
     let join = tokio::spawn(read_shard(
         task,

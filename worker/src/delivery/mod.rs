@@ -11,6 +11,10 @@
 //! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
 //! per-shard [`CommitTracker`]; both styles end up there.
 //!
+//! A batch the handler refuses is retried as the [`FailurePolicy`] (`delivery.retry`,
+//! `delivery.onFailure`) says: the decisions are in [`poison`], the dead-letter target's
+//! I/O in [`dead_letter`].
+//!
 //! A manual-commit handler that hands batches to a background writer and commits once the
 //! writer has flushed them:
 //!
@@ -48,7 +52,9 @@
 //! ```
 
 pub mod commit;
+pub mod dead_letter;
 pub mod http;
+pub mod poison;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -59,7 +65,8 @@ use serde::Serialize;
 pub use crate::position::Position;
 pub use commit::{CommitState, CommitToken, CommitTracker};
 
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, OnFailure, RetryPolicy};
+use dead_letter::{DeadLetterError, DeadLetterWriter};
 
 /// One record as handed to a handler: a Kinesis record, or one user record of a KPL
 /// aggregate (then `sub_sequence` is set and `partition_key`/`explicit_hash_key` are the
@@ -218,6 +225,81 @@ impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
             }
             result
         })
+    }
+}
+
+/// What the reader does with batches the handler refuses: `delivery.retry`, and for
+/// records that keep failing alone, `delivery.onFailure` with its dead-letter writer.
+#[derive(Clone, Default)]
+pub struct FailurePolicy {
+    /// Attempts and backoff.
+    pub retry: RetryPolicy,
+    /// What happens to a poison record.
+    pub on_failure: FailureAction,
+}
+
+/// `delivery.onFailure`, with the writer `DeadLetter` needs.
+#[derive(Clone, Default)]
+pub enum FailureAction {
+    /// Retry without end.
+    #[default]
+    Block,
+    /// Drop the record (counted, reported).
+    Skip,
+    /// Write it to the dead-letter target, then go on.
+    DeadLetter(Arc<DeadLetterWriter>),
+}
+
+impl std::fmt::Debug for FailurePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let action = match &self.on_failure {
+            FailureAction::Block => "Block".to_owned(),
+            FailureAction::Skip => "Skip".to_owned(),
+            FailureAction::DeadLetter(w) => format!("DeadLetter({})", w.describe()),
+        };
+        f.debug_struct("FailurePolicy")
+            .field("retry", &self.retry)
+            .field("on_failure", &action)
+            .finish()
+    }
+}
+
+impl FailurePolicy {
+    /// The policy `config` asks for; connects the dead-letter writer of group `group`.
+    pub async fn connect(
+        config: &DeliveryConfig,
+        group: &str,
+        base: &aws_config::SdkConfig,
+    ) -> Result<Self, DeadLetterError> {
+        let on_failure = match (config.on_failure, &config.dead_letter) {
+            (OnFailure::Block, _) => FailureAction::Block,
+            (OnFailure::Skip, _) => FailureAction::Skip,
+            (OnFailure::DeadLetter, Some(target)) => FailureAction::DeadLetter(Arc::new(
+                DeadLetterWriter::connect(target, group, base).await?,
+            )),
+            (OnFailure::DeadLetter, None) => {
+                return Err(DeadLetterError {
+                    target: "delivery.deadLetter".into(),
+                    message: "onFailure DeadLetter needs a dead-letter target".into(),
+                });
+            }
+        };
+        Ok(Self {
+            retry: config.retry.clone(),
+            on_failure,
+        })
+    }
+
+    /// The plain data the decisions ([`poison::BatchState::step`]) take.
+    pub fn decisions(&self) -> poison::Policy {
+        poison::Policy {
+            max_attempts: self.retry.max_attempts,
+            on_failure: match self.on_failure {
+                FailureAction::Block => OnFailure::Block,
+                FailureAction::Skip => OnFailure::Skip,
+                FailureAction::DeadLetter(_) => OnFailure::DeadLetter,
+            },
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::future::BoxFuture;
 use kcg_worker::config::{StreamConfig, Tuning};
-use kcg_worker::delivery::{BatchHandler, HandlerError, Position, Record};
+use kcg_worker::delivery::{BatchHandler, FailurePolicy, HandlerError, Position, Record};
 use kcg_worker::kinesis::StreamClient;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::reader::{ShardProgress, ShardTask, read_shard};
@@ -274,6 +274,27 @@ pub fn start(
     max_records: u32,
     handler: Arc<dyn BatchHandler>,
 ) -> Running {
+    start_with(
+        client,
+        name,
+        shard,
+        checkpoint,
+        max_records,
+        handler,
+        FailurePolicy::default(),
+    )
+}
+
+/// [`start`] with a failure policy (retries, skip, dead letter).
+pub fn start_with(
+    client: Arc<StreamClient>,
+    name: &str,
+    shard: &str,
+    checkpoint: Option<Position>,
+    max_records: u32,
+    handler: Arc<dyn BatchHandler>,
+    failure: FailurePolicy,
+) -> Running {
     let (tx, rx) = watch::channel(ShardProgress::default());
     let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
@@ -282,6 +303,7 @@ pub fn start(
         stream: stream_config(name),
         shard_id: shard.to_owned(),
         checkpoint,
+        failure,
     };
     let join = tokio::spawn(read_shard(
         task,
