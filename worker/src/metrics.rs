@@ -53,6 +53,8 @@ pub struct Metrics {
     pub delivery_duration: Histogram,
     /// GetRecords calls made.
     pub get_records_calls: Family<StreamLabels, Counter>,
+    /// SubscribeToShard calls made (enhanced fan-out).
+    pub subscribe_calls: Family<StreamLabels, Counter>,
     /// Kinesis or DynamoDB errors, by reason.
     pub errors: Family<ReasonLabels, Counter>,
     /// MillisBehindLatest of the last GetRecords, per owned shard, in seconds.
@@ -118,6 +120,12 @@ impl Metrics {
             "get_records_calls",
             "GetRecords calls made",
             get_records_calls.clone(),
+        );
+        let subscribe_calls = Family::default();
+        registry.register(
+            "subscribe_calls",
+            "SubscribeToShard calls made (enhanced fan-out)",
+            subscribe_calls.clone(),
         );
         let errors = Family::default();
         registry.register(
@@ -195,6 +203,7 @@ impl Metrics {
             delivery_failures,
             delivery_duration,
             get_records_calls,
+            subscribe_calls,
             errors,
             behind_latest,
             leases_held,
