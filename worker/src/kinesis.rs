@@ -681,7 +681,7 @@ impl StreamClient {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(KinesisError::Call {
-                    kind: ErrorKind::InUse,
+                    kind: ErrorKind::Unavailable,
                     operation: "DescribeStreamConsumer",
                     stream: self.name.clone(),
                     message: format!(

@@ -57,7 +57,8 @@ pub struct Metrics {
     pub subscribe_calls: Family<StreamLabels, Counter>,
     /// Kinesis or DynamoDB errors, by reason.
     pub errors: Family<ReasonLabels, Counter>,
-    /// MillisBehindLatest of the last GetRecords, per owned shard, in seconds.
+    /// MillisBehindLatest of the last GetRecords (or subscription event), per owned shard,
+    /// in seconds.
     pub behind_latest: Family<ShardLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Leases this client holds.
     pub leases_held: Gauge,
