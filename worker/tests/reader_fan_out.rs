@@ -265,3 +265,66 @@ async fn concurrent_clients_share_one_consumer() {
     assert_eq!(consumers(&sdk, &name).await.len(), 1);
     delete_stream(&sdk, &name).await;
 }
+
+/// The shard's previous subscription is still open (a previous owner that vanished without
+/// closing it): Kinesis refuses a new one (ResourceInUse) for a while. The reader retries
+/// with backoff and then reads everything, in order.
+#[tokio::test]
+async fn a_subscription_still_held_elsewhere_is_retried() {
+    let Some(kinesis) = PrivateMinistack::start("efo_in_use", &[]).await else {
+        return;
+    };
+    let sdk = Client::new(&kinesis.conf);
+    let name = unique("efo-in-use");
+    create_stream(&sdk, &name, 1).await;
+    let records = payloads("r", 20);
+    put(&sdk, &name, "k", &records).await;
+    let client = fan_out_client(&name, "kcg.test.inuse", &kinesis).await;
+    let arn = client
+        .consumer_arn("kcg.test.inuse")
+        .await
+        .expect("consumer");
+    // The "previous owner": a subscription opened with the plain SDK and kept open.
+    let held = sdk
+        .subscribe_to_shard()
+        .consumer_arn(&arn)
+        .shard_id("shardId-000000000000")
+        .starting_position(
+            aws_sdk_kinesis::types::StartingPosition::builder()
+                .r#type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+                .build()
+                .expect("position"),
+        )
+        .send()
+        .await
+        .expect("the first subscription");
+
+    let handler = Recording::new();
+    let r = start_stream(
+        client,
+        fan_out_config(&name, "kcg.test.inuse"),
+        "shardId-000000000000",
+        None,
+        100,
+        handler.clone(),
+    );
+    handler
+        .wait_for(records.len(), Duration::from_secs(30))
+        .await;
+    let in_use = r
+        .metrics
+        .errors
+        .get_or_create(&kcg_worker::metrics::ReasonLabels {
+            reason: "ResourceInUse".into(),
+        })
+        .get();
+    assert!(
+        in_use >= 1,
+        "the reader must have met the held subscription (ResourceInUse)"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(handler.payloads(), records, "everything once, in order");
+    drop(held);
+    stop(r).await;
+    delete_stream(&sdk, &name).await;
+}
