@@ -1,5 +1,7 @@
 //! Kinesis I/O for one configured stream: client (own region / assumed role), ListShards,
-//! iterators and GetRecords. Owned by the reading side; the engine only calls `list_shards`.
+//! iterators and GetRecords, and for enhanced fan-out the stream consumer (registered or
+//! reused) and SubscribeToShard. Owned by the reading side; the engine only calls
+//! `list_shards`, the operator only `deregister_consumer`.
 //!
 //! Everything here is a thin layer over the SDK. Errors are classified by the pure
 //! [`classify`] function so the reader (and the engine) can decide what to do: back off,
@@ -652,14 +654,13 @@ impl StreamClient {
                 Err(e) => return Err(self.error("DescribeStreamConsumer", None, e)),
             };
             let status = found.as_ref().map(|(_, s)| s.clone());
-            match consumer_step(status.as_ref()) {
-                ConsumerStep::Use => {
-                    let arn = found.map(|(a, _)| a).unwrap_or_default();
+            match (consumer_step(status.as_ref()), found) {
+                (ConsumerStep::Use, Some((arn, _))) => {
                     tracing::info!(stream = %self.name, consumer = name, arn = %arn, "stream consumer is active");
                     state.consumer = Some((name.to_owned(), arn.clone()));
                     return Ok(arn);
                 }
-                ConsumerStep::Register => {
+                (ConsumerStep::Register, _) => {
                     match self
                         .client
                         .register_stream_consumer()
@@ -675,9 +676,8 @@ impl StreamClient {
                         Err(e) if e.code() == Some("ResourceInUseException") => {}
                         Err(e) => return Err(self.error("RegisterStreamConsumer", None, e)),
                     }
-                    continue;
                 }
-                ConsumerStep::Wait => {}
+                _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(KinesisError::Call {
@@ -685,13 +685,15 @@ impl StreamClient {
                     operation: "DescribeStreamConsumer",
                     stream: self.name.clone(),
                     message: format!(
-                        "stream consumer {name} of stream {} is still {} after {}s",
+                        "stream consumer {name} of stream {} is not ACTIVE after {}s (last status: {})",
                         self.stream_name(),
-                        status.map_or("missing".into(), |s| s.as_str().to_owned()),
-                        CONSUMER_ACTIVE_WAIT.as_secs()
+                        CONSUMER_ACTIVE_WAIT.as_secs(),
+                        status.map_or("not registered".into(), |s| s.as_str().to_owned()),
                     ),
                 });
             }
+            // A new consumer takes a few seconds to become ACTIVE: look again after a pause
+            // (which also keeps a registration race from spinning).
             tokio::time::sleep(CONSUMER_POLL).await;
         }
     }
