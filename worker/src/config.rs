@@ -556,13 +556,14 @@ pub struct HttpSink {
 }]))]
 pub struct Tuning {
     /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
+    /// Polling only (enhanced fan-out is pushed).
     #[serde(default = "defaults::poll_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
         "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
         "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
     }]))]
     pub poll_interval: Duration,
-    /// Records per GetRecords call, 1 to 10000.
+    /// Records per GetRecords call, 1 to 10000. Polling only.
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_records_per_call: u32,

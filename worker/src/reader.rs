@@ -351,7 +351,11 @@ impl Reader {
     pub(crate) fn kinesis_failed(&mut self, e: &KinesisError, backoff: &Backoff) {
         let kind = e.kind();
         self.m.error(kind.reason());
-        if kind == ErrorKind::Throttled || kind == ErrorKind::ExpiredIterator {
+        // Expected now and then (a subscription still held right after a handoff counts).
+        if matches!(
+            kind,
+            ErrorKind::Throttled | ErrorKind::ExpiredIterator | ErrorKind::InUse
+        ) {
             debug!(error = %e, "kinesis call failed; retrying");
         } else {
             warn!(error = %e, reason = kind.reason(), "kinesis call failed; retrying with backoff");
