@@ -1,7 +1,8 @@
 //! The controller: reconciles each `KinesisConsumerGroup` into a ConfigMap and a worker
 //! Deployment (server-side apply, field manager `kcg-operator`), refreshes its status from
 //! the Deployment and the state-store table every few seconds, publishes events on change,
-//! and on deletion (finalizer) removes the group's rows when `onDelete: Delete`. Before the
+//! and on deletion (finalizer) removes the group's rows when `onDelete: Delete` and
+//! deregisters its stream consumers with `consumer.onDelete: Deregister`. Before the
 //! Deployment it makes sure the default worker ServiceAccount exists in the group's
 //! namespace (applied when missing or when its annotations are stale, only ever on an
 //! account the operator made; never deleted).
@@ -28,6 +29,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::consumer_admin::{self, ConsumerAdminError};
 use crate::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDelete};
 use crate::crd_check::{self, CrdState};
 use crate::events::{self, Severity};
@@ -154,11 +156,11 @@ pub enum Error {
         source: kube::Error,
     },
     /// Cleanup waits until the workers are gone (they release leases and checkpoint on the
-    /// way out) before it deletes the rows: the worker Deployment, deleted in the
+    /// way out) before it deletes the rows or deregisters consumers: the worker Deployment, deleted in the
     /// foreground, exists until its pods are gone. Not a failure: the finalizer stays and
     /// the reconcile is retried shortly.
     #[error(
-        "waiting for {pods} worker pods of {group} to stop before deleting its state-store rows"
+        "waiting for {pods} worker pods of {group} to stop before its cleanup (state-store rows, stream consumers)"
     )]
     WorkersStillRunning {
         /// Group id.
@@ -174,6 +176,15 @@ pub enum Error {
         /// The store error.
         #[source]
         source: StoreAdminError,
+    },
+    /// Deregistering the group's stream consumers failed.
+    #[error("cleanup of {group}: {source}")]
+    ConsumerAdmin {
+        /// Group id.
+        group: String,
+        /// The Kinesis error.
+        #[source]
+        source: ConsumerAdminError,
     },
     /// The object has no namespace (the CRD is namespaced, so only a hand-built object).
     #[error("KinesisConsumerGroup {0} has no namespace")]
@@ -228,6 +239,7 @@ impl Error {
             Error::ServiceAccount { .. } => "ServiceAccount",
             Error::WorkersStillRunning { .. } => "WorkersStillRunning",
             Error::StoreAdmin { .. } => "StoreAdmin",
+            Error::ConsumerAdmin { .. } => "ConsumerAdmin",
             Error::NoNamespace(_) => "NoNamespace",
             Error::Finalizer { .. } => "Finalizer",
             Error::SerializeOwned { .. } => "SerializeOwned",
@@ -264,6 +276,12 @@ impl DynamoClients {
             base,
             by_region: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The AWS config every client derives from (also the operator's Kinesis calls, which
+    /// deregister stream consumers).
+    pub fn base(&self) -> &aws_config::SdkConfig {
+        &self.base
     }
 
     /// A client for `region`, or the default region.
@@ -858,69 +876,84 @@ async fn publish_status(
 async fn cleanup(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let group = kcg.group_id();
     let ns = kcg.namespace().unwrap_or_default();
-    match kcg.spec.state_store.on_delete {
-        OnDelete::Retain => {
-            info!("onDelete Retain: the group's state-store rows are kept");
+    let delete_rows = kcg.spec.state_store.on_delete == OnDelete::Delete;
+    let consumers = !consumer_admin::to_deregister(&group, &kcg.spec.streams).is_empty();
+    if !delete_rows && !consumers {
+        info!("onDelete Retain: the group's state-store rows (and stream consumers) are kept");
+        forget(&kcg, &ctx);
+        return Ok(Action::await_change());
+    }
+    // Stop the workers first: they release leases and checkpoint on the way out, and a
+    // running worker would recreate rows we delete, or register again a consumer we
+    // deregister. Deleted in the foreground, the Deployment stays (with a deletionTimestamp)
+    // until the garbage collector has removed its ReplicaSets and their pods, so once it is
+    // gone every worker has stopped; no need to read pods (the operator may not).
+    let name = resources::deployment_name(&kcg);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    match deployments.delete(&name, &DeleteParams::foreground()).await {
+        Ok(_) => debug!(deployment = %name, "deleting the worker Deployment (foreground)"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(source) => {
+            return Err(Error::DeleteDeployment {
+                namespace: ns,
+                name,
+                source,
+            });
         }
-        OnDelete::Delete => {
-            // Stop the workers first: they release leases and checkpoint on the way out,
-            // and a running worker would recreate rows we delete. Deleted in the foreground,
-            // the Deployment stays (with a deletionTimestamp) until the garbage collector has
-            // removed its ReplicaSets and their pods, so once it is gone every worker has
-            // stopped; no need to read pods (the operator may not).
-            let name = resources::deployment_name(&kcg);
-            let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-            match deployments.delete(&name, &DeleteParams::foreground()).await {
-                Ok(_) => debug!(deployment = %name, "deleting the worker Deployment (foreground)"),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::DeleteDeployment {
-                        namespace: ns,
-                        name,
-                        source,
-                    });
-                }
-            }
-            let remaining = deployments
-                .get_opt(&name)
-                .await
-                .map_err(|source| Error::Get {
-                    kind: "Deployment",
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
-            if let Some(d) = remaining {
-                let pods = d.status.and_then(|s| s.replicas).unwrap_or(0);
-                return Err(Error::WorkersStillRunning {
-                    group,
-                    pods: usize::try_from(pods).unwrap_or(0),
-                });
-            }
-            let cfg = &kcg.spec.state_store.config;
-            let client = ctx.dynamo.client(cfg.region.as_deref()).await;
-            if let Err(source) = store_admin::delete_group(&client, &cfg.table, &group).await {
-                let err = Error::StoreAdmin {
-                    group: group.clone(),
-                    source,
-                };
-                // The finalizer holds the object until this works: say why, on the object.
-                let event = KubeEvent {
-                    type_: EventType::Warning,
-                    reason: "CleanupFailed".into(),
-                    note: Some(crate::conditions::truncate(
-                        &error_chain(&err),
-                        events::MAX_NOTE_CHARS,
-                    )),
-                    action: "Cleanup".into(),
-                    secondary: None,
-                };
-                if let Err(e) = ctx.events.publish(&event, &kcg.object_ref(&())).await {
-                    warn!(error = %e, "publishing event failed");
-                }
-                return Err(err);
-            }
+    }
+    let remaining = deployments
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Deployment",
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    if let Some(d) = remaining {
+        let pods = d.status.and_then(|s| s.replicas).unwrap_or(0);
+        return Err(Error::WorkersStillRunning {
+            group,
+            pods: usize::try_from(pods).unwrap_or(0),
+        });
+    }
+    let mut result = Ok(());
+    if delete_rows {
+        let cfg = &kcg.spec.state_store.config;
+        let client = ctx.dynamo.client(cfg.region.as_deref()).await;
+        if let Err(source) = store_admin::delete_group(&client, &cfg.table, &group).await {
+            result = Err(Error::StoreAdmin {
+                group: group.clone(),
+                source,
+            });
         }
+    }
+    if result.is_ok()
+        && consumers
+        && let Err(source) =
+            consumer_admin::deregister(ctx.dynamo.base(), &group, &kcg.spec.streams).await
+    {
+        result = Err(Error::ConsumerAdmin {
+            group: group.clone(),
+            source,
+        });
+    }
+    if let Err(err) = result {
+        // The finalizer holds the object until this works: say why, on the object.
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "CleanupFailed".into(),
+            note: Some(crate::conditions::truncate(
+                &error_chain(&err),
+                events::MAX_NOTE_CHARS,
+            )),
+            action: "Cleanup".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.events.publish(&event, &kcg.object_ref(&())).await {
+            warn!(error = %e, "publishing event failed");
+        }
+        return Err(err);
     }
     forget(&kcg, &ctx);
     Ok(Action::await_change())

@@ -5,6 +5,7 @@ pub mod api_problem;
 pub mod apply;
 pub mod cli;
 pub mod conditions;
+pub mod consumer_admin;
 pub mod controller;
 pub mod crd;
 pub mod crd_check;

@@ -321,7 +321,7 @@ pub fn remedy(reason: &str) -> &'static str {
             "check spec.streams[].name and region: the stream must exist in the account and region the worker reads (after assuming roleArn, if set)"
         }
         "AccessDenied" => {
-            "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream, and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table; the operator itself needs dynamodb:Query on the table to report status"
+            "grant the worker's identity (spec.worker.serviceAccountName, or the stream's roleArn) kinesis:ListShards, GetShardIterator, GetRecords and DescribeStreamSummary on the stream (with consumer.mode EnhancedFanOut also RegisterStreamConsumer, DescribeStreamConsumer and SubscribeToShard on the stream and its consumers), and dynamodb Query/GetItem/PutItem/UpdateItem/DeleteItem on the state-store table; the operator itself needs dynamodb:Query on the table to report status"
         }
         "StateStoreUnavailable" => {
             "check spec.stateStore.table and region: the table must exist (or set stateStore.create: true) and DynamoDB must be reachable with the operator's and workers' credentials"
@@ -366,7 +366,10 @@ pub fn remedy(reason: &str) -> &'static str {
             "create the worker ServiceAccount in the group's namespace, set spec.worker.serviceAccountName to one that exists, or grant the operator `create`, and `get`/`patch` on that account's name, on serviceaccounts (the chart does)"
         }
         "Throttled" => {
-            "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval"
+            "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval (enhanced fan-out: SubscribeToShard allows one call per second per shard; the workers back off)"
+        }
+        "ResourceInUse" => {
+            "enhanced fan-out: Kinesis keeps refusing a shard's subscription because another is still open for the group's consumer (a vanished worker's clears within minutes); if it persists, make sure no other application subscribes with streams[].consumer.name"
         }
         "CrdOutdated" => {
             "upgrade the CRD to this operator's release: `helm upgrade` (the chart upgrades it with crds.enabled: true) or `kubectl apply --server-side -f crds/`"

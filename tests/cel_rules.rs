@@ -98,6 +98,27 @@ fn role_arn() {
 }
 
 #[test]
+fn consumer_name() {
+    for ok in ["kcg.ns.orders", "a", "A_b-c.9", &"x".repeat(128)] {
+        accepts(
+            ok,
+            &with(|s| s["streams"][0]["consumer"] = json!({"mode": "EnhancedFanOut", "name": ok})),
+        );
+    }
+    accepts(
+        "no name: the default",
+        &with(|s| s["streams"][0]["consumer"] = json!({"mode": "EnhancedFanOut"})),
+    );
+    for bad in ["a/b", "with space", "ns:orders"] {
+        rejects(
+            bad,
+            &with(|s| s["streams"][0]["consumer"] = json!({"name": bad})),
+            CONSUMER_NAME,
+        );
+    }
+}
+
+#[test]
 fn regions_of_streams_and_table() {
     for ok in [
         "us-east-1",

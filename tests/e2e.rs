@@ -967,6 +967,13 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             ROLE_ARN,
         ),
         (
+            "bad consumer name",
+            with(&|s| {
+                s["streams"][0]["consumer"] = json!({"mode": "EnhancedFanOut", "name": "a/b"})
+            }),
+            CONSUMER_NAME,
+        ),
+        (
             "bad region",
             with(&|s| s["stateStore"]["region"] = json!("mars")),
             REGION,

@@ -132,6 +132,7 @@ fn every_example_group_is_valid() {
         "minimal-stdout.yaml",
         "http-sidecar.yaml",
         "cross-account.yaml",
+        "enhanced-fan-out.yaml",
         "hpa.yaml",
         "keda-lag.yaml",
     ] {

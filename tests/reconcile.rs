@@ -1748,6 +1748,12 @@ async fn the_finalizer_follows_on_delete() {
     );
     kcg.metadata.finalizers = None;
     expect_finalizer_patch(&endpoint, kcg, json!([controller::FINALIZER])).await;
+    // Rows retained, but an enhanced fan-out consumer to deregister: it is added too.
+    let kcg = group(
+        &table,
+        json!({"spec": {"streams": [{"name": "orders", "consumer": {"mode": "EnhancedFanOut", "onDelete": "Deregister"}}]}}),
+    );
+    expect_finalizer_patch(&endpoint, kcg, json!([controller::FINALIZER])).await;
 
     // Retain, no finalizer, being deleted: nothing to do, no request.
     let (ctx, verifier) = context(&endpoint).await;

@@ -234,6 +234,7 @@ pub fn worker_config(group: &str, stream: &str, table: &str, tuning: Tuning) -> 
             role_arn: None,
             start_position: StartPosition::TrimHorizon,
             start_timestamp: None,
+            consumer: Default::default(),
         }],
         state_store: StateStoreConfig {
             table: table.to_owned(),

@@ -192,6 +192,7 @@ pub fn valid_group() -> Value {
 pub mod rule_messages {
     pub const STREAM_NAME: &str = "name must be a Kinesis stream name";
     pub const ROLE_ARN: &str = "roleArn must be an IAM role ARN";
+    pub const CONSUMER_NAME: &str = "consumer.name must be a Kinesis consumer name";
     pub const REGION: &str = "region must look like us-east-1";
     pub const TABLE: &str = "table must be a DynamoDB table name";
     pub const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
@@ -219,6 +220,7 @@ pub mod rule_messages {
     pub const ALL: &[&str] = &[
         STREAM_NAME,
         ROLE_ARN,
+        CONSUMER_NAME,
         REGION,
         TABLE,
         DURATION,

@@ -29,6 +29,8 @@ pub const ROLE_ARN_PATTERN: &str =
     "^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$";
 /// AWS region.
 pub const REGION_PATTERN: &str = "^[a-z]{2}(-[a-z]+)+-[0-9]+$";
+/// Kinesis stream consumer name (enhanced fan-out), as RegisterStreamConsumer accepts it.
+pub const CONSUMER_NAME_PATTERN: &str = "^[a-zA-Z0-9_.-]{1,128}$";
 /// DynamoDB table name.
 pub const TABLE_PATTERN: &str = "^[a-zA-Z0-9_.-]{3,255}$";
 /// HTTP sink URL.
@@ -49,6 +51,7 @@ static STREAM_NAME_RE: LazyLock<Regex> = LazyLock::new(|| compiled(STREAM_NAME_P
 static STREAM_ARN_RE: LazyLock<Regex> = LazyLock::new(|| compiled(STREAM_ARN_PATTERN));
 static ROLE_ARN_RE: LazyLock<Regex> = LazyLock::new(|| compiled(ROLE_ARN_PATTERN));
 static REGION_RE: LazyLock<Regex> = LazyLock::new(|| compiled(REGION_PATTERN));
+static CONSUMER_NAME_RE: LazyLock<Regex> = LazyLock::new(|| compiled(CONSUMER_NAME_PATTERN));
 static TABLE_RE: LazyLock<Regex> = LazyLock::new(|| compiled(TABLE_PATTERN));
 static HTTP_URL_RE: LazyLock<Regex> = LazyLock::new(|| compiled(HTTP_URL_PATTERN));
 static DURATION_RE: LazyLock<Regex> = LazyLock::new(|| compiled(DURATION_PATTERN));
@@ -121,6 +124,19 @@ impl WorkerConfig {
         Ok(config)
     }
 
+    /// The config with every enhanced fan-out stream's consumer name filled in: the
+    /// configured one, else [`default_consumer_name`] of the group. The engine reads with
+    /// this, so every worker of a group (and the operator, when it deregisters) agrees on
+    /// the name.
+    pub fn with_consumer_names(mut self) -> Self {
+        for s in &mut self.streams {
+            if s.consumer.name.is_none() {
+                s.consumer.name = Some(default_consumer_name(&self.group));
+            }
+        }
+        self
+    }
+
     /// Renders the config as YAML, the format `kcg-worker --config` reads.
     pub fn to_yaml(&self) -> Result<String, ConfigError> {
         Ok(serde_yaml::to_string(self)?)
@@ -156,6 +172,13 @@ impl WorkerConfig {
                 return invalid(format!("{at}.name: stream {:?} is listed twice", s.name));
             }
             check_target(&at, s.region.as_deref(), s.role_arn.as_deref())?;
+            if let Some(name) = &s.consumer.name
+                && !CONSUMER_NAME_RE.is_match(name)
+            {
+                return invalid(format!(
+                    "{at}.consumer.name: {name:?} is not a Kinesis consumer name (1-128 characters of a-z, A-Z, 0-9, _ . -)"
+                ));
+            }
             if s.start_position == StartPosition::AtTimestamp && s.start_timestamp.is_none() {
                 return invalid(format!(
                     "{at}.startTimestamp: startPosition AtTimestamp needs startTimestamp (an RFC 3339 time such as 2026-01-02T15:04:05Z)"
@@ -353,6 +376,93 @@ pub struct StreamConfig {
     /// RFC 3339 time to start from; required when `startPosition` is `AtTimestamp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_timestamp: Option<jiff::Timestamp>,
+    /// How the shards are read: `Polling` (GetRecords, the default) or `EnhancedFanOut`
+    /// (SubscribeToShard through a registered stream consumer).
+    #[serde(default, skip_serializing_if = "ConsumerConfig::is_default")]
+    pub consumer: ConsumerConfig,
+}
+
+/// How a stream is read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerConfig {
+    /// `Polling` (GetRecords; shares the shard's 2 MB/s with every other reader) or
+    /// `EnhancedFanOut` (SubscribeToShard: a dedicated 2 MB/s per shard for this group,
+    /// records pushed within about 70 ms; billed per consumer-shard hour).
+    #[serde(default)]
+    pub mode: ConsumerMode,
+    /// The stream consumer's name (enhanced fan-out). Default: `kcg.NAMESPACE.NAME` of the
+    /// group (over 128 characters: cut, with a hash of the whole). Every worker of the group
+    /// registers or reuses this one consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), extend("x-kubernetes-validations" = [{
+        "rule": cel_matches(CONSUMER_NAME_PATTERN),
+        "message": "consumer.name must be a Kinesis consumer name: 1-128 characters of a-z, A-Z, 0-9, _ . -"
+    }]))]
+    pub name: Option<String>,
+    /// What the operator does with the stream consumer when the KinesisConsumerGroup is
+    /// deleted (enhanced fan-out only). `Retain` (the default) leaves it registered;
+    /// `Deregister` removes it once the workers have stopped (a registered consumer is billed
+    /// per shard-hour even when nobody reads). The workers ignore it.
+    #[serde(default)]
+    pub on_delete: ConsumerOnDelete,
+}
+
+impl ConsumerConfig {
+    /// Whether this is the all-defaults value (left out of rendered configs).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether the stream is read with enhanced fan-out.
+    pub fn is_fan_out(&self) -> bool {
+        self.mode == ConsumerMode::EnhancedFanOut
+    }
+}
+
+/// How a stream's shards are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConsumerMode {
+    /// GetRecords polling.
+    #[default]
+    Polling,
+    /// SubscribeToShard through a registered stream consumer (enhanced fan-out).
+    EnhancedFanOut,
+}
+
+/// What happens to an enhanced fan-out stream consumer when its group is deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConsumerOnDelete {
+    /// Leave the consumer registered.
+    #[default]
+    Retain,
+    /// DeregisterStreamConsumer once the group's workers are gone.
+    Deregister,
+}
+
+/// Longest consumer name Kinesis accepts.
+const CONSUMER_NAME_MAX: usize = 128;
+
+/// The consumer name of a group that sets none: `kcg.` + the group id with `/` turned into
+/// `.` and any character Kinesis refuses into `-`. Kubernetes namespaces hold no `.`, so two
+/// groups never share a name; a name over 128 characters keeps its first 119 and ends with
+/// `-` and 8 hex digits of a hash of the whole (FNV-1a), so long names stay distinct.
+pub fn default_consumer_name(group: &str) -> String {
+    let safe: String = format!("kcg.{group}")
+        .chars()
+        .map(|c| match c {
+            '/' => '.',
+            c if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    if safe.len() <= CONSUMER_NAME_MAX {
+        return safe;
+    }
+    let hash = safe.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{}-{hash:08x}", &safe[..CONSUMER_NAME_MAX - 9])
 }
 
 /// Where a shard without a checkpoint starts.
@@ -574,6 +684,7 @@ impl KinesisTarget {
             role_arn: self.role_arn.clone(),
             start_position: StartPosition::default(),
             start_timestamp: None,
+            consumer: ConsumerConfig::default(),
         }
     }
 }
@@ -691,13 +802,14 @@ pub struct HttpSink {
 }]))]
 pub struct Tuning {
     /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
+    /// Polling only (enhanced fan-out is pushed).
     #[serde(default = "defaults::poll_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
         "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
         "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
     }]))]
     pub poll_interval: Duration,
-    /// Records per GetRecords call, 1 to 10000.
+    /// Records per GetRecords call, 1 to 10000. Polling only.
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_records_per_call: u32,
@@ -1069,6 +1181,14 @@ mod tests {
                 "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"http://x\", timeout: 10 seconds}}\n".into(),
                 "delivery.http.timeout: invalid duration \"10 seconds\"",
             ),
+            (
+                "group: ns/g\nstreams: [{name: s, consumer: {mode: EnhancedFanOut, name: \"a/b\"}}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams[0].consumer.name: \"a/b\" is not a Kinesis consumer name",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s, consumer: {mode: Push}}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n".into(),
+                "streams.0.consumer.mode: unknown variant: found `Push`",
+            ),
             (BASE.replace("pollInterval: 2s", "pollInterval: 5x"),
                 "tuning.pollInterval: invalid duration \"5x\" (expected like 500ms, 5s, 1m30s)"),
             (BASE.replace("pollInterval: 2s", "pollInterval: 5"), "tuning.pollInterval: invalid duration 5 (expected"),
@@ -1186,6 +1306,39 @@ mod tests {
     }
 
     #[test]
+    fn consumer_names() {
+        // (group, want)
+        let cases = [
+            ("default/orders", "kcg.default.orders".to_owned()),
+            ("ns/a.b", "kcg.ns.a.b".to_owned()),
+            ("ns/a b+c", "kcg.ns.a-b-c".to_owned()),
+        ];
+        for (group, want) in cases {
+            assert_eq!(default_consumer_name(group), want, "{group}");
+        }
+        let long = format!("ns/{}", "x".repeat(200));
+        let other = format!("ns/{}y", "x".repeat(199));
+        let (a, b) = (default_consumer_name(&long), default_consumer_name(&other));
+        assert_eq!(a.len(), 128);
+        assert!(CONSUMER_NAME_RE.is_match(&a), "{a}");
+        assert_ne!(a, b, "cut names of different groups stay distinct");
+        assert_eq!(a, default_consumer_name(&long), "stable");
+
+        let yaml = "group: ns/g\nstreams: [{name: s, consumer: {mode: EnhancedFanOut}}, {name: t, consumer: {mode: EnhancedFanOut, name: mine}}, {name: u}]\nstateStore: {table: abc}\ndelivery: {stdout: {}}\n";
+        let c = WorkerConfig::from_yaml(yaml).unwrap().with_consumer_names();
+        let names: Vec<_> = c
+            .streams
+            .iter()
+            .map(|s| s.consumer.name.as_deref())
+            .collect();
+        assert_eq!(names, [Some("kcg.ns.g"), Some("mine"), Some("kcg.ns.g")]);
+        assert!(c.streams[0].consumer.is_fan_out() && !c.streams[2].consumer.is_fan_out());
+        // A polling stream's defaults stay out of the rendered config.
+        let polling = WorkerConfig::from_yaml(yaml).unwrap();
+        assert!(!polling.to_yaml().unwrap().contains("name: u\n  consumer"));
+    }
+
+    #[test]
     fn camel_and_snake_case() {
         assert_eq!(camel_case("POLL_INTERVAL"), "pollInterval");
         assert_eq!(camel_case("STATE_STORE"), "stateStore");
@@ -1234,6 +1387,10 @@ mod tests {
             ),
             ("roleArn must be an IAM role ARN", vec![ROLE_ARN_PATTERN]),
             ("region must look like us-east-1", vec![REGION_PATTERN]),
+            (
+                "consumer.name must be a Kinesis consumer name",
+                vec![CONSUMER_NAME_PATTERN],
+            ),
             ("table must be a DynamoDB table name", vec![TABLE_PATTERN]),
             (
                 "url must be an http:// or https:// URL",

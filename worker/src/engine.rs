@@ -82,6 +82,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
     config.validate()?;
+    let config = config.with_consumer_names();
     let identity = Identity::new(opts.client_id, opts.pod);
     let span = info_span!("engine", group = %config.group, client = %identity.client_id);
     async move {

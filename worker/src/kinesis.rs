@@ -1,5 +1,7 @@
 //! Kinesis I/O for one configured stream: client (own region / assumed role), ListShards,
-//! iterators and GetRecords. Owned by the reading side; the engine only calls `list_shards`.
+//! iterators and GetRecords, and for enhanced fan-out the stream consumer (registered or
+//! reused) and SubscribeToShard. Owned by the reading side; the engine only calls
+//! `list_shards`, the operator only `deregister_consumer`.
 //!
 //! Everything here is a thin layer over the SDK. Errors are classified by the pure
 //! [`classify`] function so the reader (and the engine) can decide what to do: back off,
@@ -14,7 +16,12 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::{Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::primitives::event_stream::EventReceiver;
+use aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError;
+use aws_sdk_kinesis::types::{
+    ConsumerStatus, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
+};
+use aws_smithy_types::event_stream::RawMessage;
 
 use crate::config::{StartPosition, StreamConfig};
 use crate::delivery::Record;
@@ -40,6 +47,9 @@ pub enum ErrorKind {
     /// The request was malformed (bad sequence number, bad argument). Retried with backoff,
     /// since it may come from a transient state (for example a trimmed checkpoint).
     InvalidRequest,
+    /// The resource is busy: a shard's previous subscription is still open, or a stream
+    /// consumer is not ACTIVE yet. Retried with backoff.
+    InUse,
 }
 
 impl ErrorKind {
@@ -53,6 +63,7 @@ impl ErrorKind {
             ErrorKind::ExpiredIterator => "ExpiredIterator",
             ErrorKind::Unavailable => "KinesisUnavailable",
             ErrorKind::InvalidRequest => "KinesisInvalidRequest",
+            ErrorKind::InUse => "ResourceInUse",
         }
     }
 }
@@ -116,9 +127,10 @@ pub fn classify(code: Option<&str>, status: Option<u16>, text: &str) -> ErrorKin
             | "ThrottlingException",
         ) => return ErrorKind::Throttled,
         Some("ExpiredIteratorException") => return ErrorKind::ExpiredIterator,
-        Some("InvalidArgumentException" | "ValidationException" | "ResourceInUseException") => {
+        Some("InvalidArgumentException" | "ValidationException") => {
             return ErrorKind::InvalidRequest;
         }
+        Some("ResourceInUseException") => return ErrorKind::InUse,
         Some("InternalFailureException" | "ServiceUnavailableException") => {
             return ErrorKind::Unavailable;
         }
@@ -262,6 +274,50 @@ pub struct StreamClient {
     client: Client,
     /// ListShards page size (None = service default); small values exercise paging.
     list_page_size: Option<i32>,
+    /// Enhanced fan-out: the stream's ARN and the registered consumer, looked up once and
+    /// shared by every shard reader of this stream (see [`StreamClient::consumer_arn`]).
+    fan_out: Arc<tokio::sync::Mutex<FanOutState>>,
+}
+
+/// What a [`StreamClient`] learnt about its stream for enhanced fan-out.
+#[derive(Debug, Default)]
+struct FanOutState {
+    stream_arn: Option<String>,
+    /// (consumer name, consumer ARN) once the consumer was seen ACTIVE.
+    consumer: Option<(String, String)>,
+}
+
+/// The event stream of one SubscribeToShard call.
+pub type ShardSubscription =
+    EventReceiver<SubscribeToShardEventStream, SubscribeToShardEventStreamError>;
+
+/// How long [`StreamClient::consumer_arn`] waits for a consumer to become ACTIVE (AWS takes
+/// a few seconds) before it reports an error (the reader retries it with backoff).
+pub const CONSUMER_ACTIVE_WAIT: Duration = Duration::from_secs(60);
+
+/// Pause between two DescribeStreamConsumer calls while a consumer is being created or
+/// deleted (the call allows 20 per second per stream, shared by every worker).
+const CONSUMER_POLL: Duration = Duration::from_secs(1);
+
+/// What to do about a stream consumer, given its status (`None`: not registered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerStep {
+    /// ACTIVE: subscribe with it.
+    Use,
+    /// CREATING, or DELETING (a deregistration still in progress): ask again shortly.
+    Wait,
+    /// Not registered: register it (a concurrent registration by another worker answers
+    /// ResourceInUse, and the next look finds theirs: every worker converges on one).
+    Register,
+}
+
+/// The step for a consumer status. Pure, table-tested.
+pub fn consumer_step(status: Option<&ConsumerStatus>) -> ConsumerStep {
+    match status {
+        None => ConsumerStep::Register,
+        Some(ConsumerStatus::Active) => ConsumerStep::Use,
+        Some(_) => ConsumerStep::Wait,
+    }
 }
 
 impl StreamClient {
@@ -307,6 +363,7 @@ impl StreamClient {
             arn,
             client: Client::from_conf(builder.build()),
             list_page_size: None,
+            fan_out: Arc::default(),
         })
     }
 
@@ -358,7 +415,38 @@ impl StreamClient {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_owned);
         let text = format!("{}", DisplayErrorContext(&err));
-        let mut kind = classify(code.as_deref(), status, &text);
+        self.classified(operation, shard_id, code.as_deref(), status, text)
+    }
+
+    /// The error of an open subscription's event stream (an exception event, or the
+    /// connection failing), classified like a call's.
+    pub fn subscription_error(
+        &self,
+        shard_id: &str,
+        err: SdkError<SubscribeToShardEventStreamError, RawMessage>,
+    ) -> KinesisError {
+        let code = err.code().map(str::to_owned);
+        let text = format!("{}", DisplayErrorContext(&err));
+        self.classified(
+            "SubscribeToShard",
+            Some(shard_id),
+            code.as_deref(),
+            None,
+            text,
+        )
+    }
+
+    /// A [`KinesisError`] for an error code / HTTP status / text, with a message saying what
+    /// to check.
+    fn classified(
+        &self,
+        operation: &'static str,
+        shard_id: Option<&str>,
+        code: Option<&str>,
+        status: Option<u16>,
+        text: String,
+    ) -> KinesisError {
+        let mut kind = classify(code, status, &text);
         // "Not found" naming the shard (not the stream): the stream is there.
         if kind == ErrorKind::StreamNotFound && shard_id.is_some_and(|s| text.contains(s)) {
             kind = ErrorKind::ShardNotFound;
@@ -517,8 +605,22 @@ impl StreamClient {
             .map_err(|e| self.error("GetRecords", Some(shard_id), e))?;
         let millis_behind = out.millis_behind_latest;
         let next_iterator = out.next_shard_iterator;
-        let records = out
-            .records
+        let records = self.records(shard_id, out.records);
+        Ok(RecordsPage {
+            records,
+            next_iterator,
+            millis_behind,
+        })
+    }
+
+    /// Kinesis records (from GetRecords or a SubscribeToShard event) as the handler's
+    /// [`Record`]s: payloads moved, stream name and shard id shared.
+    pub fn records(
+        &self,
+        shard_id: &Arc<str>,
+        records: Vec<aws_sdk_kinesis::types::Record>,
+    ) -> Vec<Record> {
+        records
             .into_iter()
             .map(|r| Record {
                 stream: Arc::clone(&self.shared_name),
@@ -533,12 +635,184 @@ impl StreamClient {
                     .approximate_arrival_timestamp
                     .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok()),
             })
-            .collect();
-        Ok(RecordsPage {
-            records,
-            next_iterator,
-            millis_behind,
-        })
+            .collect()
+    }
+
+    // -------------------------------------------------------------- enhanced fan-out
+
+    /// The stream's ARN: from the config when it was given as one, else DescribeStreamSummary
+    /// (once).
+    async fn stream_arn(&self, state: &mut FanOutState) -> Result<String, KinesisError> {
+        if let Some(a) = self
+            .arn
+            .as_ref()
+            .map(|a| a.arn.clone())
+            .or_else(|| state.stream_arn.clone())
+        {
+            return Ok(a);
+        }
+        let out = self
+            .client
+            .describe_stream_summary()
+            .stream_name(&self.name)
+            .send()
+            .await
+            .map_err(|e| self.error("DescribeStreamSummary", None, e))?;
+        let arn = out
+            .stream_description_summary
+            .map(|d| d.stream_arn)
+            .ok_or_else(|| KinesisError::Call {
+                kind: ErrorKind::Unavailable,
+                operation: "DescribeStreamSummary",
+                stream: self.name.clone(),
+                message: "no stream description returned".into(),
+            })?;
+        state.stream_arn = Some(arn.clone());
+        Ok(arn)
+    }
+
+    /// The ARN of the stream consumer `name`, registered if it is not yet, once it is ACTIVE.
+    /// Looked up once per client: concurrent callers (the stream's shard readers) wait for
+    /// the first. Several workers doing this at once converge on one consumer: a
+    /// registration that finds it already registered (ResourceInUse) looks it up instead.
+    pub async fn consumer_arn(&self, name: &str) -> Result<String, KinesisError> {
+        let mut state = self.fan_out.lock().await;
+        if let Some((n, arn)) = &state.consumer
+            && n == name
+        {
+            return Ok(arn.clone());
+        }
+        let stream_arn = self.stream_arn(&mut state).await?;
+        let deadline = tokio::time::Instant::now() + CONSUMER_ACTIVE_WAIT;
+        loop {
+            let described = self
+                .client
+                .describe_stream_consumer()
+                .stream_arn(&stream_arn)
+                .consumer_name(name)
+                .send()
+                .await;
+            let found = match described {
+                Ok(out) => out
+                    .consumer_description
+                    .map(|d| (d.consumer_arn, d.consumer_status)),
+                Err(e) if e.code() == Some("ResourceNotFoundException") => None,
+                Err(e) => return Err(self.error("DescribeStreamConsumer", None, e)),
+            };
+            let status = found.as_ref().map(|(_, s)| s.clone());
+            match (consumer_step(status.as_ref()), found) {
+                (ConsumerStep::Use, Some((arn, _))) => {
+                    tracing::info!(stream = %self.name, consumer = name, arn = %arn, "stream consumer is active");
+                    state.consumer = Some((name.to_owned(), arn.clone()));
+                    return Ok(arn);
+                }
+                (ConsumerStep::Register, _) => {
+                    match self
+                        .client
+                        .register_stream_consumer()
+                        .stream_arn(&stream_arn)
+                        .consumer_name(name)
+                        .send()
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(stream = %self.name, consumer = name, "registered the stream consumer")
+                        }
+                        // Another worker registered it meanwhile: the next look finds it.
+                        Err(e) if e.code() == Some("ResourceInUseException") => {}
+                        Err(e) => return Err(self.error("RegisterStreamConsumer", None, e)),
+                    }
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(KinesisError::Call {
+                    kind: ErrorKind::Unavailable,
+                    operation: "DescribeStreamConsumer",
+                    stream: self.name.clone(),
+                    message: format!(
+                        "stream consumer {name} of stream {} is not ACTIVE after {}s (last status: {})",
+                        self.stream_name(),
+                        CONSUMER_ACTIVE_WAIT.as_secs(),
+                        status.map_or("not registered".into(), |s| s.as_str().to_owned()),
+                    ),
+                });
+            }
+            // A new consumer takes a few seconds to become ACTIVE: look again after a pause
+            // (which also keeps a registration race from spinning).
+            tokio::time::sleep(CONSUMER_POLL).await;
+        }
+    }
+
+    /// Forgets the consumer looked up by [`StreamClient::consumer_arn`] (it was deregistered
+    /// behind our back): the next call looks it up, or registers it, again.
+    pub async fn forget_consumer(&self) {
+        self.fan_out.lock().await.consumer = None;
+    }
+
+    /// SubscribeToShard: the event stream of `shard_id` from `start`, for the consumer
+    /// `consumer_arn`. It lasts up to 5 minutes.
+    pub async fn subscribe(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        start: &IteratorStart,
+    ) -> Result<ShardSubscription, KinesisError> {
+        let position = match start {
+            IteratorStart::After(seq) => StartingPosition::builder()
+                .r#type(ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(seq),
+            IteratorStart::At(seq) => StartingPosition::builder()
+                .r#type(ShardIteratorType::AtSequenceNumber)
+                .sequence_number(seq),
+            IteratorStart::Latest => StartingPosition::builder().r#type(ShardIteratorType::Latest),
+            IteratorStart::TrimHorizon => {
+                StartingPosition::builder().r#type(ShardIteratorType::TrimHorizon)
+            }
+            IteratorStart::AtTimestamp(t) => StartingPosition::builder()
+                .r#type(ShardIteratorType::AtTimestamp)
+                .timestamp(
+                    aws_sdk_kinesis::primitives::DateTime::from_nanos(t.as_nanosecond()).map_err(
+                        |e| KinesisError::Other(format!("startTimestamp {t} out of range: {e}")),
+                    )?,
+                ),
+        }
+        .build()
+        .map_err(|e| KinesisError::Other(format!("SubscribeToShard starting position: {e}")))?;
+        let out = self
+            .client
+            .subscribe_to_shard()
+            .consumer_arn(consumer_arn)
+            .shard_id(shard_id)
+            .starting_position(position)
+            .send()
+            .await
+            .map_err(|e| self.error("SubscribeToShard", Some(shard_id), e))?;
+        Ok(out.event_stream)
+    }
+
+    /// DeregisterStreamConsumer for the consumer `name` of this stream. `Ok(false)` when
+    /// there was none (already deregistered, or the stream is gone).
+    pub async fn deregister_consumer(&self, name: &str) -> Result<bool, KinesisError> {
+        let mut state = self.fan_out.lock().await;
+        let stream_arn = match self.stream_arn(&mut state).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == ErrorKind::StreamNotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        state.consumer = None;
+        match self
+            .client
+            .deregister_stream_consumer()
+            .stream_arn(&stream_arn)
+            .consumer_name(name)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(false),
+            Err(e) => Err(self.error("DeregisterStreamConsumer", None, e)),
+        }
     }
 }
 
@@ -598,6 +872,12 @@ mod tests {
                 ErrorKind::InvalidRequest,
             ),
             (
+                Some("ResourceInUseException"),
+                Some(400),
+                "",
+                ErrorKind::InUse,
+            ),
+            (
                 Some("InternalFailureException"),
                 Some(500),
                 "",
@@ -626,6 +906,19 @@ mod tests {
                 *want,
                 "{code:?} {status:?} {text}"
             );
+        }
+    }
+
+    #[test]
+    fn consumer_step_table() {
+        let cases = [
+            (None, ConsumerStep::Register),
+            (Some(ConsumerStatus::Active), ConsumerStep::Use),
+            (Some(ConsumerStatus::Creating), ConsumerStep::Wait),
+            (Some(ConsumerStatus::Deleting), ConsumerStep::Wait),
+        ];
+        for (status, want) in cases {
+            assert_eq!(consumer_step(status.as_ref()), want, "{status:?}");
         }
     }
 

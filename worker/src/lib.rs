@@ -4,6 +4,7 @@
 pub mod assignment;
 pub mod config;
 pub mod delivery;
+pub mod efo;
 pub mod engine;
 pub mod get_records_codec;
 pub mod handoff;

@@ -59,9 +59,12 @@ pub struct Metrics {
     pub records_dead_lettered: Family<ShardLabels, Counter>,
     /// GetRecords calls made.
     pub get_records_calls: Family<StreamLabels, Counter>,
+    /// SubscribeToShard calls made (enhanced fan-out).
+    pub subscribe_calls: Family<StreamLabels, Counter>,
     /// Kinesis or DynamoDB errors, by reason.
     pub errors: Family<ReasonLabels, Counter>,
-    /// MillisBehindLatest of the last GetRecords, per owned shard, in seconds.
+    /// MillisBehindLatest of the last GetRecords (or subscription event), per owned shard,
+    /// in seconds.
     pub behind_latest: Family<ShardLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Leases this client holds.
     pub leases_held: Gauge,
@@ -144,6 +147,12 @@ impl Metrics {
             "get_records_calls",
             "GetRecords calls made",
             get_records_calls.clone(),
+        );
+        let subscribe_calls = Family::default();
+        registry.register(
+            "subscribe_calls",
+            "SubscribeToShard calls made (enhanced fan-out)",
+            subscribe_calls.clone(),
         );
         let errors = Family::default();
         registry.register(
@@ -230,6 +239,7 @@ impl Metrics {
             records_skipped,
             records_dead_lettered,
             get_records_calls,
+            subscribe_calls,
             errors,
             behind_latest,
             leases_held,

@@ -1,4 +1,6 @@
-//! Reads one leased shard: GetRecords polling, delivery, and progress reporting.
+//! Reads one leased shard: GetRecords polling, delivery, and progress reporting. A stream
+//! read with enhanced fan-out gets its records from [`crate::efo`] instead; delivery,
+//! commit tracking, checkpoints, lag and issues are this module's for both.
 //!
 //! The decisions (how long to wait before the next call, how to back off, what an error
 //! means) are small pure functions below, table-tested; [`read_shard`] is the thin I/O loop
@@ -162,6 +164,7 @@ pub fn on_kinesis_error(kind: ErrorKind) -> ErrorAction {
         ErrorKind::StreamNotFound
         | ErrorKind::AccessDenied
         | ErrorKind::Throttled
+        | ErrorKind::InUse
         | ErrorKind::Unavailable => ErrorAction::Retry {
             drop_iterator: false,
         },
@@ -169,10 +172,13 @@ pub fn on_kinesis_error(kind: ErrorKind) -> ErrorAction {
 }
 
 /// Whether a failure is worth an [`Issue`] (shown to the user): occasional throttling is
-/// normal, so it is reported only when it persists; everything else at once.
+/// normal, so it is reported only when it persists; a subscription still held by a shard's
+/// previous owner (Kinesis refuses a second one for 5 seconds) only after about 6 seconds
+/// of one-per-second attempts; everything else at once.
 pub fn should_report(kind: ErrorKind, consecutive_failures: u32) -> bool {
     match kind {
         ErrorKind::Throttled => consecutive_failures >= 3,
+        ErrorKind::InUse => consecutive_failures >= 6,
         ErrorKind::ExpiredIterator => false,
         _ => true,
     }
@@ -241,9 +247,9 @@ pub const DROPPED_TOKEN_MESSAGE: &str =
 // ---------------------------------------------------------------- the I/O loop
 
 /// Per-shard metric handles, looked up once.
-struct ShardMetrics {
-    metrics: Arc<Metrics>,
-    stream: StreamLabels,
+pub(crate) struct ShardMetrics {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) stream: StreamLabels,
     shard: ShardLabels,
 }
 
@@ -259,26 +265,28 @@ impl ShardMetrics {
 }
 
 /// Why the loop stopped early.
-enum Exit {
+pub(crate) enum Exit {
     Stopped,
     /// A commit token was dropped uncommitted: redeliver after the committed prefix.
     Redeliver,
 }
 
-struct Reader {
-    task: ShardTask,
-    tuning: Tuning,
+/// One shard's reading state, shared by both sources (the polling loop here and
+/// [`crate::efo`]): delivery, commit tracking, progress, issues.
+pub(crate) struct Reader {
+    pub(crate) task: ShardTask,
+    pub(crate) tuning: Tuning,
     handler: Arc<dyn BatchHandler>,
-    m: ShardMetrics,
+    pub(crate) m: ShardMetrics,
     progress_tx: watch::Sender<ShardProgress>,
     progress: ShardProgress,
     commits: CommitTracker,
     commit_rx: watch::Receiver<CommitState>,
-    stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// Last position the handler accepted: where a new iterator resumes.
-    delivered: Option<Position>,
+    pub(crate) delivered: Option<Position>,
     /// Where iterators start while nothing was delivered yet (see [`pin_start`]).
-    pinned: Option<IteratorStart>,
+    pub(crate) pinned: Option<IteratorStart>,
     /// While the dropped-token issue is up: the committed prefix redelivery started from.
     /// The issue clears once the handler commits past it.
     redelivered_from: Option<Option<Position>>,
@@ -318,13 +326,13 @@ impl Reader {
         });
     }
 
-    fn set_issue(&mut self, issue: Option<Issue>) {
+    pub(crate) fn set_issue(&mut self, issue: Option<Issue>) {
         self.progress.issue = issue;
         self.publish();
     }
 
     /// Sleeps `d`, republishing commits that arrive meanwhile. `Err` when stopped.
-    async fn sleep(&mut self, d: Duration) -> Result<(), Exit> {
+    pub(crate) async fn sleep(&mut self, d: Duration) -> Result<(), Exit> {
         let until = tokio::time::Instant::now() + d;
         loop {
             tokio::select! {
@@ -368,10 +376,14 @@ impl Reader {
         }
     }
 
-    fn kinesis_failed(&mut self, e: &KinesisError, backoff: &Backoff) {
+    pub(crate) fn kinesis_failed(&mut self, e: &KinesisError, backoff: &Backoff) {
         let kind = e.kind();
         self.m.error(kind.reason());
-        if kind == ErrorKind::Throttled || kind == ErrorKind::ExpiredIterator {
+        // Expected now and then (a subscription still held right after a handoff counts).
+        if matches!(
+            kind,
+            ErrorKind::Throttled | ErrorKind::ExpiredIterator | ErrorKind::InUse
+        ) {
             debug!(error = %e, "kinesis call failed; retrying");
         } else {
             warn!(error = %e, reason = kind.reason(), "kinesis call failed; retrying with backoff");
@@ -640,19 +652,9 @@ impl Reader {
             if self.stop.is_cancelled() {
                 return Err(Exit::Stopped);
             }
-            // A manual-commit handler holding too many batches: wait for it first.
-            let stop = self.stop.clone();
-            match self
-                .wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop)
-                .await
-            {
-                Ok(()) => {}
-                Err(Exit::Redeliver) => {
-                    self.redeliver();
-                    iterator = None;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            if self.make_room().await? {
+                iterator = None;
+                continue;
             }
 
             let it = match iterator.take() {
@@ -730,62 +732,102 @@ impl Reader {
                 }
             };
             backoff.reset();
-            if self
-                .progress
-                .issue
-                .as_ref()
-                .is_some_and(|i| !is_delivery_reason(&i.reason))
-            {
-                info!("kinesis reads work again");
-                self.progress.issue = None;
-            }
-            self.expire_poison_issue();
-            self.progress.millis_behind = page.millis_behind;
-            self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
-            if let Some(ms) = page.millis_behind {
-                self.m
-                    .metrics
-                    .behind_latest
-                    .get_or_create(&self.m.shard)
-                    .set(ms as f64 / 1000.0);
-            }
-            self.publish();
             last_got_records = !page.records.is_empty();
             last_behind = page.millis_behind;
-
-            let failures = &self.m;
-            let mut records = kpl::deaggregate_page(page.records, |raw, e| {
-                warn!(sequence = %raw.sequence, error = %e, "KPL aggregated record could not be deaggregated; delivering it raw");
-                failures
-                    .metrics
-                    .deaggregation_failures
-                    .get_or_create(&failures.shard)
-                    .inc();
-            });
-            skip_done(&mut records, self.delivered.as_ref());
-            if !records.is_empty() {
-                self.deliver(&records).await?;
-            }
+            self.accept(page.records, page.millis_behind).await?;
             match page.next_iterator {
                 Some(next) => iterator = Some(next),
                 None => {
-                    // Shard end: it counts as ended only once every batch is committed.
-                    let stop = self.stop.clone();
-                    match self.wait_pending_at_most(0, &stop).await {
-                        Ok(()) => {}
-                        Err(Exit::Redeliver) => {
-                            self.redeliver();
-                            continue;
-                        }
-                        Err(e) => return Err(e),
+                    if self.finish().await? {
+                        return Ok(());
                     }
-                    self.progress.ended = true;
-                    self.publish();
-                    info!(last = ?self.progress.acked, "shard read to its end");
-                    return Ok(());
                 }
             }
         }
+    }
+
+    // The steps both sources share, in the order they use them.
+
+    /// Before fetching more: waits while a manual-commit handler holds too many batches.
+    /// `Ok(true)` when a batch was abandoned and the reader now redelivers from the
+    /// committed prefix: the source must drop its iterator or subscription and resume
+    /// after [`Reader::delivered`].
+    pub(crate) async fn make_room(&mut self) -> Result<bool, Exit> {
+        let stop = self.stop.clone();
+        match self
+            .wait_pending_at_most(MAX_PENDING_BATCHES - 1, &stop)
+            .await
+        {
+            Ok(()) => Ok(false),
+            Err(Exit::Redeliver) => {
+                self.redeliver();
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A successful read: clears a Kinesis issue, records the lag, and delivers `records`
+    /// (until the handler accepts them; `Err` only when stopped).
+    pub(crate) async fn accept(
+        &mut self,
+        records: Vec<Record>,
+        millis_behind: Option<i64>,
+    ) -> Result<(), Exit> {
+        if self
+            .progress
+            .issue
+            .as_ref()
+            .is_some_and(|i| !is_delivery_reason(&i.reason))
+        {
+            info!("kinesis reads work again");
+            self.progress.issue = None;
+        }
+        self.expire_poison_issue();
+        self.progress.millis_behind = millis_behind;
+        self.progress.lag_at_ms = Some(jiff::Timestamp::now().as_millisecond());
+        if let Some(ms) = millis_behind {
+            self.m
+                .metrics
+                .behind_latest
+                .get_or_create(&self.m.shard)
+                .set(ms as f64 / 1000.0);
+        }
+        self.publish();
+        let failures = &self.m;
+        let mut records = kpl::deaggregate_page(records, |raw, e| {
+            warn!(sequence = %raw.sequence, error = %e, "KPL aggregated record could not be deaggregated; delivering it raw");
+            failures
+                .metrics
+                .deaggregation_failures
+                .get_or_create(&failures.shard)
+                .inc();
+        });
+        skip_done(&mut records, self.delivered.as_ref());
+        if !records.is_empty() {
+            self.deliver(&records).await?;
+        }
+        Ok(())
+    }
+
+    /// The shard's end was reached: it counts as ended only once every batch is committed.
+    /// `Ok(true)` when ended; `Ok(false)` when a batch was abandoned meanwhile and the
+    /// reader redelivers from the committed prefix (the source resumes after
+    /// [`Reader::delivered`]).
+    pub(crate) async fn finish(&mut self) -> Result<bool, Exit> {
+        let stop = self.stop.clone();
+        match self.wait_pending_at_most(0, &stop).await {
+            Ok(()) => {}
+            Err(Exit::Redeliver) => {
+                self.redeliver();
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        self.progress.ended = true;
+        self.publish();
+        info!(last = ?self.progress.acked, "shard read to its end");
+        Ok(true)
     }
 }
 
@@ -857,7 +899,12 @@ pub async fn read_shard(
             last_poison: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
-        if let Err(Exit::Stopped | Exit::Redeliver) = reader.run().await {
+        let outcome = if reader.task.stream.consumer.is_fan_out() {
+            crate::efo::run(&mut reader).await
+        } else {
+            reader.run().await
+        };
+        if let Err(Exit::Stopped | Exit::Redeliver) = outcome {
             // Batches a manual-commit handler still holds: give it until the shutdown
             // bound to commit them, so the final checkpoint includes them.
             if reader.commits.state().pending > 0 {
@@ -1065,12 +1112,15 @@ mod tests {
             (Unavailable, KEEP, true),
             (StreamNotFound, KEEP, true),
             (AccessDenied, KEEP, true),
+            (InUse, KEEP, false),
         ];
         for (kind, action, report_first) in cases {
             assert_eq!(on_kinesis_error(kind), action, "{kind:?}");
             assert_eq!(should_report(kind, 1), report_first, "{kind:?}");
         }
         assert!(should_report(Throttled, 3));
+        assert!(!should_report(InUse, 5));
+        assert!(should_report(InUse, 6));
     }
 
     #[test]

@@ -17,8 +17,11 @@ const ITERATOR_LIFETIME_SECS: f64 = 2.0;
 
 #[tokio::test]
 async fn expired_iterator_resumes_after_the_last_delivered_record() {
-    let Some(kinesis) =
-        ShortIteratorKinesis::start("expired_iterator", ITERATOR_LIFETIME_SECS).await
+    let Some(kinesis) = PrivateMinistack::start(
+        "expired_iterator",
+        &[("ITERATOR_EXPIRY_SECONDS", ITERATOR_LIFETIME_SECS)],
+    )
+    .await
     else {
         return;
     };

@@ -104,6 +104,8 @@ pub struct Env {
     pub start_position: String,
     /// `tuning.clientTimeout`.
     pub client_timeout: String,
+    /// Read every stream with enhanced fan-out (SubscribeToShard) instead of polling.
+    pub fan_out: bool,
 }
 
 pub fn suffix() -> String {
@@ -163,6 +165,7 @@ impl Env {
             max_records: 1000,
             start_position: "TrimHorizon".into(),
             client_timeout: "2s".into(),
+            fan_out: false,
         }
     }
 
@@ -187,8 +190,13 @@ tuning:
             streams = std::iter::once(&self.stream)
                 .chain(&self.extra_streams)
                 .map(|s| format!(
-                    "  - name: {s}\n    startPosition: {}\n",
-                    self.start_position
+                    "  - name: {s}\n    startPosition: {}\n{}",
+                    self.start_position,
+                    if self.fan_out {
+                        "    consumer: {mode: EnhancedFanOut}\n"
+                    } else {
+                        ""
+                    }
                 ))
                 .collect::<String>(),
             table = self.table,

@@ -19,8 +19,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[path = "../ministack_support/mod.rs"]
+mod ministack_support;
 #[path = "../stream_support/mod.rs"]
 mod stream_support;
+#[allow(unused_imports)] // each test binary uses a subset
+pub use ministack_support::PrivateMinistack;
 #[allow(unused_imports)] // each test binary uses a subset
 pub use stream_support::{create_stream, wait_active};
 
@@ -190,73 +194,6 @@ impl BatchHandler for Recording {
     }
 }
 
-/// A private ministack (Kinesis) whose shard iterators expire after `expiry_secs` instead of
-/// AWS's 5 minutes, so a test can outlive an iterator. ministack hard-codes the lifetime in
-/// `ministack.services.kinesis.ITERATOR_EXPIRY_SECONDS`; this sets it before the server
-/// starts. Killed on drop.
-pub struct ShortIteratorKinesis {
-    child: std::process::Child,
-    cwd: std::path::PathBuf,
-    /// The SDK config pointing Kinesis at this instance.
-    pub conf: SdkConfig,
-}
-
-impl ShortIteratorKinesis {
-    /// Starts it on a free loopback port, or returns `None` (with a printed reason) when
-    /// `KCG_MINISTACK_PYTHON` (exported by `scripts/emulators.sh env`) is not set.
-    pub async fn start(test: &str, expiry_secs: f64) -> Option<Self> {
-        let Ok(python) = std::env::var("KCG_MINISTACK_PYTHON") else {
-            eprintln!(
-                "SKIP {test}: KCG_MINISTACK_PYTHON is not set (eval \"$(scripts/emulators.sh env)\")"
-            );
-            return None;
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        // ministack writes its state files to the working directory.
-        let cwd = std::env::temp_dir().join(unique("ministack"));
-        std::fs::create_dir_all(&cwd).expect("temp dir");
-        let script = "import sys\n\
-            import ministack.services.kinesis as kinesis\n\
-            kinesis.ITERATOR_EXPIRY_SECONDS = float(sys.argv[1])\n\
-            from ministack.app import main\n\
-            sys.argv = ['ministack']\n\
-            sys.exit(main())\n";
-        let child = std::process::Command::new(&python)
-            .args(["-c", script, &expiry_secs.to_string()])
-            .current_dir(&cwd)
-            .env("BIND_HOST", "127.0.0.1")
-            .env("GATEWAY_PORT", port.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start ministack with {python}: {e}"));
-        let conf = aws_config::defaults(BehaviorVersion::latest())
-            .endpoint_url(format!("http://127.0.0.1:{port}"))
-            .load()
-            .await;
-        let me = Self { child, cwd, conf };
-        let client = Client::new(&me.conf);
-        for _ in 0..300 {
-            if client.list_streams().send().await.is_ok() {
-                return Some(me);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the short-iterator ministack on port {port} did not answer within 30s");
-    }
-}
-
-impl Drop for ShortIteratorKinesis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.cwd);
-    }
-}
-
 /// A reader running on its own task.
 pub struct Running {
     pub progress: watch::Receiver<ShardProgress>,
@@ -295,12 +232,52 @@ pub fn start_with(
     handler: Arc<dyn BatchHandler>,
     failure: FailurePolicy,
 ) -> Running {
+    spawn_reader(
+        client,
+        stream_config(name),
+        shard,
+        checkpoint,
+        max_records,
+        handler,
+        failure,
+    )
+}
+
+/// Starts `read_shard` for one shard of `stream` (any config: enhanced fan-out too).
+pub fn start_stream(
+    client: Arc<StreamClient>,
+    stream: StreamConfig,
+    shard: &str,
+    checkpoint: Option<Position>,
+    max_records: u32,
+    handler: Arc<dyn BatchHandler>,
+) -> Running {
+    spawn_reader(
+        client,
+        stream,
+        shard,
+        checkpoint,
+        max_records,
+        handler,
+        FailurePolicy::default(),
+    )
+}
+
+fn spawn_reader(
+    client: Arc<StreamClient>,
+    stream: StreamConfig,
+    shard: &str,
+    checkpoint: Option<Position>,
+    max_records: u32,
+    handler: Arc<dyn BatchHandler>,
+    failure: FailurePolicy,
+) -> Running {
     let (tx, rx) = watch::channel(ShardProgress::default());
     let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let task = ShardTask {
         client,
-        stream: stream_config(name),
+        stream,
         shard_id: shard.to_owned(),
         checkpoint,
         failure,
