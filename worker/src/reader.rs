@@ -11,8 +11,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::config::StartPosition;
 use crate::config::{StreamConfig, Tuning};
-use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record};
+use crate::delivery::{
+    BatchHandler, CommitState, CommitTracker, Record, ShardContext, compare_sequences,
+};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
@@ -237,6 +240,25 @@ enum Exit {
     Stopped,
     /// A commit token was dropped uncommitted: redeliver after the committed prefix.
     Redeliver,
+    /// The handler lost its place ([`crate::delivery::HandlerError::redeliver`], already
+    /// reported and backed off): redeliver after the committed prefix.
+    Rewind,
+}
+
+/// KCL's name for where a shard without checkpoint starts (the multiLang `initialize`
+/// message carries it as the sequence number).
+pub fn kcl_initial_position(stream: &StreamConfig) -> &'static str {
+    match stream.start_position {
+        StartPosition::Latest => "LATEST",
+        StartPosition::TrimHorizon => "TRIM_HORIZON",
+        StartPosition::AtTimestamp => "AT_TIMESTAMP",
+    }
+}
+
+/// Whether a successful delivery ending at `last` gets past the batch whose failure made
+/// the handler lose its place (ending at `failed`): then the restart backoff starts over.
+pub fn past_failure(last: &str, failed: &str) -> bool {
+    compare_sequences(last, failed).is_ge()
 }
 
 struct Reader {
@@ -256,6 +278,11 @@ struct Reader {
     /// While the dropped-token issue is up: the committed prefix redelivery started from.
     /// The issue clears once the handler commits past it.
     redelivered_from: Option<Option<String>>,
+    /// Backoff between redeliveries after the handler lost its place (a processor restart).
+    rewind_backoff: Backoff,
+    /// Last sequence of the batch that made the handler lose its place, until a delivery
+    /// gets past it.
+    rewound_at: Option<String>,
 }
 
 impl Reader {
@@ -380,6 +407,14 @@ impl Reader {
                         .inc_by(bytes as u64);
                     if let Some(last) = batch.last() {
                         self.delivered = Some(last.sequence.clone());
+                        if self
+                            .rewound_at
+                            .as_deref()
+                            .is_some_and(|failed| past_failure(&last.sequence, failed))
+                        {
+                            self.rewound_at = None;
+                            self.rewind_backoff.reset();
+                        }
                     }
                     // (The dropped-token issue stays until the handler commits again.)
                     if self.progress.issue.as_ref().is_some_and(|i| {
@@ -390,6 +425,29 @@ impl Reader {
                     }
                     self.publish();
                     return Ok(());
+                }
+                Err(e) if e.redeliver => {
+                    self.m
+                        .metrics
+                        .delivery_failures
+                        .get_or_create(&self.m.stream)
+                        .inc();
+                    self.m.error("HandlerFailing");
+                    let delay = self.rewind_backoff.next_delay();
+                    if let Some(last) = batch.last() {
+                        self.rewound_at = Some(last.sequence.clone());
+                    }
+                    warn!(error = %e, attempt = self.rewind_backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
+                        resume_after = ?self.commits.state().committed, "handler lost its place; redelivering after the committed position");
+                    self.set_issue(Some(Issue {
+                        reason: "HandlerFailing".into(),
+                        message: format!(
+                            "{e} ({} times in a row); redelivering after the last checkpoint",
+                            self.rewind_backoff.attempts()
+                        ),
+                    }));
+                    self.sleep(delay).await?;
+                    return Err(Exit::Rewind);
                 }
                 Err(e) => {
                     self.m
@@ -427,6 +485,45 @@ impl Reader {
             message: DROPPED_TOKEN_MESSAGE.into(),
         });
         self.publish();
+    }
+
+    /// The handler lost its place: forget what is pending and resume after the committed
+    /// prefix (the issue was reported by [`Self::deliver`]).
+    fn rewind(&mut self) {
+        self.delivered = self.commits.restart();
+        self.publish();
+    }
+
+    /// The shard was read to its end: the handler confirms (a KCL processor checkpoints
+    /// the end), retried with backoff until it does. `Err(Rewind)` when the handler lost
+    /// its place meanwhile.
+    async fn end_shard(&mut self) -> Result<(), Exit> {
+        let mut backoff = handler_backoff();
+        loop {
+            match self.handler.end_shard(&self.commits).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if e.redeliver {
+                        self.rewound_at = self.delivered.clone();
+                    }
+                    let delay = if e.redeliver {
+                        self.rewind_backoff.next_delay()
+                    } else {
+                        backoff.next_delay()
+                    };
+                    self.m.error("HandlerFailing");
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "handler did not confirm the shard end; the shard stays open");
+                    self.set_issue(Some(Issue {
+                        reason: "HandlerFailing".into(),
+                        message: format!("at the shard's end: {e}"),
+                    }));
+                    self.sleep(delay).await?;
+                    if e.redeliver {
+                        return Err(Exit::Rewind);
+                    }
+                }
+            }
+        }
     }
 
     async fn run(&mut self) -> Result<(), Exit> {
@@ -556,7 +653,15 @@ impl Reader {
             last_behind = page.millis_behind;
 
             if !page.records.is_empty() {
-                self.deliver(&page.records).await?;
+                match self.deliver(&page.records).await {
+                    Ok(()) => {}
+                    Err(Exit::Rewind) => {
+                        self.rewind();
+                        iterator = None;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             match page.next_iterator {
                 Some(next) => iterator = Some(next),
@@ -570,6 +675,22 @@ impl Reader {
                             continue;
                         }
                         Err(e) => return Err(e),
+                    }
+                    match self.end_shard().await {
+                        Ok(()) => {}
+                        Err(Exit::Rewind) => {
+                            self.rewind();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if self
+                        .progress
+                        .issue
+                        .as_ref()
+                        .is_some_and(|i| i.reason == "HandlerFailing")
+                    {
+                        self.progress.issue = None;
                     }
                     self.progress.ended = true;
                     self.publish();
@@ -633,6 +754,15 @@ pub async fn read_shard(
             acked: task.checkpoint.clone(),
             ..progress.borrow().clone()
         };
+        // A handler that keeps per-shard state gets its own instance for this reader.
+        let handler = handler
+            .open_shard(ShardContext {
+                stream: Arc::from(task.client.name.as_str()),
+                shard_id: Arc::from(task.shard_id.as_str()),
+                initial_position: kcl_initial_position(&task.stream),
+                progress: progress.subscribe(),
+            })
+            .unwrap_or(handler);
         let mut reader = Reader {
             delivered: task.checkpoint.clone(),
             task,
@@ -646,9 +776,11 @@ pub async fn read_shard(
             stop,
             pinned: None,
             redelivered_from: None,
+            rewind_backoff: handler_backoff(),
+            rewound_at: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
-        if let Err(Exit::Stopped | Exit::Redeliver) = reader.run().await {
+        if let Err(Exit::Stopped | Exit::Redeliver | Exit::Rewind) = reader.run().await {
             // Batches a manual-commit handler still holds: give it until the shutdown
             // bound to commit them, so the final checkpoint includes them.
             if reader.commits.state().pending > 0 {
@@ -663,6 +795,14 @@ pub async fn read_shard(
                 };
                 let _ = reader.wait_pending_at_most(0, &grace).await;
                 timer.abort();
+            }
+            // The shard is still ours: the handler's last chance to commit.
+            let bound = reader.tuning.shutdown_timeout;
+            if tokio::time::timeout(bound, reader.handler.stop_shard(&reader.commits))
+                .await
+                .is_err()
+            {
+                warn!("the handler did not finish stopping within the shutdown bound");
             }
             reader.publish();
             debug!(acked = ?reader.progress.acked, "reader stopped");

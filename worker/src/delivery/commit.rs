@@ -101,6 +101,15 @@ impl CommitQueue {
         self.pending.iter().any(|e| e.abandoned)
     }
 
+    /// Sets the committed prefix to `sequence`: for handlers that checkpoint positions of
+    /// their own choosing instead of committing batches (KCL record processors). Ignored
+    /// while batches are pending, which such handlers never leave.
+    pub fn checkpoint_at(&mut self, sequence: &str) {
+        if self.pending.is_empty() {
+            self.committed = Some(sequence.to_owned());
+        }
+    }
+
     /// Forgets every pending batch (their late commits are ignored: ids are never reused)
     /// and returns the committed prefix the reader redelivers after.
     pub fn restart(&mut self) -> Option<String> {
@@ -188,6 +197,11 @@ impl CommitTracker {
             id,
             settled: false,
         }
+    }
+
+    /// Moves the committed prefix to `sequence` (see [`CommitQueue::checkpoint_at`]).
+    pub fn checkpoint_at(&self, sequence: &str) {
+        self.update(|q| q.checkpoint_at(sequence));
     }
 
     /// Forgets every pending batch and returns the committed prefix to redeliver after

@@ -47,8 +47,10 @@
 
 pub mod commit;
 pub mod http;
+pub mod multilang;
 pub mod stdout;
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -57,6 +59,7 @@ use serde::Serialize;
 pub use commit::{CommitState, CommitToken, CommitTracker};
 
 use crate::config::DeliveryConfig;
+use crate::reader::ShardProgress;
 
 /// One Kinesis record as handed to a handler.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,15 +85,50 @@ pub struct Record {
 pub struct HandlerError {
     /// What went wrong, for logs and the client row's `lastError`.
     pub message: String,
+    /// The handler lost what it was handed since the committed position (e.g. its process
+    /// restarted): the reader must hand out again everything after that position, not just
+    /// this batch.
+    pub redeliver: bool,
 }
 
 impl HandlerError {
-    /// A handler error with this message.
+    /// A handler error with this message: the same batch is handed out again.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            redeliver: false,
         }
     }
+
+    /// A handler error after which everything since the committed position is handed out
+    /// again.
+    pub fn redeliver(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            redeliver: true,
+        }
+    }
+}
+
+/// What a per-shard handler ([`BatchHandler::open_shard`]) knows about its shard.
+#[derive(Clone, Debug)]
+pub struct ShardContext {
+    /// Stream name as configured.
+    pub stream: Arc<str>,
+    /// Shard id.
+    pub shard_id: Arc<str>,
+    /// Where a shard without checkpoint starts, in KCL's words: `TRIM_HORIZON`, `LATEST`
+    /// or `AT_TIMESTAMP`.
+    pub initial_position: &'static str,
+    /// The reader's progress (lag of the last GetRecords, published before each delivery).
+    pub progress: tokio::sync::watch::Receiver<ShardProgress>,
+}
+
+/// Numeric order of two Kinesis sequence numbers (decimal strings of up to 128 digits, so
+/// neither text order nor `u128` works).
+pub fn compare_sequences(a: &str, b: &str) -> Ordering {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// Receives batches of one shard, in order. `Ok` acknowledges the whole batch (it may be
@@ -124,6 +162,31 @@ pub trait BatchHandler: Send + Sync + 'static {
                 }
             }
         })
+    }
+
+    /// A handler of its own for one shard's reader, for handlers that keep per-shard state
+    /// (the multiLang sink runs a process per shard). `None` (the default): this handler
+    /// serves every shard. The returned handler is dropped when the reader ends; a drop
+    /// without [`Self::end_shard`] or [`Self::stop_shard`] means the reader was cut off
+    /// (lease lost, fenced, or the shutdown bound passed).
+    fn open_shard(&self, _shard: ShardContext) -> Option<Arc<dyn BatchHandler>> {
+        None
+    }
+
+    /// The shard was read to its end and every batch acknowledged: `Ok` lets it count as
+    /// ended (its children may start). `Err` is retried with backoff (with
+    /// [`HandlerError::redeliver`], after redelivering from the committed position).
+    fn end_shard<'a>(
+        &'a self,
+        _commits: &'a CommitTracker,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Reading stops while the shard is still ours (released on a rebalance, or the worker
+    /// shuts down): a last chance to commit. The reader bounds it by the shutdown timeout.
+    fn stop_shard<'a>(&'a self, _commits: &'a CommitTracker) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -202,11 +265,12 @@ impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
 
 /// Builds the handler the config asks for.
 pub fn build_handler(config: &DeliveryConfig) -> Result<Arc<dyn BatchHandler>, HandlerError> {
-    match (&config.stdout, &config.http) {
-        (Some(_), None) => Ok(Arc::new(stdout::StdoutSink::new())),
-        (None, Some(h)) => Ok(Arc::new(http::HttpSink::new(h)?)),
+    match (&config.stdout, &config.http, &config.multi_lang) {
+        (Some(_), None, None) => Ok(Arc::new(stdout::StdoutSink::new())),
+        (None, Some(h), None) => Ok(Arc::new(http::HttpSink::new(h)?)),
+        (None, None, Some(m)) => Ok(Arc::new(multilang::MultiLangSink::new(m))),
         _ => Err(HandlerError::new(
-            "delivery needs exactly one of stdout or http",
+            "delivery needs exactly one of stdout, http or multiLang",
         )),
     }
 }
@@ -239,7 +303,8 @@ impl<'a> From<&'a Record> for RecordJson<'a> {
     }
 }
 
-fn ser_base64<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+/// Serializes bytes as standard base64 (the sinks' and KCL's encoding of record data).
+pub(crate) fn ser_base64<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
     use base64::display::Base64Display;
     use base64::engine::general_purpose::STANDARD;
     s.collect_str(&Base64Display::new(data, &STANDARD))
@@ -379,6 +444,27 @@ mod tests {
     async fn manual_handle_outside_reader_waits_for_commit() {
         let h = ManualCommit::new(Later);
         h.handle(&[rec("1")]).await.unwrap();
+    }
+
+    #[test]
+    fn sequence_order_table() {
+        // (a, b, want)
+        let cases = [
+            ("1", "2", Ordering::Less),
+            ("99", "100", Ordering::Less),
+            ("100", "100", Ordering::Equal),
+            ("0100", "100", Ordering::Equal),
+            (
+                "49590338271490256608559692538361571095921575989136588898",
+                "49590338271490256608559692540925702759324208523137515618",
+                Ordering::Less,
+            ),
+            ("2", "10", Ordering::Less),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(compare_sequences(a, b), want, "{a} vs {b}");
+            assert_eq!(compare_sequences(b, a), want.reverse(), "{b} vs {a}");
+        }
     }
 
     #[test]
