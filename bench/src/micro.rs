@@ -107,6 +107,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             checkpoint: Some(format!(
                 "49650000000000000000000000000000000000000000{n:012}"
             )),
+            checkpoint_sub_sequence: None,
             ended: false,
             millis_behind: Some((n as i64 * 37) % 5000),
             lag_at_ms: Some(1_800_000_000_000),

@@ -352,7 +352,9 @@ mod tests {
             stream: "s".into(),
             shard_id: shard.into(),
             sequence: seq.into(),
+            sub_sequence: None,
             partition_key: "k".into(),
+            explicit_hash_key: None,
             data: Vec::new(),
             arrival: None,
         }

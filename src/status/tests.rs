@@ -59,6 +59,7 @@ fn lease(stream: &str, i: u32, owner: Option<&str>) -> LeaseRow {
         owner: owner.map(str::to_owned),
         lease_counter: 1,
         checkpoint: None,
+        checkpoint_sub_sequence: None,
         ended: false,
         millis_behind: None,
         lag_at_ms: None,

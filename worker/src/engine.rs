@@ -500,16 +500,16 @@ impl Engine {
             }
             let p = o.progress.borrow().clone();
             let update = CheckpointUpdate {
-                sequence: p
+                position: p
                     .acked
                     .clone()
-                    .filter(|a| Some(a) != o.written.sequence.as_ref()),
+                    .filter(|a| Some(a) != o.written.position.as_ref()),
                 ended: false,
                 millis_behind: p.millis_behind,
                 lag_at_ms: p.lag_at_ms,
             };
             let changed =
-                update.sequence.is_some() || update.millis_behind != o.written.millis_behind;
+                update.position.is_some() || update.millis_behind != o.written.millis_behind;
             let checkpoint = changed && now.duration_since(o.last_checkpoint) >= interval;
             let store = self.store.clone();
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
@@ -549,8 +549,8 @@ impl Engine {
                     let _ = o.deadline.send(sent + margin);
                     if let Some(cp) = checkpoint {
                         self.metrics.checkpoints_written.inc();
-                        if cp.sequence.is_some() {
-                            o.written.sequence = cp.sequence;
+                        if cp.position.is_some() {
+                            o.written.position = cp.position;
                         }
                         o.written.millis_behind = cp.millis_behind;
                         o.written.lag_at_ms = cp.lag_at_ms;
@@ -785,10 +785,10 @@ impl Engine {
                     self.metrics.leases_acquired.inc();
                     match &from {
                         Some((old, _)) => {
-                            info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint, "took over expired lease")
+                            info!(stream = %key.stream, shard = %key.shard_id, from = %old, checkpoint = ?row.checkpoint_position(), "took over expired lease")
                         }
                         None => {
-                            info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint, "claimed lease")
+                            info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?row.checkpoint_position(), "claimed lease")
                         }
                     }
                     let fresh = no_checkpoint_start(
@@ -800,7 +800,7 @@ impl Engine {
                     self.spawn_reader(key, idx, &claimed.row, sent, fresh);
                 }
                 (None, Ok(claimed)) => {
-                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint, "resuming owned shard");
+                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint_position(), "resuming owned shard");
                     let fresh = no_checkpoint_start(
                         self.streams[idx].config.start_position,
                         parent_read_to_end(snap, &key),
@@ -879,7 +879,7 @@ impl Engine {
                 .client_timeout
                 .saturating_sub(tuning.heartbeat_interval);
         let initial = ShardProgress {
-            acked: row.checkpoint.clone(),
+            acked: row.checkpoint_position(),
             ..ShardProgress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(initial);
@@ -890,7 +890,7 @@ impl Engine {
             client,
             stream: start_config(&self.streams[stream_index].config, row, fresh),
             shard_id: key.shard_id.clone(),
-            checkpoint: row.checkpoint.clone(),
+            checkpoint: row.checkpoint_position(),
         };
         let span = info_span!("shard", group = %self.config.group, client = %self.identity.client_id, stream = %key.stream, shard = %key.shard_id);
         let reader = reader::read_shard(
@@ -922,7 +922,7 @@ impl Engine {
                 join,
                 stopping: None,
                 written: CheckpointUpdate {
-                    sequence: row.checkpoint.clone(),
+                    position: row.checkpoint_position(),
                     ended: false,
                     millis_behind: row.millis_behind,
                     lag_at_ms: row.lag_at_ms,
@@ -1005,10 +1005,10 @@ impl Engine {
         match res {
             Ok(()) => {
                 self.metrics.leases_released.inc();
-                if cp.sequence.is_some() || cp.ended {
+                if cp.position.is_some() || cp.ended {
                     self.metrics.checkpoints_written.inc();
                 }
-                info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
+                info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.position, ended = cp.ended, "released lease");
             }
             Err(StoreError::Conflict { .. }) => {
                 self.metrics.lease_conflicts.inc();
@@ -1093,7 +1093,7 @@ impl Engine {
                 Ok(()) => {
                     self.metrics.leases_released.inc();
                     self.metrics.checkpoints_written.inc();
-                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
+                    info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.position, ended = cp.ended, "released lease");
                 }
                 Err(e) => {
                     warn!(stream = %key.stream, shard = %key.shard_id, error = %e, "could not release lease at shutdown; it will expire")
@@ -1178,7 +1178,7 @@ fn trimmed_leases(stream: &str, listed: &[ShardInfo], leases: &[LeaseRow]) -> Ve
 /// and the lag.
 fn final_update(p: &ShardProgress) -> CheckpointUpdate {
     CheckpointUpdate {
-        sequence: p.acked.clone(),
+        position: p.acked.clone(),
         ended: p.ended,
         millis_behind: p.millis_behind,
         lag_at_ms: p.lag_at_ms,
@@ -1286,6 +1286,7 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::Position;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
@@ -1389,7 +1390,7 @@ mod tests {
     async fn supervise_reports_a_finished_reader() {
         let reader = tokio::spawn(async {
             ShardProgress {
-                acked: Some("9".into()),
+                acked: Some(Position::whole("9")),
                 ended: true,
                 ..ShardProgress::default()
             }
@@ -1407,7 +1408,7 @@ mod tests {
         match out {
             Outcome::Finished(p) => {
                 assert!(p.ended);
-                assert_eq!(final_update(&p).sequence.as_deref(), Some("9"));
+                assert_eq!(final_update(&p).position, Some(Position::whole("9")));
                 assert!(final_update(&p).ended);
             }
             other => panic!("{other:?}"),

@@ -19,6 +19,7 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use crate::config::{StartPosition, StreamConfig};
 use crate::delivery::Record;
 use crate::get_records_codec::GetRecordsCodec;
+use crate::position::Position;
 use crate::store::schema::ShardInfo;
 
 /// What kind of failure a Kinesis call hit; decides the reaction and the reported reason.
@@ -185,6 +186,9 @@ pub fn parse_stream_arn(s: &str) -> Result<Option<StreamArn>, KinesisError> {
 pub enum IteratorStart {
     /// Right after this sequence number (resume from a checkpoint or acknowledged record).
     After(String),
+    /// At this sequence number: resume inside a KPL aggregate whose first user records
+    /// were acknowledged (the reader skips those again).
+    At(String),
     /// Only new records.
     Latest,
     /// The oldest record still retained.
@@ -194,12 +198,16 @@ pub enum IteratorStart {
 }
 
 impl IteratorStart {
-    /// The start for a shard: after `checkpoint` if there is one, else the stream's start
-    /// position. `AtTimestamp` without a timestamp (rejected by config validation) falls
-    /// back to TRIM_HORIZON, which never loses records.
-    pub fn resolve(checkpoint: Option<&str>, stream: &StreamConfig) -> Self {
-        if let Some(seq) = checkpoint {
-            return IteratorStart::After(seq.to_owned());
+    /// The start for a shard: after `checkpoint` if there is one (at its record when it
+    /// stops inside an aggregate), else the stream's start position. `AtTimestamp` without
+    /// a timestamp (rejected by config validation) falls back to TRIM_HORIZON, which never
+    /// loses records.
+    pub fn resolve(checkpoint: Option<&Position>, stream: &StreamConfig) -> Self {
+        if let Some(cp) = checkpoint {
+            return match cp.sub_sequence {
+                None => IteratorStart::After(cp.sequence.clone()),
+                Some(_) => IteratorStart::At(cp.sequence.clone()),
+            };
         }
         match stream.start_position {
             StartPosition::Latest => IteratorStart::Latest,
@@ -431,6 +439,9 @@ impl StreamClient {
             IteratorStart::After(seq) => req
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                 .starting_sequence_number(seq),
+            IteratorStart::At(seq) => req
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                .starting_sequence_number(seq),
             IteratorStart::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
             IteratorStart::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
             IteratorStart::AtTimestamp(t) => req
@@ -480,8 +491,10 @@ impl StreamClient {
                 stream: Arc::clone(&self.shared_name),
                 shard_id: Arc::clone(shard_id),
                 sequence: r.sequence_number,
+                sub_sequence: None,
                 // Required by Kinesis; the SDK types it optional since its schema-based codec.
                 partition_key: r.partition_key.unwrap_or_default(),
+                explicit_hash_key: None,
                 data: r.data.into_inner(),
                 arrival: r
                     .approximate_arrival_timestamp
@@ -607,8 +620,12 @@ mod tests {
     fn iterator_start_resolution() {
         let mut s: StreamConfig = serde_yaml::from_str("name: s").unwrap();
         assert_eq!(
-            IteratorStart::resolve(Some("42"), &s),
+            IteratorStart::resolve(Some(&Position::whole("42")), &s),
             IteratorStart::After("42".into())
+        );
+        assert_eq!(
+            IteratorStart::resolve(Some(&Position::sub("42", 3)), &s),
+            IteratorStart::At("42".into())
         );
         assert_eq!(IteratorStart::resolve(None, &s), IteratorStart::Latest);
         s.start_position = StartPosition::TrimHorizon;

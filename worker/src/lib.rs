@@ -11,6 +11,7 @@ pub mod health;
 pub mod kinesis;
 pub mod membership;
 pub mod metrics;
+pub mod position;
 pub mod reader;
 pub mod runtime;
 pub mod server;

@@ -13,12 +13,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::StartPosition;
 use crate::config::{StreamConfig, Tuning};
-use crate::delivery::{
-    BatchHandler, CommitState, CommitTracker, Record, ShardContext, compare_sequences,
-};
+use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record, ShardContext};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
+use crate::position::Position;
 
 /// What the engine hands the reader when it holds a shard's lease.
 #[derive(Clone, Debug)]
@@ -30,7 +29,7 @@ pub struct ShardTask {
     /// The shard.
     pub shard_id: String,
     /// The checkpoint from the lease row: reading resumes after it.
-    pub checkpoint: Option<String>,
+    pub checkpoint: Option<Position>,
 }
 
 /// A problem worth surfacing in the client row and the CR status.
@@ -45,8 +44,8 @@ pub struct Issue {
 /// The reader's progress, published on a watch channel the engine reads to checkpoint.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ShardProgress {
-    /// Last sequence number the handler acknowledged (everything up to it is done).
-    pub acked: Option<String>,
+    /// Last position the handler acknowledged (everything up to it is done).
+    pub acked: Option<Position>,
     /// The shard was read to its end and every record acknowledged.
     pub ended: bool,
     /// MillisBehindLatest of the last GetRecords.
@@ -185,7 +184,7 @@ pub fn should_report(kind: ErrorKind, consecutive_failures: u32) -> bool {
 /// stream's configured start. Never LATEST twice: a second LATEST would skip whatever
 /// arrived between the two requests.
 pub fn iterator_start(
-    delivered: Option<&str>,
+    delivered: Option<&Position>,
     pinned: Option<&IteratorStart>,
     stream: &StreamConfig,
 ) -> IteratorStart {
@@ -209,6 +208,18 @@ pub fn pin_start(start: &IteratorStart, requested_at: jiff::Timestamp) -> Option
         ),
         _ => None,
     }
+}
+
+/// Removes the records at the front of `records` that `done` covers: after an iterator
+/// AT_SEQUENCE_NUMBER of an aggregate, its user records already acknowledged. Records come
+/// in order, so only a prefix can be covered.
+pub fn skip_done(records: &mut Vec<Record>, done: Option<&Position>) {
+    let Some(done) = done else { return };
+    let n = records
+        .iter()
+        .take_while(|r| done.covers(&r.sequence, r.sub_sequence))
+        .count();
+    records.drain(..n);
 }
 
 /// The issue a reader reports when a manual-commit handler dropped a token uncommitted.
@@ -255,12 +266,6 @@ pub fn kcl_initial_position(stream: &StreamConfig) -> &'static str {
     }
 }
 
-/// Whether a successful delivery ending at `last` gets past the batch whose failure made
-/// the handler lose its place (ending at `failed`): then the restart backoff starts over.
-pub fn past_failure(last: &str, failed: &str) -> bool {
-    compare_sequences(last, failed).is_ge()
-}
-
 struct Reader {
     task: ShardTask,
     tuning: Tuning,
@@ -271,18 +276,18 @@ struct Reader {
     commits: CommitTracker,
     commit_rx: watch::Receiver<CommitState>,
     stop: CancellationToken,
-    /// Last sequence the handler accepted: where a new iterator resumes.
-    delivered: Option<String>,
+    /// Last position the handler accepted: where a new iterator resumes.
+    delivered: Option<Position>,
     /// Where iterators start while nothing was delivered yet (see [`pin_start`]).
     pinned: Option<IteratorStart>,
     /// While the dropped-token issue is up: the committed prefix redelivery started from.
     /// The issue clears once the handler commits past it.
-    redelivered_from: Option<Option<String>>,
+    redelivered_from: Option<Option<Position>>,
     /// Backoff between redeliveries after the handler lost its place (a processor restart).
     rewind_backoff: Backoff,
-    /// Last sequence of the batch that made the handler lose its place, until a delivery
-    /// gets past it.
-    rewound_at: Option<String>,
+    /// Position of the last record of the batch that made the handler lose its place,
+    /// until a delivery gets past it.
+    rewound_at: Option<Position>,
 }
 
 impl Reader {
@@ -406,11 +411,11 @@ impl Reader {
                         .get_or_create(&self.m.stream)
                         .inc_by(bytes as u64);
                     if let Some(last) = batch.last() {
-                        self.delivered = Some(last.sequence.clone());
+                        self.delivered = Some(last.position());
                         if self
                             .rewound_at
-                            .as_deref()
-                            .is_some_and(|failed| past_failure(&last.sequence, failed))
+                            .as_ref()
+                            .is_some_and(|failed| last.position() >= *failed)
                         {
                             self.rewound_at = None;
                             self.rewind_backoff.reset();
@@ -435,7 +440,7 @@ impl Reader {
                     self.m.error("HandlerFailing");
                     let delay = self.rewind_backoff.next_delay();
                     if let Some(last) = batch.last() {
-                        self.rewound_at = Some(last.sequence.clone());
+                        self.rewound_at = Some(last.position());
                     }
                     warn!(error = %e, attempt = self.rewind_backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
                         resume_after = ?self.commits.state().committed, "handler lost its place; redelivering after the committed position");
@@ -559,7 +564,7 @@ impl Reader {
                 Some(it) => it,
                 None => {
                     let start = iterator_start(
-                        self.delivered.as_deref(),
+                        self.delivered.as_ref(),
                         self.pinned.as_ref(),
                         &self.task.stream,
                     );
@@ -652,8 +657,10 @@ impl Reader {
             last_got_records = !page.records.is_empty();
             last_behind = page.millis_behind;
 
-            if !page.records.is_empty() {
-                match self.deliver(&page.records).await {
+            let mut records = page.records;
+            skip_done(&mut records, self.delivered.as_ref());
+            if !records.is_empty() {
+                match self.deliver(&records).await {
                     Ok(()) => {}
                     Err(Exit::Rewind) => {
                         self.rewind();
@@ -934,6 +941,13 @@ mod tests {
                 IteratorStart::After("42".into()),
             ),
             (
+                "after a delivery inside an aggregate: at the aggregate",
+                Some("42/3"),
+                Some(pinned_latest.clone()),
+                &latest,
+                IteratorStart::At("42".into()),
+            ),
+            (
                 "trim horizon",
                 None,
                 None,
@@ -942,8 +956,12 @@ mod tests {
             ),
         ];
         for (name, delivered, pinned, stream, want) in cases {
+            let delivered = delivered.map(|d: &str| match d.split_once('/') {
+                Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
+                None => Position::whole(d),
+            });
             assert_eq!(
-                iterator_start(delivered, pinned.as_ref(), stream),
+                iterator_start(delivered.as_ref(), pinned.as_ref(), stream),
                 want,
                 "{name}"
             );
@@ -994,5 +1012,49 @@ mod tests {
             assert_eq!(should_report(kind, 1), report_first, "{kind:?}");
         }
         assert!(should_report(Throttled, 3));
+    }
+
+    #[test]
+    fn skip_done_table() {
+        let rec = |seq: &str, sub: Option<u64>| Record {
+            stream: "s".into(),
+            shard_id: "x".into(),
+            sequence: seq.into(),
+            sub_sequence: sub,
+            partition_key: "k".into(),
+            explicit_hash_key: None,
+            data: Vec::new(),
+            arrival: None,
+        };
+        let page = || {
+            vec![
+                rec("10", Some(0)),
+                rec("10", Some(1)),
+                rec("10", Some(2)),
+                rec("11", None),
+            ]
+        };
+        let shown = |r: &[Record]| {
+            r.iter()
+                .map(|r| r.position().to_string())
+                .collect::<Vec<_>>()
+        };
+        // (done, what remains)
+        let cases = [
+            (None, vec!["10/0", "10/1", "10/2", "11"]),
+            (Some(Position::sub("10", 0)), vec!["10/1", "10/2", "11"]),
+            (Some(Position::sub("10", 2)), vec!["11"]),
+            (Some(Position::whole("10")), vec!["11"]),
+            (
+                Some(Position::whole("9")),
+                vec!["10/0", "10/1", "10/2", "11"],
+            ),
+            (Some(Position::whole("11")), vec![]),
+        ];
+        for (done, want) in cases {
+            let mut records = page();
+            skip_done(&mut records, done.as_ref());
+            assert_eq!(shown(&records), want, "{done:?}");
+        }
     }
 }

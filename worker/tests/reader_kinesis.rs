@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::types::ScalingType;
 use kcg_worker::kinesis::{ErrorKind, StreamClient};
+use kcg_worker::position::Position;
 use reader_support::*;
 
 #[tokio::test]
@@ -111,7 +112,7 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
     let handler = Recording::new();
     let mut r = start(client.clone(), &name, shard, None, 7, handler.clone());
     handler.wait_for(60, Duration::from_secs(30)).await;
-    let want_last = seqs.last().cloned();
+    let want_last = seqs.last().cloned().map(Position::whole);
     tokio::time::timeout(
         Duration::from_secs(5),
         r.progress.wait_for(|p| p.acked == want_last),
@@ -142,7 +143,7 @@ async fn delivers_everything_in_order_and_resumes_after_checkpoint() {
         client.clone(),
         &name,
         shard,
-        Some(seqs[20].clone()),
+        Some(Position::whole(seqs[20].clone())),
         1000,
         handler.clone(),
     );
@@ -194,7 +195,7 @@ async fn failing_handler_is_retried_without_skipping() {
         "nothing acknowledged while failing"
     );
     handler.wait_for(30, Duration::from_secs(30)).await;
-    let want_last = seqs.last().cloned();
+    let want_last = seqs.last().cloned().map(Position::whole);
     tokio::time::timeout(
         Duration::from_secs(5),
         r.progress
@@ -263,7 +264,7 @@ async fn closed_shard_is_read_to_its_end() {
         .expect("reader returns at shard end")
         .expect("reader task");
     assert!(last.ended, "{last:?}");
-    assert_eq!(last.acked, seqs.last().cloned());
+    assert_eq!(last.acked, seqs.last().cloned().map(Position::whole));
     assert_eq!(handler.payloads(), sent);
     assert!(r.progress.borrow().ended);
     delete_stream(&sdk, &name).await;
@@ -372,7 +373,7 @@ async fn manual_commit_checkpoints_only_a_contiguous_prefix() {
         "batch 3 alone does not move the checkpoint"
     );
     t1.commit();
-    let want = Some(seqs[2].clone());
+    let want = Some(Position::whole(seqs[2].clone()));
     tokio::time::timeout(
         Duration::from_secs(5),
         r.progress.wait_for(|p| p.acked == want),
@@ -391,7 +392,7 @@ async fn manual_commit_checkpoints_only_a_contiguous_prefix() {
         .await
         .expect("returns")
         .expect("task");
-    assert_eq!(last.acked, Some(seqs[8].clone()));
+    assert_eq!(last.acked, Some(Position::whole(seqs[8].clone())));
     delete_stream(&sdk, &name).await;
 }
 
@@ -469,7 +470,7 @@ async fn http_sink_failing_for_a_while_loses_nothing() {
         None,
         "checkpoint does not advance while failing"
     );
-    let want = seqs.last().cloned();
+    let want = seqs.last().cloned().map(Position::whole);
     tokio::time::timeout(
         Duration::from_secs(30),
         r.progress
@@ -558,7 +559,7 @@ async fn stream_named_by_arn_uses_stream_arn_parameters() {
         handler.clone(),
     );
     handler.wait_for(5, Duration::from_secs(20)).await;
-    let want = seqs.last().cloned();
+    let want = seqs.last().cloned().map(Position::whole);
     tokio::time::timeout(
         Duration::from_secs(5),
         r.progress.wait_for(|p| p.acked == want),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use kcg_worker::delivery::{CommitToken, HandlerError, ManualBatchHandler, ManualCommit, Record};
 use kcg_worker::metrics::Metrics;
+use kcg_worker::position::Position;
 use kcg_worker::reader::{DROPPED_TOKEN_MESSAGE, ShardProgress, ShardTask, read_shard};
 use reader_support::*;
 use tokio::sync::watch;
@@ -83,7 +84,7 @@ async fn dropped_commit_token_is_reported_and_redelivered() {
 
     // The dropped token is reported, not waited on silently.
     let mut reported = false;
-    let want = Some(seqs[5].clone());
+    let want = Some(Position::whole(seqs[5].clone()));
     let done = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             {

@@ -57,13 +57,16 @@ async fn serve(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> (Str
     (format!("http://{addr}/records"), state)
 }
 
+/// `n` records; record 4, if any, is user record 4 of a KPL aggregate.
 fn records(n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| Record {
             stream: "orders".into(),
             shard_id: "shardId-000000000000".into(),
             sequence: format!("{}", 1000 + i),
+            sub_sequence: (i == 4).then_some(4),
             partition_key: format!("k{i}"),
+            explicit_hash_key: None,
             data: format!("payload-{i}").into_bytes(),
             arrival: Some(jiff::Timestamp::from_second(1_700_000_000).unwrap()),
         })
@@ -89,6 +92,11 @@ async fn posts_chunks_and_acks_on_2xx() {
     assert_eq!(first["partitionKey"], "k0");
     assert_eq!(first["data"], "cGF5bG9hZC0w");
     assert_eq!(first["arrival"], "2023-11-14T22:13:20Z");
+    assert!(
+        first.get("subSequence").is_none(),
+        "no sub-sequence outside an aggregate"
+    );
+    assert_eq!(bodies[2]["records"][0]["subSequence"], 4);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use aws_config::BehaviorVersion;
+use kcg_worker::position::Position;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
 use kcg_worker::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError};
 
@@ -138,7 +139,7 @@ async fn old_owner_cannot_write_after_takeover() {
         .await
         .expect("a claims");
     let cp = |seq: &str| CheckpointUpdate {
-        sequence: Some(seq.into()),
+        position: Some(Position::whole(seq)),
         ended: false,
         millis_behind: Some(5),
         lag_at_ms: Some(1),
@@ -190,6 +191,55 @@ async fn old_owner_cannot_write_after_takeover() {
     assert_eq!(snap.leases[0].millis_behind, Some(5));
 }
 
+/// A checkpoint inside a KPL aggregate is `checkpoint` + `checkpointSubSequence`; a later
+/// whole-record checkpoint removes the sub-sequence, so the row never pairs a new sequence
+/// with an old sub-sequence.
+#[tokio::test]
+async fn checkpoint_inside_an_aggregate_round_trips() {
+    let Some(store) = store("subseq").await else {
+        return;
+    };
+    store
+        .claim_lease(G, "s", "sh", "a", None)
+        .await
+        .expect("claim");
+    let at = |p: Position| CheckpointUpdate {
+        position: Some(p),
+        ..Default::default()
+    };
+    store
+        .checkpoint(G, "s", "sh", "a", &at(Position::sub("42", 3)))
+        .await
+        .expect("checkpoint inside the aggregate");
+    let snap = store.load_group(G).await.expect("load");
+    assert_eq!(snap.leases[0].checkpoint.as_deref(), Some("42"));
+    assert_eq!(snap.leases[0].checkpoint_sub_sequence, Some(3));
+    assert_eq!(
+        snap.leases[0].checkpoint_position(),
+        Some(Position::sub("42", 3))
+    );
+    // Released inside the aggregate: the next owner gets the same position.
+    store
+        .release_lease(G, "s", "sh", "a", &at(Position::sub("42", 7)))
+        .await
+        .expect("release");
+    let b = store
+        .claim_lease(G, "s", "sh", "b", None)
+        .await
+        .expect("claim b");
+    assert_eq!(b.checkpoint_position(), Some(Position::sub("42", 7)));
+    store
+        .checkpoint(G, "s", "sh", "b", &at(Position::whole("50")))
+        .await
+        .expect("whole record");
+    let snap = store.load_group(G).await.expect("load");
+    assert_eq!(snap.leases[0].checkpoint_sub_sequence, None);
+    assert_eq!(
+        snap.leases[0].checkpoint_position(),
+        Some(Position::whole("50"))
+    );
+}
+
 #[tokio::test]
 async fn release_writes_final_checkpoint_and_frees_the_lease() {
     let Some(store) = store("release").await else {
@@ -206,7 +256,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "sh",
             "a",
             &CheckpointUpdate {
-                sequence: Some("42".into()),
+                position: Some(Position::whole("42")),
                 ..Default::default()
             },
         )
@@ -283,7 +333,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "sh",
             "b",
             &CheckpointUpdate {
-                sequence: Some("43".into()),
+                position: Some(Position::whole("43")),
                 ended: true,
                 ..Default::default()
             },

@@ -1,5 +1,7 @@
 //! Ordered commits: the checkpoint only advances through a contiguous prefix of committed
-//! batches, however the handler interleaves its commits.
+//! batches, however the handler interleaves its commits. Positions are
+//! [`Position`]s (sequence, optional sub-sequence), so a handler may also checkpoint inside a
+//! batch, down to one user record of a KPL aggregate.
 //!
 //! [`CommitQueue`] is the pure bookkeeping (table-tested); [`CommitTracker`] wraps it for one
 //! shard with a lock and a watch channel the reader listens on; [`CommitToken`] is the handle
@@ -10,14 +12,16 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use crate::position::Position;
+
 /// Identifies one batch within one shard's tracker.
 pub type BatchId = u64;
 
 /// Pure bookkeeping of batches handed out and committed, in hand-out order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitQueue {
-    /// Last sequence of the contiguous committed prefix (the checkpoint candidate).
-    committed: Option<String>,
+    /// End of the contiguous committed prefix (the checkpoint candidate).
+    committed: Option<Position>,
     /// Batches handed out and not yet part of the prefix, in hand-out order.
     pending: VecDeque<Entry>,
     next_id: BatchId,
@@ -26,8 +30,12 @@ pub struct CommitQueue {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     id: BatchId,
-    last_sequence: String,
+    /// Position of the batch's last record.
+    last: Position,
     committed: bool,
+    /// Records up to here are done though the batch is not committed yet
+    /// ([`CommitToken::checkpoint`]); applies once every earlier batch is committed.
+    partial: Option<Position>,
     /// Its token was dropped without commit: it will never be committed, so the reader
     /// must redeliver from the committed prefix (see [`CommitQueue::restart`]).
     abandoned: bool,
@@ -35,7 +43,7 @@ struct Entry {
 
 impl CommitQueue {
     /// A queue whose prefix starts at `checkpoint`.
-    pub fn new(checkpoint: Option<String>) -> Self {
+    pub fn new(checkpoint: Option<Position>) -> Self {
         Self {
             committed: checkpoint,
             pending: VecDeque::new(),
@@ -43,14 +51,15 @@ impl CommitQueue {
         }
     }
 
-    /// Registers the next batch (ending at `last_sequence`) and returns its id.
-    pub fn begin(&mut self, last_sequence: &str) -> BatchId {
+    /// Registers the next batch (ending at `last`) and returns its id.
+    pub fn begin(&mut self, last: Position) -> BatchId {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.push_back(Entry {
             id,
-            last_sequence: last_sequence.to_owned(),
+            last,
             committed: false,
+            partial: None,
             abandoned: false,
         });
         id
@@ -62,14 +71,38 @@ impl CommitQueue {
             entry.committed = true;
             entry.abandoned = false;
         }
-        let mut advanced = false;
-        while self.pending.front().is_some_and(|e| e.committed) {
-            if let Some(e) = self.pending.pop_front() {
-                self.committed = Some(e.last_sequence);
-                advanced = true;
+        self.advance()
+    }
+
+    /// Marks the records of batch `id` up to `upto` done (the batch stays pending; at or
+    /// past its last record it counts as committed). Returns true when the prefix advanced.
+    pub fn commit_partial(&mut self, id: BatchId, upto: Position) -> bool {
+        if let Some(entry) = self.pending.iter_mut().find(|e| e.id == id) {
+            if upto >= entry.last {
+                entry.committed = true;
+                entry.abandoned = false;
+            } else if entry.partial.as_ref().is_none_or(|p| *p < upto) {
+                entry.partial = Some(upto);
             }
         }
-        advanced
+        self.advance()
+    }
+
+    /// Moves the prefix through the committed batches at the front, then into the first
+    /// uncommitted one as far as it was partially committed. Never moves backwards.
+    fn advance(&mut self) -> bool {
+        let before = self.committed.clone();
+        while self.pending.front().is_some_and(|e| e.committed) {
+            if let Some(e) = self.pending.pop_front() {
+                self.committed = Some(e.last);
+            }
+        }
+        if let Some(p) = self.pending.front().and_then(|e| e.partial.clone())
+            && self.committed.as_ref().is_none_or(|c| *c < p)
+        {
+            self.committed = Some(p);
+        }
+        self.committed != before
     }
 
     /// Forgets `id` if it is still pending and the most recent batch: the handler refused it,
@@ -101,25 +134,25 @@ impl CommitQueue {
         self.pending.iter().any(|e| e.abandoned)
     }
 
-    /// Sets the committed prefix to `sequence`: for handlers that checkpoint positions of
+    /// Sets the committed prefix to `position`: for handlers that checkpoint positions of
     /// their own choosing instead of committing batches (KCL record processors). Ignored
     /// while batches are pending, which such handlers never leave.
-    pub fn checkpoint_at(&mut self, sequence: &str) {
+    pub fn checkpoint_at(&mut self, position: Position) {
         if self.pending.is_empty() {
-            self.committed = Some(sequence.to_owned());
+            self.committed = Some(position);
         }
     }
 
     /// Forgets every pending batch (their late commits are ignored: ids are never reused)
     /// and returns the committed prefix the reader redelivers after.
-    pub fn restart(&mut self) -> Option<String> {
+    pub fn restart(&mut self) -> Option<Position> {
         self.pending.clear();
         self.committed.clone()
     }
 
-    /// Last sequence of the committed prefix.
-    pub fn committed(&self) -> Option<&str> {
-        self.committed.as_deref()
+    /// End of the committed prefix.
+    pub fn committed(&self) -> Option<&Position> {
+        self.committed.as_ref()
     }
 
     /// Batches handed out but not yet in the committed prefix.
@@ -131,8 +164,8 @@ impl CommitQueue {
 /// What the reader sees of a tracker: the committed prefix and how many batches wait.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitState {
-    /// Last sequence of the contiguous committed prefix.
-    pub committed: Option<String>,
+    /// End of the contiguous committed prefix.
+    pub committed: Option<Position>,
     /// Batches handed out and not yet in that prefix.
     pub pending: usize,
     /// A commit token was dropped without commit: the reader must redeliver from
@@ -154,7 +187,7 @@ struct TrackerInner {
 
 impl CommitTracker {
     /// A tracker whose committed prefix starts at `checkpoint`.
-    pub fn new(checkpoint: Option<String>) -> Self {
+    pub fn new(checkpoint: Option<Position>) -> Self {
         let (state, _) = watch::channel(CommitState {
             committed: checkpoint.clone(),
             pending: 0,
@@ -174,7 +207,7 @@ impl CommitTracker {
         let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
         let r = f(&mut q);
         let next = CommitState {
-            committed: q.committed().map(str::to_owned),
+            committed: q.committed().cloned(),
             pending: q.pending(),
             abandoned: q.abandoned(),
         };
@@ -189,9 +222,9 @@ impl CommitTracker {
         r
     }
 
-    /// Registers a batch ending at `last_sequence`; the token commits it.
-    pub fn begin(&self, last_sequence: &str) -> CommitToken {
-        let id = self.update(|q| q.begin(last_sequence));
+    /// Registers a batch whose last record is at `last`; the token commits it.
+    pub fn begin(&self, last: Position) -> CommitToken {
+        let id = self.update(|q| q.begin(last));
         CommitToken {
             tracker: self.clone(),
             id,
@@ -199,14 +232,14 @@ impl CommitTracker {
         }
     }
 
-    /// Moves the committed prefix to `sequence` (see [`CommitQueue::checkpoint_at`]).
-    pub fn checkpoint_at(&self, sequence: &str) {
-        self.update(|q| q.checkpoint_at(sequence));
+    /// Moves the committed prefix to `position` (see [`CommitQueue::checkpoint_at`]).
+    pub fn checkpoint_at(&self, position: Position) {
+        self.update(|q| q.checkpoint_at(position));
     }
 
     /// Forgets every pending batch and returns the committed prefix to redeliver after
     /// (the reader's reaction to [`CommitState::abandoned`]).
-    pub fn restart(&self) -> Option<String> {
+    pub fn restart(&self) -> Option<Position> {
         self.update(|q| q.restart())
     }
 
@@ -248,6 +281,15 @@ impl CommitToken {
         self.tracker.update(|q| q.commit(id));
     }
 
+    /// Marks the batch's records up to `upto` (a record's [`Position`], e.g. from
+    /// `Record::position`) processed without committing the whole batch: the checkpoint may
+    /// move there once every earlier batch is committed. For a handler that finishes a
+    /// batch piece by piece; commit (or drop) the token when the batch is done.
+    pub fn checkpoint(&self, upto: Position) {
+        let id = self.id;
+        self.tracker.update(|q| q.commit_partial(id, upto));
+    }
+
     /// Withdraws the batch (the handler refused it and it will be handed out again).
     pub fn abort(mut self) {
         self.settled = true;
@@ -274,8 +316,22 @@ impl Drop for CommitToken {
 mod tests {
     use super::*;
 
-    /// Steps: `b<seq>` begins a batch ending at seq, `c<n>` commits the n-th begun batch,
-    /// `a<n>` aborts it; after each step the committed prefix is checked.
+    /// `"10"` is the whole record 10, `"10/2"` user record 2 of the aggregate at 10.
+    fn p(s: &str) -> Position {
+        match s.split_once('/') {
+            Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
+            None => Position::whole(s),
+        }
+    }
+
+    fn shown(c: Option<&Position>) -> Option<String> {
+        c.map(Position::to_string)
+    }
+
+    /// Steps: `b<pos>` begins a batch ending at pos, `c<n>` commits the n-th begun batch,
+    /// `a<n>` aborts it, `p<n>@<pos>` commits it partially up to pos, `k<pos>` checkpoints
+    /// at pos without a batch; after each step the
+    /// committed prefix is checked.
     /// (step, committed prefix after it).
     type Steps = &'static [(&'static str, Option<&'static str>)];
 
@@ -328,6 +384,32 @@ mod tests {
                     ("c9", Some("10")),
                 ],
             ),
+            // Partial commits move the prefix into the front batch only.
+            (
+                "partial",
+                Some("5"),
+                &[
+                    ("b10/3", Some("5")),
+                    ("b20", Some("5")),
+                    ("p1@20/0", Some("5")), // batch 1 waits for batch 0
+                    ("p0@10/1", Some("10/1")),
+                    ("p0@10/0", Some("10/1")), // never backwards
+                    ("c0", Some("20/0")),      // then batch 1's partial applies
+                    ("p1@20", Some("20")),     // up to its last record: committed
+                ],
+            ),
+            // A processor's own checkpoints (no batches pending) set the prefix; with a
+            // batch pending they are ignored.
+            (
+                "checkpoint at",
+                Some("5"),
+                &[
+                    ("k20/1", Some("20/1")),
+                    ("k30", Some("30")),
+                    ("b40", Some("30")),
+                    ("k40", Some("30")),
+                ],
+            ),
             // Abort only withdraws the newest, still pending batch.
             (
                 "abort older ignored",
@@ -341,30 +423,39 @@ mod tests {
             ),
         ];
         for (name, start, steps) in cases {
-            let mut q = CommitQueue::new(start.map(str::to_owned));
+            let mut q = CommitQueue::new(start.map(p));
             let mut ids = Vec::new();
             for (step, want) in steps.iter() {
                 let (op, arg) = step.split_at(1);
                 match op {
-                    "b" => ids.push(q.begin(arg)),
+                    "b" => ids.push(q.begin(p(arg))),
+                    "p" => {
+                        let (n, upto) = arg.split_once('@').unwrap();
+                        q.commit_partial(ids[n.parse::<usize>().unwrap()], p(upto));
+                    }
                     "c" => {
                         let n: usize = arg.parse().unwrap();
                         q.commit(ids.get(n).copied().unwrap_or(999));
                     }
                     "a" => q.abort(ids[arg.parse::<usize>().unwrap()]),
+                    "k" => q.checkpoint_at(p(arg)),
                     _ => unreachable!(),
                 }
-                assert_eq!(q.committed(), *want, "{name}: after {step}");
+                assert_eq!(
+                    shown(q.committed()),
+                    want.map(str::to_owned),
+                    "{name}: after {step}"
+                );
             }
         }
     }
 
     #[test]
     fn dropped_token_abandons_and_restart_redelivers_from_prefix() {
-        let t = CommitTracker::new(Some("5".into()));
-        let a = t.begin("10");
-        let b = t.begin("20");
-        let c = t.begin("30");
+        let t = CommitTracker::new(Some(p("5")));
+        let a = t.begin(p("10"));
+        let b = t.begin(p("20"));
+        let c = t.begin(p("30"));
         a.commit();
         drop(b); // never committed
         let st = t.state();
@@ -372,46 +463,49 @@ mod tests {
             st.abandoned,
             "a dropped token must not pin the queue silently"
         );
-        assert_eq!(st.committed.as_deref(), Some("10"));
-        assert_eq!(
-            t.restart().as_deref(),
-            Some("10"),
-            "redeliver after the prefix"
-        );
+        assert_eq!(st.committed, Some(p("10")));
+        assert_eq!(t.restart(), Some(p("10")), "redeliver after the prefix");
         assert_eq!(
             t.state(),
             CommitState {
-                committed: Some("10".into()),
+                committed: Some(p("10")),
                 pending: 0,
                 abandoned: false,
             }
         );
         // A late commit of a forgotten batch changes nothing (no skip past "20").
         c.commit();
-        assert_eq!(t.state().committed.as_deref(), Some("10"));
+        assert_eq!(t.state().committed, Some(p("10")));
         // Committed and aborted tokens do not abandon on drop.
-        let d = t.begin("20");
+        let d = t.begin(p("20"));
         d.commit();
-        let e = t.begin("30");
+        let e = t.begin(p("30"));
         e.abort();
-        assert_eq!(t.state().committed.as_deref(), Some("20"));
+        assert_eq!(t.state().committed, Some(p("20")));
         assert!(!t.state().abandoned);
         // Refusing a batch: the token is dropped, then the batch withdrawn: not abandoned.
-        let f = t.begin("30");
+        let f = t.begin(p("30"));
         let id = f.id();
         drop(f);
         assert!(t.state().abandoned);
         t.abort(id);
         assert!(!t.state().abandoned);
         assert_eq!(t.state().pending, 0);
+        // A partial checkpoint through the token moves the prefix into the batch.
+        let g = t.begin(p("40/9"));
+        g.checkpoint(p("40/4"));
+        assert_eq!(t.state().committed, Some(p("40/4")));
+        assert_eq!(t.state().pending, 1);
+        g.commit();
+        assert_eq!(t.state().committed, Some(p("40/9")));
     }
 
     #[tokio::test]
     async fn tracker_publishes_changes() {
         let t = CommitTracker::new(None);
         let mut rx = t.subscribe();
-        let a = t.begin("1");
-        let b = t.begin("2");
+        let a = t.begin(p("1"));
+        let b = t.begin(p("2"));
         assert_eq!(t.state().pending, 2);
         b.commit();
         assert_eq!(t.state().committed, None);
@@ -421,7 +515,7 @@ mod tests {
         assert_eq!(
             *rx.borrow(),
             CommitState {
-                committed: Some("2".into()),
+                committed: Some(p("2")),
                 pending: 0,
                 abandoned: false,
             }

@@ -50,18 +50,20 @@ pub mod http;
 pub mod multilang;
 pub mod stdout;
 
-use std::cmp::Ordering;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+pub use crate::position::Position;
 pub use commit::{CommitState, CommitToken, CommitTracker};
 
 use crate::config::DeliveryConfig;
 use crate::reader::ShardProgress;
 
-/// One Kinesis record as handed to a handler.
+/// One record as handed to a handler: a Kinesis record, or one user record of a KPL
+/// aggregate (then `sub_sequence` is set and `partition_key`/`explicit_hash_key` are the
+/// user record's own).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     /// Stream name as configured. Shared by every record of a reader (created once per
@@ -69,14 +71,30 @@ pub struct Record {
     pub stream: Arc<str>,
     /// Shard id, shared like `stream`.
     pub shard_id: Arc<str>,
-    /// Kinesis sequence number.
+    /// Kinesis sequence number (of the aggregate, for a user record of one).
     pub sequence: String,
+    /// Index of this user record inside its KPL aggregate (0-based); `None` for a record
+    /// that was not aggregated (or an aggregate that could not be decoded, delivered raw).
+    pub sub_sequence: Option<u64>,
     /// Partition key.
     pub partition_key: String,
+    /// Explicit hash key the KPL producer set for this user record, if any (plain Kinesis
+    /// records do not return theirs).
+    pub explicit_hash_key: Option<String>,
     /// Payload bytes.
     pub data: Vec<u8>,
-    /// ApproximateArrivalTimestamp.
+    /// ApproximateArrivalTimestamp (of the aggregate, for a user record of one).
     pub arrival: Option<jiff::Timestamp>,
+}
+
+impl Record {
+    /// Where this record sits in its shard: what a checkpoint right after it holds.
+    pub fn position(&self) -> Position {
+        Position {
+            sequence: self.sequence.clone(),
+            sub_sequence: self.sub_sequence,
+        }
+    }
 }
 
 /// Why a handler did not acknowledge a batch. The batch is retried with backoff.
@@ -124,13 +142,6 @@ pub struct ShardContext {
     pub progress: tokio::sync::watch::Receiver<ShardProgress>,
 }
 
-/// Numeric order of two Kinesis sequence numbers (decimal strings of up to 128 digits, so
-/// neither text order nor `u128` works).
-pub fn compare_sequences(a: &str, b: &str) -> Ordering {
-    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
-}
-
 /// Receives batches of one shard, in order. `Ok` acknowledges the whole batch (it may be
 /// checkpointed); `Err` means "retry this batch" (nothing is checkpointed, nothing skipped).
 pub trait BatchHandler: Send + Sync + 'static {
@@ -150,7 +161,7 @@ pub trait BatchHandler: Send + Sync + 'static {
             let Some(last) = batch.last() else {
                 return Ok(());
             };
-            let token = commits.begin(&last.sequence);
+            let token = commits.begin(last.position());
             match self.handle(batch).await {
                 Ok(()) => {
                     token.commit();
@@ -252,7 +263,7 @@ impl<H: ManualBatchHandler> BatchHandler for ManualCommit<H> {
             let Some(last) = batch.last() else {
                 return Ok(());
             };
-            let token = commits.begin(&last.sequence);
+            let token = commits.begin(last.position());
             let id = token.id();
             let result = self.inner.handle(batch, token).await;
             if result.is_err() {
@@ -282,8 +293,13 @@ pub struct RecordJson<'a> {
     stream: &'a str,
     shard: &'a str,
     sequence: &'a str,
+    /// Only for a user record of a KPL aggregate.
+    #[serde(rename = "subSequence", skip_serializing_if = "Option::is_none")]
+    sub_sequence: Option<u64>,
     #[serde(rename = "partitionKey")]
     partition_key: &'a str,
+    #[serde(rename = "explicitHashKey", skip_serializing_if = "Option::is_none")]
+    explicit_hash_key: Option<&'a str>,
     #[serde(serialize_with = "ser_base64")]
     data: &'a [u8],
     #[serde(serialize_with = "ser_arrival")]
@@ -296,7 +312,9 @@ impl<'a> From<&'a Record> for RecordJson<'a> {
             stream: &r.stream,
             shard: &r.shard_id,
             sequence: &r.sequence,
+            sub_sequence: r.sub_sequence,
             partition_key: &r.partition_key,
+            explicit_hash_key: r.explicit_hash_key.as_deref(),
             data: &r.data,
             arrival: r.arrival,
         }
@@ -328,7 +346,9 @@ mod tests {
             stream: "s".into(),
             shard_id: "shardId-000000000000".into(),
             sequence: seq.into(),
+            sub_sequence: None,
             partition_key: "k".into(),
+            explicit_hash_key: None,
             data: b"x".to_vec(),
             arrival: None,
         }
@@ -350,7 +370,7 @@ mod tests {
     #[tokio::test]
     async fn manual_commit_advances_only_through_contiguous_prefix() {
         let h = ManualCommit::new(Holding(Mutex::new(Vec::new())));
-        let commits = CommitTracker::new(Some("0".into()));
+        let commits = CommitTracker::new(Some(Position::whole("0")));
         for seq in ["10", "20", "30"] {
             h.deliver(&[rec(seq)], &commits).await.unwrap();
         }
@@ -360,18 +380,18 @@ mod tests {
         let t2 = tokens.pop().unwrap();
         let t1 = tokens.pop().unwrap();
         t1.commit();
-        assert_eq!(commits.state().committed.as_deref(), Some("10"));
+        assert_eq!(commits.state().committed, Some(Position::whole("10")));
         t3.commit();
         assert_eq!(
-            commits.state().committed.as_deref(),
-            Some("10"),
+            commits.state().committed,
+            Some(Position::whole("10")),
             "batch 3 must wait for batch 2"
         );
         t2.commit();
         assert_eq!(
             commits.state(),
             CommitState {
-                committed: Some("30".into()),
+                committed: Some(Position::whole("30")),
                 pending: 0,
                 abandoned: false,
             }
@@ -421,7 +441,7 @@ mod tests {
         assert!(h.deliver(&[rec("10")], &commits).await.is_err());
         assert_eq!(commits.state(), CommitState::default());
         h.deliver(&[rec("10")], &commits).await.unwrap();
-        assert_eq!(commits.state().committed.as_deref(), Some("10"));
+        assert_eq!(commits.state().committed, Some(Position::whole("10")));
     }
 
     /// Commits later, from another task.
@@ -447,33 +467,14 @@ mod tests {
     }
 
     #[test]
-    fn sequence_order_table() {
-        // (a, b, want)
-        let cases = [
-            ("1", "2", Ordering::Less),
-            ("99", "100", Ordering::Less),
-            ("100", "100", Ordering::Equal),
-            ("0100", "100", Ordering::Equal),
-            (
-                "49590338271490256608559692538361571095921575989136588898",
-                "49590338271490256608559692540925702759324208523137515618",
-                Ordering::Less,
-            ),
-            ("2", "10", Ordering::Less),
-        ];
-        for (a, b, want) in cases {
-            assert_eq!(compare_sequences(a, b), want, "{a} vs {b}");
-            assert_eq!(compare_sequences(b, a), want.reverse(), "{b} vs {a}");
-        }
-    }
-
-    #[test]
     fn record_json_shape() {
         let r = Record {
             stream: "orders".into(),
             shard_id: "shardId-000000000001".into(),
             sequence: "4959".into(),
+            sub_sequence: None,
             partition_key: "p\"k".into(),
+            explicit_hash_key: None,
             data: b"hello".to_vec(),
             arrival: Some("2026-11-28T17:44:39.5Z".parse().unwrap()),
         };
@@ -489,8 +490,23 @@ mod tests {
                 "arrival": "2026-11-28T17:44:39.5Z",
             })
         );
-        let none = Record { arrival: None, ..r };
+        let none = Record {
+            arrival: None,
+            ..r.clone()
+        };
         let v: serde_json::Value = serde_json::to_value(RecordJson::from(&none)).unwrap();
         assert_eq!(v["arrival"], serde_json::Value::Null);
+        // A user record of a KPL aggregate carries its index and explicit hash key.
+        let user = Record {
+            sub_sequence: Some(3),
+            explicit_hash_key: Some("170141183460469231731687303715884105728".into()),
+            ..r
+        };
+        let v: serde_json::Value = serde_json::to_value(RecordJson::from(&user)).unwrap();
+        assert_eq!(v["subSequence"], 3);
+        assert_eq!(
+            v["explicitHashKey"],
+            "170141183460469231731687303715884105728"
+        );
     }
 }

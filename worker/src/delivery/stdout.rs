@@ -163,7 +163,9 @@ mod tests {
                 stream: stream.clone(),
                 shard_id: shard.clone(),
                 sequence: format!("{i}"),
+                sub_sequence: None,
                 partition_key: format!("k{i}"),
+                explicit_hash_key: None,
                 data: vec![0xff, 0x00, i as u8],
                 arrival: Some(jiff::Timestamp::from_second(1_700_000_000).unwrap()),
             })

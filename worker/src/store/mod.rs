@@ -18,10 +18,12 @@ use aws_sdk_dynamodb::types::{
 };
 
 pub use error::StoreError;
+
+use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
-    CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK, SHARDS_PREFIX, SK,
-    ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+    CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
+    SHARDS_PREFIX, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
 };
 
 /// Wall-clock now in Unix milliseconds. Only ever written as information, never compared
@@ -37,8 +39,8 @@ const CLIENT_ROW_TTL: Duration = Duration::from_secs(24 * 3600);
 /// What a checkpoint write records about a shard.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckpointUpdate {
-    /// Last acknowledged sequence number; `None` leaves the stored checkpoint untouched.
-    pub sequence: Option<String>,
+    /// Last acknowledged position; `None` leaves the stored checkpoint untouched.
+    pub position: Option<Position>,
     /// The shard was read to its end and everything acknowledged.
     pub ended: bool,
     /// MillisBehindLatest of the last GetRecords.
@@ -719,11 +721,21 @@ impl StateStore {
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", n(now_ms()))
             .return_values(ReturnValue::UpdatedNew);
-        if let Some(seq) = &cp.sequence {
+        if let Some(pos) = &cp.position {
             set.push("#cp = :cp");
             req = req
                 .expression_attribute_names("#cp", "checkpoint")
-                .expression_attribute_values(":cp", s(seq.as_str()));
+                .expression_attribute_values(":cp", s(pos.sequence.as_str()));
+            // The sub-sequence is its own attribute, so rows without it (older workers,
+            // whole records) keep their meaning; a whole-record checkpoint removes it.
+            req = req.expression_attribute_names("#cpsub", CHECKPOINT_SUB_SEQUENCE);
+            match pos.sub_sequence {
+                Some(sub) => {
+                    set.push("#cpsub = :cpsub");
+                    req = req.expression_attribute_values(":cpsub", n(sub));
+                }
+                None => remove.push("#cpsub"),
+            }
         }
         if cp.ended {
             // Only ever set, never cleared: an ended shard stays ended.

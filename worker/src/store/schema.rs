@@ -16,6 +16,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::position::Position;
+
 /// Partition key attribute name.
 pub const PK: &str = "pk";
 /// Sort key attribute name.
@@ -29,6 +31,9 @@ pub const CLIENT_PREFIX: &str = "client#";
 pub const SHARDS_PREFIX: &str = "shards#";
 /// Sort key prefix of lease (and checkpoint) rows.
 pub const LEASE_PREFIX: &str = "lease#";
+/// Lease attribute holding the sub-sequence of a checkpoint inside a KPL aggregate
+/// ([`LeaseRow::checkpoint_sub_sequence`]).
+pub const CHECKPOINT_SUB_SEQUENCE: &str = "checkpointSubSequence";
 
 /// Sort key of a client row.
 pub fn client_sk(client_id: &str) -> String {
@@ -140,9 +145,15 @@ pub struct LeaseRow {
     pub owner: Option<String>,
     /// Incremented by every renewal and every change of owner (fencing token).
     pub lease_counter: u64,
-    /// Last acknowledged sequence number; reading resumes after it.
+    /// Last acknowledged sequence number; reading resumes after it (see
+    /// [`LeaseRow::checkpoint_position`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// With `checkpoint`: the last acknowledged user record inside the KPL aggregate at
+    /// `checkpoint`; absent when the whole record was acknowledged. Reading then resumes at
+    /// the aggregate, skipping its user records up to this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_sub_sequence: Option<u64>,
     /// The shard was read to its end and everything acknowledged: children may start.
     #[serde(default)]
     pub ended: bool,
@@ -168,11 +179,22 @@ impl LeaseRow {
             owner: None,
             lease_counter: 0,
             checkpoint: None,
+            checkpoint_sub_sequence: None,
             ended: false,
             millis_behind: None,
             lag_at_ms: None,
             updated_at_ms: now_ms,
         }
+    }
+}
+
+impl LeaseRow {
+    /// The checkpoint as a position: `checkpoint` with `checkpointSubSequence`.
+    pub fn checkpoint_position(&self) -> Option<Position> {
+        self.checkpoint.as_ref().map(|seq| Position {
+            sequence: seq.clone(),
+            sub_sequence: self.checkpoint_sub_sequence,
+        })
     }
 }
 

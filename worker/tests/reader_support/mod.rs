@@ -11,7 +11,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::future::BoxFuture;
 use kcg_worker::config::{StreamConfig, Tuning};
-use kcg_worker::delivery::{BatchHandler, HandlerError, Record};
+use kcg_worker::delivery::{BatchHandler, HandlerError, Position, Record};
 use kcg_worker::kinesis::StreamClient;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::reader::{ShardProgress, ShardTask, read_shard};
@@ -270,7 +270,7 @@ pub fn start(
     client: Arc<StreamClient>,
     name: &str,
     shard: &str,
-    checkpoint: Option<String>,
+    checkpoint: Option<Position>,
     max_records: u32,
     handler: Arc<dyn BatchHandler>,
 ) -> Running {

@@ -8,45 +8,13 @@
 //! between the current checkpoint and the last record delivered to this process; without
 //! a sequence number it means "everything delivered so far", or, while `shardEnded` is
 //! pending, the end of the shard.
-
-use std::cmp::Ordering;
+//!
+//! KCL numbers every record `(sequence, subSequence)` with sub-sequence 0 for a record that
+//! is not a KPL aggregate; kcg's [`Position`] has no sub-sequence for such a record (a whole
+//! record). [`requested_position`] maps one to the other.
 
 use super::messages::{Action, CheckpointReply, FromProcessor};
-use crate::delivery::compare_sequences;
-
-/// A position in a shard: a record's sequence number and, for records of a KPL-aggregated
-/// Kinesis record, its sub-sequence number (0 otherwise).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Position {
-    /// Kinesis sequence number (decimal digits).
-    pub sequence: String,
-    /// Sub-sequence number.
-    pub sub_sequence: u64,
-}
-
-impl Position {
-    /// A position without sub-sequence.
-    pub fn new(sequence: impl Into<String>) -> Self {
-        Self {
-            sequence: sequence.into(),
-            sub_sequence: 0,
-        }
-    }
-}
-
-impl PartialOrd for Position {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Position {
-    /// Numeric order of sequence numbers (they are up to 128 digits), then sub-sequence.
-    fn cmp(&self, other: &Self) -> Ordering {
-        compare_sequences(&self.sequence, &other.sequence)
-            .then(self.sub_sequence.cmp(&other.sub_sequence))
-    }
-}
+use crate::position::Position;
 
 /// What a granted checkpoint moves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,12 +70,23 @@ pub const SHUTDOWN: &str = "ShutdownException";
 /// KCL's name for a checkpoint where none is possible (e.g. during `initialize`).
 pub const INVALID_STATE: &str = "InvalidStateException";
 
+/// What kcg hands over with a `processRecords`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Position of its last record.
+    pub last: Position,
+    /// Sequence numbers of its KPL aggregates (usually none).
+    pub aggregates: Vec<String>,
+}
+
 /// The state of one conversation (one process's lifetime).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conversation {
     awaiting: Option<Action>,
     /// Last record handed to this process.
     delivered: Option<Position>,
+    /// Aggregates of the batch being processed.
+    aggregates: Vec<String>,
     /// The current checkpoint (where this process was initialized, then its checkpoints).
     checkpoint: Option<Position>,
     /// The processor checkpointed the shard's end.
@@ -123,8 +102,8 @@ impl Conversation {
         }
     }
 
-    /// kcg sends `action`; for `processRecords`, `last` is the batch's last record.
-    pub fn sent(&mut self, action: Action, last: Option<Position>) -> Result<(), ProtocolError> {
+    /// kcg sends `action`; with `processRecords`, the batch.
+    pub fn sent(&mut self, action: Action, batch: Option<Batch>) -> Result<(), ProtocolError> {
         if let Some(awaited) = self.awaiting {
             return Err(ProtocolError::Overlap {
                 next: action,
@@ -132,8 +111,9 @@ impl Conversation {
             });
         }
         self.awaiting = Some(action);
-        if let Some(last) = last {
-            self.delivered = Some(last);
+        if let Some(b) = batch {
+            self.delivered = Some(b.last);
+            self.aggregates = b.aggregates;
         }
         Ok(())
     }
@@ -156,13 +136,24 @@ impl Conversation {
                 sequence_number,
                 sub_sequence_number,
             } => {
-                let decision = decide_checkpoint(
-                    awaited,
-                    sequence_number.as_deref(),
-                    sub_sequence_number,
-                    self.delivered.as_ref(),
-                    self.checkpoint.as_ref(),
-                );
+                let requested = match sequence_number.as_deref() {
+                    None => Ok(None),
+                    Some(s) => requested_position(
+                        s,
+                        sub_sequence_number,
+                        self.delivered.as_ref(),
+                        &self.aggregates,
+                    )
+                    .map(Some),
+                };
+                let decision = requested.and_then(|r| {
+                    decide_checkpoint(
+                        awaited,
+                        r,
+                        self.delivered.as_ref(),
+                        self.checkpoint.as_ref(),
+                    )
+                });
                 let (commit, error) = match decision {
                     Ok(c) => (c, None),
                     Err(e) => (None, Some(e)),
@@ -200,18 +191,44 @@ impl Conversation {
     }
 }
 
-/// Whether a checkpoint request is granted, and what it moves. Pure.
+/// The kcg position a KCL checkpoint request `(sequence, subSequence)` names. Pure.
+///
+/// KCL's sub-sequence 0 is ambiguous: a whole record, or the first user record of an
+/// aggregate. Known whole records (the last one delivered) map to a whole position; an
+/// aggregate of the current batch, or an unknown earlier record, to its user record, which
+/// at worst redelivers that one record once, never skips part of an aggregate.
+pub fn requested_position(
+    sequence: &str,
+    sub_sequence: Option<u64>,
+    delivered: Option<&Position>,
+    aggregates: &[String],
+) -> Result<Position, &'static str> {
+    if sequence.is_empty() || !sequence.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ILLEGAL_ARGUMENT);
+    }
+    let sub = sub_sequence.unwrap_or(0);
+    let last_is_whole =
+        delivered.is_some_and(|d| d.sequence == sequence && d.sub_sequence.is_none());
+    let is_aggregate = aggregates.iter().any(|a| a == sequence);
+    Ok(if last_is_whole && !is_aggregate {
+        Position::whole(sequence)
+    } else {
+        Position::sub(sequence, sub)
+    })
+}
+
+/// Whether a checkpoint request (`requested`: `None` when it named no sequence) is
+/// granted, and what it moves. Pure.
 ///
 /// - only while `processRecords`, `shardEnded` or `shutdownRequested` is pending (after
 ///   `leaseLost`: `ShutdownException`; else `InvalidStateException`);
 /// - no sequence: the end of the shard while `shardEnded` is pending, else the last record
 ///   delivered (nothing moves when nothing was delivered or it is already checkpointed);
-/// - a sequence (sub-sequence absent = 0): must be digits, not before the current
-///   checkpoint and not after the last delivered record (`IllegalArgumentException`).
+/// - a position: not before the current checkpoint and not after the last delivered
+///   record (`IllegalArgumentException`).
 pub fn decide_checkpoint(
     awaited: Action,
-    sequence: Option<&str>,
-    sub_sequence: Option<u64>,
+    requested: Option<Position>,
     delivered: Option<&Position>,
     checkpoint: Option<&Position>,
 ) -> Result<Option<Commit>, &'static str> {
@@ -220,24 +237,14 @@ pub fn decide_checkpoint(
         Action::LeaseLost => return Err(SHUTDOWN),
         Action::Initialize => return Err(INVALID_STATE),
     }
-    let target = match sequence {
+    let target = match requested {
         None if awaited == Action::ShardEnded => return Ok(Some(Commit::ShardEnd)),
         None => match delivered {
             Some(d) => d.clone(),
             None => return Ok(None),
         },
-        Some(s) => {
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ILLEGAL_ARGUMENT);
-            }
-            let p = Position {
-                sequence: s.to_owned(),
-                sub_sequence: sub_sequence.unwrap_or(0),
-            };
-            if delivered.is_none_or(|d| p > *d) {
-                return Err(ILLEGAL_ARGUMENT);
-            }
-            if checkpoint.is_some_and(|c| p < *c) {
+        Some(p) => {
+            if delivered.is_none_or(|d| p > *d) || checkpoint.is_some_and(|c| p < *c) {
                 return Err(ILLEGAL_ARGUMENT);
             }
             p
@@ -254,8 +261,12 @@ mod tests {
     use super::*;
     use Action::*;
 
+    /// `"10"` is the whole record 10, `"10/2"` user record 2 of the aggregate at 10.
     fn p(s: &str) -> Position {
-        Position::new(s)
+        match s.split_once('/') {
+            Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
+            None => Position::whole(s),
+        }
     }
 
     fn at(s: &str) -> Result<Option<Commit>, &'static str> {
@@ -263,16 +274,44 @@ mod tests {
     }
 
     #[test]
+    fn requested_position_table() {
+        let aggs = vec!["20".to_owned()];
+        // (sequence, sub, delivered, aggregates of the batch, want)
+        let cases: &[(
+            &str,
+            Option<u64>,
+            Option<&str>,
+            &[String],
+            Result<&str, &str>,
+        )] = &[
+            ("30", None, Some("30"), &[], Ok("30")),
+            ("30", Some(0), Some("30"), &[], Ok("30")),
+            ("20", Some(3), Some("30"), &aggs, Ok("20/3")),
+            ("20", None, Some("30"), &aggs, Ok("20/0")),
+            ("30", Some(2), Some("30/5"), &[], Ok("30/2")),
+            ("30", None, Some("30/5"), &[], Ok("30/0")),
+            // An earlier record kcg no longer knows: its first user record (at worst one
+            // duplicate, never a skipped user record).
+            ("25", None, Some("30"), &[], Ok("25/0")),
+            ("3x", None, Some("30"), &[], Err(ILLEGAL_ARGUMENT)),
+            ("", None, Some("30"), &[], Err(ILLEGAL_ARGUMENT)),
+        ];
+        for (seq, sub, delivered, aggregates, want) in cases {
+            let got = requested_position(seq, *sub, delivered.map(p).as_ref(), aggregates);
+            assert_eq!(got, want.map(p), "{seq} {sub:?} after {delivered:?}");
+        }
+    }
+
+    #[test]
     fn checkpoint_decision_table() {
         let d = Some(p("300"));
         let c = Some(p("100"));
-        // (name, awaited, sequence, sub, delivered, checkpoint, want)
+        // (name, awaited, requested, delivered, checkpoint, want)
         #[allow(clippy::type_complexity)]
         let cases: &[(
             &str,
             Action,
             Option<&str>,
-            Option<u64>,
             Option<Position>,
             Option<Position>,
             Result<Option<Commit>, &str>,
@@ -280,7 +319,6 @@ mod tests {
             (
                 "all delivered",
                 ProcessRecords,
-                None,
                 None,
                 d.clone(),
                 c.clone(),
@@ -291,14 +329,12 @@ mod tests {
                 ProcessRecords,
                 None,
                 None,
-                None,
                 c.clone(),
                 Ok(None),
             ),
             (
                 "already there",
                 ProcessRecords,
-                None,
                 None,
                 d.clone(),
                 d.clone(),
@@ -308,7 +344,6 @@ mod tests {
                 "at a record",
                 ProcessRecords,
                 Some("200"),
-                None,
                 d.clone(),
                 c.clone(),
                 at("200"),
@@ -317,7 +352,6 @@ mod tests {
                 "at the last record",
                 ProcessRecords,
                 Some("300"),
-                Some(0),
                 d.clone(),
                 c.clone(),
                 at("300"),
@@ -326,16 +360,22 @@ mod tests {
                 "numeric order, not text",
                 ProcessRecords,
                 Some("99"),
-                None,
                 Some(p("100")),
                 Some(p("5")),
                 at("99"),
             ),
             (
+                "inside an aggregate",
+                ProcessRecords,
+                Some("300/2"),
+                Some(p("300/4")),
+                c.clone(),
+                at("300/2"),
+            ),
+            (
                 "same as checkpoint",
                 ProcessRecords,
                 Some("100"),
-                None,
                 d.clone(),
                 c.clone(),
                 Ok(None),
@@ -344,7 +384,6 @@ mod tests {
                 "before the checkpoint",
                 ProcessRecords,
                 Some("50"),
-                None,
                 d.clone(),
                 c.clone(),
                 Err(ILLEGAL_ARGUMENT),
@@ -353,17 +392,15 @@ mod tests {
                 "after the last delivered",
                 ProcessRecords,
                 Some("301"),
-                None,
                 d.clone(),
                 c.clone(),
                 Err(ILLEGAL_ARGUMENT),
             ),
             (
-                "sub-sequence past the last",
+                "past the aggregate's last",
                 ProcessRecords,
-                Some("300"),
-                Some(1),
-                d.clone(),
+                Some("300/5"),
+                Some(p("300/4")),
                 c.clone(),
                 Err(ILLEGAL_ARGUMENT),
             ),
@@ -372,32 +409,12 @@ mod tests {
                 ProcessRecords,
                 Some("100"),
                 None,
-                None,
-                c.clone(),
-                Err(ILLEGAL_ARGUMENT),
-            ),
-            (
-                "not a number",
-                ProcessRecords,
-                Some("12a"),
-                None,
-                d.clone(),
-                c.clone(),
-                Err(ILLEGAL_ARGUMENT),
-            ),
-            (
-                "empty",
-                ProcessRecords,
-                Some(""),
-                None,
-                d.clone(),
                 c.clone(),
                 Err(ILLEGAL_ARGUMENT),
             ),
             (
                 "shard end",
                 ShardEnded,
-                None,
                 None,
                 d.clone(),
                 c.clone(),
@@ -409,14 +426,12 @@ mod tests {
                 None,
                 None,
                 None,
-                None,
                 Ok(Some(Commit::ShardEnd)),
             ),
             (
                 "at a record during shard end",
                 ShardEnded,
                 Some("300"),
-                None,
                 d.clone(),
                 c.clone(),
                 at("300"),
@@ -425,7 +440,6 @@ mod tests {
                 "on shutdown request",
                 ShutdownRequested,
                 None,
-                None,
                 d.clone(),
                 c.clone(),
                 at("300"),
@@ -433,7 +447,6 @@ mod tests {
             (
                 "after lease lost",
                 LeaseLost,
-                None,
                 None,
                 d.clone(),
                 c.clone(),
@@ -444,17 +457,15 @@ mod tests {
                 Initialize,
                 None,
                 None,
-                None,
                 c.clone(),
                 Err(INVALID_STATE),
             ),
         ];
-        for (name, awaited, seq, sub, delivered, checkpoint, want) in cases {
+        for (name, awaited, requested, delivered, checkpoint, want) in cases {
             assert_eq!(
                 decide_checkpoint(
                     *awaited,
-                    *seq,
-                    *sub,
+                    requested.map(p),
                     delivered.as_ref(),
                     checkpoint.as_ref()
                 ),
@@ -464,7 +475,7 @@ mod tests {
         }
     }
 
-    /// A scripted conversation: (kcg sends | processor sends, expected step or error).
+    /// Scripted conversations: kcg sends, or the processor sends and the step is checked.
     #[test]
     fn conversation_table() {
         enum Ev {
@@ -543,7 +554,15 @@ mod tests {
             let mut c = Conversation::new(Some(p("5")));
             for (i, ev) in script.into_iter().enumerate() {
                 match ev {
-                    Send(a, last) => c.sent(a, last.map(p)).unwrap(),
+                    Send(a, last) => c
+                        .sent(
+                            a,
+                            last.map(|l| Batch {
+                                last: p(l),
+                                aggregates: Vec::new(),
+                            }),
+                        )
+                        .unwrap(),
                     Recv(msg, want) => assert_eq!(c.received(msg), want, "{name}: step {i}"),
                 }
             }
@@ -555,7 +574,7 @@ mod tests {
         assert!(!c.shard_end_checkpointed());
         assert!(c.idle());
         // kcg never overlaps two messages.
-        c.sent(ProcessRecords, Some(p("1"))).unwrap();
+        c.sent(ProcessRecords, None).unwrap();
         assert_eq!(
             c.sent(LeaseLost, None),
             Err(ProtocolError::Overlap {

@@ -123,7 +123,7 @@ impl<'a> From<&'a Record> for RecordMessage<'a> {
             data: &r.data,
             partition_key: &r.partition_key,
             sequence_number: &r.sequence,
-            sub_sequence_number: 0,
+            sub_sequence_number: r.sub_sequence.unwrap_or(0),
             approximate_arrival_timestamp: r.arrival.map_or(0, |t| t.as_millisecond()),
         }
     }
@@ -205,12 +205,18 @@ mod tests {
             stream: "s".into(),
             shard_id: "shardId-000000000001".into(),
             sequence: "4959".into(),
+            sub_sequence: None,
             partition_key: "cat".into(),
+            explicit_hash_key: None,
             data: b"meow".to_vec(),
             arrival: Some("2026-11-28T17:44:39.5Z".parse().unwrap()),
         };
         let no_arrival = Record {
             arrival: None,
+            ..rec.clone()
+        };
+        let user_record = Record {
+            sub_sequence: Some(2),
             ..rec.clone()
         };
         let cases: Vec<(ToProcessor, serde_json::Value)> = vec![
@@ -225,7 +231,7 @@ mod tests {
             ),
             (
                 ToProcessor::ProcessRecords {
-                    records: vec![(&rec).into(), (&no_arrival).into()],
+                    records: vec![(&rec).into(), (&no_arrival).into(), (&user_record).into()],
                     millis_behind_latest: Some(12),
                 },
                 json!({"action": "processRecords", "millisBehindLatest": 12, "records": [
@@ -235,6 +241,9 @@ mod tests {
                     {"action": "record", "data": "bWVvdw==", "partitionKey": "cat",
                      "sequenceNumber": "4959", "subSequenceNumber": 0,
                      "approximateArrivalTimestamp": 0},
+                    {"action": "record", "data": "bWVvdw==", "partitionKey": "cat",
+                     "sequenceNumber": "4959", "subSequenceNumber": 2,
+                     "approximateArrivalTimestamp": 1_795_887_879_500_i64},
                 ]}),
             ),
             (

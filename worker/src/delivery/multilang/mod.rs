@@ -26,7 +26,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 use tracing::{Instrument, debug, info, warn};
 
-use self::conversation::{Commit, Conversation, Position, Step};
+use self::conversation::{Batch, Commit, Conversation, Step};
 use self::messages::{Action, RecordMessage, ToProcessor};
 use self::process::{ProcessError, ProcessorIo};
 use super::{BatchHandler, CommitTracker, HandlerError, Record, ShardContext};
@@ -92,14 +92,19 @@ impl ShardProcessor {
         if slot.is_none() {
             let io = ProcessorIo::spawn(&self.command, &self.shard.stream, &self.shard.shard_id)?;
             let checkpoint = commits.state().committed;
-            let mut running = Running {
-                io,
-                conv: Conversation::new(checkpoint.clone().map(Position::new)),
-            };
             let msg = ToProcessor::Initialize {
                 shard_id: &self.shard.shard_id,
-                sequence_number: checkpoint.as_deref().unwrap_or(self.shard.initial_position),
-                sub_sequence_number: 0,
+                sequence_number: checkpoint
+                    .as_ref()
+                    .map_or(self.shard.initial_position, |c| c.sequence.as_str()),
+                sub_sequence_number: checkpoint
+                    .as_ref()
+                    .and_then(|c| c.sub_sequence)
+                    .unwrap_or(0),
+            };
+            let mut running = Running {
+                io,
+                conv: Conversation::new(checkpoint.clone()),
             };
             exchange(&mut running, &msg, None, commits).await?;
             *slot = Some(running);
@@ -144,13 +149,13 @@ fn unreachable_slot() -> ProcessError {
 async fn exchange(
     running: &mut Running,
     msg: &ToProcessor<'_>,
-    last: Option<Position>,
+    batch: Option<Batch>,
     commits: &CommitTracker,
 ) -> Result<(), ProcessError> {
     let Some(action) = msg.action() else {
         return Ok(());
     };
-    running.conv.sent(action, last)?;
+    running.conv.sent(action, batch)?;
     running.io.send(msg).await?;
     loop {
         let from = running.io.receive().await?;
@@ -158,14 +163,14 @@ async fn exchange(
             Step::Checkpoint { commit, reply } => {
                 match commit {
                     Some(Commit::At(p)) => {
-                        debug!(sequence = %p.sequence, "processor checkpoint");
-                        commits.checkpoint_at(&p.sequence);
+                        debug!(position = %p, "processor checkpoint");
+                        commits.checkpoint_at(p);
                     }
                     Some(Commit::ShardEnd) => {
                         // Everything delivered is processed; the end flag itself is set by
                         // the reader once `shardEnded` is answered.
                         if let Some(d) = running.conv.delivered() {
-                            commits.checkpoint_at(&d.sequence);
+                            commits.checkpoint_at(d.clone());
                         }
                         debug!("processor checkpointed the shard end");
                     }
@@ -179,6 +184,18 @@ async fn exchange(
             Step::Done(_) => return Ok(()),
         }
     }
+}
+
+/// Sequence numbers of the KPL aggregates in `batch` (their user records carry a
+/// sub-sequence), each once.
+fn aggregates(batch: &[Record]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in batch.iter().filter(|r| r.sub_sequence.is_some()) {
+        if out.last() != Some(&r.sequence) {
+            out.push(r.sequence.clone());
+        }
+    }
+    out
 }
 
 impl BatchHandler for ShardProcessor {
@@ -202,7 +219,11 @@ impl BatchHandler for ShardProcessor {
                     records: batch.iter().map(RecordMessage::from).collect(),
                     millis_behind_latest,
                 };
-                exchange(r, &msg, Some(Position::new(&last.sequence)), commits).await
+                let batch_info = Batch {
+                    last: last.position(),
+                    aggregates: aggregates(batch),
+                };
+                exchange(r, &msg, Some(batch_info), commits).await
             })
             .await
         })
