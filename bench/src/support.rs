@@ -244,6 +244,7 @@ pub fn worker_config(group: &str, stream: &str, table: &str, tuning: Tuning) -> 
         delivery: DeliveryConfig {
             stdout: Some(StdoutSink {}),
             http: None,
+            multi_lang: None,
         },
         tuning,
     }
