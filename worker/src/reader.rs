@@ -443,7 +443,7 @@ impl Reader {
                         self.rewound_at = Some(last.position());
                     }
                     warn!(error = %e, attempt = self.rewind_backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
-                        resume_after = ?self.commits.state().committed, "handler lost its place; redelivering after the committed position");
+                        resume_after = ?self.commits.state().committed.map(|c| c.to_string()), "handler lost its place; redelivering after the committed position");
                     self.set_issue(Some(Issue {
                         reason: "HandlerFailing".into(),
                         message: format!(

@@ -13,8 +13,10 @@
 //! is not a KPL aggregate; kcg's [`Position`] has no sub-sequence for such a record (a whole
 //! record). [`requested_position`] maps one to the other.
 
+use std::collections::VecDeque;
+
 use super::messages::{Action, CheckpointReply, FromProcessor};
-use crate::position::Position;
+use crate::position::{Position, compare_sequence};
 
 /// What a granted checkpoint moves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,10 +75,62 @@ pub const INVALID_STATE: &str = "InvalidStateException";
 /// What kcg hands over with a `processRecords`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// Sequence number of its first record.
+    pub first: String,
     /// Position of its last record.
     pub last: Position,
-    /// Sequence numbers of its KPL aggregates (usually none).
+    /// Sequence numbers of its KPL aggregates, in order (usually none).
     pub aggregates: Vec<String>,
+}
+
+/// Most aggregate sequence numbers remembered per process; older ones are forgotten and
+/// checkpoints before the oldest remembered one are read conservatively.
+const MAX_REMEMBERED_AGGREGATES: usize = 10_000;
+
+/// Which delivered records were KPL aggregates, to read KCL's sub-sequence 0 right: every
+/// sequence from `known_from` to the last delivered record is an aggregate exactly when it
+/// is in `aggregates`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// From here on (inclusive) the records' kinds are known.
+    known_from: Option<String>,
+    /// Aggregates at or after `known_from`, in order.
+    aggregates: VecDeque<String>,
+}
+
+impl Lineage {
+    /// Remembers a delivered batch.
+    fn push(&mut self, batch: &Batch) {
+        if self.known_from.is_none() {
+            self.known_from = Some(batch.first.clone());
+        }
+        self.aggregates.extend(batch.aggregates.iter().cloned());
+        while self.aggregates.len() > MAX_REMEMBERED_AGGREGATES {
+            self.aggregates.pop_front();
+            // Records between the dropped aggregate and the next one are now unknown.
+            self.known_from = self.aggregates.front().cloned();
+        }
+    }
+
+    /// Forgets aggregates before the checkpoint `c` (no request may go there).
+    fn prune(&mut self, c: &Position) {
+        while self
+            .aggregates
+            .front()
+            .is_some_and(|a| compare_sequence(a, &c.sequence).is_lt())
+        {
+            self.aggregates.pop_front();
+        }
+    }
+
+    /// `Some(true)`: an aggregate, `Some(false)`: a whole record, `None`: unknown.
+    fn is_aggregate(&self, sequence: &str) -> Option<bool> {
+        let known = self
+            .known_from
+            .as_deref()
+            .is_some_and(|k| compare_sequence(sequence, k).is_ge());
+        known.then(|| self.aggregates.iter().any(|a| a == sequence))
+    }
 }
 
 /// The state of one conversation (one process's lifetime).
@@ -85,8 +139,8 @@ pub struct Conversation {
     awaiting: Option<Action>,
     /// Last record handed to this process.
     delivered: Option<Position>,
-    /// Aggregates of the batch being processed.
-    aggregates: Vec<String>,
+    /// Which records handed to this process were aggregates.
+    lineage: Lineage,
     /// The current checkpoint (where this process was initialized, then its checkpoints).
     checkpoint: Option<Position>,
     /// The processor checkpointed the shard's end.
@@ -112,8 +166,8 @@ impl Conversation {
         }
         self.awaiting = Some(action);
         if let Some(b) = batch {
+            self.lineage.push(&b);
             self.delivered = Some(b.last);
-            self.aggregates = b.aggregates;
         }
         Ok(())
     }
@@ -142,7 +196,7 @@ impl Conversation {
                         s,
                         sub_sequence_number,
                         self.delivered.as_ref(),
-                        &self.aggregates,
+                        self.lineage.is_aggregate(s),
                     )
                     .map(Some),
                 };
@@ -159,7 +213,10 @@ impl Conversation {
                     Err(e) => (None, Some(e)),
                 };
                 match &commit {
-                    Some(Commit::At(p)) => self.checkpoint = Some(p.clone()),
+                    Some(Commit::At(p)) => {
+                        self.lineage.prune(p);
+                        self.checkpoint = Some(p.clone());
+                    }
                     Some(Commit::ShardEnd) => self.shard_end_checkpointed = true,
                     None => {}
                 }
@@ -191,29 +248,28 @@ impl Conversation {
     }
 }
 
-/// The kcg position a KCL checkpoint request `(sequence, subSequence)` names. Pure.
+/// The kcg position a KCL checkpoint request `(sequence, subSequence)` names, given
+/// whether that record was an aggregate (`None`: not known). Pure.
 ///
 /// KCL's sub-sequence 0 is ambiguous: a whole record, or the first user record of an
-/// aggregate. Known whole records (the last one delivered) map to a whole position; an
-/// aggregate of the current batch, or an unknown earlier record, to its user record, which
-/// at worst redelivers that one record once, never skips part of an aggregate.
+/// aggregate. A record known to be whole maps to a whole position; an aggregate, or a
+/// record of unknown kind (past the delivered range, refused later; or forgotten), to its
+/// user record, which at worst redelivers that one record once, never skips part of an
+/// aggregate.
 pub fn requested_position(
     sequence: &str,
     sub_sequence: Option<u64>,
     delivered: Option<&Position>,
-    aggregates: &[String],
+    aggregate: Option<bool>,
 ) -> Result<Position, &'static str> {
     if sequence.is_empty() || !sequence.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ILLEGAL_ARGUMENT);
     }
-    let sub = sub_sequence.unwrap_or(0);
-    let last_is_whole =
-        delivered.is_some_and(|d| d.sequence == sequence && d.sub_sequence.is_none());
-    let is_aggregate = aggregates.iter().any(|a| a == sequence);
-    Ok(if last_is_whole && !is_aggregate {
+    let within = delivered.is_some_and(|d| compare_sequence(sequence, &d.sequence).is_le());
+    Ok(if within && aggregate == Some(false) {
         Position::whole(sequence)
     } else {
-        Position::sub(sequence, sub)
+        Position::sub(sequence, sub_sequence.unwrap_or(0))
     })
 }
 
@@ -275,31 +331,77 @@ mod tests {
 
     #[test]
     fn requested_position_table() {
-        let aggs = vec!["20".to_owned()];
-        // (sequence, sub, delivered, aggregates of the batch, want)
+        // (sequence, sub, delivered, is it an aggregate, want)
+        #[allow(clippy::type_complexity)]
         let cases: &[(
             &str,
             Option<u64>,
             Option<&str>,
-            &[String],
+            Option<bool>,
             Result<&str, &str>,
         )] = &[
-            ("30", None, Some("30"), &[], Ok("30")),
-            ("30", Some(0), Some("30"), &[], Ok("30")),
-            ("20", Some(3), Some("30"), &aggs, Ok("20/3")),
-            ("20", None, Some("30"), &aggs, Ok("20/0")),
-            ("30", Some(2), Some("30/5"), &[], Ok("30/2")),
-            ("30", None, Some("30/5"), &[], Ok("30/0")),
-            // An earlier record kcg no longer knows: its first user record (at worst one
-            // duplicate, never a skipped user record).
-            ("25", None, Some("30"), &[], Ok("25/0")),
-            ("3x", None, Some("30"), &[], Err(ILLEGAL_ARGUMENT)),
-            ("", None, Some("30"), &[], Err(ILLEGAL_ARGUMENT)),
+            ("30", None, Some("30"), Some(false), Ok("30")),
+            ("30", Some(0), Some("30"), Some(false), Ok("30")),
+            ("25", None, Some("30"), Some(false), Ok("25")),
+            ("20", Some(3), Some("30"), Some(true), Ok("20/3")),
+            ("20", None, Some("30"), Some(true), Ok("20/0")),
+            ("30", Some(2), Some("30/5"), Some(true), Ok("30/2")),
+            // A record of unknown kind: its first user record (at worst one duplicate,
+            // never a skipped user record).
+            ("25", None, Some("30"), None, Ok("25/0")),
+            // Past what was delivered: refused by decide_checkpoint.
+            ("31", None, Some("30"), Some(false), Ok("31/0")),
+            ("3x", None, Some("30"), Some(false), Err(ILLEGAL_ARGUMENT)),
+            ("", None, Some("30"), Some(false), Err(ILLEGAL_ARGUMENT)),
         ];
-        for (seq, sub, delivered, aggregates, want) in cases {
-            let got = requested_position(seq, *sub, delivered.map(p).as_ref(), aggregates);
+        for (seq, sub, delivered, aggregate, want) in cases {
+            let got = requested_position(seq, *sub, delivered.map(p).as_ref(), *aggregate);
             assert_eq!(got, want.map(p), "{seq} {sub:?} after {delivered:?}");
         }
+    }
+
+    #[test]
+    fn lineage_table() {
+        let batch = |first: &str, last: &str, aggs: &[&str]| Batch {
+            first: first.into(),
+            last: p(last),
+            aggregates: aggs.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        let mut l = Lineage::default();
+        assert_eq!(l.is_aggregate("10"), None, "nothing delivered");
+        l.push(&batch("10", "30/2", &["20", "30"]));
+        l.push(&batch("40", "50", &[]));
+        // (sequence, want)
+        for (seq, want) in [
+            ("5", None),
+            ("10", Some(false)),
+            ("20", Some(true)),
+            ("25", Some(false)),
+            ("30", Some(true)),
+            ("50", Some(false)),
+        ] {
+            assert_eq!(l.is_aggregate(seq), want, "{seq}");
+        }
+        l.prune(&p("30/1"));
+        assert_eq!(
+            l.is_aggregate("30"),
+            Some(true),
+            "the checkpoint's aggregate stays"
+        );
+        // Past the cap the oldest aggregates are forgotten and their range turns unknown.
+        let many: Vec<String> = (0..MAX_REMEMBERED_AGGREGATES + 1)
+            .map(|i| (1000 + i).to_string())
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        l.push(&batch("1000", "99999", &refs));
+        assert_eq!(l.is_aggregate("50"), None);
+        assert_eq!(l.is_aggregate("1000"), None);
+        assert_eq!(
+            l.is_aggregate("1001"),
+            Some(true),
+            "the next oldest is remembered"
+        );
+        assert_eq!(l.is_aggregate("20000"), Some(false));
     }
 
     #[test]
@@ -558,6 +660,7 @@ mod tests {
                         .sent(
                             a,
                             last.map(|l| Batch {
+                                first: l.to_owned(),
                                 last: p(l),
                                 aggregates: Vec::new(),
                             }),

@@ -89,27 +89,27 @@ impl ShardProcessor {
         slot: &'g mut Option<Running>,
         commits: &CommitTracker,
     ) -> Result<&'g mut Running, ProcessError> {
-        if slot.is_none() {
-            let io = ProcessorIo::spawn(&self.command, &self.shard.stream, &self.shard.shard_id)?;
-            let checkpoint = commits.state().committed;
-            let msg = ToProcessor::Initialize {
-                shard_id: &self.shard.shard_id,
-                sequence_number: checkpoint
-                    .as_ref()
-                    .map_or(self.shard.initial_position, |c| c.sequence.as_str()),
-                sub_sequence_number: checkpoint
-                    .as_ref()
-                    .and_then(|c| c.sub_sequence)
-                    .unwrap_or(0),
-            };
-            let mut running = Running {
-                io,
-                conv: Conversation::new(checkpoint.clone()),
-            };
-            exchange(&mut running, &msg, None, commits).await?;
-            *slot = Some(running);
+        if let Some(running) = slot.take() {
+            return Ok(slot.insert(running));
         }
-        slot.as_mut().ok_or_else(|| unreachable_slot())
+        let io = ProcessorIo::spawn(&self.command, &self.shard.stream, &self.shard.shard_id)?;
+        let checkpoint = commits.state().committed;
+        let msg = ToProcessor::Initialize {
+            shard_id: &self.shard.shard_id,
+            sequence_number: checkpoint
+                .as_ref()
+                .map_or(self.shard.initial_position, |c| c.sequence.as_str()),
+            sub_sequence_number: checkpoint
+                .as_ref()
+                .and_then(|c| c.sub_sequence)
+                .unwrap_or(0),
+        };
+        let mut running = Running {
+            io,
+            conv: Conversation::new(checkpoint.clone()),
+        };
+        exchange(&mut running, &msg, None, commits).await?;
+        Ok(slot.insert(running))
     }
 
     /// Runs `f` on the running process; on failure the process is killed and the error
@@ -134,14 +134,6 @@ impl ShardProcessor {
                 "record processor failed during {what}: {e}"
             ))
         })
-    }
-}
-
-/// A slot just filled is never empty; kept as an error instead of a panic.
-fn unreachable_slot() -> ProcessError {
-    ProcessError::Exited {
-        pid: None,
-        status: "no process".into(),
     }
 }
 
@@ -220,6 +212,7 @@ impl BatchHandler for ShardProcessor {
                     millis_behind_latest,
                 };
                 let batch_info = Batch {
+                    first: batch[0].sequence.clone(),
                     last: last.position(),
                     aggregates: aggregates(batch),
                 };

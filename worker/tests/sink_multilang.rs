@@ -1,0 +1,385 @@
+//! The multiLang sink against real KCL record processors: `multilang/processor.py` on PyPI
+//! amazon-kclpy and `multilang/processor.js` on npm aws-kcl, unchanged KCL applications,
+//! run by the engine over kinesis-local and DynamoDB Local.
+//!
+//! Needs `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_KINESIS` and the library paths
+//! `KCG_KCLPY_PATH` / `KCG_AWS_KCL_NODE_PATH` (all from `scripts/emulators.sh env`, which
+//! installs the libraries); without them the tests print why and skip.
+
+mod group_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ScalingType};
+use group_support::*;
+use kcg_worker::config::{DeliveryConfig, MultiLangSink};
+use kcg_worker::delivery::{BatchHandler, build_handler};
+use kcg_worker::health::Health;
+use kcg_worker::metrics::Metrics;
+
+#[derive(Clone, Copy, Debug)]
+enum Lang {
+    Python,
+    Node,
+}
+
+impl Lang {
+    /// The processor's command line, or `None` (with a message) when its library is not
+    /// installed.
+    fn command(self, log: &Path) -> Option<Vec<String>> {
+        let (var, env_name, program, file) = match self {
+            Lang::Python => ("KCG_KCLPY_PATH", "PYTHONPATH", "python3", "processor.py"),
+            Lang::Node => ("KCG_AWS_KCL_NODE_PATH", "NODE_PATH", "node", "processor.js"),
+        };
+        let Ok(lib) = std::env::var(var) else {
+            eprintln!("SKIP {self:?}: {var} is not set (eval \"$(scripts/emulators.sh env)\")");
+            return None;
+        };
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/multilang")
+            .join(file);
+        Some(vec![
+            "/usr/bin/env".into(),
+            format!("{env_name}={lib}"),
+            program.into(),
+            script.display().to_string(),
+            log.display().to_string(),
+        ])
+    }
+}
+
+/// One line of a processor's event log.
+#[derive(Clone, Debug, PartialEq)]
+struct Event {
+    shard: String,
+    kind: String,
+    /// The rest: sequence, sub-sequence, data, ...
+    args: Vec<String>,
+}
+
+impl Event {
+    fn data(&self) -> Option<&str> {
+        (self.kind == "record").then(|| self.args[2].as_str())
+    }
+}
+
+struct Case {
+    env: Env,
+    log: PathBuf,
+    handler: Arc<dyn BatchHandler>,
+    _dir: tempfile::TempDir,
+}
+
+impl Case {
+    async fn new(test: &str, lang: Lang, shards: i32) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("events.log");
+        let command = lang.command(&log)?;
+        let env = env(test, shards).await?;
+        let handler = build_handler(&DeliveryConfig {
+            multi_lang: Some(MultiLangSink { command }),
+            ..DeliveryConfig::default()
+        })
+        .expect("multiLang handler");
+        Some(Self {
+            env,
+            log,
+            handler,
+            _dir: dir,
+        })
+    }
+
+    fn start(&self, name: &str) -> Worker {
+        self.env.start_full(
+            name,
+            self.handler.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(30))),
+        )
+    }
+
+    fn events(&self) -> Vec<Event> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let mut parts = l.split(' ').map(str::to_owned);
+                Event {
+                    shard: parts.next().unwrap_or_default(),
+                    kind: parts.next().unwrap_or_default(),
+                    args: parts.collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until the processors logged every record of `data`.
+    async fn wait_records(&self, data: &[String]) -> Vec<Event> {
+        let start = Instant::now();
+        loop {
+            let events = self.events();
+            let seen: Vec<&str> = events.iter().filter_map(Event::data).collect();
+            if data.iter().all(|d| seen.contains(&d.as_str())) {
+                return events;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "records missing after 30s; events so far:\n{events:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes records with these payloads, in order (partition key = payload).
+    async fn put(&self, data: &[String]) {
+        let entries = data
+            .iter()
+            .map(|d| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(d.clone().into_bytes()))
+                    .partition_key(d)
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = self
+            .env
+            .kinesis
+            .put_records()
+            .stream_name(&self.env.stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+fn names(prefix: &str, n: usize, special: &[(usize, &str)]) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let tag = special
+                .iter()
+                .find(|(at, _)| *at == i)
+                .map_or("", |(_, t)| *t);
+            format!("{prefix}-{i}{tag}")
+        })
+        .collect()
+}
+
+/// The sequence number the processors logged for the record `data`.
+fn sequence_of(events: &[Event], data: &str) -> String {
+    events
+        .iter()
+        .find(|e| e.data() == Some(data))
+        .map(|e| e.args[0].clone())
+        .unwrap_or_else(|| panic!("{data} never delivered"))
+}
+
+/// The records each process got, in order: split at each `init`.
+fn runs(events: &[Event]) -> Vec<(Event, Vec<String>)> {
+    let mut out: Vec<(Event, Vec<String>)> = Vec::new();
+    for e in events {
+        if e.kind == "init" {
+            out.push((e.clone(), Vec::new()));
+        } else if let (Some(d), Some(run)) = (e.data(), out.last_mut()) {
+            run.1.push(d.to_owned());
+        }
+    }
+    out
+}
+
+/// Records in order, a checkpoint at a given sequence, and a new worker resumes right after
+/// it (what was not checkpointed comes again: KCL's rule, kcg writes no checkpoint of its
+/// own).
+async fn checkpoint_then_restart_resumes_after_it(lang: Lang) {
+    let Some(case) = Case::new(&format!("ml-resume-{lang:?}").to_lowercase(), lang, 1).await else {
+        return;
+    };
+    let first = names("a", 10, &[(5, "#cp")]);
+    case.put(&first).await;
+    let w1 = case.start("e1");
+    case.wait_records(&first).await;
+    w1.stop().await;
+    let events = case.events();
+    let r = runs(&events);
+    assert_eq!(r.len(), 1, "one process: {events:#?}");
+    assert_eq!(
+        r[0].0.args,
+        ["TRIM_HORIZON", "0"],
+        "initialize without checkpoint"
+    );
+    assert_eq!(r[0].1, first, "every record once, in order");
+    let cp = sequence_of(&events, "a-5#cp");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "checkpoint" && e.args == [cp.clone()]),
+        "the checkpoint was granted: {events:#?}"
+    );
+    assert_eq!(
+        events.last().map(|e| e.kind.as_str()),
+        Some("shutdownRequested"),
+        "a graceful stop asks the processor to shut down"
+    );
+    let lease = case.env.snapshot().await.leases.remove(0);
+    assert_eq!(
+        lease.checkpoint.as_deref(),
+        Some(cp.as_str()),
+        "the processor's checkpoint is the shard's"
+    );
+
+    let second = names("b", 3, &[]);
+    case.put(&second).await;
+    let w2 = case.start("e2");
+    case.wait_records(&second).await;
+    w2.stop().await;
+    let events = case.events();
+    let r = runs(&events);
+    assert_eq!(r.len(), 2, "{events:#?}");
+    assert_eq!(
+        r[1].0.args,
+        [cp.clone(), "0".into()],
+        "initialize at the checkpoint"
+    );
+    let mut want: Vec<String> = first[6..].to_vec();
+    want.extend(second);
+    assert_eq!(
+        r[1].1, want,
+        "resumes right after the checkpoint, nothing before it"
+    );
+    case.env.cleanup().await;
+}
+
+/// A processor that exits mid-batch is restarted and gets everything after its last
+/// checkpoint again: nothing lost, duplicates only after the checkpoint.
+async fn crashed_processor_restarts_from_its_checkpoint(lang: Lang) {
+    let Some(case) = Case::new(&format!("ml-crash-{lang:?}").to_lowercase(), lang, 1).await else {
+        return;
+    };
+    let data = names("c", 10, &[(4, "#cp"), (6, "!crash")]);
+    case.put(&data).await;
+    let w = case.start("e1");
+    let events = case.wait_records(&data).await;
+    w.stop().await;
+    assert!(events.iter().any(|e| e.kind == "crash"), "{events:#?}");
+    let r = runs(&events);
+    assert_eq!(r.len(), 2, "restarted once: {events:#?}");
+    assert_eq!(
+        r[0].1,
+        data[..6],
+        "the first process got to the poison record"
+    );
+    let cp = sequence_of(&events, "c-4#cp");
+    assert_eq!(
+        r[1].0.args,
+        [cp, "0".into()],
+        "restarted at the last checkpoint"
+    );
+    assert_eq!(
+        r[1].1,
+        data[5..],
+        "redelivered from right after the checkpoint"
+    );
+    case.env.cleanup().await;
+}
+
+/// A split: the parent is read to its end, the processor checkpoints `shardEnded`, and only
+/// then do the children start.
+async fn split_ends_the_parent_before_children(lang: Lang) {
+    let Some(case) = Case::new(&format!("ml-split-{lang:?}").to_lowercase(), lang, 1).await else {
+        return;
+    };
+    let parent_data = names("p", 5, &[]);
+    case.put(&parent_data).await;
+    let parent = case
+        .env
+        .kinesis
+        .list_shards()
+        .stream_name(&case.env.stream)
+        .send()
+        .await
+        .expect("list shards")
+        .shards()[0]
+        .shard_id()
+        .to_owned();
+    case.env
+        .kinesis
+        .update_shard_count()
+        .stream_name(&case.env.stream)
+        .target_shard_count(2)
+        .scaling_type(ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("update shard count");
+    wait_active(&case.env.kinesis, &case.env.stream).await;
+    let child_data = names("ch", 10, &[]);
+    case.put(&child_data).await;
+    let w = case.start("e1");
+    let events = case.wait_records(&child_data).await;
+    let ended_at = events
+        .iter()
+        .position(|e| e.shard == parent && e.kind == "shardEnded")
+        .unwrap_or_else(|| panic!("no shardEnded for {parent}: {events:#?}"));
+    let parent_records: Vec<&str> = events
+        .iter()
+        .filter(|e| e.shard == parent)
+        .filter_map(Event::data)
+        .collect();
+    assert_eq!(parent_records, parent_data, "the parent read to its end");
+    let children: Vec<&Event> = events.iter().filter(|e| e.shard != parent).collect();
+    assert!(!children.is_empty());
+    for (i, e) in events.iter().enumerate().filter(|(_, e)| e.shard != parent) {
+        assert!(
+            i > ended_at,
+            "child event {e:?} before the parent's shardEnded"
+        );
+    }
+    let start = Instant::now();
+    loop {
+        let snap = case.env.snapshot().await;
+        if snap.leases.iter().any(|l| l.shard_id == parent && l.ended) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "parent lease not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.stop().await;
+    case.env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_checkpoint_then_restart_resumes_after_it() {
+    checkpoint_then_restart_resumes_after_it(Lang::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_checkpoint_then_restart_resumes_after_it() {
+    checkpoint_then_restart_resumes_after_it(Lang::Node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_crashed_processor_restarts_from_its_checkpoint() {
+    crashed_processor_restarts_from_its_checkpoint(Lang::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_crashed_processor_restarts_from_its_checkpoint() {
+    crashed_processor_restarts_from_its_checkpoint(Lang::Node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_split_ends_the_parent_before_children() {
+    split_ends_the_parent_before_children(Lang::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_split_ends_the_parent_before_children() {
+    split_ends_the_parent_before_children(Lang::Node).await;
+}
