@@ -16,9 +16,12 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ScalingType};
 use group_support::*;
 use kcg_worker::config::{DeliveryConfig, MultiLangSink};
-use kcg_worker::delivery::{BatchHandler, build_handler};
+use kcg_worker::delivery::{
+    BatchHandler, CommitTracker, Position, Record, ShardContext, build_handler,
+};
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
+use kcg_worker::reader::ShardProgress;
 
 #[derive(Clone, Copy, Debug)]
 enum Lang {
@@ -48,6 +51,38 @@ impl Lang {
             script.display().to_string(),
             log.display().to_string(),
         ])
+    }
+}
+
+/// Reads a processor's event log.
+fn read_events(log: &Path) -> Vec<Event> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut parts = l.split(' ').map(str::to_owned);
+            Event {
+                shard: parts.next().unwrap_or_default(),
+                kind: parts.next().unwrap_or_default(),
+                args: parts.collect(),
+            }
+        })
+        .collect()
+}
+
+/// Waits until the log has an event of `kind`.
+async fn wait_event(log: &Path, kind: &str) -> Vec<Event> {
+    let start = Instant::now();
+    loop {
+        let events = read_events(log);
+        if events.iter().any(|e| e.kind == kind) {
+            return events;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {kind} event after 10s: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -102,18 +137,7 @@ impl Case {
     }
 
     fn events(&self) -> Vec<Event> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                let mut parts = l.split(' ').map(str::to_owned);
-                Event {
-                    shard: parts.next().unwrap_or_default(),
-                    kind: parts.next().unwrap_or_default(),
-                    args: parts.collect(),
-                }
-            })
-            .collect()
+        read_events(&self.log)
     }
 
     /// Waits until the processors logged every record of `data`.
@@ -382,4 +406,134 @@ async fn python_split_ends_the_parent_before_children() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_split_ends_the_parent_before_children() {
     split_ends_the_parent_before_children(Lang::Node).await;
+}
+
+/// One shard's handler of the multiLang sink, driven directly (no emulators): what the
+/// engine does through the reader, minus Kinesis.
+struct Direct {
+    handler: Arc<dyn BatchHandler>,
+    commits: CommitTracker,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Direct {
+    fn new(lang: Lang, extra: &[&str]) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("events.log");
+        let mut command = lang.command(&log)?;
+        command.extend(extra.iter().map(|a| (*a).to_owned()));
+        let sink = build_handler(&DeliveryConfig {
+            multi_lang: Some(MultiLangSink { command }),
+            ..DeliveryConfig::default()
+        })
+        .expect("multiLang handler");
+        let handler = sink
+            .open_shard(ShardContext {
+                stream: "orders".into(),
+                shard_id: "shardId-000000000007".into(),
+                initial_position: "LATEST",
+                progress: tokio::sync::watch::channel(ShardProgress::default()).1,
+            })
+            .expect("a handler per shard");
+        Some(Self {
+            handler,
+            commits: CommitTracker::new(None),
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Delivers records with these (sequence, payload) pairs.
+    async fn deliver(&self, records: &[(&str, &str)]) {
+        let batch: Vec<Record> = records
+            .iter()
+            .map(|(seq, data)| Record {
+                stream: "orders".into(),
+                shard_id: "shardId-000000000007".into(),
+                sequence: (*seq).to_owned(),
+                sub_sequence: None,
+                partition_key: (*data).to_owned(),
+                explicit_hash_key: None,
+                data: data.as_bytes().to_vec(),
+                arrival: Some(jiff::Timestamp::now()),
+            })
+            .collect();
+        self.handler
+            .deliver(&batch, &self.commits)
+            .await
+            .expect("the processor accepts the batch");
+    }
+}
+
+/// The reader is cut off (lease lost): the idle processor is told `leaseLost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_lease_lost_when_the_reader_is_cut_off() {
+    let Some(d) = Direct::new(Lang::Python, &[]) else {
+        return;
+    };
+    d.deliver(&[("100", "x-0"), ("200", "x-1#cp"), ("300", "x-2")])
+        .await;
+    assert_eq!(
+        d.commits.state().committed,
+        Some(Position::whole("200")),
+        "the processor's checkpoint, mid-batch"
+    );
+    let Direct {
+        handler, log, _dir, ..
+    } = d;
+    drop(handler);
+    let events = wait_event(&log, "leaseLost").await;
+    assert_eq!(events[0].args, ["LATEST", "0"], "{events:#?}");
+}
+
+/// A graceful stop: `shutdownRequested`, then the process ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_shutdown_requested_on_a_graceful_stop() {
+    let Some(d) = Direct::new(Lang::Node, &[]) else {
+        return;
+    };
+    d.deliver(&[("100", "y-0")]).await;
+    d.handler.stop_shard(&d.commits).await;
+    let events = wait_event(&d.log, "shutdownRequested").await;
+    assert_eq!(
+        d.commits.state().committed,
+        None,
+        "no checkpoint call, no checkpoint"
+    );
+    drop(d.handler);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        read_events(&d.log),
+        events,
+        "nothing after shutdownRequested (no leaseLost)"
+    );
+}
+
+/// KCL's rule: the shard only ends once the processor checkpointed `shardEnded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_shard_end_needs_the_processors_checkpoint() {
+    let Some(bad) = Direct::new(Lang::Python, &["--no-shard-end-checkpoint"]) else {
+        return;
+    };
+    bad.deliver(&[("100", "z-0")]).await;
+    let e = bad
+        .handler
+        .end_shard(&bad.commits)
+        .await
+        .expect_err("no checkpoint, no end");
+    assert!(!e.redeliver, "the processor is fine; it is asked again");
+    assert!(e.message.contains("without checkpointing"), "{e}");
+    wait_event(&bad.log, "shardEnded-unchecked").await;
+
+    let Some(good) = Direct::new(Lang::Python, &[]) else {
+        return;
+    };
+    good.deliver(&[("100", "z-0"), ("200", "z-1")]).await;
+    good.handler
+        .end_shard(&good.commits)
+        .await
+        .expect("checkpointed shard end");
+    wait_event(&good.log, "shardEnded").await;
+    assert_eq!(good.commits.state().committed, Some(Position::whole("200")));
 }

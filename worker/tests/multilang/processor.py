@@ -10,7 +10,9 @@ It appends one line per event to the file named by argv[1], each prefixed by its
   <shard> shardEnded | shutdownRequested | leaseLost
 A record whose data ends in "#cp" is checkpointed at (its sequence and sub-sequence); one
 ending in "!crash" makes the process exit the first time it is seen (a marker file next to
-the log remembers it), before it is logged.
+the log remembers it), before it is logged. With "--no-shard-end-checkpoint" after the log
+path, shard_ended logs "shardEnded-unchecked" and does not checkpoint (a processor breaking
+KCL's rule).
 """
 import os
 import sys
@@ -20,8 +22,9 @@ from amazon_kclpy.v3 import processor
 
 
 class RecordProcessor(processor.RecordProcessorBase):
-    def __init__(self, log_path):
+    def __init__(self, log_path, checkpoint_shard_end):
         self.log_path = log_path
+        self.checkpoint_shard_end = checkpoint_shard_end
         self.shard = None
 
     def log(self, line):
@@ -54,6 +57,9 @@ class RecordProcessor(processor.RecordProcessorBase):
         self.log("leaseLost")
 
     def shard_ended(self, shard_ended_input):
+        if not self.checkpoint_shard_end:
+            self.log("shardEnded-unchecked")
+            return
         shard_ended_input.checkpointer.checkpoint()
         self.log("shardEnded")
 
@@ -62,4 +68,4 @@ class RecordProcessor(processor.RecordProcessorBase):
 
 
 if __name__ == "__main__":
-    kcl.KCLProcess(RecordProcessor(sys.argv[1])).run()
+    kcl.KCLProcess(RecordProcessor(sys.argv[1], "--no-shard-end-checkpoint" not in sys.argv[2:])).run()
