@@ -64,6 +64,8 @@ impl BatchHandler for MultiLangSink {
             command: self.command.clone(),
             shard,
             running: Mutex::new(None),
+            // open_shard runs inside the reader's span (group, client, stream, shard).
+            span: tracing::Span::current(),
         }))
     }
 }
@@ -80,6 +82,8 @@ pub struct ShardProcessor {
     command: Arc<[String]>,
     shard: ShardContext,
     running: Mutex<Option<Running>>,
+    /// The reader's span, for what outlives it (the `leaseLost` conversation).
+    span: tracing::Span,
 }
 
 impl ShardProcessor {
@@ -202,7 +206,7 @@ impl BatchHandler for ShardProcessor {
         commits: &'a CommitTracker,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let Some(last) = batch.last() else {
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
                 return Ok(());
             };
             let millis_behind_latest = self.shard.progress.borrow().millis_behind;
@@ -212,7 +216,7 @@ impl BatchHandler for ShardProcessor {
                     millis_behind_latest,
                 };
                 let batch_info = Batch {
-                    first: batch[0].sequence.clone(),
+                    first: first.sequence.clone(),
                     last: last.position(),
                     aggregates: aggregates(batch),
                 };
@@ -276,6 +280,7 @@ impl Drop for ShardProcessor {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return; // no runtime: kill_on_drop ends the process
         };
+        let _entered = self.span.enter();
         if !r.conv.idle() {
             warn!("reader stopped in the middle of a message; killing the record processor");
             rt.spawn(r.io.kill());
