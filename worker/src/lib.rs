@@ -9,6 +9,7 @@ pub mod get_records_codec;
 pub mod handoff;
 pub mod health;
 pub mod kinesis;
+pub mod kpl;
 pub mod membership;
 pub mod metrics;
 pub mod position;

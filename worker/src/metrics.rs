@@ -77,6 +77,8 @@ pub struct Metrics {
     pub rebalances: Counter,
     /// State-store requests, by operation.
     pub store_requests: Family<OperationLabels, Counter>,
+    /// KPL aggregates that failed their checksum or did not parse, delivered raw.
+    pub deaggregation_failures: Family<ShardLabels, Counter>,
 }
 
 impl Metrics {
@@ -187,6 +189,12 @@ impl Metrics {
             "State-store requests by operation",
             store_requests.clone(),
         );
+        let deaggregation_failures = Family::default();
+        registry.register(
+            "deaggregation_failures",
+            "KPL aggregated records that failed their MD5 checksum or did not parse, delivered raw",
+            deaggregation_failures.clone(),
+        );
         Self {
             registry,
             records_delivered,
@@ -207,6 +215,7 @@ impl Metrics {
             live_clients,
             rebalances,
             store_requests,
+            deaggregation_failures,
         }
     }
 

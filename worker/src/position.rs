@@ -81,6 +81,18 @@ impl fmt::Display for Position {
     }
 }
 
+#[cfg(test)]
+impl Position {
+    /// Test shorthand, the inverse of `Display`: `"10"` is the whole record 10, `"10/2"`
+    /// user record 2 of the aggregate at 10.
+    pub(crate) fn parse(s: &str) -> Self {
+        match s.split_once('/') {
+            Some((seq, sub)) => Self::sub(seq, sub.parse().expect("sub-sequence")),
+            None => Self::whole(s),
+        }
+    }
+}
+
 /// Compares two Kinesis sequence numbers as the unsigned decimal integers they are (they
 /// exceed u128, so not by parsing): fewer significant digits is smaller, equal lengths
 /// compare digit by digit.
@@ -160,8 +172,13 @@ mod tests {
     }
 
     #[test]
-    fn display() {
-        assert_eq!(Position::whole("42").to_string(), "42");
-        assert_eq!(Position::sub("42", 3).to_string(), "42/3");
+    fn display_and_parse() {
+        for (p, shown) in [
+            (Position::whole("42"), "42"),
+            (Position::sub("42", 3), "42/3"),
+        ] {
+            assert_eq!(p.to_string(), shown);
+            assert_eq!(Position::parse(shown), p);
+        }
     }
 }

@@ -16,6 +16,7 @@ use crate::config::{StreamConfig, Tuning};
 use crate::delivery::{BatchHandler, CommitState, CommitTracker, Record, ShardContext};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
+use crate::kpl;
 use crate::metrics::{Metrics, ReasonLabels, ShardLabels, StreamLabels};
 use crate::position::Position;
 
@@ -657,7 +658,15 @@ impl Reader {
             last_got_records = !page.records.is_empty();
             last_behind = page.millis_behind;
 
-            let mut records = page.records;
+            let failures = &self.m;
+            let mut records = kpl::deaggregate_page(page.records, |raw, e| {
+                warn!(sequence = %raw.sequence, error = %e, "KPL aggregated record could not be deaggregated; delivering it raw");
+                failures
+                    .metrics
+                    .deaggregation_failures
+                    .get_or_create(&failures.shard)
+                    .inc();
+            });
             skip_done(&mut records, self.delivered.as_ref());
             if !records.is_empty() {
                 match self.deliver(&records).await {
@@ -956,10 +965,7 @@ mod tests {
             ),
         ];
         for (name, delivered, pinned, stream, want) in cases {
-            let delivered = delivered.map(|d: &str| match d.split_once('/') {
-                Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
-                None => Position::whole(d),
-            });
+            let delivered = delivered.map(Position::parse);
             assert_eq!(
                 iterator_start(delivered.as_ref(), pinned.as_ref(), stream),
                 want,

@@ -7,6 +7,7 @@
 //! installs the libraries); without them the tests print why and skip.
 
 mod group_support;
+mod kpl_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use kcg_worker::delivery::{
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::reader::ShardProgress;
+use kpl_support::{User, aggregate, user};
 
 #[derive(Clone, Copy, Debug)]
 enum Lang {
@@ -140,6 +142,15 @@ impl Case {
         read_events(&self.log)
     }
 
+    /// Runs a worker until the processors logged every record of `data`, stops it
+    /// gracefully and returns the whole event log.
+    async fn run_worker(&self, name: &str, data: &[String]) -> Vec<Event> {
+        let w = self.start(name);
+        self.wait_records(data).await;
+        w.stop().await;
+        self.events()
+    }
+
     /// Waits until the processors logged every record of `data`.
     async fn wait_records(&self, data: &[String]) -> Vec<Event> {
         let start = Instant::now();
@@ -225,10 +236,7 @@ async fn checkpoint_then_restart_resumes_after_it(lang: Lang) {
     };
     let first = names("a", 10, &[(5, "#cp")]);
     case.put(&first).await;
-    let w1 = case.start("e1");
-    case.wait_records(&first).await;
-    w1.stop().await;
-    let events = case.events();
+    let events = case.run_worker("e1", &first).await;
     let r = runs(&events);
     assert_eq!(r.len(), 1, "one process: {events:#?}");
     assert_eq!(
@@ -258,10 +266,7 @@ async fn checkpoint_then_restart_resumes_after_it(lang: Lang) {
 
     let second = names("b", 3, &[]);
     case.put(&second).await;
-    let w2 = case.start("e2");
-    case.wait_records(&second).await;
-    w2.stop().await;
-    let events = case.events();
+    let events = case.run_worker("e2", &second).await;
     let r = runs(&events);
     assert_eq!(r.len(), 2, "{events:#?}");
     assert_eq!(
@@ -286,9 +291,7 @@ async fn crashed_processor_restarts_from_its_checkpoint(lang: Lang) {
     };
     let data = names("c", 10, &[(4, "#cp"), (6, "!crash")]);
     case.put(&data).await;
-    let w = case.start("e1");
-    let events = case.wait_records(&data).await;
-    w.stop().await;
+    let events = case.run_worker("e1", &data).await;
     assert!(events.iter().any(|e| e.kind == "crash"), "{events:#?}");
     let r = runs(&events);
     assert_eq!(r.len(), 2, "restarted once: {events:#?}");
@@ -375,6 +378,68 @@ async fn split_ends_the_parent_before_children(lang: Lang) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     w.stop().await;
+    case.env.cleanup().await;
+}
+
+/// Puts one KPL aggregate of user records with these payloads (partition key = payload),
+/// aggregated by AWS's own library.
+async fn put_aggregate(case: &Case, python: &str, users: &[String]) {
+    let users: Vec<User> = users.iter().map(|u| user(u, u)).collect();
+    for r in aggregate(python, &[users]) {
+        case.env
+            .kinesis
+            .put_record()
+            .stream_name(&case.env.stream)
+            .partition_key(r.partition_key)
+            .set_explicit_hash_key(r.explicit_hash_key)
+            .data(Blob::new(r.data))
+            .send()
+            .await
+            .expect("put aggregate");
+    }
+}
+
+/// KPL aggregates: each user record comes with its sub-sequence number; a checkpoint at
+/// `(sequence, subSequence)` inside an aggregate makes a restart resume at the next user
+/// record (the processor is the kclpy one, which sends the sub-sequence back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_checkpoint_inside_an_aggregate_resumes_at_the_next_user_record() {
+    let Ok(python) = std::env::var("KCG_KPL_AGG_PYTHON") else {
+        eprintln!("SKIP: KCG_KPL_AGG_PYTHON is not set (eval \"$(scripts/emulators.sh env)\")");
+        return;
+    };
+    let Some(case) = Case::new("ml-kpl-python", Lang::Python, 1).await else {
+        return;
+    };
+    let users = names("k", 6, &[(3, "#cp")]);
+    put_aggregate(&case, &python, &users).await;
+    let events = case.run_worker("e1", &users).await;
+    let records: Vec<&Event> = events.iter().filter(|e| e.kind == "record").collect();
+    let subs: Vec<&str> = records.iter().map(|e| e.args[1].as_str()).collect();
+    assert_eq!(subs, ["0", "1", "2", "3", "4", "5"], "{events:#?}");
+    let seq = records[0].args[0].clone();
+    assert!(records.iter().all(|e| e.args[0] == seq), "one aggregate");
+    let lease = case.env.snapshot().await.leases.remove(0);
+    assert_eq!(lease.checkpoint.as_deref(), Some(seq.as_str()));
+    assert_eq!(
+        lease.checkpoint_sub_sequence,
+        Some(3),
+        "checkpoint inside the aggregate"
+    );
+
+    let later = names("m", 1, &[]);
+    case.put(&later).await;
+    let events = case.run_worker("e2", &later).await;
+    let r = runs(&events);
+    assert_eq!(r.len(), 2, "{events:#?}");
+    assert_eq!(
+        r[1].0.args,
+        [seq, "3".into()],
+        "initialize inside the aggregate"
+    );
+    let mut want = users[4..].to_vec();
+    want.extend(later);
+    assert_eq!(r[1].1, want, "resumes at the next user record");
     case.env.cleanup().await;
 }
 

@@ -318,10 +318,7 @@ mod tests {
 
     /// `"10"` is the whole record 10, `"10/2"` user record 2 of the aggregate at 10.
     fn p(s: &str) -> Position {
-        match s.split_once('/') {
-            Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
-            None => Position::whole(s),
-        }
+        Position::parse(s)
     }
 
     fn shown(c: Option<&Position>) -> Option<String> {

@@ -4,7 +4,9 @@
 //! - [`BatchHandler`]: `Ok` acknowledges the batch at once (auto-commit);
 //! - [`ManualBatchHandler`], used through the [`ManualCommit`] adapter: the handler accepts
 //!   a batch together with a [`CommitToken`] and commits it later; the checkpoint advances
-//!   only through the contiguous prefix of committed batches.
+//!   only through the contiguous prefix of committed batches. [`CommitToken::checkpoint`]
+//!   moves it inside a batch, up to one record's [`Position`] (for a user record of a KPL
+//!   aggregate, its sub-sequence too: a restart resumes at the next user record).
 //!
 //! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
 //! per-shard [`CommitTracker`]; both styles end up there.

@@ -14,8 +14,9 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
-/// Writes one JSON line per record (`stream`, `shard`, `sequence`, `partitionKey`, `data`
-/// in standard base64, `arrival` in RFC 3339) to stdout. Batches are written one at a time
+/// Writes one JSON line per record (`stream`, `shard`, `sequence`, `subSequence` and
+/// `explicitHashKey` for a user record of a KPL aggregate, `partitionKey`, `data` in
+/// standard base64, `arrival` in RFC 3339) to stdout. Batches are written one at a time
 /// (an async lock per batch), so lines of concurrent shards never interleave; an I/O error
 /// (for example a closed pipe) fails the batch, which is then retried.
 ///

@@ -32,6 +32,11 @@ pub struct Delivery {
     pub stream: String,
     pub shard: String,
     pub sequence: String,
+    /// Index inside a KPL aggregate (user records only).
+    pub sub_sequence: Option<u64>,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    /// The payload as text (lossy): the record's id in these tests.
     pub id: String,
     /// Global delivery order.
     pub at: usize,
@@ -69,6 +74,9 @@ impl BatchHandler for Collect {
                     stream: r.stream.to_string(),
                     shard: r.shard_id.to_string(),
                     sequence: r.sequence.clone(),
+                    sub_sequence: r.sub_sequence,
+                    partition_key: r.partition_key.clone(),
+                    explicit_hash_key: r.explicit_hash_key.clone(),
                     id: String::from_utf8_lossy(&r.data).into_owned(),
                     at,
                     when: Instant::now(),

@@ -317,12 +317,8 @@ mod tests {
     use super::*;
     use Action::*;
 
-    /// `"10"` is the whole record 10, `"10/2"` user record 2 of the aggregate at 10.
     fn p(s: &str) -> Position {
-        match s.split_once('/') {
-            Some((seq, sub)) => Position::sub(seq, sub.parse().unwrap()),
-            None => Position::whole(s),
-        }
+        Position::parse(s)
     }
 
     fn at(s: &str) -> Result<Option<Commit>, &'static str> {
