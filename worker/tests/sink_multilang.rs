@@ -283,13 +283,15 @@ async fn checkpoint_then_restart_resumes_after_it(lang: Lang) {
     case.env.cleanup().await;
 }
 
-/// A processor that exits mid-batch is restarted and gets everything after its last
-/// checkpoint again: nothing lost, duplicates only after the checkpoint.
-async fn crashed_processor_restarts_from_its_checkpoint(lang: Lang) {
-    let Some(case) = Case::new(&format!("ml-crash-{lang:?}").to_lowercase(), lang, 1).await else {
+/// A processor that exits mid-batch (or breaks the protocol: `poison`) is restarted and gets
+/// everything after its last checkpoint again: nothing lost, duplicates only after the
+/// checkpoint.
+async fn crashed_processor_restarts_from_its_checkpoint(lang: Lang, poison: &str) {
+    let test = format!("ml-{}-{lang:?}", poison.trim_start_matches('!')).to_lowercase();
+    let Some(case) = Case::new(&test, lang, 1).await else {
         return;
     };
-    let data = names("c", 10, &[(4, "#cp"), (6, "!crash")]);
+    let data = names("c", 10, &[(4, "#cp"), (6, poison)]);
     case.put(&data).await;
     let events = case.run_worker("e1", &data).await;
     assert!(events.iter().any(|e| e.kind == "crash"), "{events:#?}");
@@ -455,12 +457,18 @@ async fn node_checkpoint_then_restart_resumes_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_crashed_processor_restarts_from_its_checkpoint() {
-    crashed_processor_restarts_from_its_checkpoint(Lang::Python).await;
+    crashed_processor_restarts_from_its_checkpoint(Lang::Python, "!crash").await;
+}
+
+/// A processor that writes a protocol message out of turn is restarted like one that exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_garbage_answer_restarts_from_its_checkpoint() {
+    crashed_processor_restarts_from_its_checkpoint(Lang::Python, "!garbage").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_crashed_processor_restarts_from_its_checkpoint() {
-    crashed_processor_restarts_from_its_checkpoint(Lang::Node).await;
+    crashed_processor_restarts_from_its_checkpoint(Lang::Node, "!crash").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,7 +10,8 @@ It appends one line per event to the file named by argv[1], each prefixed by its
   <shard> shardEnded | shutdownRequested | leaseLost
 A record whose data ends in "#cp" is checkpointed at (its sequence and sub-sequence); one
 ending in "!crash" makes the process exit the first time it is seen (a marker file next to
-the log remembers it), before it is logged. With "--no-shard-end-checkpoint" after the log
+the log remembers it), before it is logged; one ending in "!garbage" makes it write a status
+line for the wrong action instead (once) and wait. With "--no-shard-end-checkpoint" after the log
 path, shard_ended logs "shardEnded-unchecked" and does not checkpoint (a processor breaking
 KCL's rule).
 """
@@ -38,13 +39,18 @@ class RecordProcessor(processor.RecordProcessorBase):
     def process_records(self, process_records_input):
         for record in process_records_input.records:
             data = record.binary_data.decode()
-            if data.endswith("!crash"):
+            if data.endswith("!crash") or data.endswith("!garbage"):
                 marker = "{}.crashed.{}".format(self.log_path, data)
                 if not os.path.exists(marker):
                     open(marker, "w").close()
                     self.log("crash {}".format(record.sequence_number))
-                    sys.stderr.write("poison record {}, exiting\n".format(data))
-                    sys.exit(3)
+                    if data.endswith("!crash"):
+                        sys.stderr.write("poison record {}, exiting\n".format(data))
+                        sys.exit(3)
+                    # A processor gone wrong: a protocol line kcg never asked for.
+                    sys.stdout.write('\n{"action": "status", "responseFor": "initialize"}\n')
+                    sys.stdout.flush()
+                    sys.stdin.readline()  # waits for kcg's answer: it kills us instead
             self.log("record {} {} {}".format(record.sequence_number, record.sub_sequence_number, data))
             if data.endswith("#cp"):
                 try:
