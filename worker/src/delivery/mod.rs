@@ -11,6 +11,13 @@
 //! The reader only knows [`BatchHandler::deliver`], which reports acknowledgements into a
 //! per-shard [`CommitTracker`]; both styles end up there.
 //!
+//! A handler that keeps state per shard (the [`multilang`] sink runs one KCL record processor
+//! per shard) returns its own instance from [`BatchHandler::open_shard`] and hears of the
+//! shard's end ([`BatchHandler::end_shard`]) and of a graceful stop
+//! ([`BatchHandler::stop_shard`]); it checkpoints by [`CommitTracker::checkpoint_at`], and a
+//! [`HandlerError::redeliver`] makes the reader hand out everything after the committed
+//! position again. The defaults do nothing, so the other sinks are untouched.
+//!
 //! A manual-commit handler that hands batches to a background writer and commits once the
 //! writer has flushed them:
 //!
