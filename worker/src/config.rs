@@ -197,8 +197,17 @@ impl WorkerConfig {
         if let Some(r) = &self.state_store.region {
             check_region("stateStore.region", r)?;
         }
-        if self.delivery.stdout.is_some() == self.delivery.http.is_some() {
-            return invalid("delivery: needs exactly one of stdout or http".into());
+        let d = &self.delivery;
+        let sinks = [d.stdout.is_some(), d.http.is_some(), d.multi_lang.is_some()];
+        if sinks.iter().filter(|set| **set).count() != 1 {
+            return invalid("delivery: needs exactly one of stdout, http or multiLang".into());
+        }
+        if let Some(m) = &d.multi_lang
+            && m.command.first().is_none_or(|program| program.is_empty())
+        {
+            return invalid(
+                "delivery.multiLang.command: needs the program to run and its arguments, e.g. [python3, app.py]".into(),
+            );
         }
         if let Some(h) = &self.delivery.http {
             if h.url.len() > 2048 || !HTTP_URL_RE.is_match(&h.url) {
@@ -503,8 +512,8 @@ pub struct StateStoreConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.stdout) != has(self.http)",
-    "message": "delivery needs exactly one of stdout or http"
+    "rule": "(has(self.stdout) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.multiLang) ? 1 : 0) == 1",
+    "message": "delivery needs exactly one of stdout, http or multiLang"
 }, {
     "rule": "!has(self.onFailure) || self.onFailure != 'DeadLetter' || has(self.deadLetter)",
     "message": "delivery.onFailure DeadLetter needs delivery.deadLetter (an sqs queue or a kinesis stream)"
@@ -519,6 +528,10 @@ pub struct DeliveryConfig {
     /// POST each batch as JSON to a URL, usually a sidecar in the same pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
+    /// Run a KCL MultiLangDaemon record processor (amazon-kclpy, aws-kcl, ...) unchanged:
+    /// one process per owned shard, speaking KCL's protocol on its stdin/stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_lang: Option<MultiLangSink>,
     /// How a batch the handler refuses is retried.
     #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
     pub retry: RetryPolicy,
@@ -577,6 +590,13 @@ pub struct BackoffConfig {
     #[serde(default = "defaults::backoff_max", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub max: Duration,
+}
+
+impl BackoffConfig {
+    /// A fresh backoff sequence with these bounds.
+    pub fn start(&self) -> crate::reader::Backoff {
+        crate::reader::Backoff::new(self.initial, self.max)
+    }
 }
 
 impl Default for BackoffConfig {
@@ -767,6 +787,17 @@ fn check_target(at: &str, region: Option<&str>, role: Option<&str>) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// Runs `command` once per owned shard as a KCL record processor; its checkpoints are the
+/// shard's checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MultiLangSink {
+    /// The program and its arguments (no shell), e.g. `[python3, /app/record_processor.py]`:
+    /// what KCL's `executableName` property ran. Its stderr goes to the worker log.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 4096)))]
+    pub command: Vec<String>,
 }
 
 /// The stdout sink has no settings.
@@ -1163,7 +1194,27 @@ mod tests {
             ),
             (
                 "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {stdout: {}, http: {url: \"http://x\"}}\n".into(),
-                "delivery: needs exactly one of stdout or http",
+                "delivery: needs exactly one of stdout, http or multiLang",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {stdout: {}, multiLang: {command: [python3, app.py]}}\n".into(),
+                "delivery: needs exactly one of stdout, http or multiLang",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {}\n".into(),
+                "delivery: needs exactly one of stdout, http or multiLang",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {multiLang: {command: []}}\n".into(),
+                "delivery.multiLang.command: needs the program to run",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {multiLang: {command: [\"\", app.py]}}\n".into(),
+                "delivery.multiLang.command: needs the program to run",
+            ),
+            (
+                "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {multiLang: {}}\n".into(),
+                "delivery.multiLang.command: is required",
             ),
             (
                 "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {http: {url: \"localhost:9000\"}}\n".into(),
@@ -1242,6 +1293,7 @@ mod tests {
     fn valid_configs_load() {
         for yaml in [
             BASE.to_owned(),
+            "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {multiLang: {command: [node, processor.js]}}\n".to_owned(),
             "group: ns/g\nstreams: [{name: \"arn:aws:kinesis:eu-west-1:123456789012:stream/o\", roleArn: \"arn:aws:iam::123456789012:role/reader\", region: eu-west-1}]\nstateStore: {table: abc, region: us-gov-west-1}\ndelivery: {http: {url: \"https://sink.example.com/r\", timeout: 1m30s}}\ntuning: {heartbeatInterval: 100ms, clientTimeout: 200ms}\n".to_owned(),
         ] {
             WorkerConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));

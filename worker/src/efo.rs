@@ -190,7 +190,18 @@ pub(crate) async fn run(r: &mut Reader) -> Result<(), Exit> {
                     info!(children = ?ids, "subscription reached the shard's end");
                 }
                 let records = client.records(&shard, event.records);
-                r.accept(records, Some(event.millis_behind_latest)).await?;
+                match r.accept(records, Some(event.millis_behind_latest)).await {
+                    Ok(()) => {}
+                    Err(Exit::Rewind) => {
+                        // The handler lost its place: a new subscription after the
+                        // committed position.
+                        r.rewind();
+                        subscription = None;
+                        continuation = None;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 match step {
                     EventStep::Continue => {
                         continuation = Some(event.continuation_sequence_number);

@@ -13,10 +13,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{StreamConfig, Tuning};
+use crate::config::{StartPosition, StreamConfig, Tuning};
 use crate::delivery::dead_letter::{DeadLetterWriter, Letter};
 use crate::delivery::poison::{BatchState, Event, Next};
-use crate::delivery::{BatchHandler, CommitState, CommitTracker, FailureAction, Record};
+use crate::delivery::{
+    BatchHandler, CommitState, CommitTracker, FailureAction, Record, ShardContext,
+};
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::kpl;
@@ -269,6 +271,19 @@ pub(crate) enum Exit {
     Stopped,
     /// A commit token was dropped uncommitted: redeliver after the committed prefix.
     Redeliver,
+    /// The handler lost its place ([`crate::delivery::HandlerError::redeliver`], already
+    /// reported and backed off): redeliver after the committed prefix.
+    Rewind,
+}
+
+/// KCL's name for where a shard without checkpoint starts (the multiLang `initialize`
+/// message carries it as the sequence number).
+pub fn kcl_initial_position(stream: &StreamConfig) -> &'static str {
+    match stream.start_position {
+        StartPosition::Latest => "LATEST",
+        StartPosition::TrimHorizon => "TRIM_HORIZON",
+        StartPosition::AtTimestamp => "AT_TIMESTAMP",
+    }
 }
 
 /// One shard's reading state, shared by both sources (the polling loop here and
@@ -292,6 +307,11 @@ pub(crate) struct Reader {
     redelivered_from: Option<Option<Position>>,
     /// When this reader last skipped or dead-lettered a record.
     last_poison: Option<Instant>,
+    /// Backoff between redeliveries after the handler lost its place (a processor restart).
+    rewind_backoff: Backoff,
+    /// Position of the last record of the batch that made the handler lose its place,
+    /// until a delivery gets past it.
+    rewound_at: Option<Position>,
 }
 
 impl Reader {
@@ -404,8 +424,7 @@ impl Reader {
     async fn deliver(&mut self, batch: &[Record]) -> Result<(), Exit> {
         let failure = self.task.failure.clone();
         let policy = failure.decisions();
-        let b = &failure.retry.backoff;
-        let mut backoff = Backoff::new(b.initial, b.max);
+        let mut backoff = failure.retry.backoff.start();
         let mut last_error = String::new();
         let (mut state, mut next) = BatchState::start(batch.len());
         loop {
@@ -413,7 +432,7 @@ impl Reader {
                 Next::Done => return Ok(()),
                 Next::Deliver(range) => {
                     backoff.reset();
-                    self.hand_over(&batch[range], &mut last_error).await
+                    self.hand_over(&batch[range], &mut last_error).await?
                 }
                 Next::Retry(range) => {
                     self.m
@@ -422,7 +441,7 @@ impl Reader {
                         .get_or_create(&self.m.shard)
                         .inc();
                     self.sleep(backoff.next_delay()).await?;
-                    self.hand_over(&batch[range], &mut last_error).await
+                    self.hand_over(&batch[range], &mut last_error).await?
                 }
                 // The decisions come from `failure.on_failure`, so the action matches.
                 Next::Skip(i) | Next::DeadLetter(i) => match &failure.on_failure {
@@ -453,7 +472,12 @@ impl Reader {
     }
 
     /// One handler call for `records`; the event for the decisions. Keeps the error text.
-    async fn hand_over(&mut self, records: &[Record], last_error: &mut String) -> Event {
+    /// `Err(Rewind)` when the handler lost its place (reported and backed off here).
+    async fn hand_over(
+        &mut self,
+        records: &[Record],
+        last_error: &mut String,
+    ) -> Result<Event, Exit> {
         let started = Instant::now();
         let result = self.handler.deliver(records, &self.commits).await;
         self.m
@@ -473,6 +497,14 @@ impl Reader {
                     .inc_by(bytes as u64);
                 if let Some(last) = records.last() {
                     self.delivered = Some(last.position());
+                    if self
+                        .rewound_at
+                        .as_ref()
+                        .is_some_and(|failed| last.position() >= *failed)
+                    {
+                        self.rewound_at = None;
+                        self.rewind_backoff.reset();
+                    }
                 }
                 // (The dropped-token issue stays until the handler commits again.)
                 if self.progress.issue.as_ref().is_some_and(|i| {
@@ -483,7 +515,30 @@ impl Reader {
                 }
                 self.expire_poison_issue();
                 self.publish();
-                Event::Accepted
+                Ok(Event::Accepted)
+            }
+            Err(e) if e.redeliver => {
+                self.m
+                    .metrics
+                    .delivery_failures
+                    .get_or_create(&self.m.stream)
+                    .inc();
+                self.m.error("HandlerFailing");
+                let delay = self.rewind_backoff.next_delay();
+                if let Some(last) = records.last() {
+                    self.rewound_at = Some(last.position());
+                }
+                warn!(error = %e, attempt = self.rewind_backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
+                    resume_after = ?self.commits.state().committed.map(|c| c.to_string()), "handler lost its place; redelivering after the committed position");
+                self.set_issue(Some(Issue {
+                    reason: "HandlerFailing".into(),
+                    message: format!(
+                        "{e} ({} times in a row); redelivering after the last checkpoint",
+                        self.rewind_backoff.attempts()
+                    ),
+                }));
+                self.sleep(delay).await?;
+                Err(Exit::Rewind)
             }
             Err(e) => {
                 self.m
@@ -493,7 +548,7 @@ impl Reader {
                     .inc();
                 self.m.error("HandlerFailing");
                 *last_error = e.message;
-                Event::Refused
+                Ok(Event::Refused)
             }
         }
     }
@@ -545,7 +600,7 @@ impl Reader {
         letter: Letter<'_>,
         backoff: &crate::config::BackoffConfig,
     ) -> Result<(), Exit> {
-        let mut backoff = Backoff::new(backoff.initial, backoff.max);
+        let mut backoff = backoff.start();
         loop {
             match writer.write(&[letter]).await {
                 Ok(()) => {
@@ -636,6 +691,45 @@ impl Reader {
             message: DROPPED_TOKEN_MESSAGE.into(),
         });
         self.publish();
+    }
+
+    /// The handler lost its place: forget what is pending and resume after the committed
+    /// prefix (the issue was reported by [`Self::hand_over`]).
+    pub(crate) fn rewind(&mut self) {
+        self.delivered = self.commits.restart();
+        self.publish();
+    }
+
+    /// The shard was read to its end: the handler confirms (a KCL processor checkpoints
+    /// the end), retried with backoff until it does. `Err(Rewind)` when the handler lost
+    /// its place meanwhile.
+    async fn end_shard(&mut self) -> Result<(), Exit> {
+        let mut backoff = self.task.failure.retry.backoff.start();
+        loop {
+            match self.handler.end_shard(&self.commits).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if e.redeliver {
+                        self.rewound_at = self.delivered.clone();
+                    }
+                    let delay = if e.redeliver {
+                        self.rewind_backoff.next_delay()
+                    } else {
+                        backoff.next_delay()
+                    };
+                    self.m.error("HandlerFailing");
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "handler did not confirm the shard end; the shard stays open");
+                    self.set_issue(Some(Issue {
+                        reason: "HandlerFailing".into(),
+                        message: format!("at the shard's end: {e}"),
+                    }));
+                    self.sleep(delay).await?;
+                    if e.redeliver {
+                        return Err(Exit::Rewind);
+                    }
+                }
+            }
+        }
     }
 
     async fn run(&mut self) -> Result<(), Exit> {
@@ -734,7 +828,15 @@ impl Reader {
             backoff.reset();
             last_got_records = !page.records.is_empty();
             last_behind = page.millis_behind;
-            self.accept(page.records, page.millis_behind).await?;
+            match self.accept(page.records, page.millis_behind).await {
+                Ok(()) => {}
+                Err(Exit::Rewind) => {
+                    self.rewind();
+                    iterator = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             match page.next_iterator {
                 Some(next) => iterator = Some(next),
                 None => {
@@ -824,6 +926,22 @@ impl Reader {
             }
             Err(e) => return Err(e),
         }
+        match self.end_shard().await {
+            Ok(()) => {}
+            Err(Exit::Rewind) => {
+                self.rewind();
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        if self
+            .progress
+            .issue
+            .as_ref()
+            .is_some_and(|i| i.reason == "HandlerFailing")
+        {
+            self.progress.issue = None;
+        }
         self.progress.ended = true;
         self.publish();
         info!(last = ?self.progress.acked, "shard read to its end");
@@ -883,6 +1001,16 @@ pub async fn read_shard(
             acked: task.checkpoint.clone(),
             ..progress.borrow().clone()
         };
+        // A handler that keeps per-shard state gets its own instance for this reader.
+        let handler = handler
+            .open_shard(ShardContext {
+                stream: Arc::from(task.client.name.as_str()),
+                shard_id: Arc::from(task.shard_id.as_str()),
+                initial_position: kcl_initial_position(&task.stream),
+                progress: progress.subscribe(),
+            })
+            .unwrap_or(handler);
+        let task_backoff = task.failure.retry.backoff.start();
         let mut reader = Reader {
             delivered: task.checkpoint.clone(),
             task,
@@ -897,6 +1025,8 @@ pub async fn read_shard(
             pinned: None,
             redelivered_from: None,
             last_poison: None,
+            rewind_backoff: task_backoff,
+            rewound_at: None,
         };
         debug!(checkpoint = ?reader.delivered, "reading shard");
         let outcome = if reader.task.stream.consumer.is_fan_out() {
@@ -904,7 +1034,7 @@ pub async fn read_shard(
         } else {
             reader.run().await
         };
-        if let Err(Exit::Stopped | Exit::Redeliver) = outcome {
+        if let Err(Exit::Stopped | Exit::Redeliver | Exit::Rewind) = outcome {
             // Batches a manual-commit handler still holds: give it until the shutdown
             // bound to commit them, so the final checkpoint includes them.
             if reader.commits.state().pending > 0 {
@@ -919,6 +1049,14 @@ pub async fn read_shard(
                 };
                 let _ = reader.wait_pending_at_most(0, &grace).await;
                 timer.abort();
+            }
+            // The shard is still ours: the handler's last chance to commit.
+            let bound = reader.tuning.shutdown_timeout;
+            if tokio::time::timeout(bound, reader.handler.stop_shard(&reader.commits))
+                .await
+                .is_err()
+            {
+                warn!("the handler did not finish stopping within the shutdown bound");
             }
             reader.publish();
             debug!(acked = ?reader.progress.acked, "reader stopped");

@@ -6,96 +6,20 @@
 //! (all from `scripts/emulators.sh env`); without them the tests print why and skip.
 
 mod group_support;
+mod kpl_support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use base64::Engine as _;
 use futures::future::BoxFuture;
 use group_support::*;
 use kcg_worker::delivery::{CommitToken, HandlerError, ManualBatchHandler, ManualCommit, Record};
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::position::Position;
-
-/// One user record for the aggregator.
-struct User {
-    partition_key: String,
-    explicit_hash_key: Option<String>,
-    data: String,
-}
-
-fn user(partition_key: &str, data: &str) -> User {
-    User {
-        partition_key: partition_key.into(),
-        explicit_hash_key: None,
-        data: data.into(),
-    }
-}
-
-/// A Kinesis record to put: the aggregator's output, or a plain record.
-struct Put {
-    partition_key: String,
-    explicit_hash_key: Option<String>,
-    data: Vec<u8>,
-}
-
-fn plain(id: &str) -> Put {
-    Put {
-        partition_key: id.into(),
-        explicit_hash_key: None,
-        data: id.as_bytes().to_vec(),
-    }
-}
-
-/// Aggregates each list of user records into one Kinesis record with the real library.
-fn aggregate(python: &str, aggregates: &[Vec<User>]) -> Vec<Put> {
-    let input: Vec<Vec<serde_json::Value>> = aggregates
-        .iter()
-        .map(|users| {
-            users
-                .iter()
-                .map(|u| {
-                    serde_json::json!({
-                        "partitionKey": u.partition_key,
-                        "explicitHashKey": u.explicit_hash_key,
-                        "data": u.data,
-                    })
-                })
-                .collect()
-        })
-        .collect();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kpl_aggregate.py");
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run kpl_aggregate.py");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&serde_json::to_vec(&input).expect("json"))
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("kpl_aggregate.py");
-    assert!(out.status.success(), "kpl_aggregate.py failed");
-    let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("its JSON");
-    records
-        .into_iter()
-        .map(|r| Put {
-            partition_key: r["partitionKey"].as_str().expect("pk").to_owned(),
-            explicit_hash_key: r["explicitHashKey"].as_str().map(str::to_owned),
-            data: base64::engine::general_purpose::STANDARD
-                .decode(r["data"].as_str().expect("data"))
-                .expect("base64"),
-        })
-        .collect()
-}
+use kpl_support::*;
 
 /// Puts `records` in order (one shard, one PutRecords) and returns their sequence numbers.
 async fn put_all(env: &Env, records: &[Put]) -> Vec<String> {

@@ -134,6 +134,15 @@ impl CommitQueue {
         self.pending.iter().any(|e| e.abandoned)
     }
 
+    /// Sets the committed prefix to `position`: for handlers that checkpoint positions of
+    /// their own choosing instead of committing batches (KCL record processors). Ignored
+    /// while batches are pending, which such handlers never leave.
+    pub fn checkpoint_at(&mut self, position: Position) {
+        if self.pending.is_empty() {
+            self.committed = Some(position);
+        }
+    }
+
     /// Forgets every pending batch (their late commits are ignored: ids are never reused)
     /// and returns the committed prefix the reader redelivers after.
     pub fn restart(&mut self) -> Option<Position> {
@@ -221,6 +230,11 @@ impl CommitTracker {
             id,
             settled: false,
         }
+    }
+
+    /// Moves the committed prefix to `position` (see [`CommitQueue::checkpoint_at`]).
+    pub fn checkpoint_at(&self, position: Position) {
+        self.update(|q| q.checkpoint_at(position));
     }
 
     /// Forgets every pending batch and returns the committed prefix to redeliver after
@@ -312,7 +326,8 @@ mod tests {
     }
 
     /// Steps: `b<pos>` begins a batch ending at pos, `c<n>` commits the n-th begun batch,
-    /// `a<n>` aborts it, `p<n>@<pos>` commits it partially up to pos; after each step the
+    /// `a<n>` aborts it, `p<n>@<pos>` commits it partially up to pos, `k<pos>` checkpoints
+    /// at pos without a batch; after each step the
     /// committed prefix is checked.
     /// (step, committed prefix after it).
     type Steps = &'static [(&'static str, Option<&'static str>)];
@@ -380,6 +395,18 @@ mod tests {
                     ("p1@20", Some("20")),     // up to its last record: committed
                 ],
             ),
+            // A processor's own checkpoints (no batches pending) set the prefix; with a
+            // batch pending they are ignored.
+            (
+                "checkpoint at",
+                Some("5"),
+                &[
+                    ("k20/1", Some("20/1")),
+                    ("k30", Some("30")),
+                    ("b40", Some("30")),
+                    ("k40", Some("30")),
+                ],
+            ),
             // Abort only withdraws the newest, still pending batch.
             (
                 "abort older ignored",
@@ -408,6 +435,7 @@ mod tests {
                         q.commit(ids.get(n).copied().unwrap_or(999));
                     }
                     "a" => q.abort(ids[arg.parse::<usize>().unwrap()]),
+                    "k" => q.checkpoint_at(p(arg)),
                     _ => unreachable!(),
                 }
                 assert_eq!(

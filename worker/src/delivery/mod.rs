@@ -15,6 +15,13 @@
 //! `delivery.onFailure`) says: the decisions are in [`poison`], the dead-letter target's
 //! I/O in [`dead_letter`].
 //!
+//! A handler that keeps state per shard (the [`multilang`] sink runs one KCL record processor
+//! per shard) returns its own instance from [`BatchHandler::open_shard`] and hears of the
+//! shard's end ([`BatchHandler::end_shard`]) and of a graceful stop
+//! ([`BatchHandler::stop_shard`]); it checkpoints by [`CommitTracker::checkpoint_at`], and a
+//! [`HandlerError::redeliver`] makes the reader hand out everything after the committed
+//! position again. The defaults do nothing, so the other sinks are untouched.
+//!
 //! A manual-commit handler that hands batches to a background writer and commits once the
 //! writer has flushed them:
 //!
@@ -54,6 +61,7 @@
 pub mod commit;
 pub mod dead_letter;
 pub mod http;
+pub mod multilang;
 pub mod poison;
 pub mod stdout;
 
@@ -66,6 +74,7 @@ pub use crate::position::Position;
 pub use commit::{CommitState, CommitToken, CommitTracker};
 
 use crate::config::{DeliveryConfig, OnFailure, RetryPolicy};
+use crate::reader::ShardProgress;
 use dead_letter::{DeadLetterError, DeadLetterWriter};
 
 /// One record as handed to a handler: a Kinesis record, or one user record of a KPL
@@ -110,15 +119,43 @@ impl Record {
 pub struct HandlerError {
     /// What went wrong, for logs and the client row's `lastError`.
     pub message: String,
+    /// The handler lost what it was handed since the committed position (e.g. its process
+    /// restarted): the reader must hand out again everything after that position, not just
+    /// this batch.
+    pub redeliver: bool,
 }
 
 impl HandlerError {
-    /// A handler error with this message.
+    /// A handler error with this message: the same batch is handed out again.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            redeliver: false,
         }
     }
+
+    /// A handler error after which everything since the committed position is handed out
+    /// again.
+    pub fn redeliver(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            redeliver: true,
+        }
+    }
+}
+
+/// What a per-shard handler ([`BatchHandler::open_shard`]) knows about its shard.
+#[derive(Clone, Debug)]
+pub struct ShardContext {
+    /// Stream name as configured.
+    pub stream: Arc<str>,
+    /// Shard id.
+    pub shard_id: Arc<str>,
+    /// Where a shard without checkpoint starts, in KCL's words: `TRIM_HORIZON`, `LATEST`
+    /// or `AT_TIMESTAMP`.
+    pub initial_position: &'static str,
+    /// The reader's progress (lag of the last GetRecords, published before each delivery).
+    pub progress: tokio::sync::watch::Receiver<ShardProgress>,
 }
 
 /// Receives batches of one shard, in order. `Ok` acknowledges the whole batch (it may be
@@ -152,6 +189,31 @@ pub trait BatchHandler: Send + Sync + 'static {
                 }
             }
         })
+    }
+
+    /// A handler of its own for one shard's reader, for handlers that keep per-shard state
+    /// (the multiLang sink runs a process per shard). `None` (the default): this handler
+    /// serves every shard. The returned handler is dropped when the reader ends; a drop
+    /// without [`Self::end_shard`] or [`Self::stop_shard`] means the reader was cut off
+    /// (lease lost, fenced, or the shutdown bound passed).
+    fn open_shard(&self, _shard: ShardContext) -> Option<Arc<dyn BatchHandler>> {
+        None
+    }
+
+    /// The shard was read to its end and every batch acknowledged: `Ok` lets it count as
+    /// ended (its children may start). `Err` is retried with backoff (with
+    /// [`HandlerError::redeliver`], after redelivering from the committed position).
+    fn end_shard<'a>(
+        &'a self,
+        _commits: &'a CommitTracker,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Reading stops while the shard is still ours (released on a rebalance, or the worker
+    /// shuts down): a last chance to commit. The reader bounds it by the shutdown timeout.
+    fn stop_shard<'a>(&'a self, _commits: &'a CommitTracker) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -305,11 +367,12 @@ impl FailurePolicy {
 
 /// Builds the handler the config asks for.
 pub fn build_handler(config: &DeliveryConfig) -> Result<Arc<dyn BatchHandler>, HandlerError> {
-    match (&config.stdout, &config.http) {
-        (Some(_), None) => Ok(Arc::new(stdout::StdoutSink::new())),
-        (None, Some(h)) => Ok(Arc::new(http::HttpSink::new(h)?)),
+    match (&config.stdout, &config.http, &config.multi_lang) {
+        (Some(_), None, None) => Ok(Arc::new(stdout::StdoutSink::new())),
+        (None, Some(h), None) => Ok(Arc::new(http::HttpSink::new(h)?)),
+        (None, None, Some(m)) => Ok(Arc::new(multilang::MultiLangSink::new(m))),
         _ => Err(HandlerError::new(
-            "delivery needs exactly one of stdout or http",
+            "delivery needs exactly one of stdout, http or multiLang",
         )),
     }
 }
@@ -349,7 +412,8 @@ impl<'a> From<&'a Record> for RecordJson<'a> {
     }
 }
 
-fn ser_base64<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+/// Serializes bytes as standard base64 (the sinks' and KCL's encoding of record data).
+pub(crate) fn ser_base64<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
     use base64::display::Base64Display;
     use base64::engine::general_purpose::STANDARD;
     s.collect_str(&Base64Display::new(data, &STANDARD))
