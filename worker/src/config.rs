@@ -15,9 +15,18 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod unknown_fields;
+
+pub use unknown_fields::UnknownField;
+
 /// Prefix of the environment variables that override the config file, e.g.
 /// `KCG__TUNING__POLL_INTERVAL=500ms`; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "KCG__";
+
+/// Environment variable the operator sets to `operator` in the worker pods it renders: the
+/// config file then comes from the operator, and a field this worker does not know is a
+/// warning (a newer operator during a rolling upgrade), not an error.
+pub const ORIGIN_ENV: &str = "KCG_CONFIG_ORIGIN";
 
 /// Kinesis stream name. The CRD's CEL rule and [`WorkerConfig::validate`] share this pattern.
 pub const STREAM_NAME_PATTERN: &str = "^[a-zA-Z0-9_.-]{1,128}$";
@@ -68,6 +77,10 @@ pub enum ConfigError {
     /// the field and where its value came from.
     #[error("parsing config: {0}")]
     Parse(String),
+    /// The file or an environment override holds fields no config type declares (a typo,
+    /// usually); the message names each with its path and a did-you-mean.
+    #[error("unknown config field: {}", join_unknown(.0))]
+    Unknown(Vec<UnknownField>),
     /// The config could not be rendered as YAML.
     #[error("rendering config: {0}")]
     Render(#[from] serde_yaml::Error),
@@ -77,8 +90,36 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+fn join_unknown(fields: &[UnknownField]) -> String {
+    fields
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Who wrote the config file, which decides what an unknown field in it means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigOrigin {
+    /// A person: an unknown field is a typo, and an error.
+    #[default]
+    User,
+    /// The operator (see [`ORIGIN_ENV`]): an unknown field is one a newer operator knows,
+    /// a warning. `KCG__` overrides are still the user's, so unknown ones stay errors.
+    Operator,
+}
+
+/// A loaded config and the unknown fields that were only worth a warning.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The checked config.
+    pub config: WorkerConfig,
+    /// Fields of an operator-rendered file this version ignores.
+    pub ignored: Vec<UnknownField>,
+}
+
 /// Everything one `kcg-worker` process needs to join a consumer group.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerConfig {
     /// The group id, `namespace/name` of the KinesisConsumerGroup. Partition key of every
@@ -97,28 +138,40 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     /// Reads a YAML config file, applies the `KCG__...` environment overrides (see
-    /// [`env_overrides`]) and checks the result.
-    pub fn load(path: &str) -> Result<Self, ConfigError> {
+    /// [`env_overrides`]) and checks the result. Unknown fields are errors, except those of
+    /// an operator-rendered file, which come back in [`Loaded::ignored`].
+    pub fn load(path: &str, origin: ConfigOrigin) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let figment = Figment::from(Yaml::string(&text)).merge(env_overrides());
-        Self::extract(figment, path)
+        Self::extract(figment, path, origin)
     }
 
     /// Parses and checks a YAML config document, without environment overrides (the
-    /// operator renders and re-reads configs with this).
+    /// operator renders and re-reads configs with this); unknown fields are errors.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        Self::extract(Figment::from(Yaml::string(text)), "the config")
+        Self::extract(
+            Figment::from(Yaml::string(text)),
+            "the config",
+            ConfigOrigin::User,
+        )
+        .map(|l| l.config)
     }
 
-    fn extract(figment: Figment, origin: &str) -> Result<Self, ConfigError> {
+    fn extract(figment: Figment, name: &str, origin: ConfigOrigin) -> Result<Loaded, ConfigError> {
         let config: Self = figment
             .extract()
-            .map_err(|e| ConfigError::Parse(describe(e, origin)))?;
+            .map_err(|e| ConfigError::Parse(describe(e, name)))?;
+        let (ignored, errors): (Vec<_>, Vec<_>) = unknown_fields::find(&figment, name)
+            .into_iter()
+            .partition(|u| origin == ConfigOrigin::Operator && !u.from_env);
+        if !errors.is_empty() {
+            return Err(ConfigError::Unknown(errors));
+        }
         config.validate()?;
-        Ok(config)
+        Ok(Loaded { config, ignored })
     }
 
     /// Renders the config as YAML, the format `kcg-worker --config` reads.
@@ -661,7 +714,7 @@ mod tests {
     fn load_in(jail: &Jail, yaml: &str) -> Result<WorkerConfig, ConfigError> {
         let path = jail.directory().join("kcg.yaml");
         std::fs::write(&path, yaml).expect("write config");
-        WorkerConfig::load(path.to_str().expect("utf-8 path"))
+        WorkerConfig::load(path.to_str().expect("utf-8 path"), ConfigOrigin::User).map(|l| l.config)
     }
 
     #[test]
@@ -732,6 +785,46 @@ mod tests {
                 e.contains("tuning.heartbeatInterval: must be at least 100ms"),
                 "{e}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_fail_except_an_operator_files_own() {
+        let typo = BASE.replace("{name: orders}", "{name: orders, startPositon: Latest}");
+        Jail::expect_with(|jail| {
+            let e = load_in(jail, &typo).unwrap_err().to_string();
+            assert!(
+                e.contains(
+                    "streams[0].startPositon: unknown field (did you mean startPosition?) (in "
+                ),
+                "{e}"
+            );
+            // The same file rendered by the operator: loaded, the field reported.
+            let path = jail.directory().join("kcg.yaml");
+            let loaded = WorkerConfig::load(path.to_str().expect("utf-8"), ConfigOrigin::Operator)
+                .expect("an operator file with a newer field loads");
+            assert_eq!(loaded.config.streams[0].name, "orders");
+            let ignored: Vec<_> = loaded.ignored.iter().map(|u| u.path.as_str()).collect();
+            assert_eq!(ignored, ["streams[0].startPositon"]);
+            // A known-field file has nothing to report.
+            load_in(jail, BASE).expect("loads");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            // An override is the user's even on an operator pod: always an error.
+            jail.set_env("KCG__TUNING__POLL_INTERVALL", "5s");
+            let path = jail.directory().join("kcg.yaml");
+            std::fs::write(&path, BASE).expect("write");
+            for origin in [ConfigOrigin::User, ConfigOrigin::Operator] {
+                let e = WorkerConfig::load(path.to_str().expect("utf-8"), origin)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("tuning.pollIntervall: unknown field (did you mean pollInterval?) (in KCG__TUNING__POLL_INTERVALL)"),
+                    "{origin:?}: {e}"
+                );
+            }
             Ok(())
         });
     }
