@@ -141,6 +141,7 @@ fn table_name() {
 fn duration_format_on_every_duration_field() {
     let tuning = [
         "pollInterval",
+        "minCallInterval",
         "checkpointInterval",
         "heartbeatInterval",
         "clientTimeout",
@@ -181,6 +182,20 @@ fn poll_interval_minimum() {
             bad,
             &with(|s| s["tuning"] = json!({"pollInterval": bad})),
             POLL_MIN,
+        );
+    }
+}
+
+#[test]
+fn min_call_interval_minimum() {
+    for ok in ["200ms", "1s", "1m"] {
+        accepts(ok, &with(|s| s["tuning"] = json!({"minCallInterval": ok})));
+    }
+    for bad in ["199ms", "0s", "100ms"] {
+        rejects(
+            bad,
+            &with(|s| s["tuning"] = json!({"minCallInterval": bad})),
+            MIN_CALL_MIN,
         );
     }
 }

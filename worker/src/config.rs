@@ -259,6 +259,9 @@ impl WorkerConfig {
         if t.poll_interval < Duration::from_millis(200) {
             return invalid("tuning.pollInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
         }
+        if t.min_call_interval < Duration::from_millis(200) {
+            return invalid("tuning.minCallInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
+        }
         if !(1..=10_000).contains(&t.max_records_per_call) {
             return invalid("tuning.maxRecordsPerCall: must be between 1 and 10000".into());
         }
@@ -498,13 +501,25 @@ pub struct HttpSink {
     "message": "tuning.clientTimeout must be at least twice tuning.heartbeatInterval, so one late heartbeat does not expire a live client"
 }]))]
 pub struct Tuning {
-    /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
+    /// Pause before the next GetRecords on a shard whose last call returned nothing and that
+    /// is not behind (never shorter than `minCallInterval`). At least 200ms.
     #[serde(default = "defaults::poll_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
         "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
         "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
     }]))]
     pub poll_interval: Duration,
+    /// Least time between two GetRecords calls on a shard while the reader is at the tip,
+    /// whatever they returned: a shard allows 5 calls per second shared by every group
+    /// reading it, and a steady trickle needs no more than one. A reader behind the tip
+    /// (a full page, or records older than this interval) calls as often as the shard's
+    /// limits allow, 5 per second and 2 MB/s. At least 200ms.
+    #[serde(default = "defaults::min_call_interval", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
+        "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
+        "message": "tuning.minCallInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
+    }]))]
+    pub min_call_interval: Duration,
     /// Records per GetRecords call, 1 to 10000.
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
@@ -534,6 +549,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             poll_interval: defaults::poll_interval(),
+            min_call_interval: defaults::min_call_interval(),
             max_records_per_call: defaults::max_records(),
             checkpoint_interval: defaults::checkpoint_interval(),
             heartbeat_interval: defaults::heartbeat_interval(),
@@ -669,6 +685,10 @@ pub mod defaults {
 
     /// GetRecords pause on an idle shard.
     pub fn poll_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    /// Least gap between GetRecords calls on a shard at the tip.
+    pub fn min_call_interval() -> Duration {
         Duration::from_secs(1)
     }
     /// Records per GetRecords call.
@@ -910,6 +930,7 @@ mod tests {
             (BASE.replace("pollInterval: 2s", "pollInterval: 5"), "tuning.pollInterval: invalid duration 5 (expected"),
             (BASE.replace("pollInterval: 2s", "pollInterval: 1.5s"), "tuning.pollInterval: invalid duration \"1.5s\""),
             (BASE.replace("pollInterval: 2s", "pollInterval: 100ms"), "tuning.pollInterval: must be at least 200ms"),
+            (BASE.replace("pollInterval: 2s", "minCallInterval: 199ms"), "tuning.minCallInterval: must be at least 200ms"),
             (BASE.replace("checkpointInterval: 7s", "checkpointInterval: 0s"), "tuning.checkpointInterval: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 0ms"), "tuning.heartbeatInterval: must be at least 100ms"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 99ms"), "tuning.heartbeatInterval: must be at least 100ms"),
@@ -1029,6 +1050,10 @@ mod tests {
             ("must be a duration such as", vec![DURATION_PATTERN]),
             (
                 "tuning.pollInterval must be at least 200ms",
+                vec![DURATION_PATTERN],
+            ),
+            (
+                "tuning.minCallInterval must be at least 200ms",
                 vec![DURATION_PATTERN],
             ),
             (

@@ -96,6 +96,8 @@ pub struct Env {
     pub start_position: String,
     /// `tuning.clientTimeout`.
     pub client_timeout: String,
+    /// `tuning.minCallInterval`: 200ms (Kinesis' limit) so tests read fast.
+    pub min_call_interval: String,
 }
 
 pub fn suffix() -> String {
@@ -155,6 +157,7 @@ impl Env {
             max_records: 1000,
             start_position: "TrimHorizon".into(),
             client_timeout: "2s".into(),
+            min_call_interval: "200ms".into(),
         }
     }
 
@@ -169,6 +172,7 @@ delivery:
   stdout: {{}}
 tuning:
   pollInterval: 200ms
+  minCallInterval: {min_call_interval}
   heartbeatInterval: 300ms
   clientTimeout: {client_timeout}
   checkpointInterval: {checkpoint}
@@ -187,6 +191,7 @@ tuning:
             checkpoint = self.checkpoint_interval,
             max_records = self.max_records,
             client_timeout = self.client_timeout,
+            min_call_interval = self.min_call_interval,
         ))
         .expect("config")
     }
