@@ -6,7 +6,9 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use super::{BatchHandler, HandlerError, Record, RecordJson};
+#[cfg(doc)]
+use super::RecordJson;
+use super::{BatchHandler, HandlerError, Record};
 
 /// Bytes handed to the writer per write: whole lines only, so a write cut off when the
 /// reader is aborted never leaves half a line for the next batch to continue.
@@ -91,13 +93,65 @@ impl StdoutSink {
     }
 }
 
-/// Appends the batch's JSON lines to `buf`.
+/// Appends the batch's JSON lines to `buf`: byte for byte what `serde_json` writes for
+/// [`RecordJson`] (a test holds them equal), without its per-field machinery. The
+/// `{"stream":..,"shard":..,"sequence":` head is escaped once per run of records from the
+/// same shard, base64 is encoded straight into `buf`, and the arrival time (digits and
+/// `-:.TZ` only, nothing to escape) is written as is.
 pub fn format_batch(buf: &mut Vec<u8>, batch: &[Record]) -> Result<(), HandlerError> {
+    let mut head: Vec<u8> = Vec::with_capacity(96);
+    let mut head_of: Option<(&str, &str)> = None;
     for r in batch {
-        serde_json::to_writer(&mut *buf, &RecordJson::from(r))
-            .map_err(|e| HandlerError::new(format!("encoding record {}: {e}", r.sequence)))?;
-        buf.push(b'\n');
+        let key = (&*r.stream, &*r.shard_id);
+        if head_of != Some(key) {
+            head.clear();
+            head.extend_from_slice(b"{\"stream\":");
+            json_str(&mut head, &r.stream, r)?;
+            head.extend_from_slice(b",\"shard\":");
+            json_str(&mut head, &r.shard_id, r)?;
+            head.extend_from_slice(b",\"sequence\":");
+            head_of = Some(key);
+        }
+        buf.extend_from_slice(&head);
+        json_str(buf, &r.sequence, r)?;
+        buf.extend_from_slice(b",\"partitionKey\":");
+        json_str(buf, &r.partition_key, r)?;
+        buf.extend_from_slice(b",\"data\":\"");
+        base64_into(buf, &r.data, r)?;
+        buf.extend_from_slice(b"\",\"arrival\":");
+        match r.arrival {
+            Some(t) => {
+                use std::io::Write;
+                // jiff's Display: RFC 3339 in UTC, as `RecordJson` writes it.
+                write!(buf, "\"{t}\"").map_err(|e| encode_error(r, e))?;
+            }
+            None => buf.extend_from_slice(b"null"),
+        }
+        buf.extend_from_slice(b"}\n");
     }
+    Ok(())
+}
+
+fn encode_error(r: &Record, e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::new(format!("encoding record {}: {e}", r.sequence))
+}
+
+/// A JSON string with serde_json's escaping.
+fn json_str(buf: &mut Vec<u8>, s: &str, r: &Record) -> Result<(), HandlerError> {
+    serde_json::to_writer(&mut *buf, s).map_err(|e| encode_error(r, e))
+}
+
+/// Standard base64 with padding, encoded in place at the end of `buf`.
+fn base64_into(buf: &mut Vec<u8>, data: &[u8], r: &Record) -> Result<(), HandlerError> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let at = buf.len();
+    let len = base64::encoded_len(data.len(), true)
+        .ok_or_else(|| encode_error(r, "record too large for base64"))?;
+    buf.resize(at + len, 0);
+    STANDARD
+        .encode_slice(data, &mut buf[at..])
+        .map_err(|e| encode_error(r, e))?;
     Ok(())
 }
 
@@ -185,6 +239,68 @@ mod tests {
         assert_eq!(v["data"], "/wAC");
         assert_eq!(v["arrival"], "2023-11-14T22:13:20Z");
         assert_eq!(v.as_object().unwrap().len(), 6);
+    }
+
+    /// The hand-written lines are exactly serde_json's rendering of `RecordJson`, for
+    /// strings that need escaping, any bytes, no arrival time, and batches mixing shards.
+    #[test]
+    fn lines_are_byte_identical_to_serde_json() {
+        use super::super::RecordJson;
+        let t = |ms: i64| Some(jiff::Timestamp::from_millisecond(ms).unwrap());
+        let rec = |stream: &str, shard: &str, seq: &str, pk: &str, data: &[u8], arrival| Record {
+            stream: stream.into(),
+            shard_id: shard.into(),
+            sequence: seq.into(),
+            partition_key: pk.into(),
+            data: data.to_vec(),
+            arrival,
+        };
+        let batch = vec![
+            rec(
+                "orders",
+                "shardId-000000000001",
+                "4959",
+                "k",
+                b"hello",
+                t(1_764_351_879_500),
+            ),
+            rec(
+                "orders",
+                "shardId-000000000001",
+                "4960",
+                "p\"k\\\n\t\u{1}",
+                b"",
+                None,
+            ),
+            rec(
+                "orders",
+                "shardId-000000000002",
+                "1",
+                "\u{e9}\u{1F600}\u{2028}",
+                &[0xff, 0, 7],
+                t(0),
+            ),
+            rec("o\"r", "s\\h", "2", "", &[1; 1000], t(1_764_351_879_001)),
+            rec(
+                "orders",
+                "shardId-000000000001",
+                "4961",
+                "</script>",
+                b"x",
+                t(-1),
+            ),
+        ];
+        let mut got = Vec::new();
+        format_batch(&mut got, &batch).unwrap();
+        let mut want = Vec::new();
+        for r in &batch {
+            serde_json::to_writer(&mut want, &RecordJson::from(r)).unwrap();
+            want.push(b'\n');
+        }
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
     }
 
     #[test]
