@@ -13,7 +13,7 @@ use super::{BatchHandler, HandlerError, Record};
 /// Bytes handed to the writer per write: whole lines only, so a write cut off when the
 /// reader is aborted never leaves half a line for the next batch to continue. Each write
 /// is one trip to tokio's blocking pool (a thread wake-up and a copy), so chunks are large:
-/// at 64 KiB those trips cost about as much CPU as formatting the lines. What an aborted
+/// at 64 KiB their wake-ups and waits were a large share of the sink's CPU. What an aborted
 /// reader's last chunk still writes are records the next owner delivers again (they were
 /// never checkpointed), so the bound only limits duplicates, never loses a record.
 pub const CHUNK_BYTES: usize = 512 * 1024;
