@@ -2,7 +2,7 @@
 # Runs kcg's benchmarks and prints one table (see bench/README.md).
 #
 #   bench/run.sh                         every benchmark
-#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance operator)
+#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance sink operator)
 #   bench/run.sh --help                  all options
 #
 # Starts (or reuses) the emulators with scripts/emulators.sh. Kinesis traffic goes to
@@ -28,7 +28,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 # The pure-function benchmarks alone need no emulator.
-if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *operator* ]]; then
+if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *operator* ]]; then
   need_emulators=0
 fi
 [[ -n "$only" && "$only" != *e2e* ]] && want_peer=0
@@ -68,6 +68,11 @@ if ((need_emulators)); then
   fi
 fi
 ((want_peer)) && install_peer
+
+# The sink benchmark runs the real worker binary (target/release/kcg-worker).
+if [[ -z "$only" || "$only" == *sink* ]]; then
+  cargo build --release --locked -p kcg-worker --bin kcg-worker
+fi
 
 # The operator benchmark runs the real operator binary (target/release/kcg-operator).
 if [[ -z "$only" || "$only" == *operator* ]]; then

@@ -54,6 +54,9 @@ pub enum Command {
     /// Render the worker config (the ConfigMap's `config.yaml`) of a KinesisConsumerGroup
     /// file with the operator's own code, for running `kcg-worker` without a cluster.
     Render(RenderArgs),
+    /// Show a group's checkpoints, or reset them for reprocessing (state-store table only).
+    #[command(subcommand)]
+    Checkpoints(crate::checkpoints::Command),
 }
 
 /// Arguments of `crd`.
@@ -271,6 +274,7 @@ pub async fn main() -> std::process::ExitCode {
         Command::Crd(args) => crd_cmd(&args),
         Command::Status(args) => status_cmd(args).await,
         Command::Render(args) => render(&args).and_then(|text| out(&text)),
+        Command::Checkpoints(c) => crate::checkpoints::run(c).await.and_then(|text| out(&text)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -662,7 +666,7 @@ fn age(rfc3339: &str, now: jiff::Timestamp) -> String {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn columns(rows: &[Vec<String>]) -> String {
+pub(crate) fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|i| {

@@ -3,6 +3,7 @@
 
 pub mod api_problem;
 pub mod apply;
+pub mod checkpoints;
 pub mod cli;
 pub mod conditions;
 pub mod consumer_admin;

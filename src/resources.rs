@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kcg_worker::config::{ConfigError, WorkerConfig};
+use kcg_worker::config::{ConfigError, ORIGIN_ENV, WorkerConfig};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
@@ -383,6 +383,13 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
         EnvVar {
             name: "KCG_LOG_FORMAT".to_owned(),
             value: Some("json".to_owned()),
+            ..EnvVar::default()
+        },
+        // The mounted config is ours: a field that this worker image does not know yet (the
+        // operator upgraded first) is a warning in its log, not a crash loop.
+        EnvVar {
+            name: ORIGIN_ENV.to_owned(),
+            value: Some("operator".to_owned()),
             ..EnvVar::default()
         },
     ];
@@ -883,10 +890,35 @@ delivery: {stdout: {}}
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "AWS_REGION"]
+            [
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "KCG_LOG_FORMAT",
+                "KCG_CONFIG_ORIGIN",
+                "AWS_REGION"
+            ]
         );
         assert_eq!(env[0].value.as_deref(), Some("fixed"));
-        assert_eq!(env[3].value.as_deref(), Some("us-west-2"));
+        assert_eq!(env[3].value.as_deref(), Some("operator"));
+        assert_eq!(env[4].value.as_deref(), Some("us-west-2"));
+    }
+
+    /// The worker reads the marker as "this config is the operator's": unknown fields in it
+    /// are warnings (rolling upgrade), see `kcg_worker::config::ConfigOrigin`.
+    #[test]
+    fn env_marks_the_config_as_the_operators() {
+        use clap::ValueEnum;
+        use kcg_worker::config::ConfigOrigin;
+        let env = pod(&deployment(&group(BASE), &settings(), "h")).containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let marker = env.iter().find(|e| e.name == ORIGIN_ENV).unwrap();
+        let value = marker.value.as_deref().unwrap();
+        assert_eq!(
+            ConfigOrigin::from_str(value, false),
+            Ok(ConfigOrigin::Operator)
+        );
     }
 
     #[test]
@@ -899,7 +931,13 @@ delivery: {stdout: {}}
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["POD_NAME", "POD_NAMESPACE", "KCG_LOG_FORMAT", "RUST_LOG"]
+            [
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "KCG_LOG_FORMAT",
+                "KCG_CONFIG_ORIGIN",
+                "RUST_LOG"
+            ]
         );
         let field = |i: usize| {
             env[i]
@@ -915,7 +953,7 @@ delivery: {stdout: {}}
         assert_eq!(field(0), "metadata.name");
         assert_eq!(field(1), "metadata.namespace");
         assert_eq!(env[2].value.as_deref(), Some("json"));
-        assert_eq!(env[3].value.as_deref(), Some("debug"));
+        assert_eq!(env[4].value.as_deref(), Some("debug"));
     }
 
     #[test]

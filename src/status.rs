@@ -366,7 +366,7 @@ pub fn remedy(reason: &str) -> &'static str {
             "create the worker ServiceAccount in the group's namespace, set spec.worker.serviceAccountName to one that exists, or grant the operator `create`, and `get`/`patch` on that account's name, on serviceaccounts (the chart does)"
         }
         "Throttled" => {
-            "the stream or table is throttling: add shards or capacity, or raise tuning.pollInterval (enhanced fan-out: SubscribeToShard allows one call per second per shard; the workers back off)"
+            "the stream is over a shard's read limits (5 GetRecords calls/s and 2 MB/s, shared by every group reading it): raise tuning.minCallInterval in each group reading the stream (each group at the default 1s makes 1 call/s per shard at the tip), or add shards (enhanced fan-out: SubscribeToShard allows one call per second per shard; the workers back off)"
         }
         "ResourceInUse" => {
             "enhanced fan-out: Kinesis keeps refusing a shard's subscription because another is still open for the group's consumer (a vanished worker's clears within minutes); if it persists, make sure no other application subscribes with streams[].consumer.name"

@@ -162,6 +162,7 @@ fn table_name() {
 fn duration_format_on_every_duration_field() {
     let tuning = [
         "pollInterval",
+        "minCallInterval",
         "checkpointInterval",
         "heartbeatInterval",
         "clientTimeout",
@@ -193,16 +194,17 @@ fn duration_format_on_every_duration_field() {
 }
 
 #[test]
-fn poll_interval_minimum() {
-    for ok in ["200ms", "1s", "1m"] {
-        accepts(ok, &with(|s| s["tuning"] = json!({"pollInterval": ok})));
-    }
-    for bad in ["199ms", "0s", "100ms"] {
-        rejects(
-            bad,
-            &with(|s| s["tuning"] = json!({"pollInterval": bad})),
-            POLL_MIN,
-        );
+fn poll_and_min_call_interval_minimum() {
+    for (field, message) in [
+        ("pollInterval", POLL_MIN),
+        ("minCallInterval", MIN_CALL_MIN),
+    ] {
+        for ok in ["200ms", "1s", "1m"] {
+            accepts(ok, &with(|s| s["tuning"] = json!({field: ok})));
+        }
+        for bad in ["199ms", "0s", "100ms"] {
+            rejects(bad, &with(|s| s["tuning"] = json!({field: bad})), message);
+        }
     }
 }
 

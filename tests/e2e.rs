@@ -994,6 +994,11 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             POLL_MIN,
         ),
         (
+            "calls too fast",
+            with(&|s| s["tuning"] = json!({"minCallInterval": "100ms"})),
+            MIN_CALL_MIN,
+        ),
+        (
             "heartbeat too fast",
             with(&|s| s["tuning"] = json!({"heartbeatInterval": "50ms", "clientTimeout": "1s"})),
             HEARTBEAT_MIN,

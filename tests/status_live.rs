@@ -293,7 +293,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
     std::fs::write(
         &config,
         format!(
-            "group: {group}\nstreams:\n  - name: {stream}\n    startPosition: TrimHorizon\nstateStore:\n  table: {table}\ndelivery:\n  stdout: {{}}\ntuning:\n  pollInterval: 200ms\n  heartbeatInterval: 500ms\n  clientTimeout: 3s\n  checkpointInterval: 500ms\n  shutdownTimeout: 5s\n"
+            "group: {group}\nstreams:\n  - name: {stream}\n    startPosition: TrimHorizon\nstateStore:\n  table: {table}\ndelivery:\n  stdout: {{}}\ntuning:\n  pollInterval: 200ms\n  minCallInterval: 200ms\n  heartbeatInterval: 500ms\n  clientTimeout: 3s\n  checkpointInterval: 500ms\n  shutdownTimeout: 5s\n"
         ),
     )
     .unwrap();

@@ -350,10 +350,12 @@ async fn engine_run(
     table: &str,
 ) -> anyhow::Result<EngineRun> {
     // The worker's defaults (heartbeat 2 s, client timeout 10 s, ...) except: polls at
-    // Kinesis' limit of 5 calls/s per shard to drain fast, and checkpoints every second (5x
+    // Kinesis' limit of 5 calls/s per shard to drain fast (also at the tip:
+    // minCallInterval 200ms), and checkpoints every second (5x
     // the default) so several checkpoints land inside the measured window.
     let tuning = Tuning {
         poll_interval: Duration::from_millis(200),
+        min_call_interval: Duration::from_millis(200),
         max_records_per_call: p.max_records_per_call,
         checkpoint_interval: Duration::from_secs(1),
         ..Tuning::default()

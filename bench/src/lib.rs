@@ -6,6 +6,7 @@ pub mod micro;
 pub mod operator;
 pub mod rebalance;
 pub mod report;
+pub mod sink;
 pub mod support;
 
 use std::time::Duration;

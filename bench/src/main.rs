@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{e2e, micro, operator, rebalance};
+use kcg_bench::{e2e, micro, operator, rebalance, sink};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -26,6 +26,9 @@ enum Bench {
     E2e,
     /// Join, graceful stop and kill of engines on 8 shards (needs emulators).
     Rebalance,
+    /// The `kcg-worker` binary's stdout sink writing N records into a file: CPU per record
+    /// of the whole process (needs emulators and a release `kcg-worker` next to kcg-bench).
+    Sink,
     /// The operator's steady-state API requests and memory with N groups on a real control
     /// plane (needs DynamoDB Local and `../shared/kube/cluster.sh`).
     Operator,
@@ -159,7 +162,7 @@ async fn bench(args: Args) -> ExitCode {
         kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);
     }
     let selected = |b: Bench| args.only.is_empty() || args.only.contains(&b);
-    let needs_kinesis = selected(Bench::E2e) || selected(Bench::Rebalance);
+    let needs_kinesis = selected(Bench::E2e) || selected(Bench::Rebalance) || selected(Bench::Sink);
     let needs_aws = needs_kinesis || selected(Bench::Operator);
     if (needs_kinesis && std::env::var_os("AWS_ENDPOINT_URL_KINESIS").is_none())
         || (needs_aws && std::env::var_os("AWS_ENDPOINT_URL_DYNAMODB").is_none())
@@ -187,27 +190,26 @@ async fn bench(args: Args) -> ExitCode {
     }
     if needs_aws {
         let aws = Aws::load().await;
+        let params = e2e::Params {
+            records: args.records,
+            runs: args.runs,
+            payload: args.payload,
+            shards: args.shards,
+            max_records_per_call: args.max_records_per_call,
+            timeout: Duration::from_secs(args.e2e_timeout),
+            peer_dir: if args.no_peer {
+                None
+            } else {
+                args.peer_dir.clone()
+            },
+        };
         if selected(Bench::E2e) {
             progress("e2e");
-            rows.extend(
-                e2e::run(
-                    &aws,
-                    &e2e::Params {
-                        records: args.records,
-                        runs: args.runs,
-                        payload: args.payload,
-                        shards: args.shards,
-                        max_records_per_call: args.max_records_per_call,
-                        timeout: Duration::from_secs(args.e2e_timeout),
-                        peer_dir: if args.no_peer {
-                            None
-                        } else {
-                            args.peer_dir.clone()
-                        },
-                    },
-                )
-                .await,
-            );
+            rows.extend(e2e::run(&aws, &params).await);
+        }
+        if selected(Bench::Sink) {
+            progress("sink");
+            rows.extend(sink::run(&aws, &params).await);
         }
         if selected(Bench::Rebalance) {
             progress("rebalance");

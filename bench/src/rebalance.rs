@@ -33,6 +33,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(25);
 pub fn tuning() -> Tuning {
     Tuning {
         poll_interval: Duration::from_millis(200),
+        min_call_interval: Duration::from_millis(200),
         heartbeat_interval: Duration::from_millis(500),
         client_timeout: Duration::from_secs(3),
         ..Tuning::default()

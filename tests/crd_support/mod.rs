@@ -197,6 +197,7 @@ pub mod rule_messages {
     pub const TABLE: &str = "table must be a DynamoDB table name";
     pub const DURATION: &str = "must be a duration such as 500ms, 5s, 1m or 1m30s";
     pub const POLL_MIN: &str = "tuning.pollInterval must be at least 200ms";
+    pub const MIN_CALL_MIN: &str = "tuning.minCallInterval must be at least 200ms";
     pub const HEARTBEAT_MIN: &str = "tuning.heartbeatInterval must be at least 100ms";
     pub const POSITIVE: &str = "must be a duration greater than 0s";
     pub const CLIENT_TIMEOUT: &str =
@@ -225,6 +226,7 @@ pub mod rule_messages {
         TABLE,
         DURATION,
         POLL_MIN,
+        MIN_CALL_MIN,
         HEARTBEAT_MIN,
         POSITIVE,
         CLIENT_TIMEOUT,

@@ -15,9 +15,18 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod unknown_fields;
+
+pub use unknown_fields::UnknownField;
+
 /// Prefix of the environment variables that override the config file, e.g.
 /// `KCG__TUNING__POLL_INTERVAL=500ms`; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "KCG__";
+
+/// Environment variable the operator sets to `operator` in the worker pods it renders: the
+/// config file then comes from the operator, and a field this worker does not know is a
+/// warning (a newer operator during a rolling upgrade), not an error.
+pub const ORIGIN_ENV: &str = "KCG_CONFIG_ORIGIN";
 
 /// Kinesis stream name. The CRD's CEL rule and [`WorkerConfig::validate`] share this pattern.
 pub const STREAM_NAME_PATTERN: &str = "^[a-zA-Z0-9_.-]{1,128}$";
@@ -71,6 +80,10 @@ pub enum ConfigError {
     /// the field and where its value came from.
     #[error("parsing config: {0}")]
     Parse(String),
+    /// The file or an environment override holds fields no config type declares (a typo,
+    /// usually); the message names each with its path and a did-you-mean.
+    #[error("unknown config field: {}", join_unknown(.0))]
+    Unknown(Vec<UnknownField>),
     /// The config could not be rendered as YAML.
     #[error("rendering config: {0}")]
     Render(#[from] serde_yaml::Error),
@@ -80,8 +93,36 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+fn join_unknown(fields: &[UnknownField]) -> String {
+    fields
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Who wrote the config file, which decides what an unknown field in it means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigOrigin {
+    /// A person: an unknown field is a typo, and an error.
+    #[default]
+    User,
+    /// The operator (see [`ORIGIN_ENV`]): an unknown field is one a newer operator knows,
+    /// a warning. `KCG__` overrides are still the user's, so unknown ones stay errors.
+    Operator,
+}
+
+/// A loaded config and the unknown fields that were only worth a warning.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The checked config.
+    pub config: WorkerConfig,
+    /// Fields of an operator-rendered file this version ignores.
+    pub ignored: Vec<UnknownField>,
+}
+
 /// Everything one `kcg-worker` process needs to join a consumer group.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerConfig {
     /// The group id, `namespace/name` of the KinesisConsumerGroup. Partition key of every
@@ -100,28 +141,40 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     /// Reads a YAML config file, applies the `KCG__...` environment overrides (see
-    /// [`env_overrides`]) and checks the result.
-    pub fn load(path: &str) -> Result<Self, ConfigError> {
+    /// [`env_overrides`]) and checks the result. Unknown fields are errors, except those of
+    /// an operator-rendered file, which come back in [`Loaded::ignored`].
+    pub fn load(path: &str, origin: ConfigOrigin) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let figment = Figment::from(Yaml::string(&text)).merge(env_overrides());
-        Self::extract(figment, path)
+        Self::extract(figment, path, origin)
     }
 
     /// Parses and checks a YAML config document, without environment overrides (the
-    /// operator renders and re-reads configs with this).
+    /// operator renders and re-reads configs with this); unknown fields are errors.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        Self::extract(Figment::from(Yaml::string(text)), "the config")
+        Self::extract(
+            Figment::from(Yaml::string(text)),
+            "the config",
+            ConfigOrigin::User,
+        )
+        .map(|l| l.config)
     }
 
-    fn extract(figment: Figment, origin: &str) -> Result<Self, ConfigError> {
+    fn extract(figment: Figment, name: &str, origin: ConfigOrigin) -> Result<Loaded, ConfigError> {
         let config: Self = figment
             .extract()
-            .map_err(|e| ConfigError::Parse(describe(e, origin)))?;
+            .map_err(|e| ConfigError::Parse(describe(e, name)))?;
+        let (ignored, errors): (Vec<_>, Vec<_>) = unknown_fields::find(&figment, name)
+            .into_iter()
+            .partition(|u| origin == ConfigOrigin::Operator && !u.from_env);
+        if !errors.is_empty() {
+            return Err(ConfigError::Unknown(errors));
+        }
         config.validate()?;
-        Ok(config)
+        Ok(Loaded { config, ignored })
     }
 
     /// The config with every enhanced fan-out stream's consumer name filled in: the
@@ -229,6 +282,9 @@ impl WorkerConfig {
         let t = &self.tuning;
         if t.poll_interval < Duration::from_millis(200) {
             return invalid("tuning.pollInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
+        }
+        if t.min_call_interval < Duration::from_millis(200) {
+            return invalid("tuning.minCallInterval: must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)".into());
         }
         if !(1..=10_000).contains(&t.max_records_per_call) {
             return invalid("tuning.maxRecordsPerCall: must be between 1 and 10000".into());
@@ -832,14 +888,26 @@ pub struct HttpSink {
     "message": "tuning.clientTimeout must be at least twice tuning.heartbeatInterval, so one late heartbeat does not expire a live client"
 }]))]
 pub struct Tuning {
-    /// Pause between GetRecords calls on a shard that returned nothing new. At least 200ms.
-    /// Polling only (enhanced fan-out is pushed).
+    /// Pause before the next GetRecords on a shard whose last call returned nothing and that
+    /// is not behind (never shorter than `minCallInterval`). At least 200ms. Polling only
+    /// (enhanced fan-out is pushed).
     #[serde(default = "defaults::poll_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
         "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
         "message": "tuning.pollInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
     }]))]
     pub poll_interval: Duration,
+    /// Least time between two GetRecords calls on a shard while the reader is at the tip,
+    /// whatever they returned: a shard allows 5 calls per second shared by every group
+    /// reading it, and a steady trickle needs no more than one. A reader behind the tip
+    /// (a full page, or records older than this interval) calls as often as the shard's
+    /// limits allow, 5 per second and 2 MB/s. At least 200ms.
+    #[serde(default = "defaults::min_call_interval", with = "duration")]
+    #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
+        "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('200ms')"),
+        "message": "tuning.minCallInterval must be at least 200ms (Kinesis allows 5 GetRecords calls per second per shard)"
+    }]))]
+    pub min_call_interval: Duration,
     /// Records per GetRecords call, 1 to 10000. Polling only.
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
@@ -869,6 +937,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             poll_interval: defaults::poll_interval(),
+            min_call_interval: defaults::min_call_interval(),
             max_records_per_call: defaults::max_records(),
             checkpoint_interval: defaults::checkpoint_interval(),
             heartbeat_interval: defaults::heartbeat_interval(),
@@ -1006,6 +1075,10 @@ pub mod defaults {
     pub fn poll_interval() -> Duration {
         Duration::from_secs(1)
     }
+    /// Least gap between GetRecords calls on a shard at the tip.
+    pub fn min_call_interval() -> Duration {
+        Duration::from_secs(1)
+    }
     /// Records per GetRecords call.
     pub fn max_records() -> u32 {
         1000
@@ -1061,7 +1134,7 @@ mod tests {
     fn load_in(jail: &Jail, yaml: &str) -> Result<WorkerConfig, ConfigError> {
         let path = jail.directory().join("kcg.yaml");
         std::fs::write(&path, yaml).expect("write config");
-        WorkerConfig::load(path.to_str().expect("utf-8 path"))
+        WorkerConfig::load(path.to_str().expect("utf-8 path"), ConfigOrigin::User).map(|l| l.config)
     }
 
     #[test]
@@ -1132,6 +1205,46 @@ mod tests {
                 e.contains("tuning.heartbeatInterval: must be at least 100ms"),
                 "{e}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_fail_except_an_operator_files_own() {
+        let typo = BASE.replace("{name: orders}", "{name: orders, startPositon: Latest}");
+        Jail::expect_with(|jail| {
+            let e = load_in(jail, &typo).unwrap_err().to_string();
+            assert!(
+                e.contains(
+                    "streams[0].startPositon: unknown field (did you mean startPosition?) (in "
+                ),
+                "{e}"
+            );
+            // The same file rendered by the operator: loaded, the field reported.
+            let path = jail.directory().join("kcg.yaml");
+            let loaded = WorkerConfig::load(path.to_str().expect("utf-8"), ConfigOrigin::Operator)
+                .expect("an operator file with a newer field loads");
+            assert_eq!(loaded.config.streams[0].name, "orders");
+            let ignored: Vec<_> = loaded.ignored.iter().map(|u| u.path.as_str()).collect();
+            assert_eq!(ignored, ["streams[0].startPositon"]);
+            // A known-field file has nothing to report.
+            load_in(jail, BASE).expect("loads");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            // An override is the user's even on an operator pod: always an error.
+            jail.set_env("KCG__TUNING__POLL_INTERVALL", "5s");
+            let path = jail.directory().join("kcg.yaml");
+            std::fs::write(&path, BASE).expect("write");
+            for origin in [ConfigOrigin::User, ConfigOrigin::Operator] {
+                let e = WorkerConfig::load(path.to_str().expect("utf-8"), origin)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("tuning.pollIntervall: unknown field (did you mean pollInterval?) (in KCG__TUNING__POLL_INTERVALL)"),
+                    "{origin:?}: {e}"
+                );
+            }
             Ok(())
         });
     }
@@ -1245,6 +1358,7 @@ mod tests {
             (BASE.replace("pollInterval: 2s", "pollInterval: 5"), "tuning.pollInterval: invalid duration 5 (expected"),
             (BASE.replace("pollInterval: 2s", "pollInterval: 1.5s"), "tuning.pollInterval: invalid duration \"1.5s\""),
             (BASE.replace("pollInterval: 2s", "pollInterval: 100ms"), "tuning.pollInterval: must be at least 200ms"),
+            (BASE.replace("pollInterval: 2s", "minCallInterval: 199ms"), "tuning.minCallInterval: must be at least 200ms"),
             (BASE.replace("checkpointInterval: 7s", "checkpointInterval: 0s"), "tuning.checkpointInterval: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 0ms"), "tuning.heartbeatInterval: must be at least 100ms"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 99ms"), "tuning.heartbeatInterval: must be at least 100ms"),
@@ -1451,6 +1565,10 @@ mod tests {
             ("must be a duration such as", vec![DURATION_PATTERN]),
             (
                 "tuning.pollInterval must be at least 200ms",
+                vec![DURATION_PATTERN],
+            ),
+            (
+                "tuning.minCallInterval must be at least 200ms",
                 vec![DURATION_PATTERN],
             ),
             (

@@ -814,6 +814,7 @@ impl Engine {
                         parent_read_to_end(snap, &key),
                         claimed.first_claim,
                         claimed.first_claimed_at_ms,
+                        claimed.reset_to,
                     );
                     self.spawn_reader(key, idx, &claimed.row, sent, fresh);
                 }
@@ -824,6 +825,7 @@ impl Engine {
                         parent_read_to_end(snap, &key),
                         false,
                         claimed.first_claimed_at_ms,
+                        claimed.reset_to,
                     );
                     self.spawn_reader(key, idx, &claimed.row, sent, fresh);
                 }

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::assignment::{Plan, ShardKey};
 use crate::config::StartPosition;
+use crate::store::schema::ResetTo;
 
 /// What the table says about one lease, plus our own judgment of its counter.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,13 +158,22 @@ pub const LATEST_HANDOFF_MARGIN_MS: i64 = 30_000;
 
 /// Decides where a shard without a checkpoint starts. `parent_read_to_end`: one of its
 /// parents has an ended lease in this group. `first_claim`: this claim is the shard's first
-/// ever; `first_claimed_at_ms`: when that first claim happened.
+/// ever; `first_claimed_at_ms`: when that first claim happened. `reset`: the restart point
+/// a `checkpoints reset` wrote into the row; it wins over everything else, since the user
+/// asked for exactly that position (a child reset with its parents starts at the same point,
+/// which holds none of the parents' records).
 pub fn no_checkpoint_start(
     configured: StartPosition,
     parent_read_to_end: bool,
     first_claim: bool,
     first_claimed_at_ms: Option<i64>,
+    reset: Option<ResetTo>,
 ) -> FreshStart {
+    match reset {
+        Some(ResetTo::TrimHorizon) => return FreshStart::TrimHorizon,
+        Some(ResetTo::AtTimestamp(t)) => return FreshStart::AtTimestampMs(t.as_millisecond()),
+        None => {}
+    }
     if parent_read_to_end {
         return FreshStart::TrimHorizon;
     }
@@ -425,9 +435,27 @@ mod tests {
         ];
         for (name, configured, parent, first, at, want) in cases {
             assert_eq!(
-                no_checkpoint_start(configured, parent, first, at),
+                no_checkpoint_start(configured, parent, first, at, None),
                 want,
                 "{name}"
+            );
+        }
+        // A reset's restart point wins over the configured start, the parent rule and the
+        // LATEST handoff rule.
+        let t: jiff::Timestamp = "2026-01-02T15:04:05Z".parse().expect("time");
+        for (configured, parent, first, at) in [
+            (Latest, false, true, Some(1_000_000)),
+            (Latest, false, false, Some(1_000_000)),
+            (TrimHorizon, true, false, None),
+            (AtTimestamp, false, false, None),
+        ] {
+            assert_eq!(
+                no_checkpoint_start(configured, parent, first, at, Some(ResetTo::TrimHorizon)),
+                FreshStart::TrimHorizon
+            );
+            assert_eq!(
+                no_checkpoint_start(configured, parent, first, at, Some(ResetTo::AtTimestamp(t))),
+                FreshStart::AtTimestampMs(t.as_millisecond())
             );
         }
     }

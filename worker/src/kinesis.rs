@@ -468,6 +468,11 @@ impl StreamClient {
                 self.stream_name(),
                 self.region
             ),
+            ErrorKind::Throttled => format!(
+                "stream {} in region {} is over its read limits (per shard 5 GetRecords calls/s and 2 MB/s, shared by every group reading it; per account, 100 ListShards or GetShardIterator calls/s): raise tuning.minCallInterval or add shards ({text})",
+                self.stream_name(),
+                self.region
+            ),
             _ => text,
         };
         KinesisError::Call {

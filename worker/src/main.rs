@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region};
 use clap::{Parser, Subcommand};
-use kcg_worker::config::WorkerConfig;
+use kcg_worker::config::{ConfigOrigin, ORIGIN_ENV, WorkerConfig};
 use kcg_worker::delivery::build_handler;
 use kcg_worker::engine::{self, EngineError, EngineOptions};
 use kcg_worker::health::Health;
@@ -60,6 +60,11 @@ enum Command {
         /// `KCG__...` environment variables override its fields.
         #[arg(long, env = "KCG_CONFIG")]
         config: String,
+        /// Who wrote the config file: `user` (unknown fields are errors) or `operator` (the
+        /// operator sets this in the pods it renders; unknown fields, which a newer operator
+        /// may write, are logged as warnings). `KCG__` overrides are always checked strictly.
+        #[arg(long, env = ORIGIN_ENV, value_enum, default_value_t = ConfigOrigin::User)]
+        config_origin: ConfigOrigin,
         /// Base of this client's id (a random suffix is added); default: POD_NAME, else
         /// the host name.
         #[arg(long, env = "KCG_CLIENT_ID")]
@@ -97,10 +102,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run {
                 config,
+                config_origin,
                 client_id,
                 listen,
                 create_table,
-            } => run(&config, client_id, listen, create_table).await,
+            } => run(&config, config_origin, client_id, listen, create_table).await,
             Command::CreateTable { table, region } => create(table, region).await,
         }
     })
@@ -111,12 +117,21 @@ const EXIT_CONFIG: u8 = 2;
 
 async fn run(
     path: &str,
+    origin: ConfigOrigin,
     client_id: Option<String>,
     listen: SocketAddr,
     create_table: bool,
 ) -> ExitCode {
-    let mut config = match WorkerConfig::load(path) {
-        Ok(c) => c,
+    let mut config = match WorkerConfig::load(path, origin) {
+        Ok(loaded) => {
+            for field in &loaded.ignored {
+                warn!(
+                    field = %field.path,
+                    "the operator's config holds a field this worker version does not know; ignoring it (upgrade the worker image to use it)"
+                );
+            }
+            loaded.config
+        }
         Err(e) => {
             error!(error = %e, "cannot start");
             eprintln!("kcg-worker: {e}");

@@ -69,27 +69,67 @@ pub struct ShardProgress {
 /// Kinesis allows 5 GetRecords calls per second per shard: never call more often.
 pub const MIN_CALL_GAP: Duration = Duration::from_millis(200);
 
+/// Kinesis serves at most 2 MB per second per shard: after a page of `n` bytes, the next
+/// call waits `n / SHARD_READ_BYTES_PER_SEC` seconds at least.
+pub const SHARD_READ_BYTES_PER_SEC: u64 = 2 * 1024 * 1024;
+
 /// Most batches a manual-commit handler may hold uncommitted per shard before the reader
 /// stops fetching (bounds memory when a handler never commits).
 pub const MAX_PENDING_BATCHES: usize = 64;
 
-/// How long to wait before the next GetRecords, given the time since the previous call
-/// started and what it returned. Caught up (nothing returned, not behind): wait the poll
-/// interval. Records came back or the shard is behind: go again as soon as the rate limit
-/// allows.
-pub fn next_poll_delay(
-    since_last_call: Duration,
-    got_records: bool,
-    millis_behind: Option<i64>,
-    poll_interval: Duration,
-) -> Duration {
-    let caught_up = !got_records && millis_behind.unwrap_or(0) <= 0;
-    let gap = if caught_up {
-        poll_interval.max(MIN_CALL_GAP)
+/// What the previous GetRecords on a shard returned, as far as pacing goes. A failed call
+/// counts as the default: nothing returned, lag unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastPage {
+    /// Records returned.
+    pub records: usize,
+    /// Their data bytes.
+    pub bytes: usize,
+    /// MillisBehindLatest of the answer.
+    pub millis_behind: Option<i64>,
+}
+
+/// How the reader paces a shard, from what the last call returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Nothing came back and the shard is not behind: wait `pollInterval` (and at least
+    /// `minCallInterval`).
+    Idle,
+    /// Records came back but the reader is at the tip (a steady trickle): wait
+    /// `minCallInterval`, so every group reading the shard leaves room for the others.
+    Trickle,
+    /// Behind the tip (a full page, or the next records are older than one
+    /// `minCallInterval`): as fast as the shard's own limits allow, 5 calls/s and 2 MB/s.
+    CatchUp,
+}
+
+/// Classifies the last call; see [`Pace`].
+pub fn pace(last: &LastPage, max_records_per_call: u32, min_call_interval: Duration) -> Pace {
+    let behind_ms = last.millis_behind.unwrap_or(0);
+    let full = last.records > 0 && last.records >= max_records_per_call as usize;
+    if full || u128::try_from(behind_ms).unwrap_or(0) > min_call_interval.as_millis() {
+        Pace::CatchUp
+    } else if last.records > 0 {
+        Pace::Trickle
     } else {
-        MIN_CALL_GAP
+        Pace::Idle
+    }
+}
+
+/// How long to wait before the next GetRecords on a shard, given the time since the
+/// previous call started and what it returned (see [`Pace`]). Whatever the pace, never
+/// sooner than the shard's limits allow: 200ms between calls, and the time the last page's
+/// bytes take at 2 MB/s.
+pub fn next_poll_delay(since_last_call: Duration, last: &LastPage, tuning: &Tuning) -> Duration {
+    let gap = match pace(last, tuning.max_records_per_call, tuning.min_call_interval) {
+        Pace::Idle => tuning.poll_interval.max(tuning.min_call_interval),
+        Pace::Trickle => tuning.min_call_interval,
+        Pace::CatchUp => MIN_CALL_GAP,
     };
-    gap.saturating_sub(since_last_call)
+    let bytes_gap = Duration::from_secs_f64(last.bytes as f64 / SHARD_READ_BYTES_PER_SEC as f64);
+    gap.max(MIN_CALL_GAP)
+        .max(bytes_gap)
+        .saturating_sub(since_last_call)
 }
 
 /// Exponential backoff with "equal jitter": the delay for attempt n is uniformly drawn from
@@ -740,8 +780,7 @@ impl Reader {
         let mut iterator: Option<String> = None;
         let mut backoff = kinesis_backoff();
         let mut last_call: Option<Instant> = None;
-        let mut last_got_records = false;
-        let mut last_behind: Option<i64> = None;
+        let mut last_page = LastPage::default();
         loop {
             if self.stop.is_cancelled() {
                 return Err(Exit::Stopped);
@@ -783,12 +822,7 @@ impl Reader {
             };
 
             if let Some(at) = last_call {
-                let d = next_poll_delay(
-                    at.elapsed(),
-                    last_got_records,
-                    last_behind,
-                    self.tuning.poll_interval,
-                );
+                let d = next_poll_delay(at.elapsed(), &last_page, &self.tuning);
                 if !d.is_zero() {
                     self.sleep(d).await?;
                 }
@@ -807,8 +841,7 @@ impl Reader {
                 Ok(p) => p,
                 Err(e) => {
                     // Failures count as "nothing returned" for pacing.
-                    last_got_records = false;
-                    last_behind = None;
+                    last_page = LastPage::default();
                     self.kinesis_failed(&e, &backoff);
                     match on_kinesis_error(e.kind()) {
                         ErrorAction::NewIterator => {
@@ -826,8 +859,11 @@ impl Reader {
                 }
             };
             backoff.reset();
-            last_got_records = !page.records.is_empty();
-            last_behind = page.millis_behind;
+            last_page = LastPage {
+                records: page.records.len(),
+                bytes: page.records.iter().map(|r| r.data.len()).sum(),
+                millis_behind: page.millis_behind,
+            };
             match self.accept(page.records, page.millis_behind).await {
                 Ok(()) => {}
                 Err(Exit::Rewind) => {
@@ -1075,28 +1111,68 @@ mod tests {
 
     #[test]
     fn poll_delay_table() {
-        let poll = MS(1000);
-        // (since last call, got records, millis behind, want)
+        let tuning = Tuning {
+            poll_interval: MS(2000),
+            min_call_interval: MS(1000),
+            max_records_per_call: 100,
+            ..Tuning::default()
+        };
+        let page = |records: usize, bytes: usize, behind: Option<i64>| LastPage {
+            records,
+            bytes,
+            millis_behind: behind,
+        };
+        const MB: usize = 1024 * 1024;
+        // (since last call, last page, want)
         let cases = [
-            (MS(0), false, Some(0), MS(1000)), // idle, caught up: full poll interval
-            (MS(300), false, Some(0), MS(700)), // part of it already passed
-            (MS(1500), false, Some(0), MS(0)), // overdue
-            (MS(0), true, Some(0), MS(200)),   // records came back: only the rate limit
-            (MS(50), true, Some(0), MS(150)),
-            (MS(250), true, Some(0), MS(0)),
-            (MS(0), false, Some(5000), MS(200)), // behind but empty page: go again quickly
-            (MS(0), false, None, MS(1000)),      // unknown lag counts as caught up
-            (MS(10), true, None, MS(190)),
+            // Idle, caught up: the poll interval.
+            (MS(0), page(0, 0, Some(0)), MS(2000)),
+            (MS(300), page(0, 0, Some(0)), MS(1700)),
+            (MS(2500), page(0, 0, Some(0)), MS(0)),
+            (MS(0), LastPage::default(), MS(2000)), // failed call / unknown lag: idle
+            // A trickle at the tip: minCallInterval, not the 200ms the limit would allow.
+            (MS(0), page(3, 300, Some(0)), MS(1000)),
+            (MS(400), page(3, 300, None), MS(600)),
+            (MS(0), page(3, 300, Some(1000)), MS(1000)), // behind by one interval: still a trickle
+            // Behind the tip: as fast as the shard's limits allow.
+            (MS(0), page(3, 300, Some(1001)), MS(200)),
+            (MS(0), page(0, 0, Some(60_000)), MS(200)), // an empty page far behind
+            (MS(0), page(100, 1000, Some(0)), MS(200)), // a full page: more is waiting
+            (MS(50), page(100, 1000, Some(0)), MS(150)),
+            (MS(0), page(100, 4 * MB, Some(5000)), MS(2000)), // 4 MB at 2 MB/s
+            (MS(0), page(100, 10 * MB, Some(5000)), MS(5000)), // a 10 MB page: 5s
+            (MS(0), page(3, 3 * MB, Some(0)), MS(1500)),      // bytes bound the trickle too
         ];
-        for (since, got, behind, want) in cases {
+        for (since, last, want) in cases {
             assert_eq!(
-                next_poll_delay(since, got, behind, poll),
+                next_poll_delay(since, &last, &tuning),
                 want,
-                "{since:?} {got} {behind:?}"
+                "{since:?} {last:?}"
             );
         }
-        // A poll interval below the limit is raised to it.
-        assert_eq!(next_poll_delay(MS(0), false, Some(0), MS(10)), MIN_CALL_GAP);
+        // The poll interval never undercuts minCallInterval, nor either the limit.
+        let short = Tuning {
+            poll_interval: MS(200),
+            min_call_interval: MS(700),
+            ..tuning.clone()
+        };
+        assert_eq!(
+            next_poll_delay(MS(0), &page(0, 0, Some(0)), &short),
+            MS(700)
+        );
+        let tiny = Tuning {
+            poll_interval: MS(10),
+            min_call_interval: MS(10),
+            ..tuning
+        };
+        assert_eq!(
+            next_poll_delay(MS(0), &page(0, 0, Some(0)), &tiny),
+            MIN_CALL_GAP
+        );
+        assert_eq!(
+            next_poll_delay(MS(0), &page(1, 1, Some(0)), &tiny),
+            MIN_CALL_GAP
+        );
     }
 
     #[test]

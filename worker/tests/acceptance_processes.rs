@@ -947,7 +947,7 @@ async fn loss_and_order_with_real_worker_processes() {
         format!(
             "group: {group}\nstreams:\n  - name: {name}\n    startPosition: TrimHorizon\n\
              stateStore:\n  table: {name}\ndelivery:\n  stdout: {{}}\ntuning:\n\
-             \x20 pollInterval: {poll}ms\n  heartbeatInterval: {hb}ms\n  clientTimeout: 3s\n\
+             \x20 pollInterval: {poll}ms\n  minCallInterval: {poll}ms\n  heartbeatInterval: {hb}ms\n  clientTimeout: 3s\n\
              \x20 checkpointInterval: {cp}ms\n  shutdownTimeout: 10s\n",
             poll = POLL_INTERVAL.as_millis(),
             hb = HEARTBEAT_INTERVAL.as_millis(),

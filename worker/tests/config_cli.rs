@@ -15,8 +15,8 @@ fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     path
 }
 
-/// Runs `kcg-worker run --config FILE` with `env` added and no inherited `KCG__` variables.
-fn run(path: &PathBuf, env: &[(&str, &str)]) -> Output {
+/// `kcg-worker run --config FILE` without inherited `KCG__` variables.
+fn command(path: &PathBuf) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "--config"])
         .arg(path)
@@ -26,8 +26,15 @@ fn run(path: &PathBuf, env: &[(&str, &str)]) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run kcg-worker")
+    cmd
+}
+
+/// Runs [`command`] with `env` added.
+fn run(path: &PathBuf, env: &[(&str, &str)]) -> Output {
+    command(path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run kcg-worker")
 }
 
 fn assert_config_error(name: &str, out: &Output, needles: &[&str]) {
@@ -129,4 +136,93 @@ fn a_bad_env_override_exits_2_naming_field_and_variable() {
 fn a_missing_file_exits_2_naming_it() {
     let out = run(&PathBuf::from("/nonexistent/kcg.yaml"), &[]);
     assert_config_error("missing file", &out, &["/nonexistent/kcg.yaml"]);
+}
+
+#[test]
+fn an_unknown_field_exits_2_with_a_did_you_mean_in_the_file_and_in_the_env() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let typo = write(
+        dir.path(),
+        "typo",
+        &VALID.replace("{name: orders}", "{name: orders, startPositon: Latest}"),
+    );
+    let out = run(&typo, &[]);
+    assert_config_error(
+        "file typo",
+        &out,
+        &["streams[0].startPositon: unknown field (did you mean startPosition?)"],
+    );
+    let path = write(dir.path(), "valid", VALID);
+    for origin in ["user", "operator"] {
+        let out = run(
+            &path,
+            &[
+                ("KCG__TUNING__POLL_INTERVALL", "5s"),
+                ("KCG_CONFIG_ORIGIN", origin),
+            ],
+        );
+        assert_config_error(
+            "env typo",
+            &out,
+            &[
+                "tuning.pollIntervall: unknown field (did you mean pollInterval?)",
+                "KCG__TUNING__POLL_INTERVALL",
+            ],
+        );
+    }
+}
+
+/// A config the operator rendered with a field this worker does not know (a newer operator
+/// during a rolling upgrade): the worker warns and starts. Its state store is a closed port,
+/// so it is stopped once the warning and the start are logged.
+#[test]
+fn an_unknown_field_from_the_operator_is_a_warning() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(
+        dir.path(),
+        "rendered",
+        &format!("{VALID}tuning: {{fetchMode: fanOut}}\n"),
+    );
+    let mut cmd = command(&path);
+    cmd.env("KCG_CONFIG_ORIGIN", "operator")
+        .env("KCG_LOG_FORMAT", "text")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start kcg-worker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (mut warned, mut started) = (false, false);
+    let mut seen = Vec::new();
+    while !(warned && started) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        warned |= line.contains("WARN")
+            && line.contains("does not know")
+            && line.contains("tuning.fetchMode");
+        started |= line.contains("starting");
+        seen.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        warned && started,
+        "expected a warning naming tuning.fetchMode, then the start: {seen:#?}"
+    );
 }

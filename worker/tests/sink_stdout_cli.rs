@@ -51,7 +51,7 @@ async fn run_writes_json_lines_and_stops_on_sigterm() {
         format!(
             "group: test/{name}\nstreams:\n  - name: {name}\n    startPosition: TrimHorizon\n\
              stateStore:\n  table: {name}\n  create: true\ndelivery:\n  stdout: {{}}\n\
-             tuning:\n  pollInterval: 200ms\n  checkpointInterval: 1s\n"
+             tuning:\n  pollInterval: 200ms\n  minCallInterval: 200ms\n  checkpointInterval: 1s\n"
         ),
     )
     .unwrap();

@@ -23,6 +23,7 @@ use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
     CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
+    RESET_TO, ResetTo,
     SHARDS_PREFIX, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
 };
 
@@ -63,6 +64,22 @@ pub struct Claimed {
     pub first_claim: bool,
     /// When the first claim happened (Unix ms, the first claimer's clock).
     pub first_claimed_at_ms: Option<i64>,
+    /// Where a `checkpoints reset` says the shard restarts while it has no checkpoint.
+    pub reset_to: Option<ResetTo>,
+}
+
+/// What a `checkpoints reset` saw of a lease row, and requires unchanged when it writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetSeen {
+    /// No row: the shard is in the shard cache but was never claimed.
+    Missing,
+    /// The row with this owner (`None`: unowned) and lease counter.
+    Row {
+        /// The owner seen (a stopped client's id, or none).
+        owner: Option<String>,
+        /// The counter seen.
+        counter: u64,
+    },
 }
 
 /// What a heartbeat records about the client.
@@ -259,6 +276,21 @@ impl StateStore {
     /// operator builds the CR status from this, so its shape is part of the contract.
     pub async fn load_group(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
         let mut snap = GroupSnapshot::default();
+        self.for_each_row(group, |item| self.decode_into(group, item, &mut snap))
+            .await?;
+        snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
+        snap.leases
+            .sort_by(|a, b| (&a.stream, &a.shard_id).cmp(&(&b.stream, &b.shard_id)));
+        Ok(snap)
+    }
+
+    /// Every row of `group`, one consistent, paginated Query, handed to `f` in key order.
+    async fn for_each_row(
+        &self,
+        group: &str,
+        mut f: impl FnMut(&HashMap<String, AttributeValue>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let out = self
@@ -274,18 +306,13 @@ impl StateStore {
                 .await
                 .map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
             for item in out.items() {
-                self.decode_into(group, item, &mut snap)?;
+                f(item)?;
             }
             match out.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
-        snap.leases
-            .sort_by(|a, b| (&a.stream, &a.shard_id).cmp(&(&b.stream, &b.shard_id)));
-        Ok(snap)
     }
 
     fn decode_into(
@@ -358,6 +385,20 @@ impl StateStore {
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
         };
         let item = self.encode(group, &row.sk, &row)?;
+        self.put_new(
+            item,
+            self.ctx("register", group, &row.sk, "client id already registered"),
+        )
+        .await?;
+        Ok(row)
+    }
+
+    /// PutItem of a row that must not exist yet; `Conflict` when it does.
+    async fn put_new(
+        &self,
+        item: HashMap<String, AttributeValue>,
+        ctx: Ctx<'_>,
+    ) -> Result<(), StoreError> {
         self.client
             .put_item()
             .table_name(&self.table)
@@ -366,13 +407,8 @@ impl StateStore {
             .expression_attribute_names("#pk", PK)
             .send()
             .await
-            .map_err(|e| {
-                classify(
-                    e,
-                    self.ctx("register", group, &row.sk, "client id already registered"),
-                )
-            })?;
-        Ok(row)
+            .map_err(|e| classify(e, ctx))?;
+        Ok(())
     }
 
     /// Heartbeats: increments the counter observers watch, and records owned shards and the
@@ -489,20 +525,15 @@ impl StateStore {
         let row = LeaseRow::unowned(group, stream, shard_id, now_ms());
         let item = self.encode(group, &row.sk, &row)?;
         match self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#pk)")
-            .expression_attribute_names("#pk", PK)
-            .send()
+            .put_new(
+                item,
+                self.ctx("create_lease", group, &row.sk, "lease exists"),
+            )
             .await
         {
-            Ok(_) => Ok(true),
-            Err(e) => match classify(e, self.ctx("create_lease", group, &row.sk, "lease exists")) {
-                StoreError::Conflict { .. } => Ok(false),
-                other => Err(other),
-            },
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(other) => Err(other),
         }
     }
 
@@ -580,11 +611,13 @@ impl StateStore {
             .map_err(|e| classify(e, self.ctx("claim", group, &sk, what)))?;
         let attrs = out.attributes().cloned().unwrap_or_default();
         let first_claimed_at_ms = read_i(Some(&attrs), FIRST_CLAIMED_AT);
+        let reset_to = read_reset(&attrs);
         let row = self.decode_lease(group, sk, attrs)?;
         Ok(Claimed {
             row,
             first_claim: first_claimed_at_ms == Some(now),
             first_claimed_at_ms,
+            reset_to,
         })
     }
 
@@ -606,10 +639,12 @@ impl StateStore {
             .map_err(|e| classify(e, self.ctx("resume", group, &sk, "not the lease owner")))?;
         let attrs = out.attributes().cloned().unwrap_or_default();
         let first_claimed_at_ms = read_i(Some(&attrs), FIRST_CLAIMED_AT);
+        let reset_to = read_reset(&attrs);
         Ok(Claimed {
             row: self.decode_lease(group, sk, attrs)?,
             first_claim: false,
             first_claimed_at_ms,
+            reset_to,
         })
     }
 
@@ -772,6 +807,84 @@ impl StateStore {
         Ok(read_n(out.attributes(), "leaseCounter"))
     }
 
+    /// Resets a shard for `kcg-operator checkpoints reset`: removes the checkpoint, the owner
+    /// (a stopped client's) and the lag, clears `ended` (so parents are read again before
+    /// their children) and records where the next reader starts ([`RESET_TO`]). Conditional
+    /// on the row being as `seen` (owner and counter unchanged, or still missing), so a
+    /// worker that came back meanwhile is never overwritten: `Conflict` then.
+    pub async fn reset_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        seen: &ResetSeen,
+        to: ResetTo,
+    ) -> Result<(), StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        let ctx = self.ctx("reset", group, &sk, "the lease changed since it was read");
+        let (owner, counter) = match seen {
+            ResetSeen::Missing => {
+                let row = LeaseRow::unowned(group, stream, shard_id, now_ms());
+                let mut item = self.encode(group, &row.sk, &row)?;
+                item.insert(RESET_TO.to_owned(), s(to.to_string()));
+                return self.put_new(item, ctx).await;
+            }
+            ResetSeen::Row { owner, counter } => (owner, counter),
+        };
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .update_expression(
+                "SET #reset = :reset, #ended = :false, #ctr = #ctr + :one, #upd = :now \
+                 REMOVE #owner, #cp, #cpsub, #mb, #lagat",
+            )
+            .expression_attribute_names("#reset", RESET_TO)
+            .expression_attribute_names("#cpsub", CHECKPOINT_SUB_SEQUENCE)
+            .expression_attribute_names("#ended", "ended")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#cp", "checkpoint")
+            .expression_attribute_names("#mb", "millisBehind")
+            .expression_attribute_names("#lagat", "lagAtMs")
+            .expression_attribute_values(":reset", s(to.to_string()))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":seen", n(*counter));
+        req = match owner {
+            Some(o) => req
+                .condition_expression("#ctr = :seen AND #owner = :old")
+                .expression_attribute_values(":old", s(o.as_str())),
+            None => req.condition_expression("#ctr = :seen AND attribute_not_exists(#owner)"),
+        };
+        req.send().await.map_err(|e| classify(e, ctx))?;
+        Ok(())
+    }
+
+    /// The `resetTo` of each lease row of `group` that has one, by (stream, shard id): the
+    /// restart points `checkpoints show` lists for shards not read since a reset.
+    pub async fn lease_resets(
+        &self,
+        group: &str,
+    ) -> Result<std::collections::BTreeMap<(String, String), ResetTo>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        self.for_each_row(group, |item| {
+            let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+            let is_lease = text(SK).is_some_and(|sk| sk.starts_with(LEASE_PREFIX));
+            if let (true, Some(stream), Some(shard), Some(to)) =
+                (is_lease, text("stream"), text("shardId"), read_reset(item))
+            {
+                out.insert((stream, shard), to);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Deletes the lease row of a shard that no longer exists in the stream (trimmed after
     /// retention), conditional on nobody owning it. Cleanup only.
     pub async fn delete_lease(
@@ -792,6 +905,15 @@ impl StateStore {
             .map_err(|e| classify(e, self.ctx("delete_lease", group, &sk, "lease is owned")))?;
         Ok(())
     }
+}
+
+/// The `resetTo` attribute, if present and readable (a value this version cannot read is
+/// ignored: the configured start applies, as for a worker that predates resets).
+fn read_reset(attrs: &HashMap<String, AttributeValue>) -> Option<ResetTo> {
+    attrs
+        .get(RESET_TO)
+        .and_then(|v| v.as_s().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Reads a signed number attribute, if present.

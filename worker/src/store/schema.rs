@@ -198,6 +198,51 @@ impl LeaseRow {
     }
 }
 
+/// Lease attribute written by `kcg-operator checkpoints reset`: where a reader starts the
+/// shard while the row holds no checkpoint, instead of the configured start position. Text:
+/// [`ResetTo`]'s `Display`. Not part of [`LeaseRow`]: only the engine (and the reset
+/// command) read it.
+pub const RESET_TO: &str = "resetTo";
+
+/// Where a reset shard restarts (the `resetTo` lease attribute).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The oldest record still retained.
+    TrimHorizon,
+    /// The first record that arrived at or after this time.
+    AtTimestamp(jiff::Timestamp),
+}
+
+impl std::fmt::Display for ResetTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetTo::TrimHorizon => f.write_str("TrimHorizon"),
+            ResetTo::AtTimestamp(t) => write!(f, "AtTimestamp={t}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ResetTo {
+    type Err = String;
+
+    /// `TrimHorizon` or `AtTimestamp=<RFC 3339 time>`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "TrimHorizon" {
+            return Ok(ResetTo::TrimHorizon);
+        }
+        let Some(time) = text.strip_prefix("AtTimestamp=") else {
+            return Err(format!(
+                "{text:?}: expected TrimHorizon or AtTimestamp=<RFC 3339 time>"
+            ));
+        };
+        time.parse::<jiff::Timestamp>()
+            .map(ResetTo::AtTimestamp)
+            .map_err(|e| {
+                format!("{time:?} is not an RFC 3339 time such as 2026-01-02T15:04:05Z: {e}")
+            })
+    }
+}
+
 /// Every row of one group, as one Query returns them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GroupSnapshot {
@@ -207,4 +252,30 @@ pub struct GroupSnapshot {
     pub shard_caches: Vec<ShardCacheRow>,
     /// Lease rows, sorted by (stream, shard id).
     pub leases: Vec<LeaseRow>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_to_round_trips_and_rejects_the_rest() {
+        let t: jiff::Timestamp = "2026-01-02T15:04:05Z".parse().expect("time");
+        for (text, want) in [
+            ("TrimHorizon", ResetTo::TrimHorizon),
+            ("AtTimestamp=2026-01-02T15:04:05Z", ResetTo::AtTimestamp(t)),
+        ] {
+            assert_eq!(text.parse::<ResetTo>(), Ok(want));
+            assert_eq!(want.to_string(), text);
+        }
+        for bad in [
+            "Latest",
+            "trimhorizon",
+            "AtTimestamp=",
+            "AtTimestamp=yesterday",
+            "",
+        ] {
+            assert!(bad.parse::<ResetTo>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -106,6 +106,8 @@ pub struct Env {
     pub client_timeout: String,
     /// Read every stream with enhanced fan-out (SubscribeToShard) instead of polling.
     pub fan_out: bool,
+    /// `tuning.minCallInterval`: 200ms (Kinesis' limit) so tests read fast.
+    pub min_call_interval: String,
 }
 
 pub fn suffix() -> String {
@@ -166,6 +168,7 @@ impl Env {
             start_position: "TrimHorizon".into(),
             client_timeout: "2s".into(),
             fan_out: false,
+            min_call_interval: "200ms".into(),
         }
     }
 
@@ -180,6 +183,7 @@ delivery:
   stdout: {{}}
 tuning:
   pollInterval: 200ms
+  minCallInterval: {min_call_interval}
   heartbeatInterval: 300ms
   clientTimeout: {client_timeout}
   checkpointInterval: {checkpoint}
@@ -203,6 +207,7 @@ tuning:
             checkpoint = self.checkpoint_interval,
             max_records = self.max_records,
             client_timeout = self.client_timeout,
+            min_call_interval = self.min_call_interval,
         ))
         .expect("config")
     }

@@ -118,6 +118,7 @@ pub async fn connect(name: &str, conf: &SdkConfig) -> Arc<StreamClient> {
 pub fn tuning(max_records: u32) -> Tuning {
     Tuning {
         poll_interval: Duration::from_millis(200),
+        min_call_interval: Duration::from_millis(200),
         max_records_per_call: max_records,
         shutdown_timeout: Duration::from_secs(5),
         ..Tuning::default()
