@@ -143,12 +143,24 @@ async fn old_owner_cannot_write_after_takeover() {
         millis_behind: Some(5),
         lag_at_ms: Some(1),
     };
-    let c1 = store
-        .checkpoint(G, "s", "sh", "a", &cp("100"))
+    let c1 = a.lease_counter;
+    store
+        .checkpoint(G, "s", "sh", "a", c1, &cp("100"))
         .await
         .expect("a checkpoints");
-    assert_eq!(c1, a.lease_counter + 1, "a checkpoint renews");
-    // b watched counter c1 stand still: takeover conditional on (a, c1).
+    let snap = store.load_group(G).await.expect("load");
+    assert_eq!(
+        snap.leases[0].lease_counter, c1,
+        "a checkpoint leaves the counter"
+    );
+    // A write under an older counter (a late write of an earlier reader) is refused: it
+    // cannot move the checkpoint back.
+    let err = store
+        .checkpoint(G, "s", "sh", "a", c1 - 1, &cp("50"))
+        .await
+        .expect_err("late write");
+    assert!(err.is_conflict());
+    // b watched a's heartbeat stand still: takeover conditional on (a, c1).
     let err = store
         .claim_lease(G, "s", "sh", "b", Some(("a", c1 - 1)))
         .await
@@ -164,6 +176,7 @@ async fn old_owner_cannot_write_after_takeover() {
         .await
         .expect("b takes over");
     assert_eq!(b.owner.as_deref(), Some("b"));
+    assert_eq!(b.lease_counter, c1 + 1, "a claim moves the counter");
     assert_eq!(
         b.checkpoint.as_deref(),
         Some("100"),
@@ -171,17 +184,17 @@ async fn old_owner_cannot_write_after_takeover() {
     );
     // a lost it: every write is refused, the new owner's state is intact.
     for res in [
+        store.checkpoint(G, "s", "sh", "a", c1, &cp("150")).await,
         store
-            .checkpoint(G, "s", "sh", "a", &cp("150"))
+            .release_lease(G, "s", "sh", "a", c1, &cp("150"))
             .await
             .map(|_| ()),
-        store.renew_lease(G, "s", "sh", "a").await.map(|_| ()),
-        store.release_lease(G, "s", "sh", "a", &cp("150")).await,
+        store.resume_lease(G, "s", "sh", "a").await.map(|_| ()),
     ] {
         assert!(res.as_ref().is_err_and(StoreError::is_conflict), "{res:?}");
     }
     store
-        .checkpoint(G, "s", "sh", "b", &cp("200"))
+        .checkpoint(G, "s", "sh", "b", b.lease_counter, &cp("200"))
         .await
         .expect("b checkpoints");
     let snap = store.load_group(G).await.expect("load");
@@ -205,6 +218,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "a",
+            a.lease_counter,
             &CheckpointUpdate {
                 sequence: Some("42".into()),
                 ..Default::default()
@@ -233,6 +247,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "b",
+            b.lease_counter,
             &CheckpointUpdate {
                 millis_behind: Some(0),
                 ..Default::default()
@@ -263,7 +278,14 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             .is_err_and(|e| e.is_conflict())
     );
     store
-        .release_lease(G, "s", "fresh", "a", &CheckpointUpdate::default())
+        .release_lease(
+            G,
+            "s",
+            "fresh",
+            "a",
+            resumed.row.lease_counter,
+            &CheckpointUpdate::default(),
+        )
         .await
         .expect("release fresh");
     let again = store
@@ -282,6 +304,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "b",
+            b.lease_counter,
             &CheckpointUpdate {
                 sequence: Some("43".into()),
                 ended: true,
@@ -340,6 +363,7 @@ async fn heartbeat_and_conditional_prune() {
             "c1-abc",
             &HeartbeatUpdate {
                 owned_shards: 3,
+                lease_changes: 5,
                 last_error: Some(("HandlerFailing".into(), "sidecar answers 500".into())),
             },
         )
@@ -349,9 +373,11 @@ async fn heartbeat_and_conditional_prune() {
     let snap = store.load_group(G).await.expect("load");
     let c = &snap.clients[0];
     assert_eq!(
-        (c.heartbeat, c.owned_shards, c.pod.as_str()),
-        (2, 3, "pod-1")
+        (c.heartbeat, c.owned_shards, c.lease_changes, c.pod.as_str()),
+        (2, 3, 5, "pod-1")
     );
+    // The member's per-tick read: the client rows only.
+    assert_eq!(store.load_clients(G).await.expect("clients"), snap.clients);
     assert_eq!(c.last_error_reason.as_deref(), Some("HandlerFailing"));
     assert!(c.expires_at > c.heartbeat_at_ms / 1000, "TTL in the future");
     store
@@ -428,6 +454,7 @@ async fn load_group_pages_and_isolates_groups() {
         .register("ns/other", "x-1", "p")
         .await
         .expect("other group");
+    store.register(G, "c-1", "p").await.expect("client");
     store
         .create_lease("ns/other", "stream-00", "shardId-000000000000")
         .await
@@ -442,7 +469,17 @@ async fn load_group_pages_and_isolates_groups() {
     assert_eq!(got.len(), 18, "every row across pages");
     assert!(snap.shard_caches.iter().all(|c| c.shards == shards));
     assert_eq!(snap.leases.len(), 30);
-    assert!(snap.clients.is_empty(), "other group's rows are not ours");
+    assert_eq!(snap.clients.len(), 1, "other group's rows are not ours");
+    // The two partial reads a member makes: client rows only; leases and caches only
+    // (paged like the whole group).
+    let clients = store.load_clients(G).await.expect("clients");
+    assert_eq!(clients, snap.clients);
+    let leases = store.load_leases(G).await.expect("leases");
+    assert!(leases.clients.is_empty());
+    assert_eq!(
+        (leases.leases, leases.shard_caches),
+        (snap.leases.clone(), snap.shard_caches.clone())
+    );
     assert!(
         snap.leases
             .windows(2)

@@ -4,28 +4,11 @@
 use super::*;
 
 impl Engine {
-    pub(super) async fn lead(&mut self, snap: &mut GroupSnapshot, now: Instant) {
-        // Prune clients whose heartbeat stood still for the timeout, conditional on the
-        // counter we watched, so a client that just came back is kept.
-        for c in &snap.clients {
-            if c.client_id == self.me() || self.clients.is_alive(&c.client_id, now) {
-                continue;
-            }
-            let res = self
-                .io(
-                    "prune",
-                    self.store
-                        .prune_client(self.group(), &c.client_id, c.heartbeat),
-                )
-                .await;
-            match res {
-                Ok(()) => info!(dead = %c.client_id, pod = %c.pod, "pruned dead client"),
-                Err(StoreError::Conflict { .. }) => {
-                    debug!(client = %c.client_id, "client came back; not pruned")
-                }
-                Err(e) => self.note_store("prune", &e),
-            }
-        }
+    /// The leader's duties of one tick. `read`: the lease rows in `snap` were read this
+    /// tick (creating missing leases waits for such a tick, so it never acts on an old
+    /// view). Writes of one duty run concurrently, bounded.
+    pub(super) async fn lead(&mut self, snap: &mut GroupSnapshot, read: bool, now: Instant) {
+        self.prune_dead_clients(snap, now).await;
 
         let mut newly_ended = false;
         for l in snap.leases.iter().filter(|l| l.ended) {
@@ -45,7 +28,38 @@ impl Engine {
             self.refresh_shard_caches(snap).await;
         }
         prune_known_ended(&mut self.known_ended, snap);
-        self.create_missing_leases(snap).await;
+        if read {
+            self.create_missing_leases(snap).await;
+        }
+    }
+
+    /// Prunes clients whose heartbeat stood still for the timeout, conditional on the
+    /// counter we watched, so a client that just came back is kept.
+    async fn prune_dead_clients(&mut self, snap: &GroupSnapshot, now: Instant) {
+        let this = &*self;
+        let dead = snap
+            .clients
+            .iter()
+            .filter(|c| c.client_id != this.me() && !this.clients.is_alive(&c.client_id, now));
+        let writes = dead.map(|c| async move {
+            let res = this
+                .io(
+                    "prune",
+                    this.store
+                        .prune_client(this.group(), &c.client_id, c.heartbeat),
+                )
+                .await;
+            (c, res)
+        });
+        for (c, res) in bounded(writes.collect()).await {
+            match res {
+                Ok(()) => info!(dead = %c.client_id, pod = %c.pod, "pruned dead client"),
+                Err(StoreError::Conflict { .. }) => {
+                    debug!(client = %c.client_id, "client came back; not pruned")
+                }
+                Err(e) => self.note_store("prune", &e),
+            }
+        }
     }
 
     pub(super) async fn refresh_shard_caches(&mut self, snap: &mut GroupSnapshot) {
@@ -56,8 +70,8 @@ impl Engine {
                 continue;
             };
             let name = self.streams[i].config.name.clone();
-            // Bounded like the store calls: heartbeats and renewals come right after this
-            // in the same loop and must never wait behind a hung Kinesis.
+            // Bounded like the store calls: the next heartbeat comes after this in the same
+            // loop and must never wait behind a hung Kinesis.
             let shards = match list_shards_bounded(&client, self.op_timeout()).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -67,21 +81,7 @@ impl Engine {
                     continue;
                 }
             };
-            for shard_id in trimmed_leases(&name, &shards, &snap.leases) {
-                let res = self
-                    .io(
-                        "delete_lease",
-                        self.store.delete_lease(self.group(), &name, &shard_id),
-                    )
-                    .await;
-                match res {
-                    Ok(()) => {
-                        debug!(stream = %name, shard = %shard_id, "deleted lease of a trimmed shard")
-                    }
-                    Err(StoreError::Conflict { .. }) => {}
-                    Err(e) => self.note_store("delete_lease", &e),
-                }
-            }
+            self.delete_trimmed_leases(&name, &shards, snap).await;
             let existing = snap.shard_caches.iter().position(|c| c.stream == name);
             if existing.is_some_and(|i| snap.shard_caches[i].shards == shards) {
                 continue; // unchanged: save the write
@@ -104,6 +104,8 @@ impl Engine {
                         Some(i) => snap.shard_caches[i] = row,
                         None => snap.shard_caches.push(row),
                     }
+                    // Tell the group: new shards may be consumable now.
+                    self.leases_changed();
                 }
                 Err(e) => {
                     self.note_store("put_shard_cache", &e);
@@ -114,28 +116,69 @@ impl Engine {
         self.refresh_caches = !all_ok;
     }
 
+    /// Deletes the lease rows of `stream`'s trimmed shards, and forgets them in `snap` so
+    /// the next refresh does not delete them again before the lease rows are re-read.
+    async fn delete_trimmed_leases(
+        &mut self,
+        stream: &str,
+        listed: &[ShardInfo],
+        snap: &mut GroupSnapshot,
+    ) {
+        let trimmed = trimmed_leases(stream, listed, &snap.leases);
+        let this = &*self;
+        let writes = trimmed.iter().map(|shard_id| async move {
+            let res = this
+                .io(
+                    "delete_lease",
+                    this.store.delete_lease(this.group(), stream, shard_id),
+                )
+                .await;
+            (shard_id, res)
+        });
+        let mut gone = BTreeSet::new();
+        for (shard_id, res) in bounded(writes.collect()).await {
+            match res {
+                Ok(()) => {
+                    debug!(stream = %stream, shard = %shard_id, "deleted lease of a trimmed shard");
+                    gone.insert(shard_id.clone());
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => self.note_store("delete_lease", &e),
+            }
+        }
+        snap.leases
+            .retain(|l| l.stream != stream || !gone.contains(&l.shard_id));
+    }
+
     /// Creates an unowned lease row for every consumable shard lacking one, so the status
     /// shows unassigned shards. (Claiming creates missing rows too; this is for visibility.)
     pub(super) async fn create_missing_leases(&mut self, snap: &GroupSnapshot) {
         let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
-        for s in assignment::streams_from_snapshot(&names, snap) {
-            for shard in s.consumable {
-                if snap
+        let missing: Vec<(String, String)> = assignment::streams_from_snapshot(&names, snap)
+            .into_iter()
+            .flat_map(|s| {
+                let stream = s.stream;
+                s.consumable
+                    .into_iter()
+                    .map(move |shard| (stream.clone(), shard))
+            })
+            .filter(|(stream, shard)| {
+                !snap
                     .leases
                     .iter()
-                    .any(|l| l.stream == s.stream && l.shard_id == shard)
-                {
-                    continue;
-                }
-                let res = self
-                    .io(
-                        "create_lease",
-                        self.store.create_lease(self.group(), &s.stream, &shard),
-                    )
-                    .await;
-                if let Err(e) = res {
-                    self.note_store("create_lease", &e);
-                }
+                    .any(|l| &l.stream == stream && &l.shard_id == shard)
+            })
+            .collect();
+        let this = &*self;
+        let writes = missing.iter().map(|(stream, shard)| {
+            this.io(
+                "create_lease",
+                this.store.create_lease(this.group(), stream, shard),
+            )
+        });
+        for res in bounded(writes.collect()).await {
+            if let Err(e) = res {
+                self.note_store("create_lease", &e);
             }
         }
     }

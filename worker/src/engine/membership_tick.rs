@@ -1,11 +1,12 @@
-//! The per-tick writes of a member: its heartbeat, and renewing (or checkpointing) every
-//! lease it reads.
+//! The per-tick writes of a member: its heartbeat (which keeps all its leases alive), and a
+//! checkpoint for every lease whose position moved.
 
 use super::*;
 
 impl Engine {
-    /// Writes our heartbeat (registering again if the leader pruned us); false when the
-    /// store could not be reached or refused it.
+    /// Writes our heartbeat (registering again if the leader pruned us) and, once the
+    /// store confirmed it, extends every reader's deadline from when it was sent. False
+    /// when the store could not be reached or refused it.
     pub(super) async fn heartbeat(&mut self) -> bool {
         let reader_issue = self
             .owned
@@ -14,8 +15,10 @@ impl Engine {
         let issue = reader_issue.or_else(|| self.last_issue.clone());
         let update = HeartbeatUpdate {
             owned_shards: self.owned.len() as u32,
+            lease_changes: self.lease_changes,
             last_error: issue.map(|i| (i.reason, i.message)),
         };
+        let sent = Instant::now();
         let res = self
             .io(
                 "heartbeat",
@@ -26,11 +29,20 @@ impl Engine {
             Ok(_) => {
                 self.metrics.heartbeats.inc();
                 self.health.heartbeat_ok();
+                self.heartbeat_confirmed(sent);
                 true
             }
             Err(StoreError::Conflict { .. }) => {
-                // The leader pruned us (it saw our heartbeat stand still): come back.
-                warn!("our client row was pruned; registering again");
+                // The leader pruned us: it watched our heartbeat stand still for the client
+                // timeout, so our readers are past their deadline and others may hold our
+                // leases. Stop every reader; what is still ours is resumed under a new
+                // counter, so no write of the old readers can land.
+                warn!("our client row was pruned; stopping every reader and registering again");
+                let keys: Vec<ShardKey> = self.owned.keys().cloned().collect();
+                for key in &keys {
+                    self.abandon(key).await;
+                }
+                let sent = Instant::now();
                 let res = self
                     .io(
                         "register",
@@ -41,6 +53,8 @@ impl Engine {
                 match res {
                     Ok(_) => {
                         self.health.heartbeat_ok();
+                        self.heartbeat_confirmed(sent);
+                        self.leases_changed();
                         true
                     }
                     Err(e) => {
@@ -56,89 +70,136 @@ impl Engine {
         }
     }
 
-    /// Renews every lease we read (a due checkpoint is the renewal), concurrently, and
-    /// extends each reader's deadline from the time its successful request was sent.
-    pub(super) async fn renew_and_checkpoint(&mut self) {
+    /// The store confirmed a heartbeat sent at `sent`: our readers may read until
+    /// `sent + fencing margin`.
+    fn heartbeat_confirmed(&mut self, sent: Instant) {
+        self.heartbeat_sent = Some(sent);
+        let deadline = sent + self.fencing_margin();
+        for o in self.owned.values() {
+            let _ = o.deadline.send(deadline);
+        }
+    }
+
+    /// Writes a checkpoint for every reader whose acknowledged position moved and whose
+    /// last checkpoint is at least `checkpointInterval` old, concurrently (bounded). Each
+    /// write is conditional on the lease counter we hold.
+    pub(super) async fn write_checkpoints(&mut self) {
         let now = Instant::now();
         let interval = self.config.tuning.checkpoint_interval;
-        let margin = self
-            .config
-            .tuning
-            .client_timeout
-            .saturating_sub(self.config.tuning.heartbeat_interval);
-        let mut writes = Vec::new();
+        let mut due = Vec::new();
         for (key, o) in &self.owned {
             if o.join.is_finished() {
                 continue;
             }
             let p = o.progress.borrow().clone();
+            if !checkpoint_due(
+                p.acked.as_deref(),
+                o.written.sequence.as_deref(),
+                now.duration_since(o.last_checkpoint),
+                interval,
+            ) {
+                continue;
+            }
             let update = CheckpointUpdate {
-                sequence: p
-                    .acked
-                    .clone()
-                    .filter(|a| Some(a) != o.written.sequence.as_ref()),
+                sequence: p.acked.clone(),
                 ended: false,
                 millis_behind: p.millis_behind,
                 lag_at_ms: p.lag_at_ms,
             };
-            let changed =
-                update.sequence.is_some() || update.millis_behind != o.written.millis_behind;
-            let checkpoint = changed && now.duration_since(o.last_checkpoint) >= interval;
-            let store = self.store.clone();
-            let (group, me) = (self.group().to_owned(), self.me().to_owned());
-            let key = key.clone();
-            let op_timeout = self.op_timeout();
-            let metrics = self.metrics.clone();
-            writes.push(async move {
-                let sent = Instant::now();
-                let res = if checkpoint {
-                    io_bounded(
-                        &metrics,
-                        store.table(),
-                        "checkpoint",
-                        op_timeout,
-                        store.checkpoint(&group, &key.stream, &key.shard_id, &me, &update),
-                    )
-                    .await
-                } else {
-                    io_bounded(
-                        &metrics,
-                        store.table(),
-                        "renew",
-                        op_timeout,
-                        store.renew_lease(&group, &key.stream, &key.shard_id, &me),
-                    )
-                    .await
-                };
-                (key, sent, checkpoint.then_some(update), res)
-            });
+            due.push((key.clone(), o.counter, update));
         }
-        for (key, sent, checkpoint, res) in join_all(writes).await {
+        if due.is_empty() {
+            return;
+        }
+        let this = &*self;
+        let (group, me) = (this.group(), this.me());
+        let writes = due.into_iter().map(|(key, counter, update)| async move {
+            let sent = Instant::now();
+            let res = this
+                .io(
+                    "checkpoint",
+                    this.store
+                        .checkpoint(group, &key.stream, &key.shard_id, me, counter, &update),
+                )
+                .await;
+            (key, sent, update, res)
+        });
+        for (key, sent, cp, res) in bounded(writes.collect()).await {
             match res {
-                Ok(_) => {
+                Ok(()) => {
+                    self.metrics.checkpoints_written.inc();
                     let Some(o) = self.owned.get_mut(&key) else {
                         continue;
                     };
-                    let _ = o.deadline.send(sent + margin);
-                    if let Some(cp) = checkpoint {
-                        self.metrics.checkpoints_written.inc();
-                        if cp.sequence.is_some() {
-                            o.written.sequence = cp.sequence;
-                        }
-                        o.written.millis_behind = cp.millis_behind;
-                        o.written.lag_at_ms = cp.lag_at_ms;
-                        o.last_checkpoint = sent;
-                    }
+                    o.written = cp;
+                    o.last_checkpoint = sent;
                 }
                 Err(StoreError::Conflict { .. }) => {
-                    // Someone took it over (our renewals must have failed for too long):
+                    // Someone took it over (our heartbeats must have failed for too long):
                     // stop at once and write nothing.
                     warn!(stream = %key.stream, shard = %key.shard_id, "lease lost; abandoning shard");
                     self.metrics.lease_conflicts.inc();
                     self.abandon(&key).await;
                 }
-                Err(e) => self.note_store("lease renewal", &e),
+                Err(e) => self.note_store("checkpoint", &e),
             }
+        }
+    }
+}
+
+/// A checkpoint is due when the acknowledged position moved since the last write and that
+/// write is at least `interval` old. An unmoved position (an idle shard) is never written
+/// again; the final position is written by the release.
+fn checkpoint_due(
+    acked: Option<&str>,
+    written: Option<&str>,
+    since_written: Duration,
+    interval: Duration,
+) -> bool {
+    acked.is_some() && acked != written && since_written >= interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::ms;
+    use super::*;
+
+    #[test]
+    fn checkpoint_due_table() {
+        let i = ms(1000);
+        let cases = [
+            ("nothing acknowledged yet", None, None, ms(5000), false),
+            (
+                "idle: position unmoved",
+                Some("7"),
+                Some("7"),
+                ms(5000),
+                false,
+            ),
+            (
+                "moved, interval passed",
+                Some("8"),
+                Some("7"),
+                ms(1000),
+                true,
+            ),
+            (
+                "moved, interval not passed",
+                Some("8"),
+                Some("7"),
+                ms(999),
+                false,
+            ),
+            (
+                "first position of a fresh shard",
+                Some("1"),
+                None,
+                ms(1000),
+                true,
+            ),
+        ];
+        for (name, acked, written, since, want) in cases {
+            assert_eq!(checkpoint_due(acked, written, since, i), want, "{name}");
         }
     }
 }

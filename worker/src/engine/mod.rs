@@ -5,16 +5,22 @@
 //! Decisions are the pure functions of [`crate::membership`], [`crate::assignment`] and
 //! [`crate::handoff`]; this module is the I/O around them.
 //!
-//! Safety: a reader runs only while its lease is fresh. Every successful renewal (or
-//! checkpoint, which also bumps the counter) sent at time `t` extends the reader's deadline
-//! to `t + clientTimeout − heartbeatInterval`, measured on our monotonic clock. Observers
-//! start their clock when they first see the new counter, which is after `t`, and take the
-//! lease only `clientTimeout` later; so a reader whose renewals fail is aborted before anyone
-//! else may take its shard. Two live clients never read one shard at once.
+//! Safety: a lease lives as long as its owner's client row heartbeats; leases are not
+//! renewed one by one. Every successful heartbeat sent at time `t` extends the deadline of
+//! all our readers to `t + clientTimeout − heartbeatInterval`, measured on our monotonic
+//! clock. Observers start their clock when they first see the new heartbeat value, which is
+//! after `t`, and take our leases only when it stood still for `clientTimeout` (or our row
+//! was gone that long), conditional on the lease's owner and counter; so a reader whose
+//! heartbeats fail is aborted before anyone else may take its shard. Two live clients never
+//! read one shard at once. See `docs/state-store.md`.
+//!
+//! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
+//! re-read only when something changed ([`reads`]); checkpoints only when a position moved.
 
 mod leader;
 mod membership_tick;
 mod readers;
+mod reads;
 mod shutdown;
 mod start;
 mod supervise;
@@ -24,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, SdkConfig};
+use futures::StreamExt;
 use futures::future::join_all;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -37,7 +44,7 @@ use crate::delivery::BatchHandler;
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
-use crate::membership::{self, Identity, Liveness};
+use crate::membership::{self, ClientWatch, Identity};
 use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
@@ -115,6 +122,9 @@ struct Owned {
     progress: watch::Receiver<ShardProgress>,
     deadline: watch::Sender<Instant>,
     join: JoinHandle<Outcome>,
+    /// The lease counter our claim or resume left: every checkpoint and the release are
+    /// conditional on it.
+    counter: u64,
     /// A release was requested: the reader is draining since then.
     stopping: Option<Instant>,
     /// What the store holds for this shard (last written checkpoint and lag).
@@ -136,11 +146,26 @@ struct Engine {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     streams: Vec<StreamSlot>,
-    clients: Liveness<String>,
-    leases: Liveness<ShardKey>,
+    clients: ClientWatch,
+    /// Lease and shard-cache rows as last read (`clients` is refreshed every tick).
+    snap: GroupSnapshot,
+    /// Re-read the lease rows at the next tick: our own writes changed them, or our plan is
+    /// not applied yet.
+    read_leases: bool,
+    /// Tick of the last lease read.
+    leases_read_at: u64,
+    /// The live clients and every client's `leaseChanges` at the previous tick.
+    last_live: Vec<String>,
+    last_changes: BTreeMap<String, u64>,
+    /// Our own `leaseChanges`, sent with every heartbeat.
+    lease_changes: u64,
+    /// When the last heartbeat (or registration) that the store confirmed was sent: our
+    /// readers' deadlines count from it.
+    heartbeat_sent: Option<Instant>,
     owned: BTreeMap<ShardKey, Owned>,
-    /// Releases that could not be written yet (store unavailable), retried every tick.
-    pending_release: BTreeMap<ShardKey, CheckpointUpdate>,
+    /// Releases that could not be written yet (store unavailable), retried every tick:
+    /// the counter held and the final checkpoint.
+    pending_release: BTreeMap<ShardKey, (u64, CheckpointUpdate)>,
     done_tx: mpsc::UnboundedSender<(ShardKey, u64)>,
     done_rx: mpsc::UnboundedReceiver<(ShardKey, u64)>,
     generations: u64,
@@ -183,8 +208,14 @@ impl Engine {
             metrics,
             health,
             streams,
-            clients: Liveness::new(timeout),
-            leases: Liveness::new(timeout),
+            clients: ClientWatch::new(timeout),
+            snap: GroupSnapshot::default(),
+            read_leases: true,
+            leases_read_at: 0,
+            last_live: Vec::new(),
+            last_changes: BTreeMap::new(),
+            lease_changes: 0,
+            heartbeat_sent: None,
             owned: BTreeMap::new(),
             pending_release: BTreeMap::new(),
             done_tx,
@@ -286,6 +317,7 @@ impl Engine {
         let mut attempt = 0;
         loop {
             self.health.tick();
+            let sent = Instant::now();
             let res = self
                 .io(
                     "register",
@@ -297,6 +329,7 @@ impl Engine {
                 Ok(_) => {
                     info!("registered");
                     self.health.heartbeat_ok();
+                    self.heartbeat_sent = Some(sent);
                     break;
                 }
                 Err(e) => self.note_store("register", &e),
@@ -350,28 +383,28 @@ impl Engine {
         self.ticks += 1;
         self.connect_streams().await;
         if !self.heartbeat().await {
-            // The store did not answer: the renewals, releases and the group read would each
-            // wait out their own timeout too, stretching the tick past the liveness bound
-            // while achieving nothing. Readers fence themselves by their last renewal anyway.
+            // The store did not answer: the checkpoints, releases and reads would each wait
+            // out their own timeout too, stretching the tick while achieving nothing.
+            // Readers fence themselves by the last confirmed heartbeat anyway.
             self.finish_tick();
             return;
         }
-        self.renew_and_checkpoint().await;
+        self.write_checkpoints().await;
         self.retry_pending_releases().await;
 
-        let snap = match self
-            .io("load_group", self.store.load_group(self.group()))
+        let clients = match self
+            .io("load_clients", self.store.load_clients(self.group()))
             .await
         {
-            Ok(s) => s,
+            Ok(c) => c,
             Err(e) => {
-                self.note_store("load_group", &e);
+                self.note_store("load_clients", &e);
                 self.finish_tick();
                 return;
             }
         };
         let now = Instant::now();
-        let mut live = membership::observe_clients(&mut self.clients, &snap.clients, now);
+        let mut live = self.clients.observe(&clients, now);
         // We are alive by definition while we run; others judge us by our heartbeats.
         if !live.iter().any(|c| c == self.me()) {
             live.push(self.me().to_owned());
@@ -381,28 +414,61 @@ impl Engine {
         self.metrics.is_leader.set(i64::from(leader));
         self.metrics.live_clients.set(live.len() as i64);
 
-        let mut snap = snap;
+        let changes = reads::lease_changes(&clients);
+        let read = reads::read_leases(reads::ReadInput {
+            ticks_since_read: self.ticks - self.leases_read_at,
+            asked: self.read_leases,
+            live_changed: live != self.last_live,
+            changes_moved: changes != self.last_changes,
+        });
+        self.last_live = live.clone();
+        self.last_changes = changes;
+        if read {
+            match self
+                .io("load_leases", self.store.load_leases(self.group()))
+                .await
+            {
+                Ok(s) => {
+                    self.snap = s;
+                    self.leases_read_at = self.ticks;
+                    self.read_leases = false;
+                }
+                Err(e) => {
+                    self.note_store("load_leases", &e);
+                    self.finish_tick();
+                    return;
+                }
+            }
+        }
+        let mut snap = std::mem::take(&mut self.snap);
+        snap.clients = clients;
         if leader {
-            self.lead(&mut snap, now).await;
+            self.lead(&mut snap, read, now).await;
         }
 
-        // Lease liveness, from our own observations of their counters.
-        let mut views = BTreeMap::new();
-        for l in &snap.leases {
-            let key = ShardKey::new(&l.stream, &l.shard_id);
-            self.leases.observe(key.clone(), l.lease_counter, now);
-            let stale = self.leases.is_stale_at(&key, l.lease_counter, now);
-            views.insert(
-                key.clone(),
-                LeaseView {
+        // A lease is as alive as its owner's heartbeat.
+        for owner in snap.leases.iter().filter_map(|l| l.owner.as_deref()) {
+            self.clients.note_owner(owner, now);
+        }
+        self.clients
+            .forget(|id| snap.leases.iter().any(|l| l.owner.as_deref() == Some(id)));
+        let views: BTreeMap<ShardKey, LeaseView> = snap
+            .leases
+            .iter()
+            .map(|l| {
+                let stale = l
+                    .owner
+                    .as_deref()
+                    .is_some_and(|o| o != self.me() && !self.clients.is_alive(o, now));
+                let view = LeaseView {
                     owner: l.owner.clone(),
                     counter: l.lease_counter,
                     ended: l.ended,
                     stale,
-                },
-            );
-        }
-        self.leases.retain(|k| views.contains_key(k));
+                };
+                (ShardKey::new(&l.stream, &l.shard_id), view)
+            })
+            .collect();
 
         let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
         let plan = assignment::plan(&assignment::streams_from_snapshot(&names, &snap), &live);
@@ -413,8 +479,28 @@ impl Engine {
             leases: &views,
             reading: &reading,
         });
+        // Our plan is not applied yet (a claim, a release, a wait): look again next tick.
+        if actions.iter().any(|a| !matches!(a, Action::Renew(_))) {
+            self.read_leases = true;
+        }
         self.act_all(actions, &snap).await;
+        self.snap = snap;
         self.finish_tick();
+    }
+
+    /// Our lease set changed (or, for the leader, a shard cache): tell the group with the
+    /// next heartbeat, and re-read the leases ourselves.
+    fn leases_changed(&mut self) {
+        self.lease_changes += 1;
+        self.read_leases = true;
+    }
+
+    /// The fencing margin: how long after a confirmed heartbeat was sent our readers may
+    /// still read. Observers wait `clientTimeout` from a moment after it; the
+    /// `heartbeatInterval` kept back is the reader's time to stop.
+    fn fencing_margin(&self) -> Duration {
+        let t = &self.config.tuning;
+        t.client_timeout.saturating_sub(t.heartbeat_interval)
     }
 
     fn finish_tick(&mut self) {
@@ -426,6 +512,21 @@ impl Engine {
         }
         self.last_issue = self.tick_issue.take();
     }
+}
+
+/// How many state-store writes of one kind (checkpoints, claims, the leader's duties) are
+/// in flight at once: enough to finish thousands in a few round trips, few enough not to
+/// flood the connection pool.
+const WRITES_IN_FLIGHT: usize = 32;
+
+/// Runs `futs` with at most [`WRITES_IN_FLIGHT`] at a time, results in completion order.
+/// (A `Vec`, not any iterator: an iterator of closures held across the await would make
+/// the engine's future lose `Send`.)
+async fn bounded<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    futures::stream::iter(futs)
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .collect()
+        .await
 }
 
 /// Bounds one state-store request; a timeout counts as the store being unavailable.

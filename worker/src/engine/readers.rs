@@ -7,8 +7,8 @@ use super::*;
 
 impl Engine {
     /// Carries out one tick's actions. The lease writes of claims and resumes run
-    /// concurrently: each may take up to the op timeout with a slow store, and one after
-    /// the other they would delay the next renewals past the fencing margin.
+    /// concurrently (bounded): each may take up to the op timeout with a slow store, and
+    /// one after the other they would stretch the tick by that much per shard.
     pub(super) async fn act_all(&mut self, actions: Vec<Action>, snap: &GroupSnapshot) {
         let mut writes = Vec::new();
         for action in actions {
@@ -16,7 +16,7 @@ impl Engine {
                 Action::Claim { key, from } => (key, Some(from)),
                 Action::Resume(key) => (key, None),
                 other => {
-                    self.act(other).await;
+                    self.act(other, snap).await;
                     continue;
                 }
             };
@@ -34,7 +34,6 @@ impl Engine {
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
             let op_timeout = self.op_timeout();
             writes.push(async move {
-                let sent = Instant::now();
                 let res = match &claim {
                     Some(from) => {
                         io_bounded(
@@ -63,10 +62,18 @@ impl Engine {
                         .await
                     }
                 };
-                (key, idx, claim, sent, res)
+                (key, idx, claim, res)
             });
         }
-        for (key, idx, claim, sent, res) in join_all(writes).await {
+        let results = bounded(writes).await;
+        if !results.is_empty() {
+            // Won or lost, the lease rows changed: read them again next tick.
+            self.read_leases = true;
+        }
+        for (key, idx, claim, res) in results {
+            if res.is_ok() {
+                self.leases_changed();
+            }
             match (claim, res) {
                 (Some(from), Ok(claimed)) => {
                     let row = &claimed.row;
@@ -85,7 +92,7 @@ impl Engine {
                         claimed.first_claim,
                         claimed.first_claimed_at_ms,
                     );
-                    self.spawn_reader(key, idx, &claimed.row, sent, fresh);
+                    self.spawn_reader(key, idx, &claimed.row, fresh);
                 }
                 (None, Ok(claimed)) => {
                     info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?claimed.row.checkpoint, "resuming owned shard");
@@ -95,7 +102,7 @@ impl Engine {
                         false,
                         claimed.first_claimed_at_ms,
                     );
-                    self.spawn_reader(key, idx, &claimed.row, sent, fresh);
+                    self.spawn_reader(key, idx, &claimed.row, fresh);
                 }
                 (claim, Err(StoreError::Conflict { .. })) => {
                     self.metrics.lease_conflicts.inc();
@@ -104,16 +111,17 @@ impl Engine {
                     }
                 }
                 (Some(_), Err(e)) => self.note_store("claim", &e),
-                (None, Err(e)) => self.note_store("renew", &e),
+                (None, Err(e)) => self.note_store("resume", &e),
             }
         }
     }
 
-    pub(super) async fn act(&mut self, action: Action) {
+    pub(super) async fn act(&mut self, action: Action, snap: &GroupSnapshot) {
         match action {
             // Claims and resumes go through `act_all`, concurrently.
             Action::Claim { .. } | Action::Resume(_) => {}
-            Action::Renew(_) => {} // done for every reader in renew_and_checkpoint
+            // Our heartbeat keeps every lease we read alive.
+            Action::Renew(_) => {}
             Action::Release(key) => {
                 if let Some(o) = self.owned.get_mut(&key) {
                     match o.stopping {
@@ -132,7 +140,17 @@ impl Engine {
                         Some(_) => {}
                     }
                 } else if !self.pending_release.contains_key(&key) {
-                    self.release(key, CheckpointUpdate::default()).await;
+                    // Owned but not read (e.g. ended before a restart of its reader): the
+                    // counter of the row as read.
+                    let counter = snap
+                        .leases
+                        .iter()
+                        .find(|l| l.stream == key.stream && l.shard_id == key.shard_id)
+                        .map(|l| l.lease_counter);
+                    if let Some(counter) = counter {
+                        self.release(key, counter, CheckpointUpdate::default())
+                            .await;
+                    }
                 }
             }
             Action::Abandon(key) => {
@@ -154,18 +172,19 @@ impl Engine {
         key: ShardKey,
         stream_index: usize,
         row: &LeaseRow,
-        sent: Instant,
         fresh: FreshStart,
     ) {
         self.generations += 1;
         let Some(client) = self.streams[stream_index].client.clone() else {
             return;
         };
+        // Never later than our other readers': observers judge the lease by our heartbeat,
+        // not by when we claimed it. (Always set: ticks run after registering.)
+        let Some(heartbeat_sent) = self.heartbeat_sent else {
+            return;
+        };
+        let deadline_at = heartbeat_sent + self.fencing_margin();
         let tuning = &self.config.tuning;
-        let deadline_at = sent
-            + tuning
-                .client_timeout
-                .saturating_sub(tuning.heartbeat_interval);
         let initial = ShardProgress {
             acked: row.checkpoint.clone(),
             ..ShardProgress::default()
@@ -208,6 +227,7 @@ impl Engine {
                 progress: progress_rx,
                 deadline: deadline_tx,
                 join,
+                counter: row.lease_counter,
                 stopping: None,
                 written: CheckpointUpdate {
                     sequence: row.checkpoint.clone(),
@@ -227,6 +247,7 @@ impl Engine {
             o.kill.cancel();
             let _ = o.join.await;
         }
+        self.leases_changed();
         self.metrics.leases_held.set(self.owned.len() as i64);
     }
 
@@ -256,42 +277,57 @@ impl Engine {
                     info!(stream = %key.stream, shard = %key.shard_id, "shard read to its end");
                     self.refresh_caches = true;
                 }
-                self.release(key.clone(), final_update(&p)).await;
+                self.release(key.clone(), o.counter, final_update(&p)).await;
                 ended
             }
             Outcome::Failed(msg) => {
                 error!(stream = %key.stream, shard = %key.shard_id, error = %msg, "reader failed; releasing to retry");
                 self.note("ReaderFailed", msg);
-                self.release(key.clone(), final_update(&last)).await;
+                self.release(key.clone(), o.counter, final_update(&last))
+                    .await;
                 false
             }
             Outcome::Fenced => {
-                warn!(stream = %key.stream, shard = %key.shard_id, "lease renewals failed for too long; reader stopped so another client may take over");
+                warn!(stream = %key.stream, shard = %key.shard_id, "heartbeats failed for too long; reader stopped so another client may take over");
                 self.note(
                     "LeaseRenewalFailed",
-                    format!("could not renew the lease of {key} in time; stopped reading it"),
+                    format!(
+                        "could not confirm our heartbeat in time, which keeps the lease of {key}; stopped reading it"
+                    ),
                 );
+                // It may be ours still (resumed under a new counter) or taken: look.
+                self.read_leases = true;
                 false
             }
             // Killed while draining for a release: hand over what was acknowledged.
             Outcome::Killed if o.stopping.is_some() => {
-                self.release(key.clone(), final_update(&last)).await;
+                self.release(key.clone(), o.counter, final_update(&last))
+                    .await;
                 false
             }
             Outcome::Killed => false,
         }
     }
 
-    pub(super) async fn release(&mut self, key: ShardKey, cp: CheckpointUpdate) {
+    /// Releases a lease we hold under `counter`, with its final checkpoint; kept for retry
+    /// when the store is unavailable.
+    pub(super) async fn release(&mut self, key: ShardKey, counter: u64, cp: CheckpointUpdate) {
         let res = self
             .io(
                 "release",
-                self.store
-                    .release_lease(self.group(), &key.stream, &key.shard_id, self.me(), &cp),
+                self.store.release_lease(
+                    self.group(),
+                    &key.stream,
+                    &key.shard_id,
+                    self.me(),
+                    counter,
+                    &cp,
+                ),
             )
             .await;
         match res {
-            Ok(()) => {
+            Ok(_) => {
+                self.leases_changed();
                 self.metrics.leases_released.inc();
                 if cp.sequence.is_some() || cp.ended {
                     self.metrics.checkpoints_written.inc();
@@ -300,21 +336,20 @@ impl Engine {
             }
             Err(StoreError::Conflict { .. }) => {
                 self.metrics.lease_conflicts.inc();
+                self.read_leases = true;
                 debug!(stream = %key.stream, shard = %key.shard_id, "lease was no longer ours at release");
             }
             Err(e) => {
                 self.note_store("release", &e);
-                self.pending_release.insert(key, cp);
+                self.pending_release.insert(key, (counter, cp));
             }
         }
     }
 
     pub(super) async fn retry_pending_releases(&mut self) {
-        let pending: Vec<(ShardKey, CheckpointUpdate)> = std::mem::take(&mut self.pending_release)
-            .into_iter()
-            .collect();
-        for (key, cp) in pending {
-            self.release(key, cp).await;
+        let pending = std::mem::take(&mut self.pending_release);
+        for (key, (counter, cp)) in pending {
+            self.release(key, counter, cp).await;
         }
     }
 }
@@ -336,7 +371,7 @@ mod tests {
     use super::*;
 
     /// Claims against a store that never answers take one op timeout in all, not one per
-    /// claim: the next renewals must not fall behind the fencing margin.
+    /// claim: the next heartbeat must not fall behind the fencing margin.
     #[tokio::test]
     async fn claims_of_one_tick_run_concurrently() {
         let (url, hole) = black_hole().await;

@@ -16,14 +16,19 @@ impl Engine {
         for o in self.owned.values() {
             o.stop.cancel();
         }
-        // Wait for the in-flight batches, renewing meanwhile so no lease expires mid-drain.
+        // Wait for the in-flight batches, heartbeating meanwhile so no lease expires
+        // mid-drain.
         let mut ticker = tokio::time::interval(tuning.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.owned.values().any(|o| !o.join.is_finished()) && Instant::now() < drain_deadline
         {
             tokio::select! {
                 _ = tokio::time::sleep_until(drain_deadline.into()) => {}
-                _ = ticker.tick() => self.renew_and_checkpoint().await,
+                _ = ticker.tick() => {
+                    if self.heartbeat().await {
+                        self.write_checkpoints().await;
+                    }
+                }
                 _ = self.done_rx.recv() => {}
             }
         }
@@ -46,7 +51,7 @@ impl Engine {
                 Ok(Outcome::Killed | Outcome::Failed(_)) | Err(_) => final_update(&last),
                 Ok(Outcome::Fenced) => continue,
             };
-            releases.push((key, cp));
+            releases.push((key, (o.counter, cp)));
         }
         releases.extend(std::mem::take(&mut self.pending_release));
         let remaining = deadline
@@ -54,7 +59,7 @@ impl Engine {
             .max(Duration::from_millis(500));
         let store = self.store.clone();
         let (group, me) = (self.group().to_owned(), self.me().to_owned());
-        let writes = releases.into_iter().map(|(key, cp)| {
+        let writes = releases.into_iter().map(|(key, (counter, cp))| {
             let store = store.clone();
             let metrics = self.metrics.clone();
             let (group, me) = (group.clone(), me.clone());
@@ -64,7 +69,7 @@ impl Engine {
                     store.table(),
                     "release",
                     remaining,
-                    store.release_lease(&group, &key.stream, &key.shard_id, &me, &cp),
+                    store.release_lease(&group, &key.stream, &key.shard_id, &me, counter, &cp),
                 )
                 .await;
                 (key, cp, res)
@@ -72,7 +77,7 @@ impl Engine {
         });
         for (key, cp, res) in join_all(writes).await {
             match res {
-                Ok(()) => {
+                Ok(_) => {
                     self.metrics.leases_released.inc();
                     self.metrics.checkpoints_written.inc();
                     info!(stream = %key.stream, shard = %key.shard_id, checkpoint = ?cp.sequence, ended = cp.ended, "released lease");
