@@ -594,6 +594,9 @@ async fn an_idle_group_writes_no_lease_rows() {
         w.stop().await;
     }
     assert_eq!(env.log.distinct_ids(), want);
-    assert!(duplicates(&env.log.all()).is_empty(), "graceful: no duplicates");
+    assert!(
+        duplicates(&env.log.all()).is_empty(),
+        "graceful: no duplicates"
+    );
     env.cleanup().await;
 }
