@@ -58,6 +58,8 @@ pub struct Usage {
     pub writes: f64,
     /// Requests by operation (`PutItem`, `Query`, ...).
     pub requests: BTreeMap<String, u64>,
+    /// Records the group's handlers received (filled in by the scenario, not the relay).
+    pub delivered: u64,
 }
 
 impl Usage {
@@ -76,6 +78,7 @@ impl Usage {
                     )
                 })
                 .collect(),
+            delivered: self.delivered.saturating_sub(earlier.delivered),
         }
     }
 }
@@ -290,6 +293,12 @@ pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
                 ));
                 rows.push(Row::info(
                     "cost",
+                    format!("{name}: records delivered in the window"),
+                    u.delivered.to_string(),
+                    "records",
+                ));
+                rows.push(Row::info(
+                    "cost",
                     format!("{name}: monthly on-demand cost of the group"),
                     format!("{monthly:.2}"),
                     "USD",
@@ -334,9 +343,11 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Usage> 
     crate::ensure_stream(&aws.kinesis, &stream, s.shards).await?;
     let shutdown = CancellationToken::new();
     let mut engines = Vec::new();
+    // One counter for the whole group (records are in order per shard whoever reads them).
+    let handler = Counter::new(Instant::now(), u64::MAX);
     for i in 0..s.workers {
         let config = support::worker_config(&group, &stream, &table, tuning());
-        let handler = Counter::new(Instant::now(), u64::MAX);
+        let handler = handler.clone();
         engines.push(tokio::spawn(engine::run(
             config,
             EngineOptions {
@@ -357,9 +368,16 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Usage> 
             tokio::spawn(async move { produce_at(&client, &stream, rate).await })
         });
         tokio::time::sleep(p.settle).await;
-        let before = p.relay.usage();
+        let before = Usage {
+            delivered: handler.distinct(),
+            ..p.relay.usage()
+        };
         tokio::time::sleep(p.window).await;
-        let used = p.relay.usage().since(&before);
+        let now = Usage {
+            delivered: handler.distinct(),
+            ..p.relay.usage()
+        };
+        let used = now.since(&before);
         if let Some(pr) = producer {
             pr.abort();
         }
@@ -445,6 +463,7 @@ mod tests {
             reads: 1.0,
             writes: 2.0,
             requests: [("Query".to_owned(), 3)].into_iter().collect(),
+            delivered: 10,
         };
         let later = Usage {
             reads: 5.5,
@@ -452,8 +471,10 @@ mod tests {
             requests: [("Query".to_owned(), 7), ("PutItem".to_owned(), 1)]
                 .into_iter()
                 .collect(),
+            delivered: 25,
         };
         let d = later.since(&earlier);
+        assert_eq!(d.delivered, 15);
         assert_eq!((d.reads, d.writes), (4.5, 2.0));
         assert_eq!(d.requests["Query"], 4);
         assert_eq!(d.requests["PutItem"], 1);

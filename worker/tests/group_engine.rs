@@ -583,7 +583,7 @@ async fn an_idle_group_writes_no_lease_rows() {
         let d = |op: &str| a[op] - b[op];
         assert!(d("heartbeat") >= 7, "engine {i}: {a:?} vs {b:?}");
         assert!(d("load_clients") >= 7, "engine {i}: {a:?} vs {b:?}");
-        // The safety net re-reads leases every 15 heartbeats: at most one in ten ticks
+        // The safety net re-reads leases every 60 heartbeats: at most one in ten ticks
         // (two if the window straddles).
         assert!(d("load_leases") <= 2, "engine {i}: {a:?} vs {b:?}");
         for op in &ops[3..] {

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use crate::store::schema::ClientRow;
 
-/// Lease rows are re-read at least every this many ticks even when nothing signalled a
-/// change: a safety net for a signal we could not see (a heartbeat that failed after its
-/// client released a lease, a row changed by hand).
-pub(super) const LEASE_READ_EVERY_TICKS: u64 = 15;
+/// Lease rows are re-read at least every this many ticks (2 minutes at the default
+/// heartbeat) even when nothing signalled a change: a safety net for a change no signal
+/// covers (a row edited by hand). Every change the engines make is signalled.
+pub(super) const LEASE_READ_EVERY_TICKS: u64 = 60;
 
 /// What one tick knows when it decides whether to re-read the lease rows.
 #[derive(Clone, Copy, Debug)]
