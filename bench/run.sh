@@ -3,6 +3,7 @@
 #
 #   bench/run.sh                         every benchmark
 #   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance sink operator)
+#   bench/run.sh --only cost             the coordination cost (not part of the default run)
 #   bench/run.sh --help                  all options
 #
 # Starts (or reuses) the emulators with scripts/emulators.sh. Kinesis traffic goes to
@@ -28,7 +29,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 # The pure-function benchmarks alone need no emulator.
-if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *operator* ]]; then
+if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *operator* && "$only" != *cost* ]]; then
   need_emulators=0
 fi
 [[ -n "$only" && "$only" != *e2e* ]] && want_peer=0

@@ -401,6 +401,7 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            lease_changes: 0,
         }
     }
 

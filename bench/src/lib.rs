@@ -1,6 +1,7 @@
 //! Shared helpers of the kcg benchmarks and the demo producer, and the benchmarks
 //! themselves (`kcg-bench` only parses options and prints the table).
 
+pub mod cost;
 pub mod e2e;
 pub mod micro;
 pub mod operator;

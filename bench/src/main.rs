@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{e2e, micro, operator, rebalance, sink};
+use kcg_bench::{cost, e2e, micro, operator, rebalance, sink};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,6 +32,10 @@ enum Bench {
     /// The operator's steady-state API requests and memory with N groups on a real control
     /// plane (needs DynamoDB Local and `../shared/kube/cluster.sh`).
     Operator,
+    /// DynamoDB read and write units of the engines' coordination (needs emulators; runs
+    /// only when named, and alone among the emulator benchmarks: every DynamoDB request of
+    /// this process goes through its metering relay).
+    Cost,
 }
 
 /// Command-line options.
@@ -83,6 +87,24 @@ struct Args {
     /// target/debug.
     #[arg(long)]
     operator_bin: Option<std::path::PathBuf>,
+    /// Groups of the cost benchmark: `<shards>x<workers>` idle, `<shards>x<workers>@<rate>`
+    /// with `rate` records/s written to each shard.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8x2,8x2@100,1000x50,1000x50@1"
+    )]
+    cost_scenarios: Vec<String>,
+    /// Seconds of each measured window of the cost benchmark.
+    #[arg(long, default_value_t = 60)]
+    cost_window: u64,
+    /// Seconds the cost benchmark waits after a group is balanced, before measuring.
+    #[arg(long, default_value_t = 30)]
+    cost_settle: u64,
+    /// Monthly USD of the engine to compare with (the largest idle scenario); the goal is
+    /// at most a tenth of it.
+    #[arg(long)]
+    cost_baseline_usd: Option<f64>,
     /// Name of the Kinesis emulator, for the report line.
     #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
     kinesis_emulator: String,
@@ -133,13 +155,15 @@ fn operator_params(args: &Args) -> operator::Params {
     }
 }
 
-fn emulators(kinesis_name: &str) -> String {
+/// The emulators line; `dynamodb` overrides the DynamoDB endpoint shown (the real one
+/// behind the cost relay).
+fn emulators(kinesis_name: &str, dynamodb: Option<&str>) -> String {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "(unset)".into());
     format!(
         "emulators: Kinesis {} at {}, DynamoDB at {} (DynamoDB Local via scripts/emulators.sh)",
         kinesis_name,
         var("AWS_ENDPOINT_URL_KINESIS"),
-        var("AWS_ENDPOINT_URL_DYNAMODB"),
+        dynamodb.map_or_else(|| var("AWS_ENDPOINT_URL_DYNAMODB"), str::to_owned),
     )
 }
 
@@ -147,8 +171,19 @@ fn emulators(kinesis_name: &str) -> String {
 /// rows measure the engine as it runs in a pod.
 fn main() -> ExitCode {
     let args = Args::parse();
+    let relay = if args.only.contains(&Bench::Cost) {
+        match cost_relay_listener() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("kcg-bench: cost: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
-        Ok(rt) => rt.block_on(bench(args)),
+        Ok(rt) => rt.block_on(bench(args, relay)),
         Err(e) => {
             eprintln!("kcg-bench: cannot start the Tokio runtime: {e}");
             ExitCode::FAILURE
@@ -156,14 +191,67 @@ fn main() -> ExitCode {
     }
 }
 
-async fn bench(args: Args) -> ExitCode {
+/// Binds the cost benchmark's relay and points every DynamoDB client this process creates
+/// from now on at it. Returns the listener and the real DynamoDB endpoint.
+fn cost_relay_listener() -> anyhow::Result<(std::net::TcpListener, String)> {
+    use anyhow::Context;
+    let upstream = std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
+        .context("AWS_ENDPOINT_URL_DYNAMODB is not set (run bench/run.sh)")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the relay")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    // SAFETY: called before the runtime is built, while this is the only thread.
+    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &url) };
+    Ok((listener, upstream))
+}
+
+/// Parses `<shards>x<workers>[@<records per second per shard>]`.
+fn cost_scenario(s: &str) -> Option<cost::Scenario> {
+    let (group, rate) = match s.split_once('@') {
+        Some((g, r)) => (g, r.parse().ok()?),
+        None => (s, 0),
+    };
+    let (shards, workers) = group.split_once('x')?;
+    Some(cost::Scenario {
+        shards: shards.parse().ok()?,
+        workers: workers.parse().ok()?,
+        rate_per_shard: rate,
+    })
+}
+
+async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> ExitCode {
+    let dynamodb = relay.as_ref().map(|(_, upstream)| upstream.clone());
     // Engine logs only on request: they would bury the table.
     if std::env::var_os("RUST_LOG").is_some() {
         kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);
     }
-    let selected = |b: Bench| args.only.is_empty() || args.only.contains(&b);
-    let needs_kinesis = selected(Bench::E2e) || selected(Bench::Rebalance) || selected(Bench::Sink);
+    // The cost benchmark runs only when named.
+    let selected = |b: Bench| args.only.contains(&b) || (args.only.is_empty() && b != Bench::Cost);
+    let needs_kinesis = selected(Bench::E2e)
+        || selected(Bench::Rebalance)
+        || selected(Bench::Sink)
+        || selected(Bench::Cost);
     let needs_aws = needs_kinesis || selected(Bench::Operator);
+    if selected(Bench::Cost)
+        && (selected(Bench::E2e) || selected(Bench::Rebalance) || selected(Bench::Operator))
+    {
+        eprintln!(
+            "kcg-bench: run the cost benchmark alone (--only cost): its relay would carry \
+             the other benchmarks' DynamoDB traffic too"
+        );
+        return ExitCode::from(2);
+    }
+    let scenarios: Vec<cost::Scenario> = match args
+        .cost_scenarios
+        .iter()
+        .map(|s| cost_scenario(s).ok_or(s))
+        .collect()
+    {
+        Ok(s) => s,
+        Err(bad) => {
+            eprintln!("kcg-bench: --cost-scenarios: {bad} is not <shards>x<workers>[@<rate>]");
+            return ExitCode::from(2);
+        }
+    };
     if (needs_kinesis && std::env::var_os("AWS_ENDPOINT_URL_KINESIS").is_none())
         || (needs_aws && std::env::var_os("AWS_ENDPOINT_URL_DYNAMODB").is_none())
     {
@@ -219,13 +307,37 @@ async fn bench(args: Args) -> ExitCode {
             progress("operator");
             rows.extend(operator::run(&aws, &operator_params(&args)).await);
         }
+        if let (true, Some((listener, upstream))) = (selected(Bench::Cost), relay) {
+            progress("cost");
+            let direct = aws_sdk_dynamodb::Client::from_conf(
+                aws_sdk_dynamodb::config::Builder::from(
+                    &aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
+                )
+                .endpoint_url(&upstream)
+                .build(),
+            );
+            match cost::Relay::serve(listener, upstream) {
+                Ok(relay) => {
+                    let params = cost::Params {
+                        scenarios,
+                        window: Duration::from_secs(args.cost_window),
+                        settle: Duration::from_secs(args.cost_settle),
+                        relay,
+                        direct,
+                        baseline_usd: args.cost_baseline_usd,
+                    };
+                    rows.extend(cost::run(&aws, &params).await);
+                }
+                Err(e) => rows.push(report::Row::failed("cost", &e)),
+            }
+        }
     }
 
     println!();
     print!("{}", report::render(&rows));
     println!("{}", machine());
     if needs_aws {
-        println!("{}", emulators(&args.kinesis_emulator));
+        println!("{}", emulators(&args.kinesis_emulator, dynamodb.as_deref()));
     }
     let missed = rows.iter().filter(|r| r.pass == Some(false)).count();
     if missed > 0 {

@@ -20,6 +20,7 @@ fn client(id: &str) -> ClientRow {
         heartbeat_at_ms: 1_700_000_000_000,
         started_at_ms: 1_700_000_000_000,
         owned_shards: 0,
+        lease_changes: 0,
         last_error: None,
         last_error_reason: None,
         expires_at: 0,

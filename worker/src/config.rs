@@ -916,7 +916,7 @@ pub struct Tuning {
     #[serde(default = "defaults::checkpoint_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub checkpoint_interval: Duration,
-    /// How often a worker heartbeats, renews its leases and re-plans. At least 100ms.
+    /// How often a worker heartbeats (which keeps all its leases alive) and re-plans. At least 100ms.
     #[serde(default = "defaults::heartbeat_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), {
         "rule": format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('100ms')"),

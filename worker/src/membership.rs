@@ -1,9 +1,9 @@
 //! Membership: who is alive, who leads, and who we are.
 //!
 //! Pods' wall clocks differ, so nothing here compares another pod's timestamp with ours.
-//! A client (or a lease) is judged by watching its counter: if the counter has not changed
-//! for `timeout` as measured on OUR monotonic clock, it is dead (expired). This is how KCL's
-//! lease counter works, and it makes skew irrelevant.
+//! A client is judged by watching its heartbeat counter: if the counter has not changed
+//! for `timeout` as measured on OUR monotonic clock, it is dead. This is how KCL's lease
+//! counter works, and it makes skew irrelevant. A lease is as alive as its owner.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -107,6 +107,85 @@ pub fn observe_clients(
     live.sort();
     live.dedup();
     live
+}
+
+/// Watches the clients of a group for a member: who is alive (for the leader and the
+/// plan) and whether a lease owner is dead (its leases may be taken). A lease has no
+/// liveness of its own: it lives as long as its owner's client row heartbeats.
+///
+/// An owner is dead when, on our clock, its `heartbeat` stood still for the timeout; or its
+/// row has been gone for the timeout (a row we never saw counts from when a lease first
+/// named it); or its row vanished after we had already watched it stand still for the
+/// timeout (the leader pruned it). A row that reappears (the client registered again)
+/// starts a new clock.
+#[derive(Clone, Debug)]
+pub struct ClientWatch {
+    heartbeats: Liveness<String>,
+    present: HashMap<String, u64>,
+}
+
+/// Counter value that stands for "no client row" in [`ClientWatch`]'s tracker. Heartbeats
+/// count up from 1 and never reach it.
+const ABSENT: u64 = u64::MAX;
+
+impl ClientWatch {
+    /// A watch that declares a client dead after `timeout` without a heartbeat.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            heartbeats: Liveness::new(timeout),
+            present: HashMap::new(),
+        }
+    }
+
+    /// Observes one read of the client rows at `now` and returns the live ids, sorted.
+    pub fn observe(&mut self, clients: &[ClientRow], now: Instant) -> Vec<String> {
+        let rows: HashMap<String, u64> = clients
+            .iter()
+            .map(|c| (c.client_id.clone(), c.heartbeat))
+            .collect();
+        for (id, hb) in &rows {
+            self.heartbeats.observe(id.clone(), *hb, now);
+        }
+        for id in self.present.keys() {
+            // Vanished while alive: it counts as dead only after the timeout. Vanished after
+            // standing still that long: it stays dead.
+            if !rows.contains_key(id) && self.heartbeats.is_alive(id, now) {
+                self.heartbeats.observe(id.clone(), ABSENT, now);
+            }
+        }
+        self.present = rows;
+        let mut live: Vec<String> = self
+            .present
+            .keys()
+            .filter(|id| self.heartbeats.is_alive(id, now))
+            .cloned()
+            .collect();
+        live.sort();
+        live
+    }
+
+    /// Notes that `owner` holds a lease. An owner never seen in a client row is watched as
+    /// absent from `now` on: it may have registered after our client read.
+    pub fn note_owner(&mut self, owner: &str, now: Instant) {
+        let id = owner.to_owned();
+        if self.heartbeats.counter(&id).is_none() {
+            self.heartbeats.observe(id, ABSENT, now);
+        }
+    }
+
+    /// Whether `client` is alive at `now`: present or gone for less than the timeout. A
+    /// client never observed is alive.
+    pub fn is_alive(&self, client: &str, now: Instant) -> bool {
+        self.heartbeats.is_alive(&client.to_owned(), now)
+    }
+
+    /// Forgets clients that have no row and own no lease any more (`owns` tells), so the
+    /// tracker does not grow forever.
+    pub fn forget(&mut self, owns: impl Fn(&str) -> bool) {
+        let present = &self.present;
+        self.heartbeats
+            .retain(|id| present.contains_key(id) || owns(id));
+    }
 }
 
 /// The leader: the lowest sorted live client id.
@@ -326,6 +405,7 @@ mod tests {
             heartbeat_at_ms: at_ms,
             started_at_ms: at_ms,
             owned_shards: 0,
+            lease_changes: 0,
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
@@ -372,6 +452,260 @@ mod tests {
         l.observe("gone".into(), 1, start);
         observe_clients(&mut l, &[], start);
         assert_eq!(l.counter(&"gone".into()), None);
+    }
+
+    /// One read of a [`ClientWatch`] scenario: at `t` ms the client rows are `rows`
+    /// (id, heartbeat) and leases name `owners`; then `x` must be alive (`true`) or dead.
+    struct Read {
+        t: u64,
+        rows: &'static [(&'static str, u64)],
+        owners: &'static [&'static str],
+        alive: &'static [(&'static str, bool)],
+    }
+
+    #[test]
+    fn client_watch_table() {
+        const T: u64 = 1000; // the timeout
+        let cases: Vec<(&str, Vec<Read>)> = vec![
+            (
+                "a moving heartbeat keeps its leases alive",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 900,
+                        rows: &[("a", 2)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 1800,
+                        rows: &[("a", 3)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                ],
+            ),
+            (
+                "a heartbeat standing still for the timeout: dead",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: T - 1,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: T,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", false)],
+                    },
+                ],
+            ),
+            (
+                "first sight starts the clock, whatever the value",
+                vec![
+                    Read {
+                        t: 5000,
+                        rows: &[("a", 77)],
+                        owners: &[],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 5000 + T,
+                        rows: &[("a", 77)],
+                        owners: &[],
+                        alive: &[("a", false)],
+                    },
+                ],
+            ),
+            (
+                "a row that vanished while alive: dead only after the timeout",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 500,
+                        rows: &[],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 500 + T - 1,
+                        rows: &[],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: 500 + T,
+                        rows: &[],
+                        owners: &["a"],
+                        alive: &[("a", false)],
+                    },
+                ],
+            ),
+            (
+                "pruned after standing still: stays dead at once",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 4)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: T,
+                        rows: &[("a", 4)],
+                        owners: &["a"],
+                        alive: &[("a", false)],
+                    },
+                    Read {
+                        t: T + 100,
+                        rows: &[],
+                        owners: &["a"],
+                        alive: &[("a", false)],
+                    },
+                ],
+            ),
+            (
+                "an owner we never saw a row of: absent from its first mention",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[],
+                        owners: &["new"],
+                        alive: &[("new", true)],
+                    },
+                    Read {
+                        t: T - 1,
+                        rows: &[],
+                        owners: &["new"],
+                        alive: &[("new", true)],
+                    },
+                    Read {
+                        t: T,
+                        rows: &[],
+                        owners: &["new"],
+                        alive: &[("new", false)],
+                    },
+                ],
+            ),
+            (
+                "an owner that registered after our client read shows up: alive",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[],
+                        owners: &["new"],
+                        alive: &[("new", true)],
+                    },
+                    Read {
+                        t: 300,
+                        rows: &[("new", 1)],
+                        owners: &["new"],
+                        alive: &[("new", true)],
+                    },
+                    Read {
+                        t: 300 + T - 1,
+                        rows: &[("new", 1)],
+                        owners: &["new"],
+                        alive: &[("new", true)],
+                    },
+                ],
+            ),
+            (
+                "pruned, then registered again: a new clock",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 9)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: T,
+                        rows: &[],
+                        owners: &["a"],
+                        alive: &[("a", false)],
+                    },
+                    Read {
+                        t: T + 100,
+                        rows: &[("a", 1)],
+                        owners: &["a"],
+                        alive: &[("a", true)],
+                    },
+                ],
+            ),
+            (
+                "a client without leases whose row is gone is forgotten: unknown is alive",
+                vec![
+                    Read {
+                        t: 0,
+                        rows: &[("a", 1)],
+                        owners: &[],
+                        alive: &[("a", true)],
+                    },
+                    Read {
+                        t: T,
+                        rows: &[],
+                        owners: &[],
+                        alive: &[("a", true)],
+                    },
+                ],
+            ),
+        ];
+        for (name, reads) in cases {
+            let start = Instant::now();
+            let mut w = ClientWatch::new(ms(T));
+            for (i, r) in reads.iter().enumerate() {
+                let now = start + ms(r.t);
+                let rows: Vec<ClientRow> =
+                    r.rows.iter().map(|(id, hb)| client_row(id, *hb)).collect();
+                let live = w.observe(&rows, now);
+                for o in r.owners {
+                    w.note_owner(o, now);
+                }
+                w.forget(|id| r.owners.contains(&id));
+                for (id, want) in r.alive {
+                    assert_eq!(w.is_alive(id, now), *want, "{name}: read {i}, {id}");
+                    if r.rows.iter().any(|(x, _)| x == id) {
+                        assert_eq!(live.contains(&id.to_string()), *want, "{name}: live list");
+                    }
+                }
+            }
+        }
+    }
+
+    fn client_row(id: &str, hb: u64) -> ClientRow {
+        ClientRow {
+            pk: "ns/g".into(),
+            sk: format!("client#{id}"),
+            client_id: id.into(),
+            pod: "p".into(),
+            heartbeat: hb,
+            heartbeat_at_ms: 0,
+            started_at_ms: 0,
+            owned_shards: 0,
+            lease_changes: 0,
+            last_error: None,
+            last_error_reason: None,
+            expires_at: 0,
+        }
     }
 
     #[test]

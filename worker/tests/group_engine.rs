@@ -508,3 +508,95 @@ async fn failing_handler_is_reported_and_skips_nothing() {
         "refused batches are not delivered twice"
     );
 }
+
+/// Store requests an engine made, by operation (the `kcg_state_store_requests_total`
+/// counter).
+fn requests(metrics: &Metrics, op: &str) -> u64 {
+    metrics
+        .store_requests
+        .get_or_create(&kcg_worker::metrics::OperationLabels {
+            operation: op.to_owned(),
+        })
+        .get()
+}
+
+/// An idle group's coordination is one heartbeat write and one read of the client rows per
+/// worker and heartbeat: no lease row is written (no renewal, no checkpoint of an unmoved
+/// position), and the lease rows are read only as a periodic safety net.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_group_writes_no_lease_rows() {
+    let Some(env) = env("idle", 4).await else {
+        return;
+    };
+    let want = env.put("a", 40).await;
+    let metrics = [Arc::new(Metrics::new()), Arc::new(Metrics::new())];
+    let workers: Vec<Worker> = ["e1", "e2"]
+        .iter()
+        .zip(&metrics)
+        .map(|(name, m)| {
+            env.start_with(
+                name,
+                m.clone(),
+                Arc::new(Health::new(Duration::from_secs(30))),
+            )
+        })
+        .collect();
+    env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
+        .await;
+    env.wait_delivered(&want, Duration::from_secs(30)).await;
+    // Settle: the last positions are checkpointed one checkpoint interval (500ms) later.
+    let start = Instant::now();
+    let settled = loop {
+        let before = env.snapshot().await.leases;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = env.snapshot().await.leases;
+        if before == after && after.iter().all(|l| l.checkpoint.is_some()) {
+            break after;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "lease rows never settled: {after:?}"
+        );
+    };
+    let ops = [
+        "heartbeat",
+        "load_clients",
+        "load_leases",
+        "checkpoint",
+        "claim",
+        "resume",
+        "release",
+        "create_lease",
+        "delete_lease",
+        "prune",
+        "put_shard_cache",
+    ];
+    let count = |m: &Metrics| -> BTreeMap<&str, u64> {
+        ops.iter().map(|op| (*op, requests(m, op))).collect()
+    };
+    let before: Vec<_> = metrics.iter().map(|m| count(m)).collect();
+    // Ten heartbeats (300ms each).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<_> = metrics.iter().map(|m| count(m)).collect();
+    assert_eq!(env.snapshot().await.leases, settled, "no lease row written");
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        let d = |op: &str| a[op] - b[op];
+        assert!(d("heartbeat") >= 7, "engine {i}: {a:?} vs {b:?}");
+        assert!(d("load_clients") >= 7, "engine {i}: {a:?} vs {b:?}");
+        // The safety net re-reads leases every 60 heartbeats: at most one in ten ticks
+        // (two if the window straddles).
+        assert!(d("load_leases") <= 2, "engine {i}: {a:?} vs {b:?}");
+        for op in &ops[3..] {
+            assert_eq!(d(op), 0, "engine {i}: {op} while idle");
+        }
+    }
+    for w in workers {
+        w.stop().await;
+    }
+    assert_eq!(env.log.distinct_ids(), want);
+    assert!(
+        duplicates(&env.log.all()).is_empty(),
+        "graceful: no duplicates"
+    );
+    env.cleanup().await;
+}

@@ -144,12 +144,24 @@ async fn old_owner_cannot_write_after_takeover() {
         millis_behind: Some(5),
         lag_at_ms: Some(1),
     };
-    let c1 = store
-        .checkpoint(G, "s", "sh", "a", &cp("100"))
+    let c1 = a.lease_counter;
+    store
+        .checkpoint(G, "s", "sh", "a", c1, &cp("100"))
         .await
         .expect("a checkpoints");
-    assert_eq!(c1, a.lease_counter + 1, "a checkpoint renews");
-    // b watched counter c1 stand still: takeover conditional on (a, c1).
+    let snap = store.load_group(G).await.expect("load");
+    assert_eq!(
+        snap.leases[0].lease_counter, c1,
+        "a checkpoint leaves the counter"
+    );
+    // A write under an older counter (a late write of an earlier reader) is refused: it
+    // cannot move the checkpoint back.
+    let err = store
+        .checkpoint(G, "s", "sh", "a", c1 - 1, &cp("50"))
+        .await
+        .expect_err("late write");
+    assert!(err.is_conflict());
+    // b watched a's heartbeat stand still: takeover conditional on (a, c1).
     let err = store
         .claim_lease(G, "s", "sh", "b", Some(("a", c1 - 1)))
         .await
@@ -165,6 +177,7 @@ async fn old_owner_cannot_write_after_takeover() {
         .await
         .expect("b takes over");
     assert_eq!(b.owner.as_deref(), Some("b"));
+    assert_eq!(b.lease_counter, c1 + 1, "a claim moves the counter");
     assert_eq!(
         b.checkpoint.as_deref(),
         Some("100"),
@@ -172,17 +185,17 @@ async fn old_owner_cannot_write_after_takeover() {
     );
     // a lost it: every write is refused, the new owner's state is intact.
     for res in [
+        store.checkpoint(G, "s", "sh", "a", c1, &cp("150")).await,
         store
-            .checkpoint(G, "s", "sh", "a", &cp("150"))
+            .release_lease(G, "s", "sh", "a", c1, &cp("150"))
             .await
             .map(|_| ()),
-        store.renew_lease(G, "s", "sh", "a").await.map(|_| ()),
-        store.release_lease(G, "s", "sh", "a", &cp("150")).await,
+        store.resume_lease(G, "s", "sh", "a").await.map(|_| ()),
     ] {
         assert!(res.as_ref().is_err_and(StoreError::is_conflict), "{res:?}");
     }
     store
-        .checkpoint(G, "s", "sh", "b", &cp("200"))
+        .checkpoint(G, "s", "sh", "b", b.lease_counter, &cp("200"))
         .await
         .expect("b checkpoints");
     let snap = store.load_group(G).await.expect("load");
@@ -199,7 +212,7 @@ async fn checkpoint_inside_an_aggregate_round_trips() {
     let Some(store) = store("subseq").await else {
         return;
     };
-    store
+    let a = store
         .claim_lease(G, "s", "sh", "a", None)
         .await
         .expect("claim");
@@ -208,7 +221,7 @@ async fn checkpoint_inside_an_aggregate_round_trips() {
         ..Default::default()
     };
     store
-        .checkpoint(G, "s", "sh", "a", &at(Position::sub("42", 3)))
+        .checkpoint(G, "s", "sh", "a", a.lease_counter, &at(Position::sub("42", 3)))
         .await
         .expect("checkpoint inside the aggregate");
     let snap = store.load_group(G).await.expect("load");
@@ -220,7 +233,14 @@ async fn checkpoint_inside_an_aggregate_round_trips() {
     );
     // Released inside the aggregate: the next owner gets the same position.
     store
-        .release_lease(G, "s", "sh", "a", &at(Position::sub("42", 7)))
+        .release_lease(
+            G,
+            "s",
+            "sh",
+            "a",
+            a.lease_counter,
+            &at(Position::sub("42", 7)),
+        )
         .await
         .expect("release");
     let b = store
@@ -229,7 +249,14 @@ async fn checkpoint_inside_an_aggregate_round_trips() {
         .expect("claim b");
     assert_eq!(b.checkpoint_position(), Some(Position::sub("42", 7)));
     store
-        .checkpoint(G, "s", "sh", "b", &at(Position::whole("50")))
+        .checkpoint(
+            G,
+            "s",
+            "sh",
+            "b",
+            b.lease_counter,
+            &at(Position::whole("50")),
+        )
         .await
         .expect("whole record");
     let snap = store.load_group(G).await.expect("load");
@@ -255,6 +282,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "a",
+            a.lease_counter,
             &CheckpointUpdate {
                 position: Some(Position::whole("42")),
                 ..Default::default()
@@ -283,6 +311,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "b",
+            b.lease_counter,
             &CheckpointUpdate {
                 millis_behind: Some(0),
                 ..Default::default()
@@ -313,7 +342,14 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             .is_err_and(|e| e.is_conflict())
     );
     store
-        .release_lease(G, "s", "fresh", "a", &CheckpointUpdate::default())
+        .release_lease(
+            G,
+            "s",
+            "fresh",
+            "a",
+            resumed.row.lease_counter,
+            &CheckpointUpdate::default(),
+        )
         .await
         .expect("release fresh");
     let again = store
@@ -332,6 +368,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
             "s",
             "sh",
             "b",
+            b.lease_counter,
             &CheckpointUpdate {
                 position: Some(Position::whole("43")),
                 ended: true,
@@ -390,6 +427,7 @@ async fn heartbeat_and_conditional_prune() {
             "c1-abc",
             &HeartbeatUpdate {
                 owned_shards: 3,
+                lease_changes: 5,
                 last_error: Some(("HandlerFailing".into(), "sidecar answers 500".into())),
             },
         )
@@ -399,9 +437,11 @@ async fn heartbeat_and_conditional_prune() {
     let snap = store.load_group(G).await.expect("load");
     let c = &snap.clients[0];
     assert_eq!(
-        (c.heartbeat, c.owned_shards, c.pod.as_str()),
-        (2, 3, "pod-1")
+        (c.heartbeat, c.owned_shards, c.lease_changes, c.pod.as_str()),
+        (2, 3, 5, "pod-1")
     );
+    // The member's per-tick read: the client rows only.
+    assert_eq!(store.load_clients(G).await.expect("clients"), snap.clients);
     assert_eq!(c.last_error_reason.as_deref(), Some("HandlerFailing"));
     assert!(c.expires_at > c.heartbeat_at_ms / 1000, "TTL in the future");
     store
@@ -478,6 +518,7 @@ async fn load_group_pages_and_isolates_groups() {
         .register("ns/other", "x-1", "p")
         .await
         .expect("other group");
+    store.register(G, "c-1", "p").await.expect("client");
     store
         .create_lease("ns/other", "stream-00", "shardId-000000000000")
         .await
@@ -492,7 +533,17 @@ async fn load_group_pages_and_isolates_groups() {
     assert_eq!(got.len(), 18, "every row across pages");
     assert!(snap.shard_caches.iter().all(|c| c.shards == shards));
     assert_eq!(snap.leases.len(), 30);
-    assert!(snap.clients.is_empty(), "other group's rows are not ours");
+    assert_eq!(snap.clients.len(), 1, "other group's rows are not ours");
+    // The two partial reads a member makes: client rows only; leases and caches only
+    // (paged like the whole group).
+    let clients = store.load_clients(G).await.expect("clients");
+    assert_eq!(clients, snap.clients);
+    let leases = store.load_leases(G).await.expect("leases");
+    assert!(leases.clients.is_empty());
+    assert_eq!(
+        (leases.leases, leases.shard_caches),
+        (snap.leases.clone(), snap.shard_caches.clone())
+    );
     assert!(
         snap.leases
             .windows(2)

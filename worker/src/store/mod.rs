@@ -87,6 +87,8 @@ pub enum ResetSeen {
 pub struct HeartbeatUpdate {
     /// Leases held right now.
     pub owned_shards: u32,
+    /// The client's lease-change counter (see [`ClientRow::lease_changes`]).
+    pub lease_changes: u64,
     /// Current problem: (reason, message). `None` clears it.
     pub last_error: Option<(String, String)>,
 }
@@ -275,8 +277,35 @@ impl StateStore {
     /// Every row of `group`: one consistent, paginated Query on the partition key. The
     /// operator builds the CR status from this, so its shape is part of the contract.
     pub async fn load_group(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
+        self.query_group(group, None).await
+    }
+
+    /// The client rows of `group` only (`sk` begins with `client#`): what a member reads at
+    /// every heartbeat. Consistent, paginated.
+    pub async fn load_clients(&self, group: &str) -> Result<Vec<ClientRow>, StoreError> {
+        let part = ("begins_with(#sk, :from)", CLIENT_PREFIX);
+        Ok(self.query_group(group, Some(part)).await?.clients)
+    }
+
+    /// The lease and shard-cache rows of `group` (every `sk` from `lease#` on, which skips
+    /// the client rows): what a member re-reads when the group changed. Consistent,
+    /// paginated; `clients` of the result is empty.
+    pub async fn load_leases(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
+        let part = ("#sk >= :from", LEASE_PREFIX);
+        self.query_group(group, Some(part)).await
+    }
+
+    /// One consistent, paginated Query of a group, optionally narrowed by a sort-key
+    /// condition (`(expression on #sk and :from, value of :from)`).
+    async fn query_group(
+        &self,
+        group: &str,
+        sk_condition: Option<(&str, &str)>,
+    ) -> Result<GroupSnapshot, StoreError> {
         let mut snap = GroupSnapshot::default();
-        self.for_each_row(group, |item| self.decode_into(group, item, &mut snap))
+        self.for_each_row(group, sk_condition, |item| {
+            self.decode_into(group, item, &mut snap)
+        })
             .await?;
         snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
@@ -285,23 +314,32 @@ impl StateStore {
         Ok(snap)
     }
 
-    /// Every row of `group`, one consistent, paginated Query, handed to `f` in key order.
+    /// The rows of `group` (those whose sort key meets `sk_condition`, e.g. `begins_with`),
+    /// one consistent, paginated Query, handed to `f` in key order.
     async fn for_each_row(
         &self,
         group: &str,
+        sk_condition: Option<(&str, &str)>,
         mut f: impl FnMut(&HashMap<String, AttributeValue>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
-            let out = self
+            let mut req = self
                 .client
                 .query()
                 .table_name(&self.table)
-                .key_condition_expression("#pk = :pk")
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_values(":pk", s(group))
                 .consistent_read(true)
-                .set_exclusive_start_key(start.take())
+                .set_exclusive_start_key(start.take());
+            req = match sk_condition {
+                None => req.key_condition_expression("#pk = :pk"),
+                Some((cond, from)) => req
+                    .key_condition_expression(format!("#pk = :pk AND {cond}"))
+                    .expression_attribute_names("#sk", SK)
+                    .expression_attribute_values(":from", s(from)),
+            };
+            let out = req
                 .send()
                 .await
                 .map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
@@ -380,6 +418,7 @@ impl StateStore {
             heartbeat_at_ms: now,
             started_at_ms: now,
             owned_shards: 0,
+            lease_changes: 0,
             last_error: None,
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
@@ -432,15 +471,18 @@ impl StateStore {
             .expression_attribute_names("#hb", "heartbeat")
             .expression_attribute_names("#hbat", "heartbeatAtMs")
             .expression_attribute_names("#owned", "ownedShards")
+            .expression_attribute_names("#changes", "leaseChanges")
             .expression_attribute_names("#exp", TTL_ATTRIBUTE)
             .expression_attribute_names("#err", "lastError")
             .expression_attribute_names("#reason", "lastErrorReason")
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":owned", n(update.owned_shards))
+            .expression_attribute_values(":changes", n(update.lease_changes))
             .expression_attribute_values(":exp", n(now / 1000 + CLIENT_ROW_TTL.as_secs() as i64))
             .return_values(ReturnValue::UpdatedNew);
-        let set = "SET #hb = #hb + :one, #hbat = :now, #owned = :owned, #exp = :exp";
+        let set =
+            "SET #hb = #hb + :one, #hbat = :now, #owned = :owned, #changes = :changes, #exp = :exp";
         req = match &update.last_error {
             Some((reason, message)) => req
                 .update_expression(format!("{set}, #err = :err, #reason = :reason"))
@@ -621,8 +663,8 @@ impl StateStore {
         })
     }
 
-    /// Renews a lease we own and returns its whole row: used to resume reading a shard we
-    /// still own, from the checkpoint it holds.
+    /// Takes up a lease we still own (counter + 1) and returns its whole row: used to resume
+    /// reading a shard we own but do not read, from the checkpoint it holds.
     pub async fn resume_lease(
         &self,
         group: &str,
@@ -631,8 +673,21 @@ impl StateStore {
         me: &str,
     ) -> Result<Claimed, StoreError> {
         let sk = lease_sk(stream, shard_id);
+        // A new ownership epoch: a checkpoint or release of an earlier reader of ours (same
+        // client, before a restart of the reader) can no longer land.
         let out = self
-            .renew_request(group, &sk, me)
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .update_expression("SET #ctr = #ctr + :one, #upd = :now")
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
             .return_values(ReturnValue::AllNew)
             .send()
             .await
@@ -662,100 +717,73 @@ impl StateStore {
         })
     }
 
-    fn renew_request(
-        &self,
-        group: &str,
-        sk: &str,
-        me: &str,
-    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(group, sk)))
-            .update_expression("SET #ctr = #ctr + :one, #upd = :now")
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#ctr", "leaseCounter")
-            .expression_attribute_names("#upd", "updatedAtMs")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":now", n(now_ms()))
-    }
-
-    /// Renews a lease we own: increments its counter, which is what observers watch.
-    /// `Conflict` means we lost it. Returns the new counter.
-    pub async fn renew_lease(
-        &self,
-        group: &str,
-        stream: &str,
-        shard_id: &str,
-        me: &str,
-    ) -> Result<u64, StoreError> {
-        let sk = lease_sk(stream, shard_id);
-        let out = self
-            .renew_request(group, &sk, me)
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| classify(e, self.ctx("renew", group, &sk, "not the lease owner")))?;
-        Ok(read_n(out.attributes(), "leaseCounter"))
-    }
-
-    /// Writes a checkpoint (and lag) of a lease we own; also renews it (counter + 1), so a
-    /// checkpoint costs no extra renewal. `Conflict` means we lost the lease: the new owner's
-    /// checkpoint is never overwritten. Returns the new counter.
+    /// Writes a checkpoint (and lag) of a lease we own, conditional on `owner` = `me` and on
+    /// the counter we hold (`held`, from our claim or resume). `Conflict` means we lost the
+    /// lease, or this write arrived after a newer ownership: the new owner's checkpoint is
+    /// never overwritten and a late write cannot move it back. The counter is left alone.
     pub async fn checkpoint(
         &self,
         group: &str,
         stream: &str,
         shard_id: &str,
         me: &str,
+        held: u64,
         cp: &CheckpointUpdate,
-    ) -> Result<u64, StoreError> {
-        self.write_lease(group, stream, shard_id, me, cp, false)
+    ) -> Result<(), StoreError> {
+        self.write_lease(group, stream, shard_id, me, held, cp, false)
             .await
+            .map(|_| ())
     }
 
-    /// Releases a lease we own, writing the final checkpoint in the same conditional
-    /// UpdateItem, so the next owner starts exactly after what we acknowledged.
+    /// Releases a lease we own, writing the final checkpoint in the same UpdateItem
+    /// (conditional like [`checkpoint`](Self::checkpoint)), so the next owner starts
+    /// exactly after what we acknowledged. Moves the counter. Returns the new counter.
     pub async fn release_lease(
         &self,
         group: &str,
         stream: &str,
         shard_id: &str,
         me: &str,
+        held: u64,
         cp: &CheckpointUpdate,
-    ) -> Result<(), StoreError> {
-        self.write_lease(group, stream, shard_id, me, cp, true)
+    ) -> Result<u64, StoreError> {
+        self.write_lease(group, stream, shard_id, me, held, cp, true)
             .await
-            .map(|_| ())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_lease(
         &self,
         group: &str,
         stream: &str,
         shard_id: &str,
         me: &str,
+        held: u64,
         cp: &CheckpointUpdate,
         release: bool,
     ) -> Result<u64, StoreError> {
         let sk = lease_sk(stream, shard_id);
-        let mut set = vec!["#ctr = #ctr + :one", "#upd = :now"];
+        let mut set = vec!["#upd = :now"];
+        if release {
+            set.push("#ctr = #ctr + :one");
+        }
         let mut remove = Vec::new();
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(group, &sk)))
-            .condition_expression("#owner = :me")
+            .condition_expression("#owner = :me AND #ctr = :held")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_names("#ctr", "leaseCounter")
             .expression_attribute_names("#upd", "updatedAtMs")
             .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":held", n(held))
             .expression_attribute_values(":now", n(now_ms()))
             .return_values(ReturnValue::UpdatedNew);
+        if release {
+            req = req.expression_attribute_values(":one", n(1));
+        }
         if let Some(pos) = &cp.position {
             set.push("#cp = :cp");
             req = req
@@ -799,11 +827,12 @@ impl StateStore {
             expr.push_str(&format!(" REMOVE {}", remove.join(", ")));
         }
         let op = if release { "release" } else { "checkpoint" };
-        let out = req
-            .update_expression(expr)
-            .send()
-            .await
-            .map_err(|e| classify(e, self.ctx(op, group, &sk, "not the lease owner")))?;
+        let out = req.update_expression(expr).send().await.map_err(|e| {
+            classify(
+                e,
+                self.ctx(op, group, &sk, "not the lease owner or counter moved"),
+            )
+        })?;
         Ok(read_n(out.attributes(), "leaseCounter"))
     }
 
@@ -871,7 +900,8 @@ impl StateStore {
         group: &str,
     ) -> Result<std::collections::BTreeMap<(String, String), ResetTo>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
-        self.for_each_row(group, |item| {
+        let leases = ("begins_with(#sk, :from)", LEASE_PREFIX);
+        self.for_each_row(group, Some(leases), |item| {
             let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
             let is_lease = text(SK).is_some_and(|sk| sk.starts_with(LEASE_PREFIX));
             if let (true, Some(stream), Some(shard), Some(to)) =

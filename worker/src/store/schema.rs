@@ -11,7 +11,7 @@
 //! | `lease#<stream>#<shardId>`    | [`LeaseRow`]   | the lease owner (conditional on `owner`) |
 //!
 //! Timestamps (`*AtMs`, Unix milliseconds) are informational: for humans and the status.
-//! Liveness and lease expiry are judged by watching `heartbeat` / `leaseCounter` stop
+//! Liveness (of a client and of the leases it owns) is judged by watching `heartbeat` stop
 //! changing, measured on the observer's own monotonic clock, never by comparing clocks.
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,11 @@ pub struct ClientRow {
     /// Number of leases this client holds, as of its last heartbeat.
     #[serde(default)]
     pub owned_shards: u32,
+    /// Moves (with the next heartbeat) whenever this client claimed, resumed, released or
+    /// abandoned a lease, or (leader) wrote a shard cache: other clients re-read the lease
+    /// rows only when some client's value moved, instead of at every heartbeat.
+    #[serde(default)]
+    pub lease_changes: u64,
     /// The last error this client hit (delivery, Kinesis, state store), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -128,7 +133,8 @@ impl ShardInfo {
 }
 
 /// A shard's lease and checkpoint. Every write is conditional: taking it on `owner` being
-/// absent or on the observed `leaseCounter` (expired), everything else on `owner` = self.
+/// absent or on the observed owner and `leaseCounter` (owner dead), everything else on
+/// `owner` = self and the counter the owner holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseRow {
@@ -143,7 +149,8 @@ pub struct LeaseRow {
     /// The client id holding the lease; absent when released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// Incremented by every renewal and every change of owner (fencing token).
+    /// Incremented by every claim, resume and release: the ownership epoch, the fencing
+    /// token every owner write is conditioned on. Checkpoints leave it alone.
     pub lease_counter: u64,
     /// Last acknowledged sequence number; reading resumes after it (see
     /// [`LeaseRow::checkpoint_position`]).

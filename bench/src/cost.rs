@@ -1,0 +1,482 @@
+//! Coordination cost: the DynamoDB read and write units a group of engines spends on the
+//! state store, idle and under load, counted with DynamoDB's own unit rules.
+//!
+//! Every engine of a scenario runs in this process against DynamoDB Local, through a relay
+//! ([`Relay`]) that asks for `ReturnConsumedCapacity=TOTAL` on every data request and sums
+//! what DynamoDB Local answers (it applies the service's rules: 1 write unit per started
+//! KB written, 1 read unit per started 4 KB of a strongly consistent read). A conditional
+//! write that fails returns no capacity, but DynamoDB bills it: the relay counts it as one
+//! write unit (every kcg row is under 1 KB except shard caches, which are never
+//! conditional). The measurement uses only the engine's public entry point
+//! (`engine::run`), so the same code measures any version of the engine.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kcg_worker::config::Tuning;
+use kcg_worker::engine::{self, EngineOptions};
+use kcg_worker::health::Health;
+use kcg_worker::metrics::Metrics;
+use kcg_worker::store::StateStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::report::{Row, num};
+use crate::support::{self, Aws, Counter};
+
+/// On-demand list prices, us-east-1, standard table class (USD per million request units).
+pub const USD_PER_MILLION_WRITES: f64 = 0.625;
+/// See [`USD_PER_MILLION_WRITES`].
+pub const USD_PER_MILLION_READS: f64 = 0.125;
+/// Hours in a month, as AWS prices count them.
+const HOURS_PER_MONTH: f64 = 730.0;
+
+/// Operations whose cost is counted as reads.
+const READS: [&str; 4] = ["GetItem", "Query", "Scan", "BatchGetItem"];
+/// Operations whose cost is counted as writes.
+const WRITES: [&str; 5] = [
+    "PutItem",
+    "UpdateItem",
+    "DeleteItem",
+    "BatchWriteItem",
+    "TransactWriteItems",
+];
+
+/// Totals the relay has seen since it started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// Read units.
+    pub reads: f64,
+    /// Write units.
+    pub writes: f64,
+    /// Requests by operation (`PutItem`, `Query`, ...).
+    pub requests: BTreeMap<String, u64>,
+    /// Records the group's handlers received (filled in by the scenario, not the relay).
+    pub delivered: u64,
+}
+
+impl Usage {
+    /// What happened between `earlier` and `self`.
+    fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            reads: self.reads - earlier.reads,
+            writes: self.writes - earlier.writes,
+            requests: self
+                .requests
+                .iter()
+                .map(|(op, n)| {
+                    (
+                        op.clone(),
+                        n - earlier.requests.get(op).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
+            delivered: self.delivered.saturating_sub(earlier.delivered),
+        }
+    }
+}
+
+/// A DynamoDB relay that meters consumed capacity. Listens on a loopback port and forwards
+/// every request to `upstream`.
+pub struct Relay {
+    upstream: String,
+    http: reqwest::Client,
+    usage: Mutex<Usage>,
+}
+
+impl Relay {
+    /// Serves the relay on `listener` (already bound, so its address can be handed to the
+    /// engines before any thread starts) until the process ends.
+    pub fn serve(listener: std::net::TcpListener, upstream: String) -> anyhow::Result<Arc<Self>> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let relay = Arc::new(Self {
+            upstream,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()?,
+            usage: Mutex::new(Usage::default()),
+        });
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(relay.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("kcg-bench: cost relay stopped: {e}");
+            }
+        });
+        Ok(relay)
+    }
+
+    /// The totals so far.
+    pub fn usage(&self) -> Usage {
+        self.usage.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    fn record(&self, op: &str, units: f64) {
+        if let Ok(mut u) = self.usage.lock() {
+            *u.requests.entry(op.to_owned()).or_default() += 1;
+            if READS.contains(&op) {
+                u.reads += units;
+            } else if WRITES.contains(&op) {
+                u.writes += units;
+            }
+        }
+    }
+}
+
+/// Forwards one DynamoDB request, asking for its consumed capacity, and records it.
+async fn forward(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Bytes) -> Response {
+    let op = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.rsplit('.').next())
+        .unwrap_or("unknown")
+        .to_owned();
+    let metered = READS.contains(&op.as_str()) || WRITES.contains(&op.as_str());
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut m)) if metered => {
+            m.insert("ReturnConsumedCapacity".into(), "TOTAL".into());
+            Bytes::from(serde_json::Value::Object(m).to_string())
+        }
+        _ => body,
+    };
+    let mut req = relay.http.post(&relay.upstream).body(body);
+    for (name, value) in &headers {
+        if name != "host" && name != "content-length" {
+            req = req.header(name, value);
+        }
+    }
+    let res = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = res.status();
+    let keep: Vec<(HeaderName, HeaderValue)> = res
+        .headers()
+        .iter()
+        .filter(|(n, _)| *n != "content-length" && *n != "transfer-encoding")
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let bytes = match res.bytes().await {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    if metered {
+        let units = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["ConsumedCapacity"]["CapacityUnits"].as_f64());
+        let failed_condition = status == StatusCode::BAD_REQUEST
+            && String::from_utf8_lossy(&bytes).contains("ConditionalCheckFailed");
+        let units = match units {
+            Some(u) => u,
+            // Billed although the answer carries no capacity.
+            None if failed_condition => 1.0,
+            None => 0.0,
+        };
+        relay.record(&op, units);
+    }
+    let mut out = (status, bytes).into_response();
+    for (n, v) in keep {
+        out.headers_mut().insert(n, v);
+    }
+    out
+}
+
+/// One measured group.
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    /// Shards of the stream.
+    pub shards: i32,
+    /// Engines of the group.
+    pub workers: usize,
+    /// Records per second written to each shard during the window (0: idle).
+    pub rate_per_shard: u32,
+}
+
+/// Parameters of the cost benchmark.
+#[derive(Clone)]
+pub struct Params {
+    /// The groups to measure.
+    pub scenarios: Vec<Scenario>,
+    /// Length of each measured window.
+    pub window: Duration,
+    /// Wait after the group is balanced, before measuring (first checkpoints, caches).
+    pub settle: Duration,
+    /// The relay every engine's DynamoDB requests go through.
+    pub relay: Arc<Relay>,
+    /// DynamoDB without the relay, for the benchmark's own setup and probes.
+    pub direct: aws_sdk_dynamodb::Client,
+    /// Monthly USD of the engine to compare with, for the largest idle scenario (the
+    /// goal: at most a tenth of it).
+    pub baseline_usd: Option<f64>,
+}
+
+/// The tuning of every engine: defaults (heartbeat 2s, client timeout 10s, checkpoint
+/// interval 5s), except a slower idle poll, which changes no state-store request but keeps
+/// a thousand readers from flooding the Kinesis emulator.
+pub fn tuning() -> Tuning {
+    Tuning {
+        poll_interval: Duration::from_secs(5),
+        ..Tuning::default()
+    }
+}
+
+/// Runs every scenario and returns its rows.
+pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut largest_idle: Option<(i32, f64)> = None;
+    for s in &p.scenarios {
+        let name = format!(
+            "{} shards, {} workers, {}",
+            s.shards,
+            s.workers,
+            if s.rate_per_shard == 0 {
+                "idle".to_owned()
+            } else {
+                format!("{} rec/s per shard", s.rate_per_shard)
+            }
+        );
+        eprintln!("kcg-bench: cost: {name} ...");
+        match scenario(aws, p, s).await {
+            Ok(u) => {
+                let minutes = p.window.as_secs_f64() / 60.0;
+                let hours = minutes / 60.0;
+                let w = s.workers as f64;
+                let shards = f64::from(s.shards);
+                let monthly = (u.reads / hours * HOURS_PER_MONTH) * USD_PER_MILLION_READS / 1e6
+                    + (u.writes / hours * HOURS_PER_MONTH) * USD_PER_MILLION_WRITES / 1e6;
+                let per_worker_min =
+                    |op: &str| u.requests.get(op).copied().unwrap_or(0) as f64 / w / minutes;
+                rows.push(Row::info(
+                    "cost",
+                    format!("{name}: read units per worker-minute"),
+                    num(u.reads / w / minutes),
+                    "RRU",
+                ));
+                rows.push(Row::info(
+                    "cost",
+                    format!("{name}: write units per worker-minute"),
+                    num(u.writes / w / minutes),
+                    "WRU",
+                ));
+                rows.push(Row::info(
+                    "cost",
+                    format!("{name}: read / write units per shard-hour"),
+                    format!(
+                        "{} / {}",
+                        num(u.reads / shards / hours),
+                        num(u.writes / shards / hours)
+                    ),
+                    "RRU / WRU",
+                ));
+                rows.push(Row::info(
+                    "cost",
+                    format!(
+                        "{name}: requests per worker-minute (Query / UpdateItem / PutItem / DeleteItem)"
+                    ),
+                    format!(
+                        "{} / {} / {} / {}",
+                        num(per_worker_min("Query")),
+                        num(per_worker_min("UpdateItem")),
+                        num(per_worker_min("PutItem")),
+                        num(per_worker_min("DeleteItem"))
+                    ),
+                    "requests",
+                ));
+                rows.push(Row::info(
+                    "cost",
+                    format!("{name}: records delivered in the window"),
+                    u.delivered.to_string(),
+                    "records",
+                ));
+                rows.push(Row::info(
+                    "cost",
+                    format!("{name}: monthly on-demand cost of the group"),
+                    format!("{monthly:.2}"),
+                    "USD",
+                ));
+                if s.rate_per_shard == 0 && largest_idle.is_none_or(|(n, _)| s.shards > n) {
+                    largest_idle = Some((s.shards, monthly));
+                }
+            }
+            Err(e) => rows.push(Row::failed("cost", &e.context(name))),
+        }
+    }
+    if let (Some(base), Some((shards, usd))) = (p.baseline_usd, largest_idle) {
+        rows.push(Row::goal(
+            "cost",
+            format!("{shards} shards idle: monthly cost against the baseline {base:.2} USD"),
+            format!("{:.3}", usd / base),
+            "x baseline",
+            "<= 0.1",
+            usd <= base / 10.0,
+        ));
+    }
+    rows.push(Row::info(
+        "cost",
+        "prices: on-demand us-east-1, USD per million request units",
+        format!("read {USD_PER_MILLION_READS}, write {USD_PER_MILLION_WRITES}"),
+        "USD",
+    ));
+    rows
+}
+
+/// Starts the group, waits until every shard is owned and the group settled, and returns
+/// the usage of one window.
+async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Usage> {
+    let stream = support::unique(&format!("cost-{}", s.shards));
+    let table = stream.clone();
+    let group = format!("bench/{stream}");
+    let direct = StateStore::new(p.direct.clone(), table.clone());
+    direct
+        .create_table()
+        .await
+        .with_context(|| format!("creating table {table}"))?;
+    crate::ensure_stream(&aws.kinesis, &stream, s.shards).await?;
+    let shutdown = CancellationToken::new();
+    let mut engines = Vec::new();
+    // One counter for the whole group (records are in order per shard whoever reads them).
+    let handler = Counter::new(Instant::now(), u64::MAX);
+    for i in 0..s.workers {
+        let config = support::worker_config(&group, &stream, &table, tuning());
+        let handler = handler.clone();
+        engines.push(tokio::spawn(engine::run(
+            config,
+            EngineOptions {
+                client_id: Some(format!("cost-{i:03}")),
+                pod: Some(format!("cost-{i:03}")),
+            },
+            handler,
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(600))),
+            shutdown.clone(),
+        )));
+    }
+    let measured = async {
+        wait_balanced(&direct, &group, s).await?;
+        let producer = (s.rate_per_shard > 0).then(|| {
+            let client = aws.kinesis.clone();
+            let (stream, rate) = (stream.clone(), s.rate_per_shard * s.shards as u32);
+            tokio::spawn(async move { produce_at(&client, &stream, rate).await })
+        });
+        tokio::time::sleep(p.settle).await;
+        let before = Usage {
+            delivered: handler.distinct(),
+            ..p.relay.usage()
+        };
+        tokio::time::sleep(p.window).await;
+        let now = Usage {
+            delivered: handler.distinct(),
+            ..p.relay.usage()
+        };
+        let used = now.since(&before);
+        if let Some(pr) = producer {
+            pr.abort();
+        }
+        anyhow::Ok(used)
+    }
+    .await;
+    shutdown.cancel();
+    for e in engines {
+        let _ = tokio::time::timeout(Duration::from_secs(60), e).await;
+    }
+    support::cleanup(aws, &stream, &table).await;
+    measured
+}
+
+/// Waits until every consumable shard has an owner and ownership is balanced over all
+/// engines (sizes differ by at most one).
+async fn wait_balanced(store: &StateStore, group: &str, s: &Scenario) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let snap = store.load_group(group).await?;
+        let mut per_owner: BTreeMap<&str, usize> = BTreeMap::new();
+        for l in &snap.leases {
+            if let Some(o) = &l.owner {
+                *per_owner.entry(o.as_str()).or_default() += 1;
+            }
+        }
+        let owned: usize = per_owner.values().sum();
+        let (lo, hi) = (
+            per_owner.values().min().copied().unwrap_or(0),
+            per_owner.values().max().copied().unwrap_or(0),
+        );
+        if owned == s.shards as usize && per_owner.len() == s.workers && hi - lo <= 1 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "group not balanced after 10 minutes: {owned} of {} shards owned by {} clients",
+            s.shards,
+            per_owner.len()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Writes `per_second` records a second, spread over every shard, until aborted.
+async fn produce_at(client: &aws_sdk_kinesis::Client, stream: &str, per_second: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut next = 0u64;
+    loop {
+        tick.tick().await;
+        let mut left = per_second;
+        while left > 0 {
+            let n = left.min(500);
+            left -= n;
+            let entries: Vec<PutRecordsRequestEntry> = (0..n)
+                .filter_map(|_| {
+                    next += 1;
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(format!("pk-{next}"))
+                        .data(Blob::new(vec![b'x'; 100]))
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let req = client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries));
+            tokio::spawn(async move {
+                let _ = req.send().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_since_subtracts_per_operation() {
+        let earlier = Usage {
+            reads: 1.0,
+            writes: 2.0,
+            requests: [("Query".to_owned(), 3)].into_iter().collect(),
+            delivered: 10,
+        };
+        let later = Usage {
+            reads: 5.5,
+            writes: 4.0,
+            requests: [("Query".to_owned(), 7), ("PutItem".to_owned(), 1)]
+                .into_iter()
+                .collect(),
+            delivered: 25,
+        };
+        let d = later.since(&earlier);
+        assert_eq!(d.delivered, 15);
+        assert_eq!((d.reads, d.writes), (4.5, 2.0));
+        assert_eq!(d.requests["Query"], 4);
+        assert_eq!(d.requests["PutItem"], 1);
+    }
+}
