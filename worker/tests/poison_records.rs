@@ -416,7 +416,11 @@ async fn failing_dead_letter_target_blocks_before_the_poison_record() {
     // Retried, and the checkpoint stays right before the poison record.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let p = r.progress.borrow().clone();
-    assert_eq!(p.acked.as_ref().map(|a| a.sequence.as_str()), Some(seqs[2].as_str()), "{p:?}");
+    assert_eq!(
+        p.acked.as_ref().map(|a| a.sequence.as_str()),
+        Some(seqs[2].as_str()),
+        "{p:?}"
+    );
     assert_eq!(
         p.issue.as_ref().map(|i| i.reason.as_str()),
         Some("DeadLetterFailing")

@@ -125,7 +125,13 @@ async fn delivers_in_order_across_resubscriptions_and_resumes_from_the_checkpoin
         .expect("the reader reports its checkpoint");
     assert_eq!(
         Some(&checkpoint),
-        handler.accepted.lock().unwrap().last().map(|r| r.position()).as_ref(),
+        handler
+            .accepted
+            .lock()
+            .unwrap()
+            .last()
+            .map(|r| r.position())
+            .as_ref(),
         "the checkpoint is the last delivered record"
     );
     assert!(!last.ended, "an open shard never ends");
@@ -207,7 +213,13 @@ async fn a_split_ends_the_parent_through_child_shards() {
     );
     assert_eq!(
         last.acked.as_ref(),
-        handler.accepted.lock().unwrap().last().map(|r| r.position()).as_ref()
+        handler
+            .accepted
+            .lock()
+            .unwrap()
+            .last()
+            .map(|r| r.position())
+            .as_ref()
     );
     delete_stream(&sdk, &name).await;
 }

@@ -221,7 +221,14 @@ async fn checkpoint_inside_an_aggregate_round_trips() {
         ..Default::default()
     };
     store
-        .checkpoint(G, "s", "sh", "a", a.lease_counter, &at(Position::sub("42", 3)))
+        .checkpoint(
+            G,
+            "s",
+            "sh",
+            "a",
+            a.lease_counter,
+            &at(Position::sub("42", 3)),
+        )
         .await
         .expect("checkpoint inside the aggregate");
     let snap = store.load_group(G).await.expect("load");

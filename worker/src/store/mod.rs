@@ -23,8 +23,7 @@ use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
     CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
-    RESET_TO, ResetTo,
-    SHARDS_PREFIX, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+    RESET_TO, ResetTo, SHARDS_PREFIX, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
 };
 
 /// Wall-clock now in Unix milliseconds. Only ever written as information, never compared
@@ -306,7 +305,7 @@ impl StateStore {
         self.for_each_row(group, sk_condition, |item| {
             self.decode_into(group, item, &mut snap)
         })
-            .await?;
+        .await?;
         snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
         snap.leases
