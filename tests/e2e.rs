@@ -1026,6 +1026,50 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             ONE_DELIVERY,
         ),
         (
+            "dead letter without a target",
+            with(&|s| s["delivery"] = json!({"stdout": {}, "onFailure": "DeadLetter"})),
+            DEAD_LETTER_NEEDED,
+        ),
+        (
+            "a target without dead letter",
+            with(&|s| {
+                s["delivery"] =
+                    json!({"stdout": {}, "deadLetter": {"sqs": {"queueUrl": "https://q"}}})
+            }),
+            DEAD_LETTER_UNUSED,
+        ),
+        (
+            "no dead-letter target kind",
+            with(&|s| {
+                s["delivery"] = json!({"stdout": {}, "onFailure": "DeadLetter", "deadLetter": {}})
+            }),
+            ONE_DEAD_LETTER,
+        ),
+        (
+            "bad queue url",
+            with(&|s| {
+                s["delivery"] = json!({"stdout": {}, "onFailure": "DeadLetter",
+                    "deadLetter": {"sqs": {"queueUrl": "dlq"}}})
+            }),
+            QUEUE_URL,
+        ),
+        (
+            "bad dead-letter stream",
+            with(&|s| {
+                s["delivery"] = json!({"stdout": {}, "onFailure": "DeadLetter",
+                    "deadLetter": {"kinesis": {"stream": "a b"}}})
+            }),
+            DEAD_LETTER_STREAM,
+        ),
+        (
+            "backoff max below initial",
+            with(&|s| {
+                s["delivery"] = json!({"stdout": {},
+                    "retry": {"backoff": {"initial": "5s", "max": "1s"}}})
+            }),
+            BACKOFF_MAX,
+        ),
+        (
             "duplicate streams",
             with(&|s| s["streams"] = json!([{"name": "a"}, {"name": "a"}])),
             UNIQUE_STREAMS,
