@@ -641,7 +641,7 @@ async fn quick_start(env: &Env, kubelet: &Kubelet, records: &Records) -> Result<
         } else if command.starts_with("kubectl scale") {
             let s = wait_ready(env, "default", "orders", 3).await?;
             let owned: Vec<i32> = s.clients.iter().map(|c| c.owned_shards).collect();
-            if owned.iter().sum::<i32>() != SHARDS || owned.iter().any(|n| *n == 0) {
+            if owned.iter().sum::<i32>() != SHARDS || owned.contains(&0) {
                 return Err(format!("after scaling to 3, owned shards are {owned:?}"));
             }
         }
