@@ -578,7 +578,7 @@ fn big_shard_list(n: usize) -> Vec<ShardInfo> {
         .map(|i| ShardInfo {
             shard_id: id(i),
             parent: (i >= half).then(|| id(i - half)),
-            adjacent_parent: (i >= half && i % 7 == 0 && i - half + 1 < half)
+            adjacent_parent: (i >= half && i.is_multiple_of(7) && i - half + 1 < half)
                 .then(|| id(i - half + 1)),
             closed: i < half,
         })

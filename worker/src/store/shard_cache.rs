@@ -237,8 +237,9 @@ mod tests {
         ShardInfo {
             shard_id: format!("shardId-{i:012}"),
             parent: (i > 0).then(|| format!("shardId-{:012}", i / 2)),
-            adjacent_parent: (i % 3 == 0 && i > 0).then(|| format!("shardId-{:012}", i - 1)),
-            closed: i % 2 == 0,
+            adjacent_parent: (i.is_multiple_of(3) && i > 0)
+                .then(|| format!("shardId-{:012}", i - 1)),
+            closed: i.is_multiple_of(2),
         }
     }
 
@@ -296,6 +297,7 @@ mod tests {
         let all = |v: &[&[ShardCachePart]]| v.iter().flat_map(|p| p.to_vec()).collect();
 
         // (case, heads, parts, complete streams, incomplete streams)
+        #[allow(clippy::type_complexity)]
         let cases: Vec<(
             &str,
             Vec<ShardCacheHead>,
