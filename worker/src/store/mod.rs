@@ -589,13 +589,13 @@ impl StateStore {
         // Collected first: a lazy iterator of borrowing futures is not `Send` for spawn.
         let writes: Vec<_> = parts
             .iter()
-            .map(|p| self.put_row(&p.pk, &p.sk, p))
+            .map(|p| self.put_cache_row(&p.pk, &p.sk, p))
             .collect();
         futures::stream::iter(writes)
             .buffer_unordered(PART_WRITES_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
-        self.put_row(&head.pk, &head.sk, &head).await?;
+        self.put_cache_row(&head.pk, &head.sk, &head).await?;
         self.delete_stale_parts(&head).await
     }
 
@@ -635,8 +635,8 @@ impl StateStore {
         Ok(())
     }
 
-    /// An unconditional PutItem of one row.
-    async fn put_row<T: serde::Serialize>(
+    /// An unconditional PutItem of one shard-cache row (whole, head or part).
+    async fn put_cache_row<T: serde::Serialize>(
         &self,
         group: &str,
         sk: &str,
