@@ -567,3 +567,229 @@ async fn load_group_pages_and_isolates_groups() {
         (1, 1, 0)
     );
 }
+
+/// A stream that split and merged down to 10,000 shards (open and closed within retention),
+/// with ids as long as Kinesis makes them: 5,000 closed roots, then children with one or
+/// two parents.
+fn big_shard_list(n: usize) -> Vec<ShardInfo> {
+    let id = |i: usize| format!("shardId-{i:012}");
+    let half = n / 2;
+    (0..n)
+        .map(|i| ShardInfo {
+            shard_id: id(i),
+            parent: (i >= half).then(|| id(i - half)),
+            adjacent_parent: (i >= half && i.is_multiple_of(7) && i - half + 1 < half)
+                .then(|| id(i - half + 1)),
+            closed: i < half,
+        })
+        .collect()
+}
+
+/// The part rows of a stream, as stored (sort keys).
+async fn part_keys(store: &StateStore, stream: &str) -> Vec<String> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let client = aws_sdk_dynamodb::Client::new(&conf);
+    let out = client
+        .query()
+        .table_name(store.table())
+        .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+        .expression_attribute_values(":pk", AttributeValue::S(G.into()))
+        .expression_attribute_values(":p", AttributeValue::S(format!("shardpart#{stream}#")))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("query parts");
+    out.items()
+        .iter()
+        .filter_map(|i| i.get("sk").and_then(|v| v.as_s().ok()).cloned())
+        .collect()
+}
+
+#[tokio::test]
+async fn shard_cache_of_10000_shards_round_trips_and_members_plan() {
+    use kcg_worker::assignment::{plan, streams_from_snapshot};
+    let Some(store) = store("bigcache").await else {
+        return;
+    };
+    let stream = "arn:aws:kinesis:eu-west-1:123456789012:stream/orders-events-production";
+    let mut row = ShardCacheRow {
+        pk: G.into(),
+        sk: shards_sk(stream),
+        stream: stream.into(),
+        shards: big_shard_list(10_000),
+        refreshed_at_ms: 1,
+        refreshed_by: "leader-1".into(),
+    };
+    // What the leader calls when the shard list changed.
+    store
+        .put_shard_cache(&row)
+        .await
+        .expect("put 10,000 shards");
+    let first_parts = part_keys(&store, stream).await;
+    assert_eq!(first_parts.len(), 20);
+
+    // What the operator reads, and what a member reads.
+    let snap = store.load_group(G).await.expect("load group");
+    assert_eq!(snap.shard_caches, vec![row.clone()]);
+    let member = store.load_leases(G).await.expect("load leases");
+    assert_eq!(member.shard_caches, vec![row.clone()]);
+
+    // Members plan from it: the 5,000 roots are consumable, spread over the clients; one
+    // ended root makes its children consumable too.
+    store
+        .create_lease(G, stream, "shardId-000000000000")
+        .await
+        .expect("lease");
+    let held = store
+        .claim_lease(G, stream, "shardId-000000000000", "c-1", None)
+        .await
+        .expect("claim");
+    let ended = CheckpointUpdate {
+        position: Some(Position::whole("1")),
+        ended: true,
+        ..CheckpointUpdate::default()
+    };
+    store
+        .release_lease(
+            G,
+            stream,
+            "shardId-000000000000",
+            "c-1",
+            held.lease_counter,
+            &ended,
+        )
+        .await
+        .expect("end");
+    let member = store.load_leases(G).await.expect("load leases");
+    let shards = streams_from_snapshot(&[stream.to_owned()], &member);
+    let consumable = &shards[0].consumable;
+    assert_eq!(
+        consumable.len(),
+        5_000 - 1 + 1,
+        "roots but the ended one, plus its child"
+    );
+    assert!(consumable.contains(&"shardId-000000005000".to_owned()));
+    let live: Vec<String> = ["c-1", "c-2", "c-3"].map(str::to_owned).to_vec();
+    let planned = plan(&shards, &live);
+    assert_eq!(
+        planned.len(),
+        consumable.len(),
+        "every consumable shard has an owner"
+    );
+
+    // A new shard: the cache is written again under a new generation and the old parts go.
+    row.shards.push(ShardInfo {
+        shard_id: "shardId-000000010000".into(),
+        parent: None,
+        adjacent_parent: None,
+        closed: false,
+    });
+    store
+        .put_shard_cache(&row)
+        .await
+        .expect("put 10,001 shards");
+    let second_parts = part_keys(&store, stream).await;
+    assert_eq!(second_parts.len(), 21);
+    assert!(second_parts.iter().all(|sk| !first_parts.contains(sk)));
+    let snap = store.load_group(G).await.expect("load group");
+    assert_eq!(snap.shard_caches, vec![row.clone()]);
+
+    // A part missing under its head (a reader raced a rewrite that never finished): the
+    // stream is left out rather than read short; the leader's next write repairs it.
+    let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let client = aws_sdk_dynamodb::Client::new(&conf);
+    client
+        .delete_item()
+        .table_name(store.table())
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(G.into()))
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S(second_parts[3].clone()),
+        )
+        .send()
+        .await
+        .expect("delete a part");
+    assert!(
+        store
+            .load_group(G)
+            .await
+            .expect("load")
+            .shard_caches
+            .is_empty()
+    );
+    store.put_shard_cache(&row).await.expect("rewrite");
+    assert_eq!(
+        store.load_leases(G).await.expect("load").shard_caches,
+        vec![row.clone()]
+    );
+
+    // Trimmed down to a few shards: one row again, in the format every version reads, and
+    // no parts left.
+    row.shards.truncate(3);
+    store.put_shard_cache(&row).await.expect("put 3 shards");
+    assert!(part_keys(&store, stream).await.is_empty());
+    let item = client
+        .get_item()
+        .table_name(store.table())
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(G.into()))
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S(shards_sk(stream)),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get head");
+    let legacy: ShardCacheRow =
+        serde_dynamo::from_item(item.item().cloned().expect("head")).expect("old format");
+    assert_eq!(legacy, row);
+    assert_eq!(
+        store.load_group(G).await.expect("load").shard_caches,
+        vec![row]
+    );
+}
+
+#[tokio::test]
+async fn a_shard_cache_row_of_an_older_worker_is_read() {
+    let Some(store) = store("legacycache").await else {
+        return;
+    };
+    let row = ShardCacheRow {
+        pk: G.into(),
+        sk: shards_sk("s"),
+        stream: "s".into(),
+        shards: big_shard_list(40),
+        refreshed_at_ms: 5,
+        refreshed_by: "old-leader".into(),
+    };
+    // A newer leader wrote a split cache of the stream...
+    let split = ShardCacheRow {
+        shards: big_shard_list(1_200),
+        ..row.clone()
+    };
+    store.put_shard_cache(&split).await.expect("split cache");
+    assert_eq!(part_keys(&store, "s").await.len(), 3);
+    // ...then an older leader (rolling upgrade) put its whole row over the head, with the
+    // same serializer: that row is the cache, the parts it leaves behind are ignored.
+    let conf = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let client = aws_sdk_dynamodb::Client::new(&conf);
+    client
+        .put_item()
+        .table_name(store.table())
+        .set_item(Some(serde_dynamo::to_item(&row).expect("item")))
+        .send()
+        .await
+        .expect("put legacy row");
+    assert_eq!(
+        store.load_group(G).await.expect("load").shard_caches,
+        vec![row.clone()]
+    );
+    // The next write of a newer leader removes them.
+    store.put_shard_cache(&row).await.expect("put");
+    assert!(part_keys(&store, "s").await.is_empty());
+    assert_eq!(
+        store.load_group(G).await.expect("load").shard_caches,
+        vec![row]
+    );
+}

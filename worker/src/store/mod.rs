@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod schema;
+pub mod shard_cache;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
 };
+use futures::{StreamExt, TryStreamExt};
 
 pub use error::StoreError;
 
@@ -23,8 +25,9 @@ use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
     CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
-    RESET_TO, ResetTo, SHARDS_PREFIX, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+    RESET_TO, ResetTo, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
 };
+use shard_cache::{ShardCacheHead, ShardCachePart};
 
 /// Wall-clock now in Unix milliseconds. Only ever written as information, never compared
 /// across clients.
@@ -35,6 +38,21 @@ pub fn now_ms() -> i64 {
 /// How long a client row outlives its last heartbeat before DynamoDB's TTL may delete it.
 /// Cleanup of crashed incarnations only; the leader prunes dead clients long before that.
 const CLIENT_ROW_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Reads of a group before a shard cache still incomplete (rewritten during each read) is
+/// left out.
+const INCOMPLETE_CACHE_READS: u32 = 3;
+
+/// Shard-cache part rows written or deleted at once.
+const PART_WRITES_IN_FLIGHT: usize = 8;
+
+/// What one Query of a group decoded, before the shard caches are joined.
+#[derive(Default)]
+struct Rows {
+    snap: GroupSnapshot,
+    heads: Vec<ShardCacheHead>,
+    parts: Vec<ShardCachePart>,
+}
 
 /// What a checkpoint write records about a shard.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -301,13 +319,28 @@ impl StateStore {
         group: &str,
         sk_condition: Option<(&str, &str)>,
     ) -> Result<GroupSnapshot, StoreError> {
-        let mut snap = GroupSnapshot::default();
-        self.for_each_row(group, sk_condition, |item| {
-            self.decode_into(group, item, &mut snap)
-        })
-        .await?;
+        let mut attempt = 1;
+        let mut snap = loop {
+            let mut rows = Rows::default();
+            self.for_each_row(group, sk_condition, |item| {
+                self.decode_into(group, item, &mut rows)
+            })
+            .await?;
+            let joined = shard_cache::join(rows.heads, rows.parts);
+            // A split cache rewritten while this Query ran: read again, the rewrite is a
+            // few requests long. Past the attempts, the stream is left out (as without a
+            // cache), and the leader writes it again.
+            if !joined.incomplete.is_empty() && attempt < INCOMPLETE_CACHE_READS {
+                attempt += 1;
+                continue;
+            }
+            if !joined.incomplete.is_empty() {
+                tracing::warn!(group, streams = ?joined.incomplete, "shard cache parts missing; stream left out of this read");
+            }
+            rows.snap.shard_caches = joined.caches;
+            break rows.snap;
+        };
         snap.clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        snap.shard_caches.sort_by(|a, b| a.stream.cmp(&b.stream));
         snap.leases
             .sort_by(|a, b| (&a.stream, &a.shard_id).cmp(&(&b.stream, &b.shard_id)));
         Ok(snap)
@@ -356,7 +389,7 @@ impl StateStore {
         &self,
         group: &str,
         item: &HashMap<String, AttributeValue>,
-        snap: &mut GroupSnapshot,
+        rows: &mut Rows,
     ) -> Result<(), StoreError> {
         let sk = match item.get(SK) {
             Some(AttributeValue::S(sk)) => sk.as_str(),
@@ -369,13 +402,18 @@ impl StateStore {
             message: e.to_string(),
         };
         if sk.starts_with(CLIENT_PREFIX) {
-            snap.clients
+            rows.snap
+                .clients
                 .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
-        } else if sk.starts_with(SHARDS_PREFIX) {
-            snap.shard_caches
+        } else if shard_cache::is_head(sk) {
+            rows.heads
+                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+        } else if shard_cache::is_part(sk) {
+            rows.parts
                 .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
         } else if sk.starts_with(LEASE_PREFIX) {
-            snap.leases
+            rows.snap
+                .leases
                 .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
         }
         // Unknown row kinds are skipped so newer workers can add kinds without breaking
@@ -540,17 +578,78 @@ impl StateStore {
 
     // ---------------------------------------------------------------- shard cache
 
-    /// Writes a stream's shard cache. Only the leader writes it; a brief second leader
-    /// writes the same ListShards answer, so it is unconditional.
+    /// Writes a stream's shard cache: one row, or, past [`shard_cache::SHARDS_PER_PART`]
+    /// shards, its parts then its head; then deletes the parts of earlier writes. Only the
+    /// leader writes it; a brief second leader writes the same ListShards answer, so it is
+    /// unconditional.
     pub async fn put_shard_cache(&self, row: &ShardCacheRow) -> Result<(), StoreError> {
-        let item = self.encode(&row.pk, &row.sk, row)?;
+        let (head, parts) = shard_cache::split(row, shard_cache::SHARDS_PER_PART);
+        // Parts first, then the head naming them: a reader that sees the head finds its
+        // parts (see `shard_cache`).
+        // Collected first: a lazy iterator of borrowing futures is not `Send` for spawn.
+        let writes: Vec<_> = parts
+            .iter()
+            .map(|p| self.put_cache_row(&p.pk, &p.sk, p))
+            .collect();
+        futures::stream::iter(writes)
+            .buffer_unordered(PART_WRITES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.put_cache_row(&head.pk, &head.sk, &head).await?;
+        self.delete_stale_parts(&head).await
+    }
+
+    /// Deletes the part rows of `head`'s stream that it does not name (an earlier write's).
+    async fn delete_stale_parts(&self, head: &ShardCacheHead) -> Result<(), StoreError> {
+        let prefix = shard_cache::parts_prefix(&head.stream);
+        let mut existing = Vec::new();
+        self.for_each_row(
+            &head.pk,
+            Some(("begins_with(#sk, :from)", &prefix)),
+            |item| {
+                if let Some(AttributeValue::S(sk)) = item.get(SK) {
+                    existing.push(sk.clone());
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        let stale = shard_cache::stale_parts(&existing, &head.stream, head.generation.as_deref());
+        let deletes: Vec<_> = stale
+            .iter()
+            .map(|sk| async move {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(Self::key(&head.pk, sk)))
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, self.ctx("delete_shard_cache_part", &head.pk, sk, "")))
+                    .map(|_| ())
+            })
+            .collect();
+        futures::stream::iter(deletes)
+            .buffer_unordered(PART_WRITES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// An unconditional PutItem of one shard-cache row (whole, head or part).
+    async fn put_cache_row<T: serde::Serialize>(
+        &self,
+        group: &str,
+        sk: &str,
+        row: &T,
+    ) -> Result<(), StoreError> {
+        let item = self.encode(group, sk, row)?;
         self.client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
             .send()
             .await
-            .map_err(|e| classify(e, self.ctx("put_shard_cache", &row.pk, &row.sk, "")))?;
+            .map_err(|e| classify(e, self.ctx("put_shard_cache", group, sk, "")))?;
         Ok(())
     }
 

@@ -7,7 +7,8 @@
 //! | `sk`                          | row            | written by                         |
 //! |-------------------------------|----------------|------------------------------------|
 //! | `client#<clientId>`           | [`ClientRow`]  | that client (heartbeat), leader (prune) |
-//! | `shards#<stream>`             | [`ShardCacheRow`] | the leader (ListShards refresh) |
+//! | `shards#<stream>`             | [`ShardCacheRow`] (or the head of a split one) | the leader (ListShards refresh) |
+//! | `shardpart#<stream>#<gen>#<n>` | part of a split shard cache ([`super::shard_cache`]) | the leader |
 //! | `lease#<stream>#<shardId>`    | [`LeaseRow`]   | the lease owner (conditional on `owner`) |
 //!
 //! Timestamps (`*AtMs`, Unix milliseconds) are informational: for humans and the status.
@@ -88,7 +89,8 @@ pub struct ClientRow {
     pub expires_at: i64,
 }
 
-/// The leader's cached view of one stream's shards.
+/// The leader's cached view of one stream's shards, as readers get it (a split cache
+/// joined; see [`super::shard_cache`] for how it is stored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShardCacheRow {
@@ -255,7 +257,7 @@ impl std::str::FromStr for ResetTo {
 pub struct GroupSnapshot {
     /// Client rows, sorted by client id.
     pub clients: Vec<ClientRow>,
-    /// Shard-cache rows, one per stream the leader has listed.
+    /// Shard caches, one per stream the leader has listed (split ones joined).
     pub shard_caches: Vec<ShardCacheRow>,
     /// Lease rows, sorted by (stream, shard id).
     pub leases: Vec<LeaseRow>,
