@@ -20,6 +20,7 @@ use kcg_worker::store::schema::GroupSnapshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod relay;
 #[path = "../stream_support/mod.rs"]
 mod stream_support;
 #[allow(unused_imports)] // each test binary uses a subset
