@@ -261,10 +261,7 @@ impl Engine {
     /// Bound on one state-store request, so a hung connection cannot stall the loop (the
     /// reader deadlines do not depend on the loop, but heartbeats and releases do).
     fn op_timeout(&self) -> Duration {
-        self.config
-            .tuning
-            .heartbeat_interval
-            .max(Duration::from_secs(1))
+        crate::config::timing::store_call_timeout(self.config.tuning.heartbeat_interval)
     }
 
     /// Remembers a problem for the client row and counts it.

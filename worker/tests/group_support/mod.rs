@@ -167,7 +167,7 @@ impl Env {
             extra_streams: Vec::new(),
             max_records: 1000,
             start_position: "TrimHorizon".into(),
-            client_timeout: "2s".into(),
+            client_timeout: "3s".into(),
             fan_out: false,
             min_call_interval: "200ms".into(),
         }
