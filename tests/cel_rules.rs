@@ -170,10 +170,16 @@ fn duration_format_on_every_duration_field() {
     ];
     for field in tuning {
         // A short heartbeat and a long client timeout keep the cross-field rule
-        // (clientTimeout >= 2 x heartbeatInterval) satisfied for every value below.
-        for ok in ["1s", "500ms", "1m30s", "1h"] {
+        // (clientTimeout >= 4 x heartbeatInterval, or 2 x + 2s below 1s) satisfied for every
+        // value below.
+        let oks: &[&str] = if field == "clientTimeout" {
+            &["2s200ms", "3s", "1m30s", "1h"]
+        } else {
+            &["1s", "500ms", "1m30s", "1h"]
+        };
+        for ok in oks {
             let obj = with(|s| {
-                s["tuning"] = json!({"heartbeatInterval": "100ms", "clientTimeout": "2h"});
+                s["tuning"] = json!({"heartbeatInterval": "100ms", "clientTimeout": "4h"});
                 s["tuning"][field] = json!(ok);
             });
             accepts(&format!("{field}={ok}"), &obj);
@@ -253,25 +259,45 @@ fn durations_that_must_be_positive() {
 }
 
 #[test]
-fn client_timeout_at_least_twice_heartbeat() {
-    for (hb, ct) in [("2s", "4s"), ("500ms", "1s"), ("1m", "2m"), ("1s", "1m30s")] {
+fn client_timeout_survives_one_failed_heartbeat() {
+    // 4 x heartbeatInterval from 1s on; 2 x heartbeatInterval + 2s below (the store-call
+    // timeout never drops under 1s). The same table as worker/src/config/timing.rs.
+    for (hb, ct) in [
+        ("2s", "8s"),
+        ("1s", "4s"),
+        ("1m", "4m"),
+        ("100ms", "2s200ms"),
+        ("500ms", "3s"),
+        ("999ms", "3998ms"),
+        ("1s", "1m30s"),
+    ] {
         accepts(
             &format!("{hb}/{ct}"),
             &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})),
         );
     }
-    for (hb, ct) in [("5s", "9s"), ("1m", "1m59s"), ("2s", "3999ms")] {
+    for (hb, ct) in [
+        // Twice the interval used to pass: readers fenced themselves at every tick.
+        ("2s", "4s"),
+        ("2s", "7999ms"),
+        ("1m", "3m59s"),
+        ("1s", "3999ms"),
+        // Sub-second heartbeats: the 1s store-call timeout dominates.
+        ("100ms", "2199ms"),
+        ("100ms", "1s"),
+        ("500ms", "2999ms"),
+    ] {
         rejects(
             &format!("{hb}/{ct}"),
             &with(|s| s["tuning"] = json!({"heartbeatInterval": hb, "clientTimeout": ct})),
             CLIENT_TIMEOUT,
         );
     }
-    // The API server applies defaults before CEL: a heartbeat of 6s against the default
+    // The API server applies defaults before CEL: a heartbeat of 3s against the default
     // client timeout of 10s is rejected too.
     rejects(
         "default clientTimeout",
-        &with(|s| s["tuning"] = json!({"heartbeatInterval": "6s"})),
+        &with(|s| s["tuning"] = json!({"heartbeatInterval": "3s"})),
         CLIENT_TIMEOUT,
     );
 }

@@ -1014,6 +1014,11 @@ fn admission_cases() -> Vec<(&'static str, Value, &'static str)> {
             CLIENT_TIMEOUT,
         ),
         (
+            "sub-second heartbeat without room for the store-call timeout",
+            with(&|s| s["tuning"] = json!({"heartbeatInterval": "100ms", "clientTimeout": "2s"})),
+            CLIENT_TIMEOUT,
+        ),
+        (
             "no sink",
             with(&|s| s["delivery"] = json!({})),
             ONE_DELIVERY,

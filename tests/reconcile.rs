@@ -18,8 +18,8 @@ use kcg_operator::crd::{KinesisConsumerGroup, KinesisConsumerGroupStatus, OnDele
 use kcg_operator::metrics::Metrics;
 use kcg_operator::observed::Observed;
 use kcg_operator::resources::{CONFIG_HASH_ANNOTATION, OperatorSettings};
-use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
+use kcg_worker::store::{StateStore, now_ms};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -77,11 +77,11 @@ async fn seeded_store(endpoint: &str, table: &str) -> StateStore {
         "DynamoDB Local is configured (AWS_ENDPOINT_URL_DYNAMODB) but could not create a table",
     );
     store
-        .register(GROUP, "worker-a-1", "orders-7c9-a")
+        .register(GROUP, "worker-a-1", "orders-7c9-a", now_ms())
         .await
         .unwrap();
     store
-        .register(GROUP, "worker-b-1", "orders-7c9-b")
+        .register(GROUP, "worker-b-1", "orders-7c9-b", now_ms())
         .await
         .unwrap();
     let shards: Vec<ShardInfo> = (0..4)
@@ -892,7 +892,10 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
     let table = unique_table("delete");
     let store = seeded_store(&endpoint, &table).await;
     // Another group in the same table must survive.
-    store.register("team-b/other", "x-1", "x").await.unwrap();
+    store
+        .register("team-b/other", "x-1", "x", now_ms())
+        .await
+        .unwrap();
     let (ctx, verifier) = context(&endpoint).await;
     let kcg = group(
         &table,

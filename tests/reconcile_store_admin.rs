@@ -5,7 +5,7 @@
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use kcg_operator::store_admin::delete_group;
-use kcg_worker::store::StateStore;
+use kcg_worker::store::{StateStore, now_ms};
 
 #[tokio::test]
 async fn deletes_every_row_of_one_group_in_batches() {
@@ -31,7 +31,7 @@ async fn deletes_every_row_of_one_group_in_batches() {
 
     for i in 0..60 {
         store
-            .register("ns/doomed", &format!("c-{i:03}"), "pod")
+            .register("ns/doomed", &format!("c-{i:03}"), "pod", now_ms())
             .await
             .unwrap();
     }
@@ -41,7 +41,10 @@ async fn deletes_every_row_of_one_group_in_batches() {
             .await
             .unwrap();
     }
-    store.register("ns/kept", "k-1", "pod").await.unwrap();
+    store
+        .register("ns/kept", "k-1", "pod", now_ms())
+        .await
+        .unwrap();
 
     let deleted = delete_group(&client, &table, "ns/doomed").await.unwrap();
     assert_eq!(

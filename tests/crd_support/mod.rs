@@ -201,7 +201,7 @@ pub mod rule_messages {
     pub const HEARTBEAT_MIN: &str = "tuning.heartbeatInterval must be at least 100ms";
     pub const POSITIVE: &str = "must be a duration greater than 0s";
     pub const CLIENT_TIMEOUT: &str =
-        "tuning.clientTimeout must be at least twice tuning.heartbeatInterval";
+        "tuning.clientTimeout must be at least 4 x tuning.heartbeatInterval";
     pub const ONE_DELIVERY: &str = "delivery needs exactly one of stdout, http or multiLang";
     pub const UNIQUE_STREAMS: &str = "stream names must be unique";
     pub const AT_TIMESTAMP: &str = "startPosition AtTimestamp needs startTimestamp";

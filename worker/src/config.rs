@@ -15,6 +15,7 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod timing;
 mod unknown_fields;
 
 pub use unknown_fields::UnknownField;
@@ -295,10 +296,17 @@ impl WorkerConfig {
         if t.heartbeat_interval < MIN_HEARTBEAT {
             return invalid("tuning.heartbeatInterval: must be at least 100ms".into());
         }
-        if t.client_timeout < t.heartbeat_interval * 2 {
-            return invalid(
-                "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval".into(),
-            );
+        let min_client_timeout = timing::min_client_timeout(t.heartbeat_interval);
+        if t.client_timeout < min_client_timeout {
+            return invalid(format!(
+                "tuning.clientTimeout: must be at least {} with tuning.heartbeatInterval {} \
+                 (4 x heartbeatInterval, or 2 x heartbeatInterval + 2s below 1s), so a live \
+                 worker survives one failed heartbeat; set clientTimeout to {} or more, or \
+                 shorten heartbeatInterval",
+                duration::format(min_client_timeout),
+                duration::format(t.heartbeat_interval),
+                duration::format(min_client_timeout),
+            ));
         }
         if t.shutdown_timeout.is_zero() {
             return invalid("tuning.shutdownTimeout: must be greater than 0s".into());
@@ -884,8 +892,8 @@ pub struct HttpSink {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": format!("!has(self.clientTimeout) || !has(self.heartbeatInterval) || !self.clientTimeout.matches('{DURATION_PATTERN}') || !self.heartbeatInterval.matches('{DURATION_PATTERN}') || duration(self.clientTimeout) >= duration(self.heartbeatInterval) + duration(self.heartbeatInterval)"),
-    "message": "tuning.clientTimeout must be at least twice tuning.heartbeatInterval, so one late heartbeat does not expire a live client"
+    "rule": timing::cel_rule(DURATION_PATTERN),
+    "message": "tuning.clientTimeout must be at least 4 x tuning.heartbeatInterval (2 x heartbeatInterval + 2s below 1s), so a live worker survives one failed heartbeat"
 }]))]
 pub struct Tuning {
     /// Pause before the next GetRecords on a shard whose last call returned nothing and that
@@ -924,6 +932,8 @@ pub struct Tuning {
     }]))]
     pub heartbeat_interval: Duration,
     /// A client (or lease) whose counter has not moved for this long is dead (expired).
+    /// At least 4 x heartbeatInterval (2 x heartbeatInterval + 2s below 1s: a state-store
+    /// call may take 1s), so a live worker survives one failed heartbeat.
     #[serde(default = "defaults::client_timeout", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule()]))]
     pub client_timeout: Duration,
@@ -1362,7 +1372,9 @@ mod tests {
             (BASE.replace("checkpointInterval: 7s", "checkpointInterval: 0s"), "tuning.checkpointInterval: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 0ms"), "tuning.heartbeatInterval: must be at least 100ms"),
             (BASE.replace("pollInterval: 2s", "heartbeatInterval: 99ms"), "tuning.heartbeatInterval: must be at least 100ms"),
-            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 6s"), "tuning.clientTimeout: must be at least twice tuning.heartbeatInterval"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 6s"), "tuning.clientTimeout: must be at least 24s with tuning.heartbeatInterval 6s"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 2s, clientTimeout: 4s"), "set clientTimeout to 8s or more"),
+            (BASE.replace("pollInterval: 2s", "heartbeatInterval: 100ms, clientTimeout: 2s"), "tuning.clientTimeout: must be at least 2s200ms"),
             (BASE.replace("pollInterval: 2s", "shutdownTimeout: 0s"), "tuning.shutdownTimeout: must be greater than 0s"),
             (BASE.replace("pollInterval: 2s", "maxRecordsPerCall: 10001"), "tuning.maxRecordsPerCall: must be between 1 and 10000"),
             (BASE.replace("{stdout: {}}", "{stdout: {}, onFailure: DeadLetter}"),
@@ -1408,7 +1420,7 @@ mod tests {
         for yaml in [
             BASE.to_owned(),
             "group: ns/g\nstreams: [{name: s}]\nstateStore: {table: abc}\ndelivery: {multiLang: {command: [node, processor.js]}}\n".to_owned(),
-            "group: ns/g\nstreams: [{name: \"arn:aws:kinesis:eu-west-1:123456789012:stream/o\", roleArn: \"arn:aws:iam::123456789012:role/reader\", region: eu-west-1}]\nstateStore: {table: abc, region: us-gov-west-1}\ndelivery: {http: {url: \"https://sink.example.com/r\", timeout: 1m30s}}\ntuning: {heartbeatInterval: 100ms, clientTimeout: 200ms}\n".to_owned(),
+            "group: ns/g\nstreams: [{name: \"arn:aws:kinesis:eu-west-1:123456789012:stream/o\", roleArn: \"arn:aws:iam::123456789012:role/reader\", region: eu-west-1}]\nstateStore: {table: abc, region: us-gov-west-1}\ndelivery: {http: {url: \"https://sink.example.com/r\", timeout: 1m30s}}\ntuning: {heartbeatInterval: 100ms, clientTimeout: 2s200ms}\n".to_owned(),
         ] {
             WorkerConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
         }
@@ -1589,7 +1601,7 @@ mod tests {
                 vec![STREAM_NAME_PATTERN, STREAM_ARN_PATTERN],
             ),
             (
-                "tuning.clientTimeout must be at least twice",
+                "tuning.clientTimeout must be at least 4 x",
                 vec![DURATION_PATTERN],
             ),
         ];

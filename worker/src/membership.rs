@@ -201,6 +201,9 @@ pub struct Identity {
     pub client_id: String,
     /// Pod (or host) name, recorded separately for the controller.
     pub pod: String,
+    /// When this incarnation started (Unix ms): its `startedAtMs`, which also tells a
+    /// retried register our own row from another incarnation's.
+    pub started_at_ms: i64,
 }
 
 impl Identity {
@@ -218,6 +221,7 @@ impl Identity {
         Self {
             client_id: format!("{base}-{}", random_suffix()),
             pod,
+            started_at_ms: crate::store::now_ms(),
         }
     }
 }

@@ -55,7 +55,7 @@ fn assert_config_error(name: &str, out: &Output, needles: &[&str]) {
 
 #[test]
 fn each_kind_of_bad_config_exits_2_naming_the_field() {
-    let cases: [(&str, String, &[&str]); 9] = [
+    let cases: [(&str, String, &[&str]); 11] = [
         (
             "no streams",
             VALID.replace("[{name: orders}]", "[]"),
@@ -101,6 +101,18 @@ fn each_kind_of_bad_config_exits_2_naming_the_field() {
             "zero heartbeat",
             format!("{VALID}tuning: {{heartbeatInterval: 0s}}\n"),
             &["tuning.heartbeatInterval: must be at least 100ms"],
+        ),
+        (
+            // Readers would fence themselves at every tick (issue 9).
+            "client timeout of two heartbeats",
+            format!("{VALID}tuning: {{heartbeatInterval: 2s, clientTimeout: 4s}}\n"),
+            &["tuning.clientTimeout: must be at least 8s"],
+        ),
+        (
+            // A heartbeat may wait 1s for the store, longer than its interval.
+            "sub-second heartbeat against the store-call timeout",
+            format!("{VALID}tuning: {{heartbeatInterval: 100ms, clientTimeout: 2s}}\n"),
+            &["tuning.clientTimeout: must be at least 2s200ms"],
         ),
         (
             "no delivery",

@@ -9,67 +9,14 @@
 mod group_support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use group_support::relay::Relay;
 use group_support::*;
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-
-/// A TCP relay to DynamoDB that can be cut (every connection dropped, new ones refused)
-/// and restored.
-struct Relay {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    cut: Arc<Mutex<CancellationToken>>,
-}
-
-impl Relay {
-    async fn start(target: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let addr = listener.local_addr().expect("addr");
-        let up = Arc::new(AtomicBool::new(true));
-        let cut = Arc::new(Mutex::new(CancellationToken::new()));
-        let (up2, cut2) = (up.clone(), cut.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !up2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let token = cut2.lock().unwrap().clone();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = token.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Relay { addr, up, cut }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.cut.lock().unwrap().cancel();
-    }
-
-    fn restore(&self) {
-        *self.cut.lock().unwrap() = CancellationToken::new();
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_fences_readers_and_the_engine_recovers() {
@@ -87,12 +34,7 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
     // the engine loads its config, so switch the variable around e1's start.
     // SAFETY: this test binary runs this single test; nothing else reads the environment
     // concurrently except the engine we are starting.
-    unsafe {
-        std::env::set_var(
-            "AWS_ENDPOINT_URL_DYNAMODB",
-            format!("http://{}", relay.addr),
-        )
-    };
+    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
     let e1_metrics = Arc::new(Metrics::new());
     let e1_health = Arc::new(Health::new(Duration::from_secs(3)));
     let w1 = env.start_with("e1", e1_metrics.clone(), e1_health.clone());

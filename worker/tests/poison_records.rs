@@ -471,7 +471,7 @@ delivery:
   retry: {{maxAttempts: 2, backoff: {{initial: 10ms, max: 50ms}}}}
   onFailure: DeadLetter
   deadLetter: {{sqs: {{queueUrl: "{queue}"}}}}
-tuning: {{pollInterval: 200ms, heartbeatInterval: 300ms, clientTimeout: 2s, checkpointInterval: 300ms, maxRecordsPerCall: 5, shutdownTimeout: 5s}}
+tuning: {{pollInterval: 200ms, heartbeatInterval: 300ms, clientTimeout: 3s, checkpointInterval: 300ms, maxRecordsPerCall: 5, shutdownTimeout: 5s}}
 "#
     ))
     .expect("config");

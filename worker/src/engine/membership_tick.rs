@@ -46,8 +46,12 @@ impl Engine {
                 let res = self
                     .io(
                         "register",
-                        self.store
-                            .register(self.group(), self.me(), &self.identity.pod),
+                        self.store.register(
+                            self.group(),
+                            self.me(),
+                            &self.identity.pod,
+                            self.identity.started_at_ms,
+                        ),
                     )
                     .await;
                 match res {

@@ -261,10 +261,7 @@ impl Engine {
     /// Bound on one state-store request, so a hung connection cannot stall the loop (the
     /// reader deadlines do not depend on the loop, but heartbeats and releases do).
     fn op_timeout(&self) -> Duration {
-        self.config
-            .tuning
-            .heartbeat_interval
-            .max(Duration::from_secs(1))
+        crate::config::timing::store_call_timeout(self.config.tuning.heartbeat_interval)
     }
 
     /// Remembers a problem for the client row and counts it.
@@ -341,8 +338,12 @@ impl Engine {
             let res = self
                 .io(
                     "register",
-                    self.store
-                        .register(self.group(), self.me(), &self.identity.pod),
+                    self.store.register(
+                        self.group(),
+                        self.me(),
+                        &self.identity.pod,
+                        self.identity.started_at_ms,
+                    ),
                 )
                 .await;
             match res {

@@ -437,13 +437,16 @@ impl StateStore {
 
     // ---------------------------------------------------------------- clients
 
-    /// Registers a new incarnation. Conditional on the row not existing: client ids are
-    /// unique per process, so an existing row means an id clash (a `Conflict`).
+    /// Registers an incarnation that started at `started_at_ms`. Conditional on the row not
+    /// existing, or being this incarnation's own (same `startedAtMs`): a register whose
+    /// answer was lost but whose write landed succeeds when retried, instead of meeting its
+    /// own row. Any other row under the id is an id clash (a `Conflict`).
     pub async fn register(
         &self,
         group: &str,
         client_id: &str,
         pod: &str,
+        started_at_ms: i64,
     ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
         let row = ClientRow {
@@ -453,7 +456,7 @@ impl StateStore {
             pod: pod.to_owned(),
             heartbeat: 1,
             heartbeat_at_ms: now,
-            started_at_ms: now,
+            started_at_ms,
             owned_shards: 0,
             lease_changes: 0,
             last_error: None,
@@ -461,11 +464,23 @@ impl StateStore {
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
         };
         let item = self.encode(group, &row.sk, &row)?;
-        self.put_new(
-            item,
-            self.ctx("register", group, &row.sk, "client id already registered"),
-        )
-        .await?;
+        let ctx = self.ctx(
+            "register",
+            group,
+            &row.sk,
+            "client id already registered by another incarnation",
+        );
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk) OR #started = :started")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#started", "startedAtMs")
+            .expression_attribute_values(":started", AttributeValue::N(started_at_ms.to_string()))
+            .send()
+            .await
+            .map_err(|e| classify(e, ctx))?;
         Ok(row)
     }
 

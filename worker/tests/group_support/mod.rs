@@ -20,6 +20,7 @@ use kcg_worker::store::schema::GroupSnapshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod relay;
 #[path = "../stream_support/mod.rs"]
 mod stream_support;
 #[allow(unused_imports)] // each test binary uses a subset
@@ -166,7 +167,7 @@ impl Env {
             extra_streams: Vec::new(),
             max_records: 1000,
             start_position: "TrimHorizon".into(),
-            client_timeout: "2s".into(),
+            client_timeout: "3s".into(),
             fan_out: false,
             min_call_interval: "200ms".into(),
         }

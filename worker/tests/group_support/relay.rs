@@ -1,0 +1,151 @@
+//! A TCP relay between engines and the real DynamoDB, for faults no emulator offers: an
+//! outage (every connection dropped, new ones refused) and a lost answer (a request that
+//! reaches DynamoDB and is applied, whose response never comes back).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A running relay; see the module doc.
+pub struct Relay {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: Arc<Mutex<CancellationToken>>,
+    /// The `X-Amz-Target` operation (e.g. `PutItem`) whose next answer is dropped.
+    lose: Arc<Mutex<Option<String>>>,
+    lost: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    /// Relays to `target` (`host:port`).
+    pub async fn start(target: String) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let relay = Relay {
+            addr,
+            up: Arc::new(AtomicBool::new(true)),
+            cut: Arc::new(Mutex::new(CancellationToken::new())),
+            lose: Arc::new(Mutex::new(None)),
+            lost: Arc::new(AtomicUsize::new(0)),
+        };
+        let (up, cut, lose, lost) = (
+            relay.up.clone(),
+            relay.cut.clone(),
+            relay.lose.clone(),
+            relay.lost.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = cut.lock().unwrap().clone();
+                let (target, lose, lost) = (target.clone(), lose.clone(), lost.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = pipe(inbound, outbound, lose, lost) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    /// The relay's endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every connection and refuses new ones until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.lock().unwrap().cancel();
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        *self.cut.lock().unwrap() = CancellationToken::new();
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// The next request for `operation` (e.g. `PutItem`) is delivered to DynamoDB, but its
+    /// answer is swallowed and the client's connection closed.
+    pub fn lose_next_answer(&self, operation: &str) {
+        *self.lose.lock().unwrap() = Some(format!("DynamoDB_20120810.{operation}"));
+    }
+
+    /// How many answers were swallowed so far.
+    pub fn lost_answers(&self) -> usize {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies both ways. Once a request of the armed operation passed through, the connection's
+/// next answer is read from DynamoDB (so the write was applied) and thrown away.
+async fn pipe(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    lose: Arc<Mutex<Option<String>>>,
+    lost: Arc<AtomicUsize>,
+) {
+    let (mut in_r, mut in_w) = inbound.into_split();
+    let (mut out_r, mut out_w) = outbound.into_split();
+    let doomed = Arc::new(AtomicBool::new(false));
+    let doomed_up = doomed.clone();
+    let upstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match in_r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            {
+                let mut armed = lose.lock().unwrap();
+                let hit = armed
+                    .as_deref()
+                    .is_some_and(|op| buf[..n].windows(op.len()).any(|w| w == op.as_bytes()));
+                if hit {
+                    *armed = None;
+                    doomed_up.store(true, Ordering::SeqCst);
+                }
+            }
+            if out_w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match out_r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if doomed.load(Ordering::SeqCst) {
+                // The write landed; its answer is lost with the connection.
+                lost.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if in_w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever direction ends first ends the connection (both halves are dropped).
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+}
