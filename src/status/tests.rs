@@ -682,7 +682,7 @@ fn degraded_table() {
             |i| {
                 i.problems.push(Problem::new(
                     "InvalidSpec",
-                    "tuning.clientTimeout must be at least twice tuning.heartbeatInterval",
+                    "tuning.clientTimeout: must be at least 8s with tuning.heartbeatInterval 2s",
                 ));
                 let c = &mut i.snapshot.as_mut().unwrap().clients[0];
                 c.last_error_reason = Some("HandlerFailing".into());
