@@ -658,8 +658,8 @@ pub struct BackoffConfig {
 
 impl BackoffConfig {
     /// A fresh backoff sequence with these bounds.
-    pub fn start(&self) -> crate::reader::Backoff {
-        crate::reader::Backoff::new(self.initial, self.max)
+    pub fn start(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(self.initial, self.max)
     }
 }
 

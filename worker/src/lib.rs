@@ -2,6 +2,7 @@
 //! DynamoDB table.
 
 pub mod assignment;
+pub mod backoff;
 pub mod config;
 pub mod delivery;
 pub mod efo;
