@@ -93,7 +93,11 @@ impl CommitQueue {
     fn advance(&mut self) -> bool {
         let before = self.committed.clone();
         while self.pending.front().is_some_and(|e| e.committed) {
-            if let Some(e) = self.pending.pop_front() {
+            // A batch handed out again after a partial checkpoint inside it (the poison
+            // path's one-at-a-time retries) may end before the prefix: keep the prefix.
+            if let Some(e) = self.pending.pop_front()
+                && self.committed.as_ref().is_none_or(|c| *c < e.last)
+            {
                 self.committed = Some(e.last);
             }
         }
@@ -393,6 +397,21 @@ mod tests {
                     ("p0@10/0", Some("10/1")), // never backwards
                     ("c0", Some("20/0")),      // then batch 1's partial applies
                     ("p1@20", Some("20")),     // up to its last record: committed
+                ],
+            ),
+            // Checkpointed inside a batch, refused, then handed out again one record at a
+            // time: committing the first record keeps the prefix where it was.
+            (
+                "split after a partial checkpoint",
+                None,
+                &[
+                    ("b5", None),
+                    ("p0@3", Some("3")),
+                    ("a0", Some("3")),
+                    ("b1", Some("3")),
+                    ("c1", Some("3")),
+                    ("b4", Some("3")),
+                    ("c2", Some("4")),
                 ],
             ),
             // A processor's own checkpoints (no batches pending) set the prefix; with a
