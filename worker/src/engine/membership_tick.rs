@@ -42,21 +42,8 @@ impl Engine {
                 for key in &keys {
                     self.abandon(key).await;
                 }
-                let sent = Instant::now();
-                let res = self
-                    .io(
-                        "register",
-                        self.store.register(
-                            self.group(),
-                            self.me(),
-                            &self.identity.pod,
-                            self.identity.started_at_ms,
-                        ),
-                    )
-                    .await;
-                match res {
-                    Ok(_) => {
-                        self.health.heartbeat_ok();
+                match self.register().await {
+                    Ok(sent) => {
                         self.heartbeat_confirmed(sent);
                         self.leases_changed();
                         true

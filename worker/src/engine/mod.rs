@@ -250,6 +250,25 @@ impl Engine {
         self
     }
 
+    /// Writes our client row (idempotent for this process: a retry whose first answer was
+    /// lost succeeds). `Ok` carries when the request was sent, which bounds our readers'
+    /// deadlines like a heartbeat.
+    async fn register(&mut self) -> Result<Instant, StoreError> {
+        let sent = Instant::now();
+        self.io(
+            "register",
+            self.store.register(
+                self.group(),
+                self.me(),
+                &self.identity.pod,
+                self.identity.started_at_ms,
+            ),
+        )
+        .await?;
+        self.health.heartbeat_ok();
+        Ok(sent)
+    }
+
     fn group(&self) -> &str {
         &self.config.group
     }
@@ -334,22 +353,9 @@ impl Engine {
         let mut attempt = 0;
         loop {
             self.health.tick();
-            let sent = Instant::now();
-            let res = self
-                .io(
-                    "register",
-                    self.store.register(
-                        self.group(),
-                        self.me(),
-                        &self.identity.pod,
-                        self.identity.started_at_ms,
-                    ),
-                )
-                .await;
-            match res {
-                Ok(_) => {
+            match self.register().await {
+                Ok(sent) => {
                     info!("registered");
-                    self.health.heartbeat_ok();
                     self.heartbeat_sent = Some(sent);
                     break;
                 }
