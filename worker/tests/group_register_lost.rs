@@ -19,11 +19,7 @@ async fn an_engine_whose_register_answer_was_lost_joins_and_reads() {
         return;
     };
     let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
-    let target = direct
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let relay = Relay::start(target).await;
+    let relay = Relay::to_dynamodb().await;
     // The engine's first PutItem is its register (the table exists, and lease rows are
     // created only by a member).
     relay.lose_next_answer("PutItem");

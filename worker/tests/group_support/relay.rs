@@ -21,6 +21,17 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay in front of the DynamoDB endpoint the tests use (`AWS_ENDPOINT_URL_DYNAMODB`,
+    /// checked by `env()`).
+    pub async fn to_dynamodb() -> Relay {
+        let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
+        let target = direct
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        Relay::start(target).await
+    }
+
     /// Relays to `target` (`host:port`).
     pub async fn start(target: String) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
