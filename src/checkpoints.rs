@@ -57,7 +57,7 @@ pub struct ResetArgs {
     /// How long a client's heartbeat must stand still before it counts as stopped: the
     /// group's tuning.clientTimeout. The command waits up to this long when the table still
     /// holds client rows or owned leases (a crashed worker), and not at all when it holds none.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
     pub client_timeout: Duration,
 }
 

@@ -1099,11 +1099,11 @@ pub mod defaults {
     }
     /// Heartbeat and re-plan interval.
     pub fn heartbeat_interval() -> Duration {
-        Duration::from_secs(2)
+        Duration::from_secs(1)
     }
     /// Client and lease expiry.
     pub fn client_timeout() -> Duration {
-        Duration::from_secs(10)
+        Duration::from_secs(4)
     }
     /// Graceful shutdown bound.
     pub fn shutdown_timeout() -> Duration {
