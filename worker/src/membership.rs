@@ -76,6 +76,18 @@ impl<K: Eq + Hash + Clone> Liveness<K> {
         })
     }
 
+    /// Restarts at `now` the clock of every key that was still alive at `last_sight`, our
+    /// last good read before a stretch in which we could not read. Whatever the others did
+    /// in that stretch we did not see, and an outage that hid them from us most likely kept
+    /// their heartbeats from landing too; keys already stale at `last_sight` stay stale.
+    pub fn restart_after_blind(&mut self, last_sight: Instant, now: Instant) {
+        for s in self.seen.values_mut() {
+            if last_sight.saturating_duration_since(s.changed_at) < self.timeout {
+                s.changed_at = now;
+            }
+        }
+    }
+
     /// The last counter value observed for `key`.
     pub fn counter(&self, key: &K) -> Option<u64> {
         self.seen.get(key).map(|s| s.counter)
@@ -118,10 +130,21 @@ pub fn observe_clients(
 /// named it); or its row vanished after we had already watched it stand still for the
 /// timeout (the leader pruned it). A row that reappears (the client registered again)
 /// starts a new clock.
+///
+/// Only time we could watch counts: when our own heartbeat or client read failed
+/// ([`ClientWatch::lost_sight`]), the first good read afterwards restarts the clock of
+/// every client still alive before it. A store outage seen by the whole group therefore
+/// kills nobody, while a client that really died during it is dead one timeout after our
+/// first good read. Restarting only delays a taker, which fencing allows (see
+/// `docs/state-store.md`, "Fencing").
 #[derive(Clone, Debug)]
 pub struct ClientWatch {
     heartbeats: Liveness<String>,
     present: HashMap<String, u64>,
+    /// Our last good read of the client rows.
+    last_read: Option<Instant>,
+    /// A heartbeat or client read failed since `last_read`.
+    blind: bool,
 }
 
 /// Counter value that stands for "no client row" in [`ClientWatch`]'s tracker. Heartbeats
@@ -134,11 +157,24 @@ impl ClientWatch {
         Self {
             heartbeats: Liveness::new(timeout),
             present: HashMap::new(),
+            last_read: None,
+            blind: false,
         }
+    }
+
+    /// Our own heartbeat or client read failed: the time until the next good read is not
+    /// counted against anyone.
+    pub fn lost_sight(&mut self) {
+        self.blind = true;
     }
 
     /// Observes one read of the client rows at `now` and returns the live ids, sorted.
     pub fn observe(&mut self, clients: &[ClientRow], now: Instant) -> Vec<String> {
+        if let (true, Some(last)) = (self.blind, self.last_read) {
+            self.heartbeats.restart_after_blind(last, now);
+        }
+        self.blind = false;
+        self.last_read = Some(now);
         let rows: HashMap<String, u64> = clients
             .iter()
             .map(|c| (c.client_id.clone(), c.heartbeat))
@@ -691,6 +727,98 @@ mod tests {
                         assert_eq!(live.contains(&id.to_string()), *want, "{name}: live list");
                     }
                 }
+            }
+        }
+    }
+
+    /// One read of a blindness scenario: whether our own store calls failed just before it
+    /// (`blind`), then at `t` ms the rows are `rows`, the leases name `owners`, and `x`
+    /// must be alive or dead.
+    struct Sight {
+        blind: bool,
+        t: u64,
+        rows: &'static [(&'static str, u64)],
+        owners: &'static [&'static str],
+        alive: bool,
+    }
+
+    #[test]
+    fn client_watch_counts_only_time_it_could_watch() {
+        const T: u64 = 1000; // the timeout
+        let s = |blind, t, rows, alive| Sight {
+            blind,
+            t,
+            rows,
+            owners: &["x"],
+            alive,
+        };
+        let cases: Vec<(&str, Vec<Sight>)> = vec![
+            (
+                "an outage seen by all: alive at the first good read, dead a timeout later",
+                vec![
+                    s(false, 0, &[("x", 1)], true),
+                    s(true, 5000, &[("x", 1)], true),
+                    s(false, 5000 + T - 1, &[("x", 1)], true),
+                    s(false, 5000 + T, &[("x", 1)], false),
+                ],
+            ),
+            (
+                "a client that heartbeats again after the outage stays alive",
+                vec![
+                    s(false, 0, &[("x", 1)], true),
+                    s(true, 5000, &[("x", 1)], true),
+                    s(false, 5600, &[("x", 2)], true),
+                    s(false, 5600 + T - 1, &[("x", 2)], true),
+                ],
+            ),
+            (
+                "dead before we went blind: stays dead",
+                vec![
+                    s(false, 0, &[("x", 1)], true),
+                    s(false, T, &[("x", 1)], false),
+                    s(true, 5000, &[("x", 1)], false),
+                ],
+            ),
+            (
+                "a long gap without a failed read counts (we were slow or paused, not blind)",
+                vec![
+                    s(false, 0, &[("x", 1)], true),
+                    s(false, 5000, &[("x", 1)], false),
+                ],
+            ),
+            (
+                "blind twice in a row: the clock restarts at each first good read",
+                vec![
+                    s(false, 0, &[("x", 1)], true),
+                    s(true, 900, &[("x", 1)], true),
+                    s(true, 1800, &[("x", 1)], true),
+                    s(false, 1800 + T, &[("x", 1)], false),
+                ],
+            ),
+            (
+                "an owner without a row: its absence clock restarts too",
+                vec![
+                    s(false, 0, &[], true),
+                    s(true, 5000, &[], true),
+                    s(false, 5000 + T, &[], false),
+                ],
+            ),
+        ];
+        for (name, reads) in cases {
+            let start = Instant::now();
+            let mut w = ClientWatch::new(ms(T));
+            for (i, r) in reads.iter().enumerate() {
+                let now = start + ms(r.t);
+                if r.blind {
+                    w.lost_sight();
+                }
+                let rows: Vec<ClientRow> =
+                    r.rows.iter().map(|(id, hb)| client_row(id, *hb)).collect();
+                w.observe(&rows, now);
+                for o in r.owners {
+                    w.note_owner(o, now);
+                }
+                assert_eq!(w.is_alive("x", now), r.alive, "{name}: read {i}");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! A state-store outage for one engine, injected by cutting a TCP relay between it and the
 //! real DynamoDB (no AWS mock): the engine must not crash, must stop reading before another
-//! client may take its shards (fencing), must report the outage, and must rejoin after it.
+//! client may take its shards (fencing), must report the outage, and must rejoin after it:
+//! the leader prunes its row meanwhile, so it registers again and the group converges.
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` and `AWS_ENDPOINT_URL_KINESIS`; skips with a message
 //! when they are not set. This file holds one test because it points the process-wide
@@ -8,15 +9,14 @@
 
 mod group_support;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use group_support::relay::Relay;
 use group_support::*;
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_fences_readers_and_the_engine_recovers() {
@@ -47,22 +47,7 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
     env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
         .await;
 
-    // A steady producer so that two readers of one shard would show up as interleaving.
-    let stop_producer = CancellationToken::new();
-    let produced = Arc::new(Mutex::new(BTreeSet::new()));
-    let producer = {
-        let (stop, produced) = (stop_producer.clone(), produced.clone());
-        let env_put = PutOnly::from(&env);
-        tokio::spawn(async move {
-            let mut round = 0;
-            while !stop.is_cancelled() {
-                let ids = env_put.put(&format!("p{round}"), 4).await;
-                produced.lock().unwrap().extend(ids);
-                round += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let producer = Producer::start(&env);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     relay.cut();
@@ -79,9 +64,17 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
     // itself keeps running (liveness) since every store call is bounded.
     let mut saw_not_ready = false;
     let mut always_live = true;
+    // The leader (e2 now) prunes e1's row; e1 must register again when it is back.
+    let mut e1_pruned = false;
     while cut_at.elapsed() < Duration::from_secs(6) {
         always_live &= e1_health.is_live();
         saw_not_ready |= !e1_health.is_ready();
+        e1_pruned |= !env
+            .snapshot()
+            .await
+            .clients
+            .iter()
+            .any(|c| base(&c.client_id) == "e1");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -89,11 +82,15 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
     env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(20))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop_producer.cancel();
-    producer.await.expect("producer");
-    let want = produced.lock().unwrap().clone();
+    let want = producer.finish().await;
     env.wait_delivered(&want, Duration::from_secs(30)).await;
     let ready_again = e1_health.is_ready();
+    let e1_registered_again = env
+        .snapshot()
+        .await
+        .clients
+        .iter()
+        .any(|c| base(&c.client_id) == "e1");
     w1.stop().await;
     w2.stop().await;
 
@@ -135,6 +132,8 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
         engine_survived,
         "a failing state store must not end the engine"
     );
+    assert!(e1_pruned, "e1's row was pruned while it was cut off");
+    assert!(e1_registered_again, "e1 registered again after the prune");
     assert!(always_live, "e1's loop kept running during the outage");
     assert!(saw_not_ready, "e1 could not heartbeat: not ready");
     assert!(ready_again, "e1 heartbeats again after the outage");
@@ -146,46 +145,4 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
         e1_metrics.encode()
     );
     env.cleanup().await;
-}
-
-/// Just enough of `Env` to produce from a task.
-struct PutOnly {
-    kinesis: aws_sdk_kinesis::Client,
-    stream: String,
-}
-
-impl PutOnly {
-    fn from(env: &Env) -> Self {
-        Self {
-            kinesis: env.kinesis.clone(),
-            stream: env.stream.clone(),
-        }
-    }
-
-    async fn put(&self, prefix: &str, n: usize) -> BTreeSet<String> {
-        use aws_sdk_kinesis::primitives::Blob;
-        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-        let mut ids = BTreeSet::new();
-        let entries: Vec<PutRecordsRequestEntry> = (0..n)
-            .map(|i| {
-                let id = format!("{prefix}-{i}");
-                ids.insert(id.clone());
-                let hash = (u128::MAX / n as u128) * i as u128;
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(id.clone().into_bytes()))
-                    .partition_key(id)
-                    .explicit_hash_key(hash.to_string())
-                    .build()
-                    .expect("entry")
-            })
-            .collect();
-        self.kinesis
-            .put_records()
-            .stream_name(&self.stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .expect("put records");
-        ids
-    }
 }

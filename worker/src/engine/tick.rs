@@ -11,6 +11,8 @@ impl Engine {
         self.ticks += 1;
         self.connect_streams().await;
         if !self.heartbeat().await {
+            // We cannot see the group either; see `ClientWatch::lost_sight`.
+            self.clients.lost_sight();
             // The store did not answer: the checkpoints, releases and reads would each wait
             // out their own timeout too, stretching the tick while achieving nothing.
             // Readers fence themselves by the last confirmed heartbeat anyway.
@@ -26,6 +28,7 @@ impl Engine {
         {
             Ok(c) => c,
             Err(e) => {
+                self.clients.lost_sight();
                 self.note_store("load_clients", &e);
                 self.finish_tick();
                 return;

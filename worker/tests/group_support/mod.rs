@@ -260,33 +260,7 @@ tuning:
 
     /// Writes `n` records with ids `<prefix>-<i>` to `stream`.
     pub async fn put_to(&self, stream: &str, prefix: &str, n: usize) -> BTreeSet<String> {
-        let mut ids = BTreeSet::new();
-        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-            let entries: Vec<PutRecordsRequestEntry> = chunk
-                .iter()
-                .map(|i| {
-                    let id = format!("{prefix}-{i}");
-                    ids.insert(id.clone());
-                    let hash = (u128::MAX / n as u128) * *i as u128;
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(id.clone().into_bytes()))
-                        .partition_key(id)
-                        .explicit_hash_key(hash.to_string())
-                        .build()
-                        .expect("entry")
-                })
-                .collect();
-            let out = self
-                .kinesis
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .expect("put records");
-            assert_eq!(out.failed_record_count(), Some(0));
-        }
-        ids
+        put_ids(&self.kinesis, stream, prefix, n).await
     }
 
     pub async fn snapshot(&self) -> GroupSnapshot {
@@ -437,4 +411,80 @@ pub fn duplicates(log: &[Delivery]) -> Vec<Delivery> {
         .filter(|d| !seen.insert(d.id.clone()))
         .cloned()
         .collect()
+}
+
+/// Writes `n` records with ids `<prefix>-<i>` to `stream`, spread over the hash key space.
+pub async fn put_ids(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    prefix: &str,
+    n: usize,
+) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let entries: Vec<PutRecordsRequestEntry> = chunk
+            .iter()
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                ids.insert(id.clone());
+                let hash = (u128::MAX / n as u128) * *i as u128;
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(id.clone().into_bytes()))
+                    .partition_key(id)
+                    .explicit_hash_key(hash.to_string())
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = kinesis
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+    ids
+}
+
+/// A steady producer (4 records every 100 ms, spread over the hash key space), so that two
+/// readers of one shard would show up as interleaving.
+pub struct Producer {
+    stop: CancellationToken,
+    produced: Arc<Mutex<BTreeSet<String>>>,
+    join: JoinHandle<()>,
+}
+
+impl Producer {
+    /// Starts producing into `env`'s stream.
+    pub fn start(env: &Env) -> Self {
+        let stop = CancellationToken::new();
+        let produced = Arc::new(Mutex::new(BTreeSet::new()));
+        let join = {
+            let (stop, produced) = (stop.clone(), produced.clone());
+            let (kinesis, stream) = (env.kinesis.clone(), env.stream.clone());
+            tokio::spawn(async move {
+                let mut round = 0;
+                while !stop.is_cancelled() {
+                    let ids = put_ids(&kinesis, &stream, &format!("p{round}"), 4).await;
+                    produced.lock().unwrap().extend(ids);
+                    round += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        Self {
+            stop,
+            produced,
+            join,
+        }
+    }
+
+    /// Stops and returns the ids of every record written.
+    pub async fn finish(self) -> BTreeSet<String> {
+        self.stop.cancel();
+        self.join.await.expect("producer");
+        self.produced.lock().unwrap().clone()
+    }
 }
