@@ -7,6 +7,7 @@ pub mod config;
 pub mod delivery;
 pub mod efo;
 pub mod engine;
+pub mod fence;
 pub mod get_records_codec;
 pub mod handoff;
 pub mod health;

@@ -19,6 +19,7 @@ use crate::delivery::poison::{BatchState, Event, Next};
 use crate::delivery::{
     BatchHandler, CommitState, CommitTracker, FailureAction, Record, ShardContext,
 };
+use crate::fence::Fence;
 use crate::handoff::LATEST_HANDOFF_MARGIN_MS;
 use crate::kinesis::{ErrorKind, IteratorStart, KinesisError, StreamClient};
 use crate::kpl;
@@ -40,6 +41,10 @@ pub struct ShardTask {
     pub checkpoint: Option<Position>,
     /// Retries, and what happens to records the handler keeps refusing.
     pub failure: crate::delivery::FailurePolicy,
+    /// Until when records may be handed over (checked right before every hand-over).
+    pub fence: Fence,
+    /// The lease counter this reader holds the shard under (the sink's fencing token).
+    pub lease_counter: u64,
 }
 
 /// A problem worth surfacing in the client row and the CR status.
@@ -362,6 +367,19 @@ impl Reader {
         }
     }
 
+    /// Right before a hand-over: once the fencing deadline passed (our heartbeats were not
+    /// confirmed in time, or this process was stopped or suspended past it), another client
+    /// may hold the shard, so nothing more is handed over. The reader then waits for the
+    /// engine to stop it (its supervisor fences it, writing nothing).
+    async fn check_fence(&mut self) -> Result<(), Exit> {
+        let Err(fenced) = self.task.fence.check() else {
+            return Ok(());
+        };
+        warn!(error = %fenced, "not handing records over");
+        self.stop.cancelled().await;
+        Err(Exit::Stopped)
+    }
+
     /// Waits until at most `max` batches are uncommitted. `Err` when stopped, or
     /// `Redeliver` when a batch was abandoned (it will never be committed: waiting for it
     /// would be a silent stall).
@@ -475,6 +493,7 @@ impl Reader {
         records: &[Record],
         last_error: &mut String,
     ) -> Result<Event, Exit> {
+        self.check_fence().await?;
         let started = Instant::now();
         let result = self.handler.deliver(records, &self.commits).await;
         self.m
@@ -599,6 +618,7 @@ impl Reader {
     ) -> Result<(), Exit> {
         let mut backoff = backoff.start();
         loop {
+            self.check_fence().await?;
             match writer.write(&[letter]).await {
                 Ok(()) => {
                     self.m
@@ -1001,6 +1021,8 @@ pub async fn read_shard(
                 shard_id: Arc::from(task.shard_id.as_str()),
                 initial_position: kcl_initial_position(&task.stream),
                 progress: progress.subscribe(),
+                fence: task.fence.clone(),
+                lease_counter: task.lease_counter,
             })
             .unwrap_or(handler);
         let task_backoff = task.failure.retry.backoff.start();

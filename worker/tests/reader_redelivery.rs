@@ -73,6 +73,8 @@ async fn dropped_commit_token_is_reported_and_redelivered() {
         shard_id: "shardId-000000000000".into(),
         checkpoint: None,
         failure: Default::default(),
+        fence: kcg_worker::fence::Fence::open(),
+        lease_counter: 1,
     };
     let join = tokio::spawn(read_shard(
         task,

@@ -1,15 +1,18 @@
 //! The http sink against a real local HTTP server (axum, in the test): 2xx acknowledges,
-//! 500 and timeouts fail the batch (the reader retries it), batches are split into chunks.
+//! 500 and timeouts fail the batch (the reader retries it), batches are split into chunks;
+//! a reader's own sink sends its fencing token and nothing past its fencing deadline.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use kcg_worker::delivery::http::HttpSink;
-use kcg_worker::delivery::{BatchHandler, Record};
+use kcg_worker::delivery::{BatchHandler, Record, ShardContext};
+use kcg_worker::fence::{BootInstant, Fence, FenceSetter};
+use kcg_worker::reader::ShardProgress;
 
 /// What the server does with each request, by request number (0-based).
 #[derive(Clone, Copy, Debug)]
@@ -22,10 +25,24 @@ enum Answer {
 #[derive(Clone)]
 struct Server {
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The fencing-token headers of each request: (stream, shard, lease counter).
+    tokens: Arc<Mutex<Vec<(String, String, String)>>>,
     script: Arc<dyn Fn(usize) -> Answer + Send + Sync>,
 }
 
-async fn receive(State(s): State<Server>, body: String) -> StatusCode {
+async fn receive(State(s): State<Server>, headers: HeaderMap, body: String) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    s.tokens.lock().unwrap().push((
+        header("kcg-stream"),
+        header("kcg-shard-id"),
+        header("kcg-lease-counter"),
+    ));
     let n = {
         let mut b = s.bodies.lock().unwrap();
         b.push(serde_json::from_str(&body).expect("body is JSON"));
@@ -44,6 +61,7 @@ async fn receive(State(s): State<Server>, body: String) -> StatusCode {
 async fn serve(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> (String, Server) {
     let state = Server {
         bodies: Arc::new(Mutex::new(Vec::new())),
+        tokens: Arc::new(Mutex::new(Vec::new())),
         script: Arc::new(script),
     };
     let app = Router::new()
@@ -148,4 +166,64 @@ async fn unreachable_endpoint_is_an_error() {
     )
     .expect("sink");
     assert!(sink.handle(&records(1)).await.is_err());
+}
+
+/// The sink of one reader, as the engine opens it: fenced at `deadline` from now.
+/// Keep the setter: a dropped one means "the reader is being stopped".
+fn shard_sink(sink: &HttpSink, deadline: Duration) -> (Arc<dyn BatchHandler>, FenceSetter) {
+    let (setter, fence) = Fence::new(BootInstant::now() + deadline);
+    let handler = sink
+        .open_shard(ShardContext {
+            stream: "orders".into(),
+            shard_id: "shardId-000000000000".into(),
+            initial_position: "LATEST",
+            progress: tokio::sync::watch::channel(ShardProgress::default()).1,
+            fence,
+            lease_counter: 7,
+        })
+        .expect("a sink per reader");
+    (handler, setter)
+}
+
+#[tokio::test]
+async fn a_readers_sink_sends_its_token_and_nothing_past_its_deadline() {
+    let (url, server) = serve(|n| if n == 1 { Answer::Slow } else { Answer::Ok }).await;
+    let sink = HttpSink::with(&url, Duration::from_secs(10), 100).expect("sink");
+
+    // Request 0: well before the deadline, with the fencing token.
+    let (reader_sink, _keep) = shard_sink(&sink, Duration::from_millis(500));
+    reader_sink
+        .handle(&records(1))
+        .await
+        .expect("before the deadline");
+    assert_eq!(
+        server.tokens.lock().unwrap()[0],
+        ("orders".into(), "shardId-000000000000".into(), "7".into())
+    );
+
+    // Request 1 takes 3 s: it is cut at the deadline, not at the 10 s request timeout.
+    let started = std::time::Instant::now();
+    let err = reader_sink
+        .handle(&records(1))
+        .await
+        .expect_err("cut at the deadline");
+    assert!(err.message.contains("fencing deadline"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "cut after {:?}",
+        started.elapsed()
+    );
+
+    // Past the deadline nothing is sent at all.
+    let err = reader_sink.handle(&records(1)).await.expect_err("fenced");
+    assert!(err.message.contains("not sent"), "{err}");
+    assert_eq!(
+        server.bodies.lock().unwrap().len(),
+        2,
+        "no request past the deadline"
+    );
+
+    // The shared sink (outside a group) sends no token.
+    sink.handle(&records(1)).await.expect("plain sink");
+    assert_eq!(server.tokens.lock().unwrap()[2], Default::default());
 }

@@ -507,6 +507,8 @@ impl Direct {
                 shard_id: "shardId-000000000007".into(),
                 initial_position: "LATEST",
                 progress: tokio::sync::watch::channel(ShardProgress::default()).1,
+                fence: kcg_worker::fence::Fence::open(),
+                lease_counter: 1,
             })
             .expect("a handler per shard");
         Some(Self {

@@ -90,6 +90,8 @@ async fn assumed_role_reads_a_stream_default_credentials_cannot_see() {
         shard_id: shards[0].shard_id.clone(),
         checkpoint: None,
         failure: Default::default(),
+        fence: kcg_worker::fence::Fence::open(),
+        lease_counter: 1,
     };
     let join = tokio::spawn(read_shard(
         task,

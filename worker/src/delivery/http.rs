@@ -1,12 +1,29 @@
 //! The http sink: POST each batch as JSON to a URL, usually a sidecar in the same pod.
+//!
+//! Fencing: each reader gets its own [`ShardSink`], which sends nothing once the reader's
+//! fencing deadline passed and cuts a request still running at it (no retry past it
+//! either: the reader checks the deadline before every hand-over). Every POST carries the
+//! shard and the lease counter its reader holds (`Kcg-Stream`, `Kcg-Shard-Id`,
+//! `Kcg-Lease-Counter`): the counter grows with every new holder of the shard, so a
+//! receiver that remembers the highest counter per shard can refuse a late request of an
+//! older holder (one whose connection was cut but that it processes anyway).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-use super::{BatchHandler, HandlerError, Record, RecordJson};
+use super::{BatchHandler, HandlerError, Record, RecordJson, ShardContext};
 use crate::config::HttpSink as HttpSinkConfig;
+use crate::fence::Fence;
+
+/// Header naming the stream of the records in a POST.
+pub const STREAM_HEADER: &str = "kcg-stream";
+/// Header naming the shard of the records in a POST.
+pub const SHARD_HEADER: &str = "kcg-shard-id";
+/// Header carrying the lease counter of the reader that sent a POST (the fencing token).
+pub const LEASE_COUNTER_HEADER: &str = "kcg-lease-counter";
 
 /// POSTs `{"records":[...]}` (same record fields as the stdout sink) in chunks of at most
 /// `maxBatchRecords`. A 2xx answer acknowledges a chunk; any other status, a connection
@@ -43,27 +60,30 @@ impl HttpSink {
         })
     }
 
-    async fn post(&self, chunk: &[Record]) -> Result<(), HandlerError> {
+    async fn post(&self, chunk: &[Record], token: Option<&Token>) -> Result<(), HandlerError> {
         let body = Body {
             records: chunk.iter().map(RecordJson::from).collect(),
         };
         let bytes = serde_json::to_vec(&body)
             .map_err(|e| HandlerError::new(format!("encoding batch: {e}")))?;
-        let resp = self
+        let mut req = self
             .client
             .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|e| {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "failed"
-                };
-                HandlerError::new(format!("POST {} {what}: {e}", self.url))
-            })?;
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req
+                .header(STREAM_HEADER, &*t.stream)
+                .header(SHARD_HEADER, &*t.shard_id)
+                .header(LEASE_COUNTER_HEADER, t.lease_counter);
+        }
+        let resp = req.body(bytes).send().await.map_err(|e| {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else {
+                "failed"
+            };
+            HandlerError::new(format!("POST {} {what}: {e}", self.url))
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -81,7 +101,60 @@ impl BatchHandler for HttpSink {
     fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             for chunk in batch.chunks(self.max_batch) {
-                self.post(chunk).await?;
+                self.post(chunk, None).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn open_shard(&self, shard: ShardContext) -> Option<Arc<dyn BatchHandler>> {
+        Some(Arc::new(ShardSink {
+            sink: self.clone(),
+            fence: shard.fence,
+            token: Token {
+                stream: shard.stream,
+                shard_id: shard.shard_id,
+                lease_counter: shard.lease_counter,
+            },
+        }))
+    }
+}
+
+/// What identifies a reader to the receiver: its shard and lease counter.
+#[derive(Debug, Clone)]
+struct Token {
+    stream: Arc<str>,
+    shard_id: Arc<str>,
+    lease_counter: u64,
+}
+
+/// The http sink of one reader: never sends past the reader's fencing deadline (see the
+/// module doc).
+#[derive(Debug)]
+pub struct ShardSink {
+    sink: HttpSink,
+    fence: Fence,
+    token: Token,
+}
+
+impl BatchHandler for ShardSink {
+    fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            for chunk in batch.chunks(self.sink.max_batch) {
+                self.fence.check().map_err(|e| {
+                    HandlerError::new(format!("POST {} not sent: {e}", self.sink.url))
+                })?;
+                tokio::select! {
+                    res = self.sink.post(chunk, Some(&self.token)) => res?,
+                    // Dropping the request closes its connection at the deadline.
+                    _ = self.fence.passed() => {
+                        return Err(HandlerError::new(format!(
+                            "POST {} cut at the fencing deadline (no heartbeat confirmed in time); \
+                             the receiver may still process what it already read",
+                            self.sink.url
+                        )));
+                    }
+                }
             }
             Ok(())
         })

@@ -156,6 +156,12 @@ pub struct ShardContext {
     pub initial_position: &'static str,
     /// The reader's progress (lag of the last GetRecords, published before each delivery).
     pub progress: tokio::sync::watch::Receiver<ShardProgress>,
+    /// The reader's fencing deadline: a handler that waits on something outside (an http
+    /// request) must not let it run past it.
+    pub fence: crate::fence::Fence,
+    /// The lease counter the reader holds the shard under: it grows with every new holder,
+    /// so a receiver can refuse deliveries of an older one (a fencing token).
+    pub lease_counter: u64,
 }
 
 /// Receives batches of one shard, in order. `Ok` acknowledges the whole batch (it may be

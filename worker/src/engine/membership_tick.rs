@@ -18,7 +18,7 @@ impl Engine {
             lease_changes: self.lease_changes,
             last_error: issue.map(|i| (i.reason, i.message)),
         };
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         let res = self
             .io(
                 "heartbeat",
@@ -63,11 +63,13 @@ impl Engine {
 
     /// The store confirmed a heartbeat sent at `sent`: our readers may read until
     /// `sent + fencing margin`.
-    fn heartbeat_confirmed(&mut self, sent: Instant) {
+    fn heartbeat_confirmed(&mut self, sent: BootInstant) {
         self.heartbeat_sent = Some(sent);
         let deadline = sent + self.fencing_margin();
+        let now = BootInstant::now();
         for o in self.owned.values() {
-            let _ = o.deadline.send(deadline);
+            // A reader whose deadline passed stays fenced (see `FenceSetter::extend`).
+            o.deadline.extend(deadline, now);
         }
     }
 
@@ -76,10 +78,13 @@ impl Engine {
     /// write is conditional on the lease counter we hold.
     pub(super) async fn write_checkpoints(&mut self) {
         let now = Instant::now();
+        let fence_now = BootInstant::now();
         let interval = self.config.tuning.checkpoint_interval;
         let mut due = Vec::new();
         for (key, o) in &self.owned {
-            if o.join.is_finished() {
+            // Past its fencing deadline the shard may be someone else's: the write would be
+            // refused by the counter anyway once it was taken, so do not send it.
+            if o.join.is_finished() || o.deadline.expired(fence_now) {
                 continue;
             }
             let p = o.progress.borrow().clone();

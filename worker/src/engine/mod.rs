@@ -44,6 +44,7 @@ use crate::config::{ConfigError, StreamConfig, WorkerConfig};
 use crate::delivery::BatchHandler;
 use crate::delivery::FailurePolicy;
 use crate::delivery::dead_letter::DeadLetterError;
+use crate::fence::{BootInstant, Fence, FenceSetter};
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
@@ -130,7 +131,8 @@ struct Owned {
     stop: CancellationToken,
     kill: CancellationToken,
     progress: watch::Receiver<ShardProgress>,
-    deadline: watch::Sender<Instant>,
+    /// Its fencing deadline, moved forward by every confirmed heartbeat.
+    deadline: FenceSetter,
     join: JoinHandle<Outcome>,
     /// The lease counter our claim or resume left: every checkpoint and the release are
     /// conditional on it.
@@ -173,7 +175,7 @@ struct Engine {
     lease_changes: u64,
     /// When the last heartbeat (or registration) that the store confirmed was sent: our
     /// readers' deadlines count from it.
-    heartbeat_sent: Option<Instant>,
+    heartbeat_sent: Option<BootInstant>,
     owned: BTreeMap<ShardKey, Owned>,
     /// Releases that could not be written yet (store unavailable), retried every tick:
     /// the counter held and the final checkpoint.
@@ -253,8 +255,8 @@ impl Engine {
     /// Writes our client row (idempotent for this process: a retry whose first answer was
     /// lost succeeds). `Ok` carries when the request was sent, which bounds our readers'
     /// deadlines like a heartbeat.
-    async fn register(&mut self) -> Result<Instant, StoreError> {
-        let sent = Instant::now();
+    async fn register(&mut self) -> Result<BootInstant, StoreError> {
+        let sent = BootInstant::now();
         self.io(
             "register",
             self.store.register(

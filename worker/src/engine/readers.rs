@@ -192,7 +192,7 @@ impl Engine {
             ..ShardProgress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(initial);
-        let (deadline_tx, deadline_rx) = watch::channel(deadline_at);
+        let (deadline_tx, fence) = Fence::new(deadline_at);
         let stop = CancellationToken::new();
         let kill = CancellationToken::new();
         let task = ShardTask {
@@ -201,6 +201,8 @@ impl Engine {
             shard_id: key.shard_id.clone(),
             checkpoint: row.checkpoint_position(),
             failure: self.failure.clone(),
+            fence: fence.clone(),
+            lease_counter: row.lease_counter,
         };
         let span = info_span!("shard", group = %self.config.group, client = %self.identity.client_id, stream = %key.stream, shard = %key.shard_id);
         let reader = reader::read_shard(
@@ -214,7 +216,7 @@ impl Engine {
         let join = tokio::spawn(
             supervise(
                 tokio::spawn(reader.instrument(span.clone())),
-                deadline_rx,
+                fence,
                 kill.clone(),
                 self.done_tx.clone(),
                 (key.clone(), self.generations),

@@ -1,6 +1,7 @@
 //! The supervisor of one reader task: fencing by the lease deadline, killing on request.
 
 use super::*;
+use crate::fence::FenceEnd;
 
 /// How a shard's supervisor task ended.
 #[derive(Debug)]
@@ -19,40 +20,30 @@ pub(super) enum Outcome {
 /// without renewal (fencing) or when told to, and tells the engine it is done.
 pub(super) async fn supervise(
     mut reader: JoinHandle<ShardProgress>,
-    mut deadline: watch::Receiver<Instant>,
+    fence: Fence,
     kill: CancellationToken,
     done: mpsc::UnboundedSender<(ShardKey, u64)>,
     key: (ShardKey, u64),
 ) -> Outcome {
-    let outcome = loop {
-        let at = *deadline.borrow_and_update();
-        tokio::select! {
-            res = &mut reader => break match res {
+    let outcome = tokio::select! {
+            res = &mut reader => match res {
                 Ok(p) => Outcome::Finished(p),
                 Err(e) => Outcome::Failed(e.to_string()),
             },
             _ = kill.cancelled() => {
                 reader.abort();
                 let _ = (&mut reader).await;
-                break Outcome::Killed;
+                Outcome::Killed
             }
-            _ = tokio::time::sleep_until(at.into()) => {
-                if *deadline.borrow() > Instant::now() {
-                    continue; // extended meanwhile
-                }
+            end = fence.closed() => {
                 reader.abort();
                 let _ = (&mut reader).await;
-                break Outcome::Fenced;
-            }
-            changed = deadline.changed() => {
-                if changed.is_err() {
+                match end {
+                    FenceEnd::Passed => Outcome::Fenced,
                     // The engine dropped us: never read without an owner watching.
-                    reader.abort();
-                    let _ = (&mut reader).await;
-                    break Outcome::Killed;
+                    FenceEnd::Dropped => Outcome::Killed,
                 }
             }
-        }
     };
     let _ = done.send(key);
     outcome
@@ -116,7 +107,7 @@ mod tests {
         for (name, initial, poke, want, bound) in cases {
             let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let reader = endless(dropped.clone());
-            let (dtx, drx) = watch::channel(Instant::now() + ms(initial));
+            let (dtx, drx) = Fence::new(BootInstant::now() + ms(initial));
             let kill = CancellationToken::new();
             let (done_tx, mut done_rx) = mpsc::unbounded_channel();
             let key = (ShardKey::new("s", "shard-0"), 7);
@@ -132,7 +123,8 @@ mod tests {
                     while started.elapsed() < ms(500) {
                         tokio::time::sleep(ms(every)).await;
                         if let Some(d) = &dtx {
-                            let _ = d.send(Instant::now() + ms(100));
+                            let now = BootInstant::now();
+                            assert!(d.extend(now + ms(100), now), "{name}: extended in time");
                         }
                         assert!(!sup.is_finished(), "{name}: stopped while renewed");
                     }
@@ -167,7 +159,7 @@ mod tests {
                 ..ShardProgress::default()
             }
         });
-        let (_dtx, drx) = watch::channel(Instant::now() + ms(5000));
+        let (_dtx, drx) = Fence::new(BootInstant::now() + ms(5000));
         let (done_tx, _done_rx) = mpsc::unbounded_channel();
         let out = supervise(
             reader,

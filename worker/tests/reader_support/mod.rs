@@ -282,6 +282,8 @@ fn spawn_reader(
         shard_id: shard.to_owned(),
         checkpoint,
         failure,
+        fence: kcg_worker::fence::Fence::open(),
+        lease_counter: 1,
     };
     let join = tokio::spawn(read_shard(
         task,
