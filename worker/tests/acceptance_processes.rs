@@ -21,21 +21,19 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use base64::Engine as _;
 use kcg_worker::assignment::{ShardKey, plan, streams_from_snapshot};
 use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::GroupSnapshot;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
+mod process_support;
 mod stream_support;
 use stream_support::create_stream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 const SHARDS: i32 = 4;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -553,15 +551,7 @@ mod checker_tests {
 // The scenario: real processes, real emulators.
 // ---------------------------------------------------------------------------------------
 
-async fn aws() -> aws_config::SdkConfig {
-    // Endpoints come from AWS_ENDPOINT_URL_*; region and credentials are pinned for the
-    // emulators so a developer's own AWS settings cannot leak in.
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .load()
-        .await
-}
+use process_support::aws;
 
 const PREFIX: &str = "kcg-acc-";
 
@@ -695,20 +685,10 @@ impl Harness {
     fn spawn(&mut self, name: &str) {
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .args(["--client-id", name, "--listen", "127.0.0.1:0"])
-            .env("POD_NAME", format!("pod-{name}"))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("KCG_LOG_FORMAT", "text")
-            .env("RUST_LOG", "info")
+        let child = process_support::worker_command(&self.config, name)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
             .spawn()
             .expect("spawning kcg-worker");
         self.procs.push(Proc {

@@ -7,12 +7,13 @@
 //!
 //! Safety: a lease lives as long as its owner's client row heartbeats; leases are not
 //! renewed one by one. Every successful heartbeat sent at time `t` extends the deadline of
-//! all our readers to `t + clientTimeout − heartbeatInterval`, measured on our monotonic
-//! clock. Observers start their clock when they first see the new heartbeat value, which is
-//! after `t`, and take our leases only when it stood still for `clientTimeout` (or our row
-//! was gone that long), conditional on the lease's owner and counter; so a reader whose
-//! heartbeats fail is aborted before anyone else may take its shard. Two live clients never
-//! read one shard at once. See `docs/state-store.md`.
+//! all our readers to `t + clientTimeout − heartbeatInterval`, measured on the boot clock
+//! ([`crate::fence`]), and a reader re-checks it before every hand-over. Observers start
+//! their clock when they first see the new heartbeat value, which is after `t`, and take
+//! our leases only when it stood still for `clientTimeout` (or our row was gone that long),
+//! conditional on the lease's owner and counter; so a reader whose heartbeats fail is
+//! aborted before anyone else may take its shard. Two live clients never read one shard at
+//! once. See `docs/state-store.md`.
 //!
 //! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
 //! re-read only when something changed ([`reads`]); checkpoints only when a position moved.

@@ -1,0 +1,39 @@
+//! Starting real `kcg-worker` processes against the emulators, shared by the tests that
+//! run processes.
+
+use std::path::Path;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_dynamodb::config::Credentials;
+use tokio::process::Command;
+
+/// The `kcg-worker` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
+
+/// `kcg-worker run` with `config`, as client `name` in pod `pod-<name>`, with the
+/// emulators' region and credentials pinned (a developer's own AWS settings cannot leak
+/// in), text logs at info, and a free port for its health server. The caller sets stdio.
+pub fn worker_command(config: &Path, name: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .args(["--client-id", name, "--listen", "127.0.0.1:0"])
+        .env("POD_NAME", format!("pod-{name}"))
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("KCG_LOG_FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// The SDK config of the test itself: endpoints from `AWS_ENDPOINT_URL_*`, region and
+/// credentials pinned for the emulators.
+pub async fn aws() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .load()
+        .await
+}
