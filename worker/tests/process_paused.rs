@@ -8,9 +8,10 @@
 //!
 //! The receiver answers after 100 ms and the sink sends one record per POST, so the
 //! stopped worker is almost always waiting on an answer that arrives while it is stopped.
-//! Without the re-check of the fencing deadline before every hand-over, whether it sends
-//! its next POST on SIGCONT is a race between each reader and its supervisor's abort (seen
-//! to fail, not on every run); with it, no POST leaves after the deadline.
+//! Without the re-check of the fencing deadline right before every hand-over and send,
+//! whether it sends its next POST on SIGCONT is a race between each reader and its
+//! supervisor's abort, which the supervisor usually wins: this test guards the property
+//! end to end, it does not lose that race on every run of the old code.
 //!
 //! Needs `AWS_ENDPOINT_URL_DYNAMODB` and `AWS_ENDPOINT_URL_KINESIS`; skips with a message
 //! when they are not set.

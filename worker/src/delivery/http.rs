@@ -60,7 +60,13 @@ impl HttpSink {
         })
     }
 
-    async fn post(&self, chunk: &[Record], token: Option<&Token>) -> Result<(), HandlerError> {
+    /// POSTs one chunk. A reader's chunk (`reader`: its token and fence) is checked against
+    /// the fencing deadline after encoding, right before it is sent, and cut at it.
+    async fn post(
+        &self,
+        chunk: &[Record],
+        reader: Option<(&Token, &Fence)>,
+    ) -> Result<(), HandlerError> {
         let body = Body {
             records: chunk.iter().map(RecordJson::from).collect(),
         };
@@ -70,13 +76,34 @@ impl HttpSink {
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
-        if let Some(t) = token {
+        if let Some((t, _)) = reader {
             req = req
                 .header(STREAM_HEADER, &*t.stream)
                 .header(SHARD_HEADER, &*t.shard_id)
                 .header(LEASE_COUNTER_HEADER, t.lease_counter);
         }
-        let resp = req.body(bytes).send().await.map_err(|e| {
+        let send = req.body(bytes).send();
+        let sent = match reader {
+            None => send.await,
+            Some((_, fence)) => {
+                fence
+                    .check()
+                    .map_err(|e| HandlerError::new(format!("POST {} not sent: {e}", self.url)))?;
+                tokio::select! {
+                    biased;
+                    // Dropping the request closes its connection at the deadline.
+                    _ = fence.passed() => {
+                        return Err(HandlerError::new(format!(
+                            "POST {} cut at the fencing deadline (no heartbeat confirmed in time); \
+                             the receiver may still process what it already read",
+                            self.url
+                        )));
+                    }
+                    res = send => res,
+                }
+            }
+        };
+        let resp = sent.map_err(|e| {
             let what = if e.is_timeout() {
                 "timed out"
             } else {
@@ -141,20 +168,9 @@ impl BatchHandler for ShardSink {
     fn handle<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             for chunk in batch.chunks(self.sink.max_batch) {
-                self.fence.check().map_err(|e| {
-                    HandlerError::new(format!("POST {} not sent: {e}", self.sink.url))
-                })?;
-                tokio::select! {
-                    res = self.sink.post(chunk, Some(&self.token)) => res?,
-                    // Dropping the request closes its connection at the deadline.
-                    _ = self.fence.passed() => {
-                        return Err(HandlerError::new(format!(
-                            "POST {} cut at the fencing deadline (no heartbeat confirmed in time); \
-                             the receiver may still process what it already read",
-                            self.sink.url
-                        )));
-                    }
-                }
+                self.sink
+                    .post(chunk, Some((&self.token, &self.fence)))
+                    .await?;
             }
             Ok(())
         })
