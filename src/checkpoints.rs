@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use kcg_worker::assignment::ShardKey;
+use kcg_worker::incarnation;
 use kcg_worker::store::schema::{GroupSnapshot, ResetTo};
 use kcg_worker::store::{ResetSeen, StateStore, StoreError};
 
@@ -183,10 +185,15 @@ pub fn render_show(
             (Some(mb), None) => crate::status::human_millis(mb.max(0)),
             _ => "-".to_owned(),
         };
+        let key = ShardKey::new(&l.stream, &l.shard_id);
         let next = match (
             &l.checkpoint,
             resets.get(&(l.stream.clone(), l.shard_id.clone())),
         ) {
+            // The workers replace such a row; its shard starts like a new one.
+            _ if incarnation::is_older(l, incarnation::listed_start(snap, &key)) => {
+                "configured start (row of a deleted stream of this name)".to_owned()
+            }
             (Some(_), _) => "after checkpoint".to_owned(),
             (None, Some(to)) => to.to_string(),
             (None, None) => "configured start".to_owned(),
@@ -332,7 +339,14 @@ async fn reset(store: &StateStore, args: &ResetArgs) -> anyhow::Result<String> {
     let mut done = 0;
     for w in &writes {
         match store
-            .reset_lease(&t.group, &w.stream, &w.shard_id, &w.seen, to)
+            .reset_lease(
+                &t.group,
+                &w.stream,
+                &w.shard_id,
+                &w.seen,
+                to,
+                incarnation::listed_start(&snap, &ShardKey::new(&w.stream, &w.shard_id)),
+            )
             .await
         {
             Ok(()) => done += 1,
@@ -407,6 +421,7 @@ mod tests {
 
     fn shard(id: &str, parent: Option<&str>) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: parent.map(str::to_owned),
             adjacent_parent: None,

@@ -86,6 +86,7 @@ async fn seeded_store(endpoint: &str, table: &str) -> StateStore {
         .unwrap();
     let shards: Vec<ShardInfo> = (0..4)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: None,
             adjacent_parent: None,

@@ -177,6 +177,7 @@ mod tests {
 
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: parents.first().map(|p| (*p).into()),
             adjacent_parent: parents.get(1).map(|p| (*p).into()),

@@ -537,6 +537,9 @@ impl StreamClient {
                         .sequence_number_range()
                         .and_then(|r| r.ending_sequence_number())
                         .is_some(),
+                    starting_sequence: s
+                        .sequence_number_range()
+                        .map(|r| r.starting_sequence_number().to_owned()),
                 });
             }
             match out.next_token() {

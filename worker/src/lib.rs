@@ -10,6 +10,7 @@ pub mod engine;
 pub mod get_records_codec;
 pub mod handoff;
 pub mod health;
+pub mod incarnation;
 pub mod kinesis;
 pub mod kpl;
 pub mod membership;

@@ -328,7 +328,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect("lag only");
     // The first claim is remembered: a later claim or resume is not "first".
     let first = store
-        .claim_lease_detailed(G, "s", "fresh", "a", None)
+        .claim_lease_detailed(G, "s", "fresh", "a", None, None)
         .await
         .expect("first claim");
     assert!(first.first_claim);
@@ -360,7 +360,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .await
         .expect("release fresh");
     let again = store
-        .claim_lease_detailed(G, "s", "fresh", "b", None)
+        .claim_lease_detailed(G, "s", "fresh", "b", None, None)
         .await
         .expect("second claim");
     assert_eq!(
@@ -499,6 +499,7 @@ async fn load_group_pages_and_isolates_groups() {
     // ~1.6 MB of shard-cache rows in one partition: more than one 1 MB Query page.
     let shards: Vec<ShardInfo> = (0..1500)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: (i > 0).then(|| format!("shardId-{:012}", i - 1)),
             adjacent_parent: None,
@@ -582,6 +583,7 @@ fn big_shard_list(n: usize) -> Vec<ShardInfo> {
     let half = n / 2;
     (0..n)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: id(i),
             parent: (i >= half).then(|| id(i - half)),
             adjacent_parent: (i >= half && i.is_multiple_of(7) && i - half + 1 < half)
@@ -686,6 +688,7 @@ async fn shard_cache_of_10000_shards_round_trips_and_members_plan() {
 
     // A new shard: the cache is written again under a new generation and the old parts go.
     row.shards.push(ShardInfo {
+        starting_sequence: None,
         shard_id: "shardId-000000010000".into(),
         parent: None,
         adjacent_parent: None,

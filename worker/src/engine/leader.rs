@@ -28,6 +28,7 @@ impl Engine {
             self.refresh_shard_caches(snap).await;
         }
         prune_known_ended(&mut self.known_ended, snap);
+        self.replace_older_leases(snap).await;
         if read {
             self.create_missing_leases(snap).await;
         }
@@ -171,9 +172,11 @@ impl Engine {
             .collect();
         let this = &*self;
         let writes = missing.iter().map(|(stream, shard)| {
+            let start = incarnation::listed_start(snap, &ShardKey::new(stream, shard));
             this.io(
                 "create_lease",
-                this.store.create_lease(this.group(), stream, shard),
+                this.store
+                    .create_lease_at(this.group(), stream, shard, start),
             )
         });
         for res in bounded(writes.collect()).await {
@@ -246,6 +249,7 @@ mod tests {
             ..LeaseRow::unowned("ns/g", stream, shard, 0)
         };
         let listed = vec![ShardInfo {
+            starting_sequence: None,
             shard_id: "s-1".into(),
             parent: Some("s-0".into()),
             adjacent_parent: None,
@@ -267,6 +271,7 @@ mod tests {
     #[test]
     fn prune_known_ended_table() {
         let info = |id: &str| ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: None,
             adjacent_parent: None,

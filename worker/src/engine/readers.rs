@@ -29,6 +29,7 @@ impl Engine {
             if self.streams[idx].client.is_none() {
                 continue;
             }
+            let start = incarnation::listed_start(snap, &key).map(str::to_owned);
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
@@ -47,6 +48,7 @@ impl Engine {
                                 &key.shard_id,
                                 &me,
                                 from.as_ref().map(|(o, c)| (o.as_str(), *c)),
+                                start.as_deref(),
                             ),
                         )
                         .await
@@ -62,7 +64,7 @@ impl Engine {
                         .await
                     }
                 };
-                (key, idx, claim, res)
+                (key, idx, claim, start, res)
             });
         }
         let results = bounded(writes).await;
@@ -70,9 +72,19 @@ impl Engine {
             // Won or lost, the lease rows changed: read them again next tick.
             self.read_leases = true;
         }
-        for (key, idx, claim, res) in results {
+        for (key, idx, claim, start, res) in results {
             if res.is_ok() {
                 self.leases_changed();
+            }
+            if let (Ok(claimed), Some(start)) = (&res, &start)
+                && incarnation::is_older(&claimed.row, Some(start))
+            {
+                // A row of a deleted stream's shard, not stamped (an older worker's) but with
+                // that stream's checkpoint: never read from it; make it fresh, and claim it
+                // again next tick.
+                self.replace_claimed_older(&key, claimed.row.lease_counter, start)
+                    .await;
+                continue;
             }
             match (claim, res) {
                 (Some(from), Ok(claimed)) => {

@@ -73,6 +73,10 @@ impl Engine {
         if leader {
             self.lead(&mut snap, read, now).await;
         }
+        // Rows of a deleted stream's shards (recreated under its name) count as missing
+        // until the leader replaced them.
+        let full = snap;
+        let snap = incarnation::current(&full);
 
         // A lease is as alive as its owner's heartbeat.
         for owner in snap.leases.iter().filter_map(|l| l.owner.as_deref()) {
@@ -112,7 +116,8 @@ impl Engine {
             self.read_leases = true;
         }
         self.act_all(actions, &snap).await;
-        self.snap = snap;
+        drop(snap);
+        self.snap = full;
         self.finish_tick();
     }
 

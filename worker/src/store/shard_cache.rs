@@ -235,6 +235,7 @@ mod tests {
 
     fn shard(i: usize) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: (i > 0).then(|| format!("shardId-{:012}", i / 2)),
             adjacent_parent: (i.is_multiple_of(3) && i > 0)
@@ -414,6 +415,7 @@ mod tests {
         let long = |c: char, i: usize| format!("{c}{i:0127}");
         let shards: Vec<ShardInfo> = (0..SHARDS_PER_PART)
             .map(|i| ShardInfo {
+                starting_sequence: None,
                 shard_id: long('s', i),
                 parent: Some(long('p', i)),
                 adjacent_parent: Some(long('q', i)),
