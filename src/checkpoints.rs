@@ -415,6 +415,7 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            streams: None,
             lease_changes: 0,
         }
     }

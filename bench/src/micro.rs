@@ -132,6 +132,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             last_error: None,
             last_error_reason: None,
             expires_at: 1_800_000_100,
+            streams: None,
         })
         .collect();
     GroupSnapshot {

@@ -24,6 +24,7 @@ fn client(id: &str) -> ClientRow {
         last_error: None,
         last_error_reason: None,
         expires_at: 0,
+        streams: None,
     }
 }
 

@@ -420,17 +420,17 @@ async fn heartbeat_and_conditional_prune() {
         return;
     };
     store
-        .register(G, "c1-abc", "pod-1", 1)
+        .register(G, "c1-abc", "pod-1", 1, &[])
         .await
         .expect("register");
     // A retry by the same incarnation (its first answer lost, its write landed) succeeds;
     // another incarnation under the same id is a clash.
     store
-        .register(G, "c1-abc", "pod-1", 1)
+        .register(G, "c1-abc", "pod-1", 1, &[])
         .await
         .expect("the same incarnation registering again");
     let err = store
-        .register(G, "c1-abc", "pod-1", 2)
+        .register(G, "c1-abc", "pod-1", 2, &[])
         .await
         .expect_err("another incarnation with the same id");
     assert!(err.is_conflict());
@@ -484,7 +484,7 @@ async fn heartbeat_and_conditional_prune() {
         "a pruned client learns it from its heartbeat"
     );
     store
-        .register(G, "c2-def", "pod-2", 1)
+        .register(G, "c2-def", "pod-2", 1, &[])
         .await
         .expect("register");
     store.deregister(G, "c2-def").await.expect("deregister");
@@ -529,10 +529,10 @@ async fn load_group_pages_and_isolates_groups() {
             .expect("lease");
     }
     store
-        .register("ns/other", "x-1", "p", 1)
+        .register("ns/other", "x-1", "p", 1, &[])
         .await
         .expect("other group");
-    store.register(G, "c-1", "p", 1).await.expect("client");
+    store.register(G, "c-1", "p", 1, &[]).await.expect("client");
     store
         .create_lease("ns/other", "stream-00", "shardId-000000000000")
         .await

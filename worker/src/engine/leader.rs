@@ -4,11 +4,20 @@
 use super::*;
 
 impl Engine {
-    /// The leader's duties of one tick. `read`: the lease rows in `snap` were read this
+    /// The leader's duties of one tick: pruning when we lead the group (`group_leader`),
+    /// the rest for the streams we lead. `read`: the lease rows in `snap` were read this
     /// tick (creating missing leases waits for such a tick, so it never acts on an old
     /// view). Writes of one duty run concurrently, bounded.
-    pub(super) async fn lead(&mut self, snap: &mut GroupSnapshot, read: bool, now: Instant) {
-        self.prune_dead_clients(snap, now).await;
+    pub(super) async fn lead(
+        &mut self,
+        snap: &mut GroupSnapshot,
+        group_leader: bool,
+        read: bool,
+        now: Instant,
+    ) {
+        if group_leader {
+            self.prune_dead_clients(snap, now).await;
+        }
 
         let mut newly_ended = false;
         for l in snap.leases.iter().filter(|l| l.ended) {
@@ -17,9 +26,9 @@ impl Engine {
                 .insert(ShardKey::new(&l.stream, &l.shard_id));
         }
         let missing_cache = self
-            .streams
+            .led_streams
             .iter()
-            .any(|s| !snap.shard_caches.iter().any(|c| c.stream == s.config.name));
+            .any(|s| !snap.shard_caches.iter().any(|c| &c.stream == s));
         if self.refresh_caches
             || newly_ended
             || missing_cache
@@ -71,6 +80,9 @@ impl Engine {
                 continue;
             };
             let name = self.streams[i].config.name.clone();
+            if !self.led_streams.contains(&name) {
+                continue;
+            }
             // Bounded like the store calls: the next heartbeat comes after this in the same
             // loop and must never wait behind a hung Kinesis.
             let shards = match list_shards_bounded(&client, self.op_timeout()).await {
@@ -154,7 +166,7 @@ impl Engine {
     /// Creates an unowned lease row for every consumable shard lacking one, so the status
     /// shows unassigned shards. (Claiming creates missing rows too; this is for visibility.)
     pub(super) async fn create_missing_leases(&mut self, snap: &GroupSnapshot) {
-        let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
+        let names: Vec<String> = self.led_streams.iter().cloned().collect();
         let missing: Vec<(String, String)> = assignment::streams_from_snapshot(&names, snap)
             .into_iter()
             .flat_map(|s| {

@@ -188,6 +188,9 @@ struct Engine {
     ticks: u64,
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
+    /// The streams whose shard cache and lease rows we keep: those of which we are the
+    /// lowest live reader.
+    led_streams: BTreeSet<String>,
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
@@ -240,6 +243,7 @@ impl Engine {
             ticks: 0,
             refresh_caches: true,
             known_ended: BTreeSet::new(),
+            led_streams: BTreeSet::new(),
             tick_issue: None,
             last_issue: None,
         }
@@ -257,6 +261,7 @@ impl Engine {
     /// deadlines like a heartbeat.
     async fn register(&mut self) -> Result<Instant, StoreError> {
         let sent = Instant::now();
+        let streams = self.stream_names();
         self.io(
             "register",
             self.store.register(
@@ -264,11 +269,17 @@ impl Engine {
                 self.me(),
                 &self.identity.pod,
                 self.identity.started_at_ms,
+                &streams,
             ),
         )
         .await?;
         self.health.heartbeat_ok();
         Ok(sent)
+    }
+
+    /// The streams we read, as configured, in config order.
+    fn stream_names(&self) -> Vec<String> {
+        self.streams.iter().map(|s| s.config.name.clone()).collect()
     }
 
     fn group(&self) -> &str {

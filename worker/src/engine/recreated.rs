@@ -12,7 +12,7 @@ impl Engine {
     pub(super) async fn replace_older_leases(&mut self, snap: &mut GroupSnapshot) {
         let older: Vec<(ShardKey, u64, String)> = incarnation::older_leases(snap)
             .into_iter()
-            .filter(|(l, _)| self.stream_index(&l.stream).is_some())
+            .filter(|(l, _)| self.led_streams.contains(&l.stream))
             .map(|(l, start)| {
                 let key = ShardKey::new(&l.stream, &l.shard_id);
                 (key, l.lease_counter, start.to_owned())

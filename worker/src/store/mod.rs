@@ -440,13 +440,15 @@ impl StateStore {
     /// Registers an incarnation that started at `started_at_ms`. Conditional on the row not
     /// existing, or being this incarnation's own (same `startedAtMs`): a register whose
     /// answer was lost but whose write landed succeeds when retried, instead of meeting its
-    /// own row. Any other row under the id is an id clash (a `Conflict`).
+    /// own row. Any other row under the id is an id clash (a `Conflict`). `streams`: the
+    /// streams the client reads, in config order.
     pub async fn register(
         &self,
         group: &str,
         client_id: &str,
         pod: &str,
         started_at_ms: i64,
+        streams: &[String],
     ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
         let row = ClientRow {
@@ -462,6 +464,7 @@ impl StateStore {
             last_error: None,
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
+            streams: Some(streams.to_vec()),
         };
         let item = self.encode(group, &row.sk, &row)?;
         let ctx = self.ctx(

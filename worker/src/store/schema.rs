@@ -91,6 +91,11 @@ pub struct ClientRow {
     pub last_error_reason: Option<String>,
     /// TTL for cleanup of rows left by crashed clients (Unix seconds).
     pub expires_at: i64,
+    /// The streams this client reads, as configured and in config order: the plan of a
+    /// stream is made over the live clients that read it. Absent for workers that predate
+    /// it, which are taken to read every stream (as they plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<Vec<String>>,
 }
 
 /// The leader's cached view of one stream's shards, as readers get it (a split cache
