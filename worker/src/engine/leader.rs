@@ -94,10 +94,12 @@ impl Engine {
                     continue;
                 }
             };
-            self.delete_trimmed_leases(&name, &shards, snap).await;
+            let trimmed = trimmed_leases(&name, &shards, &snap.leases);
             let existing = snap.shard_caches.iter().position(|c| c.stream == name);
             if existing.is_some_and(|i| snap.shard_caches[i].shards == shards) {
-                continue; // unchanged: save the write
+                // Unchanged: save the write.
+                self.delete_trimmed_leases(&name, &trimmed, snap).await;
+                continue;
             }
             let row = ShardCacheRow {
                 pk: self.group().to_owned(),
@@ -119,6 +121,9 @@ impl Engine {
                     }
                     // Tell the group: new shards may be consumable now.
                     self.leases_changed();
+                    // Only now that no cache lists them: a trimmed shard whose row is gone
+                    // counts as ended only while it is missing from the cache too.
+                    self.delete_trimmed_leases(&name, &trimmed, snap).await;
                 }
                 Err(e) => {
                     self.note_store("put_shard_cache", &e);
@@ -129,15 +134,15 @@ impl Engine {
         self.refresh_caches = !all_ok;
     }
 
-    /// Deletes the lease rows of `stream`'s trimmed shards, and forgets them in `snap` so
-    /// the next refresh does not delete them again before the lease rows are re-read.
+    /// Deletes the lease rows of `stream`'s trimmed shards (see [`trimmed_leases`]), once
+    /// the cache that no longer lists them is written, and forgets them in `snap` so the
+    /// next refresh does not delete them again before the lease rows are re-read.
     async fn delete_trimmed_leases(
         &mut self,
         stream: &str,
-        listed: &[ShardInfo],
+        trimmed: &[String],
         snap: &mut GroupSnapshot,
     ) {
-        let trimmed = trimmed_leases(stream, listed, &snap.leases);
         let this = &*self;
         let writes = trimmed.iter().map(|shard_id| async move {
             let res = this
