@@ -12,6 +12,7 @@ pub mod handoff;
 pub mod health;
 pub mod incarnation;
 pub mod kinesis;
+pub mod kinesis_clock;
 pub mod kpl;
 pub mod membership;
 pub mod metrics;

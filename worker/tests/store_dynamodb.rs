@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use aws_config::BehaviorVersion;
 use kcg_worker::position::Position;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
-use kcg_worker::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError};
+use kcg_worker::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError};
 
 async fn store(test: &str) -> Option<StateStore> {
     if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
@@ -328,7 +328,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect("lag only");
     // The first claim is remembered: a later claim or resume is not "first".
     let first = store
-        .claim_lease_detailed(G, "s", "fresh", "a", None, None)
+        .claim_lease_detailed(G, "s", "fresh", "a", None, ClaimStamp::now())
         .await
         .expect("first claim");
     assert!(first.first_claim);
@@ -360,7 +360,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .await
         .expect("release fresh");
     let again = store
-        .claim_lease_detailed(G, "s", "fresh", "b", None, None)
+        .claim_lease_detailed(G, "s", "fresh", "b", None, ClaimStamp::now())
         .await
         .expect("second claim");
     assert_eq!(

@@ -54,7 +54,7 @@ use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
-use crate::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError, now_ms};
+use crate::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError, now_ms};
 
 use supervise::Outcome;
 

@@ -26,9 +26,9 @@ impl Engine {
             let Some(idx) = self.stream_index(&key.stream) else {
                 continue;
             };
-            if self.streams[idx].client.is_none() {
+            let Some(client) = self.streams[idx].client.clone() else {
                 continue;
-            }
+            };
             let start = incarnation::listed_start(snap, &key).map(str::to_owned);
             let store = self.store.clone();
             let metrics = self.metrics.clone();
@@ -37,6 +37,10 @@ impl Engine {
             writes.push(async move {
                 let res = match &claim {
                     Some(from) => {
+                        let stamp = ClaimStamp {
+                            shard_start: start.as_deref(),
+                            first_claim_at_ms: first_claim_time(&client, op_timeout).await,
+                        };
                         io_bounded(
                             &metrics,
                             store.table(),
@@ -48,7 +52,7 @@ impl Engine {
                                 &key.shard_id,
                                 &me,
                                 from.as_ref().map(|(o, c)| (o.as_str(), *c)),
-                                start.as_deref(),
+                                stamp,
                             ),
                         )
                         .await
@@ -366,6 +370,20 @@ impl Engine {
         for (key, (counter, cp)) in pending {
             self.release(key, counter, cp).await;
         }
+    }
+}
+
+/// The time a claim records if it is the shard's first: now on Kinesis' clock, which a
+/// later owner of a LATEST shard compares with arrival timestamps (see
+/// [`crate::kinesis_clock`]); our own clock only when Kinesis cannot tell it in time.
+async fn first_claim_time(client: &StreamClient, limit: Duration) -> i64 {
+    match tokio::time::timeout(limit, client.kinesis_now_ms()).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            debug!(stream = %client.name, error = %e, "Kinesis' clock unknown; the first-claim time is ours");
+            now_ms()
+        }
+        Err(_) => now_ms(),
     }
 }
 

@@ -72,6 +72,28 @@ pub struct CheckpointUpdate {
 /// after a handoff where the previous owner left it (see [`crate::handoff::no_checkpoint_start`]).
 pub const FIRST_CLAIMED_AT: &str = "firstClaimedAtMs";
 
+/// What a claim records besides its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimStamp<'a> {
+    /// The shard's starting sequence number from the shard cache: a row stamped for another
+    /// shard of the id (a deleted stream's) is not claimed, an unstamped one is stamped (see
+    /// [`crate::incarnation`]).
+    pub shard_start: Option<&'a str>,
+    /// Recorded as [`FIRST_CLAIMED_AT`] when this is the shard's first claim: now on
+    /// Kinesis' clock (Unix ms), since a later owner compares it with arrival timestamps.
+    pub first_claim_at_ms: i64,
+}
+
+impl ClaimStamp<'_> {
+    /// No starting sequence number; our wall clock as the first-claim time.
+    pub fn now() -> Self {
+        Self {
+            shard_start: None,
+            first_claim_at_ms: now_ms(),
+        }
+    }
+}
+
 /// A claim's result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
@@ -79,7 +101,8 @@ pub struct Claimed {
     pub row: LeaseRow,
     /// This claim was the shard's first ever in this group.
     pub first_claim: bool,
-    /// When the first claim happened (Unix ms, the first claimer's clock).
+    /// When the first claim happened (Unix ms; Kinesis' clock as the first claimer saw it,
+    /// or, from older workers, the first claimer's own clock).
     pub first_claimed_at_ms: Option<i64>,
     /// Where a `checkpoints reset` says the shard restarts while it has no checkpoint.
     pub reset_to: Option<ResetTo>,
@@ -722,16 +745,14 @@ impl StateStore {
         me: &str,
         observed: Option<(&str, u64)>,
     ) -> Result<LeaseRow, StoreError> {
-        self.claim_lease_detailed(group, stream, shard_id, me, observed, None)
+        self.claim_lease_detailed(group, stream, shard_id, me, observed, ClaimStamp::now())
             .await
             .map(|c| c.row)
     }
 
     /// [`claim_lease`](Self::claim_lease), also telling whether this was the shard's very
-    /// first claim and when that first claim happened (see [`Claimed`]). With `start` (the
-    /// shard's starting sequence number from the cache), a row stamped for another shard
-    /// of that id (a deleted stream's) is not claimed (`Conflict`), and an unstamped one is
-    /// stamped.
+    /// first claim and when that first claim happened (see [`Claimed`]), with what `stamp`
+    /// says.
     pub async fn claim_lease_detailed(
         &self,
         group: &str,
@@ -739,8 +760,10 @@ impl StateStore {
         shard_id: &str,
         me: &str,
         observed: Option<(&str, u64)>,
-        start: Option<&str>,
+        stamp: ClaimStamp<'_>,
     ) -> Result<Claimed, StoreError> {
+        let start = stamp.shard_start;
+        let first = stamp.first_claim_at_ms;
         let sk = lease_sk(stream, shard_id);
         let now = now_ms();
         let not_ended = "(attribute_not_exists(#ended) OR #ended = :false)";
@@ -761,7 +784,7 @@ impl StateStore {
             .update_expression(format!(
                 "SET #owner = :me, #ctr = if_not_exists(#ctr, :zero) + :one, #upd = :now, \
                  #stream = :stream, #shard = :shard, #ended = if_not_exists(#ended, :false), \
-                 #first = if_not_exists(#first, :now){stamp_set}"
+                 #first = if_not_exists(#first, :first){stamp_set}"
             ))
             .expression_attribute_names("#first", FIRST_CLAIMED_AT)
             .expression_attribute_names("#owner", "owner")
@@ -774,6 +797,7 @@ impl StateStore {
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":first", n(first))
             .expression_attribute_values(":stream", s(stream))
             .expression_attribute_values(":shard", s(shard_id))
             .expression_attribute_values(":false", AttributeValue::Bool(false))
@@ -810,7 +834,7 @@ impl StateStore {
         let row = self.decode_lease(group, sk, attrs)?;
         Ok(Claimed {
             row,
-            first_claim: first_claimed_at_ms == Some(now),
+            first_claim: first_claimed_at_ms == Some(first),
             first_claimed_at_ms,
             reset_to,
         })
