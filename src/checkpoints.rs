@@ -562,6 +562,26 @@ mod tests {
     }
 
     #[test]
+    fn show_marks_rows_of_a_deleted_stream() {
+        // Shard 2 of the listed stream starts at 500; the row's checkpoint (49) and stamp
+        // come from the deleted stream of that name.
+        let mut s = snap(vec![], vec![lease("2", None, 3, true)]);
+        s.shard_caches[0].shards[2].starting_sequence = Some("500".into());
+        s.leases[0].shard_start = Some("40".into());
+        let text = render_show(&s, &BTreeMap::new(), None, 10_000);
+        let line = text.lines().nth(1).expect("row");
+        assert!(
+            line.ends_with("configured start (row of a deleted stream of this name)"),
+            "{text}"
+        );
+        // The reset stamps the row for the shard now listed.
+        assert_eq!(
+            incarnation::listed_start(&s, &ShardKey::new("s", "2")),
+            Some("500")
+        );
+    }
+
+    #[test]
     fn show_lists_checkpoint_owner_ended_lag_and_next_start() {
         let mut l0 = lease("0", None, 7, true);
         l0.millis_behind = Some(1500);

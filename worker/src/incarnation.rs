@@ -39,15 +39,16 @@ pub fn is_older(row: &LeaseRow, listed_start: Option<&str>) -> bool {
         .is_some_and(|cp| compare_sequence(cp, start) == Ordering::Less)
 }
 
-/// The starting sequence number of every cached shard, by key.
-pub fn listed_starts(snap: &GroupSnapshot) -> BTreeMap<ShardKey, &str> {
+/// The starting sequence number of every cached shard, by (stream, shard id). Borrowed:
+/// it is built at every tick, over every shard.
+pub fn listed_starts(snap: &GroupSnapshot) -> BTreeMap<(&str, &str), &str> {
     snap.shard_caches
         .iter()
         .flat_map(|c| {
             c.shards.iter().filter_map(|s| {
                 s.starting_sequence
                     .as_deref()
-                    .map(|start| (ShardKey::new(&c.stream, &s.shard_id), start))
+                    .map(|start| ((c.stream.as_str(), s.shard_id.as_str()), start))
             })
         })
         .collect()
@@ -66,10 +67,15 @@ pub fn listed_start<'a>(snap: &'a GroupSnapshot, key: &ShardKey) -> Option<&'a s
 /// starting sequence number of the shard that now has their id.
 pub fn older_leases(snap: &GroupSnapshot) -> Vec<(&LeaseRow, &str)> {
     let starts = listed_starts(snap);
+    if starts.is_empty() {
+        return Vec::new();
+    }
     snap.leases
         .iter()
         .filter_map(|l| {
-            let start = starts.get(&ShardKey::new(&l.stream, &l.shard_id)).copied();
+            let start = starts
+                .get(&(l.stream.as_str(), l.shard_id.as_str()))
+                .copied();
             is_older(l, start).then_some((l, start?))
         })
         .collect()

@@ -558,11 +558,17 @@ impl StreamClient {
         Ok(shards)
     }
 
-    /// Now on Kinesis' clock (Unix ms), as this client's last answer told it; with no answer
-    /// yet, one cheap ListShards (a page of one shard) asks.
-    pub async fn kinesis_now_ms(&self) -> Result<i64, KinesisError> {
-        if let Some(t) = self.clock.now_ms(crate::store::now_ms()) {
-            return Ok(t);
+    /// Now on Kinesis' clock (Unix ms), as this client's last answer told it; `None` before
+    /// the first answer (see [`StreamClient::sync_clock`]).
+    pub fn kinesis_now_ms(&self) -> Option<i64> {
+        self.clock.now_ms(crate::store::now_ms())
+    }
+
+    /// Asks Kinesis once (a ListShards page of one shard) unless an answer already told its
+    /// clock.
+    pub async fn sync_clock(&self) -> Result<(), KinesisError> {
+        if self.kinesis_now_ms().is_some() {
+            return Ok(());
         }
         self.client
             .list_shards()
@@ -572,14 +578,7 @@ impl StreamClient {
             .send()
             .await
             .map_err(|e| self.error("ListShards", None, e))?;
-        self.clock
-            .now_ms(crate::store::now_ms())
-            .ok_or_else(|| KinesisError::Call {
-                kind: ErrorKind::Unavailable,
-                operation: "ListShards",
-                stream: self.name.clone(),
-                message: "the answer carried no Date header".into(),
-            })
+        Ok(())
     }
 
     /// GetShardIterator for `shard_id` at `start`.

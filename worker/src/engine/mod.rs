@@ -407,7 +407,19 @@ impl Engine {
             }
             let cfg = self.streams[i].config.clone();
             match StreamClient::connect(&cfg, &self.base).await {
-                Ok(c) => self.streams[i].client = Some(Arc::new(c)),
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    // Learn Kinesis' clock before the first claim needs it (in the
+                    // background: a stream that does not answer must not hold the loop).
+                    let sync = c.clone();
+                    tokio::spawn(async move {
+                        let limit = Duration::from_secs(30);
+                        if let Ok(Err(e)) = tokio::time::timeout(limit, sync.sync_clock()).await {
+                            debug!(stream = %sync.name, error = %e, "could not learn Kinesis' clock yet");
+                        }
+                    });
+                    self.streams[i].client = Some(c);
+                }
                 Err(e) => {
                     warn!(stream = %cfg.name, error = %e, "cannot connect to stream; retrying");
                     self.note(e.reason(), e.to_string());

@@ -39,7 +39,7 @@ impl Engine {
                     Some(from) => {
                         let stamp = ClaimStamp {
                             shard_start: start.as_deref(),
-                            first_claim_at_ms: first_claim_time(&client, op_timeout).await,
+                            first_claim_at_ms: first_claim_time(&client),
                         };
                         io_bounded(
                             &metrics,
@@ -375,16 +375,14 @@ impl Engine {
 
 /// The time a claim records if it is the shard's first: now on Kinesis' clock, which a
 /// later owner of a LATEST shard compares with arrival timestamps (see
-/// [`crate::kinesis_clock`]); our own clock only when Kinesis cannot tell it in time.
-async fn first_claim_time(client: &StreamClient, limit: Duration) -> i64 {
-    match tokio::time::timeout(limit, client.kinesis_now_ms()).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            debug!(stream = %client.name, error = %e, "Kinesis' clock unknown; the first-claim time is ours");
-            now_ms()
-        }
-        Err(_) => now_ms(),
-    }
+/// [`crate::kinesis_clock`]). Known from the stream's first answer, which connecting asks
+/// for; our own clock only while Kinesis has not answered yet. Never waits: a claim must
+/// not take longer than its store call.
+fn first_claim_time(client: &StreamClient) -> i64 {
+    client.kinesis_now_ms().unwrap_or_else(|| {
+        debug!(stream = %client.name, "Kinesis' clock not known yet; the first-claim time is ours");
+        now_ms()
+    })
 }
 
 /// The release write for a reader's last progress: the acknowledged position, the end flag
