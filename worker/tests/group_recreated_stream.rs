@@ -11,7 +11,6 @@ mod group_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::types::ScalingType;
 use group_support::*;
 
 async fn wait_gone(env: &Env) {
@@ -63,15 +62,7 @@ async fn a_stream_recreated_under_its_name_is_read_whole_from_its_start_position
     let old = env.put("a", 20).await;
     let w1 = env.start("e1");
     env.wait_delivered(&old, Duration::from_secs(30)).await;
-    env.kinesis
-        .update_shard_count()
-        .stream_name(&env.stream)
-        .target_shard_count(2)
-        .scaling_type(ScalingType::UniformScaling)
-        .send()
-        .await
-        .expect("update shard count");
-    wait_active(&env.kinesis, &env.stream).await;
+    reshard(&env, 2).await;
     let old2 = env.put("a2", 20).await;
     env.wait_delivered(&old2, Duration::from_secs(30)).await;
     let start = Instant::now();

@@ -409,6 +409,20 @@ impl Drop for Env {
     }
 }
 
+/// Reshards the group's stream to `target` shards (uniform scaling) and waits until it is
+/// ACTIVE again.
+pub async fn reshard(env: &Env, target: i32) {
+    env.kinesis
+        .update_shard_count()
+        .stream_name(&env.stream)
+        .target_shard_count(target)
+        .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("update shard count");
+    wait_active(&env.kinesis, &env.stream).await;
+}
+
 pub fn base(client_id: &str) -> String {
     client_id
         .rsplit_once('-')
