@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use kcg_worker::assignment::ShardKey;
+use kcg_worker::incarnation;
 use kcg_worker::store::schema::{GroupSnapshot, ResetTo};
 use kcg_worker::store::{ResetSeen, StateStore, StoreError};
 
@@ -183,10 +185,15 @@ pub fn render_show(
             (Some(mb), None) => crate::status::human_millis(mb.max(0)),
             _ => "-".to_owned(),
         };
+        let key = ShardKey::new(&l.stream, &l.shard_id);
         let next = match (
             &l.checkpoint,
             resets.get(&(l.stream.clone(), l.shard_id.clone())),
         ) {
+            // The workers replace such a row; its shard starts like a new one.
+            _ if incarnation::is_older(l, incarnation::listed_start(snap, &key)) => {
+                "configured start (row of a deleted stream of this name)".to_owned()
+            }
             (Some(_), _) => "after checkpoint".to_owned(),
             (None, Some(to)) => to.to_string(),
             (None, None) => "configured start".to_owned(),
@@ -332,7 +339,14 @@ async fn reset(store: &StateStore, args: &ResetArgs) -> anyhow::Result<String> {
     let mut done = 0;
     for w in &writes {
         match store
-            .reset_lease(&t.group, &w.stream, &w.shard_id, &w.seen, to)
+            .reset_lease(
+                &t.group,
+                &w.stream,
+                &w.shard_id,
+                &w.seen,
+                to,
+                incarnation::listed_start(&snap, &ShardKey::new(&w.stream, &w.shard_id)),
+            )
             .await
         {
             Ok(()) => done += 1,
@@ -401,12 +415,14 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            streams: None,
             lease_changes: 0,
         }
     }
 
     fn shard(id: &str, parent: Option<&str>) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: parent.map(str::to_owned),
             adjacent_parent: None,
@@ -542,6 +558,26 @@ mod tests {
             ResetTarget::Latest.resolve(t),
             ResetTo::AtTimestamp(t),
             "Latest is the reset time"
+        );
+    }
+
+    #[test]
+    fn show_marks_rows_of_a_deleted_stream() {
+        // Shard 2 of the listed stream starts at 500; the row's checkpoint (49) and stamp
+        // come from the deleted stream of that name.
+        let mut s = snap(vec![], vec![lease("2", None, 3, true)]);
+        s.shard_caches[0].shards[2].starting_sequence = Some("500".into());
+        s.leases[0].shard_start = Some("40".into());
+        let text = render_show(&s, &BTreeMap::new(), None, 10_000);
+        let line = text.lines().nth(1).expect("row");
+        assert!(
+            line.ends_with("configured start (row of a deleted stream of this name)"),
+            "{text}"
+        );
+        // The reset stamps the row for the shard now listed.
+        assert_eq!(
+            incarnation::listed_start(&s, &ShardKey::new("s", "2")),
+            Some("500")
         );
     }
 

@@ -407,7 +407,10 @@ pub fn build_status(input: StatusInput) -> KinesisConsumerGroupStatus {
     let live: BTreeSet<String> = live_rows.iter().map(|c| c.client_id.clone()).collect();
     let leader = live_rows.first().map(|c| c.client_id.clone());
 
-    let leases: HashMap<(&str, &str), &LeaseRow> = snap
+    // Rows of a deleted stream's shards (the stream was recreated under its name) say
+    // nothing about the shards now listed: the workers replace them.
+    let current = kcg_worker::incarnation::current(&snap);
+    let leases: HashMap<(&str, &str), &LeaseRow> = current
         .leases
         .iter()
         .map(|l| ((l.stream.as_str(), l.shard_id.as_str()), l))

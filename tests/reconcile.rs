@@ -77,15 +77,16 @@ async fn seeded_store(endpoint: &str, table: &str) -> StateStore {
         "DynamoDB Local is configured (AWS_ENDPOINT_URL_DYNAMODB) but could not create a table",
     );
     store
-        .register(GROUP, "worker-a-1", "orders-7c9-a", now_ms())
+        .register(GROUP, "worker-a-1", "orders-7c9-a", now_ms(), &[])
         .await
         .unwrap();
     store
-        .register(GROUP, "worker-b-1", "orders-7c9-b", now_ms())
+        .register(GROUP, "worker-b-1", "orders-7c9-b", now_ms(), &[])
         .await
         .unwrap();
     let shards: Vec<ShardInfo> = (0..4)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: None,
             adjacent_parent: None,
@@ -893,7 +894,7 @@ async fn delete_with_delete_waits_for_workers_then_removes_the_rows() {
     let store = seeded_store(&endpoint, &table).await;
     // Another group in the same table must survive.
     store
-        .register("team-b/other", "x-1", "x", now_ms())
+        .register("team-b/other", "x-1", "x", now_ms(), &[])
         .await
         .unwrap();
     let (ctx, verifier) = context(&endpoint).await;

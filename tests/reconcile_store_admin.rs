@@ -31,7 +31,7 @@ async fn deletes_every_row_of_one_group_in_batches() {
 
     for i in 0..60 {
         store
-            .register("ns/doomed", &format!("c-{i:03}"), "pod", now_ms())
+            .register("ns/doomed", &format!("c-{i:03}"), "pod", now_ms(), &[])
             .await
             .unwrap();
     }
@@ -42,7 +42,7 @@ async fn deletes_every_row_of_one_group_in_batches() {
             .unwrap();
     }
     store
-        .register("ns/kept", "k-1", "pod", now_ms())
+        .register("ns/kept", "k-1", "pod", now_ms(), &[])
         .await
         .unwrap();
 

@@ -77,6 +77,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
         stream: STREAM.into(),
         shards: (0..shards)
             .map(|i| ShardInfo {
+                starting_sequence: None,
                 shard_id: shard_id(i),
                 parent: None,
                 adjacent_parent: None,
@@ -112,6 +113,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             millis_behind: Some((n as i64 * 37) % 5000),
             lag_at_ms: Some(1_800_000_000_000),
             updated_at_ms: 1_800_000_000_000,
+            shard_start: None,
         })
         .collect();
     let clients = ids
@@ -130,6 +132,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             last_error: None,
             last_error_reason: None,
             expires_at: 1_800_000_100,
+            streams: None,
         })
         .collect();
     GroupSnapshot {

@@ -24,6 +24,7 @@ fn client(id: &str) -> ClientRow {
         last_error: None,
         last_error_reason: None,
         expires_at: 0,
+        streams: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn shard(i: u32) -> String {
 
 fn open(i: u32) -> ShardInfo {
     ShardInfo {
+        starting_sequence: None,
         shard_id: shard(i),
         parent: None,
         adjacent_parent: None,
@@ -65,6 +67,7 @@ fn lease(stream: &str, i: u32, owner: Option<&str>) -> LeaseRow {
         millis_behind: None,
         lag_at_ms: None,
         updated_at_ms: 0,
+        shard_start: None,
     }
 }
 
@@ -297,14 +300,17 @@ fn resharding_children_wait_for_parents_and_closed_parents_drain() {
     let snap = input.snapshot.as_mut().unwrap();
     snap.shard_caches[0].shards = vec![
         ShardInfo {
+            starting_sequence: None,
             closed: true,
             ..open(0)
         },
         ShardInfo {
+            starting_sequence: None,
             parent: Some(shard(0)),
             ..open(1)
         },
         ShardInfo {
+            starting_sequence: None,
             parent: Some(shard(0)),
             ..open(2)
         },

@@ -75,24 +75,108 @@ pub struct StreamShards {
     pub consumable: Vec<String>,
 }
 
-/// Desired owner of every consumable shard. `streams` in config order, `live` sorted.
+/// Desired owner of every consumable shard when every live client reads every stream.
+/// `streams` in config order, `live` sorted.
 pub fn plan(streams: &[StreamShards], live: &[String]) -> Plan {
+    plan_with(streams, |k, _| {
+        (k, live.iter().map(String::as_str).collect())
+    })
+}
+
+/// Desired owner of every consumable shard of `streams`, each stream cut over the live
+/// clients that read it and rotated by its rank ([`Readers`]). Every planner that sees the
+/// same client rows computes the same owners for a stream, whatever its own stream list.
+pub fn plan_by_readers(streams: &[StreamShards], readers: &Readers) -> Plan {
+    plan_with(streams, |_, stream| readers.of(stream))
+}
+
+/// The plan, with `readers(config index, stream)` giving a stream's rotation and its
+/// readers (sorted).
+fn plan_with<'a>(
+    streams: &[StreamShards],
+    readers: impl Fn(usize, &str) -> (usize, Vec<&'a str>),
+) -> Plan {
     let mut out = Plan::new();
-    if live.is_empty() {
-        return out;
-    }
     for (k, s) in streams.iter().enumerate() {
-        for (i, range) in split_ranges(s.consumable.len(), live.len())
+        let (rotation, clients) = readers(k, &s.stream);
+        if clients.is_empty() {
+            continue;
+        }
+        for (i, range) in split_ranges(s.consumable.len(), clients.len())
             .into_iter()
             .enumerate()
         {
-            let client = &live[(i + k) % live.len()];
+            let client = clients[(i + rotation) % clients.len()];
             for shard in &s.consumable[range] {
-                out.insert(ShardKey::new(&s.stream, shard), client.clone());
+                out.insert(ShardKey::new(&s.stream, shard), client.to_owned());
             }
         }
     }
     out
+}
+
+/// Who reads which stream, from the live clients' rows. A stream's readers are the live
+/// clients that list it, plus those that list nothing (workers older than the list, which
+/// plan as if every client read every stream). A stream's rank, which rotates its ranges,
+/// is its position in the lists of the live clients taken in client-id order (first
+/// occurrence): the config order when every client reads the same list, as before lists
+/// existed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Readers {
+    /// Per listed stream: its rank and the clients that list it (sorted).
+    listed: BTreeMap<String, (usize, Vec<String>)>,
+    /// Live clients without a list, sorted.
+    unlisted: Vec<String>,
+}
+
+impl Readers {
+    /// From the live clients (sorted) and each one's list (`None`: an older worker).
+    pub fn new<'a>(live: &'a [String], lists: impl Fn(&str) -> Option<&'a [String]>) -> Self {
+        let mut out = Readers::default();
+        for client in live {
+            let Some(list) = lists(client) else {
+                out.unlisted.push(client.clone());
+                continue;
+            };
+            for stream in list {
+                let rank = out.listed.len();
+                let entry = out
+                    .listed
+                    .entry(stream.clone())
+                    .or_insert((rank, Vec::new()));
+                if !entry.1.contains(client) {
+                    entry.1.push(client.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// A stream's rank and its readers, sorted.
+    pub fn of(&self, stream: &str) -> (usize, Vec<&str>) {
+        let (rank, listed) = self
+            .listed
+            .get(stream)
+            .map_or((self.listed.len(), &[][..]), |(r, l)| (*r, l.as_slice()));
+        let mut clients: Vec<&str> = listed
+            .iter()
+            .chain(&self.unlisted)
+            .map(String::as_str)
+            .collect();
+        clients.sort_unstable();
+        clients.dedup();
+        (rank, clients)
+    }
+
+    /// Who keeps a stream's shard cache and lease rows: the lowest live client that lists
+    /// it. (Older workers do that for their own streams as leader of the whole group, in
+    /// which case both write the same ListShards answer.)
+    pub fn leader_of(&self, stream: &str) -> Option<&str> {
+        self.listed
+            .get(stream)
+            .and_then(|(_, l)| l.iter().min())
+            .map(String::as_str)
+    }
 }
 
 /// The planner's input for `streams` (config order) from a state-store snapshot: shards
@@ -177,6 +261,7 @@ mod tests {
 
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: parents.first().map(|p| (*p).into()),
             adjacent_parent: parents.get(1).map(|p| (*p).into()),
@@ -366,6 +451,82 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn readers_table() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let lists: BTreeMap<String, Vec<String>> = [
+            ("c1", ids(&["a"])),
+            ("c2", ids(&["b", "a"])),
+            ("c4", ids(&["c"])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let live = ids(&["c1", "c2", "c3", "c4"]); // c3: an older worker, no list
+        let r = Readers::new(&live, |c| lists.get(c).map(Vec::as_slice));
+        // (stream, rank, readers, leader)
+        let cases: [(&str, usize, &[&str], Option<&str>); 4] = [
+            ("a", 0, &["c1", "c2", "c3"], Some("c1")),
+            ("b", 1, &["c2", "c3"], Some("c2")),
+            ("c", 2, &["c3", "c4"], Some("c4")),
+            ("unlisted", 3, &["c3"], None),
+        ];
+        for (stream, rank, readers, leader) in cases {
+            assert_eq!(r.of(stream), (rank, readers.to_vec()), "{stream}");
+            assert_eq!(r.leader_of(stream), leader, "{stream}");
+        }
+    }
+
+    #[test]
+    fn plans_agree_whatever_the_planners_stream_lists() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let st = |name: &str, shards: &[&str]| StreamShards {
+            stream: name.into(),
+            consumable: ids(shards),
+        };
+        let lists: BTreeMap<String, Vec<String>> = [("c1", ids(&["a"])), ("c2", ids(&["b", "a"]))]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let live = ids(&["c1", "c2"]);
+        let r = Readers::new(&live, |c| lists.get(c).map(Vec::as_slice));
+        let (a, b) = (st("a", &["0", "1", "2", "3"]), st("b", &["0", "1"]));
+        // c1 plans its one stream, c2 its two in its own order: both give the same owners.
+        let by_c1 = plan_by_readers(std::slice::from_ref(&a), &r);
+        let by_c2 = plan_by_readers(&[b.clone(), a.clone()], &r);
+        let a_of = |p: &Plan| {
+            p.iter()
+                .filter(|(k, _)| k.stream == "a")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Plan>()
+        };
+        assert_eq!(a_of(&by_c1), a_of(&by_c2));
+        assert_eq!(
+            owners(&by_c2),
+            [
+                ("a/0", "c1"),
+                ("a/1", "c1"),
+                ("a/2", "c2"),
+                ("a/3", "c2"),
+                ("b/0", "c2"),
+                ("b/1", "c2")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec()
+        );
+        // Every client reading the same list in the same order: the plan of old.
+        let same: BTreeMap<String, Vec<String>> =
+            [("c1", ids(&["a", "b"])), ("c2", ids(&["a", "b"]))]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+        let r = Readers::new(&live, |c| same.get(c).map(Vec::as_slice));
+        assert_eq!(
+            plan_by_readers(&[a.clone(), b.clone()], &r),
+            plan(&[a, b], &live)
+        );
     }
 
     #[test]

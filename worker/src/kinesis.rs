@@ -26,6 +26,7 @@ use aws_smithy_types::event_stream::RawMessage;
 use crate::config::{StartPosition, StreamConfig};
 use crate::delivery::Record;
 use crate::get_records_codec::GetRecordsCodec;
+use crate::kinesis_clock::KinesisClock;
 use crate::position::Position;
 use crate::store::schema::ShardInfo;
 
@@ -277,6 +278,8 @@ pub struct StreamClient {
     /// Enhanced fan-out: the stream's ARN and the registered consumer, looked up once and
     /// shared by every shard reader of this stream (see [`StreamClient::consumer_arn`]).
     fan_out: Arc<tokio::sync::Mutex<FanOutState>>,
+    /// Kinesis' clock, from the `Date` header of this client's answers.
+    clock: KinesisClock,
 }
 
 /// What a [`StreamClient`] learnt about its stream for enhanced fan-out.
@@ -339,11 +342,13 @@ impl StreamClient {
                 ))
             })?;
         let region = Region::new(region);
+        let clock = KinesisClock::default();
         let mut builder = aws_sdk_kinesis::config::Builder::from(base)
             .region(region.clone())
             // Decodes GetRecords pages at about half the SDK codec's CPU; errors and anything
             // unexpected still go through the SDK's deserializer.
             .interceptor(GetRecordsCodec::default())
+            .interceptor(clock.interceptor())
             // A hung connection must surface as an error (retried, reported), never as a
             // reader silently waiting forever. Kinesis calls normally take milliseconds.
             .timeout_config(
@@ -364,6 +369,7 @@ impl StreamClient {
             client: Client::from_conf(builder.build()),
             list_page_size: None,
             fan_out: Arc::default(),
+            clock,
         })
     }
 
@@ -537,6 +543,9 @@ impl StreamClient {
                         .sequence_number_range()
                         .and_then(|r| r.ending_sequence_number())
                         .is_some(),
+                    starting_sequence: s
+                        .sequence_number_range()
+                        .map(|r| r.starting_sequence_number().to_owned()),
                 });
             }
             match out.next_token() {
@@ -547,6 +556,29 @@ impl StreamClient {
         shards.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
         shards.dedup_by(|a, b| a.shard_id == b.shard_id);
         Ok(shards)
+    }
+
+    /// Now on Kinesis' clock (Unix ms), as this client's last answer told it; `None` before
+    /// the first answer (see [`StreamClient::sync_clock`]).
+    pub fn kinesis_now_ms(&self) -> Option<i64> {
+        self.clock.now_ms(crate::store::now_ms())
+    }
+
+    /// Asks Kinesis once (a ListShards page of one shard) unless an answer already told its
+    /// clock.
+    pub async fn sync_clock(&self) -> Result<(), KinesisError> {
+        if self.kinesis_now_ms().is_some() {
+            return Ok(());
+        }
+        self.client
+            .list_shards()
+            .set_stream_name(self.stream_name_param())
+            .set_stream_arn(self.stream_arn_param())
+            .max_results(1)
+            .send()
+            .await
+            .map_err(|e| self.error("ListShards", None, e))?;
+        Ok(())
     }
 
     /// GetShardIterator for `shard_id` at `start`.

@@ -449,6 +449,7 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            streams: None,
         };
         let start = Instant::now();
         let mut l = Liveness::new(ms(1000));
@@ -837,6 +838,7 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            streams: None,
         }
     }
 

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::types::ScalingType;
 use futures::future::BoxFuture;
 use group_support::*;
 use kcg_worker::assignment::{ShardKey, compact_ranges};
@@ -210,18 +209,6 @@ async fn crashed_engine_is_taken_over_after_client_timeout() {
         e2_tail.len()
     );
     env.cleanup().await;
-}
-
-async fn reshard(env: &Env, target: i32) {
-    env.kinesis
-        .update_shard_count()
-        .stream_name(&env.stream)
-        .target_shard_count(target)
-        .scaling_type(ScalingType::UniformScaling)
-        .send()
-        .await
-        .expect("update shard count");
-    wait_active(&env.kinesis, &env.stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

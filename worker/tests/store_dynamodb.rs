@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use aws_config::BehaviorVersion;
 use kcg_worker::position::Position;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
-use kcg_worker::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError};
+use kcg_worker::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError};
 
 async fn store(test: &str) -> Option<StateStore> {
     if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
@@ -328,7 +328,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect("lag only");
     // The first claim is remembered: a later claim or resume is not "first".
     let first = store
-        .claim_lease_detailed(G, "s", "fresh", "a", None)
+        .claim_lease_detailed(G, "s", "fresh", "a", None, ClaimStamp::now())
         .await
         .expect("first claim");
     assert!(first.first_claim);
@@ -360,7 +360,7 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .await
         .expect("release fresh");
     let again = store
-        .claim_lease_detailed(G, "s", "fresh", "b", None)
+        .claim_lease_detailed(G, "s", "fresh", "b", None, ClaimStamp::now())
         .await
         .expect("second claim");
     assert_eq!(
@@ -420,17 +420,17 @@ async fn heartbeat_and_conditional_prune() {
         return;
     };
     store
-        .register(G, "c1-abc", "pod-1", 1)
+        .register(G, "c1-abc", "pod-1", 1, &[])
         .await
         .expect("register");
     // A retry by the same incarnation (its first answer lost, its write landed) succeeds;
     // another incarnation under the same id is a clash.
     store
-        .register(G, "c1-abc", "pod-1", 1)
+        .register(G, "c1-abc", "pod-1", 1, &[])
         .await
         .expect("the same incarnation registering again");
     let err = store
-        .register(G, "c1-abc", "pod-1", 2)
+        .register(G, "c1-abc", "pod-1", 2, &[])
         .await
         .expect_err("another incarnation with the same id");
     assert!(err.is_conflict());
@@ -484,7 +484,7 @@ async fn heartbeat_and_conditional_prune() {
         "a pruned client learns it from its heartbeat"
     );
     store
-        .register(G, "c2-def", "pod-2", 1)
+        .register(G, "c2-def", "pod-2", 1, &[])
         .await
         .expect("register");
     store.deregister(G, "c2-def").await.expect("deregister");
@@ -499,6 +499,7 @@ async fn load_group_pages_and_isolates_groups() {
     // ~1.6 MB of shard-cache rows in one partition: more than one 1 MB Query page.
     let shards: Vec<ShardInfo> = (0..1500)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: (i > 0).then(|| format!("shardId-{:012}", i - 1)),
             adjacent_parent: None,
@@ -528,10 +529,10 @@ async fn load_group_pages_and_isolates_groups() {
             .expect("lease");
     }
     store
-        .register("ns/other", "x-1", "p", 1)
+        .register("ns/other", "x-1", "p", 1, &[])
         .await
         .expect("other group");
-    store.register(G, "c-1", "p", 1).await.expect("client");
+    store.register(G, "c-1", "p", 1, &[]).await.expect("client");
     store
         .create_lease("ns/other", "stream-00", "shardId-000000000000")
         .await
@@ -582,6 +583,7 @@ fn big_shard_list(n: usize) -> Vec<ShardInfo> {
     let half = n / 2;
     (0..n)
         .map(|i| ShardInfo {
+            starting_sequence: None,
             shard_id: id(i),
             parent: (i >= half).then(|| id(i - half)),
             adjacent_parent: (i >= half && i.is_multiple_of(7) && i - half + 1 < half)
@@ -686,6 +688,7 @@ async fn shard_cache_of_10000_shards_round_trips_and_members_plan() {
 
     // A new shard: the cache is written again under a new generation and the old parts go.
     row.shards.push(ShardInfo {
+        starting_sequence: None,
         shard_id: "shardId-000000010000".into(),
         parent: None,
         adjacent_parent: None,

@@ -4,11 +4,20 @@
 use super::*;
 
 impl Engine {
-    /// The leader's duties of one tick. `read`: the lease rows in `snap` were read this
+    /// The leader's duties of one tick: pruning when we lead the group (`group_leader`),
+    /// the rest for the streams we lead. `read`: the lease rows in `snap` were read this
     /// tick (creating missing leases waits for such a tick, so it never acts on an old
     /// view). Writes of one duty run concurrently, bounded.
-    pub(super) async fn lead(&mut self, snap: &mut GroupSnapshot, read: bool, now: Instant) {
-        self.prune_dead_clients(snap, now).await;
+    pub(super) async fn lead(
+        &mut self,
+        snap: &mut GroupSnapshot,
+        group_leader: bool,
+        read: bool,
+        now: Instant,
+    ) {
+        if group_leader {
+            self.prune_dead_clients(snap, now).await;
+        }
 
         let mut newly_ended = false;
         for l in snap.leases.iter().filter(|l| l.ended) {
@@ -17,9 +26,9 @@ impl Engine {
                 .insert(ShardKey::new(&l.stream, &l.shard_id));
         }
         let missing_cache = self
-            .streams
+            .led_streams
             .iter()
-            .any(|s| !snap.shard_caches.iter().any(|c| c.stream == s.config.name));
+            .any(|s| !snap.shard_caches.iter().any(|c| &c.stream == s));
         if self.refresh_caches
             || newly_ended
             || missing_cache
@@ -28,6 +37,7 @@ impl Engine {
             self.refresh_shard_caches(snap).await;
         }
         prune_known_ended(&mut self.known_ended, snap);
+        self.replace_older_leases(snap).await;
         if read {
             self.create_missing_leases(snap).await;
         }
@@ -70,6 +80,9 @@ impl Engine {
                 continue;
             };
             let name = self.streams[i].config.name.clone();
+            if !self.led_streams.contains(&name) {
+                continue;
+            }
             // Bounded like the store calls: the next heartbeat comes after this in the same
             // loop and must never wait behind a hung Kinesis.
             let shards = match list_shards_bounded(&client, self.op_timeout()).await {
@@ -81,10 +94,12 @@ impl Engine {
                     continue;
                 }
             };
-            self.delete_trimmed_leases(&name, &shards, snap).await;
+            let trimmed = trimmed_leases(&name, &shards, &snap.leases);
             let existing = snap.shard_caches.iter().position(|c| c.stream == name);
             if existing.is_some_and(|i| snap.shard_caches[i].shards == shards) {
-                continue; // unchanged: save the write
+                // Unchanged: save the write.
+                self.delete_trimmed_leases(&name, &trimmed, snap).await;
+                continue;
             }
             let row = ShardCacheRow {
                 pk: self.group().to_owned(),
@@ -106,6 +121,9 @@ impl Engine {
                     }
                     // Tell the group: new shards may be consumable now.
                     self.leases_changed();
+                    // Only now that no cache lists them: a trimmed shard whose row is gone
+                    // counts as ended only while it is missing from the cache too.
+                    self.delete_trimmed_leases(&name, &trimmed, snap).await;
                 }
                 Err(e) => {
                     self.note_store("put_shard_cache", &e);
@@ -116,15 +134,15 @@ impl Engine {
         self.refresh_caches = !all_ok;
     }
 
-    /// Deletes the lease rows of `stream`'s trimmed shards, and forgets them in `snap` so
-    /// the next refresh does not delete them again before the lease rows are re-read.
+    /// Deletes the lease rows of `stream`'s trimmed shards (see [`trimmed_leases`]), once
+    /// the cache that no longer lists them is written, and forgets them in `snap` so the
+    /// next refresh does not delete them again before the lease rows are re-read.
     async fn delete_trimmed_leases(
         &mut self,
         stream: &str,
-        listed: &[ShardInfo],
+        trimmed: &[String],
         snap: &mut GroupSnapshot,
     ) {
-        let trimmed = trimmed_leases(stream, listed, &snap.leases);
         let this = &*self;
         let writes = trimmed.iter().map(|shard_id| async move {
             let res = this
@@ -153,7 +171,7 @@ impl Engine {
     /// Creates an unowned lease row for every consumable shard lacking one, so the status
     /// shows unassigned shards. (Claiming creates missing rows too; this is for visibility.)
     pub(super) async fn create_missing_leases(&mut self, snap: &GroupSnapshot) {
-        let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
+        let names: Vec<String> = self.led_streams.iter().cloned().collect();
         let missing: Vec<(String, String)> = assignment::streams_from_snapshot(&names, snap)
             .into_iter()
             .flat_map(|s| {
@@ -171,9 +189,11 @@ impl Engine {
             .collect();
         let this = &*self;
         let writes = missing.iter().map(|(stream, shard)| {
+            let start = incarnation::listed_start(snap, &ShardKey::new(stream, shard));
             this.io(
                 "create_lease",
-                this.store.create_lease(this.group(), stream, shard),
+                this.store
+                    .create_lease_at(this.group(), stream, shard, start),
             )
         });
         for res in bounded(writes.collect()).await {
@@ -246,6 +266,7 @@ mod tests {
             ..LeaseRow::unowned("ns/g", stream, shard, 0)
         };
         let listed = vec![ShardInfo {
+            starting_sequence: None,
             shard_id: "s-1".into(),
             parent: Some("s-0".into()),
             adjacent_parent: None,
@@ -267,6 +288,7 @@ mod tests {
     #[test]
     fn prune_known_ended_table() {
         let info = |id: &str| ShardInfo {
+            starting_sequence: None,
             shard_id: id.into(),
             parent: None,
             adjacent_parent: None,

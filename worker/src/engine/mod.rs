@@ -22,6 +22,7 @@ mod leader;
 mod membership_tick;
 mod readers;
 mod reads;
+mod recreated;
 mod shutdown;
 mod start;
 mod supervise;
@@ -48,13 +49,14 @@ use crate::delivery::dead_letter::DeadLetterError;
 use crate::fence::{BootInstant, Fence, FenceSetter};
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
+use crate::incarnation;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
 use crate::membership::{self, ClientWatch, Identity};
 use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
 use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
-use crate::store::{CheckpointUpdate, HeartbeatUpdate, StateStore, StoreError, now_ms};
+use crate::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError, now_ms};
 
 use supervise::Outcome;
 
@@ -189,6 +191,9 @@ struct Engine {
     ticks: u64,
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
+    /// The streams whose shard cache and lease rows we keep: those of which we are the
+    /// lowest live reader.
+    led_streams: BTreeSet<String>,
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
@@ -241,6 +246,7 @@ impl Engine {
             ticks: 0,
             refresh_caches: true,
             known_ended: BTreeSet::new(),
+            led_streams: BTreeSet::new(),
             tick_issue: None,
             last_issue: None,
         }
@@ -258,6 +264,7 @@ impl Engine {
     /// deadlines like a heartbeat.
     async fn register(&mut self) -> Result<BootInstant, StoreError> {
         let sent = BootInstant::now();
+        let streams = self.stream_names();
         self.io(
             "register",
             self.store.register(
@@ -265,11 +272,17 @@ impl Engine {
                 self.me(),
                 &self.identity.pod,
                 self.identity.started_at_ms,
+                &streams,
             ),
         )
         .await?;
         self.health.heartbeat_ok();
         Ok(sent)
+    }
+
+    /// The streams we read, as configured, in config order.
+    fn stream_names(&self) -> Vec<String> {
+        self.streams.iter().map(|s| s.config.name.clone()).collect()
     }
 
     fn group(&self) -> &str {
@@ -397,7 +410,19 @@ impl Engine {
             }
             let cfg = self.streams[i].config.clone();
             match StreamClient::connect(&cfg, &self.base).await {
-                Ok(c) => self.streams[i].client = Some(Arc::new(c)),
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    // Learn Kinesis' clock before the first claim needs it (in the
+                    // background: a stream that does not answer must not hold the loop).
+                    let sync = c.clone();
+                    tokio::spawn(async move {
+                        let limit = Duration::from_secs(30);
+                        if let Ok(Err(e)) = tokio::time::timeout(limit, sync.sync_clock()).await {
+                            debug!(stream = %sync.name, error = %e, "could not learn Kinesis' clock yet");
+                        }
+                    });
+                    self.streams[i].client = Some(c);
+                }
                 Err(e) => {
                     warn!(stream = %cfg.name, error = %e, "cannot connect to stream; retrying");
                     self.note(e.reason(), e.to_string());

@@ -26,9 +26,10 @@ impl Engine {
             let Some(idx) = self.stream_index(&key.stream) else {
                 continue;
             };
-            if self.streams[idx].client.is_none() {
+            let Some(client) = self.streams[idx].client.clone() else {
                 continue;
-            }
+            };
+            let start = incarnation::listed_start(snap, &key).map(str::to_owned);
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             let (group, me) = (self.group().to_owned(), self.me().to_owned());
@@ -36,6 +37,10 @@ impl Engine {
             writes.push(async move {
                 let res = match &claim {
                     Some(from) => {
+                        let stamp = ClaimStamp {
+                            shard_start: start.as_deref(),
+                            first_claim_at_ms: first_claim_time(&client),
+                        };
                         io_bounded(
                             &metrics,
                             store.table(),
@@ -47,6 +52,7 @@ impl Engine {
                                 &key.shard_id,
                                 &me,
                                 from.as_ref().map(|(o, c)| (o.as_str(), *c)),
+                                stamp,
                             ),
                         )
                         .await
@@ -62,7 +68,7 @@ impl Engine {
                         .await
                     }
                 };
-                (key, idx, claim, res)
+                (key, idx, claim, start, res)
             });
         }
         let results = bounded(writes).await;
@@ -70,9 +76,19 @@ impl Engine {
             // Won or lost, the lease rows changed: read them again next tick.
             self.read_leases = true;
         }
-        for (key, idx, claim, res) in results {
+        for (key, idx, claim, start, res) in results {
             if res.is_ok() {
                 self.leases_changed();
+            }
+            if let (Ok(claimed), Some(start)) = (&res, &start)
+                && incarnation::is_older(&claimed.row, Some(start))
+            {
+                // A row of a deleted stream's shard, not stamped (an older worker's) but with
+                // that stream's checkpoint: never read from it; make it fresh, and claim it
+                // again next tick.
+                self.replace_claimed_older(&key, claimed.row.lease_counter, start)
+                    .await;
+                continue;
             }
             match (claim, res) {
                 (Some(from), Ok(claimed)) => {
@@ -357,6 +373,18 @@ impl Engine {
             self.release(key, counter, cp).await;
         }
     }
+}
+
+/// The time a claim records if it is the shard's first: now on Kinesis' clock, which a
+/// later owner of a LATEST shard compares with arrival timestamps (see
+/// [`crate::kinesis_clock`]). Known from the stream's first answer, which connecting asks
+/// for; our own clock only while Kinesis has not answered yet. Never waits: a claim must
+/// not take longer than its store call.
+fn first_claim_time(client: &StreamClient) -> i64 {
+    client.kinesis_now_ms().unwrap_or_else(|| {
+        debug!(stream = %client.name, "Kinesis' clock not known yet; the first-claim time is ours");
+        now_ms()
+    })
 }
 
 /// The release write for a reader's last progress: the acknowledged position, the end flag

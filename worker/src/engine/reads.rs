@@ -113,6 +113,7 @@ mod tests {
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
+            streams: None,
         };
         let before = lease_changes(&[row("a", 1), row("b", 4)]);
         assert_eq!(before, lease_changes(&[row("b", 4), row("a", 1)]));

@@ -42,6 +42,24 @@ impl Engine {
             live.sort();
         }
         let leader = membership::leader(&live) == Some(self.me());
+        // Each stream is planned over the live clients that read it, and kept (cache, lease
+        // rows) by the lowest of them: old and new pods of a rollout that changed the
+        // stream list agree on every shard.
+        let names = self.stream_names();
+        let readers = assignment::Readers::new(&live, |c| {
+            if c == self.me() {
+                return Some(names.as_slice());
+            }
+            clients
+                .iter()
+                .find(|r| r.client_id == c)
+                .and_then(|r| r.streams.as_deref())
+        });
+        self.led_streams = names
+            .iter()
+            .filter(|n| readers.leader_of(n) == Some(self.me()))
+            .cloned()
+            .collect();
         self.metrics.is_leader.set(i64::from(leader));
         self.metrics.live_clients.set(live.len() as i64);
 
@@ -73,9 +91,13 @@ impl Engine {
         }
         let mut snap = std::mem::take(&mut self.snap);
         snap.clients = clients;
-        if leader {
-            self.lead(&mut snap, read, now).await;
+        if leader || !self.led_streams.is_empty() {
+            self.lead(&mut snap, leader, read, now).await;
         }
+        // Rows of a deleted stream's shards (recreated under its name) count as missing
+        // until the leader replaced them.
+        let full = snap;
+        let snap = incarnation::current(&full);
 
         // A lease is as alive as its owner's heartbeat.
         for owner in snap.leases.iter().filter_map(|l| l.owner.as_deref()) {
@@ -101,8 +123,10 @@ impl Engine {
             })
             .collect();
 
-        let names: Vec<String> = self.streams.iter().map(|s| s.config.name.clone()).collect();
-        let plan = assignment::plan(&assignment::streams_from_snapshot(&names, &snap), &live);
+        let plan = assignment::plan_by_readers(
+            &assignment::streams_from_snapshot(&names, &snap),
+            &readers,
+        );
         let reading: BTreeSet<ShardKey> = self.owned.keys().cloned().collect();
         let actions = handoff::decide(HandoffInput {
             me: self.me(),
@@ -115,7 +139,8 @@ impl Engine {
             self.read_leases = true;
         }
         self.act_all(actions, &snap).await;
-        self.snap = snap;
+        drop(snap);
+        self.snap = full;
         self.finish_tick();
     }
 

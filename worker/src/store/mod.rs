@@ -25,7 +25,7 @@ use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
     CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
-    RESET_TO, ResetTo, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+    RESET_TO, ResetTo, SHARD_START, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
 };
 use shard_cache::{ShardCacheHead, ShardCachePart};
 
@@ -72,6 +72,28 @@ pub struct CheckpointUpdate {
 /// after a handoff where the previous owner left it (see [`crate::handoff::no_checkpoint_start`]).
 pub const FIRST_CLAIMED_AT: &str = "firstClaimedAtMs";
 
+/// What a claim records besides its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimStamp<'a> {
+    /// The shard's starting sequence number from the shard cache: a row stamped for another
+    /// shard of the id (a deleted stream's) is not claimed, an unstamped one is stamped (see
+    /// [`crate::incarnation`]).
+    pub shard_start: Option<&'a str>,
+    /// Recorded as [`FIRST_CLAIMED_AT`] when this is the shard's first claim: now on
+    /// Kinesis' clock (Unix ms), since a later owner compares it with arrival timestamps.
+    pub first_claim_at_ms: i64,
+}
+
+impl ClaimStamp<'_> {
+    /// No starting sequence number; our wall clock as the first-claim time.
+    pub fn now() -> Self {
+        Self {
+            shard_start: None,
+            first_claim_at_ms: now_ms(),
+        }
+    }
+}
+
 /// A claim's result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
@@ -79,7 +101,8 @@ pub struct Claimed {
     pub row: LeaseRow,
     /// This claim was the shard's first ever in this group.
     pub first_claim: bool,
-    /// When the first claim happened (Unix ms, the first claimer's clock).
+    /// When the first claim happened (Unix ms; Kinesis' clock as the first claimer saw it,
+    /// or, from older workers, the first claimer's own clock).
     pub first_claimed_at_ms: Option<i64>,
     /// Where a `checkpoints reset` says the shard restarts while it has no checkpoint.
     pub reset_to: Option<ResetTo>,
@@ -440,13 +463,15 @@ impl StateStore {
     /// Registers an incarnation that started at `started_at_ms`. Conditional on the row not
     /// existing, or being this incarnation's own (same `startedAtMs`): a register whose
     /// answer was lost but whose write landed succeeds when retried, instead of meeting its
-    /// own row. Any other row under the id is an id clash (a `Conflict`).
+    /// own row. Any other row under the id is an id clash (a `Conflict`). `streams`: the
+    /// streams the client reads, in config order.
     pub async fn register(
         &self,
         group: &str,
         client_id: &str,
         pod: &str,
         started_at_ms: i64,
+        streams: &[String],
     ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
         let row = ClientRow {
@@ -462,6 +487,7 @@ impl StateStore {
             last_error: None,
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
+            streams: Some(streams.to_vec()),
         };
         let item = self.encode(group, &row.sk, &row)?;
         let ctx = self.ctx(
@@ -677,7 +703,22 @@ impl StateStore {
         stream: &str,
         shard_id: &str,
     ) -> Result<bool, StoreError> {
-        let row = LeaseRow::unowned(group, stream, shard_id, now_ms());
+        self.create_lease_at(group, stream, shard_id, None).await
+    }
+
+    /// [`create_lease`](Self::create_lease) for the shard whose starting sequence number is
+    /// `start` (recorded as `shardStart`, see [`crate::incarnation`]).
+    pub async fn create_lease_at(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        start: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let row = LeaseRow {
+            shard_start: start.map(str::to_owned),
+            ..LeaseRow::unowned(group, stream, shard_id, now_ms())
+        };
         let item = self.encode(group, &row.sk, &row)?;
         match self
             .put_new(
@@ -704,13 +745,14 @@ impl StateStore {
         me: &str,
         observed: Option<(&str, u64)>,
     ) -> Result<LeaseRow, StoreError> {
-        self.claim_lease_detailed(group, stream, shard_id, me, observed)
+        self.claim_lease_detailed(group, stream, shard_id, me, observed, ClaimStamp::now())
             .await
             .map(|c| c.row)
     }
 
     /// [`claim_lease`](Self::claim_lease), also telling whether this was the shard's very
-    /// first claim and when that first claim happened (see [`Claimed`]).
+    /// first claim and when that first claim happened (see [`Claimed`]), with what `stamp`
+    /// says.
     pub async fn claim_lease_detailed(
         &self,
         group: &str,
@@ -718,20 +760,32 @@ impl StateStore {
         shard_id: &str,
         me: &str,
         observed: Option<(&str, u64)>,
+        stamp: ClaimStamp<'_>,
     ) -> Result<Claimed, StoreError> {
+        let start = stamp.shard_start;
+        let first = stamp.first_claim_at_ms;
         let sk = lease_sk(stream, shard_id);
         let now = now_ms();
         let not_ended = "(attribute_not_exists(#ended) OR #ended = :false)";
+        // With the shard's starting sequence number: only a row of this shard (or one not
+        // stamped yet, which is stamped now).
+        let (stamp_set, stamp_cond) = match start {
+            Some(_) => (
+                ", #start = :start",
+                " AND (attribute_not_exists(#start) OR #start = :start)",
+            ),
+            None => ("", ""),
+        };
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(group, &sk)))
-            .update_expression(
+            .update_expression(format!(
                 "SET #owner = :me, #ctr = if_not_exists(#ctr, :zero) + :one, #upd = :now, \
                  #stream = :stream, #shard = :shard, #ended = if_not_exists(#ended, :false), \
-                 #first = if_not_exists(#first, :now)",
-            )
+                 #first = if_not_exists(#first, :first){stamp_set}"
+            ))
             .expression_attribute_names("#first", FIRST_CLAIMED_AT)
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_names("#ctr", "leaseCounter")
@@ -743,21 +797,31 @@ impl StateStore {
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":first", n(first))
             .expression_attribute_values(":stream", s(stream))
             .expression_attribute_values(":shard", s(shard_id))
             .expression_attribute_values(":false", AttributeValue::Bool(false))
             .return_values(ReturnValue::AllNew);
+        if let Some(start) = start {
+            req = req
+                .expression_attribute_names("#start", SHARD_START)
+                .expression_attribute_values(":start", s(start));
+        }
         let what;
         req = match observed {
             None => {
-                what = "lease is owned";
-                req.condition_expression(format!("attribute_not_exists(#owner) AND {not_ended}"))
+                what = "lease is owned (or of another shard with this id)";
+                req.condition_expression(format!(
+                    "attribute_not_exists(#owner) AND {not_ended}{stamp_cond}"
+                ))
             }
             Some((owner, counter)) => {
                 what = "lease owner or counter moved (owner alive)";
-                req.condition_expression(format!("#owner = :old AND #ctr = :seen AND {not_ended}"))
-                    .expression_attribute_values(":old", s(owner))
-                    .expression_attribute_values(":seen", n(counter))
+                req.condition_expression(format!(
+                    "#owner = :old AND #ctr = :seen AND {not_ended}{stamp_cond}"
+                ))
+                .expression_attribute_values(":old", s(owner))
+                .expression_attribute_values(":seen", n(counter))
             }
         };
         let out = req
@@ -770,7 +834,7 @@ impl StateStore {
         let row = self.decode_lease(group, sk, attrs)?;
         Ok(Claimed {
             row,
-            first_claim: first_claimed_at_ms == Some(now),
+            first_claim: first_claimed_at_ms == Some(first),
             first_claimed_at_ms,
             reset_to,
         })
@@ -953,7 +1017,8 @@ impl StateStore {
     /// (a stopped client's) and the lag, clears `ended` (so parents are read again before
     /// their children) and records where the next reader starts ([`RESET_TO`]). Conditional
     /// on the row being as `seen` (owner and counter unchanged, or still missing), so a
-    /// worker that came back meanwhile is never overwritten: `Conflict` then.
+    /// worker that came back meanwhile is never overwritten: `Conflict` then. `start`: the
+    /// listed shard's starting sequence number, recorded as the row's `shardStart`.
     pub async fn reset_lease(
         &self,
         group: &str,
@@ -961,12 +1026,16 @@ impl StateStore {
         shard_id: &str,
         seen: &ResetSeen,
         to: ResetTo,
+        start: Option<&str>,
     ) -> Result<(), StoreError> {
         let sk = lease_sk(stream, shard_id);
         let ctx = self.ctx("reset", group, &sk, "the lease changed since it was read");
         let (owner, counter) = match seen {
             ResetSeen::Missing => {
-                let row = LeaseRow::unowned(group, stream, shard_id, now_ms());
+                let row = LeaseRow {
+                    shard_start: start.map(str::to_owned),
+                    ..LeaseRow::unowned(group, stream, shard_id, now_ms())
+                };
                 let mut item = self.encode(group, &row.sk, &row)?;
                 item.insert(RESET_TO.to_owned(), s(to.to_string()));
                 return self.put_new(item, ctx).await;
@@ -978,10 +1047,17 @@ impl StateStore {
             .update_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(group, &sk)))
-            .update_expression(
-                "SET #reset = :reset, #ended = :false, #ctr = #ctr + :one, #upd = :now \
+            // Stamped for the shard now listed: a reset row of a deleted stream's shard
+            // becomes the current shard's row (see `crate::incarnation`).
+            .update_expression(format!(
+                "SET #reset = :reset, #ended = :false, #ctr = #ctr + :one, #upd = :now{} \
                  REMOVE #owner, #cp, #cpsub, #mb, #lagat",
-            )
+                if start.is_some() {
+                    ", #start = :start"
+                } else {
+                    ""
+                }
+            ))
             .expression_attribute_names("#reset", RESET_TO)
             .expression_attribute_names("#cpsub", CHECKPOINT_SUB_SEQUENCE)
             .expression_attribute_names("#ended", "ended")
@@ -996,6 +1072,11 @@ impl StateStore {
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", n(now_ms()))
             .expression_attribute_values(":seen", n(*counter));
+        if let Some(start) = start {
+            req = req
+                .expression_attribute_names("#start", SHARD_START)
+                .expression_attribute_values(":start", s(start));
+        }
         req = match owner {
             Some(o) => req
                 .condition_expression("#ctr = :seen AND #owner = :old")
@@ -1003,6 +1084,56 @@ impl StateStore {
             None => req.condition_expression("#ctr = :seen AND attribute_not_exists(#owner)"),
         };
         req.send().await.map_err(|e| classify(e, ctx))?;
+        Ok(())
+    }
+
+    /// Replaces the lease row of a shard of an older incarnation of the stream (deleted and
+    /// recreated under its name, see [`crate::incarnation`]) with a fresh one for the shard
+    /// that starts at `start`: no owner, checkpoint, end, lag, first-claim time or reset
+    /// point. The counter moves, so nothing its old owner still writes can land.
+    /// Conditional on the counter as `seen`; `Conflict` when it moved.
+    pub async fn replace_lease(
+        &self,
+        group: &str,
+        stream: &str,
+        shard_id: &str,
+        seen: u64,
+        start: &str,
+    ) -> Result<(), StoreError> {
+        let sk = lease_sk(stream, shard_id);
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &sk)))
+            .update_expression(
+                "SET #start = :start, #ended = :false, #ctr = #ctr + :one, #upd = :now \
+                 REMOVE #owner, #cp, #cpsub, #mb, #lagat, #first, #reset",
+            )
+            .condition_expression("#ctr = :seen")
+            .expression_attribute_names("#start", SHARD_START)
+            .expression_attribute_names("#ended", "ended")
+            .expression_attribute_names("#ctr", "leaseCounter")
+            .expression_attribute_names("#upd", "updatedAtMs")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#cp", "checkpoint")
+            .expression_attribute_names("#cpsub", CHECKPOINT_SUB_SEQUENCE)
+            .expression_attribute_names("#mb", "millisBehind")
+            .expression_attribute_names("#lagat", "lagAtMs")
+            .expression_attribute_names("#first", FIRST_CLAIMED_AT)
+            .expression_attribute_names("#reset", RESET_TO)
+            .expression_attribute_values(":start", s(start))
+            .expression_attribute_values(":false", AttributeValue::Bool(false))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":seen", n(seen))
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    e,
+                    self.ctx("replace_lease", group, &sk, "lease counter moved"),
+                )
+            })?;
         Ok(())
     }
 

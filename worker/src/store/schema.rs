@@ -36,6 +36,10 @@ pub const LEASE_PREFIX: &str = "lease#";
 /// ([`LeaseRow::checkpoint_sub_sequence`]).
 pub const CHECKPOINT_SUB_SEQUENCE: &str = "checkpointSubSequence";
 
+/// Lease attribute naming the starting sequence number of the shard the row is for
+/// ([`LeaseRow::shard_start`]).
+pub const SHARD_START: &str = "shardStart";
+
 /// Sort key of a client row.
 pub fn client_sk(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
@@ -87,6 +91,11 @@ pub struct ClientRow {
     pub last_error_reason: Option<String>,
     /// TTL for cleanup of rows left by crashed clients (Unix seconds).
     pub expires_at: i64,
+    /// The streams this client reads, as configured and in config order: the plan of a
+    /// stream is made over the live clients that read it. Absent for workers that predate
+    /// it, which are taken to read every stream (as they plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<Vec<String>>,
 }
 
 /// The leader's cached view of one stream's shards, as readers get it (a split cache
@@ -122,6 +131,11 @@ pub struct ShardInfo {
     pub adjacent_parent: Option<String>,
     /// The shard has an ending sequence number: it takes no new records.
     pub closed: bool,
+    /// The shard's `StartingSequenceNumber`: which incarnation of the stream the shard
+    /// belongs to (a stream deleted and recreated under its name reuses the shard ids, never
+    /// the starting sequence numbers). Absent in caches written by older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_sequence: Option<String>,
 }
 
 impl ShardInfo {
@@ -174,6 +188,12 @@ pub struct LeaseRow {
     pub lag_at_ms: Option<i64>,
     /// Last write to this row, Unix ms (informational).
     pub updated_at_ms: i64,
+    /// The `StartingSequenceNumber` of the shard this row was created or claimed for (see
+    /// [`ShardInfo::starting_sequence`]): tells a row of a deleted stream from one of the
+    /// stream recreated under the same name ([`crate::incarnation`]). Absent in rows of
+    /// older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_start: Option<String>,
 }
 
 impl LeaseRow {
@@ -193,6 +213,7 @@ impl LeaseRow {
             millis_behind: None,
             lag_at_ms: None,
             updated_at_ms: now_ms,
+            shard_start: None,
         }
     }
 }

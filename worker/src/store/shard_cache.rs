@@ -26,9 +26,10 @@ use super::schema::{SHARDS_PREFIX, ShardCacheRow, ShardInfo};
 /// readers skip them as an unknown kind.
 pub const SHARD_PART_PREFIX: &str = "shardpart#";
 
-/// Shards per row. A shard entry takes at most about 420 bytes (three ids of up to 128
-/// characters and the attribute names), so a full part stays near 210 KB, well under the
-/// 400 KB item limit; with real ids (20 characters) it is about 55 KB.
+/// Shards per row. A shard entry takes at most about 570 bytes (three ids of up to 128
+/// characters, a starting sequence number of up to 128 digits and the attribute names), so
+/// a full part stays under 300 KB, well under the 400 KB item limit; with real ids (20
+/// characters) and sequence numbers (56 digits) it is about 90 KB.
 pub const SHARDS_PER_PART: usize = 500;
 
 /// The `shards#<stream>` row as stored: the whole cache (`generation` absent, the format
@@ -235,6 +236,7 @@ mod tests {
 
     fn shard(i: usize) -> ShardInfo {
         ShardInfo {
+            starting_sequence: None,
             shard_id: format!("shardId-{i:012}"),
             parent: (i > 0).then(|| format!("shardId-{:012}", i / 2)),
             adjacent_parent: (i.is_multiple_of(3) && i > 0)
@@ -418,6 +420,8 @@ mod tests {
                 parent: Some(long('p', i)),
                 adjacent_parent: Some(long('q', i)),
                 closed: true,
+                // Sequence numbers are at most 128 digits.
+                starting_sequence: Some("9".repeat(128)),
             })
             .collect();
         let stream = format!(

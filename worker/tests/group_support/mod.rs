@@ -174,6 +174,15 @@ impl Env {
     }
 
     pub fn config(&self) -> WorkerConfig {
+        let all: Vec<String> = std::iter::once(&self.stream)
+            .chain(&self.extra_streams)
+            .cloned()
+            .collect();
+        self.config_reading(&all)
+    }
+
+    /// The config of a worker that reads `streams` (of this group) only.
+    pub fn config_reading(&self, streams: &[String]) -> WorkerConfig {
         WorkerConfig::from_yaml(&format!(
             r#"
 group: {group}
@@ -192,8 +201,8 @@ tuning:
   shutdownTimeout: 5s
 "#,
             group = self.group,
-            streams = std::iter::once(&self.stream)
-                .chain(&self.extra_streams)
+            streams = streams
+                .iter()
                 .map(|s| format!(
                     "  - name: {s}\n    startPosition: {}\n{}",
                     self.start_position,
@@ -238,9 +247,35 @@ tuning:
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Worker {
+        self.start_configured(name, self.config(), handler, metrics, health)
+    }
+
+    /// Starts an engine named `name` that reads `streams` only.
+    pub fn start_reading(&self, name: &str, streams: &[String]) -> Worker {
+        let handler = Arc::new(Collect {
+            engine: name.to_owned(),
+            log: self.log.clone(),
+        });
+        self.start_configured(
+            name,
+            self.config_reading(streams),
+            handler,
+            Arc::new(Metrics::new()),
+            Arc::new(Health::new(Duration::from_secs(30))),
+        )
+    }
+
+    fn start_configured(
+        &self,
+        name: &str,
+        config: WorkerConfig,
+        handler: Arc<dyn BatchHandler>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Worker {
         let token = CancellationToken::new();
         let join = tokio::spawn(engine::run(
-            self.config(),
+            config,
             EngineOptions {
                 client_id: Some(name.to_owned()),
                 pod: Some(format!("pod-{name}")),
@@ -346,6 +381,20 @@ impl Drop for Env {
         })
         .join();
     }
+}
+
+/// Reshards the group's stream to `target` shards (uniform scaling) and waits until it is
+/// ACTIVE again.
+pub async fn reshard(env: &Env, target: i32) {
+    env.kinesis
+        .update_shard_count()
+        .stream_name(&env.stream)
+        .target_shard_count(target)
+        .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("update shard count");
+    wait_active(&env.kinesis, &env.stream).await;
 }
 
 pub fn base(client_id: &str) -> String {

@@ -1,6 +1,7 @@
 //! A TCP relay between engines and the real DynamoDB, for faults no emulator offers: an
-//! outage (every connection dropped, new ones refused) and a lost answer (a request that
-//! reaches DynamoDB and is applied, whose response never comes back).
+//! outage (every connection dropped, new ones refused), a lost answer (a request that
+//! reaches DynamoDB and is applied, whose response never comes back) and refused requests
+//! (those carrying a given key fail before reaching DynamoDB).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +19,10 @@ pub struct Relay {
     /// The `X-Amz-Target` operation (e.g. `PutItem`) whose next answer is dropped.
     lose: Arc<Mutex<Option<String>>>,
     lost: Arc<AtomicUsize>,
+    /// Requests containing these bytes are refused: their connection is closed before the
+    /// request reaches DynamoDB.
+    refuse: Arc<Mutex<Option<Vec<u8>>>>,
+    refused: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -42,6 +47,8 @@ impl Relay {
             cut: Arc::new(Mutex::new(CancellationToken::new())),
             lose: Arc::new(Mutex::new(None)),
             lost: Arc::new(AtomicUsize::new(0)),
+            refuse: Arc::new(Mutex::new(None)),
+            refused: Arc::new(AtomicUsize::new(0)),
         };
         let (up, cut, lose, lost) = (
             relay.up.clone(),
@@ -49,6 +56,12 @@ impl Relay {
             relay.lose.clone(),
             relay.lost.clone(),
         );
+        let faults = Faults {
+            lose,
+            lost,
+            refuse: relay.refuse.clone(),
+            refused: relay.refused.clone(),
+        };
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -59,13 +72,13 @@ impl Relay {
                     continue;
                 }
                 let token = cut.lock().unwrap().clone();
-                let (target, lose, lost) = (target.clone(), lose.clone(), lost.clone());
+                let (target, faults) = (target.clone(), faults.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = pipe(inbound, outbound, lose, lost) => {}
+                        _ = pipe(inbound, outbound, faults) => {}
                         _ = token.cancelled() => {}
                     }
                 });
@@ -101,16 +114,46 @@ impl Relay {
     pub fn lost_answers(&self) -> usize {
         self.lost.load(Ordering::SeqCst)
     }
+
+    /// From now on, every request whose bytes contain `pattern` (e.g. a sort key) fails:
+    /// its connection is closed before the request reaches DynamoDB, so it is not applied.
+    pub fn refuse(&self, pattern: &str) {
+        *self.refuse.lock().unwrap() = Some(pattern.as_bytes().to_vec());
+    }
+
+    /// Stops refusing requests.
+    pub fn allow(&self) {
+        *self.refuse.lock().unwrap() = None;
+    }
+
+    /// How many requests were refused so far.
+    pub fn refused_requests(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+/// The faults armed on a relay, shared with its connections.
+#[derive(Clone)]
+struct Faults {
+    lose: Arc<Mutex<Option<String>>>,
+    lost: Arc<AtomicUsize>,
+    refuse: Arc<Mutex<Option<Vec<u8>>>>,
+    refused: Arc<AtomicUsize>,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Copies both ways. Once a request of the armed operation passed through, the connection's
 /// next answer is read from DynamoDB (so the write was applied) and thrown away.
-async fn pipe(
-    inbound: TcpStream,
-    outbound: TcpStream,
-    lose: Arc<Mutex<Option<String>>>,
-    lost: Arc<AtomicUsize>,
-) {
+async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
+    let Faults {
+        lose,
+        lost,
+        refuse,
+        refused,
+    } = faults;
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
     let doomed = Arc::new(AtomicBool::new(false));
@@ -122,11 +165,20 @@ async fn pipe(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let refuse_hit = refuse
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|p| contains(&buf[..n], p));
+            if refuse_hit {
+                refused.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
             {
                 let mut armed = lose.lock().unwrap();
                 let hit = armed
                     .as_deref()
-                    .is_some_and(|op| buf[..n].windows(op.len()).any(|w| w == op.as_bytes()));
+                    .is_some_and(|op| contains(&buf[..n], op.as_bytes()));
                 if hit {
                     *armed = None;
                     doomed_up.store(true, Ordering::SeqCst);
