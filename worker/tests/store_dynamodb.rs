@@ -432,10 +432,7 @@ async fn register_in_the_same_pod_replaces_the_earlier_incarnation() {
             .await
             .expect("heartbeat");
     }
-    for (pod_uid, why) in [
-        (None, "no pod UID"),
-        (Some("uid-2"), "another pod's UID"),
-    ] {
+    for (pod_uid, why) in [(None, "no pod UID"), (Some("uid-2"), "another pod's UID")] {
         let err = store
             .register_in_pod(G, "w-1", "pod-1", 2, pod_uid)
             .await
