@@ -167,10 +167,10 @@ impl Group {
                     serde_json::from_slice(&line).with_context(|| format!("{name}: not JSON"))?;
                 let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
                 let (shard, seq) = (field("shard"), field("sequence"));
-                if !self.seen.insert((shard.clone(), seq)) {
-                    if let Some((_, n)) = &mut self.current {
-                        *n += 1;
-                    }
+                if !self.seen.insert((shard.clone(), seq))
+                    && let Some((_, n)) = &mut self.current
+                {
+                    *n += 1;
                 }
                 w.lines.push(Line { at: now, shard });
             }

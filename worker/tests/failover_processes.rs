@@ -228,11 +228,8 @@ impl Scenario {
             self.produced.lock().unwrap().iter().cloned().collect();
         let start = Instant::now();
         loop {
-            let delivered: BTreeSet<(String, String)> = outs
-                .iter()
-                .flat_map(|p| deliveries(p))
-                .map(|(shard, seq)| (shard, seq))
-                .collect();
+            let delivered: BTreeSet<(String, String)> =
+                outs.iter().flat_map(|p| deliveries(p)).collect();
             let missing: Vec<_> = produced.difference(&delivered).collect();
             if missing.is_empty() {
                 return produced.len();
