@@ -554,3 +554,46 @@ fn rows(
         dup_row(Event::Kill, "SIGKILL"),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(times: &[(Event, &[f64])], dups: &[(Event, usize, usize)]) -> Vec<Option<bool>> {
+        let times = times.iter().map(|(e, v)| (*e, v.to_vec())).collect();
+        rows(&times, dups, 1).iter().map(|r| r.pass).collect()
+    }
+
+    #[test]
+    fn goals_and_duplicate_bounds() {
+        let good: &[(Event, &[f64])] = &[
+            (Event::Kill, &[4200.0, 5900.0]),
+            (Event::Restart, &[600.0]),
+            (Event::Join, &[900.0, 1990.0]),
+        ];
+        let clean = [
+            (Event::Join, 0, 0),
+            (Event::Graceful, 2, 0),
+            (Event::Restart, 2, 100),
+            (Event::Kill, 2, 37),
+        ];
+        assert_eq!(verdicts(good, &clean), vec![Some(true); 7]);
+        let slow: &[(Event, &[f64])] = &[
+            (Event::Kill, &[4200.0, 6100.0]),
+            (Event::Restart, &[2100.0]),
+            (Event::Join, &[]),
+        ];
+        assert_eq!(
+            verdicts(slow, &clean)[..3],
+            [Some(false), Some(false), Some(false)],
+            "a max over the goal, or no measurement at all, misses"
+        );
+        let noisy = [
+            (Event::Join, 0, 1),
+            (Event::Graceful, 2, 1),
+            (Event::Restart, 2, 101),
+            (Event::Kill, 1, 51),
+        ];
+        assert_eq!(verdicts(good, &noisy)[3..], [Some(false); 4]);
+    }
+}
