@@ -15,7 +15,11 @@
 //! read one shard at once. See `docs/state-store.md`.
 //!
 //! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
-//! re-read only when something changed ([`reads`]); checkpoints only when a position moved.
+//! re-read only when something changed ([`reads`]), and every quarter heartbeat for a few
+//! heartbeats while we wait for releases (a join); checkpoints only when a position moved.
+//!
+//! Latency: besides the heartbeat ticks, the loop runs a tick when a lease owner turns dead
+//! (its shards are read again at once), and re-reads the leases while it waits for releases.
 
 mod leader;
 mod membership_tick;
