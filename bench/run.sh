@@ -2,7 +2,7 @@
 # Runs kcg's benchmarks and prints one table (see bench/README.md).
 #
 #   bench/run.sh                         every benchmark
-#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance sink operator)
+#   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance sink failover operator)
 #   bench/run.sh --only cost             the coordination cost (not part of the default run)
 #   bench/run.sh --help                  all options
 #
@@ -29,7 +29,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 # The pure-function benchmarks alone need no emulator.
-if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *operator* && "$only" != *cost* ]]; then
+if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *failover* && "$only" != *operator* && "$only" != *cost* ]]; then
   need_emulators=0
 fi
 [[ -n "$only" && "$only" != *e2e* ]] && want_peer=0
@@ -70,8 +70,8 @@ if ((need_emulators)); then
 fi
 ((want_peer)) && install_peer
 
-# The sink benchmark runs the real worker binary (target/release/kcg-worker).
-if [[ -z "$only" || "$only" == *sink* ]]; then
+# The sink and failover benchmarks run the real worker binary (target/release/kcg-worker).
+if [[ -z "$only" || "$only" == *sink* || "$only" == *failover* ]]; then
   cargo build --release --locked -p kcg-worker --bin kcg-worker
 fi
 

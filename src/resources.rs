@@ -379,6 +379,10 @@ fn worker_container(kcg: &KinesisConsumerGroup, settings: &OperatorSettings) -> 
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
+        // Proves "same pod" to a restarted container: the kubelet starts it only after the
+        // previous one exited, so it takes its predecessor's leases at once (see the
+        // worker's `membership::Identity`).
+        field_env("POD_UID", "metadata.uid"),
         // Structured logs for the cluster's log pipeline; `spec.worker.env` may override.
         EnvVar {
             name: "KCG_LOG_FORMAT".to_owned(),
@@ -893,14 +897,15 @@ delivery: {stdout: {}}
             [
                 "POD_NAME",
                 "POD_NAMESPACE",
+                "POD_UID",
                 "KCG_LOG_FORMAT",
                 "KCG_CONFIG_ORIGIN",
                 "AWS_REGION"
             ]
         );
         assert_eq!(env[0].value.as_deref(), Some("fixed"));
-        assert_eq!(env[3].value.as_deref(), Some("operator"));
-        assert_eq!(env[4].value.as_deref(), Some("us-west-2"));
+        assert_eq!(env[4].value.as_deref(), Some("operator"));
+        assert_eq!(env[5].value.as_deref(), Some("us-west-2"));
     }
 
     /// The worker reads the marker as "this config is the operator's": unknown fields in it
@@ -934,6 +939,7 @@ delivery: {stdout: {}}
             [
                 "POD_NAME",
                 "POD_NAMESPACE",
+                "POD_UID",
                 "KCG_LOG_FORMAT",
                 "KCG_CONFIG_ORIGIN",
                 "RUST_LOG"
@@ -952,8 +958,9 @@ delivery: {stdout: {}}
         };
         assert_eq!(field(0), "metadata.name");
         assert_eq!(field(1), "metadata.namespace");
-        assert_eq!(env[2].value.as_deref(), Some("json"));
-        assert_eq!(env[4].value.as_deref(), Some("debug"));
+        assert_eq!(field(2), "metadata.uid");
+        assert_eq!(env[3].value.as_deref(), Some("json"));
+        assert_eq!(env[5].value.as_deref(), Some("debug"));
     }
 
     #[test]

@@ -261,6 +261,11 @@ async fn kubelet_standin_runs_binds_restarts_and_deletes_pods() {
         "POD_NAME from the downward API: {env_a:?}"
     );
     assert!(env_a.contains(&format!("POD_NAMESPACE={ns}")), "{env_a:?}");
+    let uid_a = pods.get(a).await.expect("get pod").metadata.uid;
+    assert!(
+        uid_a.is_some_and(|uid| env_a.contains(&format!("POD_UID={uid}"))),
+        "POD_UID from the downward API: {env_a:?}"
+    );
     assert!(
         !env_a.iter().any(|v| v.starts_with("KUBECONFIG=")),
         "automount false: no token"

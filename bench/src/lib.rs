@@ -3,6 +3,7 @@
 
 pub mod cost;
 pub mod e2e;
+pub mod failover;
 pub mod micro;
 pub mod operator;
 pub mod rebalance;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{cost, e2e, micro, operator, rebalance, sink};
+use kcg_bench::{cost, e2e, failover, micro, operator, rebalance, sink};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,6 +29,10 @@ enum Bench {
     /// The `kcg-worker` binary's stdout sink writing N records into a file: CPU per record
     /// of the whole process (needs emulators and a release `kcg-worker` next to kcg-bench).
     Sink,
+    /// Failover and joins of real `kcg-worker` processes with the default tuning: SIGKILL,
+    /// a container restarted in its pod, a join (needs emulators and a release `kcg-worker`
+    /// next to kcg-bench).
+    Failover,
     /// The operator's steady-state API requests and memory with N groups on a real control
     /// plane (needs DynamoDB Local and `../shared/kube/cluster.sh`).
     Operator,
@@ -77,6 +81,10 @@ struct Args {
     /// Kill rounds of the rebalance benchmark (each waits about one client timeout).
     #[arg(long, default_value_t = 3)]
     kill_rounds: usize,
+    /// Rounds of the failover benchmark (each: join, graceful stop, restart in the pod,
+    /// kill and a join; about 30 s).
+    #[arg(long, default_value_t = 3)]
+    failover_rounds: usize,
     /// Groups of the operator benchmark.
     #[arg(long, default_value_t = 100)]
     groups: usize,
@@ -229,10 +237,14 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
     let needs_kinesis = selected(Bench::E2e)
         || selected(Bench::Rebalance)
         || selected(Bench::Sink)
+        || selected(Bench::Failover)
         || selected(Bench::Cost);
     let needs_aws = needs_kinesis || selected(Bench::Operator);
     if selected(Bench::Cost)
-        && (selected(Bench::E2e) || selected(Bench::Rebalance) || selected(Bench::Operator))
+        && (selected(Bench::E2e)
+            || selected(Bench::Rebalance)
+            || selected(Bench::Failover)
+            || selected(Bench::Operator))
     {
         eprintln!(
             "kcg-bench: run the cost benchmark alone (--only cost): its relay would carry \
@@ -302,6 +314,13 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
         if selected(Bench::Rebalance) {
             progress("rebalance");
             rows.extend(rebalance::run(&aws, args.rounds, args.kill_rounds).await);
+        }
+        if selected(Bench::Failover) {
+            progress("failover");
+            let params = failover::Params {
+                rounds: args.failover_rounds,
+            };
+            rows.extend(failover::run(&aws, &params).await);
         }
         if selected(Bench::Operator) {
             progress("operator");

@@ -20,7 +20,7 @@ const GOAL_US: f64 = 2.0;
 
 /// `kcg-worker` next to this benchmark's own executable (bench/run.sh builds both with
 /// `--release`).
-fn worker_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn worker_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("locating kcg-bench")?;
     let bin = me.with_file_name("kcg-worker");
     anyhow::ensure!(

@@ -88,6 +88,12 @@ impl<K: Eq + Hash + Clone> Liveness<K> {
         }
     }
 
+    /// When `key` turns stale if its counter does not move again: when its current value
+    /// was first seen plus the timeout. `None` for a key never observed.
+    pub fn stale_from(&self, key: &K) -> Option<Instant> {
+        self.seen.get(key).map(|s| s.changed_at + self.timeout)
+    }
+
     /// The last counter value observed for `key`.
     pub fn counter(&self, key: &K) -> Option<u64> {
         self.seen.get(key).map(|s| s.counter)
@@ -215,6 +221,12 @@ impl ClientWatch {
         self.heartbeats.is_alive(&client.to_owned(), now)
     }
 
+    /// When `client` turns dead unless a later read shows its heartbeat moved (or its row
+    /// back). `None` for a client never observed.
+    pub fn dies_at(&self, client: &str) -> Option<Instant> {
+        self.heartbeats.stale_from(&client.to_owned())
+    }
+
     /// Forgets clients that have no row and own no lease any more (`owns` tells), so the
     /// tracker does not grow forever.
     pub fn forget(&mut self, owns: impl Fn(&str) -> bool) {
@@ -229,14 +241,27 @@ pub fn leader(live: &[String]) -> Option<&str> {
     live.iter().min().map(String::as_str)
 }
 
-/// Who this process is: a unique incarnation id and the pod it runs in.
+/// Who this process is: its client id, the pod it runs in and when it started.
+///
+/// The client id is `<base>-<6 chars>`. Outside Kubernetes (no pod UID) the 6 chars are
+/// random: every process is a new client, so two processes on one host never share an id or
+/// take each other's leases. In a pod the operator renders (env `POD_UID`, the downward
+/// API's `metadata.uid`) they are derived from the pod UID, so every incarnation of the pod's
+/// worker container has the same id: a restarted container re-registers over its
+/// predecessor's row and resumes that incarnation's leases at once (a conditional write that
+/// moves each lease counter, so nothing the old process sent can land). That is safe because
+/// the kubelet starts a container only after the previous one exited; and it keeps the sorted
+/// ids, hence the leader and everyone's ranges, unchanged across a restart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// `<base>-<random suffix>`: unique per process, so a container restarted in the same
-    /// pod is a new client and never mistaken for the old one.
+    /// `<base>-<suffix>`: random per process, or derived from the pod UID.
     pub client_id: String,
     /// Pod (or host) name, recorded separately for the controller.
     pub pod: String,
+    /// The pod's UID, when the process runs in a pod that passes it (env `POD_UID`). Only one
+    /// worker container per pod may have it: it makes that container's incarnations one
+    /// client.
+    pub pod_uid: Option<String>,
     /// When this incarnation started (Unix ms): its `startedAtMs`, which also tells a
     /// retried register our own row from another incarnation's.
     pub started_at_ms: i64,
@@ -244,8 +269,18 @@ pub struct Identity {
 
 impl Identity {
     /// Builds an identity. The id base is `client_id` if given, else the pod name (`pod`,
-    /// env `POD_NAME`), else the host name; a random suffix is always appended.
+    /// env `POD_NAME`), else the host name; the suffix comes from env `POD_UID` when it is
+    /// set, else it is random.
     pub fn new(client_id: Option<String>, pod: Option<String>) -> Self {
+        Self::with_pod_uid(client_id, pod, std::env::var("POD_UID").ok())
+    }
+
+    /// [`Identity::new`] with the pod UID given (`None` or empty: not in a pod).
+    pub fn with_pod_uid(
+        client_id: Option<String>,
+        pod: Option<String>,
+        pod_uid: Option<String>,
+    ) -> Self {
         let pod = pod
             .filter(|p| !p.is_empty())
             .or_else(|| std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()))
@@ -254,12 +289,31 @@ impl Identity {
         let base = client_id
             .filter(|c| !c.is_empty())
             .unwrap_or_else(|| pod.clone());
+        let pod_uid = pod_uid
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty());
+        let suffix = pod_uid.as_deref().map_or_else(random_suffix, uid_suffix);
         Self {
-            client_id: format!("{base}-{}", random_suffix()),
+            client_id: format!("{base}-{suffix}"),
             pod,
+            pod_uid,
             started_at_ms: crate::store::now_ms(),
         }
     }
+}
+
+const SUFFIX_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+const SUFFIX_LEN: usize = 6;
+
+/// Six characters derived from the pod UID (a digest, so any UID format works and equal
+/// UIDs always give equal suffixes, across versions too).
+fn uid_suffix(uid: &str) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(uid.as_bytes())
+        .iter()
+        .take(SUFFIX_LEN)
+        .map(|b| SUFFIX_ALPHABET[usize::from(*b) % SUFFIX_ALPHABET.len()] as char)
+        .collect()
 }
 
 fn hostname() -> Option<String> {
@@ -272,10 +326,9 @@ fn hostname() -> Option<String> {
 
 fn random_suffix() -> String {
     use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..6)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+    (0..SUFFIX_LEN)
+        .map(|_| SUFFIX_ALPHABET[rng.random_range(0..SUFFIX_ALPHABET.len())] as char)
         .collect()
 }
 
@@ -844,16 +897,41 @@ mod tests {
 
     #[test]
     fn identities_are_unique_incarnations() {
-        let a = Identity::new(None, Some("pod-7".into()));
-        let b = Identity::new(None, Some("pod-7".into()));
+        let a = Identity::with_pod_uid(None, Some("pod-7".into()), None);
+        let b = Identity::with_pod_uid(None, Some("pod-7".into()), Some(String::new()));
         assert_eq!(a.pod, "pod-7");
         assert!(a.client_id.starts_with("pod-7-"));
         assert_ne!(
             a.client_id, b.client_id,
             "a restarted container is a new client"
         );
-        let c = Identity::new(Some("given".into()), Some("pod-1".into()));
+        assert_eq!((a.pod_uid, b.pod_uid), (None, None));
+        let c = Identity::with_pod_uid(Some("given".into()), Some("pod-1".into()), None);
         assert!(c.client_id.starts_with("given-"));
         assert_eq!(c.pod, "pod-1");
+    }
+
+    #[test]
+    fn incarnations_of_one_pod_share_the_id() {
+        let uid = "0c6f1e2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        let first = Identity::with_pod_uid(None, Some("w-abc".into()), Some(uid.into()));
+        let restarted = Identity::with_pod_uid(None, Some("w-abc".into()), Some(uid.into()));
+        assert_eq!(first.client_id, restarted.client_id);
+        assert_eq!(first.pod_uid.as_deref(), Some(uid));
+        let (base, suffix) = first.client_id.rsplit_once('-').unwrap();
+        assert_eq!(base, "w-abc");
+        assert_eq!(suffix.len(), SUFFIX_LEN);
+        // Fixed across versions (MD5, not the std hasher): a restarted container may run a
+        // newer image.
+        assert_eq!(uid_suffix("x"), "n6mzc6");
+        let other_pod = Identity::with_pod_uid(
+            None,
+            Some("w-abc".into()),
+            Some("9d8c7b6a-0000-4000-8000-000000000000".into()),
+        );
+        assert_ne!(
+            first.client_id, other_pod.client_id,
+            "a new pod is a new client"
+        );
     }
 }

@@ -414,6 +414,53 @@ async fn release_writes_final_checkpoint_and_frees_the_lease() {
         .expect("delete unowned");
 }
 
+/// A restarted container of the same pod (same pod UID) replaces its predecessor's row, with
+/// a heartbeat starting again; without a pod UID, or with another pod's, the id clashes.
+#[tokio::test]
+async fn register_in_the_same_pod_replaces_the_earlier_incarnation() {
+    let Some(store) = store("pod-restart").await else {
+        return;
+    };
+    let uid = Some("uid-1");
+    store
+        .register_in_pod(G, "w-1", "pod-1", 1, &[], uid)
+        .await
+        .expect("first incarnation");
+    for _ in 0..3 {
+        store
+            .heartbeat(G, "w-1", &HeartbeatUpdate::default())
+            .await
+            .expect("heartbeat");
+    }
+    for (pod_uid, why) in [(None, "no pod UID"), (Some("uid-2"), "another pod's UID")] {
+        let err = store
+            .register_in_pod(G, "w-1", "pod-1", 2, &[], pod_uid)
+            .await
+            .expect_err(why);
+        assert!(err.is_conflict(), "{why}: {err}");
+    }
+    store
+        .register_in_pod(G, "w-1", "pod-1", 2, &[], uid)
+        .await
+        .expect("the restarted container");
+    let clients = store.load_clients(G).await.expect("clients");
+    assert_eq!(clients.len(), 1);
+    assert_eq!(
+        (clients[0].heartbeat, clients[0].started_at_ms),
+        (1, 2),
+        "the new incarnation's row, its heartbeat counted from 1 again"
+    );
+    // The pod UID stays on the row through heartbeats: the next restart proves it again.
+    store
+        .heartbeat(G, "w-1", &HeartbeatUpdate::default())
+        .await
+        .expect("heartbeat");
+    store
+        .register_in_pod(G, "w-1", "pod-1", 3, &[], uid)
+        .await
+        .expect("a second restart");
+}
+
 #[tokio::test]
 async fn heartbeat_and_conditional_prune() {
     let Some(store) = store("clients").await else {

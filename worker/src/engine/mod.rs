@@ -16,7 +16,11 @@
 //! once. See `docs/state-store.md`.
 //!
 //! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
-//! re-read only when something changed ([`reads`]); checkpoints only when a position moved.
+//! re-read only when something changed ([`reads`]), and every quarter heartbeat for a few
+//! heartbeats while we wait for releases (a join); checkpoints only when a position moved.
+//!
+//! Latency: besides the heartbeat ticks, the loop runs a tick when a lease owner turns dead
+//! (its shards are read again at once), and re-reads the leases while it waits for releases.
 
 mod leader;
 mod membership_tick;
@@ -117,7 +121,7 @@ pub async fn run(
             aws_sdk_dynamodb::Client::from_conf(ddb.build()),
             config.state_store.table.clone(),
         );
-        info!(pod = %identity.pod, table = %store.table(), "starting");
+        info!(pod = %identity.pod, pod_uid = ?identity.pod_uid, table = %store.table(), "starting");
         let failure = FailurePolicy::connect(&config.delivery, &config.group, &base).await?;
         let engine = Engine::new(config, identity, store, base, handler, metrics, health)
             .with_failure(failure);
@@ -171,6 +175,14 @@ struct Engine {
     read_leases: bool,
     /// Tick of the last lease read.
     leases_read_at: u64,
+    /// When the last client read's liveness judgments were made: a lease re-read between
+    /// ticks judges owners as of then.
+    clients_read_at: Instant,
+    /// Shards planned for us that live owners still hold, since when new ones joined that
+    /// set, and the last lease re-read between ticks (see `tick::recheck`).
+    waiting: BTreeSet<ShardKey>,
+    waiting_since: Instant,
+    last_recheck: Instant,
     /// The live clients and every client's `leaseChanges` at the previous tick.
     last_live: Vec<String>,
     last_changes: BTreeMap<String, u64>,
@@ -194,6 +206,9 @@ struct Engine {
     /// The streams whose shard cache and lease rows we keep: those of which we are the
     /// lowest live reader.
     led_streams: BTreeSet<String>,
+    /// The live clients of the last client read and the streams each reads: what a plan
+    /// (a tick's, or a lease re-read's between ticks) is made over.
+    readers: assignment::Readers,
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
@@ -233,6 +248,10 @@ impl Engine {
             snap: GroupSnapshot::default(),
             read_leases: true,
             leases_read_at: 0,
+            clients_read_at: Instant::now(),
+            waiting: BTreeSet::new(),
+            waiting_since: Instant::now(),
+            last_recheck: Instant::now(),
             last_live: Vec::new(),
             last_changes: BTreeMap::new(),
             lease_changes: 0,
@@ -247,6 +266,7 @@ impl Engine {
             refresh_caches: true,
             known_ended: BTreeSet::new(),
             led_streams: BTreeSet::new(),
+            readers: assignment::Readers::default(),
             tick_issue: None,
             last_issue: None,
         }
@@ -267,12 +287,13 @@ impl Engine {
         let streams = self.stream_names();
         self.io(
             "register",
-            self.store.register(
+            self.store.register_in_pod(
                 self.group(),
                 self.me(),
                 &self.identity.pod,
                 self.identity.started_at_ms,
                 &streams,
+                self.identity.pod_uid.as_deref(),
             ),
         )
         .await?;
@@ -387,9 +408,25 @@ impl Engine {
         let mut ticker = tokio::time::interval(hb);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Between heartbeats: a tick when a lease owner turns dead (its shards are read
+            // again at once), a lease re-read while we wait for releases.
+            let dies = self.owner_dies_at();
+            let recheck = self.recheck_due();
+            let early = match (dies, recheck) {
+                (Some(d), Some(r)) => Some(d.min(r)),
+                (d, r) => d.or(r),
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => self.tick().await,
+                _ = tokio::time::sleep_until(early.unwrap_or_else(Instant::now).into()), if early.is_some() => {
+                    if dies == early {
+                        self.tick().await;
+                        ticker.reset();
+                    } else {
+                        self.recheck().await;
+                    }
+                }
                 Some((key, generation)) = self.done_rx.recv() => {
                     if self.reap(&key, generation).await {
                         // A shard ended: re-plan now so its children start without waiting

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How many heartbeats after a new wait began [`Engine::recheck`] may run.
+const RECHECK_WINDOW_TICKS: u32 = 3;
+
 impl Engine {
     /// One round of the loop (see the module doc).
     pub(super) async fn tick(&mut self) {
@@ -46,7 +49,7 @@ impl Engine {
         // rows) by the lowest of them: old and new pods of a rollout that changed the
         // stream list agree on every shard.
         let names = self.stream_names();
-        let readers = assignment::Readers::new(&live, |c| {
+        self.readers = assignment::Readers::new(&live, |c| {
             if c == self.me() {
                 return Some(names.as_slice());
             }
@@ -57,7 +60,7 @@ impl Engine {
         });
         self.led_streams = names
             .iter()
-            .filter(|n| readers.leader_of(n) == Some(self.me()))
+            .filter(|n| self.readers.leader_of(n) == Some(self.me()))
             .cloned()
             .collect();
         self.metrics.is_leader.set(i64::from(leader));
@@ -91,15 +94,48 @@ impl Engine {
         }
         let mut snap = std::mem::take(&mut self.snap);
         snap.clients = clients;
+        self.clients_read_at = now;
         if leader || !self.led_streams.is_empty() {
             self.lead(&mut snap, leader, read, now).await;
         }
+        self.apply_plan(snap, now).await;
+        self.finish_tick();
+    }
+
+    /// Between ticks, while we wait for live owners to release shards planned for us (a
+    /// join, a rebalance): re-reads the lease rows only and claims what was released, so a
+    /// release is taken up within a fraction of a heartbeat instead of two heartbeats (the
+    /// releaser's next heartbeat, then our next tick). Judges owners as of the last client
+    /// read, like the tick that made that read. See [`Engine::recheck_due`].
+    pub(super) async fn recheck(&mut self) {
+        self.last_recheck = Instant::now();
+        match self
+            .io("load_leases", self.store.load_leases(self.group()))
+            .await
+        {
+            Ok(mut snap) => {
+                snap.clients = std::mem::take(&mut self.snap.clients);
+                self.leases_read_at = self.ticks;
+                self.read_leases = false;
+                self.apply_plan(snap, self.clients_read_at).await;
+            }
+            // The next tick reads again; a failing store is reported by it.
+            Err(e) => debug!(error = %e, "lease re-read between ticks failed"),
+        }
+    }
+
+    /// Plans from `full` (client rows read at `judged_at`, whose live clients and their
+    /// streams are `self.readers`) and carries out our handoff actions. Owners are judged
+    /// dead or alive at `judged_at`: a judgment is only as fresh as the client read it rests
+    /// on (a heartbeat that landed since must not be missed), so a re-read of the leases
+    /// alone never judges later.
+    async fn apply_plan(&mut self, full: GroupSnapshot, judged_at: Instant) {
+        let now = Instant::now();
         // Rows of a deleted stream's shards (recreated under its name) count as missing
         // until the leader replaced them.
-        let full = snap;
         let snap = incarnation::current(&full);
-
-        // A lease is as alive as its owner's heartbeat.
+        // A lease is as alive as its owner's heartbeat. An owner first named now is watched
+        // from now (later is the safe side).
         for owner in snap.leases.iter().filter_map(|l| l.owner.as_deref()) {
             self.clients.note_owner(owner, now);
         }
@@ -112,7 +148,7 @@ impl Engine {
                 let stale = l
                     .owner
                     .as_deref()
-                    .is_some_and(|o| o != self.me() && !self.clients.is_alive(o, now));
+                    .is_some_and(|o| o != self.me() && !self.clients.is_alive(o, judged_at));
                 let view = LeaseView {
                     owner: l.owner.clone(),
                     counter: l.lease_counter,
@@ -123,9 +159,10 @@ impl Engine {
             })
             .collect();
 
+        let names = self.stream_names();
         let plan = assignment::plan_by_readers(
             &assignment::streams_from_snapshot(&names, &snap),
-            &readers,
+            &self.readers,
         );
         let reading: BTreeSet<ShardKey> = self.owned.keys().cloned().collect();
         let actions = handoff::decide(HandoffInput {
@@ -138,10 +175,51 @@ impl Engine {
         if actions.iter().any(|a| !matches!(a, Action::Renew(_))) {
             self.read_leases = true;
         }
+        let waits: BTreeSet<ShardKey> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Wait(key) => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        if !waits.is_subset(&self.waiting) {
+            self.waiting_since = now;
+        }
+        self.waiting = waits;
         self.act_all(actions, &snap).await;
         drop(snap);
         self.snap = full;
-        self.finish_tick();
+    }
+
+    /// When to re-read the leases before the next tick (see [`Engine::recheck`]): every
+    /// quarter heartbeat while we wait for releases, for at most [`RECHECK_WINDOW_TICKS`]
+    /// heartbeats after a new wait began (a live owner releases within about one heartbeat
+    /// plus its in-flight batch; a longer wait is left to the ticks, which keeps its cost
+    /// bounded).
+    pub(super) fn recheck_due(&self) -> Option<Instant> {
+        recheck_at(&RecheckInput {
+            waiting: !self.waiting.is_empty(),
+            waiting_since: self.waiting_since,
+            last_read: self.last_recheck.max(self.clients_read_at),
+            heartbeat_age: self
+                .heartbeat_sent
+                .map(|t| BootInstant::now().saturating_duration_since(t)),
+            heartbeat_interval: self.config.tuning.heartbeat_interval,
+        })
+    }
+
+    /// When a lease owner we watch turns dead if its heartbeat does not move (the earliest,
+    /// among owners other than us): a tick then claims its shards at once, instead of up to
+    /// a heartbeat later.
+    pub(super) fn owner_dies_at(&self) -> Option<Instant> {
+        self.snap
+            .leases
+            .iter()
+            .filter_map(|l| l.owner.as_deref())
+            .filter(|o| *o != self.me())
+            .filter_map(|o| self.clients.dies_at(o))
+            .filter(|at| *at > Instant::now())
+            .min()
     }
 
     /// Our lease set changed (or, for the leader, a shard cache): tell the group with the
@@ -167,5 +245,111 @@ impl Engine {
             self.last_owned = owned;
         }
         self.last_issue = self.tick_issue.take();
+    }
+}
+
+/// What [`recheck_at`] decides from.
+struct RecheckInput {
+    /// Some shard planned for us is held by a live owner.
+    waiting: bool,
+    /// When a shard last joined the set we wait for.
+    waiting_since: Instant,
+    /// The last read of the lease rows (a tick's or a re-read's).
+    last_read: Instant,
+    /// How long ago our last confirmed heartbeat was sent (on the fencing clock).
+    heartbeat_age: Option<Duration>,
+    heartbeat_interval: Duration,
+}
+
+/// When the next lease re-read between ticks is due: a quarter heartbeat after the last
+/// read, while we wait, within [`RECHECK_WINDOW_TICKS`] heartbeats of the wait's start, and
+/// only while our heartbeats are confirmed (a claim then would start a reader that is
+/// already past its deadline).
+fn recheck_at(i: &RecheckInput) -> Option<Instant> {
+    let hb = i.heartbeat_interval;
+    let at = i.last_read + hb / 4;
+    let window_end = i.waiting_since + hb * RECHECK_WINDOW_TICKS;
+    let heartbeating = i.heartbeat_age.is_some_and(|age| age < hb * 2);
+    (i.waiting && heartbeating && at < window_end).then_some(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::ms;
+    use super::*;
+
+    #[test]
+    fn recheck_at_table() {
+        let t0 = Instant::now();
+        let at = |v: u64| t0 + ms(v);
+        let base = || RecheckInput {
+            waiting: true,
+            waiting_since: at(0),
+            last_read: at(1000),
+            heartbeat_age: Some(ms(100)),
+            heartbeat_interval: ms(1000),
+        };
+        let cases = [
+            (
+                "waiting: a quarter heartbeat after the last read",
+                base(),
+                Some(at(1250)),
+            ),
+            (
+                "nothing to wait for",
+                RecheckInput {
+                    waiting: false,
+                    ..base()
+                },
+                None,
+            ),
+            (
+                "last chance inside the window",
+                RecheckInput {
+                    last_read: at(2700),
+                    heartbeat_age: Some(ms(800)),
+                    ..base()
+                },
+                Some(at(2950)),
+            ),
+            (
+                "window over: the ticks take it from here",
+                RecheckInput {
+                    last_read: at(2750),
+                    heartbeat_age: Some(ms(800)),
+                    ..base()
+                },
+                None,
+            ),
+            (
+                "a new wait opens a new window",
+                RecheckInput {
+                    waiting_since: at(2500),
+                    last_read: at(2750),
+                    heartbeat_age: Some(ms(800)),
+                    ..base()
+                },
+                Some(at(3000)),
+            ),
+            (
+                "heartbeats not confirmed for two intervals",
+                RecheckInput {
+                    heartbeat_age: Some(ms(2000)),
+                    ..base()
+                },
+                None,
+            ),
+            (
+                "never heartbeated",
+                RecheckInput {
+                    heartbeat_age: None,
+                    ..base()
+                },
+                None,
+            ),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(recheck_at(&input), want, "{name}");
+        }
     }
 }

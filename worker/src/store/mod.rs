@@ -94,6 +94,10 @@ impl ClaimStamp<'_> {
     }
 }
 
+/// Client attribute: the UID of the pod the client runs in, when it runs in one (see
+/// [`StateStore::register_in_pod`]). Not part of [`ClientRow`]: only `register` reads it.
+pub const POD_UID: &str = "podUid";
+
 /// A claim's result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
@@ -473,6 +477,23 @@ impl StateStore {
         started_at_ms: i64,
         streams: &[String],
     ) -> Result<ClientRow, StoreError> {
+        self.register_in_pod(group, client_id, pod, started_at_ms, streams, None)
+            .await
+    }
+
+    /// [`register`](Self::register) for a process that runs in the pod with UID `pod_uid`
+    /// (recorded as [`POD_UID`]). It may also replace a row of the same pod UID: an earlier
+    /// incarnation of the same container, which the kubelet started only after it exited.
+    /// The new row's heartbeat starts again at 1, which observers see as a moved counter.
+    pub async fn register_in_pod(
+        &self,
+        group: &str,
+        client_id: &str,
+        pod: &str,
+        started_at_ms: i64,
+        streams: &[String],
+        pod_uid: Option<&str>,
+    ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
         let row = ClientRow {
             pk: group.to_owned(),
@@ -489,21 +510,32 @@ impl StateStore {
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
             streams: Some(streams.to_vec()),
         };
-        let item = self.encode(group, &row.sk, &row)?;
+        let mut item = self.encode(group, &row.sk, &row)?;
         let ctx = self.ctx(
             "register",
             group,
             &row.sk,
             "client id already registered by another incarnation",
         );
-        self.client
+        let mut req = self
+            .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#pk) OR #started = :started")
             .expression_attribute_names("#pk", PK)
             .expression_attribute_names("#started", "startedAtMs")
-            .expression_attribute_values(":started", AttributeValue::N(started_at_ms.to_string()))
+            .expression_attribute_values(":started", AttributeValue::N(started_at_ms.to_string()));
+        req = match pod_uid {
+            Some(uid) => {
+                item.insert(POD_UID.to_owned(), s(uid));
+                req.condition_expression(
+                    "attribute_not_exists(#pk) OR #started = :started OR #uid = :uid",
+                )
+                .expression_attribute_names("#uid", POD_UID)
+                .expression_attribute_values(":uid", s(uid))
+            }
+            None => req.condition_expression("attribute_not_exists(#pk) OR #started = :started"),
+        };
+        req.set_item(Some(item))
             .send()
             .await
             .map_err(|e| classify(e, ctx))?;

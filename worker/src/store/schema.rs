@@ -55,8 +55,9 @@ pub fn lease_sk(stream: &str, shard_id: &str) -> String {
     format!("{LEASE_PREFIX}{stream}#{shard_id}")
 }
 
-/// A member of the group. The client id is unique per process (an incarnation): the pod
-/// name plus a random suffix, so a container restarted in the same pod is a new client.
+/// A member of the group. The client id is the pod name plus a suffix: random per process,
+/// or derived from the pod UID, so that a container restarted in its pod is the same client
+/// (see [`crate::membership::Identity`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientRow {
@@ -64,7 +65,7 @@ pub struct ClientRow {
     pub pk: String,
     /// `client#<clientId>`.
     pub sk: String,
-    /// The incarnation id; sorted ids decide the leader and range indexes.
+    /// The client id; sorted ids decide the leader and range indexes.
     pub client_id: String,
     /// The pod (or host) this client runs in, for the controller.
     pub pod: String,
