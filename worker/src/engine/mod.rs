@@ -48,7 +48,7 @@ use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_check
 use crate::health::Health;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
 use crate::membership::{self, ClientWatch, Identity};
-use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
+use crate::metrics::{Metrics, OperationLabels, ReasonLabels, RoleLabels};
 use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
@@ -184,8 +184,11 @@ struct Engine {
     /// Shards owned at the end of the previous tick, to count rebalances.
     last_owned: BTreeSet<ShardKey>,
     ticks: u64,
+    /// Refresh the shard caches at the leader's next run of its duties.
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
+    /// The leader's duties running in the background (see [`leader`]), if any.
+    duties: Option<JoinHandle<leader::DutyReport>>,
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
@@ -238,6 +241,7 @@ impl Engine {
             ticks: 0,
             refresh_caches: true,
             known_ended: BTreeSet::new(),
+            duties: None,
             tick_issue: None,
             last_issue: None,
         }

@@ -5,8 +5,25 @@
 use super::*;
 
 impl Engine {
-    /// One round of the loop (see the module doc).
+    /// One round of the loop (see the module doc), timed.
     pub(super) async fn tick(&mut self) {
+        let started = Instant::now();
+        self.tick_once().await;
+        // The role this tick decided (a tick that could not read the group keeps the last).
+        let role = if self.metrics.is_leader.get() == 1 {
+            "leader"
+        } else {
+            "member"
+        };
+        self.metrics
+            .tick_duration
+            .get_or_create(&RoleLabels {
+                role: role.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn tick_once(&mut self) {
         self.health.tick();
         self.ticks += 1;
         self.connect_streams().await;
@@ -70,8 +87,9 @@ impl Engine {
         }
         let mut snap = std::mem::take(&mut self.snap);
         snap.clients = clients;
+        self.collect_duties(&mut snap).await;
         if leader {
-            self.lead(&mut snap, read, now).await;
+            self.lead(&snap, read, now);
         }
 
         // A lease is as alive as its owner's heartbeat.

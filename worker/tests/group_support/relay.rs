@@ -1,6 +1,7 @@
 //! A TCP relay between engines and the real DynamoDB, for faults no emulator offers: an
-//! outage (every connection dropped, new ones refused) and a lost answer (a request that
-//! reaches DynamoDB and is applied, whose response never comes back).
+//! outage (every connection dropped, new ones refused), a lost answer (a request that
+//! reaches DynamoDB and is applied, whose response never comes back) and a stalled
+//! operation (requests of one kind are never answered, until the client gives up).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +19,8 @@ pub struct Relay {
     /// The `X-Amz-Target` operation (e.g. `PutItem`) whose next answer is dropped.
     lose: Arc<Mutex<Option<String>>>,
     lost: Arc<AtomicUsize>,
+    /// `X-Amz-Target` operations whose requests are held unanswered.
+    stalled: Arc<Mutex<Vec<String>>>,
 }
 
 impl Relay {
@@ -42,12 +45,14 @@ impl Relay {
             cut: Arc::new(Mutex::new(CancellationToken::new())),
             lose: Arc::new(Mutex::new(None)),
             lost: Arc::new(AtomicUsize::new(0)),
+            stalled: Arc::new(Mutex::new(Vec::new())),
         };
-        let (up, cut, lose, lost) = (
+        let (up, cut, lose, lost, stalled) = (
             relay.up.clone(),
             relay.cut.clone(),
             relay.lose.clone(),
             relay.lost.clone(),
+            relay.stalled.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -59,13 +64,14 @@ impl Relay {
                     continue;
                 }
                 let token = cut.lock().unwrap().clone();
-                let (target, lose, lost) = (target.clone(), lose.clone(), lost.clone());
+                let (target, lose, lost, stalled) =
+                    (target.clone(), lose.clone(), lost.clone(), stalled.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = pipe(inbound, outbound, lose, lost) => {}
+                        _ = pipe(inbound, outbound, lose, lost, stalled) => {}
                         _ = token.cancelled() => {}
                     }
                 });
@@ -97,6 +103,20 @@ impl Relay {
         *self.lose.lock().unwrap() = Some(format!("DynamoDB_20120810.{operation}"));
     }
 
+    /// From now on, requests for `operation` (e.g. `DeleteItem`) are held: never passed on
+    /// to DynamoDB, never answered, until the client closes the connection.
+    pub fn stall(&self, operation: &str) {
+        self.stalled
+            .lock()
+            .unwrap()
+            .push(format!("DynamoDB_20120810.{operation}"));
+    }
+
+    /// Passes every operation on again.
+    pub fn unstall(&self) {
+        self.stalled.lock().unwrap().clear();
+    }
+
     /// How many answers were swallowed so far.
     pub fn lost_answers(&self) -> usize {
         self.lost.load(Ordering::SeqCst)
@@ -104,12 +124,15 @@ impl Relay {
 }
 
 /// Copies both ways. Once a request of the armed operation passed through, the connection's
-/// next answer is read from DynamoDB (so the write was applied) and thrown away.
+/// next answer is read from DynamoDB (so the write was applied) and thrown away. A request
+/// of a stalled operation ends the copying upstream: the connection hangs until the client
+/// closes it.
 async fn pipe(
     inbound: TcpStream,
     outbound: TcpStream,
     lose: Arc<Mutex<Option<String>>>,
     lost: Arc<AtomicUsize>,
+    stalled: Arc<Mutex<Vec<String>>>,
 ) {
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
@@ -122,6 +145,17 @@ async fn pipe(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let stall = {
+                let ops = stalled.lock().unwrap();
+                ops.iter()
+                    .any(|op| buf[..n].windows(op.len()).any(|w| w == op.as_bytes()))
+            };
+            if stall {
+                // Hold the request: read (and drop) whatever else comes until the client
+                // gives up and closes.
+                while matches!(in_r.read(&mut buf).await, Ok(n) if n > 0) {}
+                return;
+            }
             {
                 let mut armed = lose.lock().unwrap();
                 let hit = armed
