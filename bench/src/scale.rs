@@ -1,5 +1,9 @@
 //! Scale: one group of many engines on a stream of thousands of shards (issue 9, "Scale").
 //!
+//! kinesis-local creates at most 1,000 shards per stream, so a group of more shards reads
+//! several streams of at most 1,000 each: all its lease rows are still one partition, which
+//! is what the tick reads and the leader writes.
+//!
 //! Every engine runs in this process (`engine::run`, default tuning but a slow idle poll),
 //! its DynamoDB requests through the cost benchmark's metering relay ([`Relay`]). A group of
 //! `workers − 1` engines starts on a fresh stream and settles; then one more engine joins,
@@ -27,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cost::{self, Relay};
 use crate::report::{Row, num};
 use crate::support::{self, Aws, Counter};
+
+/// Most shards kinesis-local creates in one stream.
+const SHARDS_PER_STREAM: i32 = 1000;
 
 /// One measured group: `shards` shards, `workers` engines once the last one joined.
 #[derive(Clone, Copy, Debug)]
@@ -224,7 +231,7 @@ impl Measured {
         let mut rows = vec![
             Row::info(
                 "scale",
-                format!("{name}: kinesis-local stream creation"),
+                format!("{name}: kinesis-local stream creation (at most 1,000 shards a stream)"),
                 format!("{:.1}", self.stream_created.as_secs_f64()),
                 "s",
             ),
@@ -294,17 +301,37 @@ impl Measured {
 /// balance again, then watches a steady window.
 async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measured> {
     anyhow::ensure!(s.workers >= 2, "a join needs at least 2 workers");
-    let stream = support::unique(&format!("scale-{}", s.shards));
-    let table = stream.clone();
-    let group = format!("bench/{stream}");
+    let table = support::unique(&format!("scale-{}", s.shards));
+    let group = format!("bench/{table}");
     let direct = StateStore::new(p.direct.clone(), table.clone());
     direct
         .create_table()
         .await
         .with_context(|| format!("creating table {table}"))?;
     let created = Instant::now();
-    crate::ensure_stream(&aws.kinesis, &stream, s.shards).await?;
+    let mut streams = Vec::new();
+    let mut left = s.shards;
+    while left > 0 {
+        let n = left.min(SHARDS_PER_STREAM);
+        let stream = format!("{table}-{}", streams.len());
+        let res = crate::ensure_stream(&aws.kinesis, &stream, n).await;
+        streams.push(stream);
+        if let Err(e) = res {
+            cleanup(aws, &streams, &table).await;
+            return Err(e);
+        }
+        left -= n;
+    }
     let stream_created = created.elapsed();
+    let mut config = support::worker_config(&group, &streams[0], &table, tuning());
+    let first = config.streams[0].clone();
+    config.streams = streams
+        .iter()
+        .map(|name| kcg_worker::config::StreamConfig {
+            name: name.clone(),
+            ..first.clone()
+        })
+        .collect();
 
     let shutdown = CancellationToken::new();
     let handler = Counter::new(Instant::now(), u64::MAX);
@@ -314,7 +341,7 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
         let m = Arc::new(Metrics::new());
         metrics.push(m.clone());
         engines.push(tokio::spawn(engine::run(
-            support::worker_config(&group, &stream, &table, tuning()),
+            config.clone(),
             EngineOptions {
                 client_id: Some(format!("scale-{i:03}")),
                 pod: Some(format!("scale-{i:03}")),
@@ -361,8 +388,20 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
     for e in engines {
         let _ = tokio::time::timeout(Duration::from_secs(60), e).await;
     }
-    support::cleanup(aws, &stream, &table).await;
+    cleanup(aws, &streams, &table).await;
     measured
+}
+
+/// Deletes the streams and the table.
+async fn cleanup(aws: &Aws, streams: &[String], table: &str) {
+    for stream in streams {
+        if let Err(e) = crate::delete_stream(&aws.kinesis, stream).await {
+            eprintln!("kcg-bench: {e:#}");
+        }
+    }
+    if let Err(e) = aws.dynamodb.delete_table().table_name(table).send().await {
+        eprintln!("kcg-bench: could not delete table {table}: {e}");
+    }
 }
 
 #[cfg(test)]
