@@ -124,6 +124,7 @@ async fn slow_leader_duties_do_not_delay_its_heartbeat() {
     w1.stop().await;
     w2.stop().await;
 
+    eprintln!("widest gap between e1's heartbeats: {widest_gap:?}");
     let log = env.log.all();
     assert_order_per_shard(&log);
     assert!(
