@@ -4,12 +4,17 @@
 #   bench/run.sh                         every benchmark
 #   bench/run.sh --only planner,status   some (planner handoff status e2e rebalance sink failover operator)
 #   bench/run.sh --only cost             the coordination cost (not part of the default run)
+#   bench/run.sh --only scale            thousands of shards (not part of the default run)
 #   bench/run.sh --help                  all options
 #
 # Starts (or reuses) the emulators with scripts/emulators.sh. Kinesis traffic goes to
 # ministack (fast GetRecords; kinesis-local's PutRecords slows as a shard fills, which would
 # measure the emulator, not kcg), the state store to DynamoDB Local. Override the Kinesis
 # endpoint with KCG_BENCH_KINESIS_URL (and name it with KCG_BENCH_KINESIS_EMULATOR).
+# The scale benchmark reads from kinesis-local instead (the emulator with correct shard
+# listings, see scripts/emulators.sh), started with its shard limit raised to
+# KCG_KINESIS_SHARD_LIMIT (default here 6000; an already running kinesis-local keeps the
+# limit it was started with).
 # Exits non-zero when a stated goal is missed.
 set -euo pipefail
 
@@ -29,7 +34,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 # The pure-function benchmarks alone need no emulator.
-if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *failover* && "$only" != *operator* && "$only" != *cost* ]]; then
+if [[ -n "$only" && "$only" != *e2e* && "$only" != *rebalance* && "$only" != *sink* && "$only" != *failover* && "$only" != *operator* && "$only" != *cost* && "$only" != *scale* ]]; then
   need_emulators=0
 fi
 [[ -n "$only" && "$only" != *e2e* ]] && want_peer=0
@@ -56,7 +61,12 @@ install_peer() {
   export KCG_BENCH_PEER_DIR="$dir"
 }
 
-if ((need_emulators)); then
+if ((need_emulators)) && [[ "$only" == *scale* ]]; then
+  export KCG_KINESIS_SHARD_LIMIT="${KCG_KINESIS_SHARD_LIMIT:-6000}"
+  scripts/emulators.sh start dynamodb kinesis
+  eval "$(scripts/emulators.sh env)"
+  export KCG_BENCH_KINESIS_EMULATOR="kinesis-local (SHARD_LIMIT $KCG_KINESIS_SHARD_LIMIT if started here)"
+elif ((need_emulators)); then
   # dynamodb: the state store; sts: ministack, which also serves Kinesis on its gateway.
   scripts/emulators.sh start dynamodb sts
   eval "$(scripts/emulators.sh env)"

@@ -394,7 +394,11 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Usage> 
 
 /// Waits until every consumable shard has an owner and ownership is balanced over all
 /// engines (sizes differ by at most one).
-async fn wait_balanced(store: &StateStore, group: &str, s: &Scenario) -> anyhow::Result<()> {
+pub(crate) async fn wait_balanced(
+    store: &StateStore,
+    group: &str,
+    s: &Scenario,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let snap = store.load_group(group).await?;

@@ -8,6 +8,7 @@ pub mod micro;
 pub mod operator;
 pub mod rebalance;
 pub mod report;
+pub mod scale;
 pub mod sink;
 pub mod support;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{cost, e2e, failover, micro, operator, rebalance, sink};
+use kcg_bench::{cost, e2e, failover, micro, operator, rebalance, scale, sink};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -40,6 +40,10 @@ enum Bench {
     /// only when named, and alone among the emulator benchmarks: every DynamoDB request of
     /// this process goes through its metering relay).
     Cost,
+    /// Tick length, join time and table reads of one group on thousands of shards (needs
+    /// emulators, kinesis-local with a raised shard limit; runs only when named, and alone
+    /// among the emulator benchmarks, like `cost`).
+    Scale,
 }
 
 /// Command-line options.
@@ -113,6 +117,13 @@ struct Args {
     /// at most a tenth of it.
     #[arg(long)]
     cost_baseline_usd: Option<f64>,
+    /// Groups of the scale benchmark: `<shards>x<workers>` (the last worker joins a settled
+    /// group).
+    #[arg(long, value_delimiter = ',', default_value = "1000x20,5000x100")]
+    scale_scenarios: Vec<String>,
+    /// Seconds of the scale benchmark's steady window after the join.
+    #[arg(long, default_value_t = 30)]
+    scale_window: u64,
     /// Name of the Kinesis emulator, for the report line.
     #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
     kinesis_emulator: String,
@@ -179,7 +190,7 @@ fn emulators(kinesis_name: &str, dynamodb: Option<&str>) -> String {
 /// rows measure the engine as it runs in a pod.
 fn main() -> ExitCode {
     let args = Args::parse();
-    let relay = if args.only.contains(&Bench::Cost) {
+    let relay = if args.only.contains(&Bench::Cost) || args.only.contains(&Bench::Scale) {
         match cost_relay_listener() {
             Ok(r) => Some(r),
             Err(e) => {
@@ -212,6 +223,18 @@ fn cost_relay_listener() -> anyhow::Result<(std::net::TcpListener, String)> {
     Ok((listener, upstream))
 }
 
+/// Parses the scale benchmark's `<shards>x<workers>`.
+fn scale_scenario(s: &str) -> Option<scale::Scenario> {
+    if s.contains('@') {
+        return None;
+    }
+    let c = cost_scenario(s)?;
+    Some(scale::Scenario {
+        shards: c.shards,
+        workers: c.workers,
+    })
+}
+
 /// Parses `<shards>x<workers>[@<records per second per shard>]`.
 fn cost_scenario(s: &str) -> Option<cost::Scenario> {
     let (group, rate) = match s.split_once('@') {
@@ -232,26 +255,44 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
     if std::env::var_os("RUST_LOG").is_some() {
         kcg_worker::telemetry::init(kcg_worker::telemetry::LogFormat::Text);
     }
-    // The cost benchmark runs only when named.
-    let selected = |b: Bench| args.only.contains(&b) || (args.only.is_empty() && b != Bench::Cost);
+    // The cost and scale benchmarks run only when named.
+    let selected = |b: Bench| {
+        args.only.contains(&b) || (args.only.is_empty() && b != Bench::Cost && b != Bench::Scale)
+    };
     let needs_kinesis = selected(Bench::E2e)
         || selected(Bench::Rebalance)
         || selected(Bench::Sink)
-        || selected(Bench::Failover)
-        || selected(Bench::Cost);
+        || selected(Bench::Cost)
+        || selected(Bench::Scale);
     let needs_aws = needs_kinesis || selected(Bench::Operator);
-    if selected(Bench::Cost)
-        && (selected(Bench::E2e)
-            || selected(Bench::Rebalance)
-            || selected(Bench::Failover)
-            || selected(Bench::Operator))
-    {
+    let relayed = [Bench::Cost, Bench::Scale]
+        .into_iter()
+        .filter(|b| selected(*b))
+        .count();
+    let others = [
+        Bench::E2e,
+        Bench::Rebalance,
+        Bench::Failover,
+        Bench::Operator,
+    ]
+    .into_iter()
+    .any(selected);
+    if relayed > 1 || (relayed == 1 && others) {
         eprintln!(
-            "kcg-bench: run the cost benchmark alone (--only cost): its relay would carry \
-             the other benchmarks' DynamoDB traffic too"
+            "kcg-bench: run the cost or the scale benchmark alone (--only cost, --only scale): \
+             its relay would carry the other benchmarks' DynamoDB traffic too"
         );
         return ExitCode::from(2);
     }
+    let Some(scale_scenarios) = args
+        .scale_scenarios
+        .iter()
+        .map(|s| scale_scenario(s))
+        .collect::<Option<Vec<_>>>()
+    else {
+        eprintln!("kcg-bench: --scale-scenarios: each is <shards>x<workers>");
+        return ExitCode::from(2);
+    };
     let scenarios: Vec<cost::Scenario> = match args
         .cost_scenarios
         .iter()
@@ -326,8 +367,7 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
             progress("operator");
             rows.extend(operator::run(&aws, &operator_params(&args)).await);
         }
-        if let (true, Some((listener, upstream))) = (selected(Bench::Cost), relay) {
-            progress("cost");
+        if let (true, Some((listener, upstream))) = (relayed == 1, relay) {
             let direct = aws_sdk_dynamodb::Client::from_conf(
                 aws_sdk_dynamodb::config::Builder::from(
                     &aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
@@ -336,7 +376,18 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
                 .build(),
             );
             match cost::Relay::serve(listener, upstream) {
+                Ok(relay) if selected(Bench::Scale) => {
+                    progress("scale");
+                    let params = scale::Params {
+                        scenarios: scale_scenarios,
+                        window: Duration::from_secs(args.scale_window),
+                        relay,
+                        direct,
+                    };
+                    rows.extend(scale::run(&aws, &params).await);
+                }
                 Ok(relay) => {
+                    progress("cost");
                     let params = cost::Params {
                         scenarios,
                         window: Duration::from_secs(args.cost_window),
@@ -347,7 +398,7 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
                     };
                     rows.extend(cost::run(&aws, &params).await);
                 }
-                Err(e) => rows.push(report::Row::failed("cost", &e)),
+                Err(e) => rows.push(report::Row::failed("relay", &e)),
             }
         }
     }

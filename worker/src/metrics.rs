@@ -37,6 +37,18 @@ pub struct OperationLabels {
     pub operation: String,
 }
 
+/// Labels of the tick-length histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    /// `leader` or `member`: the role this client had in that tick.
+    pub role: String,
+}
+
+/// Buckets of the tick and duty histograms: 1 ms to 32 s.
+fn tick_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// Every metric a worker exports, registered in one [`Registry`].
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -86,6 +98,11 @@ pub struct Metrics {
     pub rebalances: Counter,
     /// State-store requests, by operation.
     pub store_requests: Family<OperationLabels, Counter>,
+    /// Length of one membership tick (heartbeat, reads, planning, handoffs), by role.
+    pub tick_duration: Family<RoleLabels, Histogram, fn() -> Histogram>,
+    /// Length of one background run of the leader's duties (pruning, shard caches, lease
+    /// creation).
+    pub leader_duties_duration: Histogram,
     /// KPL aggregates that failed their checksum or did not parse, delivered raw.
     pub deaggregation_failures: Family<ShardLabels, Counter>,
 }
@@ -222,6 +239,18 @@ impl Metrics {
             "State-store requests by operation",
             store_requests.clone(),
         );
+        let tick_duration = Family::new_with_constructor(tick_histogram as fn() -> Histogram);
+        registry.register(
+            "tick_duration_seconds",
+            "Length of one membership tick, by role (leader or member)",
+            tick_duration.clone(),
+        );
+        let leader_duties_duration = tick_histogram();
+        registry.register(
+            "leader_duties_duration_seconds",
+            "Length of one background run of the leader's duties",
+            leader_duties_duration.clone(),
+        );
         let deaggregation_failures = Family::default();
         registry.register(
             "deaggregation_failures",
@@ -252,6 +281,8 @@ impl Metrics {
             live_clients,
             rebalances,
             store_requests,
+            tick_duration,
+            leader_duties_duration,
             deaggregation_failures,
         }
     }
@@ -293,6 +324,11 @@ mod tests {
                 operation: "heartbeat".into(),
             })
             .inc();
+        m.tick_duration
+            .get_or_create(&RoleLabels {
+                role: "leader".into(),
+            })
+            .observe(0.002);
         let text = m.encode();
         for name in [
             "kcg_worker_records_delivered_total{stream=\"s\"} 1",
@@ -300,6 +336,8 @@ mod tests {
             "kcg_worker_delivery_duration_seconds_count 1",
             "kcg_worker_store_requests_total{operation=\"heartbeat\"} 1",
             "kcg_worker_leases_held 0",
+            "kcg_worker_tick_duration_seconds_count{role=\"leader\"} 1",
+            "kcg_worker_leader_duties_duration_seconds_count 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -56,7 +56,7 @@ use crate::health::Health;
 use crate::incarnation;
 use crate::kinesis::{ErrorKind, KinesisError, StreamClient};
 use crate::membership::{self, ClientWatch, Identity};
-use crate::metrics::{Metrics, OperationLabels, ReasonLabels};
+use crate::metrics::{Metrics, OperationLabels, ReasonLabels, RoleLabels};
 use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
@@ -201,6 +201,7 @@ struct Engine {
     /// Shards owned at the end of the previous tick, to count rebalances.
     last_owned: BTreeSet<ShardKey>,
     ticks: u64,
+    /// Refresh the shard caches at the leader's next run of its duties.
     refresh_caches: bool,
     known_ended: BTreeSet<ShardKey>,
     /// The streams whose shard cache and lease rows we keep: those of which we are the
@@ -209,6 +210,8 @@ struct Engine {
     /// The live clients of the last client read and the streams each reads: what a plan
     /// (a tick's, or a lease re-read's between ticks) is made over.
     readers: assignment::Readers,
+    /// The leader's duties running in the background (see [`leader`]), if any.
+    duties: Option<JoinHandle<leader::DutyReport>>,
     /// The problem seen during the current / previous tick, reported by the next heartbeat.
     tick_issue: Option<Issue>,
     last_issue: Option<Issue>,
@@ -267,6 +270,7 @@ impl Engine {
             known_ended: BTreeSet::new(),
             led_streams: BTreeSet::new(),
             readers: assignment::Readers::default(),
+            duties: None,
             tick_issue: None,
             last_issue: None,
         }

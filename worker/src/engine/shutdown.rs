@@ -12,6 +12,7 @@ impl Engine {
         // Leave a share of the bound for the writes after the drain.
         let write_reserve = (tuning.shutdown_timeout / 4).min(Duration::from_secs(5));
         let drain_deadline = deadline - write_reserve;
+        self.abort_duties();
         info!(shards = self.owned.len(), "shutting down: draining readers");
         for o in self.owned.values() {
             o.stop.cancel();

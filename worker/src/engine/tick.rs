@@ -8,8 +8,25 @@ use super::*;
 const RECHECK_WINDOW_TICKS: u32 = 3;
 
 impl Engine {
-    /// One round of the loop (see the module doc).
+    /// One round of the loop (see the module doc), timed.
     pub(super) async fn tick(&mut self) {
+        let started = Instant::now();
+        self.tick_once().await;
+        // The role this tick decided (a tick that could not read the group keeps the last).
+        let role = if self.metrics.is_leader.get() == 1 {
+            "leader"
+        } else {
+            "member"
+        };
+        self.metrics
+            .tick_duration
+            .get_or_create(&RoleLabels {
+                role: role.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn tick_once(&mut self) {
         self.health.tick();
         self.ticks += 1;
         self.connect_streams().await;
@@ -95,8 +112,12 @@ impl Engine {
         let mut snap = std::mem::take(&mut self.snap);
         snap.clients = clients;
         self.clients_read_at = now;
+        self.collect_duties(&mut snap).await;
         if leader || !self.led_streams.is_empty() {
-            self.lead(&mut snap, leader, read, now).await;
+            self.lead(&snap, leader, read, now);
+            // Rows of a deleted stream's shards are replaced here, not in the background
+            // run: rare, a few conditional writes, and the plan below must not claim them.
+            self.replace_older_leases(&mut snap).await;
         }
         self.apply_plan(snap, now).await;
         self.finish_tick();

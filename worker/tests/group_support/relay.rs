@@ -1,7 +1,8 @@
 //! A TCP relay between engines and the real DynamoDB, for faults no emulator offers: an
 //! outage (every connection dropped, new ones refused), a lost answer (a request that
-//! reaches DynamoDB and is applied, whose response never comes back) and refused requests
-//! (those carrying a given key fail before reaching DynamoDB).
+//! reaches DynamoDB and is applied, whose response never comes back), refused requests
+//! (those carrying a given key fail before reaching DynamoDB) and a stalled operation
+//! (requests of one kind are never answered, until the client gives up).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +24,8 @@ pub struct Relay {
     /// request reaches DynamoDB.
     refuse: Arc<Mutex<Option<Vec<u8>>>>,
     refused: Arc<AtomicUsize>,
+    /// `X-Amz-Target` operations whose requests are held unanswered.
+    stalled: Arc<Mutex<Vec<String>>>,
 }
 
 impl Relay {
@@ -49,18 +52,15 @@ impl Relay {
             lost: Arc::new(AtomicUsize::new(0)),
             refuse: Arc::new(Mutex::new(None)),
             refused: Arc::new(AtomicUsize::new(0)),
+            stalled: Arc::new(Mutex::new(Vec::new())),
         };
-        let (up, cut, lose, lost) = (
-            relay.up.clone(),
-            relay.cut.clone(),
-            relay.lose.clone(),
-            relay.lost.clone(),
-        );
+        let (up, cut) = (relay.up.clone(), relay.cut.clone());
         let faults = Faults {
-            lose,
-            lost,
+            lose: relay.lose.clone(),
+            lost: relay.lost.clone(),
             refuse: relay.refuse.clone(),
             refused: relay.refused.clone(),
+            stalled: relay.stalled.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -110,6 +110,20 @@ impl Relay {
         *self.lose.lock().unwrap() = Some(format!("DynamoDB_20120810.{operation}"));
     }
 
+    /// From now on, requests for `operation` (e.g. `DeleteItem`) are held: never passed on
+    /// to DynamoDB, never answered, until the client closes the connection.
+    pub fn stall(&self, operation: &str) {
+        self.stalled
+            .lock()
+            .unwrap()
+            .push(format!("DynamoDB_20120810.{operation}"));
+    }
+
+    /// Passes every operation on again.
+    pub fn unstall(&self) {
+        self.stalled.lock().unwrap().clear();
+    }
+
     /// How many answers were swallowed so far.
     pub fn lost_answers(&self) -> usize {
         self.lost.load(Ordering::SeqCst)
@@ -139,6 +153,7 @@ struct Faults {
     lost: Arc<AtomicUsize>,
     refuse: Arc<Mutex<Option<Vec<u8>>>>,
     refused: Arc<AtomicUsize>,
+    stalled: Arc<Mutex<Vec<String>>>,
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -146,13 +161,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Copies both ways. Once a request of the armed operation passed through, the connection's
-/// next answer is read from DynamoDB (so the write was applied) and thrown away.
+/// next answer is read from DynamoDB (so the write was applied) and thrown away. A request
+/// of a stalled operation ends the copying upstream: the connection hangs until the client
+/// closes it.
 async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
     let Faults {
         lose,
         lost,
         refuse,
         refused,
+        stalled,
     } = faults;
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
@@ -172,6 +190,16 @@ async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
                 .is_some_and(|p| contains(&buf[..n], p));
             if refuse_hit {
                 refused.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            let stall = {
+                let ops = stalled.lock().unwrap();
+                ops.iter().any(|op| contains(&buf[..n], op.as_bytes()))
+            };
+            if stall {
+                // Hold the request: read (and drop) whatever else comes until the client
+                // gives up and closes.
+                while matches!(in_r.read(&mut buf).await, Ok(n) if n > 0) {}
                 return;
             }
             {
