@@ -113,10 +113,11 @@ struct Args {
     /// Seconds the cost benchmark waits after a group is balanced, before measuring.
     #[arg(long, default_value_t = 30)]
     cost_settle: u64,
-    /// Monthly USD of the engine to compare with (the largest idle scenario); the goal is
-    /// at most a tenth of it.
-    #[arg(long)]
-    cost_baseline_usd: Option<f64>,
+    /// Monthly USD of the engine to compare with, as `<scenario>=<usd>` (e.g.
+    /// `1000x50=1384.2`; repeat or separate with commas); the goal is at most a tenth of it,
+    /// at the configured tick rate.
+    #[arg(long, value_delimiter = ',')]
+    cost_baseline: Vec<String>,
     /// Groups of the scale benchmark: `<shards>x<workers>` (the last worker joins a settled
     /// group).
     #[arg(long, value_delimiter = ',', default_value = "1000x20,5000x100")]
@@ -228,25 +229,22 @@ fn scale_scenario(s: &str) -> Option<scale::Scenario> {
     if s.contains('@') {
         return None;
     }
-    let c = cost_scenario(s)?;
+    let c: cost::Scenario = s.parse().ok()?;
     Some(scale::Scenario {
         shards: c.shards,
         workers: c.workers,
     })
 }
 
-/// Parses `<shards>x<workers>[@<records per second per shard>]`.
-fn cost_scenario(s: &str) -> Option<cost::Scenario> {
-    let (group, rate) = match s.split_once('@') {
-        Some((g, r)) => (g, r.parse().ok()?),
-        None => (s, 0),
-    };
-    let (shards, workers) = group.split_once('x')?;
-    Some(cost::Scenario {
-        shards: shards.parse().ok()?,
-        workers: workers.parse().ok()?,
-        rate_per_shard: rate,
-    })
+/// Parses `<scenario>=<monthly USD>`.
+fn cost_baseline(s: &str) -> Result<(cost::Scenario, f64), String> {
+    let (scenario, usd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s} is not <scenario>=<usd>"))?;
+    let usd = usd
+        .parse()
+        .map_err(|_| format!("{s}: {usd} is not a number of USD"))?;
+    Ok((scenario.parse()?, usd))
 }
 
 async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> ExitCode {
@@ -293,15 +291,23 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
         eprintln!("kcg-bench: --scale-scenarios: each is <shards>x<workers>");
         return ExitCode::from(2);
     };
-    let scenarios: Vec<cost::Scenario> = match args
-        .cost_scenarios
+    let scenarios: Vec<cost::Scenario> =
+        match args.cost_scenarios.iter().map(|s| s.parse()).collect() {
+            Ok(s) => s,
+            Err(bad) => {
+                eprintln!("kcg-bench: --cost-scenarios: {bad}");
+                return ExitCode::from(2);
+            }
+        };
+    let baselines: Vec<(cost::Scenario, f64)> = match args
+        .cost_baseline
         .iter()
-        .map(|s| cost_scenario(s).ok_or(s))
+        .map(|s| cost_baseline(s))
         .collect()
     {
-        Ok(s) => s,
+        Ok(b) => b,
         Err(bad) => {
-            eprintln!("kcg-bench: --cost-scenarios: {bad} is not <shards>x<workers>[@<rate>]");
+            eprintln!("kcg-bench: --cost-baseline: {bad}");
             return ExitCode::from(2);
         }
     };
@@ -394,7 +400,7 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
                         settle: Duration::from_secs(args.cost_settle),
                         relay,
                         direct,
-                        baseline_usd: args.cost_baseline_usd,
+                        baselines,
                     };
                     rows.extend(cost::run(&aws, &params).await);
                 }

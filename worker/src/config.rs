@@ -920,7 +920,9 @@ pub struct Tuning {
     #[serde(default = "defaults::max_records")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_records_per_call: u32,
-    /// How often a shard's acknowledged position is written to the state store. More than 0s.
+    /// How often a shard's acknowledged position is written to the state store (only when it
+    /// moved; always on release). A crash redelivers at most this much; each moving shard
+    /// costs one write per interval. More than 0s.
     #[serde(default = "defaults::checkpoint_interval", with = "duration")]
     #[schemars(with = "String", length(max = 32), extend("x-kubernetes-validations" = [duration_rule(), positive_duration_rule()]))]
     pub checkpoint_interval: Duration,
@@ -1093,9 +1095,12 @@ pub mod defaults {
     pub fn max_records() -> u32 {
         1000
     }
-    /// Checkpoint write interval per shard.
+    /// Checkpoint write interval per shard: one write a minute per moving shard, so a busy
+    /// 1,000-shard stream costs about 27 USD a month in checkpoints (330 at 5 s), at the
+    /// price of up to a minute redelivered after a crash (graceful handoffs write a final
+    /// checkpoint and redeliver nothing).
     pub fn checkpoint_interval() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(60)
     }
     /// Heartbeat and re-plan interval.
     pub fn heartbeat_interval() -> Duration {

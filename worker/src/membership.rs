@@ -878,21 +878,7 @@ mod tests {
     }
 
     fn client_row(id: &str, hb: u64) -> ClientRow {
-        ClientRow {
-            pk: "ns/g".into(),
-            sk: format!("client#{id}"),
-            client_id: id.into(),
-            pod: "p".into(),
-            heartbeat: hb,
-            heartbeat_at_ms: 0,
-            started_at_ms: 0,
-            owned_shards: 0,
-            lease_changes: 0,
-            last_error: None,
-            last_error_reason: None,
-            expires_at: 0,
-            streams: None,
-        }
+        ClientRow::for_test(id, hb)
     }
 
     #[test]

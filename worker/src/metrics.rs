@@ -1,5 +1,7 @@
 //! Prometheus metrics of one worker. Names carry units (`_seconds`, `_total`).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -90,6 +92,9 @@ pub struct Metrics {
     pub checkpoints_written: Counter,
     /// Heartbeats written.
     pub heartbeats: Counter,
+    /// Read units the state store reported for this client's reads (its `ConsumedCapacity`):
+    /// what the coordination's reads cost on an on-demand table.
+    pub state_store_read_units: Counter<f64, AtomicU64>,
     /// 1 while this client is the group leader.
     pub is_leader: Gauge,
     /// Live clients this client sees in the group.
@@ -215,6 +220,12 @@ impl Metrics {
         );
         let heartbeats = Counter::default();
         registry.register("heartbeats", "Heartbeats written", heartbeats.clone());
+        let state_store_read_units = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "state_store_read_units",
+            "Read capacity units the state store reported for this client's reads",
+            state_store_read_units.clone(),
+        );
         let is_leader = Gauge::default();
         registry.register(
             "is_leader",
@@ -277,6 +288,7 @@ impl Metrics {
             lease_conflicts,
             checkpoints_written,
             heartbeats,
+            state_store_read_units,
             is_leader,
             live_clients,
             rebalances,

@@ -507,9 +507,11 @@ fn requests(metrics: &Metrics, op: &str) -> u64 {
         .get()
 }
 
-/// An idle group's coordination is one heartbeat write and one read of the client rows per
-/// worker and heartbeat: no lease row is written (no renewal, no checkpoint of an unmoved
-/// position), and the lease rows are read only as a periodic safety net.
+/// An idle group's coordination is one heartbeat write and one eventually consistent read of
+/// the client rows per worker and heartbeat: no lease row is written (no renewal, no
+/// checkpoint of an unmoved position), the lease rows are read only as a periodic safety
+/// net, and the reads cost half a read unit per tick (DynamoDB Local's `ConsumedCapacity`;
+/// a consistent read of the same rows costs a whole one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_group_writes_no_lease_rows() {
     let Some(env) = env("idle", 4).await else {
@@ -549,6 +551,8 @@ async fn an_idle_group_writes_no_lease_rows() {
         "heartbeat",
         "load_clients",
         "load_leases",
+        // Nobody is dead: no client read needs to be consistent.
+        "load_clients_consistent",
         "checkpoint",
         "claim",
         "resume",
@@ -561,10 +565,13 @@ async fn an_idle_group_writes_no_lease_rows() {
     let count = |m: &Metrics| -> BTreeMap<&str, u64> {
         ops.iter().map(|op| (*op, requests(m, op))).collect()
     };
+    let units = |m: &Metrics| m.state_store_read_units.get();
     let before: Vec<_> = metrics.iter().map(|m| count(m)).collect();
+    let units_before: Vec<f64> = metrics.iter().map(|m| units(m)).collect();
     // Ten heartbeats (300ms each).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after: Vec<_> = metrics.iter().map(|m| count(m)).collect();
+    let units_after: Vec<f64> = metrics.iter().map(|m| units(m)).collect();
     assert_eq!(env.snapshot().await.leases, settled, "no lease row written");
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         let d = |op: &str| a[op] - b[op];
@@ -576,6 +583,16 @@ async fn an_idle_group_writes_no_lease_rows() {
         for op in &ops[3..] {
             assert_eq!(d(op), 0, "engine {i}: {op} while idle");
         }
+        // Half a unit per client read (two small rows), one unit per lease read (four
+        // small rows and a shard cache, consistent).
+        let read = units_after[i] - units_before[i];
+        let most = 0.5 * d("load_clients") as f64 + d("load_leases") as f64;
+        assert!(
+            read > 0.0 && read <= most,
+            "engine {i}: {read} read units in {} client reads and {} lease reads",
+            d("load_clients"),
+            d("load_leases")
+        );
     }
     for w in workers {
         w.stop().await;

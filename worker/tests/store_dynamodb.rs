@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use aws_config::BehaviorVersion;
 use kcg_worker::position::Position;
 use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
-use kcg_worker::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError};
+use kcg_worker::store::{
+    CheckpointUpdate, ClaimStamp, Consistency, HeartbeatUpdate, StateStore, StoreError,
+};
 
 async fn store(test: &str) -> Option<StateStore> {
     if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
@@ -536,6 +538,39 @@ async fn heartbeat_and_conditional_prune() {
         .expect("register");
     store.deregister(G, "c2-def").await.expect("deregister");
     assert!(store.load_group(G).await.expect("load").clients.is_empty());
+}
+
+/// A member's per-tick read of 50 client rows (5-10 KB): an eventually consistent read costs
+/// half the read units of a consistent one, as the store reports them from DynamoDB's
+/// `ConsumedCapacity`; both return the same rows once the writes settled.
+#[tokio::test]
+async fn eventually_consistent_client_reads_cost_half() {
+    let Some(store) = store("ecreads").await else {
+        return;
+    };
+    for i in 0..50 {
+        let id = format!("cost-{i:03}-abc123");
+        store
+            .register(G, &id, &format!("cost-{i:03}"), 1_764_806_400_000)
+            .await
+            .expect("register");
+    }
+    let units = |f: f64| store.read_units() - f;
+    let start = store.read_units();
+    let strong = store
+        .load_clients_read(G, Consistency::Strong)
+        .await
+        .expect("strong");
+    let after_strong = units(start);
+    let eventual = store
+        .load_clients_read(G, Consistency::Eventual)
+        .await
+        .expect("eventual");
+    let after_eventual = units(start) - after_strong;
+    assert_eq!(strong.len(), 50);
+    assert_eq!(eventual, strong);
+    assert!(after_strong >= 2.0, "50 rows span more than 4 KB");
+    assert_eq!(after_eventual * 2.0, after_strong);
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! carry out the handoff actions.
 
 use super::*;
+use crate::store::Consistency;
+use crate::store::schema::ClientRow;
 
 /// How many heartbeats after a new wait began [`Engine::recheck`] may run.
 const RECHECK_WINDOW_TICKS: u32 = 3;
@@ -42,20 +44,10 @@ impl Engine {
         self.write_checkpoints().await;
         self.retry_pending_releases().await;
 
-        let clients = match self
-            .io("load_clients", self.store.load_clients(self.group()))
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                self.clients.lost_sight();
-                self.note_store("load_clients", &e);
-                self.finish_tick();
-                return;
-            }
+        let Some((clients, now, mut live)) = self.read_clients().await else {
+            self.finish_tick();
+            return;
         };
-        let now = Instant::now();
-        let mut live = self.clients.observe(&clients, now);
         // We are alive by definition while we run; others judge us by our heartbeats.
         if !live.iter().any(|c| c == self.me()) {
             live.push(self.me().to_owned());
@@ -243,6 +235,60 @@ impl Engine {
             .min()
     }
 
+    /// Reads the client rows and observes them: eventually consistent (half the read units),
+    /// unless that read would have us judge a client dead; then the judgment is made on a
+    /// consistent read, so no takeover or prune ever rests on a stale view (see
+    /// docs/state-store.md, "Reads"). Returns the rows, when they were observed and the live
+    /// ids; `None` (noted) when the store failed.
+    async fn read_clients(&mut self) -> Option<(Vec<ClientRow>, Instant, Vec<String>)> {
+        let group = self.group();
+        let cheap = self
+            .io(
+                "load_clients",
+                self.store.load_clients_read(group, Consistency::Eventual),
+            )
+            .await;
+        let rows = match cheap {
+            Ok(rows) => rows,
+            Err(e) => {
+                // We cannot see the group; see `ClientWatch::lost_sight`.
+                self.clients.lost_sight();
+                self.note_store("load_clients", &e);
+                return None;
+            }
+        };
+        let now = Instant::now();
+        let mut probe = self.clients.clone();
+        let live = probe.observe(&rows, now);
+        let watched = rows
+            .iter()
+            .map(|c| c.client_id.as_str())
+            .chain(self.last_live.iter().map(String::as_str))
+            .chain(self.snap.leases.iter().filter_map(|l| l.owner.as_deref()));
+        if !reads::judges_dead(&probe, watched, self.me(), now) {
+            self.clients = probe;
+            return Some((rows, now, live));
+        }
+        let strong = self
+            .io(
+                "load_clients_consistent",
+                self.store.load_clients_read(group, Consistency::Strong),
+            )
+            .await;
+        match strong {
+            Ok(rows) => {
+                let now = Instant::now();
+                let live = self.clients.observe(&rows, now);
+                Some((rows, now, live))
+            }
+            Err(e) => {
+                self.clients.lost_sight();
+                self.note_store("load_clients", &e);
+                None
+            }
+        }
+    }
+
     /// Our lease set changed (or, for the leader, a shard cache): tell the group with the
     /// next heartbeat, and re-read the leases ourselves.
     pub(super) fn leases_changed(&mut self) {
@@ -259,6 +305,11 @@ impl Engine {
     }
 
     pub(super) fn finish_tick(&mut self) {
+        // The metric mirrors this engine's store (each engine has its own).
+        let units = self.store.read_units() - self.metrics.state_store_read_units.get();
+        if units > 0.0 {
+            self.metrics.state_store_read_units.inc_by(units);
+        }
         self.metrics.leases_held.set(self.owned.len() as i64);
         let owned: BTreeSet<ShardKey> = self.owned.keys().cloned().collect();
         if owned != self.last_owned {

@@ -10,12 +10,15 @@ pub mod schema;
 pub mod shard_cache;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
-    ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ReturnConsumedCapacity, ReturnValue, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+    TimeToLiveStatus,
 };
 use futures::{StreamExt, TryStreamExt};
 
@@ -137,11 +140,24 @@ pub struct HeartbeatUpdate {
     pub last_error: Option<(String, String)>,
 }
 
-/// The state store of one table. Cheap to clone.
+/// How a read sees the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Every write the table acknowledged before the read (1 read unit per 4 KB).
+    Strong,
+    /// Possibly a moment behind (usually well under a second): half the read units. Fine
+    /// where a decision is confirmed by a strong read or guarded by a conditional write.
+    Eventual,
+}
+
+/// The state store of one table. Cheap to clone; clones share the read-unit count.
 #[derive(Clone, Debug)]
 pub struct StateStore {
     client: Client,
     table: String,
+    /// Read units the table reported for this store's Queries, in hundredths (DynamoDB
+    /// reports halves for eventually consistent reads).
+    read_units: Arc<AtomicU64>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -158,7 +174,14 @@ impl StateStore {
         Self {
             client,
             table: table.into(),
+            read_units: Arc::default(),
         }
+    }
+
+    /// Read units the table reported as consumed by this store's Queries so far (its
+    /// `ConsumedCapacity`): what the coordination's reads cost.
+    pub fn read_units(&self) -> f64 {
+        self.read_units.load(Ordering::Relaxed) as f64 / 100.0
     }
 
     /// The table name.
@@ -321,14 +344,28 @@ impl StateStore {
     /// Every row of `group`: one consistent, paginated Query on the partition key. The
     /// operator builds the CR status from this, so its shape is part of the contract.
     pub async fn load_group(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
-        self.query_group(group, None).await
+        self.query_group(group, None, Consistency::Strong).await
     }
 
     /// The client rows of `group` only (`sk` begins with `client#`): what a member reads at
     /// every heartbeat. Consistent, paginated.
     pub async fn load_clients(&self, group: &str) -> Result<Vec<ClientRow>, StoreError> {
+        self.load_clients_read(group, Consistency::Strong).await
+    }
+
+    /// [`StateStore::load_clients`] with the given consistency: a member reads eventually
+    /// consistent at every tick (half the read units) and strongly only before it judges a
+    /// client dead (see docs/state-store.md, "Reads").
+    pub async fn load_clients_read(
+        &self,
+        group: &str,
+        consistency: Consistency,
+    ) -> Result<Vec<ClientRow>, StoreError> {
         let part = ("begins_with(#sk, :from)", CLIENT_PREFIX);
-        Ok(self.query_group(group, Some(part)).await?.clients)
+        Ok(self
+            .query_group(group, Some(part), consistency)
+            .await?
+            .clients)
     }
 
     /// The lease and shard-cache rows of `group` (every `sk` from `lease#` on, which skips
@@ -336,20 +373,22 @@ impl StateStore {
     /// paginated; `clients` of the result is empty.
     pub async fn load_leases(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
         let part = ("#sk >= :from", LEASE_PREFIX);
-        self.query_group(group, Some(part)).await
+        self.query_group(group, Some(part), Consistency::Strong)
+            .await
     }
 
-    /// One consistent, paginated Query of a group, optionally narrowed by a sort-key
-    /// condition (`(expression on #sk and :from, value of :from)`).
+    /// One paginated Query of a group, optionally narrowed by a sort-key condition
+    /// (`(expression on #sk and :from, value of :from)`).
     async fn query_group(
         &self,
         group: &str,
         sk_condition: Option<(&str, &str)>,
+        consistency: Consistency,
     ) -> Result<GroupSnapshot, StoreError> {
         let mut attempt = 1;
         let mut snap = loop {
             let mut rows = Rows::default();
-            self.for_each_row(group, sk_condition, |item| {
+            self.for_each_row(group, sk_condition, consistency, |item| {
                 self.decode_into(group, item, &mut rows)
             })
             .await?;
@@ -374,11 +413,12 @@ impl StateStore {
     }
 
     /// The rows of `group` (those whose sort key meets `sk_condition`, e.g. `begins_with`),
-    /// one consistent, paginated Query, handed to `f` in key order.
+    /// one paginated Query, handed to `f` in key order.
     async fn for_each_row(
         &self,
         group: &str,
         sk_condition: Option<(&str, &str)>,
+        consistency: Consistency,
         mut f: impl FnMut(&HashMap<String, AttributeValue>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
@@ -389,7 +429,8 @@ impl StateStore {
                 .table_name(&self.table)
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_values(":pk", s(group))
-                .consistent_read(true)
+                .consistent_read(consistency == Consistency::Strong)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .set_exclusive_start_key(start.take());
             req = match sk_condition {
                 None => req.key_condition_expression("#pk = :pk"),
@@ -402,6 +443,11 @@ impl StateStore {
                 .send()
                 .await
                 .map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
+            if let Some(units) = out.consumed_capacity().and_then(|c| c.capacity_units()) {
+                // Hundredths: the smallest step DynamoDB reports is half a unit.
+                self.read_units
+                    .fetch_add((units * 100.0).round() as u64, Ordering::Relaxed);
+            }
             for item in out.items() {
                 f(item)?;
             }
@@ -679,6 +725,7 @@ impl StateStore {
         self.for_each_row(
             &head.pk,
             Some(("begins_with(#sk, :from)", &prefix)),
+            Consistency::Strong,
             |item| {
                 if let Some(AttributeValue::S(sk)) = item.get(SK) {
                     existing.push(sk.clone());
@@ -1177,7 +1224,7 @@ impl StateStore {
     ) -> Result<std::collections::BTreeMap<(String, String), ResetTo>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
         let leases = ("begins_with(#sk, :from)", LEASE_PREFIX);
-        self.for_each_row(group, Some(leases), |item| {
+        self.for_each_row(group, Some(leases), Consistency::Strong, |item| {
             let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
             let is_lease = text(SK).is_some_and(|sk| sk.starts_with(LEASE_PREFIX));
             if let (true, Some(stream), Some(shard), Some(to)) =

@@ -99,6 +99,28 @@ pub struct ClientRow {
     pub streams: Option<Vec<String>>,
 }
 
+#[cfg(test)]
+impl ClientRow {
+    /// A client row of group `ns/g` with only its id and heartbeat set, for tests.
+    pub(crate) fn for_test(client_id: &str, heartbeat: u64) -> Self {
+        Self {
+            pk: "ns/g".into(),
+            sk: client_sk(client_id),
+            client_id: client_id.into(),
+            pod: "p".into(),
+            heartbeat,
+            heartbeat_at_ms: 0,
+            started_at_ms: 0,
+            owned_shards: 0,
+            lease_changes: 0,
+            last_error: None,
+            last_error_reason: None,
+            expires_at: 0,
+            streams: None,
+        }
+    }
+}
+
 /// The leader's cached view of one stream's shards, as readers get it (a split cache
 /// joined; see [`super::shard_cache`] for how it is stored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
