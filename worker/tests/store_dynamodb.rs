@@ -551,7 +551,7 @@ async fn eventually_consistent_client_reads_cost_half() {
     for i in 0..50 {
         let id = format!("cost-{i:03}-abc123");
         store
-            .register(G, &id, &format!("cost-{i:03}"), 1_764_806_400_000)
+            .register(G, &id, &format!("cost-{i:03}"), 1_764_806_400_000, &[])
             .await
             .expect("register");
     }
