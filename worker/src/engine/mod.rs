@@ -22,6 +22,7 @@
 //! Latency: besides the heartbeat ticks, the loop runs a tick when a lease owner turns dead
 //! (its shards are read again at once), and re-reads the leases while it waits for releases.
 
+mod heartbeat;
 mod leader;
 mod membership_tick;
 mod readers;
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, SdkConfig};
 use futures::StreamExt;
 use futures::future::join_all;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -51,6 +52,7 @@ use crate::delivery::BatchHandler;
 use crate::delivery::FailurePolicy;
 use crate::delivery::dead_letter::DeadLetterError;
 use crate::fence::{BootInstant, Fence, FenceSetter};
+
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::incarnation;
@@ -61,6 +63,7 @@ use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
 use crate::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError, now_ms};
+use heartbeat::{BeatEvent, BeatTask, FenceBook, FenceGuard};
 
 use supervise::Outcome;
 
@@ -139,7 +142,7 @@ struct Owned {
     kill: CancellationToken,
     progress: watch::Receiver<ShardProgress>,
     /// Its fencing deadline, moved forward by every confirmed heartbeat.
-    deadline: FenceSetter,
+    deadline: FenceGuard,
     join: JoinHandle<Outcome>,
     /// The lease counter our claim or resume left: every checkpoint and the release are
     /// conditional on it.
@@ -188,9 +191,17 @@ struct Engine {
     last_changes: BTreeMap<String, u64>,
     /// Our own `leaseChanges`, sent with every heartbeat.
     lease_changes: u64,
-    /// When the last heartbeat (or registration) that the store confirmed was sent: our
-    /// readers' deadlines count from it.
-    heartbeat_sent: Option<BootInstant>,
+    /// Our readers' fences and the last confirmed heartbeat, which their deadlines count
+    /// from (shared with the heartbeat task).
+    book: Arc<FenceBook>,
+    /// The heartbeat task, once registered ([`heartbeat`]), what it reports, and what it
+    /// records in our client row.
+    beat: Option<BeatTask>,
+    beat_tx: mpsc::UnboundedSender<BeatEvent>,
+    beat_rx: mpsc::UnboundedReceiver<BeatEvent>,
+    update_tx: watch::Sender<HeartbeatUpdate>,
+    /// Failed heartbeats as of the last client read.
+    beat_failures: u64,
     owned: BTreeMap<ShardKey, Owned>,
     /// Releases that could not be written yet (store unavailable), retried every tick:
     /// the counter held and the final checkpoint.
@@ -237,6 +248,7 @@ impl Engine {
             })
             .collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (beat_tx, beat_rx) = mpsc::unbounded_channel();
         Self {
             config,
             identity,
@@ -258,7 +270,12 @@ impl Engine {
             last_live: Vec::new(),
             last_changes: BTreeMap::new(),
             lease_changes: 0,
-            heartbeat_sent: None,
+            book: Arc::default(),
+            beat: None,
+            beat_tx,
+            beat_rx,
+            update_tx: watch::Sender::new(HeartbeatUpdate::default()),
+            beat_failures: 0,
             owned: BTreeMap::new(),
             pending_release: BTreeMap::new(),
             done_tx,
@@ -397,7 +414,7 @@ impl Engine {
             match self.register().await {
                 Ok(sent) => {
                     info!("registered");
-                    self.heartbeat_sent = Some(sent);
+                    self.book.confirmed(sent, self.fencing_margin());
                     break;
                 }
                 Err(e) => self.note_store("register", &e),
@@ -409,6 +426,7 @@ impl Engine {
             }
         }
 
+        self.start_heartbeat();
         let mut ticker = tokio::time::interval(hb);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -423,6 +441,7 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => self.tick().await,
+                Some(event) = self.beat_rx.recv() => self.on_beat(event).await,
                 _ = tokio::time::sleep_until(early.unwrap_or_else(Instant::now).into()), if early.is_some() => {
                     if dies == early {
                         self.tick().await;
@@ -439,6 +458,7 @@ impl Engine {
                     }
                 }
             }
+            self.publish_update();
         }
         self.shutdown().await;
         Ok(())
