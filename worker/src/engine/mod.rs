@@ -1,6 +1,7 @@
-//! The engine: one worker's membership loop. Heartbeats, reads the group, leads when it is
-//! the lowest live client, plans, hands leases over safely, runs one reader per owned shard,
-//! checkpoints, and on shutdown drains, checkpoints, releases and deregisters.
+//! The engine: one worker's membership loop. Heartbeats (beside the loop), reads the group,
+//! leads when it is the lowest live client, plans, hands leases over safely, runs one reader
+//! per owned shard, checkpoints, and on shutdown drains, checkpoints, releases and
+//! deregisters.
 //!
 //! Decisions are the pure functions of [`crate::membership`], [`crate::assignment`] and
 //! [`crate::handoff`]; this module is the I/O around them.
@@ -14,6 +15,9 @@
 //! conditional on the lease's owner and counter; so a reader whose heartbeats fail is
 //! aborted before anyone else may take its shard. Two live clients never read one shard at
 //! once. See `docs/state-store.md`.
+//!
+//! The heartbeat runs on its own timer ([`heartbeat`]): no read or write of the tick ever
+//! delays it.
 //!
 //! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
 //! re-read only when something changed ([`reads`]), and every quarter heartbeat for a few
