@@ -1,78 +1,9 @@
-//! The per-tick writes of a member: its heartbeat (which keeps all its leases alive), and a
-//! checkpoint for every lease whose position moved.
+//! The per-tick writes of a member: a checkpoint for every lease whose position moved (its
+//! heartbeat, which keeps all its leases alive, runs on its own schedule: [`super::heartbeat`]).
 
 use super::*;
 
 impl Engine {
-    /// Writes our heartbeat (registering again if the leader pruned us) and, once the
-    /// store confirmed it, extends every reader's deadline from when it was sent. False
-    /// when the store could not be reached or refused it.
-    pub(super) async fn heartbeat(&mut self) -> bool {
-        let reader_issue = self
-            .owned
-            .values()
-            .find_map(|o| o.progress.borrow().issue.clone());
-        let issue = reader_issue.or_else(|| self.last_issue.clone());
-        let update = HeartbeatUpdate {
-            owned_shards: self.owned.len() as u32,
-            lease_changes: self.lease_changes,
-            last_error: issue.map(|i| (i.reason, i.message)),
-        };
-        let sent = BootInstant::now();
-        let res = self
-            .io(
-                "heartbeat",
-                self.store.heartbeat(self.group(), self.me(), &update),
-            )
-            .await;
-        match res {
-            Ok(_) => {
-                self.metrics.heartbeats.inc();
-                self.health.heartbeat_ok();
-                self.heartbeat_confirmed(sent);
-                true
-            }
-            Err(StoreError::Conflict { .. }) => {
-                // The leader pruned us: it watched our heartbeat stand still for the client
-                // timeout, so our readers are past their deadline and others may hold our
-                // leases. Stop every reader; what is still ours is resumed under a new
-                // counter, so no write of the old readers can land.
-                warn!("our client row was pruned; stopping every reader and registering again");
-                let keys: Vec<ShardKey> = self.owned.keys().cloned().collect();
-                for key in &keys {
-                    self.abandon(key).await;
-                }
-                match self.register().await {
-                    Ok(sent) => {
-                        self.heartbeat_confirmed(sent);
-                        self.leases_changed();
-                        true
-                    }
-                    Err(e) => {
-                        self.note_store("register", &e);
-                        false
-                    }
-                }
-            }
-            Err(e) => {
-                self.note_store("heartbeat", &e);
-                false
-            }
-        }
-    }
-
-    /// The store confirmed a heartbeat sent at `sent`: our readers may read until
-    /// `sent + fencing margin`.
-    fn heartbeat_confirmed(&mut self, sent: BootInstant) {
-        self.heartbeat_sent = Some(sent);
-        let deadline = sent + self.fencing_margin();
-        let now = BootInstant::now();
-        for o in self.owned.values() {
-            // A reader whose deadline passed stays fenced (see `FenceSetter::extend`).
-            o.deadline.extend(deadline, now);
-        }
-    }
-
     /// Writes a checkpoint for every reader whose acknowledged position moved and whose
     /// last checkpoint is at least `checkpointInterval` old, concurrently (bounded). Each
     /// write is conditional on the lease counter we hold.

@@ -1,6 +1,7 @@
-//! The engine: one worker's membership loop. Heartbeats, reads the group, leads when it is
-//! the lowest live client, plans, hands leases over safely, runs one reader per owned shard,
-//! checkpoints, and on shutdown drains, checkpoints, releases and deregisters.
+//! The engine: one worker's membership loop. Heartbeats (beside the loop), reads the group,
+//! leads when it is the lowest live client, plans, hands leases over safely, runs one reader
+//! per owned shard, checkpoints, and on shutdown drains, checkpoints, releases and
+//! deregisters.
 //!
 //! Decisions are the pure functions of [`crate::membership`], [`crate::assignment`] and
 //! [`crate::handoff`]; this module is the I/O around them.
@@ -15,6 +16,9 @@
 //! aborted before anyone else may take its shard. Two live clients never read one shard at
 //! once. See `docs/state-store.md`.
 //!
+//! The heartbeat runs on its own timer ([`heartbeat`]): no read or write of the tick ever
+//! delays it.
+//!
 //! Cost: one heartbeat write and one Query of the client rows per tick; the lease rows are
 //! re-read only when something changed ([`reads`]), and every quarter heartbeat for a few
 //! heartbeats while we wait for releases (a join); checkpoints only when a position moved.
@@ -22,6 +26,7 @@
 //! Latency: besides the heartbeat ticks, the loop runs a tick when a lease owner turns dead
 //! (its shards are read again at once), and re-reads the leases while it waits for releases.
 
+mod heartbeat;
 mod leader;
 mod membership_tick;
 mod readers;
@@ -39,7 +44,7 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, SdkConfig};
 use futures::StreamExt;
 use futures::future::join_all;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -51,6 +56,7 @@ use crate::delivery::BatchHandler;
 use crate::delivery::FailurePolicy;
 use crate::delivery::dead_letter::DeadLetterError;
 use crate::fence::{BootInstant, Fence, FenceSetter};
+
 use crate::handoff::{self, Action, FreshStart, HandoffInput, LeaseView, no_checkpoint_start};
 use crate::health::Health;
 use crate::incarnation;
@@ -61,6 +67,7 @@ use crate::position::Position;
 use crate::reader::{self, Issue, ShardProgress, ShardTask};
 use crate::store::schema::{GroupSnapshot, LeaseRow, ShardCacheRow, ShardInfo, shards_sk};
 use crate::store::{CheckpointUpdate, ClaimStamp, HeartbeatUpdate, StateStore, StoreError, now_ms};
+use heartbeat::{BeatEvent, BeatTask, FenceBook, FenceGuard};
 
 use supervise::Outcome;
 
@@ -139,7 +146,7 @@ struct Owned {
     kill: CancellationToken,
     progress: watch::Receiver<ShardProgress>,
     /// Its fencing deadline, moved forward by every confirmed heartbeat.
-    deadline: FenceSetter,
+    deadline: FenceGuard,
     join: JoinHandle<Outcome>,
     /// The lease counter our claim or resume left: every checkpoint and the release are
     /// conditional on it.
@@ -188,9 +195,17 @@ struct Engine {
     last_changes: BTreeMap<String, u64>,
     /// Our own `leaseChanges`, sent with every heartbeat.
     lease_changes: u64,
-    /// When the last heartbeat (or registration) that the store confirmed was sent: our
-    /// readers' deadlines count from it.
-    heartbeat_sent: Option<BootInstant>,
+    /// Our readers' fences and the last confirmed heartbeat, which their deadlines count
+    /// from (shared with the heartbeat task).
+    book: Arc<FenceBook>,
+    /// The heartbeat task, once registered ([`heartbeat`]), what it reports, and what it
+    /// records in our client row.
+    beat: Option<BeatTask>,
+    beat_tx: mpsc::UnboundedSender<BeatEvent>,
+    beat_rx: mpsc::UnboundedReceiver<BeatEvent>,
+    update_tx: watch::Sender<HeartbeatUpdate>,
+    /// Failed heartbeats as of the last client read.
+    beat_failures: u64,
     owned: BTreeMap<ShardKey, Owned>,
     /// Releases that could not be written yet (store unavailable), retried every tick:
     /// the counter held and the final checkpoint.
@@ -237,6 +252,7 @@ impl Engine {
             })
             .collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (beat_tx, beat_rx) = mpsc::unbounded_channel();
         Self {
             config,
             identity,
@@ -258,7 +274,12 @@ impl Engine {
             last_live: Vec::new(),
             last_changes: BTreeMap::new(),
             lease_changes: 0,
-            heartbeat_sent: None,
+            book: Arc::default(),
+            beat: None,
+            beat_tx,
+            beat_rx,
+            update_tx: watch::Sender::new(HeartbeatUpdate::default()),
+            beat_failures: 0,
             owned: BTreeMap::new(),
             pending_release: BTreeMap::new(),
             done_tx,
@@ -397,7 +418,7 @@ impl Engine {
             match self.register().await {
                 Ok(sent) => {
                     info!("registered");
-                    self.heartbeat_sent = Some(sent);
+                    self.book.confirmed(sent, self.fencing_margin());
                     break;
                 }
                 Err(e) => self.note_store("register", &e),
@@ -409,6 +430,7 @@ impl Engine {
             }
         }
 
+        self.start_heartbeat();
         let mut ticker = tokio::time::interval(hb);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -423,6 +445,7 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => self.tick().await,
+                Some(event) = self.beat_rx.recv() => self.on_beat(event).await,
                 _ = tokio::time::sleep_until(early.unwrap_or_else(Instant::now).into()), if early.is_some() => {
                     if dies == early {
                         self.tick().await;
@@ -439,6 +462,7 @@ impl Engine {
                     }
                 }
             }
+            self.publish_update();
         }
         self.shutdown().await;
         Ok(())

@@ -196,19 +196,18 @@ impl Engine {
         let Some(client) = self.streams[stream_index].client.clone() else {
             return;
         };
-        // Never later than our other readers': observers judge the lease by our heartbeat,
-        // not by when we claimed it. (Always set: ticks run after registering.)
-        let Some(heartbeat_sent) = self.heartbeat_sent else {
-            return;
-        };
-        let deadline_at = heartbeat_sent + self.fencing_margin();
         let tuning = &self.config.tuning;
         let initial = ShardProgress {
             acked: row.checkpoint_position(),
             ..ShardProgress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(initial);
-        let (deadline_tx, fence) = Fence::new(deadline_at);
+        // Never later than our other readers' (see `FenceBook::fence`). (Always there:
+        // ticks run after registering.)
+        let Some((deadline, fence)) = self.book.fence(self.generations, self.fencing_margin())
+        else {
+            return;
+        };
         let stop = CancellationToken::new();
         let kill = CancellationToken::new();
         let task = ShardTask {
@@ -246,7 +245,7 @@ impl Engine {
                 stop,
                 kill,
                 progress: progress_rx,
-                deadline: deadline_tx,
+                deadline,
                 join,
                 counter: row.lease_counter,
                 stopping: None,

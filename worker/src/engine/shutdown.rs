@@ -17,8 +17,8 @@ impl Engine {
         for o in self.owned.values() {
             o.stop.cancel();
         }
-        // Wait for the in-flight batches, heartbeating meanwhile so no lease expires
-        // mid-drain.
+        // Wait for the in-flight batches; the heartbeat task keeps running so no lease
+        // expires mid-drain.
         let mut ticker = tokio::time::interval(tuning.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.owned.values().any(|o| !o.join.is_finished()) && Instant::now() < drain_deadline
@@ -26,12 +26,14 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep_until(drain_deadline.into()) => {}
                 _ = ticker.tick() => {
-                    if self.heartbeat().await {
+                    if self.book.ok() {
                         self.write_checkpoints().await;
                     }
                 }
+                Some(event) = self.beat_rx.recv() => self.on_beat(event).await,
                 _ = self.done_rx.recv() => {}
             }
+            self.publish_update();
         }
         for o in self.owned.values() {
             if !o.join.is_finished() {
@@ -88,6 +90,9 @@ impl Engine {
                 }
             }
         }
+        // No heartbeat may be in flight when we deregister (it would find no row and
+        // report us pruned).
+        self.stop_heartbeat().await;
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(500));

@@ -1,4 +1,4 @@
-//! One round of the membership loop: heartbeat, checkpoints, read the client rows (and the
+//! One round of the membership loop: checkpoints, read the client rows (and the
 //! lease rows when something changed), lead when we are the lowest live client, plan, and
 //! carry out the handoff actions.
 
@@ -32,12 +32,11 @@ impl Engine {
         self.health.tick();
         self.ticks += 1;
         self.connect_streams().await;
-        if !self.heartbeat().await {
-            // We cannot see the group either; see `ClientWatch::lost_sight`.
-            self.clients.lost_sight();
-            // The store did not answer: the checkpoints, releases and reads would each wait
-            // out their own timeout too, stretching the tick while achieving nothing.
-            // Readers fence themselves by the last confirmed heartbeat anyway.
+        if !self.book.ok() {
+            // The last heartbeat failed (reported by `on_beat`): the checkpoints, releases
+            // and reads would each wait out their own timeout too, stretching the tick
+            // while achieving nothing. Readers fence themselves by the last confirmed
+            // heartbeat anyway.
             self.finish_tick();
             return;
         }
@@ -215,7 +214,8 @@ impl Engine {
             waiting_since: self.waiting_since,
             last_read: self.last_recheck.max(self.clients_read_at),
             heartbeat_age: self
-                .heartbeat_sent
+                .book
+                .sent()
                 .map(|t| BootInstant::now().saturating_duration_since(t)),
             heartbeat_interval: self.config.tuning.heartbeat_interval,
         })
@@ -241,6 +241,13 @@ impl Engine {
     /// docs/state-store.md, "Reads"). Returns the rows, when they were observed and the live
     /// ids; `None` (noted) when the store failed.
     async fn read_clients(&mut self) -> Option<(Vec<ClientRow>, Instant, Vec<String>)> {
+        // A heartbeat that failed since the last read (while the last tick ran, say) counts
+        // like a failed read: see `ClientWatch::lost_sight`.
+        let failures = self.book.failures();
+        if failures != self.beat_failures {
+            self.beat_failures = failures;
+            self.clients.lost_sight();
+        }
         let group = self.group();
         let cheap = self
             .io(
