@@ -41,8 +41,6 @@ const TAIL_EVERY: Duration = Duration::from_millis(10);
 const GOAL_KILL_MS: f64 = 6000.0;
 const GOAL_RESTART_MS: f64 = 2000.0;
 const GOAL_JOIN_MS: f64 = 2000.0;
-/// The default `checkpointInterval`: a crash redelivers at most this much of its shards.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the benchmark is given.
 pub struct Params {
@@ -506,7 +504,9 @@ fn rows(
             !v.is_empty() && max <= goal,
         )
     };
-    let per_shard_bound = (CHECKPOINT_INTERVAL.as_millis() / PRODUCE_EVERY.as_millis()) as usize;
+    // The default `checkpointInterval`: a crash redelivers at most this much of its shards.
+    let checkpoint_interval = kcg_worker::config::defaults::checkpoint_interval();
+    let per_shard_bound = (checkpoint_interval.as_millis() / PRODUCE_EVERY.as_millis()) as usize;
     let dup_row = |event: Event, what: &str| {
         let of: Vec<&(Event, usize, usize)> = dups.iter().filter(|d| d.0 == event).collect();
         let max = of.iter().map(|d| d.2).max().unwrap_or(0);

@@ -260,6 +260,7 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
     let needs_kinesis = selected(Bench::E2e)
         || selected(Bench::Rebalance)
         || selected(Bench::Sink)
+        || selected(Bench::Failover)
         || selected(Bench::Cost)
         || selected(Bench::Scale);
     let needs_aws = needs_kinesis || selected(Bench::Operator);
