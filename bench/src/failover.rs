@@ -504,9 +504,7 @@ fn rows(
             !v.is_empty() && max <= goal,
         )
     };
-    // The default `checkpointInterval`: a crash redelivers at most this much of its shards.
-    let checkpoint_interval = kcg_worker::config::defaults::checkpoint_interval();
-    let per_shard_bound = (checkpoint_interval.as_millis() / PRODUCE_EVERY.as_millis()) as usize;
+    let per_shard_bound = per_shard_bound();
     let dup_row = |event: Event, what: &str| {
         let of: Vec<&(Event, usize, usize)> = dups.iter().filter(|d| d.0 == event).collect();
         let max = of.iter().map(|d| d.2).max().unwrap_or(0);
@@ -555,6 +553,12 @@ fn rows(
     ]
 }
 
+/// Records a crash may redeliver per shard: one default `checkpointInterval` of them.
+fn per_shard_bound() -> usize {
+    let interval = kcg_worker::config::defaults::checkpoint_interval();
+    (interval.as_millis() / PRODUCE_EVERY.as_millis()) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,7 +578,7 @@ mod tests {
         let clean = [
             (Event::Join, 0, 0),
             (Event::Graceful, 2, 0),
-            (Event::Restart, 2, 100),
+            (Event::Restart, 2, 2 * per_shard_bound()),
             (Event::Kill, 2, 37),
         ];
         assert_eq!(verdicts(good, &clean), vec![Some(true); 7]);
@@ -591,8 +595,8 @@ mod tests {
         let noisy = [
             (Event::Join, 0, 1),
             (Event::Graceful, 2, 1),
-            (Event::Restart, 2, 101),
-            (Event::Kill, 1, 51),
+            (Event::Restart, 2, 2 * per_shard_bound() + 1),
+            (Event::Kill, 1, per_shard_bound() + 1),
         ];
         assert_eq!(verdicts(good, &noisy)[3..], [Some(false); 4]);
     }
