@@ -417,6 +417,7 @@ mod tests {
             expires_at: 0,
             streams: None,
             lease_changes: 0,
+            shard_changes: None,
         }
     }
 

@@ -129,6 +129,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             started_at_ms: 1_799_999_000_000,
             owned_shards: shards / clients,
             lease_changes: 0,
+            shard_changes: None,
             last_error: None,
             last_error_reason: None,
             expires_at: 1_800_000_100,

@@ -21,6 +21,7 @@ fn client(id: &str) -> ClientRow {
         started_at_ms: 1_700_000_000_000,
         owned_shards: 0,
         lease_changes: 0,
+        shard_changes: None,
         last_error: None,
         last_error_reason: None,
         expires_at: 0,

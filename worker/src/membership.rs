@@ -499,6 +499,7 @@ mod tests {
             started_at_ms: at_ms,
             owned_shards: 0,
             lease_changes: 0,
+            shard_changes: None,
             last_error: None,
             last_error_reason: None,
             expires_at: 0,

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use aws_config::BehaviorVersion;
 use kcg_worker::position::Position;
-use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, shards_sk};
+use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, lease_sk, shards_sk};
 use kcg_worker::store::{
     CheckpointUpdate, ClaimStamp, Consistency, HeartbeatUpdate, StateStore, StoreError,
 };
@@ -490,6 +490,7 @@ async fn heartbeat_and_conditional_prune() {
             &HeartbeatUpdate {
                 owned_shards: 3,
                 lease_changes: 5,
+                shard_changes: 2,
                 last_error: Some(("HandlerFailing".into(), "sidecar answers 500".into())),
             },
         )
@@ -499,8 +500,14 @@ async fn heartbeat_and_conditional_prune() {
     let snap = store.load_group(G).await.expect("load");
     let c = &snap.clients[0];
     assert_eq!(
-        (c.heartbeat, c.owned_shards, c.lease_changes, c.pod.as_str()),
-        (2, 3, 5, "pod-1")
+        (
+            c.heartbeat,
+            c.owned_shards,
+            c.lease_changes,
+            c.shard_changes,
+            c.pod.as_str()
+        ),
+        (2, 3, 5, Some(2), "pod-1")
     );
     // The member's per-tick read: the client rows only.
     assert_eq!(store.load_clients(G).await.expect("clients"), snap.clients);
@@ -571,6 +578,57 @@ async fn eventually_consistent_client_reads_cost_half() {
     assert_eq!(eventual, strong);
     assert!(after_strong >= 2.0, "50 rows span more than 4 KB");
     assert_eq!(after_eventual * 2.0, after_strong);
+}
+
+#[tokio::test]
+async fn a_range_read_returns_exactly_the_lease_rows_between_its_keys() {
+    let Some(store) = store("rangeread").await else {
+        return;
+    };
+    let shard = |i: usize| format!("shardId-{i:012}");
+    for i in 0..12 {
+        store
+            .claim_lease(G, "s", &shard(i), "c-1", None)
+            .await
+            .expect("claim");
+    }
+    // Rows around the range that it must not return: another stream whose name extends
+    // this one, a client row, a shard cache, another group.
+    store
+        .claim_lease(G, "s-2", &shard(5), "c-1", None)
+        .await
+        .expect("claim s-2");
+    store
+        .claim_lease("ns/other", "s", &shard(5), "c-1", None)
+        .await
+        .expect("claim other group");
+    store
+        .register(G, "c-1", "pod", 1, &[])
+        .await
+        .expect("register");
+    let before = store.read_units();
+    let got = store
+        .load_lease_range(G, &lease_sk("s", &shard(3)), &lease_sk("s", &shard(7)))
+        .await
+        .expect("range");
+    let ids: Vec<(&str, &str)> = got
+        .iter()
+        .map(|l| (l.stream.as_str(), l.shard_id.as_str()))
+        .collect();
+    let want: Vec<String> = (3..=7).map(shard).collect();
+    assert_eq!(
+        ids,
+        want.iter().map(|s| ("s", s.as_str())).collect::<Vec<_>>()
+    );
+    assert!(got.iter().all(|l| l.owner.as_deref() == Some("c-1")));
+    // Five small rows: one read unit (a whole-group Query of this table costs the same, but
+    // at a thousand shards the range is billed for its rows alone).
+    assert_eq!(store.read_units() - before, 1.0);
+    let none = store
+        .load_lease_range(G, &lease_sk("s", &shard(20)), &lease_sk("s", &shard(30)))
+        .await
+        .expect("empty range");
+    assert!(none.is_empty());
 }
 
 #[tokio::test]

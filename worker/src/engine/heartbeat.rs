@@ -252,7 +252,7 @@ impl Engine {
         }
     }
 
-    /// Publishes what the next heartbeat records: leases held, our `leaseChanges`, and the
+    /// Publishes what the next heartbeat records: leases held, our change counters, and the
     /// current problem (a reader's, else the last tick's).
     pub(super) fn publish_update(&self) {
         let reader_issue = self
@@ -263,6 +263,7 @@ impl Engine {
         let update = HeartbeatUpdate {
             owned_shards: self.owned.len() as u32,
             lease_changes: self.lease_changes,
+            shard_changes: self.shard_changes,
             last_error: issue.map(|i| (i.reason, i.message)),
         };
         self.update_tx.send_if_modified(|u| {

@@ -149,7 +149,8 @@ impl Engine {
         }
         self.refresh_caches |= report.refresh_again;
         if report.more_to_create {
-            self.read_leases = true;
+            // The next batch is chosen from every row, as read.
+            self.read_all_leases = true;
         }
         if !report.deleted.is_empty() {
             let deleted: BTreeSet<ShardKey> = report.deleted.into_iter().collect();
@@ -168,7 +169,7 @@ impl Engine {
                 }
             }
             // Tell the group: new shards may be consumable now.
-            self.leases_changed();
+            self.shards_changed();
         }
     }
 

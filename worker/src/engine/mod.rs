@@ -177,10 +177,12 @@ struct Engine {
     clients: ClientWatch,
     /// Lease and shard-cache rows as last read (`clients` is refreshed every tick).
     snap: GroupSnapshot,
-    /// Re-read the lease rows at the next tick: our own writes changed them, or our plan is
-    /// not applied yet.
+    /// Re-read the rows of our range at the next tick: our own writes changed them, or our
+    /// plan is not applied yet.
     read_leases: bool,
-    /// Tick of the last lease read.
+    /// Re-read every lease row at the next tick (see `reads::ReadInput::asked_full`).
+    read_all_leases: bool,
+    /// Tick of the last read of every lease row.
     leases_read_at: u64,
     /// When the last client read's liveness judgments were made: a lease re-read between
     /// ticks judges owners as of then.
@@ -190,11 +192,12 @@ struct Engine {
     waiting: BTreeSet<ShardKey>,
     waiting_since: Instant,
     last_recheck: Instant,
-    /// The live clients and every client's `leaseChanges` at the previous tick.
+    /// The live clients and every client's change counters at the previous tick.
     last_live: Vec<String>,
-    last_changes: BTreeMap<String, u64>,
-    /// Our own `leaseChanges`, sent with every heartbeat.
+    last_changes: BTreeMap<String, reads::ChangeMarks>,
+    /// Our own `leaseChanges` and `shardChanges`, sent with every heartbeat.
     lease_changes: u64,
+    shard_changes: u64,
     /// Our readers' fences and the last confirmed heartbeat, which their deadlines count
     /// from (shared with the heartbeat task).
     book: Arc<FenceBook>,
@@ -266,6 +269,7 @@ impl Engine {
             clients: ClientWatch::new(timeout),
             snap: GroupSnapshot::default(),
             read_leases: true,
+            read_all_leases: true,
             leases_read_at: 0,
             clients_read_at: Instant::now(),
             waiting: BTreeSet::new(),
@@ -274,6 +278,7 @@ impl Engine {
             last_live: Vec::new(),
             last_changes: BTreeMap::new(),
             lease_changes: 0,
+            shard_changes: 0,
             book: Arc::default(),
             beat: None,
             beat_tx,

@@ -347,7 +347,12 @@ impl Engine {
             .await;
         match res {
             Ok(_) => {
-                self.leases_changed();
+                if cp.ended {
+                    // Its children may be consumable now: every member plans anew.
+                    self.shards_changed();
+                } else {
+                    self.leases_changed();
+                }
                 self.metrics.leases_released.inc();
                 if cp.position.is_some() || cp.ended {
                     self.metrics.checkpoints_written.inc();

@@ -45,7 +45,7 @@ impl Engine {
                     replaced.push((key, counter + 1, start));
                 }
                 // Its owner or someone else moved it: look again.
-                Err(StoreError::Conflict { .. }) => self.read_leases = true,
+                Err(StoreError::Conflict { .. }) => self.read_all_leases = true,
                 Err(e) => self.note_store("replace_lease", &e),
             }
         }
@@ -61,7 +61,7 @@ impl Engine {
                 *l = fresh_row(self.group(), key, counter, start);
             }
         }
-        self.leases_changed();
+        self.shards_changed();
     }
 }
 
@@ -84,7 +84,7 @@ impl Engine {
         match res {
             Ok(()) => {
                 info!(stream = %key.stream, shard = %key.shard_id, "claimed the lease row of a deleted stream's shard; replaced it");
-                self.leases_changed();
+                self.shards_changed();
             }
             Err(StoreError::Conflict { .. }) => self.read_leases = true,
             Err(e) => self.note_store("replace_lease", &e),

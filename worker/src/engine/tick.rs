@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::store::Consistency;
-use crate::store::schema::ClientRow;
+use crate::store::schema::{ClientRow, lease_sk};
 
 /// How many heartbeats after a new wait began [`Engine::recheck`] may run.
 const RECHECK_WINDOW_TICKS: u32 = 3;
@@ -74,25 +74,20 @@ impl Engine {
         self.metrics.is_leader.set(i64::from(leader));
         self.metrics.live_clients.set(live.len() as i64);
 
-        let changes = reads::lease_changes(&clients);
-        let read = reads::read_leases(reads::ReadInput {
-            ticks_since_read: self.ticks - self.leases_read_at,
+        let changes = reads::change_marks(&clients);
+        let read = reads::lease_read(reads::ReadInput {
+            ticks_since_full: self.ticks - self.leases_read_at,
             asked: self.read_leases,
+            asked_full: self.read_all_leases,
             live_changed: live != self.last_live,
-            changes_moved: changes != self.last_changes,
+            moved: reads::moved(&self.last_changes, &changes),
         });
         self.last_live = live.clone();
         self.last_changes = changes;
-        if read {
-            match self
-                .io("load_leases", self.store.load_leases(self.group()))
-                .await
-            {
-                Ok(s) => {
-                    self.snap = s;
-                    self.leases_read_at = self.ticks;
-                    self.read_leases = false;
-                }
+        let mut read_all = false;
+        if read != reads::LeaseRead::None {
+            match self.read_lease_rows(read == reads::LeaseRead::All).await {
+                Ok(all) => read_all = all,
                 Err(e) => {
                     self.note_store("load_leases", &e);
                     self.finish_tick();
@@ -105,7 +100,7 @@ impl Engine {
         self.clients_read_at = now;
         self.collect_duties(&mut snap).await;
         if leader || !self.led_streams.is_empty() {
-            self.lead(&snap, leader, read, now);
+            self.lead(&snap, leader, read_all, now);
             // Rows of a deleted stream's shards are replaced here, not in the background
             // run: rare, a few conditional writes, and the plan below must not claim them.
             self.replace_older_leases(&mut snap).await;
@@ -121,19 +116,82 @@ impl Engine {
     /// read, like the tick that made that read. See [`Engine::recheck_due`].
     pub(super) async fn recheck(&mut self) {
         self.last_recheck = Instant::now();
-        match self
-            .io("load_leases", self.store.load_leases(self.group()))
-            .await
-        {
-            Ok(mut snap) => {
-                snap.clients = std::mem::take(&mut self.snap.clients);
-                self.leases_read_at = self.ticks;
-                self.read_leases = false;
+        match self.read_lease_rows(false).await {
+            Ok(_) => {
+                let snap = std::mem::take(&mut self.snap);
                 self.apply_plan(snap, self.clients_read_at).await;
             }
             // The next tick reads again; a failing store is reported by it.
             Err(e) => debug!(error = %e, "lease re-read between ticks failed"),
         }
+    }
+
+    /// Re-reads lease rows into our snapshot: every row and the shard caches when `all`,
+    /// else only the rows of our range ([`Engine::our_lease_rows`]), falling back to every
+    /// row when they lie too spread. Returns whether every row was read.
+    async fn read_lease_rows(&mut self, all: bool) -> Result<bool, StoreError> {
+        let ranges = if all {
+            None
+        } else {
+            let ours = self.our_lease_rows();
+            reads::lease_ranges(self.snap.leases.iter().map(|l| l.sk.as_str()), &ours)
+        };
+        let group = self.group().to_owned();
+        let read_all = match ranges {
+            None => {
+                let read = self
+                    .io("load_leases", self.store.load_leases(&group))
+                    .await?;
+                self.snap.leases = read.leases;
+                self.snap.shard_caches = read.shard_caches;
+                self.leases_read_at = self.ticks;
+                self.read_all_leases = false;
+                true
+            }
+            Some(ranges) => {
+                let queries = ranges
+                    .iter()
+                    .map(|(first, last)| self.store.load_lease_range(&group, first, last));
+                let read = self
+                    .io("load_lease_range", futures::future::try_join_all(queries))
+                    .await?;
+                reads::merge_ranges(
+                    &mut self.snap.leases,
+                    &ranges,
+                    read.into_iter().flatten().collect(),
+                );
+                false
+            }
+        };
+        self.read_leases = false;
+        Ok(read_all)
+    }
+
+    /// The sort keys of the lease rows that concern us: the shards the plan gives us (as
+    /// of our snapshot and the last client read), those we read or still have to release,
+    /// and those whose row names us.
+    fn our_lease_rows(&self) -> BTreeSet<String> {
+        let names = self.stream_names();
+        let snap = incarnation::current(&self.snap);
+        let plan = assignment::plan_by_readers(
+            &assignment::streams_from_snapshot(&names, &snap),
+            &self.readers,
+        );
+        let me = self.me();
+        plan.iter()
+            .filter(|(_, owner)| owner.as_str() == me)
+            .map(|(key, _)| key)
+            .chain(self.owned.keys())
+            .chain(self.pending_release.keys())
+            .map(|key| lease_sk(&key.stream, &key.shard_id))
+            .chain(
+                self.snap
+                    .leases
+                    .iter()
+                    .filter(|l| l.owner.as_deref() == Some(me))
+                    .map(|l| l.sk.clone()),
+            )
+            .collect()
     }
 
     /// Plans from `full` (client rows read at `judged_at`, whose live clients and their
@@ -296,11 +354,18 @@ impl Engine {
         }
     }
 
-    /// Our lease set changed (or, for the leader, a shard cache): tell the group with the
-    /// next heartbeat, and re-read the leases ourselves.
+    /// Our lease set changed: tell the group with the next heartbeat, and re-read our
+    /// rows ourselves.
     pub(super) fn leases_changed(&mut self) {
         self.lease_changes += 1;
         self.read_leases = true;
+    }
+
+    /// We changed what plans are made of (a shard cache, a shard read to its end, rows of a
+    /// deleted stream replaced): tell the group, whose members then re-read every lease row.
+    pub(super) fn shards_changed(&mut self) {
+        self.shard_changes += 1;
+        self.leases_changed();
     }
 
     /// The fencing margin: how long after a confirmed heartbeat was sent our readers may

@@ -136,6 +136,8 @@ pub struct HeartbeatUpdate {
     pub owned_shards: u32,
     /// The client's lease-change counter (see [`ClientRow::lease_changes`]).
     pub lease_changes: u64,
+    /// The client's shard-change counter (see [`ClientRow::shard_changes`]).
+    pub shard_changes: u64,
     /// Current problem: (reason, message). `None` clears it.
     pub last_error: Option<(String, String)>,
 }
@@ -148,6 +150,19 @@ pub enum Consistency {
     /// Possibly a moment behind (usually well under a second): half the read units. Fine
     /// where a decision is confirmed by a strong read or guarded by a conditional write.
     Eventual,
+}
+
+/// Which rows of a group's partition a Query reads, by sort key.
+#[derive(Clone, Copy, Debug)]
+enum SortKeys<'a> {
+    /// Every row.
+    All,
+    /// Sort keys beginning with this prefix.
+    Prefix(&'a str),
+    /// Sort keys from this one on.
+    From(&'a str),
+    /// Sort keys from the first to the second, both included.
+    Between(&'a str, &'a str),
 }
 
 /// The state store of one table. Cheap to clone; clones share the read-unit count.
@@ -344,7 +359,8 @@ impl StateStore {
     /// Every row of `group`: one consistent, paginated Query on the partition key. The
     /// operator builds the CR status from this, so its shape is part of the contract.
     pub async fn load_group(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
-        self.query_group(group, None, Consistency::Strong).await
+        self.query_group(group, SortKeys::All, Consistency::Strong)
+            .await
     }
 
     /// The client rows of `group` only (`sk` begins with `client#`): what a member reads at
@@ -361,9 +377,8 @@ impl StateStore {
         group: &str,
         consistency: Consistency,
     ) -> Result<Vec<ClientRow>, StoreError> {
-        let part = ("begins_with(#sk, :from)", CLIENT_PREFIX);
         Ok(self
-            .query_group(group, Some(part), consistency)
+            .query_group(group, SortKeys::Prefix(CLIENT_PREFIX), consistency)
             .await?
             .clients)
     }
@@ -372,23 +387,37 @@ impl StateStore {
     /// the client rows): what a member re-reads when the group changed. Consistent,
     /// paginated; `clients` of the result is empty.
     pub async fn load_leases(&self, group: &str) -> Result<GroupSnapshot, StoreError> {
-        let part = ("#sk >= :from", LEASE_PREFIX);
-        self.query_group(group, Some(part), Consistency::Strong)
+        self.query_group(group, SortKeys::From(LEASE_PREFIX), Consistency::Strong)
             .await
     }
 
-    /// One paginated Query of a group, optionally narrowed by a sort-key condition
-    /// (`(expression on #sk and :from, value of :from)`).
+    /// The lease rows of `group` whose sort keys lie from `first` to `last` (both
+    /// [`lease_sk`]s, included): what a member re-reads when only ownership moved, the rows
+    /// of its own range (see docs/state-store.md, "Reads"). Consistent, paginated; billed by
+    /// the size of these rows alone.
+    pub async fn load_lease_range(
+        &self,
+        group: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<LeaseRow>, StoreError> {
+        Ok(self
+            .query_group(group, SortKeys::Between(first, last), Consistency::Strong)
+            .await?
+            .leases)
+    }
+
+    /// One paginated Query of a group, narrowed to the rows `keys` selects.
     async fn query_group(
         &self,
         group: &str,
-        sk_condition: Option<(&str, &str)>,
+        keys: SortKeys<'_>,
         consistency: Consistency,
     ) -> Result<GroupSnapshot, StoreError> {
         let mut attempt = 1;
         let mut snap = loop {
             let mut rows = Rows::default();
-            self.for_each_row(group, sk_condition, consistency, |item| {
+            self.for_each_row(group, keys, consistency, |item| {
                 self.decode_into(group, item, &mut rows)
             })
             .await?;
@@ -412,12 +441,12 @@ impl StateStore {
         Ok(snap)
     }
 
-    /// The rows of `group` (those whose sort key meets `sk_condition`, e.g. `begins_with`),
-    /// one paginated Query, handed to `f` in key order.
+    /// The rows of `group` that `keys` selects, one paginated Query, handed to `f` in key
+    /// order.
     async fn for_each_row(
         &self,
         group: &str,
-        sk_condition: Option<(&str, &str)>,
+        keys: SortKeys<'_>,
         consistency: Consistency,
         mut f: impl FnMut(&HashMap<String, AttributeValue>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
@@ -432,13 +461,21 @@ impl StateStore {
                 .consistent_read(consistency == Consistency::Strong)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .set_exclusive_start_key(start.take());
-            req = match sk_condition {
-                None => req.key_condition_expression("#pk = :pk"),
-                Some((cond, from)) => req
-                    .key_condition_expression(format!("#pk = :pk AND {cond}"))
-                    .expression_attribute_names("#sk", SK)
-                    .expression_attribute_values(":from", s(from)),
+            let (cond, from, to) = match keys {
+                SortKeys::All => ("", None, None),
+                SortKeys::Prefix(p) => (" AND begins_with(#sk, :from)", Some(p), None),
+                SortKeys::From(f) => (" AND #sk >= :from", Some(f), None),
+                SortKeys::Between(f, t) => (" AND #sk BETWEEN :from AND :to", Some(f), Some(t)),
             };
+            req = req.key_condition_expression(format!("#pk = :pk{cond}"));
+            if let Some(from) = from {
+                req = req
+                    .expression_attribute_names("#sk", SK)
+                    .expression_attribute_values(":from", s(from));
+            }
+            if let Some(to) = to {
+                req = req.expression_attribute_values(":to", s(to));
+            }
             let out = req
                 .send()
                 .await
@@ -551,6 +588,7 @@ impl StateStore {
             started_at_ms,
             owned_shards: 0,
             lease_changes: 0,
+            shard_changes: Some(0),
             last_error: None,
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
@@ -628,6 +666,7 @@ impl StateStore {
             .expression_attribute_names("#hbat", "heartbeatAtMs")
             .expression_attribute_names("#owned", "ownedShards")
             .expression_attribute_names("#changes", "leaseChanges")
+            .expression_attribute_names("#shards", "shardChanges")
             .expression_attribute_names("#exp", TTL_ATTRIBUTE)
             .expression_attribute_names("#err", "lastError")
             .expression_attribute_names("#reason", "lastErrorReason")
@@ -635,10 +674,11 @@ impl StateStore {
             .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":owned", n(update.owned_shards))
             .expression_attribute_values(":changes", n(update.lease_changes))
+            .expression_attribute_values(":shards", n(update.shard_changes))
             .expression_attribute_values(":exp", n(now / 1000 + CLIENT_ROW_TTL.as_secs() as i64))
             .return_values(ReturnValue::UpdatedNew);
-        let set =
-            "SET #hb = #hb + :one, #hbat = :now, #owned = :owned, #changes = :changes, #exp = :exp";
+        let set = "SET #hb = #hb + :one, #hbat = :now, #owned = :owned, #changes = :changes, \
+                   #shards = :shards, #exp = :exp";
         req = match &update.last_error {
             Some((reason, message)) => req
                 .update_expression(format!("{set}, #err = :err, #reason = :reason"))
@@ -724,7 +764,7 @@ impl StateStore {
         let mut existing = Vec::new();
         self.for_each_row(
             &head.pk,
-            Some(("begins_with(#sk, :from)", &prefix)),
+            SortKeys::Prefix(&prefix),
             Consistency::Strong,
             |item| {
                 if let Some(AttributeValue::S(sk)) = item.get(SK) {
@@ -1223,8 +1263,8 @@ impl StateStore {
         group: &str,
     ) -> Result<std::collections::BTreeMap<(String, String), ResetTo>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
-        let leases = ("begins_with(#sk, :from)", LEASE_PREFIX);
-        self.for_each_row(group, Some(leases), Consistency::Strong, |item| {
+        let leases = SortKeys::Prefix(LEASE_PREFIX);
+        self.for_each_row(group, leases, Consistency::Strong, |item| {
             let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
             let is_lease = text(SK).is_some_and(|sk| sk.starts_with(LEASE_PREFIX));
             if let (true, Some(stream), Some(shard), Some(to)) =

@@ -79,10 +79,18 @@ pub struct ClientRow {
     #[serde(default)]
     pub owned_shards: u32,
     /// Moves (with the next heartbeat) whenever this client claimed, resumed, released or
-    /// abandoned a lease, or (leader) wrote a shard cache: other clients re-read the lease
-    /// rows only when some client's value moved, instead of at every heartbeat.
+    /// abandoned a lease, or changed the shards ([`ClientRow::shard_changes`]): other
+    /// clients re-read lease rows only when some client's value moved, instead of at every
+    /// heartbeat.
     #[serde(default)]
     pub lease_changes: u64,
+    /// Moves (with `lease_changes`) whenever this client changed what the plan is made of:
+    /// (leader) wrote a shard cache or replaced a deleted stream's rows, or released a
+    /// shard it read to its end. Other clients re-read every lease row when it moves; when
+    /// only `lease_changes` moved (ownership), the rows of their own range suffice. Absent
+    /// for workers that predate it, whose every lease change counts as a shard change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_changes: Option<u64>,
     /// The last error this client hit (delivery, Kinesis, state store), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -113,6 +121,7 @@ impl ClientRow {
             started_at_ms: 0,
             owned_shards: 0,
             lease_changes: 0,
+            shard_changes: Some(0),
             last_error: None,
             last_error_reason: None,
             expires_at: 0,
