@@ -8,28 +8,19 @@
 //! they are not set) and libfaketime (Debian package `faketime`; `.ci/run` installs it).
 
 mod group_support;
+mod process_support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use group_support::*;
-use tokio::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_latest_shard_handed_over_does_not_depend_on_the_first_claimers_clock() {
     let Some(mut env) = env("handover", 1).await else {
         return;
     };
-    // Preloaded into the worker itself (the `faketime` command would stand between the
-    // test and the process it kills).
-    let libfaketime = std::fs::read_dir("/usr/lib")
-        .expect("/usr/lib")
-        .filter_map(Result::ok)
-        .map(|d| d.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime is missing: apt-get install faketime");
+    let libfaketime = process_support::libfaketime("libfaketime.so.1");
     env.start_position = "Latest".into();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.yaml");
@@ -43,18 +34,13 @@ async fn a_latest_shard_handed_over_does_not_depend_on_the_first_claimers_clock(
     )
     .expect("config");
     // The first claimer: its wall clock two minutes ahead (monotonic time left alone).
-    let mut skewed = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--client-id", "skewed", "--listen", "127.0.0.1:0"])
+    let mut skewed = process_support::worker_command(&config, "skewed")
         .env("LD_PRELOAD", &libfaketime)
         .env("FAKETIME", "+120s")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("skewed.log")).expect("log"))
-        .kill_on_drop(true)
         .spawn()
         .expect("spawning kcg-worker under faketime");
     let start = Instant::now();

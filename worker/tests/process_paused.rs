@@ -1,20 +1,30 @@
 //! Issue 9, "paused process": two real `kcg-worker` processes deliver a 4-shard stream to an
-//! http receiver (axum, in the test); one is frozen with SIGSTOP for longer than the client
-//! timeout while records flow, the other takes its shards over, then the frozen one gets
-//! SIGCONT. The frozen one must not deliver anything once it could have been taken over:
-//! per shard, the receiver must see the lease counters of the POSTs (the fencing token the
-//! http sink sends) in order, never an older holder's POST after a newer holder's. Then it
-//! rejoins, and nothing is lost.
+//! http receiver (axum, in the test, one URL path per worker); one is frozen for longer
+//! than the client timeout while records flow, the other takes its shards over, then the
+//! frozen one wakes up. The frozen one must not deliver anything once it could have been
+//! taken over: no POST of one worker may reach the receiver while the other holds the
+//! shard. Then it rejoins, and nothing is lost.
 //!
-//! The receiver answers after 100 ms and the sink sends one record per POST, so the
-//! stopped worker is almost always waiting on an answer that arrives while it is stopped.
-//! Without the re-check of the fencing deadline right before every hand-over and send,
-//! whether it sends its next POST on SIGCONT is a race between each reader and its
-//! supervisor's abort, which the supervisor usually wins: this test guards the property
-//! end to end, it does not lose that race on every run of the old code.
+//! The freeze is a VM's: SIGSTOP, and on SIGCONT the worker's `CLOCK_MONOTONIC` goes on
+//! from where it stopped, as it does on a suspended machine, while `CLOCK_BOOTTIME` counts
+//! the freeze. libfaketime (preloaded, its offset in a file the test rewrites while the
+//! worker is stopped) moves the clocks the worker reads through libc back by the time it
+//! was stopped: std's `Instant`, so every tokio timer. The worker reads `CLOCK_BOOTTIME`
+//! (`fence.rs`) through rustix's direct vDSO call, which libfaketime does not see. Before
+//! the fencing deadline moved to `CLOCK_BOOTTIME` and was re-checked before every
+//! hand-over, the woken worker's readers saw their deadline still ahead and handed the
+//! next batch over at once (the receiver answers each POST after 100 ms, so the frozen
+//! worker is waiting on an answer that arrives while it is stopped): this test failed on
+//! every run. (With SIGSTOP alone, both clocks run on and the supervisor's abort of the
+//! reader usually wins the race on wake-up.)
 //!
-//! Needs `AWS_ENDPOINT_URL_DYNAMODB` and `AWS_ENDPOINT_URL_KINESIS`; skips with a message
-//! when they are not set.
+//! Which worker held a shard when is read from the lease table by a poller every 50 ms: a
+//! POST that arrives between two polls that both saw the other worker hold the shard under
+//! the same lease counter arrived while the other held it throughout. The sink's fencing
+//! token (`Kcg-Lease-Counter`) is checked too: per shard it only grows.
+//!
+//! Needs `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_KINESIS` (skips with a message when
+//! they are not set) and libfaketime (Debian package `faketime`; `.ci/run` installs it).
 
 mod process_support;
 #[path = "stream_support/mod.rs"]
@@ -33,7 +43,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use kcg_worker::store::StateStore;
-use tokio::process::Child;
+use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// `tuning.clientTimeout` of the workers.
@@ -44,8 +54,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 struct Post {
     /// `w1` or `w2`: each worker posts to its own path.
     worker: String,
+    /// The shard of its records (from the body: all records of a POST are one shard's).
     shard: String,
-    counter: u64,
+    /// The fencing token, when the sink sends one.
+    counter: Option<u64>,
     at: Instant,
     sequences: Vec<String>,
 }
@@ -61,42 +73,37 @@ async fn receive(
     headers: HeaderMap,
     body: String,
 ) -> StatusCode {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
+    let at = Instant::now();
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
-    let sequences = body["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .map(|r| r["sequence"].as_str().expect("sequence").to_owned())
-        .collect();
+    let records = body["records"].as_array().expect("records");
+    let field = |r: &serde_json::Value, name: &str| r[name].as_str().expect(name).to_owned();
+    let shards: BTreeSet<String> = records.iter().map(|r| field(r, "shard")).collect();
+    assert_eq!(shards.len(), 1, "one shard per POST: {shards:?}");
     r.posts.lock().unwrap().push(Post {
         worker,
-        shard: header("kcg-shard-id"),
-        counter: header("kcg-lease-counter")
-            .parse()
-            .expect("a lease counter header"),
-        at: Instant::now(),
-        sequences,
+        shard: shards.into_iter().next().expect("a shard"),
+        counter: headers.get("kcg-lease-counter").map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .expect("a number")
+        }),
+        at,
+        sequences: records.iter().map(|r| field(r, "sequence")).collect(),
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     StatusCode::NO_CONTENT
 }
 
-fn spawn(dir: &std::path::Path, name: &str, config: &str) -> Child {
+/// `kcg-worker` as client `name` with `config`; its log goes to `<dir>/<name>.log`.
+fn worker(dir: &std::path::Path, name: &str, config: &str) -> Command {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config).expect("config");
-    process_support::worker_command(&path, name)
-        .stdin(Stdio::null())
+    let mut cmd = process_support::worker_command(&path, name);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
-        .spawn()
-        .expect("spawning kcg-worker")
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"));
+    cmd
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -108,17 +115,81 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// Owned shard ids per worker name (client id without its suffix).
+/// Worker name of an owner (client id without its suffix).
+fn worker_name(owner: &str) -> String {
+    owner
+        .rsplit_once('-')
+        .map_or(owner.to_owned(), |(b, _)| b.to_owned())
+}
+
+/// Owned shard ids per worker name.
 async fn ownership(store: &StateStore, group: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let snap = store.load_group(group).await.expect("load group");
     for l in snap.leases {
         if let Some(o) = l.owner {
-            let name = o.rsplit_once('-').map_or(o.clone(), |(b, _)| b.to_owned());
-            out.entry(name).or_default().insert(l.shard_id);
+            out.entry(worker_name(&o)).or_default().insert(l.shard_id);
         }
     }
     out
+}
+
+/// One read of the lease table: the holders it saw held their shards at some moment
+/// between `sent` and `answered`.
+struct Poll {
+    sent: Instant,
+    answered: Instant,
+    /// Shard id -> (worker name, lease counter).
+    held: BTreeMap<String, (String, u64)>,
+}
+
+/// A span over which `worker` held `shard` under `counter` throughout: from the answer
+/// of the first poll that saw it to the request of the last one.
+#[derive(Debug)]
+struct Held {
+    shard: String,
+    worker: String,
+    counter: u64,
+    from: Instant,
+    to: Instant,
+}
+
+/// The spans each holding was seen over (a holding seen by one poll only proves nothing).
+fn held_spans(polls: &[Poll]) -> Vec<Held> {
+    let mut spans: BTreeMap<(String, String, u64), Held> = BTreeMap::new();
+    for p in polls {
+        for (shard, (worker, counter)) in &p.held {
+            spans
+                .entry((shard.clone(), worker.clone(), *counter))
+                .and_modify(|h| h.to = p.sent)
+                .or_insert_with(|| Held {
+                    shard: shard.clone(),
+                    worker: worker.clone(),
+                    counter: *counter,
+                    from: p.answered,
+                    to: p.answered,
+                });
+        }
+    }
+    spans.into_values().filter(|h| h.to > h.from).collect()
+}
+
+/// Waits until `worker` has delivered from each of `shards`.
+async fn delivering(receiver: &Receiver, worker: &str, shards: &BTreeSet<String>) {
+    let what = format!("{worker} delivers from {shards:?}");
+    wait_for(&what, Duration::from_secs(20), || {
+        let from: BTreeSet<String> = receiver
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.worker == worker)
+            .map(|p| p.shard.clone())
+            .collect();
+        let done = from.is_superset(shards);
+        async move { done }
+    })
+    .await;
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(
@@ -134,13 +205,14 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
+async fn a_frozen_worker_delivers_nothing_after_its_shard_was_taken_over() {
     for var in ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_KINESIS"] {
         if std::env::var(var).is_err() {
             eprintln!("SKIP: {var} is not set (start the emulators, see scripts/emulators.sh)");
             return;
         }
     }
+    let libfaketime = process_support::libfaketime("libfaketimeMT.so.1");
     let conf = process_support::aws().await;
     let kinesis = aws_sdk_kinesis::Client::new(&conf);
     let id = format!("{:08x}", rand::random::<u32>());
@@ -172,12 +244,51 @@ async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
         )
     };
 
-    let mut w1 = spawn(&dir, "w1", &config("w1"));
+    let stop = CancellationToken::new();
+    let polls: Arc<Mutex<Vec<Poll>>> = Arc::default();
+    let poller = {
+        let (store, group, stop, polls) =
+            (store.clone(), group.clone(), stop.clone(), polls.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = Instant::now();
+                let snap = store.load_group(&group).await.expect("load group");
+                let held = snap
+                    .leases
+                    .into_iter()
+                    .filter_map(|l| {
+                        let owner = l.owner?;
+                        Some((l.shard_id, (worker_name(&owner), l.lease_counter)))
+                    })
+                    .collect();
+                polls.lock().unwrap().push(Poll {
+                    sent,
+                    answered: Instant::now(),
+                    held,
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // w1's fake clock offset: none until it wakes up.
+    let offset = dir.join("w1.faketime");
+    std::fs::write(&offset, "+0\n").expect("offset file");
+    let mut w1 = worker(&dir, "w1", &config("w1"))
+        .env("LD_PRELOAD", &libfaketime)
+        .env("FAKETIME_TIMESTAMP_FILE", &offset)
+        // Re-read at most every second: the first clock read after a freeze of seconds
+        // sees the new offset.
+        .env("FAKETIME_CACHE_DURATION", "1")
+        .spawn()
+        .expect("spawning kcg-worker under libfaketime");
     wait_for("w1 owns every shard", Duration::from_secs(30), || async {
         ownership(&store, &group).await.get("w1").map(BTreeSet::len) == Some(4)
     })
     .await;
-    let mut w2 = spawn(&dir, "w2", &config("w2"));
+    let mut w2 = worker(&dir, "w2", &config("w2"))
+        .spawn()
+        .expect("spawning kcg-worker");
     let halves = || async {
         let o = ownership(&store, &group).await;
         o.get("w1").map(BTreeSet::len) == Some(2) && o.get("w2").map(BTreeSet::len) == Some(2)
@@ -186,7 +297,6 @@ async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
 
     // 60 records/s over 4 shards: more than the receiver's 10 POSTs/s per shard, so each
     // reader always has a backlog and is almost always waiting on an answer.
-    let stop = CancellationToken::new();
     let produced = Arc::new(Mutex::new(BTreeSet::new()));
     let producer = {
         let (kinesis, name, stop, produced) = (
@@ -225,21 +335,8 @@ async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
             }
         })
     };
-    let posted_by = |worker: &'static str| {
-        let posts = receiver.posts.clone();
-        move || {
-            let n = posts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|p| p.worker == worker)
-                .count();
-            async move { n > 5 }
-        }
-    };
-    wait_for("w1 delivers", Duration::from_secs(20), posted_by("w1")).await;
-    wait_for("w2 delivers", Duration::from_secs(20), posted_by("w2")).await;
     let w1_shards = ownership(&store, &group).await["w1"].clone();
+    delivering(&receiver, "w1", &w1_shards).await;
 
     signal(&w1, "STOP");
     let stopped_at = Instant::now();
@@ -254,16 +351,78 @@ async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
     };
     wait_for("w2 takes w1's shards", CLIENT_TIMEOUT * 4, taken).await;
     let took = stopped_at.elapsed();
-    // Let w2 deliver from it for a while, then wake w1 up.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    signal(&w1, "CONT");
+    delivering(&receiver, "w2", &w1_shards).await;
+    // Wake w1 up with its monotonic clock where it stopped, as a VM resumed from suspend
+    // would: it reads the new offset on its first clock read after SIGCONT.
+    std::fs::write(
+        &offset,
+        format!("-{:.3}s\n", stopped_at.elapsed().as_secs_f64()),
+    )
+    .expect("offset file");
     let continued_at = Instant::now();
+    signal(&w1, "CONT");
     tokio::time::sleep(CLIENT_TIMEOUT * 2).await;
     let w1_running = w1.try_wait().expect("try_wait").is_none();
+
+    // The fencing property, checked before anything else can fail: no POST reached the
+    // receiver while the other worker held its shard throughout.
+    let spans = held_spans(&polls.lock().unwrap());
+    let posts = receiver.posts.lock().unwrap().clone();
+    for shard in &w1_shards {
+        assert!(
+            spans.iter().any(|h| &h.shard == shard
+                && h.worker == "w2"
+                && h.from < continued_at
+                && h.to > continued_at),
+            "the lease table must show w2 holding {shard} before and after w1 woke up, or a \
+             late POST of w1 could not be told from a handover back: {spans:?}"
+        );
+    }
+    for p in &posts {
+        if let Some(h) = spans
+            .iter()
+            .find(|h| h.shard == p.shard && h.worker != p.worker && h.from < p.at && p.at < h.to)
+        {
+            panic!(
+                "{} delivered {:?} of {} {:?} after SIGSTOP ({:?} after SIGCONT), while {} \
+                 held it under lease counter {} (seen {:?} before and {:?} after)",
+                p.worker,
+                p.sequences,
+                p.shard,
+                p.at.saturating_duration_since(stopped_at),
+                p.at.saturating_duration_since(continued_at),
+                h.worker,
+                h.counter,
+                p.at.duration_since(h.from),
+                h.to.duration_since(p.at),
+            );
+        }
+    }
+    // As a receiver checking the token would see it: per shard, counters only grow.
+    let mut newest: BTreeMap<&str, (u64, &Post)> = BTreeMap::new();
+    for p in &posts {
+        let Some(counter) = p.counter else { continue };
+        if let Some((seen, by)) = newest.get(p.shard.as_str())
+            && counter < *seen
+        {
+            panic!(
+                "{} delivered {:?} of {} under lease counter {counter} {:?} after {} had \
+                 delivered under counter {seen}",
+                p.worker,
+                p.sequences,
+                p.shard,
+                p.at.duration_since(by.at),
+                by.worker,
+            );
+        }
+        newest.insert(&p.shard, (counter, p));
+    }
+
     // It rejoins: the group is back to two shards each.
     wait_for("w1 rejoins", Duration::from_secs(20), halves).await;
     stop.cancel();
     producer.await.expect("producer");
+    poller.await.expect("poller");
     let want = produced.lock().unwrap().clone();
     let delivered = || {
         let (posts, want) = (receiver.posts.clone(), want.clone());
@@ -302,31 +461,5 @@ async fn a_stopped_worker_delivers_nothing_after_its_shard_was_taken_over() {
         "taken over {took:?} after SIGSTOP: before the client timeout"
     );
     assert!(w1_running, "w1 keeps running after SIGCONT");
-    // The fencing property, as a receiver checking the token would see it.
-    let posts = receiver.posts.lock().unwrap().clone();
-    let mut newest: BTreeMap<&str, (u64, &Post)> = BTreeMap::new();
-    for p in &posts {
-        if let Some((counter, by)) = newest.get(p.shard.as_str())
-            && p.counter < *counter
-        {
-            panic!(
-                "{} delivered {:?} of {} under lease counter {} {:?} after {} had delivered \
-                 under counter {counter} (SIGSTOP {:?} before, SIGCONT {:?} before)",
-                p.worker,
-                p.sequences,
-                p.shard,
-                p.counter,
-                p.at.duration_since(by.at),
-                by.worker,
-                p.at.saturating_duration_since(stopped_at),
-                p.at.saturating_duration_since(continued_at),
-            );
-        }
-        newest.insert(&p.shard, (p.counter, p));
-    }
-    let w2_on_it = posts
-        .iter()
-        .any(|p| p.worker == "w2" && w1_shards.contains(&p.shard));
-    assert!(w2_on_it, "w2 delivered from w1's shards after taking them");
     let _ = std::fs::remove_dir_all(&dir);
 }

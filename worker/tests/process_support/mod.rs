@@ -1,6 +1,8 @@
 //! Starting real `kcg-worker` processes against the emulators, shared by the tests that
 //! run processes.
 
+#![allow(dead_code)] // each test binary uses a subset
+
 use std::path::Path;
 
 use aws_config::{BehaviorVersion, Region};
@@ -36,4 +38,17 @@ pub async fn aws() -> aws_config::SdkConfig {
         .credentials_provider(Credentials::new("test", "test", None, None, "static"))
         .load()
         .await
+}
+
+/// The libfaketime preload library `file` (`libfaketime.so.1`, or `libfaketimeMT.so.1` for
+/// a multi-threaded process whose fake time changes while it runs), from the Debian
+/// package `faketime` (`.ci/run` installs it). Preloaded into the worker itself: the
+/// `faketime` command would stand between the test and the process it signals.
+pub fn libfaketime(file: &str) -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime").join(file))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{file} is missing: apt-get install faketime"))
 }
