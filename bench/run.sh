@@ -15,7 +15,7 @@
 # listings, see scripts/emulators.sh), started with its shard limit raised to
 # KCG_KINESIS_SHARD_LIMIT (default here 6000; an already running kinesis-local keeps the
 # limit it was started with).
-# Exits non-zero when a stated goal is missed.
+# Exits non-zero when a stated goal is missed or a selected benchmark produced no result.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

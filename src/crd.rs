@@ -339,7 +339,8 @@ pub struct KinesisConsumerGroupStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientStatus {
-    /// Client (incarnation) id.
+    /// Client id. One per pod, derived from its UID (a worker container restarted in its pod
+    /// keeps it); a worker started without `POD_UID` gets a new one per process.
     pub id: String,
     /// Pod the client runs in.
     pub pod: String,

@@ -20,16 +20,17 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
 use crate::report::{Row, median, num};
 use crate::support::{self, Aws};
+
+/// The worker config, command line, producer and output parsing the failover test
+/// (`worker/tests/failover_processes.rs`) uses too.
+#[path = "../../worker/tests/process_support/fleet.rs"]
+mod fleet;
 
 /// Shards of the stream (two workers read two each).
 const SHARDS: i32 = 4;
@@ -102,13 +103,9 @@ impl Group {
     fn start(&mut self, name: &str, pod: &str, uid: &str) -> anyhow::Result<()> {
         let path = self.dir.join(format!("{name}.jsonl"));
         let out = std::fs::File::create(&path).context("creating an output file")?;
-        let child = Command::new(&self.bin)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .args(["--listen", "127.0.0.1:0"])
+        let child = fleet::run_command(&self.bin, &self.config)
             .env("POD_NAME", pod)
             .env("POD_UID", uid)
-            .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::null())
             .spawn()
@@ -161,10 +158,9 @@ impl Group {
             w.partial.extend_from_slice(&buf);
             while let Some(end) = w.partial.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = w.partial.drain(..=end).collect();
-                let v: serde_json::Value =
-                    serde_json::from_slice(&line).with_context(|| format!("{name}: not JSON"))?;
-                let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-                let (shard, seq) = (field("shard"), field("sequence"));
+                let (shard, seq) = fleet::delivery(&line).with_context(|| {
+                    format!("{name}: not a delivery: {}", String::from_utf8_lossy(&line))
+                })?;
                 if !self.seen.insert((shard.clone(), seq))
                     && let Some((_, n)) = &mut self.current
                 {
@@ -305,51 +301,6 @@ impl Group {
     }
 }
 
-/// Writes one record into every shard (by its starting hash key) every [`PRODUCE_EVERY`]
-/// until `stop`.
-async fn produce(
-    kinesis: aws_sdk_kinesis::Client,
-    stream: String,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let listed = kinesis
-        .list_shards()
-        .stream_name(&stream)
-        .send()
-        .await
-        .context("ListShards")?;
-    let keys: Vec<String> = listed
-        .shards()
-        .iter()
-        .filter_map(|s| s.hash_key_range().map(|r| r.starting_hash_key().to_owned()))
-        .collect();
-    let mut tick = tokio::time::interval(PRODUCE_EVERY);
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let entries = keys
-            .iter()
-            .map(|k| {
-                n += 1;
-                PutRecordsRequestEntry::builder()
-                    .partition_key("k")
-                    .explicit_hash_key(k)
-                    .data(Blob::new(format!("record {n}")))
-                    .build()
-                    .context("record")
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        kinesis
-            .put_records()
-            .stream_name(&stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .context("PutRecords")?;
-    }
-    Ok(())
-}
-
 async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Result<Vec<Row>> {
     let bin = crate::sink::worker_binary()?;
     support::create(aws, stream, SHARDS, table).await?;
@@ -359,18 +310,11 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     // The default tuning: nothing but the stream, the table and the sink.
     std::fs::write(
         &config,
-        format!(
-            "group: bench/{stream}\nstreams:\n  - name: {stream}\n    startPosition: TrimHorizon\n\
-             stateStore:\n  table: {table}\ndelivery:\n  stdout: {{}}\n"
-        ),
+        fleet::stdout_config(&format!("bench/{stream}"), stream, table, ""),
     )
     .context("writing the config")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = tokio::spawn(produce(
-        aws.kinesis.clone(),
-        stream.to_owned(),
-        stop.clone(),
-    ));
+    let mut producer =
+        fleet::Producer::start(aws.kinesis.clone(), stream.to_owned(), PRODUCE_EVERY);
     let mut g = Group {
         bin,
         dir: dir.clone(),
@@ -382,13 +326,10 @@ async fn measure(aws: &Aws, p: &Params, stream: &str, table: &str) -> anyhow::Re
     };
     let result = rounds(&mut g, p).await;
     g.stop_all();
-    stop.store(true, Ordering::Relaxed);
-    let produced = producer.await;
+    let produced = producer.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     let times = result?;
-    produced
-        .context("the producer")?
-        .context("the producer failed")?;
+    produced.context("the producer failed")?;
     Ok(rows(&times, &g.duplicates, p.rounds))
 }
 

@@ -61,6 +61,35 @@ impl Row {
     }
 }
 
+/// The closing lines of a run and whether it passed. It passes when it measured something,
+/// every selected benchmark contributed a row (`silent` names those that did not) and no
+/// stated goal was missed: a benchmark that was selected but never ran (a dropped
+/// selection) must not end in "all stated goals met".
+pub fn verdict(rows: &[Row], silent: &[String]) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    if rows.is_empty() {
+        lines.push(
+            "ERROR: no benchmark produced a result, so no goal was checked (see --only and \
+             the messages above)"
+                .to_owned(),
+        );
+    } else if !silent.is_empty() {
+        lines.push(format!(
+            "ERROR: selected but produced no result, so their goals were not checked: {}",
+            silent.join(", ")
+        ));
+    }
+    let missed = rows.iter().filter(|r| r.pass == Some(false)).count();
+    if missed > 0 {
+        lines.push(format!("{missed} goal(s) MISSED"));
+    }
+    let passed = lines.is_empty();
+    if passed {
+        lines.push("all stated goals met".to_owned());
+    }
+    (lines, passed)
+}
+
 /// The median (upper median for an even count); NaN for none.
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.into_iter().collect();
@@ -151,6 +180,44 @@ mod tests {
             lines[2].contains("|      1 |"),
             "results are right-aligned: {out}"
         );
+    }
+
+    #[test]
+    fn a_run_passes_only_when_something_was_measured_and_met() {
+        let ok = Row::goal("a", "p", "1", "ms", "< 2", true);
+        let info = Row::info("b", "p", "1", "ms");
+        let missed = Row::goal("c", "p", "3", "ms", "< 2", false);
+        let silent = ["failover".to_owned()];
+        let cases: &[(&[Row], &[String], bool, &str)] = &[
+            (&[], &[], false, "no benchmark produced a result"),
+            (&[], &silent, false, "no benchmark produced a result"),
+            (
+                std::slice::from_ref(&ok),
+                &silent,
+                false,
+                "selected but produced no result, so their goals were not checked: failover",
+            ),
+            (
+                &[ok.clone(), missed.clone()],
+                &[],
+                false,
+                "1 goal(s) MISSED",
+            ),
+            (
+                &[ok.clone(), info.clone()],
+                &[],
+                true,
+                "all stated goals met",
+            ),
+            (&[info], &[], true, "all stated goals met"),
+        ];
+        for (rows, silent, pass, line) in cases {
+            let (lines, passed) = verdict(rows, silent);
+            assert_eq!(passed, *pass, "{lines:?}");
+            assert!(lines.iter().any(|l| l.contains(line)), "{lines:?}");
+        }
+        let (lines, _) = verdict(&[missed], &silent);
+        assert_eq!(lines.len(), 2, "both failures are named: {lines:?}");
     }
 
     #[test]

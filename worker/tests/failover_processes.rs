@@ -12,21 +12,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_dynamodb::config::Credentials;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use kcg_worker::store::StateStore;
-use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
+use tokio::process::Child;
 
+mod process_support;
 mod stream_support;
+use process_support::fleet::{self, Producer};
 use stream_support::create_stream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 const SHARDS: i32 = 4;
 
 /// One worker process, its stdout (the stdout sink's JSON lines) in `out`.
@@ -45,9 +40,7 @@ struct Scenario {
     kinesis: aws_sdk_kinesis::Client,
     dynamo: aws_sdk_dynamodb::Client,
     store: StateStore,
-    /// (shard, sequence) of every record PutRecords acknowledged.
-    produced: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-    stop_producer: CancellationToken,
+    producer: Producer,
 }
 
 async fn scenario(test: &str, tuning: &str) -> Option<Scenario> {
@@ -57,11 +50,7 @@ async fn scenario(test: &str, tuning: &str) -> Option<Scenario> {
             return None;
         }
     }
-    let conf = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .load()
-        .await;
+    let conf = process_support::aws().await;
     let kinesis = aws_sdk_kinesis::Client::new(&conf);
     let dynamo = aws_sdk_dynamodb::Client::new(&conf);
     let name = format!("kcg-fo-{test}-{:08x}", rand::random::<u32>());
@@ -74,16 +63,10 @@ async fn scenario(test: &str, tuning: &str) -> Option<Scenario> {
         .expect("temp dir");
     let group = format!("test/{name}");
     let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "group: {group}\nstreams:\n  - name: {name}\n    startPosition: TrimHorizon\n\
-             stateStore:\n  table: {name}\ndelivery:\n  stdout: {{}}\ntuning:\n  \
-             pollInterval: 200ms\n  minCallInterval: 200ms\n{tuning}"
-        ),
-    )
-    .expect("config");
-    let s = Scenario {
+    let tuning = format!("  pollInterval: 200ms\n  minCallInterval: 200ms\n{tuning}");
+    std::fs::write(&config, fleet::stdout_config(&group, &name, &name, &tuning)).expect("config");
+    let producer = Producer::start(kinesis.clone(), name.clone(), Duration::from_millis(100));
+    Some(Scenario {
         dir,
         config,
         stream: name,
@@ -91,66 +74,8 @@ async fn scenario(test: &str, tuning: &str) -> Option<Scenario> {
         kinesis,
         dynamo,
         store,
-        produced: Default::default(),
-        stop_producer: CancellationToken::new(),
-    };
-    tokio::spawn(produce(
-        s.kinesis.clone(),
-        s.stream.clone(),
-        s.produced.clone(),
-        s.stop_producer.clone(),
-    ));
-    Some(s)
-}
-
-/// Writes one record into every shard (by its starting hash key) every 100 ms.
-async fn produce(
-    kinesis: aws_sdk_kinesis::Client,
-    stream: String,
-    log: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-    stop: CancellationToken,
-) {
-    let shards = kinesis
-        .list_shards()
-        .stream_name(&stream)
-        .send()
-        .await
-        .expect("ListShards");
-    let keys: Vec<String> = shards
-        .shards()
-        .iter()
-        .filter_map(|s| s.hash_key_range().map(|r| r.starting_hash_key().to_owned()))
-        .collect();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut n = 0u64;
-    while !stop.is_cancelled() {
-        tick.tick().await;
-        let entries = keys
-            .iter()
-            .map(|k| {
-                n += 1;
-                PutRecordsRequestEntry::builder()
-                    .partition_key("k")
-                    .explicit_hash_key(k)
-                    .data(Blob::new(format!("record {n}")))
-                    .build()
-                    .expect("entry")
-            })
-            .collect();
-        let out = kinesis
-            .put_records()
-            .stream_name(&stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .expect("PutRecords");
-        let mut log = log.lock().unwrap();
-        for r in out.records() {
-            if let (Some(shard), Some(seq)) = (r.shard_id(), r.sequence_number()) {
-                log.push((shard.to_owned(), seq.to_owned()));
-            }
-        }
-    }
+        producer,
+    })
 }
 
 impl Scenario {
@@ -159,23 +84,13 @@ impl Scenario {
     fn spawn(&self, name: &str, env: &[(&str, String)]) -> Proc {
         let out = self.dir.path().join(format!("{name}.out"));
         let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .args(["--listen", "127.0.0.1:0"])
+        let child = process_support::emulator_command(&self.config)
             .env_remove("POD_NAME")
             .env_remove("POD_UID")
             .env_remove("HOSTNAME")
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("KCG_LOG_FORMAT", "text")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("out file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
-            .kill_on_drop(true)
             .spawn()
             .expect("spawning kcg-worker");
         Proc { child, out, log }
@@ -221,11 +136,9 @@ impl Scenario {
 
     /// Stops the producer, waits until every produced record was delivered by some process
     /// (nothing lost), and returns how many there were.
-    async fn nothing_lost(&self, outs: &[&Path], procs: &[&Proc]) -> usize {
-        self.stop_producer.cancel();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let produced: BTreeSet<(String, String)> =
-            self.produced.lock().unwrap().iter().cloned().collect();
+    async fn nothing_lost(&mut self, outs: &[&Path], procs: &[&Proc]) -> usize {
+        self.producer.stop().await.expect("the producer");
+        let produced: BTreeSet<(String, String)> = self.producer.acked().into_iter().collect();
         let start = Instant::now();
         loop {
             let delivered: BTreeSet<(String, String)> =
@@ -249,7 +162,7 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        self.stop_producer.cancel();
+        self.producer.halt();
         let (kinesis, dynamo, name) = (
             self.kinesis.clone(),
             self.dynamo.clone(),
@@ -275,13 +188,7 @@ impl Drop for Scenario {
 fn deliveries(path: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|v| {
-            Some((
-                v.get("shard")?.as_str()?.to_owned(),
-                v.get("sequence")?.as_str()?.to_owned(),
-            ))
-        })
+        .filter_map(|line| fleet::delivery(line.as_bytes()))
         .collect()
 }
 
@@ -317,7 +224,7 @@ async fn sigterm(p: &mut Proc) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_restarted_in_its_pod_reads_its_shards_again_at_once() {
     // A client timeout of 10 s: a takeover that waited for it could not pass.
-    let Some(s) = scenario(
+    let Some(mut s) = scenario(
         "pod",
         "  heartbeatInterval: 1s\n  clientTimeout: 10s\n  checkpointInterval: 1s\n",
     )
@@ -381,7 +288,7 @@ async fn a_container_restarted_in_its_pod_reads_its_shards_again_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_on_one_host_without_a_pod_uid_never_take_each_others_leases() {
-    let Some(s) = scenario(
+    let Some(mut s) = scenario(
         "host",
         "  heartbeatInterval: 1s\n  clientTimeout: 4s\n  checkpointInterval: 1s\n",
     )

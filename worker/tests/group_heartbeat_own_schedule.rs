@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use group_support::relay::Relay;
 use group_support::*;
-use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 
 /// How long `Query` stalls: twice the client timeout (3 s), so a heartbeat held up by the
@@ -32,33 +31,11 @@ async fn heartbeat_keeps_its_pace_while_the_tick_reads_stall() {
     let Some(env) = env("hbpace", 4).await else {
         return;
     };
-    let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
     let relay = Relay::to_dynamodb().await;
-
-    // SAFETY: this test binary runs this single test; nothing else reads the environment
-    // concurrently except the engine we are starting.
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
     let m1 = Arc::new(Metrics::new());
-    let w1 = env.start_with(
-        "e1",
-        m1.clone(),
-        Arc::new(Health::new(Duration::from_secs(30))),
-    );
-    let started = Instant::now();
-    while !env
-        .snapshot()
-        .await
-        .clients
-        .iter()
-        .any(|c| base(&c.client_id) == "e1")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "e1 never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &direct) };
+    let w1 = env
+        .start_through(&relay, "e1", m1.clone(), default_health())
+        .await;
     let w2 = env.start("e2");
     env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
         .await;
@@ -69,20 +46,11 @@ async fn heartbeat_keeps_its_pace_while_the_tick_reads_stall() {
     relay.stall("Query");
     let stalled = Instant::now();
     let during = env.put("b", 40).await;
-    let mut last_beat = (0u64, Instant::now());
-    let mut widest_gap = Duration::ZERO;
-    let mut beats = 0;
+    let mut e1_beats = HeartbeatWatch::default();
     let mut reported = false;
     while stalled.elapsed() < STALL {
-        let clients = env.store.load_clients(&env.group).await.expect("clients");
-        if let Some(e1) = clients.iter().find(|c| base(&c.client_id) == "e1") {
-            if e1.heartbeat != last_beat.0 {
-                if last_beat.0 != 0 {
-                    beats += 1;
-                }
-                last_beat = (e1.heartbeat, Instant::now());
-            }
-            widest_gap = widest_gap.max(last_beat.1.elapsed());
+        if let Some(e1) = env.client("e1").await {
+            e1_beats.see(e1.heartbeat);
             reported |= e1.last_error_reason.as_deref() == Some("StateStoreUnavailable");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -97,6 +65,7 @@ async fn heartbeat_keeps_its_pace_while_the_tick_reads_stall() {
     w1.stop().await;
     w2.stop().await;
 
+    let (beats, widest_gap) = (e1_beats.beats, e1_beats.widest_gap);
     eprintln!(
         "e1: {beats} heartbeats, widest gap {widest_gap:?}, reported unavailable: {reported}"
     );
@@ -109,11 +78,7 @@ async fn heartbeat_keeps_its_pace_while_the_tick_reads_stall() {
         "e1's heartbeat stood still for {widest_gap:?} while its tick's reads stalled \
          (heartbeat interval 300ms, store-call timeout 1s)"
     );
-    let fenced = m1
-        .encode()
-        .lines()
-        .any(|l| l.contains("reason=\"LeaseRenewalFailed\""));
-    assert!(!fenced, "a reader of e1 fenced itself");
+    assert!(!fenced(&m1), "a reader of e1 fenced itself");
     assert_eq!(
         owners,
         [("e1".to_owned(), 2), ("e2".to_owned(), 2)].into(),

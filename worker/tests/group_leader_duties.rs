@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use group_support::relay::Relay;
 use group_support::*;
-use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 
 /// Dead client rows: three rounds of the leader's 32 concurrent writes.
@@ -32,7 +31,6 @@ async fn slow_leader_duties_do_not_delay_its_heartbeat() {
     let Some(env) = env("duties", 4).await else {
         return;
     };
-    let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
     let relay = Relay::to_dynamodb().await;
     relay.stall("DeleteItem");
 
@@ -50,55 +48,28 @@ async fn slow_leader_duties_do_not_delay_its_heartbeat() {
     }))
     .await;
 
-    // SAFETY: this test binary runs this single test; nothing else reads the environment
-    // concurrently except the engine we are starting.
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
     let m1 = Arc::new(Metrics::new());
-    let w1 = env.start_with(
-        "e1",
-        m1.clone(),
-        Arc::new(Health::new(Duration::from_secs(30))),
-    );
     let started = Instant::now();
-    while !env
-        .snapshot()
-        .await
-        .clients
-        .iter()
-        .any(|c| base(&c.client_id) == "e1")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "e1 never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &direct) };
+    let w1 = env
+        .start_through(&relay, "e1", m1.clone(), default_health())
+        .await;
     let m2 = Arc::new(Metrics::new());
-    let w2 = env.start_with(
-        "e2",
-        m2.clone(),
-        Arc::new(Health::new(Duration::from_secs(30))),
-    );
+    let w2 = env.start_with("e2", m2.clone(), default_health());
 
     // Watch e1's heartbeat, and who leads, from its registration until the window ends:
     // the dead clients are judged dead 3 s (the client timeout) after they are first seen,
     // and from then on the leader keeps trying to prune them.
     let first = env.put("a", 40).await;
-    let mut last_beat = (0u64, Instant::now());
-    let mut widest_gap = Duration::ZERO;
+    let mut e1_beats = HeartbeatWatch::default();
     let mut e2_led = false;
     while started.elapsed() < Duration::from_secs(14) {
-        let clients = env.store.load_clients(&env.group).await.expect("clients");
-        if let Some(e1) = clients.iter().find(|c| base(&c.client_id) == "e1") {
-            if e1.heartbeat != last_beat.0 {
-                last_beat = (e1.heartbeat, Instant::now());
-            }
-            widest_gap = widest_gap.max(last_beat.1.elapsed());
+        if let Some(e1) = env.client("e1").await {
+            e1_beats.see(e1.heartbeat);
         }
         e2_led |= m2.is_leader.get() == 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let widest_gap = e1_beats.widest_gap;
     let prunes_tried = m1.encode().lines().any(|l| {
         l.starts_with("kcg_worker_store_requests_total{operation=\"prune\"}") && !l.ends_with(" 0")
     });
@@ -137,11 +108,7 @@ async fn slow_leader_duties_do_not_delay_its_heartbeat() {
          (heartbeat interval 300ms, fencing margin 2.7s)"
     );
     assert!(!e2_led, "leadership moved to e2 while e1 was alive");
-    let fenced = m1
-        .encode()
-        .lines()
-        .any(|l| l.contains("reason=\"LeaseRenewalFailed\""));
-    assert!(!fenced, "a reader of the leader fenced itself");
+    assert!(!fenced(&m1), "a reader of the leader fenced itself");
     assert_eq!(
         owners,
         [("e1".to_owned(), 2), ("e2".to_owned(), 2)].into(),

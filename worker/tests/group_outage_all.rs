@@ -16,38 +16,30 @@
 mod group_support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use group_support::relay::Relay;
 use group_support::*;
+use kcg_worker::metrics::Metrics;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_seen_by_all_kills_nobody_but_the_dead() {
     let Some(env) = env("outageall", 6).await else {
         return;
     };
-    let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
     let names = ["e1", "e2", "e3"];
     let mut relays = Vec::new();
     let mut workers = Vec::new();
-    for (i, name) in names.iter().enumerate() {
+    for name in names {
         let relay = Relay::to_dynamodb().await;
-        // SAFETY: this test binary runs this single test; nothing else reads the
-        // environment concurrently except the engine we are starting, which reads it once
-        // while it loads its config (before its row appears).
-        unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
-        workers.push(env.start(name));
-        let start = Instant::now();
-        while env.snapshot().await.clients.len() < i + 1 {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{name} never registered"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let metrics = Arc::new(Metrics::new());
+        workers.push(
+            env.start_through(&relay, name, metrics, default_health())
+                .await,
+        );
         relays.push(relay);
     }
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &direct) };
     env.wait_ownership(&[("e1", 2), ("e2", 2), ("e3", 2)], Duration::from_secs(30))
         .await;
     let producer = Producer::start(&env);

@@ -23,26 +23,14 @@ async fn store_outage_fences_readers_and_the_engine_recovers() {
     let Some(env) = env("outage", 4).await else {
         return;
     };
-    let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
     let relay = Relay::to_dynamodb().await;
 
-    // e1 reaches DynamoDB through the relay, e2 directly. The SDK reads the endpoint when
-    // the engine loads its config, so switch the variable around e1's start.
-    // SAFETY: this test binary runs this single test; nothing else reads the environment
-    // concurrently except the engine we are starting.
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
+    // e1 reaches DynamoDB through the relay, e2 directly.
     let e1_metrics = Arc::new(Metrics::new());
     let e1_health = Arc::new(Health::new(Duration::from_secs(3)));
-    let w1 = env.start_with("e1", e1_metrics.clone(), e1_health.clone());
-    let start = Instant::now();
-    while env.snapshot().await.clients.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "e1 never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &direct) };
+    let w1 = env
+        .start_through(&relay, "e1", e1_metrics.clone(), e1_health.clone())
+        .await;
     let w2 = env.start("e2");
     env.wait_ownership(&[("e1", 2), ("e2", 2)], Duration::from_secs(30))
         .await;

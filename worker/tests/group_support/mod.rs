@@ -16,7 +16,7 @@ use kcg_worker::engine::{self, EngineOptions};
 use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::store::StateStore;
-use kcg_worker::store::schema::GroupSnapshot;
+use kcg_worker::store::schema::{ClientRow, GroupSnapshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -223,11 +223,7 @@ tuning:
     }
 
     pub fn start(&self, name: &str) -> Worker {
-        self.start_with(
-            name,
-            Arc::new(Metrics::new()),
-            Arc::new(Health::new(Duration::from_secs(30))),
-        )
+        self.start_with(name, Arc::new(Metrics::new()), default_health())
     }
 
     /// Starts an engine named `name` (its client id base) with the given metrics and health.
@@ -261,7 +257,7 @@ tuning:
             self.config_reading(streams),
             handler,
             Arc::new(Metrics::new()),
-            Arc::new(Health::new(Duration::from_secs(30))),
+            default_health(),
         )
     }
 
@@ -286,6 +282,44 @@ tuning:
             token.clone(),
         ));
         Worker { token, join }
+    }
+
+    /// Starts engine `name` reaching DynamoDB through `relay` (engines started later reach
+    /// it directly) and waits until it registered. The SDK reads `AWS_ENDPOINT_URL_DYNAMODB`
+    /// when the engine loads its config, so the process-wide variable points at the relay
+    /// until then: only for test binaries that hold a single test.
+    pub async fn start_through(
+        &self,
+        relay: &relay::Relay,
+        name: &str,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Worker {
+        let direct = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").expect("checked by env()");
+        // SAFETY: the test binary runs this single test; nothing else reads the environment
+        // concurrently except the engine being started.
+        unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", relay.url()) };
+        let worker = self.start_with(name, metrics, health);
+        let started = Instant::now();
+        while self.client(name).await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{name} never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &direct) };
+        worker
+    }
+
+    /// The client row of engine `name` (by its client id base), read strongly.
+    pub async fn client(&self, name: &str) -> Option<ClientRow> {
+        self.store
+            .load_clients(&self.group)
+            .await
+            .expect("clients")
+            .into_iter()
+            .find(|c| base(&c.client_id) == name)
     }
 
     /// Writes `n` records with ids `<prefix>-<i>`, spread over the hash key space.
@@ -397,6 +431,11 @@ pub async fn reshard(env: &Env, target: i32) {
     wait_active(&env.kinesis, &env.stream).await;
 }
 
+/// The health of an engine the tests do not probe (30 s before a stall counts).
+pub fn default_health() -> Arc<Health> {
+    Arc::new(Health::new(Duration::from_secs(30)))
+}
+
 pub fn base(client_id: &str) -> String {
     client_id
         .rsplit_once('-')
@@ -424,6 +463,49 @@ impl Worker {
         self.join.abort();
         let _ = self.join.await;
     }
+}
+
+/// Watches a client's heartbeat counter: how often it moved and the longest it stood still,
+/// from when the watch began.
+pub struct HeartbeatWatch {
+    last: (u64, Instant),
+    /// Moves seen after the first value.
+    pub beats: usize,
+    /// The longest time the counter stood still.
+    pub widest_gap: Duration,
+}
+
+impl Default for HeartbeatWatch {
+    /// A watch that begins now.
+    fn default() -> Self {
+        Self {
+            last: (0, Instant::now()),
+            beats: 0,
+            widest_gap: Duration::ZERO,
+        }
+    }
+}
+
+impl HeartbeatWatch {
+    /// Takes in the counter as just read.
+    pub fn see(&mut self, heartbeat: u64) {
+        if heartbeat != self.last.0 {
+            if self.last.0 != 0 {
+                self.beats += 1;
+            }
+            self.last = (heartbeat, Instant::now());
+        }
+        self.widest_gap = self.widest_gap.max(self.last.1.elapsed());
+    }
+}
+
+/// Whether a reader of the engine with these metrics fenced itself (its lease renewal
+/// failed).
+pub fn fenced(metrics: &Metrics) -> bool {
+    metrics
+        .encode()
+        .lines()
+        .any(|l| l.contains("reason=\"LeaseRenewalFailed\""))
 }
 
 /// Kinesis sequence numbers are decimal strings of varying length: compare numerically.

@@ -1,5 +1,6 @@
 //! Starting real `kcg-worker` processes against the emulators, shared by the tests that
 //! run processes.
+#![allow(dead_code)] // each test binary uses a subset
 
 #![allow(dead_code)] // each test binary uses a subset
 
@@ -9,24 +10,30 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use tokio::process::Command;
 
+pub mod fleet;
+
 /// The `kcg-worker` binary cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_kcg-worker");
 
-/// `kcg-worker run` with `config`, as client `name` in pod `pod-<name>`, with the
-/// emulators' region and credentials pinned (a developer's own AWS settings cannot leak
-/// in), text logs at info, and a free port for its health server. The caller sets stdio.
-pub fn worker_command(config: &Path, name: &str) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--config"])
-        .arg(config)
-        .args(["--client-id", name, "--listen", "127.0.0.1:0"])
-        .env("POD_NAME", format!("pod-{name}"))
-        .env("AWS_REGION", "us-east-1")
+/// `kcg-worker run` with `config` ([`fleet::run_command`]), with the emulators' region and
+/// credentials pinned (a developer's own AWS settings cannot leak in), text logs at info,
+/// killed on drop. The caller sets stdout and stderr.
+pub fn emulator_command(config: &Path) -> Command {
+    let mut cmd = Command::from(fleet::run_command(Path::new(BIN), config));
+    cmd.env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("KCG_LOG_FORMAT", "text")
         .env("RUST_LOG", "info")
         .kill_on_drop(true);
+    cmd
+}
+
+/// [`emulator_command`] as client `name` in pod `pod-<name>`.
+pub fn worker_command(config: &Path, name: &str) -> Command {
+    let mut cmd = emulator_command(config);
+    cmd.args(["--client-id", name])
+        .env("POD_NAME", format!("pod-{name}"));
     cmd
 }
 
