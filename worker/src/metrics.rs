@@ -46,9 +46,16 @@ pub struct RoleLabels {
     pub role: String,
 }
 
-/// Buckets of the tick and duty histograms: 1 ms to 32 s.
+/// Buckets of the tick and duty histograms, 1 ms to 32 s: doubling up to 128 ms, then at
+/// the fractions and multiples of the default 1 s heartbeat (a quarter, a half, one...), so
+/// "ticks within half a heartbeat" is a bucket boundary.
+const TICK_BUCKETS: [f64; 16] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0,
+    32.0,
+];
+
 fn tick_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    Histogram::new(TICK_BUCKETS)
 }
 
 /// Every metric a worker exports, registered in one [`Registry`].
