@@ -115,8 +115,11 @@ pub(super) struct ReadInput {
     /// claim to retry, a release to finish, a lease we wait for).
     pub asked: bool,
     /// We asked for a read of every row: none yet, the leader has leases left to create,
-    /// or a replacement of a deleted stream's rows met a change.
+    /// a replacement of a deleted stream's rows met a change, or such a read failed.
     pub asked_full: bool,
+    /// A stream we read has no shard cache in what we read (a new group whose leader had
+    /// not written it yet; a stream that cannot be listed).
+    pub missing_cache: bool,
     /// The set of live clients changed: a client joined, left, or stalled.
     pub live_changed: bool,
     /// What the other clients' rows say moved.
@@ -135,9 +138,15 @@ pub(super) enum LeaseRead {
     All,
 }
 
+/// While a stream's shard cache is missing, every row is re-read at most every this many
+/// ticks: the cache's write is signalled, but a stream that cannot be listed never gets
+/// one, and its members should not read the whole group at every tick.
+pub(super) const MISSING_CACHE_READ_EVERY_TICKS: u64 = 5;
+
 /// How this tick re-reads the lease rows.
 pub(super) fn lease_read(i: ReadInput) -> LeaseRead {
-    if i.asked_full || i.moved.shards || i.ticks_since_full >= LEASE_READ_EVERY_TICKS {
+    let missing = i.missing_cache && i.ticks_since_full >= MISSING_CACHE_READ_EVERY_TICKS;
+    if i.asked_full || i.moved.shards || missing || i.ticks_since_full >= LEASE_READ_EVERY_TICKS {
         LeaseRead::All
     } else if i.asked || i.live_changed || i.moved.owners {
         LeaseRead::Ours
@@ -207,6 +216,7 @@ mod tests {
             ticks_since_full: 1,
             asked: false,
             asked_full: false,
+            missing_cache: false,
             live_changed: false,
             moved: Moved::default(),
         };
@@ -264,6 +274,24 @@ mod tests {
                 "another client changed the shards",
                 ReadInput {
                     moved: shards,
+                    ..idle
+                },
+                LeaseRead::All,
+            ),
+            (
+                "a shard cache missing, just read everything",
+                ReadInput {
+                    missing_cache: true,
+                    ticks_since_full: MISSING_CACHE_READ_EVERY_TICKS - 1,
+                    ..idle
+                },
+                LeaseRead::None,
+            ),
+            (
+                "a shard cache still missing: read everything again",
+                ReadInput {
+                    missing_cache: true,
+                    ticks_since_full: MISSING_CACHE_READ_EVERY_TICKS,
                     ..idle
                 },
                 LeaseRead::All,

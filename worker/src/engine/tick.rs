@@ -75,10 +75,17 @@ impl Engine {
         self.metrics.live_clients.set(live.len() as i64);
 
         let changes = reads::change_marks(&clients);
+        // A stream we read without its shard cache (a new group, whose leader has not
+        // written it when we last read everything): its shards cannot be planned until a
+        // whole read finds it.
+        let missing_cache = names
+            .iter()
+            .any(|n| !self.snap.shard_caches.iter().any(|c| &c.stream == n));
         let read = reads::lease_read(reads::ReadInput {
             ticks_since_full: self.ticks - self.leases_read_at,
             asked: self.read_leases,
             asked_full: self.read_all_leases,
+            missing_cache,
             live_changed: live != self.last_live,
             moved: reads::moved(&self.last_changes, &changes),
         });
@@ -130,6 +137,17 @@ impl Engine {
     /// else only the rows of our range ([`Engine::our_lease_rows`]), falling back to every
     /// row when they lie too spread. Returns whether every row was read.
     async fn read_lease_rows(&mut self, all: bool) -> Result<bool, StoreError> {
+        let res = self.try_read_lease_rows(all).await;
+        if res.is_err() {
+            // The signal that asked for this read has been consumed: ask again, or a missed
+            // shard change would wait for the safety net.
+            self.read_leases = true;
+            self.read_all_leases |= all;
+        }
+        res
+    }
+
+    async fn try_read_lease_rows(&mut self, all: bool) -> Result<bool, StoreError> {
         let ranges = if all {
             None
         } else {
