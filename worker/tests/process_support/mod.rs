@@ -1,7 +1,6 @@
 //! Starting real `kcg-worker` processes against the emulators, shared by the tests that
 //! run processes.
 #![allow(dead_code)] // each test binary uses a subset
-#![allow(dead_code)] // each test binary uses a subset
 
 use std::path::Path;
 
