@@ -223,15 +223,16 @@ pub struct Scenario {
     pub shards: i32,
     /// Engines of the group.
     pub workers: usize,
-    /// Records per second written to each shard during the window (0: idle).
-    pub rate_per_shard: u32,
+    /// Records per second written to each shard during the window (0: idle; 0.1: one
+    /// every 10 s).
+    pub rate_per_shard: f64,
 }
 
 impl std::fmt::Display for Scenario {
     /// The command-line form: `<shards>x<workers>[@<rate>]`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.shards, self.workers)?;
-        if self.rate_per_shard > 0 {
+        if self.rate_per_shard > 0.0 {
             write!(f, "@{}", self.rate_per_shard)?;
         }
         Ok(())
@@ -245,8 +246,11 @@ impl std::str::FromStr for Scenario {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("{s} is not <shards>x<workers>[@<rate>]");
         let (group, rate) = match s.split_once('@') {
-            Some((g, r)) => (g, r.parse().map_err(|_| bad())?),
-            None => (s, 0),
+            Some((g, r)) => match r.parse::<f64>() {
+                Ok(rate) if rate.is_finite() && rate >= 0.0 => (g, rate),
+                _ => return Err(bad()),
+            },
+            None => (s, 0.0),
         };
         let (shards, workers) = group.split_once('x').ok_or_else(bad)?;
         Ok(Scenario {
@@ -334,7 +338,7 @@ pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
             "{} shards, {} workers, {}",
             s.shards,
             s.workers,
-            if s.rate_per_shard == 0 {
+            if s.rate_per_shard == 0.0 {
                 "idle".to_owned()
             } else {
                 format!("{} rec/s per shard", s.rate_per_shard)
@@ -463,7 +467,7 @@ fn goal_row(
     base: f64,
     full_checkpoints: f64,
 ) -> Row {
-    let loaded = s.rate_per_shard == 0 || u.lease_writes as f64 >= 0.9 * full_checkpoints;
+    let loaded = s.rate_per_shard == 0.0 || u.lease_writes as f64 >= 0.9 * full_checkpoints;
     let goal = if loaded {
         "<= 0.1".to_owned()
     } else {
@@ -516,9 +520,12 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Usage> 
     let produced = Arc::new(AtomicU64::new(0));
     let measured = async {
         wait_balanced(&direct, &group, s).await?;
-        let producer = (s.rate_per_shard > 0).then(|| {
+        let producer = (s.rate_per_shard > 0.0).then(|| {
             let client = aws.kinesis.clone();
-            let (stream, rate) = (stream.clone(), s.rate_per_shard * s.shards as u32);
+            let (stream, rate) = (
+                stream.clone(),
+                (s.rate_per_shard * f64::from(s.shards)).round() as u32,
+            );
             let produced = produced.clone();
             tokio::spawn(async move { produce_at(&client, &stream, rate, &produced).await })
         });
@@ -651,7 +658,7 @@ mod tests {
 
     #[test]
     fn scenario_parses_and_prints_its_cli_form() {
-        for text in ["8x2", "1000x50@1", "8x2@100"] {
+        for text in ["8x2", "1000x50@1", "8x2@100", "1000x50@0.1"] {
             let s: Scenario = text.parse().expect(text);
             assert_eq!(s.to_string(), text);
         }
@@ -660,10 +667,10 @@ mod tests {
             Ok(Scenario {
                 shards: 1000,
                 workers: 50,
-                rate_per_shard: 1
+                rate_per_shard: 1.0
             })
         );
-        for bad in ["8", "8x", "x2", "8x2@", "8x2@fast"] {
+        for bad in ["8", "8x", "x2", "8x2@", "8x2@fast", "8x2@-1"] {
             assert!(bad.parse::<Scenario>().is_err(), "{bad}");
         }
     }
@@ -696,7 +703,8 @@ mod tests {
             workers: 50,
             rate_per_shard: rate,
         };
-        let full = full_checkpoint_writes(&s(1), Duration::from_secs(60), Duration::from_secs(60));
+        let full =
+            full_checkpoint_writes(&s(0.1), Duration::from_secs(60), Duration::from_secs(60));
         assert_eq!(full, 1000.0);
         let cheap = Figures {
             monthly_configured: 120.0,
@@ -717,18 +725,24 @@ mod tests {
         };
         // (case, scenario, lease writes, figures, met)
         let cases = [
-            ("idle, under a tenth", s(0), 0, &cheap, true),
-            ("idle, over a tenth", s(0), 0, &dear, false),
-            ("loaded, every shard checkpointed", s(1), 1000, &cheap, true),
-            ("loaded, 90% checkpointed", s(1), 900, &cheap, true),
+            ("idle, under a tenth", s(0.0), 0, &cheap, true),
+            ("idle, over a tenth", s(0.0), 0, &dear, false),
+            (
+                "loaded, every shard checkpointed",
+                s(0.1),
+                1000,
+                &cheap,
+                true,
+            ),
+            ("loaded, 90% checkpointed", s(0.1), 900, &cheap, true),
             (
                 "loaded, the load did not reach most shards",
-                s(1),
+                s(0.1),
                 300,
                 &cheap,
                 false,
             ),
-            ("loaded, over a tenth", s(1), 1000, &dear, false),
+            ("loaded, over a tenth", s(0.1), 1000, &dear, false),
         ];
         for (name, scenario, lease_writes, f, met) in cases {
             let row = goal_row("x", &scenario, &writes(lease_writes), f, 1384.0, full);

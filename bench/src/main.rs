@@ -108,7 +108,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "8x2,8x2@100,1000x50,1000x50@1"
+        default_value = "8x2,8x2@100,1000x50,1000x50@0.1"
     )]
     cost_scenarios: Vec<String>,
     /// Seconds of each measured window of the cost benchmark.

@@ -355,7 +355,7 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
     let balanced = |workers: usize| cost::Scenario {
         shards: s.shards,
         workers,
-        rate_per_shard: 0,
+        rate_per_shard: 0.0,
     };
     let measured = async {
         let t0 = Sample::take(&metrics, &p.relay);
