@@ -91,15 +91,9 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find(conditions, type_).is_some_and(|c| c.status == TRUE)
 }
 
-/// Cuts `s` to at most `max` characters (on a char boundary), marking the cut with `…`.
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_owned();
-    }
-    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}
+/// Cuts a text to at most `max` characters (on a char boundary), marking the cut with `…`:
+/// the worker's own, which clips the errors it records too.
+pub use kcg_worker::store::schema::truncate;
 
 #[cfg(test)]
 mod tests {

@@ -108,7 +108,6 @@ impl Relay {
     /// engines before any thread starts) until the process ends.
     pub fn serve(listener: std::net::TcpListener, upstream: String) -> anyhow::Result<Arc<Self>> {
         listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         let relay = Arc::new(Self {
             upstream,
             http: reqwest::Client::builder()
@@ -119,11 +118,25 @@ impl Relay {
         let app = axum::Router::new()
             .fallback(forward)
             .with_state(relay.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("kcg-bench: cost relay stopped: {e}");
-            }
-        });
+        // Its own thread and runtime: the engines it meters (on the bench's runtime, or
+        // each on its own) never wait for it behind each other's work.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("kcg-bench-relay".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let served = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => axum::serve(listener, app).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = served {
+                        eprintln!("kcg-bench: cost relay stopped: {e}");
+                    }
+                });
+            })?;
         Ok(relay)
     }
 

@@ -14,15 +14,13 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use kcg_worker::assignment;
 use kcg_worker::config::{Tuning, WorkerConfig};
-use kcg_worker::engine::{self, EngineOptions};
-use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::store::StateStore;
 use kcg_worker::store::schema::GroupSnapshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::{Row, num};
-use crate::support::{self, Aws, Counter};
+use crate::support::{self, Aws, Counter, Hosted};
 
 /// Shards of the stream.
 const SHARDS: i32 = 8;
@@ -40,81 +38,14 @@ pub fn tuning() -> Tuning {
     }
 }
 
-/// One engine in its own thread and runtime.
-struct Hosted {
-    shutdown: CancellationToken,
-    kill: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Hosted {
-    fn start(name: &'static str, config: WorkerConfig) -> anyhow::Result<Self> {
-        let shutdown = CancellationToken::new();
-        let kill = CancellationToken::new();
-        let (s, k) = (shutdown.clone(), kill.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("engine-{name}"))
-            .spawn(move || {
-                let rt =
-                    match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            eprintln!("kcg-bench: engine {name}: runtime: {e}");
-                            return;
-                        }
-                    };
-                rt.block_on(async {
-                    let handler = Counter::new(Instant::now(), u64::MAX);
-                    let run = engine::run(
-                        config,
-                        EngineOptions {
-                            client_id: Some(format!("bench-{name}")),
-                            pod: Some(format!("bench-{name}")),
-                        },
-                        handler,
-                        Arc::new(Metrics::new()),
-                        Arc::new(Health::new(Duration::from_secs(30))),
-                        s,
-                    );
-                    tokio::select! {
-                        res = run => if let Err(e) = res {
-                            eprintln!("kcg-bench: engine {name} failed: {e}");
-                        },
-                        _ = k.cancelled() => {}
-                    }
-                });
-                // Killed: every task of this engine (readers, in-flight writes) is dropped
-                // where it stands. Stopped: nothing is left to drop.
-                rt.shutdown_background();
-            })
-            .context("spawning an engine thread")?;
-        Ok(Self {
-            shutdown,
-            kill,
-            thread: Some(thread),
-        })
-    }
-
-    /// Waits (off the async threads) for the engine thread to end.
-    async fn join(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-
-    /// Graceful stop: cancel and wait for the drain, release and deregistration.
-    async fn stop(&mut self) {
-        self.shutdown.cancel();
-        self.join().await;
-    }
-}
-
-impl Drop for Hosted {
-    fn drop(&mut self) {
-        // A benchmark that bails out must not leave engines running against deleted
-        // resources.
-        self.kill.cancel();
-    }
+/// Engine `name` (client id `bench-<name>`), in its own thread and runtime.
+fn host(name: &str, config: WorkerConfig) -> anyhow::Result<Hosted> {
+    Hosted::start(
+        format!("bench-{name}"),
+        config,
+        Counter::new(Instant::now(), u64::MAX),
+        Arc::new(Metrics::new()),
+    )
 }
 
 /// Ids of the client rows whose id starts with one of `prefixes`, sorted.
@@ -322,8 +253,8 @@ async fn measure(
 
     // Steady state with a and b. engines[0] = a, engines[1] = b.
     let start = Instant::now();
-    engines.push(Hosted::start("a", config.clone())?);
-    engines.push(Hosted::start("b", config.clone())?);
+    engines.push(host("a", config.clone())?);
+    engines.push(host("b", config.clone())?);
     let settle = wait_for(
         &store,
         &group,
@@ -345,7 +276,7 @@ async fn measure(
         tokio::time::sleep(hb * 2).await;
         // (a) c joins.
         let start = Instant::now();
-        engines.push(Hosted::start("c", config.clone())?);
+        engines.push(host("c", config.clone())?);
         let joined = wait_for(
             &store,
             &group,
@@ -367,7 +298,7 @@ async fn measure(
         anyhow::ensure!(!of_c.is_empty(), "engine c holds no shard before its stop");
         moved = of_c.len();
         let start = Instant::now();
-        c.shutdown.cancel();
+        c.cancel();
         let checks: [Check<'_>; 2] = [
             Box::new(|s| all_owned_by(s, stream, &of_c, &ab)),
             Box::new(|s| plan_applied(s, stream, &ab)),
@@ -418,7 +349,7 @@ async fn measure(
         taken = of_a.len();
         let mut a = engines.remove(0);
         let start = Instant::now();
-        a.kill.cancel();
+        a.kill();
         let killed = wait_for(
             &store,
             &group,
@@ -431,7 +362,7 @@ async fn measure(
         kills.push(killed?[0]);
         if round + 1 < kill_rounds {
             let start = Instant::now();
-            engines.insert(0, Hosted::start("a", config.clone())?);
+            engines.insert(0, host("a", config.clone())?);
             wait_for(
                 &store,
                 &group,

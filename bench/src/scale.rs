@@ -5,7 +5,9 @@
 //! is what the tick reads and the leader writes.
 //!
 //! Every engine runs in this process (`engine::run`, default tuning but a slow idle poll),
-//! its DynamoDB requests through the cost benchmark's metering relay ([`Relay`]). A group of
+//! each in its own thread and single-thread runtime as in a pod ([`Hosted`]: one engine's
+//! CPU never delays another's timers), its DynamoDB requests through the cost benchmark's
+//! metering relay ([`Relay`], on its own threads). A group of
 //! `workers − 1` engines starts on a fresh stream and settles; then one more engine joins,
 //! and the group is watched until it is balanced again and for a steady window after.
 //! Measured:
@@ -16,21 +18,19 @@
 //! - read units the group spent per tick (DynamoDB's ConsumedCapacity: one unit per started
 //!   4 KB of a consistent read, so units × 4 KB bounds the bytes read).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kcg_worker::config::Tuning;
-use kcg_worker::engine::{self, EngineOptions};
-use kcg_worker::health::Health;
 use kcg_worker::metrics::Metrics;
 use kcg_worker::store::StateStore;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cost::{self, Relay};
 use crate::report::{Row, num};
-use crate::support::{self, Aws, Counter};
+use crate::support::{self, Aws, Counter, Hosted};
 
 /// Most shards kinesis-local creates in one stream.
 const SHARDS_PER_STREAM: i32 = 1000;
@@ -58,11 +58,12 @@ pub struct Params {
 }
 
 /// The engines' tuning: defaults (heartbeat 1 s, client timeout 4 s), except an idle poll of
-/// 30 s, which changes no state-store request but keeps thousands of readers from flooding
-/// the Kinesis emulator.
+/// 240 s (under the 5 minutes a shard iterator lives), which changes no state-store request
+/// but keeps thousands of readers from flooding the Kinesis emulator: at 30 s, 5,000 empty
+/// shards took most of a core of kinesis-local.
 pub fn tuning() -> Tuning {
     Tuning {
-        poll_interval: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(240),
         ..Tuning::default()
     }
 }
@@ -335,39 +336,35 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
 
     let shutdown = CancellationToken::new();
     let handler = Counter::new(Instant::now(), u64::MAX);
+    // Every engine's metrics exist from the start (zero until it runs), for the progress
+    // lines; the samples read those of the engines started so far.
+    let all: Vec<Arc<Metrics>> = (0..s.workers).map(|_| Arc::new(Metrics::new())).collect();
     let mut metrics: Vec<Arc<Metrics>> = Vec::new();
-    let mut engines: Vec<JoinHandle<Result<(), engine::EngineError>>> = Vec::new();
-    let mut start = |i: usize, metrics: &mut Vec<Arc<Metrics>>| {
-        let m = Arc::new(Metrics::new());
+    let mut engines: Vec<Hosted> = Vec::new();
+    let mut start = |i: usize, metrics: &mut Vec<Arc<Metrics>>| -> anyhow::Result<()> {
+        let m = all[i].clone();
         metrics.push(m.clone());
-        engines.push(tokio::spawn(engine::run(
-            config.clone(),
-            EngineOptions {
-                client_id: Some(format!("scale-{i:03}")),
-                pod: Some(format!("scale-{i:03}")),
-            },
-            handler.clone(),
-            m,
-            Arc::new(Health::new(Duration::from_secs(600))),
-            shutdown.clone(),
-        )));
+        let id = format!("scale-{i:03}");
+        engines.push(Hosted::start(id, config.clone(), handler.clone(), m)?);
+        Ok(())
     };
     let balanced = |workers: usize| cost::Scenario {
         shards: s.shards,
         workers,
         rate_per_shard: 0.0,
     };
+    let progress = tokio::spawn(progress(all.clone(), p.relay.clone(), shutdown.clone()));
     let measured = async {
         let t0 = Sample::take(&metrics, &p.relay);
         let began = Instant::now();
         for i in 0..s.workers - 1 {
-            start(i, &mut metrics);
+            start(i, &mut metrics)?;
         }
         cost::wait_balanced(&direct, &group, &balanced(s.workers - 1)).await?;
         let first_balanced = began.elapsed();
         let t1 = Sample::take(&metrics, &p.relay);
         let joined = Instant::now();
-        start(s.workers - 1, &mut metrics);
+        start(s.workers - 1, &mut metrics)?;
         cost::wait_balanced(&direct, &group, &balanced(s.workers)).await?;
         let join_balanced = joined.elapsed();
         let t2 = Sample::take(&metrics, &p.relay);
@@ -385,11 +382,63 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
     }
     .await;
     shutdown.cancel();
-    for e in engines {
-        let _ = tokio::time::timeout(Duration::from_secs(60), e).await;
+    progress.abort();
+    for e in &engines {
+        e.cancel();
+    }
+    for mut e in engines {
+        let _ = tokio::time::timeout(Duration::from_secs(60), e.join()).await;
     }
     cleanup(aws, &streams, &table).await;
     measured
+}
+
+/// Every 15 s until `stop`, on stderr: the engines' state-store requests per second by
+/// operation (whole lease reads are `load_leases`, range reads `load_lease_range`) and the
+/// read units per second, so a long scenario shows where the group's time goes.
+async fn progress(engines: Vec<Arc<Metrics>>, relay: Arc<Relay>, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(15);
+    let requests = || {
+        let mut by_op: BTreeMap<String, u64> = BTreeMap::new();
+        for m in &engines {
+            for line in m.encode().lines() {
+                let Some(rest) = line.strip_prefix("kcg_worker_store_requests_total{operation=\"")
+                else {
+                    continue;
+                };
+                if let Some((op, n)) = rest.split_once("\"} ")
+                    && let Ok(n) = n.trim().parse::<u64>()
+                {
+                    *by_op.entry(op.to_owned()).or_default() += n;
+                }
+            }
+        }
+        by_op
+    };
+    let began = Instant::now();
+    let (mut last_ops, mut last_reads) = (requests(), relay.usage().reads);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+        let (ops, reads) = (requests(), relay.usage().reads);
+        let secs = EVERY.as_secs_f64();
+        let per_sec: Vec<String> = ops
+            .iter()
+            .filter_map(|(op, n)| {
+                let d = n.saturating_sub(last_ops.get(op).copied().unwrap_or(0));
+                (d > 0).then(|| format!("{op} {}", num(d as f64 / secs)))
+            })
+            .collect();
+        eprintln!(
+            "kcg-bench: scale: {:>4.0} s: requests/s {}; read units/s {}",
+            began.elapsed().as_secs_f64(),
+            per_sec.join(", "),
+            num((reads - last_reads) / secs),
+        );
+        (last_ops, last_reads) = (ops, reads);
+    }
 }
 
 /// Deletes the streams and the table.

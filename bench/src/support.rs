@@ -316,6 +316,101 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// One engine in its own thread and single-thread Tokio runtime, as `kcg-worker` runs in a
+/// pod: a CPU burst or a slow poll of one engine never delays another's timers and I/O.
+pub struct Hosted {
+    shutdown: tokio_util::sync::CancellationToken,
+    kill: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hosted {
+    /// Starts `engine::run` with client id base and pod name `id`.
+    pub fn start(
+        id: String,
+        config: WorkerConfig,
+        handler: Arc<Counter>,
+        metrics: Arc<kcg_worker::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
+        use kcg_worker::engine::{self, EngineOptions};
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let kill = tokio_util::sync::CancellationToken::new();
+        let (s, k) = (shutdown.clone(), kill.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{id}"))
+            .spawn(move || {
+                let rt =
+                    match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            eprintln!("kcg-bench: engine {id}: runtime: {e}");
+                            return;
+                        }
+                    };
+                rt.block_on(async {
+                    let run = engine::run(
+                        config,
+                        EngineOptions {
+                            client_id: Some(id.clone()),
+                            pod: Some(id.clone()),
+                        },
+                        handler,
+                        metrics,
+                        Arc::new(kcg_worker::health::Health::new(Duration::from_secs(600))),
+                        s,
+                    );
+                    tokio::select! {
+                        res = run => if let Err(e) = res {
+                            eprintln!("kcg-bench: engine {id} failed: {e}");
+                        },
+                        _ = k.cancelled() => {}
+                    }
+                });
+                // Killed: every task of this engine (readers, in-flight writes) is dropped
+                // where it stands. Stopped: nothing is left to drop.
+                rt.shutdown_background();
+            })
+            .context("spawning an engine thread")?;
+        Ok(Self {
+            shutdown,
+            kill,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits (off the async threads) for the engine thread to end.
+    pub async fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    /// Graceful stop: cancel and wait for the drain, release and deregistration.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        self.join().await;
+    }
+
+    /// Asks for a graceful stop without waiting for it.
+    pub fn cancel(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Kills the engine: its runtime is dropped with every task where it stands (no
+    /// release, no deregistration), as a SIGKILL would.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+}
+
+impl Drop for Hosted {
+    fn drop(&mut self) {
+        // A benchmark that bails out must not leave engines running against deleted
+        // resources.
+        self.kill.cancel();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

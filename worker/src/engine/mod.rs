@@ -29,6 +29,7 @@
 mod heartbeat;
 mod leader;
 mod membership_tick;
+mod pacing;
 mod readers;
 mod reads;
 mod recreated;
@@ -182,6 +183,10 @@ struct Engine {
     read_leases: bool,
     /// Re-read every lease row at the next tick (see `reads::ReadInput::asked_full`).
     read_all_leases: bool,
+    /// How many claims and resumes a tick may send (limited while the store is overloaded).
+    write_pacing: pacing::WritePacing,
+    /// Where the current tick's time went (see `tick::Phases`).
+    phases: tick::Phases,
     /// Tick of the last read of every lease row.
     leases_read_at: u64,
     /// When the last client read's liveness judgments were made: a lease re-read between
@@ -270,6 +275,8 @@ impl Engine {
             snap: GroupSnapshot::default(),
             read_leases: true,
             read_all_leases: true,
+            write_pacing: pacing::WritePacing::default(),
+            phases: tick::Phases::new(Instant::now()),
             leases_read_at: 0,
             clients_read_at: Instant::now(),
             waiting: BTreeSet::new(),

@@ -9,17 +9,29 @@ impl Engine {
     /// Carries out one tick's actions. The lease writes of claims and resumes run
     /// concurrently (bounded): each may take up to the op timeout with a slow store, and
     /// one after the other they would stretch the tick by that much per shard.
+    /// While the store is overloaded, [`pacing`](super::pacing) limits how many of them one
+    /// tick sends, our own leases (resumes) first.
     pub(super) async fn act_all(&mut self, actions: Vec<Action>, snap: &GroupSnapshot) {
-        let mut writes = Vec::new();
+        let mut wanted = Vec::new();
         for action in actions {
-            let (key, claim) = match action {
-                Action::Claim { key, from } => (key, Some(from)),
-                Action::Resume(key) => (key, None),
-                other => {
-                    self.act(other, snap).await;
-                    continue;
-                }
-            };
+            match action {
+                Action::Claim { key, from } => wanted.push((key, Some(from))),
+                Action::Resume(key) => wanted.push((key, None)),
+                other => self.act(other, snap).await,
+            }
+        }
+        wanted.sort_by_key(|(_, claim)| claim.is_some());
+        let limit = self.write_pacing.limit();
+        if wanted.len() > limit {
+            debug!(
+                wanted = wanted.len(),
+                limit, "state store overloaded; pacing claims and resumes"
+            );
+            wanted.truncate(limit);
+            self.read_leases = true;
+        }
+        let mut writes = Vec::new();
+        for (key, claim) in wanted {
             if self.pending_release.contains_key(&key) {
                 continue;
             }
@@ -72,6 +84,11 @@ impl Engine {
             });
         }
         let results = bounded(writes).await;
+        let unanswered = results
+            .iter()
+            .filter(|r| matches!(r.4, Err(StoreError::Unavailable { .. })))
+            .count();
+        self.write_pacing.record(results.len(), unanswered);
         if !results.is_empty() {
             // Won or lost, the lease rows changed: read them again next tick.
             self.read_leases = true;

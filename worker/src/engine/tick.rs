@@ -13,7 +13,14 @@ impl Engine {
     /// One round of the loop (see the module doc), timed.
     pub(super) async fn tick(&mut self) {
         let started = Instant::now();
+        self.phases = Phases::new(started);
         self.tick_once().await;
+        let took = started.elapsed();
+        if took > self.config.tuning.heartbeat_interval / 2 {
+            // Past half a heartbeat a tick delays claims and releases noticeably: say where
+            // the time went.
+            warn!(took_ms = took.as_millis() as u64, phases = %self.phases, "slow tick");
+        }
         // The role this tick decided (a tick that could not read the group keeps the last).
         let role = if self.metrics.is_leader.get() == 1 {
             "leader"
@@ -32,6 +39,7 @@ impl Engine {
         self.health.tick();
         self.ticks += 1;
         self.connect_streams().await;
+        self.phases.mark("connect");
         if !self.book.ok() {
             // The last heartbeat failed (reported by `on_beat`): the checkpoints, releases
             // and reads would each wait out their own timeout too, stretching the tick
@@ -41,7 +49,9 @@ impl Engine {
             return;
         }
         self.write_checkpoints().await;
+        self.phases.mark("checkpoints");
         self.retry_pending_releases().await;
+        self.phases.mark("releases");
 
         let Some((clients, now, mut live)) = self.read_clients().await else {
             self.finish_tick();
@@ -89,6 +99,7 @@ impl Engine {
             live_changed: live != self.last_live,
             moved: reads::moved(&self.last_changes, &changes),
         });
+        self.phases.mark("clients");
         self.last_live = live.clone();
         self.last_changes = changes;
         let mut read_all = false;
@@ -102,6 +113,8 @@ impl Engine {
                 }
             }
         }
+        self.phases
+            .mark(if read_all { "all leases" } else { "leases" });
         let mut snap = std::mem::take(&mut self.snap);
         snap.clients = clients;
         self.clients_read_at = now;
@@ -111,6 +124,7 @@ impl Engine {
             // Rows of a deleted stream's shards are replaced here, not in the background
             // run: rare, a few conditional writes, and the plan below must not claim them.
             self.replace_older_leases(&mut snap).await;
+            self.phases.mark("lead");
         }
         self.apply_plan(snap, now).await;
         self.finish_tick();
@@ -274,7 +288,9 @@ impl Engine {
             self.waiting_since = now;
         }
         self.waiting = waits;
+        self.phases.mark("plan");
         self.act_all(actions, &snap).await;
+        self.phases.mark("act");
         drop(snap);
         self.snap = full;
     }
@@ -513,5 +529,40 @@ mod tests {
         for (name, input, want) in cases {
             assert_eq!(recheck_at(&input), want, "{name}");
         }
+    }
+}
+
+/// Where one tick's time went, phase by phase, for the "slow tick" warning.
+#[derive(Debug)]
+pub(super) struct Phases {
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    /// A tick that started at `started`.
+    pub(super) fn new(started: Instant) -> Self {
+        Self {
+            last: started,
+            took: Vec::new(),
+        }
+    }
+
+    /// Phase `name` ended now (it began where the last one ended).
+    pub(super) fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.took
+            .push((name, now.saturating_duration_since(self.last)));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.took.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{name} {} ms", took.as_millis())?;
+        }
+        Ok(())
     }
 }

@@ -27,8 +27,9 @@ pub use error::StoreError;
 use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
-    CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow, PK,
-    RESET_TO, ResetTo, SHARD_START, SK, ShardCacheRow, TTL_ATTRIBUTE, client_sk, lease_sk,
+    CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow,
+    MAX_LAST_ERROR_CHARS, PK, RESET_TO, ResetTo, SHARD_START, SK, ShardCacheRow, TTL_ATTRIBUTE,
+    client_sk, lease_sk, truncate,
 };
 use shard_cache::{ShardCacheHead, ShardCachePart};
 
@@ -682,7 +683,10 @@ impl StateStore {
         req = match &update.last_error {
             Some((reason, message)) => req
                 .update_expression(format!("{set}, #err = :err, #reason = :reason"))
-                .expression_attribute_values(":err", s(message.as_str()))
+                .expression_attribute_values(
+                    ":err",
+                    s(truncate(message, MAX_LAST_ERROR_CHARS).as_str()),
+                )
                 .expression_attribute_values(":reason", s(reason.as_str())),
             None => req.update_expression(format!("{set} REMOVE #err, #reason")),
         };

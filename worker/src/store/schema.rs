@@ -40,6 +40,21 @@ pub const CHECKPOINT_SUB_SEQUENCE: &str = "checkpointSubSequence";
 /// ([`LeaseRow::shard_start`]).
 pub const SHARD_START: &str = "shardStart";
 
+/// Most characters of a client row's `lastError`: every worker reads every client row at
+/// every tick, and an SDK error's text (a Debug dump of its cause) can run to hundreds of
+/// characters; the front names the call and the cause.
+pub const MAX_LAST_ERROR_CHARS: usize = 256;
+
+/// Cuts `s` to at most `max` characters (on a char boundary), marking the cut with `…`.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
 /// Sort key of a client row.
 pub fn client_sk(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
