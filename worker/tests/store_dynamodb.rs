@@ -755,6 +755,49 @@ async fn part_keys(store: &StateStore, stream: &str) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn missing_caches_are_read_alone_split_ones_joined() {
+    let Some(store) = store("missingcaches").await else {
+        return;
+    };
+    let cache = |stream: &str, shards: usize| ShardCacheRow {
+        pk: G.into(),
+        sk: shards_sk(stream),
+        stream: stream.into(),
+        shards: big_shard_list(shards),
+        refreshed_at_ms: 1,
+        refreshed_by: "leader-1".into(),
+    };
+    // "orders" is split into parts; "orders-2" (whose name extends it) and "audit" are
+    // not asked for; "refunds" has no cache yet.
+    let orders = cache("orders", 1_200);
+    for row in [&orders, &cache("orders-2", 3), &cache("audit", 2)] {
+        store.put_shard_cache(row).await.expect("put cache");
+    }
+    assert!(
+        !part_keys(&store, "orders").await.is_empty(),
+        "orders is split"
+    );
+    for i in 0..3 {
+        store
+            .claim_lease(G, "orders", &format!("shardId-{i:012}"), "c-1", None)
+            .await
+            .expect("claim");
+    }
+    let got = store
+        .load_shard_caches(G, &["orders".to_owned(), "refunds".to_owned()])
+        .await
+        .expect("load caches");
+    assert_eq!(got, vec![orders]);
+    assert!(
+        store
+            .load_shard_caches(G, &["refunds".to_owned()])
+            .await
+            .expect("load none")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
 async fn shard_cache_of_10000_shards_round_trips_and_members_plan() {
     use kcg_worker::assignment::{plan, streams_from_snapshot};
     let Some(store) = store("bigcache").await else {

@@ -189,6 +189,8 @@ struct Engine {
     phases: tick::Phases,
     /// Tick of the last read of every lease row.
     leases_read_at: u64,
+    /// Tick of the last look for missing shard caches (see `reads::LeaseRead`).
+    caches_read_at: u64,
     /// When the last client read's liveness judgments were made: a lease re-read between
     /// ticks judges owners as of then.
     clients_read_at: Instant,
@@ -278,6 +280,7 @@ impl Engine {
             write_pacing: pacing::WritePacing::default(),
             phases: tick::Phases::new(Instant::now()),
             leases_read_at: 0,
+            caches_read_at: 0,
             clients_read_at: Instant::now(),
             waiting: BTreeSet::new(),
             waiting_since: Instant::now(),

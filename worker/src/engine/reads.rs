@@ -120,6 +120,8 @@ pub(super) struct ReadInput {
     /// A stream we read has no shard cache in what we read (a new group whose leader had
     /// not written it yet; a stream that cannot be listed).
     pub missing_cache: bool,
+    /// Ticks since we last looked for missing shard caches (or read every row).
+    pub ticks_since_caches: u64,
     /// The set of live clients changed: a client joined, left, or stalled.
     pub live_changed: bool,
     /// What the other clients' rows say moved.
@@ -134,20 +136,24 @@ pub(super) enum LeaseRead {
     /// The rows of our range: what the plan gives us, what we hold (the plan itself rests
     /// on the shards and their state, which did not change).
     Ours,
+    /// The shard caches we lack, then the rows of our range. The leader signals a cache
+    /// write, so this is only the safety net of a stream still without one; at 100 workers
+    /// a read of every row instead, every 5 ticks, was most of what the group read.
+    MissingCaches,
     /// Every row, and the shard caches.
     All,
 }
 
-/// While a stream's shard cache is missing, every row is re-read at most every this many
-/// ticks: the cache's write is signalled, but a stream that cannot be listed never gets
-/// one, and its members should not read the whole group at every tick.
+/// While a stream's shard cache is missing, it is looked for at most every this many ticks:
+/// the cache's write is signalled, but a stream that cannot be listed never gets one.
 pub(super) const MISSING_CACHE_READ_EVERY_TICKS: u64 = 5;
 
 /// How this tick re-reads the lease rows.
 pub(super) fn lease_read(i: ReadInput) -> LeaseRead {
-    let missing = i.missing_cache && i.ticks_since_full >= MISSING_CACHE_READ_EVERY_TICKS;
-    if i.asked_full || i.moved.shards || missing || i.ticks_since_full >= LEASE_READ_EVERY_TICKS {
+    if i.asked_full || i.moved.shards || i.ticks_since_full >= LEASE_READ_EVERY_TICKS {
         LeaseRead::All
+    } else if i.missing_cache && i.ticks_since_caches >= MISSING_CACHE_READ_EVERY_TICKS {
+        LeaseRead::MissingCaches
     } else if i.asked || i.live_changed || i.moved.owners {
         LeaseRead::Ours
     } else {
@@ -217,6 +223,7 @@ mod tests {
             asked: false,
             asked_full: false,
             missing_cache: false,
+            ticks_since_caches: 1,
             live_changed: false,
             moved: Moved::default(),
         };
@@ -279,19 +286,30 @@ mod tests {
                 LeaseRead::All,
             ),
             (
-                "a shard cache missing, just read everything",
+                "a shard cache missing, just looked for",
                 ReadInput {
                     missing_cache: true,
-                    ticks_since_full: MISSING_CACHE_READ_EVERY_TICKS - 1,
+                    ticks_since_caches: MISSING_CACHE_READ_EVERY_TICKS - 1,
                     ..idle
                 },
                 LeaseRead::None,
             ),
             (
-                "a shard cache still missing: read everything again",
+                "a shard cache still missing: look for it again, not at every row",
                 ReadInput {
                     missing_cache: true,
+                    ticks_since_caches: MISSING_CACHE_READ_EVERY_TICKS,
                     ticks_since_full: MISSING_CACHE_READ_EVERY_TICKS,
+                    ..idle
+                },
+                LeaseRead::MissingCaches,
+            ),
+            (
+                "a shard cache missing and a shard change: every row (caches included)",
+                ReadInput {
+                    missing_cache: true,
+                    ticks_since_caches: MISSING_CACHE_READ_EVERY_TICKS,
+                    moved: shards,
                     ..idle
                 },
                 LeaseRead::All,

@@ -96,6 +96,7 @@ impl Engine {
             asked: self.read_leases,
             asked_full: self.read_all_leases,
             missing_cache,
+            ticks_since_caches: self.ticks - self.caches_read_at.max(self.leases_read_at),
             live_changed: live != self.last_live,
             moved: reads::moved(&self.last_changes, &changes),
         });
@@ -103,6 +104,13 @@ impl Engine {
         self.last_live = live.clone();
         self.last_changes = changes;
         let mut read_all = false;
+        if read == reads::LeaseRead::MissingCaches
+            && let Err(e) = self.read_missing_caches(&names).await
+        {
+            self.note_store("load_shard_caches", &e);
+            self.finish_tick();
+            return;
+        }
         if read != reads::LeaseRead::None {
             match self.read_lease_rows(read == reads::LeaseRead::All).await {
                 Ok(all) => read_all = all,
@@ -145,6 +153,27 @@ impl Engine {
             // The next tick reads again; a failing store is reported by it.
             Err(e) => debug!(error = %e, "lease re-read between ticks failed"),
         }
+    }
+
+    /// Looks for the shard caches of the streams in `names` that our snapshot lacks, and
+    /// adds those found (the rows of our range, which a found cache may widen, are read
+    /// after it).
+    async fn read_missing_caches(&mut self, names: &[String]) -> Result<(), StoreError> {
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| !self.snap.shard_caches.iter().any(|c| &c.stream == *n))
+            .cloned()
+            .collect();
+        let group = self.group().to_owned();
+        let found = self
+            .io(
+                "load_shard_caches",
+                self.store.load_shard_caches(&group, &missing),
+            )
+            .await?;
+        self.caches_read_at = self.ticks;
+        self.snap.shard_caches.extend(found);
+        Ok(())
     }
 
     /// Re-reads lease rows into our snapshot: every row and the shard caches when `all`,

@@ -29,7 +29,7 @@ use error::{Ctx, classify};
 use schema::{
     CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow,
     MAX_LAST_ERROR_CHARS, PK, RESET_TO, ResetTo, SHARD_START, SK, ShardCacheRow, TTL_ATTRIBUTE,
-    client_sk, lease_sk, truncate,
+    client_sk, lease_sk, shards_sk, truncate,
 };
 use shard_cache::{ShardCacheHead, ShardCachePart};
 
@@ -408,6 +408,30 @@ impl StateStore {
             .leases)
     }
 
+    /// The shard caches of `streams` in `group` (those that have one): the head row and the
+    /// parts of each, two small Queries a stream. What a member reads while a stream it
+    /// reads has no cache in its snapshot, instead of every lease row. Consistent.
+    pub async fn load_shard_caches(
+        &self,
+        group: &str,
+        streams: &[String],
+    ) -> Result<Vec<ShardCacheRow>, StoreError> {
+        let heads: Vec<String> = streams.iter().map(|s| shards_sk(s)).collect();
+        let parts: Vec<String> = streams
+            .iter()
+            .map(|s| shard_cache::parts_prefix(s))
+            .collect();
+        let keys: Vec<SortKeys<'_>> = heads
+            .iter()
+            .map(|h| SortKeys::Between(h, h))
+            .chain(parts.iter().map(|p| SortKeys::Prefix(p)))
+            .collect();
+        Ok(self
+            .query_keys(group, &keys, Consistency::Strong)
+            .await?
+            .shard_caches)
+    }
+
     /// One paginated Query of a group, narrowed to the rows `keys` selects.
     async fn query_group(
         &self,
@@ -415,13 +439,26 @@ impl StateStore {
         keys: SortKeys<'_>,
         consistency: Consistency,
     ) -> Result<GroupSnapshot, StoreError> {
+        self.query_keys(group, &[keys], consistency).await
+    }
+
+    /// The rows of a group that any of `keys` selects (one paginated Query each, in turn),
+    /// with split shard caches joined.
+    async fn query_keys(
+        &self,
+        group: &str,
+        keys: &[SortKeys<'_>],
+        consistency: Consistency,
+    ) -> Result<GroupSnapshot, StoreError> {
         let mut attempt = 1;
         let mut snap = loop {
             let mut rows = Rows::default();
-            self.for_each_row(group, keys, consistency, |item| {
-                self.decode_into(group, item, &mut rows)
-            })
-            .await?;
+            for k in keys {
+                self.for_each_row(group, *k, consistency, |item| {
+                    self.decode_into(group, item, &mut rows)
+                })
+                .await?;
+            }
             let joined = shard_cache::join(rows.heads, rows.parts);
             // A split cache rewritten while this Query ran: read again, the rewrite is a
             // few requests long. Past the attempts, the stream is left out (as without a
