@@ -416,6 +416,7 @@ mod tests {
             last_error_reason: None,
             expires_at: 0,
             streams: None,
+            streams_digest: None,
             lease_changes: 0,
             shard_changes: None,
         }

@@ -48,11 +48,18 @@ async fn deletes_every_row_of_one_group_in_batches() {
 
     let deleted = delete_group(&client, &table, "ns/doomed").await.unwrap();
     assert_eq!(
-        deleted, 63,
-        "60 clients + 3 leases, over three batches of 25"
+        deleted, 123,
+        "60 client rows, their 60 stream lists and 3 leases, over five batches of 25"
     );
     let snap = store.load_group("ns/doomed").await.unwrap();
     assert!(snap.clients.is_empty() && snap.leases.is_empty());
+    assert!(
+        store
+            .load_client_streams("ns/doomed", "c-000")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.load_group("ns/kept").await.unwrap().clients.len(), 1);
     assert_eq!(
         delete_group(&client, &table, "ns/doomed").await.unwrap(),

@@ -134,6 +134,7 @@ pub fn snapshot(shards: u32, clients: u32) -> GroupSnapshot {
             last_error_reason: None,
             expires_at: 1_800_000_100,
             streams: None,
+            streams_digest: None,
         })
         .collect();
     GroupSnapshot {

@@ -26,6 +26,7 @@ fn client(id: &str) -> ClientRow {
         last_error_reason: None,
         expires_at: 0,
         streams: None,
+        streams_digest: None,
     }
 }
 

@@ -504,6 +504,7 @@ mod tests {
             last_error_reason: None,
             expires_at: 0,
             streams: None,
+            streams_digest: None,
         };
         let start = Instant::now();
         let mut l = Liveness::new(ms(1000));

@@ -464,6 +464,75 @@ async fn register_in_the_same_pod_replaces_the_earlier_incarnation() {
 }
 
 #[tokio::test]
+async fn a_client_row_carries_a_digest_and_its_stream_list_lives_apart() {
+    use kcg_worker::store::schema::{MAX_LAST_ERROR_CHARS, streams_digest};
+    let Some(store) = store("clientlists").await else {
+        return;
+    };
+    let streams: Vec<String> = (0..5)
+        .map(|i| format!("orders-events-production-eu-west-1-{i}"))
+        .collect();
+    let row = store
+        .register(G, "c1-abc", "pod-1", 1, &streams)
+        .await
+        .expect("register");
+    store
+        .register(G, "c2-abc", "pod-2", 1, &streams[..1])
+        .await
+        .expect("register c2");
+    // The per-tick read returns the digest, not the list, and no list rows.
+    let clients = store.load_clients(G).await.expect("clients");
+    assert_eq!(clients.len(), 2);
+    assert_eq!(clients[0], row);
+    assert_eq!(row.streams, None);
+    assert_eq!(row.streams_digest, Some(streams_digest(&streams)));
+    let list = store
+        .load_client_streams(G, "c1-abc")
+        .await
+        .expect("list")
+        .expect("c1 has a list");
+    assert_eq!(
+        (list.streams.clone(), list.streams_digest.clone()),
+        (streams.clone(), streams_digest(&streams))
+    );
+    // A long error is clipped in the row everyone reads.
+    let long = "x".repeat(3 * MAX_LAST_ERROR_CHARS);
+    store
+        .heartbeat(
+            G,
+            "c1-abc",
+            &HeartbeatUpdate {
+                last_error: Some(("KinesisUnavailable".into(), long)),
+                ..HeartbeatUpdate::default()
+            },
+        )
+        .await
+        .expect("heartbeat");
+    let clients = store.load_clients(G).await.expect("clients");
+    let err = clients[0].last_error.as_deref().expect("error recorded");
+    assert_eq!(err.chars().count(), MAX_LAST_ERROR_CHARS);
+    assert!(err.ends_with('…'));
+    // Both rows go: a graceful stop, and a prune.
+    store.deregister(G, "c1-abc").await.expect("deregister");
+    store.prune_client(G, "c2-abc", 1).await.expect("prune");
+    assert!(
+        store
+            .load_client_streams(G, "c1-abc")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        store
+            .load_client_streams(G, "c2-abc")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(store.load_group(G).await.expect("group").clients.is_empty());
+}
+
+#[tokio::test]
 async fn heartbeat_and_conditional_prune() {
     let Some(store) = store("clients").await else {
         return;

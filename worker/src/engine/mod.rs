@@ -26,6 +26,7 @@
 //! Latency: besides the heartbeat ticks, the loop runs a tick when a lease owner turns dead
 //! (its shards are read again at once), and re-reads the leases while it waits for releases.
 
+mod client_streams;
 mod heartbeat;
 mod leader;
 mod membership_tick;
@@ -191,6 +192,8 @@ struct Engine {
     leases_read_at: u64,
     /// Tick of the last look for missing shard caches (see `reads::LeaseRead`).
     caches_read_at: u64,
+    /// Stream lists of clients whose list differs from ours (see [`client_streams`]).
+    client_lists: client_streams::KnownLists,
     /// When the last client read's liveness judgments were made: a lease re-read between
     /// ticks judges owners as of then.
     clients_read_at: Instant,
@@ -281,6 +284,7 @@ impl Engine {
             phases: tick::Phases::new(Instant::now()),
             leases_read_at: 0,
             caches_read_at: 0,
+            client_lists: client_streams::KnownLists::new(),
             clients_read_at: Instant::now(),
             waiting: BTreeSet::new(),
             waiting_since: Instant::now(),

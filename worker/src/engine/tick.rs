@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::store::Consistency;
-use crate::store::schema::{ClientRow, lease_sk};
+use crate::store::schema::{ClientRow, lease_sk, streams_digest};
 
 /// How many heartbeats after a new wait began [`Engine::recheck`] may run.
 const RECHECK_WINDOW_TICKS: u32 = 3;
@@ -67,14 +67,14 @@ impl Engine {
         // rows) by the lowest of them: old and new pods of a rollout that changed the
         // stream list agree on every shard.
         let names = self.stream_names();
+        let mine = streams_digest(&names);
+        self.learn_client_streams(&clients, &mine).await;
         self.readers = assignment::Readers::new(&live, |c| {
             if c == self.me() {
                 return Some(names.as_slice());
             }
-            clients
-                .iter()
-                .find(|r| r.client_id == c)
-                .and_then(|r| r.streams.as_deref())
+            let row = clients.iter().find(|r| r.client_id == c)?;
+            client_streams::stream_list(row, &mine, &names, &self.client_lists)
         });
         self.led_streams = names
             .iter()
@@ -165,13 +165,15 @@ impl Engine {
             .cloned()
             .collect();
         let group = self.group().to_owned();
+        // Counted from the attempt: a read that fails waits its 5 ticks too, or a slow store
+        // would get it from every worker at every tick.
+        self.caches_read_at = self.ticks;
         let found = self
             .io(
                 "load_shard_caches",
                 self.store.load_shard_caches(&group, &missing),
             )
             .await?;
-        self.caches_read_at = self.ticks;
         self.snap.shard_caches.extend(found);
         Ok(())
     }

@@ -27,9 +27,10 @@ pub use error::StoreError;
 use crate::position::Position;
 use error::{Ctx, classify};
 use schema::{
-    CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, GroupSnapshot, LEASE_PREFIX, LeaseRow,
-    MAX_LAST_ERROR_CHARS, PK, RESET_TO, ResetTo, SHARD_START, SK, ShardCacheRow, TTL_ATTRIBUTE,
-    client_sk, lease_sk, shards_sk, truncate,
+    CHECKPOINT_SUB_SEQUENCE, CLIENT_PREFIX, ClientRow, ClientStreamsRow, GroupSnapshot,
+    LEASE_PREFIX, LeaseRow, MAX_LAST_ERROR_CHARS, PK, RESET_TO, ResetTo, SHARD_START, SK,
+    ShardCacheRow, TTL_ATTRIBUTE, client_sk, client_streams_sk, lease_sk, shards_sk,
+    streams_digest, truncate,
 };
 use shard_cache::{ShardCacheHead, ShardCachePart};
 
@@ -630,8 +631,18 @@ impl StateStore {
             last_error: None,
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
-            streams: Some(streams.to_vec()),
+            streams: None,
+            streams_digest: Some(streams_digest(streams)),
         };
+        // The list first, then the row naming its digest: whoever sees the row finds it.
+        let list = ClientStreamsRow {
+            pk: group.to_owned(),
+            sk: client_streams_sk(client_id),
+            client_id: client_id.to_owned(),
+            streams: streams.to_vec(),
+            streams_digest: streams_digest(streams),
+        };
+        self.put_row("register", group, &list.sk, &list).await?;
         let mut item = self.encode(group, &row.sk, &row)?;
         let ctx = self.ctx(
             "register",
@@ -736,17 +747,47 @@ impl StateStore {
         Ok(read_n(out.attributes(), "heartbeat"))
     }
 
-    /// Removes our own client row (graceful shutdown).
+    /// Removes our own client row and stream list (graceful shutdown).
     pub async fn deregister(&self, group: &str, client_id: &str) -> Result<(), StoreError> {
-        let sk = client_sk(client_id);
-        self.client
-            .delete_item()
+        for sk in [client_sk(client_id), client_streams_sk(client_id)] {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(Self::key(group, &sk)))
+                .send()
+                .await
+                .map_err(|e| classify(e, self.ctx("deregister", group, &sk, "")))?;
+        }
+        Ok(())
+    }
+
+    /// The stream list a client registered with ([`ClientStreamsRow`]), if it has one.
+    /// Consistent.
+    pub async fn load_client_streams(
+        &self,
+        group: &str,
+        client_id: &str,
+    ) -> Result<Option<ClientStreamsRow>, StoreError> {
+        let sk = client_streams_sk(client_id);
+        let out = self
+            .client
+            .get_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(group, &sk)))
+            .consistent_read(true)
             .send()
             .await
-            .map_err(|e| classify(e, self.ctx("deregister", group, &sk, "")))?;
-        Ok(())
+            .map_err(|e| classify(e, self.ctx("load_client_streams", group, &sk, "")))?;
+        out.item
+            .map(|item| {
+                serde_dynamo::from_item(item).map_err(|e| StoreError::Decode {
+                    table: self.table.clone(),
+                    group: group.to_owned(),
+                    key: sk.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
     }
 
     /// The leader deletes a dead client's row, conditional on its heartbeat counter still
@@ -773,6 +814,20 @@ impl StateStore {
                     self.ctx("prune", group, &sk, "heartbeat moved (client alive)"),
                 )
             })?;
+        // Its stream list goes with it. A failure leaves a small row no one reads (lists
+        // are read by client id, and a new incarnation writes its own): not worth failing
+        // the prune that happened.
+        let list = client_streams_sk(client_id);
+        if let Err(e) = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, &list)))
+            .send()
+            .await
+        {
+            tracing::debug!(group, client = client_id, error = %e, "stream list of a pruned client not deleted");
+        }
         Ok(())
     }
 
@@ -843,6 +898,17 @@ impl StateStore {
         sk: &str,
         row: &T,
     ) -> Result<(), StoreError> {
+        self.put_row("put_shard_cache", group, sk, row).await
+    }
+
+    /// An unconditional PutItem of one row; `op` names it in errors.
+    async fn put_row<T: serde::Serialize>(
+        &self,
+        op: &'static str,
+        group: &str,
+        sk: &str,
+        row: &T,
+    ) -> Result<(), StoreError> {
         let item = self.encode(group, sk, row)?;
         self.client
             .put_item()
@@ -850,7 +916,7 @@ impl StateStore {
             .set_item(Some(item))
             .send()
             .await
-            .map_err(|e| classify(e, self.ctx("put_shard_cache", group, sk, "")))?;
+            .map_err(|e| classify(e, self.ctx(op, group, sk, "")))?;
         Ok(())
     }
 

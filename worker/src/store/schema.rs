@@ -10,6 +10,7 @@
 //! | `shards#<stream>`             | [`ShardCacheRow`] (or the head of a split one) | the leader (ListShards refresh) |
 //! | `shardpart#<stream>#<gen>#<n>` | part of a split shard cache ([`super::shard_cache`]) | the leader |
 //! | `lease#<stream>#<shardId>`    | [`LeaseRow`]   | the lease owner (conditional on `owner`) |
+//! | `clientstreams#<clientId>`    | [`ClientStreamsRow`] | that client (register), deleted with its client row |
 //!
 //! Timestamps (`*AtMs`, Unix milliseconds) are informational: for humans and the status.
 //! Liveness (of a client and of the leases it owns) is judged by watching `heartbeat` stop
@@ -32,6 +33,9 @@ pub const CLIENT_PREFIX: &str = "client#";
 pub const SHARDS_PREFIX: &str = "shards#";
 /// Sort key prefix of lease (and checkpoint) rows.
 pub const LEASE_PREFIX: &str = "lease#";
+/// Sort key prefix of the rows holding each client's stream list ([`ClientStreamsRow`]).
+/// Not under `client#`: the Query every worker makes at every tick does not read them.
+pub const CLIENT_STREAMS_PREFIX: &str = "clientstreams#";
 /// Lease attribute holding the sub-sequence of a checkpoint inside a KPL aggregate
 /// ([`LeaseRow::checkpoint_sub_sequence`]).
 pub const CHECKPOINT_SUB_SEQUENCE: &str = "checkpointSubSequence";
@@ -58,6 +62,24 @@ pub fn truncate(s: &str, max: usize) -> String {
 /// Sort key of a client row.
 pub fn client_sk(client_id: &str) -> String {
     format!("{CLIENT_PREFIX}{client_id}")
+}
+
+/// Sort key of a client's stream-list row.
+pub fn client_streams_sk(client_id: &str) -> String {
+    format!("{CLIENT_STREAMS_PREFIX}{client_id}")
+}
+
+/// A digest of a stream list, in its order (16 hex digits): what a client row carries
+/// instead of the list ([`ClientRow::streams_digest`]).
+pub fn streams_digest(streams: &[String]) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    for s in streams {
+        // Length-prefixed, so names cannot shift between lists.
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    super::shard_cache::hex16(h)
 }
 
 /// Sort key of a stream's shard-cache row.
@@ -115,11 +137,37 @@ pub struct ClientRow {
     pub last_error_reason: Option<String>,
     /// TTL for cleanup of rows left by crashed clients (Unix seconds).
     pub expires_at: i64,
-    /// The streams this client reads, as configured and in config order: the plan of a
-    /// stream is made over the live clients that read it. Absent for workers that predate
-    /// it, which are taken to read every stream (as they plan).
+    /// The streams this client reads, as configured and in config order, as workers before
+    /// [`ClientRow::streams_digest`] wrote it: the plan of a stream is made over the live
+    /// clients that read it. Absent in rows of newer workers (which carry the digest) and
+    /// of workers older than both, which are taken to read every stream (as they plan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<Vec<String>>,
+    /// [`streams_digest`] of the streams this client reads; the list itself is in its
+    /// [`ClientStreamsRow`]. Every worker reads every client row at every tick, and a list
+    /// of long stream names in each made those reads grow with workers × streams; a
+    /// worker reads another's list only when the digest differs from its own list's (a
+    /// rollout that changes the streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_digest: Option<String>,
+}
+
+/// The stream list of one client (`clientstreams#<clientId>`), apart from its client row:
+/// written by `register` before the client row, deleted with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientStreamsRow {
+    /// Group id.
+    pub pk: String,
+    /// `clientstreams#<clientId>`.
+    pub sk: String,
+    /// The client id.
+    pub client_id: String,
+    /// The streams the client reads, in config order.
+    pub streams: Vec<String>,
+    /// [`streams_digest`] of `streams`: a reader checks it against the client row's, so a
+    /// list rewritten by another incarnation under the id is never taken for this one's.
+    pub streams_digest: String,
 }
 
 #[cfg(test)]
@@ -141,6 +189,7 @@ impl ClientRow {
             last_error_reason: None,
             expires_at: 0,
             streams: None,
+            streams_digest: None,
         }
     }
 }

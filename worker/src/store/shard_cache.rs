@@ -103,6 +103,11 @@ pub fn generation(shards: &[ShardInfo]) -> String {
         }
         h.update([u8::from(s.closed)]);
     }
+    hex16(h)
+}
+
+/// The first 8 bytes of a digest, as 16 hex digits: short names for lists, not security.
+pub(crate) fn hex16(h: Md5) -> String {
     h.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
