@@ -97,6 +97,16 @@ impl Engine {
             if res.is_ok() {
                 self.leases_changed();
             }
+            if matches!(
+                res,
+                Err(StoreError::Unavailable { .. } | StoreError::Conflict { .. })
+            ) {
+                // No answer, or a refusal that may be our own earlier attempt (the SDK
+                // retried a write whose answer was lost): the row may name us. Read it with
+                // our range until a read shows it, even if the plan moves it away meanwhile,
+                // or a live owner would hold a shard it does not read until the safety net.
+                self.unanswered_claims.insert(key.clone());
+            }
             if let (Ok(claimed), Some(start)) = (&res, &start)
                 && incarnation::is_older(&claimed.row, Some(start))
             {

@@ -227,6 +227,9 @@ impl Engine {
             }
         };
         self.read_leases = false;
+        // The rows of claims whose answer was lost were in this read: it shows whether
+        // they landed (the row names us: resumed or released by the plan).
+        self.unanswered_claims.clear();
         Ok(read_all)
     }
 
@@ -246,6 +249,7 @@ impl Engine {
             .map(|(key, _)| key)
             .chain(self.owned.keys())
             .chain(self.pending_release.keys())
+            .chain(self.unanswered_claims.iter())
             .map(|key| lease_sk(&key.stream, &key.shard_id))
             .chain(
                 self.snap
