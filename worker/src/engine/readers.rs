@@ -21,15 +21,6 @@ impl Engine {
             }
         }
         wanted.sort_by_key(|(_, claim)| claim.is_some());
-        let limit = self.write_pacing.limit();
-        if wanted.len() > limit {
-            debug!(
-                wanted = wanted.len(),
-                limit, "state store overloaded; pacing claims and resumes"
-            );
-            wanted.truncate(limit);
-            self.read_leases = true;
-        }
         let mut writes = Vec::new();
         for (key, claim) in wanted {
             if self.pending_release.contains_key(&key) {
@@ -82,6 +73,16 @@ impl Engine {
                 };
                 (key, idx, claim, start, res)
             });
+        }
+        // Futures do nothing until polled: those past the limit are dropped unsent.
+        let limit = self.write_pacing.limit();
+        if writes.len() > limit {
+            debug!(
+                wanted = writes.len(),
+                limit, "state store overloaded; pacing claims and resumes"
+            );
+            writes.truncate(limit);
+            self.read_leases = true;
         }
         let results = bounded(writes).await;
         let unanswered = results

@@ -486,6 +486,41 @@ fn recheck_at(i: &RecheckInput) -> Option<Instant> {
     (i.waiting && heartbeating && at < window_end).then_some(at)
 }
 
+/// Where one tick's time went, phase by phase, for the "slow tick" warning.
+#[derive(Debug)]
+pub(super) struct Phases {
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    /// A tick that started at `started`.
+    pub(super) fn new(started: Instant) -> Self {
+        Self {
+            last: started,
+            took: Vec::new(),
+        }
+    }
+
+    /// Phase `name` ended now (it began where the last one ended).
+    pub(super) fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.took
+            .push((name, now.saturating_duration_since(self.last)));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.took.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{name} {} ms", took.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::ms;
@@ -564,40 +599,5 @@ mod tests {
         for (name, input, want) in cases {
             assert_eq!(recheck_at(&input), want, "{name}");
         }
-    }
-}
-
-/// Where one tick's time went, phase by phase, for the "slow tick" warning.
-#[derive(Debug)]
-pub(super) struct Phases {
-    last: Instant,
-    took: Vec<(&'static str, Duration)>,
-}
-
-impl Phases {
-    /// A tick that started at `started`.
-    pub(super) fn new(started: Instant) -> Self {
-        Self {
-            last: started,
-            took: Vec::new(),
-        }
-    }
-
-    /// Phase `name` ended now (it began where the last one ended).
-    pub(super) fn mark(&mut self, name: &'static str) {
-        let now = Instant::now();
-        self.took
-            .push((name, now.saturating_duration_since(self.last)));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (name, took)) in self.took.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{name} {} ms", took.as_millis())?;
-        }
-        Ok(())
     }
 }

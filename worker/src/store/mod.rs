@@ -544,30 +544,35 @@ impl StateStore {
             Some(AttributeValue::S(sk)) => sk.as_str(),
             _ => return Ok(()),
         };
-        let decode_err = |e: serde_dynamo::Error| StoreError::Decode {
-            table: self.table.clone(),
-            group: group.to_owned(),
-            key: sk.to_owned(),
-            message: e.to_string(),
-        };
         if sk.starts_with(CLIENT_PREFIX) {
             rows.snap
                 .clients
-                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+                .push(self.decode(group, sk, item.clone())?);
         } else if shard_cache::is_head(sk) {
-            rows.heads
-                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            rows.heads.push(self.decode(group, sk, item.clone())?);
         } else if shard_cache::is_part(sk) {
-            rows.parts
-                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            rows.parts.push(self.decode(group, sk, item.clone())?);
         } else if sk.starts_with(LEASE_PREFIX) {
-            rows.snap
-                .leases
-                .push(serde_dynamo::from_item(item.clone()).map_err(decode_err)?);
+            rows.snap.leases.push(self.decode(group, sk, item.clone())?);
         }
         // Unknown row kinds are skipped so newer workers can add kinds without breaking
         // older readers (the operator, a rolling deploy).
         Ok(())
+    }
+
+    /// One row of `group` under sort key `key`, decoded.
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        group: &str,
+        key: &str,
+        item: HashMap<String, AttributeValue>,
+    ) -> Result<T, StoreError> {
+        serde_dynamo::from_item(item).map_err(|e| StoreError::Decode {
+            table: self.table.clone(),
+            group: group.to_owned(),
+            key: key.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     fn encode<T: serde::Serialize>(
@@ -617,6 +622,7 @@ impl StateStore {
         pod_uid: Option<&str>,
     ) -> Result<ClientRow, StoreError> {
         let now = now_ms();
+        let digest = streams_digest(streams);
         let row = ClientRow {
             pk: group.to_owned(),
             sk: client_sk(client_id),
@@ -632,7 +638,7 @@ impl StateStore {
             last_error_reason: None,
             expires_at: now / 1000 + CLIENT_ROW_TTL.as_secs() as i64,
             streams: None,
-            streams_digest: Some(streams_digest(streams)),
+            streams_digest: Some(digest.clone()),
         };
         // The list first, then the row naming its digest: whoever sees the row finds it.
         let list = ClientStreamsRow {
@@ -640,7 +646,7 @@ impl StateStore {
             sk: client_streams_sk(client_id),
             client_id: client_id.to_owned(),
             streams: streams.to_vec(),
-            streams_digest: streams_digest(streams),
+            streams_digest: digest,
         };
         self.put_row("register", group, &list.sk, &list).await?;
         let mut item = self.encode(group, &row.sk, &row)?;
@@ -749,15 +755,21 @@ impl StateStore {
 
     /// Removes our own client row and stream list (graceful shutdown).
     pub async fn deregister(&self, group: &str, client_id: &str) -> Result<(), StoreError> {
-        for sk in [client_sk(client_id), client_streams_sk(client_id)] {
-            self.client
-                .delete_item()
-                .table_name(&self.table)
-                .set_key(Some(Self::key(group, &sk)))
-                .send()
-                .await
-                .map_err(|e| classify(e, self.ctx("deregister", group, &sk, "")))?;
-        }
+        self.delete_row("deregister", group, &client_sk(client_id))
+            .await?;
+        self.delete_row("deregister", group, &client_streams_sk(client_id))
+            .await
+    }
+
+    /// An unconditional DeleteItem of one row; `op` names it in errors.
+    async fn delete_row(&self, op: &'static str, group: &str, sk: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(group, sk)))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.ctx(op, group, sk, "")))?;
         Ok(())
     }
 
@@ -779,14 +791,7 @@ impl StateStore {
             .await
             .map_err(|e| classify(e, self.ctx("load_client_streams", group, &sk, "")))?;
         out.item
-            .map(|item| {
-                serde_dynamo::from_item(item).map_err(|e| StoreError::Decode {
-                    table: self.table.clone(),
-                    group: group.to_owned(),
-                    key: sk.clone(),
-                    message: e.to_string(),
-                })
-            })
+            .map(|item| self.decode(group, &sk, item))
             .transpose()
     }
 
@@ -818,14 +823,7 @@ impl StateStore {
         // are read by client id, and a new incarnation writes its own): not worth failing
         // the prune that happened.
         let list = client_streams_sk(client_id);
-        if let Err(e) = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(group, &list)))
-            .send()
-            .await
-        {
+        if let Err(e) = self.delete_row("prune", group, &list).await {
             tracing::debug!(group, client = client_id, error = %e, "stream list of a pruned client not deleted");
         }
         Ok(())
@@ -873,16 +871,7 @@ impl StateStore {
         let stale = shard_cache::stale_parts(&existing, &head.stream, head.generation.as_deref());
         let deletes: Vec<_> = stale
             .iter()
-            .map(|sk| async move {
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(Self::key(&head.pk, sk)))
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, self.ctx("delete_shard_cache_part", &head.pk, sk, "")))
-                    .map(|_| ())
-            })
+            .map(|sk| self.delete_row("delete_shard_cache_part", &head.pk, sk))
             .collect();
         futures::stream::iter(deletes)
             .buffer_unordered(PART_WRITES_IN_FLIGHT)
@@ -1112,12 +1101,7 @@ impl StateStore {
         sk: String,
         attrs: HashMap<String, AttributeValue>,
     ) -> Result<LeaseRow, StoreError> {
-        serde_dynamo::from_item(attrs).map_err(|e| StoreError::Decode {
-            table: self.table.clone(),
-            group: group.to_owned(),
-            key: sk,
-            message: e.to_string(),
-        })
+        self.decode(group, &sk, attrs)
     }
 
     /// Writes a checkpoint (and lag) of a lease we own, conditional on `owner` = `me` and on
