@@ -349,7 +349,7 @@ async fn engine_run(
     stream: &str,
     table: &str,
 ) -> anyhow::Result<EngineRun> {
-    // The worker's defaults (heartbeat 2 s, client timeout 10 s, ...) except: polls at
+    // The worker's defaults (heartbeat 1 s, client timeout 4 s, ...) except: polls at
     // Kinesis' limit of 5 calls/s per shard to drain fast (also at the tip:
     // minCallInterval 200ms), and checkpoints every second (5x
     // the default) so several checkpoints land inside the measured window.

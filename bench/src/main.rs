@@ -129,6 +129,12 @@ struct Args {
     /// Seconds of the scale benchmark's steady window after the join.
     #[arg(long, default_value_t = 30)]
     scale_window: u64,
+    /// Heartbeat interval of the scale benchmark's engines, in milliseconds (the client
+    /// timeout follows: the shortest valid, 4x from 1 s on). The default is the worker's;
+    /// a longer one spreads the same per-tick work over more time, for a machine whose
+    /// DynamoDB Local cannot serve every engine's tick each second.
+    #[arg(long, default_value_t = 1000)]
+    scale_heartbeat_ms: u64,
     /// Name of the Kinesis emulator, for the report line.
     #[arg(long, env = "KCG_BENCH_KINESIS_EMULATOR", default_value = "unknown")]
     kinesis_emulator: String,
@@ -400,6 +406,7 @@ async fn bench(args: Args, relay: Option<(std::net::TcpListener, String)>) -> Ex
                         window: Duration::from_secs(args.scale_window),
                         relay,
                         direct,
+                        heartbeat: Duration::from_millis(args.scale_heartbeat_ms),
                     };
                     rows.add(Bench::Scale, scale::run(&aws, &params).await);
                 }

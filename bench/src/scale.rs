@@ -55,25 +55,41 @@ pub struct Params {
     pub relay: Arc<Relay>,
     /// DynamoDB without the relay, for the benchmark's own setup and probes.
     pub direct: aws_sdk_dynamodb::Client,
+    /// The engines' heartbeat interval (the default, 1 s, unless `--scale-heartbeat-ms`).
+    pub heartbeat: Duration,
 }
 
-/// The engines' tuning: defaults (heartbeat 1 s, client timeout 4 s), except an idle poll of
-/// 240 s (under the 5 minutes a shard iterator lives), which changes no state-store request
-/// but keeps thousands of readers from flooding the Kinesis emulator: at 30 s, 5,000 empty
-/// shards took most of a core of kinesis-local.
-pub fn tuning() -> Tuning {
+/// The engines' tuning: defaults, except an idle poll of 240 s (under the 5 minutes a shard
+/// iterator lives), which changes no state-store request but keeps thousands of readers from
+/// flooding the Kinesis emulator (at 30 s, 5,000 empty shards took most of a core of
+/// kinesis-local), and `heartbeat`, with the client timeout the validation's minimum for it,
+/// as the default pair (1 s, 4 s) is. A longer heartbeat slows every engine's state-store
+/// traffic alike: DynamoDB Local spends about 4 ms of CPU on each tick's client read and
+/// heartbeat, so 100 workers at 1 s take most of a core before any lease is claimed.
+pub fn tuning(heartbeat: Duration) -> Tuning {
     Tuning {
         poll_interval: Duration::from_secs(240),
+        heartbeat_interval: heartbeat,
+        client_timeout: kcg_worker::config::timing::min_client_timeout(heartbeat),
         ..Tuning::default()
     }
 }
 
 /// Runs every scenario and returns its rows.
 pub async fn run(aws: &Aws, p: &Params) -> Vec<Row> {
-    let hb = tuning().heartbeat_interval;
+    let hb = p.heartbeat;
     let mut rows = Vec::new();
     for s in &p.scenarios {
-        let name = format!("{} shards, {} workers", s.shards, s.workers);
+        let name = if hb == Tuning::default().heartbeat_interval {
+            format!("{} shards, {} workers", s.shards, s.workers)
+        } else {
+            format!(
+                "{} shards, {} workers, heartbeat {} ms",
+                s.shards,
+                s.workers,
+                hb.as_millis()
+            )
+        };
         eprintln!("kcg-bench: scale: {name} ...");
         match scenario(aws, p, s).await {
             Ok(m) => rows.extend(m.rows(&name, s.workers, hb)),
@@ -324,7 +340,7 @@ async fn scenario(aws: &Aws, p: &Params, s: &Scenario) -> anyhow::Result<Measure
         left -= n;
     }
     let stream_created = created.elapsed();
-    let mut config = support::worker_config(&group, &streams[0], &table, tuning());
+    let mut config = support::worker_config(&group, &streams[0], &table, tuning(p.heartbeat));
     let first = config.streams[0].clone();
     config.streams = streams
         .iter()
