@@ -20,7 +20,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kcg_worker::config::Tuning;
 use kcg_worker::engine::{self, EngineOptions};
@@ -29,6 +29,7 @@ use kcg_worker::metrics::Metrics;
 use kcg_worker::store::StateStore;
 use tokio_util::sync::CancellationToken;
 
+use crate::relay;
 use crate::report::{Row, num};
 use crate::support::{self, Aws, Counter};
 
@@ -107,36 +108,15 @@ impl Relay {
     /// Serves the relay on `listener` (already bound, so its address can be handed to the
     /// engines before any thread starts) until the process ends.
     pub fn serve(listener: std::net::TcpListener, upstream: String) -> anyhow::Result<Arc<Self>> {
-        listener.set_nonblocking(true)?;
         let relay = Arc::new(Self {
             upstream,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(256)
-                .build()?,
+            http: relay::client(256)?,
             usage: Mutex::new(Usage::default()),
         });
         let app = axum::Router::new()
             .fallback(forward)
             .with_state(relay.clone());
-        // Its own thread and runtime: the engines it meters (on the bench's runtime, or
-        // each on its own) never wait for it behind each other's work.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("kcg-bench-relay".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let served = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => axum::serve(listener, app).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = served {
-                        eprintln!("kcg-bench: cost relay stopped: {e}");
-                    }
-                });
-            })?;
+        relay::serve("cost-relay", listener, app)?;
         Ok(relay)
     }
 
@@ -180,33 +160,16 @@ async fn forward(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Byte
         }
         _ => body,
     };
-    let mut req = relay.http.post(&relay.upstream).body(body);
-    for (name, value) in &headers {
-        if name != "host" && name != "content-length" {
-            req = req.header(name, value);
-        }
-    }
-    let res = match req.send().await {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-    };
-    let status = res.status();
-    let keep: Vec<(HeaderName, HeaderValue)> = res
-        .headers()
-        .iter()
-        .filter(|(n, _)| *n != "content-length" && *n != "transfer-encoding")
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let bytes = match res.bytes().await {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    let answer = match relay::pass_on(&relay.http, &relay.upstream, &headers, body).await {
+        Ok(a) => a,
+        Err(failed) => return failed,
     };
     if metered {
-        let units = serde_json::from_slice::<serde_json::Value>(&bytes)
+        let units = serde_json::from_slice::<serde_json::Value>(&answer.body)
             .ok()
             .and_then(|v| v["ConsumedCapacity"]["CapacityUnits"].as_f64());
-        let failed_condition = status == StatusCode::BAD_REQUEST
-            && String::from_utf8_lossy(&bytes).contains("ConditionalCheckFailed");
+        let failed_condition = answer.status == StatusCode::BAD_REQUEST
+            && String::from_utf8_lossy(&answer.body).contains("ConditionalCheckFailed");
         let units = match units {
             Some(u) => u,
             // Billed although the answer carries no capacity.
@@ -215,11 +178,7 @@ async fn forward(State(relay): State<Arc<Relay>>, headers: HeaderMap, body: Byte
         };
         relay.record(&op, sk.as_deref(), units);
     }
-    let mut out = (status, bytes).into_response();
-    for (n, v) in keep {
-        out.headers_mut().insert(n, v);
-    }
-    out
+    answer.into_response()
 }
 
 /// The sort key of the one row a single-item request names (`Key` of GetItem, UpdateItem,

@@ -7,6 +7,7 @@ pub mod failover;
 pub mod micro;
 pub mod operator;
 pub mod rebalance;
+pub mod relay;
 pub mod report;
 pub mod scale;
 pub mod sink;

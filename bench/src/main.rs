@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kcg_bench::report::{self, Row};
 use kcg_bench::support::Aws;
-use kcg_bench::{cost, e2e, failover, micro, operator, rebalance, scale, sink};
+use kcg_bench::{cost, e2e, failover, micro, operator, rebalance, relay, scale, sink};
 
 /// The benchmarks, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -212,6 +212,12 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    if args.only.contains(&Bench::Scale)
+        && let Err(e) = kinesis_gate()
+    {
+        eprintln!("kcg-bench: scale: {e:#}");
+        return ExitCode::from(2);
+    }
     match kcg_worker::runtime::build(kcg_worker::runtime::DEFAULT_WORKER_THREADS) {
         Ok(rt) => rt.block_on(bench(args, relay)),
         Err(e) => {
@@ -232,6 +238,20 @@ fn cost_relay_listener() -> anyhow::Result<(std::net::TcpListener, String)> {
     // SAFETY: called before the runtime is built, while this is the only thread.
     unsafe { std::env::set_var("AWS_ENDPOINT_URL_DYNAMODB", &url) };
     Ok((listener, upstream))
+}
+
+/// Puts the scale benchmark's [`relay::Gate`] in front of Kinesis: every Kinesis client this
+/// process creates from now on goes through it.
+fn kinesis_gate() -> anyhow::Result<()> {
+    use anyhow::Context;
+    let upstream = std::env::var("AWS_ENDPOINT_URL_KINESIS")
+        .context("AWS_ENDPOINT_URL_KINESIS is not set (run bench/run.sh)")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the gate")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    // SAFETY: called before the runtime is built and before the gate's thread starts, while
+    // this is the only thread.
+    unsafe { std::env::set_var("AWS_ENDPOINT_URL_KINESIS", &url) };
+    relay::Gate::serve(listener, upstream, scale::KINESIS_IN_FLIGHT)
 }
 
 /// Parses the scale benchmark's `<shards>x<workers>`.

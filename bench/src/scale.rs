@@ -7,7 +7,9 @@
 //! Every engine runs in this process (`engine::run`, default tuning but a slow idle poll),
 //! each in its own thread and single-thread runtime as in a pod ([`Hosted`]: one engine's
 //! CPU never delays another's timers), its DynamoDB requests through the cost benchmark's
-//! metering relay ([`Relay`], on its own threads). A group of
+//! metering relay ([`Relay`], on its own threads), their Kinesis requests through a gate
+//! that keeps kinesis-local alive when thousands of readers start at once
+//! ([`crate::relay::Gate`]). A group of
 //! `workers − 1` engines starts on a fresh stream and settles; then one more engine joins,
 //! and the group is watched until it is balanced again and for a steady window after.
 //! Measured:
@@ -34,6 +36,10 @@ use crate::support::{self, Aws, Counter, Hosted};
 
 /// Most shards kinesis-local creates in one stream.
 const SHARDS_PER_STREAM: i32 = 1000;
+
+/// Most Kinesis requests the engines have in flight to kinesis-local at once (through
+/// [`crate::relay::Gate`]); the rest wait in the gate.
+pub const KINESIS_IN_FLIGHT: usize = 64;
 
 /// One measured group: `shards` shards, `workers` engines once the last one joined.
 #[derive(Clone, Copy, Debug)]

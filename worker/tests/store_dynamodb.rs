@@ -4,6 +4,7 @@
 //! it is set but unreachable they fail.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use kcg_worker::position::Position;
@@ -11,6 +12,12 @@ use kcg_worker::store::schema::{ShardCacheRow, ShardInfo, lease_sk, shards_sk};
 use kcg_worker::store::{
     CheckpointUpdate, ClaimStamp, Consistency, HeartbeatUpdate, StateStore, StoreError,
 };
+
+#[path = "group_support/relay.rs"]
+#[allow(dead_code)] // this binary uses a subset
+mod relay;
+
+use relay::Relay;
 
 async fn store(test: &str) -> Option<StateStore> {
     if std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_err() {
@@ -700,12 +707,9 @@ async fn a_range_read_returns_exactly_the_lease_rows_between_its_keys() {
     assert!(none.is_empty());
 }
 
-#[tokio::test]
-async fn load_group_pages_and_isolates_groups() {
-    let Some(store) = store("paging").await else {
-        return;
-    };
-    // ~1.6 MB of shard-cache rows in one partition: more than one 1 MB Query page.
+/// Writes 18 shard caches of 1,500 shards each into group `G` (`stream-00` to `stream-17`):
+/// about 1.6 MB in one partition, more than one 1 MB Query page. Returns their shard list.
+async fn two_pages_of_caches(store: &StateStore) -> Vec<ShardInfo> {
     let shards: Vec<ShardInfo> = (0..1500)
         .map(|i| ShardInfo {
             starting_sequence: None,
@@ -731,6 +735,57 @@ async fn load_group_pages_and_isolates_groups() {
     for r in futures::future::join_all(writes).await {
         r.expect("put cache");
     }
+    shards
+}
+
+#[tokio::test]
+async fn a_paged_read_is_bounded_page_by_page() {
+    let Some(direct) = store("pagebound").await else {
+        return;
+    };
+    two_pages_of_caches(&direct).await;
+    let relay = Relay::to_dynamodb().await;
+    relay.delay("Query", Duration::from_millis(800));
+    let conf = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(relay.url())
+        .load()
+        .await;
+    let via_relay = |page_timeout| {
+        StateStore::new(aws_sdk_dynamodb::Client::new(&conf), direct.table())
+            .with_page_timeout(page_timeout)
+    };
+
+    // Two pages, each answered 0.8 s late: 1.6 s in all, more than one page's bound of
+    // 1.5 s, and still read, because each page is within it.
+    let started = Instant::now();
+    let read = via_relay(Duration::from_millis(1500))
+        .load_leases(G)
+        .await
+        .expect("every page within its bound");
+    assert_eq!(read.shard_caches.len(), 18, "both pages");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1600),
+        "two delayed pages took {:?}",
+        started.elapsed()
+    );
+
+    // A page later than its bound fails the read as the store being unavailable.
+    let err = via_relay(Duration::from_millis(300))
+        .load_leases(G)
+        .await
+        .expect_err("a page past its bound");
+    assert!(
+        matches!(err, StoreError::Unavailable { .. }) && err.to_string().contains("no page within"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn load_group_pages_and_isolates_groups() {
+    let Some(store) = store("paging").await else {
+        return;
+    };
+    let shards = two_pages_of_caches(&store).await;
     for i in 0..30 {
         store
             .create_lease(G, "stream-00", &format!("shardId-{i:012}"))

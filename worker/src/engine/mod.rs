@@ -270,10 +270,12 @@ impl Engine {
             .collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (beat_tx, beat_rx) = mpsc::unbounded_channel();
+        let page_timeout =
+            crate::config::timing::store_call_timeout(config.tuning.heartbeat_interval);
         Self {
             config,
             identity,
-            store,
+            store: store.with_page_timeout(page_timeout),
             base,
             handler,
             failure: FailurePolicy::default(),
@@ -386,6 +388,18 @@ impl Engine {
     fn note_store(&mut self, what: &str, e: &StoreError) {
         warn!(error = %e, "{what} failed");
         self.note(e.reason(), e.to_string());
+    }
+
+    /// [`Engine::io`] for a read of many pages, each bounded by the store (see
+    /// [`StateStore::with_page_timeout`]): the whole is bounded by
+    /// [`PAGED_READ_MAX_PAGES`] store calls, a backstop.
+    async fn io_paged<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.op_timeout() * PAGED_READ_MAX_PAGES;
+        io_bounded(&self.metrics, self.store.table(), op, limit, fut).await
     }
 
     async fn io<T>(
@@ -537,6 +551,11 @@ async fn bounded<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
         .collect()
         .await
 }
+
+/// Pages a read of every lease row may take, at one store call each, before it is given up:
+/// 10,000 shards (open and closed) are about 3 MB of rows, 3 pages, and their split shard
+/// cache about as much again.
+const PAGED_READ_MAX_PAGES: u32 = 16;
 
 /// Bounds one state-store request; a timeout counts as the store being unavailable.
 async fn io_bounded<T>(

@@ -203,7 +203,7 @@ impl Engine {
         let read_all = match ranges {
             None => {
                 let read = self
-                    .io("load_leases", self.store.load_leases(&group))
+                    .io_paged("load_leases", self.store.load_leases(&group))
                     .await?;
                 self.snap.leases = read.leases;
                 self.snap.shard_caches = read.shard_caches;

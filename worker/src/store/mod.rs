@@ -175,6 +175,8 @@ pub struct StateStore {
     /// Read units the table reported for this store's Queries, in hundredths (DynamoDB
     /// reports halves for eventually consistent reads).
     read_units: Arc<AtomicU64>,
+    /// Bound on each page of a paginated Query (see [`StateStore::with_page_timeout`]).
+    page_timeout: Option<Duration>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -192,7 +194,17 @@ impl StateStore {
             client,
             table: table.into(),
             read_units: Arc::default(),
+            page_timeout: None,
         }
+    }
+
+    /// Bounds each page of a paginated Query by `limit`, so a caller can bound a read of
+    /// many pages by its pages, not by one request: at 5,000 shards, a whole read is two
+    /// 1 MB pages, and under one request's bound it failed tick after tick on a slow store
+    /// while its worker, alive by its heartbeats, held leases it could not plan.
+    pub fn with_page_timeout(mut self, limit: Duration) -> Self {
+        self.page_timeout = Some(limit);
+        self
     }
 
     /// Read units the table reported as consumed by this store's Queries so far (its
@@ -515,10 +527,18 @@ impl StateStore {
             if let Some(to) = to {
                 req = req.expression_attribute_values(":to", s(to));
             }
-            let out = req
-                .send()
-                .await
-                .map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
+            let sent = req.send();
+            let answered = match self.page_timeout {
+                None => sent.await,
+                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
+                    StoreError::Unavailable {
+                        table: self.table.clone(),
+                        op: "Query",
+                        message: format!("no page within {limit:?}"),
+                    }
+                })?,
+            };
+            let out = answered.map_err(|e| classify(e, self.ctx("Query", group, "", "")))?;
             if let Some(units) = out.consumed_capacity().and_then(|c| c.capacity_units()) {
                 // Hundredths: the smallest step DynamoDB reports is half a unit.
                 self.read_units

@@ -1,12 +1,14 @@
 //! A TCP relay between engines and the real DynamoDB, for faults no emulator offers: an
 //! outage (every connection dropped, new ones refused), a lost answer (a request that
 //! reaches DynamoDB and is applied, whose response never comes back), refused requests
-//! (those carrying a given key fail before reaching DynamoDB) and a stalled operation
-//! (requests of one kind are never answered, until the client gives up).
+//! (those carrying a given key fail before reaching DynamoDB), a stalled operation
+//! (requests of one kind are never answered, until the client gives up) and a slow one
+//! (requests of one kind pass on after a delay).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +28,8 @@ pub struct Relay {
     refused: Arc<AtomicUsize>,
     /// `X-Amz-Target` operations whose requests are held unanswered.
     stalled: Arc<Mutex<Vec<String>>>,
+    /// An `X-Amz-Target` operation whose requests are passed on after a delay.
+    delayed: Arc<Mutex<Option<(String, Duration)>>>,
 }
 
 impl Relay {
@@ -53,6 +57,7 @@ impl Relay {
             refuse: Arc::new(Mutex::new(None)),
             refused: Arc::new(AtomicUsize::new(0)),
             stalled: Arc::new(Mutex::new(Vec::new())),
+            delayed: Arc::new(Mutex::new(None)),
         };
         let (up, cut) = (relay.up.clone(), relay.cut.clone());
         let faults = Faults {
@@ -61,6 +66,7 @@ impl Relay {
             refuse: relay.refuse.clone(),
             refused: relay.refused.clone(),
             stalled: relay.stalled.clone(),
+            delayed: relay.delayed.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -119,6 +125,12 @@ impl Relay {
             .push(format!("DynamoDB_20120810.{operation}"));
     }
 
+    /// From now on, each request for `operation` (e.g. `Query`; each page of a paginated
+    /// one) is passed on to DynamoDB `by` late, so its answer comes that much later.
+    pub fn delay(&self, operation: &str, by: Duration) {
+        *self.delayed.lock().unwrap() = Some((format!("DynamoDB_20120810.{operation}"), by));
+    }
+
     /// Passes every operation on again.
     pub fn unstall(&self) {
         self.stalled.lock().unwrap().clear();
@@ -154,6 +166,7 @@ struct Faults {
     refuse: Arc<Mutex<Option<Vec<u8>>>>,
     refused: Arc<AtomicUsize>,
     stalled: Arc<Mutex<Vec<String>>>,
+    delayed: Arc<Mutex<Option<(String, Duration)>>>,
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -171,6 +184,7 @@ async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
         refuse,
         refused,
         stalled,
+        delayed,
     } = faults;
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
@@ -201,6 +215,15 @@ async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
                 // gives up and closes.
                 while matches!(in_r.read(&mut buf).await, Ok(n) if n > 0) {}
                 return;
+            }
+            let delay = delayed
+                .lock()
+                .unwrap()
+                .as_ref()
+                .filter(|(op, _)| contains(&buf[..n], op.as_bytes()))
+                .map(|(_, by)| *by);
+            if let Some(by) = delay {
+                tokio::time::sleep(by).await;
             }
             {
                 let mut armed = lose.lock().unwrap();
