@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use kcg_worker::membership::{Liveness, observe_clients};
+use kcg_worker::membership::{ClientWatch, observe_clients};
 use kcg_worker::store::StateStore;
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
@@ -514,7 +514,7 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|k| k.spec.tuning.client_timeout)
         .unwrap_or_else(kcg_worker::config::defaults::client_timeout);
-    let mut liveness = Liveness::new(timeout);
+    let mut liveness = ClientWatch::new(timeout);
     if args.watch.is_none() {
         settle(&store, &target.group, &mut liveness, timeout).await;
     }
@@ -554,19 +554,14 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<()> {
 /// single read cannot tell a live client from a dead one. Before a one-shot status, watch
 /// the table until every client's counter has moved (typically one heartbeat interval) or
 /// the client timeout has passed (then the still ones are dead).
-async fn settle(
-    store: &StateStore,
-    group: &str,
-    liveness: &mut Liveness<String>,
-    timeout: Duration,
-) {
+async fn settle(store: &StateStore, group: &str, liveness: &mut ClientWatch, timeout: Duration) {
     let start = Instant::now();
     let mut first: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
         let Ok(snap) = store.load_group(group).await else {
             return;
         };
-        observe_clients(liveness, &snap.clients, Instant::now());
+        observe_clients(liveness, Some(&snap.clients), Instant::now());
         for c in &snap.clients {
             first.entry(c.client_id.clone()).or_insert(c.heartbeat);
         }
@@ -586,7 +581,7 @@ async fn settle(
 async fn status_once(
     store: &StateStore,
     target: &StatusTarget,
-    liveness: &mut Liveness<String>,
+    liveness: &mut ClientWatch,
     previous: Option<&KinesisConsumerGroupStatus>,
 ) -> KinesisConsumerGroupStatus {
     let mut problems = Vec::new();
@@ -609,14 +604,10 @@ async fn status_once(
             None
         }
     };
-    let live: BTreeSet<String> = snapshot
-        .as_ref()
-        .map(|s| {
-            observe_clients(liveness, &s.clients, Instant::now())
-                .into_iter()
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = snapshot.as_ref().map(|s| s.clients.as_slice());
+    let live: BTreeSet<String> = observe_clients(liveness, rows, Instant::now())
+        .into_iter()
+        .collect();
     let streams = match &target.spec {
         Some(k) => k.spec.streams.iter().map(|s| s.name.clone()).collect(),
         None => snapshot

@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kcg_worker::membership::{Liveness, observe_clients};
+use kcg_worker::membership::{ClientWatch, observe_clients};
 use kcg_worker::store::StateStore;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -413,8 +413,8 @@ pub struct Context {
     /// Operator settings (default worker image, ...).
     pub settings: OperatorSettings,
     /// Per-group liveness trackers: client heartbeats observed on our own clock across
-    /// reconciles. Keyed by group id.
-    pub liveness: Mutex<HashMap<String, Liveness<String>>>,
+    /// reconciles, failed reads not counted against anyone. Keyed by group id.
+    pub liveness: Mutex<HashMap<String, ClientWatch>>,
     /// DynamoDB clients per region.
     pub dynamo: DynamoClients,
     /// Consecutive failures per object, for exponential backoff; reset on success.
@@ -654,20 +654,18 @@ async fn apply(kcg: Arc<KinesisConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
     };
 
-    let live = match &snapshot {
-        Some(snap) => {
-            let mut trackers = lock(&ctx.liveness);
-            let timeout = kcg.spec.tuning.client_timeout;
-            let tracker = trackers
-                .entry(group.clone())
-                .or_insert_with(|| Liveness::new(timeout));
-            if tracker.timeout() != timeout {
-                // The spec changed the client timeout: judge with the new one from now on.
-                *tracker = Liveness::new(timeout);
-            }
-            observe_clients(tracker, &snap.clients, Instant::now())
+    let live = {
+        let mut trackers = lock(&ctx.liveness);
+        let timeout = kcg.spec.tuning.client_timeout;
+        let tracker = trackers
+            .entry(group.clone())
+            .or_insert_with(|| ClientWatch::new(timeout));
+        if tracker.timeout() != timeout {
+            // The spec changed the client timeout: judge with the new one from now on.
+            *tracker = ClientWatch::new(timeout);
         }
-        None => Vec::new(),
+        let rows = snapshot.as_ref().map(|s| s.clients.as_slice());
+        observe_clients(tracker, rows, Instant::now())
     };
 
     let input = StatusInput {

@@ -17,7 +17,7 @@ use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_kinesis::primitives::Blob;
 use kcg_operator::crd::KinesisConsumerGroupStatus;
 use kcg_operator::status::{DeploymentState, StatusInput, build_status};
-use kcg_worker::membership::{Liveness, observe_clients};
+use kcg_worker::membership::{ClientWatch, observe_clients};
 use kcg_worker::store::StateStore;
 use tokio::process::{Child, Command};
 
@@ -104,7 +104,7 @@ impl Harness {
     /// accepts it, or fails after `within` with the last status and the worker logs.
     async fn until(
         &self,
-        liveness: &mut Liveness<String>,
+        liveness: &mut ClientWatch,
         replicas: i32,
         within: Duration,
         what: &str,
@@ -118,9 +118,10 @@ impl Harness {
                 .load_group(&self.group)
                 .await
                 .expect("reading the table");
-            let live: BTreeSet<String> = observe_clients(liveness, &snap.clients, Instant::now())
-                .into_iter()
-                .collect();
+            let live: BTreeSet<String> =
+                observe_clients(liveness, Some(&snap.clients), Instant::now())
+                    .into_iter()
+                    .collect();
             let s = build_status(StatusInput {
                 generation: Some(1),
                 streams: vec![self.stream.clone()],
@@ -306,7 +307,7 @@ async fn status_follows_real_workers_through_scale_up_and_a_kill() {
         stream,
     };
     std::fs::create_dir_all(&h.dir).unwrap();
-    let mut liveness = Liveness::new(CLIENT_TIMEOUT);
+    let mut liveness = ClientWatch::new(CLIENT_TIMEOUT);
 
     // Two workers: two clients, the lowest id leads, 2 + 2 contiguous shards, lag measured.
     let mut a = h.spawn("w-a");

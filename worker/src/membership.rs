@@ -105,25 +105,22 @@ impl<K: Eq + Hash + Clone> Liveness<K> {
     }
 }
 
-/// Observes every client row of a snapshot and returns the ids of the live ones, sorted
-/// (the order that decides the leader and range indexes). Rows that disappeared are
-/// forgotten.
+/// What a reader of the group's status (the operator, `kcg-operator status`) makes of one
+/// read of the client rows (`None`: the read failed): the ids of the live clients, sorted,
+/// as a member judges them ([`ClientWatch`]). A failed read is time not counted against
+/// anyone, so after an outage of the store the status does not call every client dead on
+/// its first good read. Rows gone are forgotten: the status shows present clients only.
 pub fn observe_clients(
-    liveness: &mut Liveness<String>,
-    clients: &[ClientRow],
+    watch: &mut ClientWatch,
+    clients: Option<&[ClientRow]>,
     now: Instant,
 ) -> Vec<String> {
-    for c in clients {
-        liveness.observe(c.client_id.clone(), c.heartbeat, now);
-    }
-    liveness.retain(|id| clients.iter().any(|c| &c.client_id == id));
-    let mut live: Vec<String> = clients
-        .iter()
-        .filter(|c| liveness.is_alive(&c.client_id, now))
-        .map(|c| c.client_id.clone())
-        .collect();
-    live.sort();
-    live.dedup();
+    let Some(clients) = clients else {
+        watch.lost_sight();
+        return Vec::new();
+    };
+    let live = watch.observe(clients, now);
+    watch.forget(|_| false);
     live
 }
 
@@ -166,6 +163,11 @@ impl ClientWatch {
             last_read: None,
             blind: false,
         }
+    }
+
+    /// The timeout this watch judges by.
+    pub fn timeout(&self) -> Duration {
+        self.heartbeats.timeout()
     }
 
     /// Our own heartbeat or client read failed: the time until the next good read is not
@@ -507,7 +509,7 @@ mod tests {
             streams_digest: None,
         };
         let start = Instant::now();
-        let mut l = Liveness::new(ms(1000));
+        let mut l = ClientWatch::new(ms(1000));
         // "fast" is 3 hours ahead, "slow" 3 hours behind, "stuck" has a current clock.
         let now_wall = 1_800_000_000_000i64;
         let hours = 3 * 3600 * 1000;
@@ -517,7 +519,7 @@ mod tests {
             row("stuck", 1, now_wall),
         ];
         assert_eq!(
-            observe_clients(&mut l, &snap1, start),
+            observe_clients(&mut l, Some(&snap1), start),
             vec!["fast", "slow", "stuck"]
         );
         let snap2 = vec![
@@ -526,7 +528,7 @@ mod tests {
             row("stuck", 1, now_wall),
         ];
         assert_eq!(
-            observe_clients(&mut l, &snap2, start + ms(600)),
+            observe_clients(&mut l, Some(&snap2), start + ms(600)),
             vec!["fast", "slow", "stuck"]
         );
         let snap3 = vec![
@@ -535,7 +537,7 @@ mod tests {
             row("stuck", 1, now_wall),
         ];
         assert_eq!(
-            observe_clients(&mut l, &snap3, start + ms(1200)),
+            observe_clients(&mut l, Some(&snap3), start + ms(1200)),
             vec!["fast", "slow"]
         );
         assert_eq!(leader(&["slow".into(), "fast".into()]), Some("fast"));
@@ -544,10 +546,32 @@ mod tests {
     #[test]
     fn observe_clients_forgets_deleted_rows() {
         let start = Instant::now();
-        let mut l: Liveness<String> = Liveness::new(ms(1000));
-        l.observe("gone".into(), 1, start);
-        observe_clients(&mut l, &[], start);
-        assert_eq!(l.counter(&"gone".into()), None);
+        let mut l = ClientWatch::new(ms(1000));
+        let rows = [client_row("gone", 1)];
+        assert_eq!(observe_clients(&mut l, Some(&rows), start), vec!["gone"]);
+        observe_clients(&mut l, Some(&[]), start);
+        assert_eq!(l.dies_at("gone"), None, "forgotten");
+    }
+
+    #[test]
+    fn observe_clients_does_not_count_a_failed_read_against_anyone() {
+        let start = Instant::now();
+        let mut l = ClientWatch::new(ms(1000));
+        let rows = [client_row("a", 7)];
+        assert_eq!(observe_clients(&mut l, Some(&rows), start), vec!["a"]);
+        // The store was out for 5 s (reads failed); "a" could not heartbeat either.
+        assert!(observe_clients(&mut l, None, start + ms(2000)).is_empty());
+        assert_eq!(
+            observe_clients(&mut l, Some(&rows), start + ms(5000)),
+            vec!["a"],
+            "a read after an outage starts the clock again"
+        );
+        // Still standing one timeout after the first good read: dead.
+        assert!(observe_clients(&mut l, Some(&rows), start + ms(6100)).is_empty());
+        // Without the failed read, the same rows judge "a" dead at once.
+        let mut seen = ClientWatch::new(ms(1000));
+        observe_clients(&mut seen, Some(&rows), start);
+        assert!(observe_clients(&mut seen, Some(&rows), start + ms(5000)).is_empty());
     }
 
     /// One read of a [`ClientWatch`] scenario: at `t` ms the client rows are `rows`
