@@ -186,10 +186,10 @@ struct Engine {
     read_all_leases: bool,
     /// How many claims and resumes a tick may send (limited while the store is overloaded).
     write_pacing: pacing::WritePacing,
-    /// Shards whose claim or resume got no answer or was refused: their rows are read with
-    /// our range until a lease read succeeds (the write, or an earlier try of it, may have
-    /// landed).
-    unanswered_claims: BTreeSet<ShardKey>,
+    /// Shards whose claim or resume got no answer or was refused, with when: their rows are
+    /// read with our range at every tick until a read made a client timeout after that
+    /// (see `reads::still_unanswered`).
+    unanswered_claims: BTreeMap<ShardKey, Instant>,
     /// Where the current tick's time went (see `tick::Phases`).
     phases: tick::Phases,
     /// Tick of the last read of every lease row.
@@ -287,7 +287,7 @@ impl Engine {
             read_leases: true,
             read_all_leases: true,
             write_pacing: pacing::WritePacing::default(),
-            unanswered_claims: BTreeSet::new(),
+            unanswered_claims: BTreeMap::new(),
             phases: tick::Phases::new(Instant::now()),
             leases_read_at: 0,
             caches_read_at: 0,

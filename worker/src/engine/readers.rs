@@ -103,10 +103,11 @@ impl Engine {
                 Err(StoreError::Unavailable { .. } | StoreError::Conflict { .. })
             ) {
                 // No answer, or a refusal that may be our own earlier attempt (the SDK
-                // retried a write whose answer was lost): the row may name us. Read it with
-                // our range until a read shows it, even if the plan moves it away meanwhile,
-                // or a live owner would hold a shard it does not read until the safety net.
-                self.unanswered_claims.insert(key.clone());
+                // retried a write whose answer was lost): the row may name us, now or once
+                // the write lands. Read it with our range for a while, even if the plan
+                // moves it away meanwhile, or a live owner would hold a shard it does not
+                // read until the safety net.
+                self.unanswered_claims.insert(key.clone(), Instant::now());
             }
             if let (Ok(claimed), Some(start)) = (&res, &start)
                 && incarnation::is_older(&claimed.row, Some(start))

@@ -4,7 +4,7 @@
 //! the rows of the member's own range.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::membership::ClientWatch;
 use crate::store::schema::{ClientRow, LeaseRow};
@@ -31,6 +31,18 @@ pub(super) fn judges_dead<'a>(
 /// `kcg-operator checkpoints reset` refuses while any worker is alive. At 1,000 shards a
 /// whole read costs about 90 read units, as much as 60 ticks of client reads.
 pub(super) const LEASE_READ_EVERY_TICKS: u64 = 600;
+
+/// Whether a claim or resume sent at `sent` without an answer (or refused) must still be
+/// watched after a read of its row that started at `read_started`: a timed-out write can
+/// still land after the read that was meant to show it (it waited in a connection, a
+/// proxy, or the store's queue). It is read with our range until a read starts
+/// `window` (the client timeout) after it was sent; one that lands later still is left to
+/// the safety net (every row is read every [`LEASE_READ_EVERY_TICKS`]). Seen at 1,000
+/// shards: a claim that timed out during a group's start landed after the claimer's next
+/// read, and its planned owner waited on the live claimer, which never read that row again.
+pub(super) fn still_unanswered(sent: Instant, read_started: Instant, window: Duration) -> bool {
+    read_started.saturating_duration_since(sent) < window
+}
 
 /// How many sort-key ranges a range read may query; rows of ours spread wider are read
 /// whole (one paginated Query).
@@ -215,6 +227,30 @@ pub(super) fn merge_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unanswered_claim_is_watched_for_a_client_timeout() {
+        let sent = Instant::now();
+        let ms = Duration::from_millis;
+        let window = ms(4000);
+        // (read started this long after the claim was sent, still watched)
+        let cases = [
+            (0, true),
+            (900, true),
+            (3999, true),
+            (4000, false),
+            (60_000, false),
+        ];
+        for (after, watched) in cases {
+            assert_eq!(
+                still_unanswered(sent, sent + ms(after), window),
+                watched,
+                "read {after} ms after the claim"
+            );
+        }
+        // A read that started before the claim was sent (a recheck overlapping it).
+        assert!(still_unanswered(sent + ms(10), sent, window));
+    }
 
     #[test]
     fn lease_read_table() {

@@ -93,7 +93,7 @@ impl Engine {
             .any(|n| !self.snap.shard_caches.iter().any(|c| &c.stream == n));
         let read = reads::lease_read(reads::ReadInput {
             ticks_since_full: self.ticks - self.leases_read_at,
-            asked: self.read_leases,
+            asked: self.read_leases || !self.unanswered_claims.is_empty(),
             asked_full: self.read_all_leases,
             missing_cache,
             ticks_since_caches: self.ticks - self.caches_read_at.max(self.leases_read_at),
@@ -193,6 +193,7 @@ impl Engine {
     }
 
     async fn try_read_lease_rows(&mut self, all: bool) -> Result<bool, StoreError> {
+        let read_started = Instant::now();
         let ranges = if all {
             None
         } else {
@@ -227,9 +228,12 @@ impl Engine {
             }
         };
         self.read_leases = false;
-        // The rows of claims whose answer was lost were in this read: it shows whether
-        // they landed (the row names us: resumed or released by the plan).
-        self.unanswered_claims.clear();
+        // The rows of claims whose answer was lost were in this read: it shows those that
+        // landed (the row names us: resumed or released by the plan). One sent too late for
+        // it may land later still.
+        let window = self.config.tuning.client_timeout;
+        self.unanswered_claims
+            .retain(|_, sent| reads::still_unanswered(*sent, read_started, window));
         Ok(read_all)
     }
 
@@ -249,7 +253,7 @@ impl Engine {
             .map(|(key, _)| key)
             .chain(self.owned.keys())
             .chain(self.pending_release.keys())
-            .chain(self.unanswered_claims.iter())
+            .chain(self.unanswered_claims.keys())
             .map(|key| lease_sk(&key.stream, &key.shard_id))
             .chain(
                 self.snap
