@@ -745,7 +745,7 @@ async fn a_paged_read_is_bounded_page_by_page() {
     };
     two_pages_of_caches(&direct).await;
     let relay = Relay::to_dynamodb().await;
-    relay.delay("Query", Duration::from_millis(800));
+    relay.delay(&["DynamoDB_20120810.Query"], Duration::from_millis(800));
     let conf = aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(relay.url())
         .load()
@@ -763,6 +763,10 @@ async fn a_paged_read_is_bounded_page_by_page() {
         .await
         .expect("every page within its bound");
     assert_eq!(read.shard_caches.len(), 18, "both pages");
+    assert!(
+        relay.delayed_requests() >= 2,
+        "every page went through the delay"
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(1600),
         "two delayed pages took {:?}",

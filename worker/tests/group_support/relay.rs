@@ -2,8 +2,8 @@
 //! outage (every connection dropped, new ones refused), a lost answer (a request that
 //! reaches DynamoDB and is applied, whose response never comes back), refused requests
 //! (those carrying a given key fail before reaching DynamoDB), a stalled operation
-//! (requests of one kind are never answered, until the client gives up) and a slow one
-//! (requests of one kind pass on after a delay).
+//! (requests of one kind are never answered, until the client gives up) and slow requests
+//! (those carrying given bytes pass on after a delay, and land late).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,6 +13,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+/// Requests containing all of these byte strings are passed on after the delay.
+type Delay = Arc<Mutex<Option<(Vec<Vec<u8>>, Duration)>>>;
 
 /// A running relay; see the module doc.
 pub struct Relay {
@@ -28,8 +31,8 @@ pub struct Relay {
     refused: Arc<AtomicUsize>,
     /// `X-Amz-Target` operations whose requests are held unanswered.
     stalled: Arc<Mutex<Vec<String>>>,
-    /// An `X-Amz-Target` operation whose requests are passed on after a delay.
-    delayed: Arc<Mutex<Option<(String, Duration)>>>,
+    delayed: Delay,
+    delayed_count: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -58,6 +61,7 @@ impl Relay {
             refused: Arc::new(AtomicUsize::new(0)),
             stalled: Arc::new(Mutex::new(Vec::new())),
             delayed: Arc::new(Mutex::new(None)),
+            delayed_count: Arc::new(AtomicUsize::new(0)),
         };
         let (up, cut) = (relay.up.clone(), relay.cut.clone());
         let faults = Faults {
@@ -67,6 +71,7 @@ impl Relay {
             refused: relay.refused.clone(),
             stalled: relay.stalled.clone(),
             delayed: relay.delayed.clone(),
+            delayed_count: relay.delayed_count.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -125,10 +130,18 @@ impl Relay {
             .push(format!("DynamoDB_20120810.{operation}"));
     }
 
-    /// From now on, each request for `operation` (e.g. `Query`; each page of a paginated
-    /// one) is passed on to DynamoDB `by` late, so its answer comes that much later.
-    pub fn delay(&self, operation: &str, by: Duration) {
-        *self.delayed.lock().unwrap() = Some((format!("DynamoDB_20120810.{operation}"), by));
+    /// From now on, each request whose bytes contain every one of `patterns` (e.g.
+    /// `DynamoDB_20120810.Query`: each page of a paginated Query) is passed on to DynamoDB
+    /// `by` late, so its answer comes that much later, and a write lands that much later,
+    /// also when its client gave up waiting meanwhile.
+    pub fn delay(&self, patterns: &[&str], by: Duration) {
+        let patterns = patterns.iter().map(|p| p.as_bytes().to_vec()).collect();
+        *self.delayed.lock().unwrap() = Some((patterns, by));
+    }
+
+    /// How many requests were delayed so far.
+    pub fn delayed_requests(&self) -> usize {
+        self.delayed_count.load(Ordering::SeqCst)
     }
 
     /// Passes every operation on again.
@@ -166,7 +179,8 @@ struct Faults {
     refuse: Arc<Mutex<Option<Vec<u8>>>>,
     refused: Arc<AtomicUsize>,
     stalled: Arc<Mutex<Vec<String>>>,
-    delayed: Arc<Mutex<Option<(String, Duration)>>>,
+    delayed: Delay,
+    delayed_count: Arc<AtomicUsize>,
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -185,6 +199,7 @@ async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
         refused,
         stalled,
         delayed,
+        delayed_count,
     } = faults;
     let (mut in_r, mut in_w) = inbound.into_split();
     let (mut out_r, mut out_w) = outbound.into_split();
@@ -220,9 +235,10 @@ async fn pipe(inbound: TcpStream, outbound: TcpStream, faults: Faults) {
                 .lock()
                 .unwrap()
                 .as_ref()
-                .filter(|(op, _)| contains(&buf[..n], op.as_bytes()))
+                .filter(|(patterns, _)| patterns.iter().all(|p| contains(&buf[..n], p)))
                 .map(|(_, by)| *by);
             if let Some(by) = delay {
+                delayed_count.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(by).await;
             }
             {
