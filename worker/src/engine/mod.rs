@@ -186,9 +186,8 @@ struct Engine {
     read_all_leases: bool,
     /// How many claims and resumes a tick may send (limited while the store is overloaded).
     write_pacing: pacing::WritePacing,
-    /// Shards whose claim or resume got no answer or was refused, with when: their rows are
-    /// read with our range at every tick until a read made a client timeout after that
-    /// (see `reads::still_unanswered`).
+    /// Shards whose claim or resume got no answer or was refused, with until when their
+    /// rows are read with our range (see `reads::watch_until`).
     unanswered_claims: BTreeMap<ShardKey, Instant>,
     /// Where the current tick's time went (see `tick::Phases`).
     phases: tick::Phases,

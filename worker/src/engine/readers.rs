@@ -98,16 +98,18 @@ impl Engine {
             if res.is_ok() {
                 self.leases_changed();
             }
-            if matches!(
-                res,
-                Err(StoreError::Unavailable { .. } | StoreError::Conflict { .. })
-            ) {
-                // No answer, or a refusal that may be our own earlier attempt (the SDK
-                // retried a write whose answer was lost): the row may name us, now or once
-                // the write lands. Read it with our range for a while, even if the plan
-                // moves it away meanwhile, or a live owner would hold a shard it does not
-                // read until the safety net.
-                self.unanswered_claims.insert(key.clone(), Instant::now());
+            let unseen = match &res {
+                Err(StoreError::Unavailable { .. }) => Some(reads::Unseen::NoAnswer),
+                Err(StoreError::Conflict { .. }) => Some(reads::Unseen::Refused),
+                _ => None,
+            };
+            if let Some(outcome) = unseen {
+                // The row may name us, now or once the write lands. Read it with our range
+                // meanwhile, even if the plan moves it away, or a live owner would hold a
+                // shard it does not read until the safety net.
+                let window = self.config.tuning.client_timeout;
+                let until = reads::watch_until(outcome, Instant::now(), window);
+                self.unanswered_claims.insert(key.clone(), until);
             }
             if let (Ok(claimed), Some(start)) = (&res, &start)
                 && incarnation::is_older(&claimed.row, Some(start))

@@ -32,16 +32,34 @@ pub(super) fn judges_dead<'a>(
 /// whole read costs about 90 read units, as much as 60 ticks of client reads.
 pub(super) const LEASE_READ_EVERY_TICKS: u64 = 600;
 
-/// Whether a claim or resume sent at `sent` without an answer (or refused) must still be
-/// watched after a read of its row that started at `read_started`: a timed-out write can
-/// still land after the read that was meant to show it (it waited in a connection, a
-/// proxy, or the store's queue). It is read with our range until a read starts
-/// `window` (the client timeout) after it was sent; one that lands later still is left to
-/// the safety net (every row is read every [`LEASE_READ_EVERY_TICKS`]). Seen at 1,000
-/// shards: a claim that timed out during a group's start landed after the claimer's next
-/// read, and its planned owner waited on the live claimer, which never read that row again.
-pub(super) fn still_unanswered(sent: Instant, read_started: Instant, window: Duration) -> bool {
-    read_started.saturating_duration_since(sent) < window
+/// How a claim or resume ended that may have landed without our knowing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unseen {
+    /// No answer (a timeout): the write may still land, later than our next read (it
+    /// waited in a connection, a proxy or the store's queue).
+    NoAnswer,
+    /// Refused: usually a lost race, but maybe our own earlier try of it (the SDK retried
+    /// a write whose answer was lost). Settled: the row as it is now tells.
+    Refused,
+}
+
+/// Until when the row of a claim or resume that ended as `outcome` at `at` is read with our
+/// range at every tick: a write without an answer for a client timeout (`window`), one that
+/// lands later still is left to the safety net (every row is read every
+/// [`LEASE_READ_EVERY_TICKS`]); a refused one until the next read. Seen at 1,000 shards: a
+/// claim that timed out during a group's start landed after the claimer's next read, and
+/// its planned owner waited on the live claimer, which never read that row again.
+pub(super) fn watch_until(outcome: Unseen, at: Instant, window: Duration) -> Instant {
+    match outcome {
+        Unseen::NoAnswer => at + window,
+        Unseen::Refused => at,
+    }
+}
+
+/// Whether a read that started at `read_started` leaves a row watched `until` still to be
+/// watched: only a read that started after that shows every write that could land.
+pub(super) fn still_watched(until: Instant, read_started: Instant) -> bool {
+    read_started < until
 }
 
 /// How many sort-key ranges a range read may query; rows of ours spread wider are read
@@ -229,27 +247,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_unanswered_claim_is_watched_for_a_client_timeout() {
-        let sent = Instant::now();
+    fn a_claim_without_an_answer_is_watched_for_a_client_timeout() {
+        let at = Instant::now();
         let ms = Duration::from_millis;
         let window = ms(4000);
-        // (read started this long after the claim was sent, still watched)
+        // (outcome, read started this long after the claim ended, still watched after it)
         let cases = [
-            (0, true),
-            (900, true),
-            (3999, true),
-            (4000, false),
-            (60_000, false),
+            (Unseen::NoAnswer, 0, true),
+            (Unseen::NoAnswer, 900, true),
+            (Unseen::NoAnswer, 3999, true),
+            (Unseen::NoAnswer, 4000, false),
+            (Unseen::NoAnswer, 60_000, false),
+            (Unseen::Refused, 1, false),
+            (Unseen::Refused, 900, false),
         ];
-        for (after, watched) in cases {
+        for (outcome, after, watched) in cases {
+            let until = watch_until(outcome, at, window);
             assert_eq!(
-                still_unanswered(sent, sent + ms(after), window),
+                still_watched(until, at + ms(after)),
                 watched,
-                "read {after} ms after the claim"
+                "{outcome:?}, read {after} ms after"
             );
         }
-        // A read that started before the claim was sent (a recheck overlapping it).
-        assert!(still_unanswered(sent + ms(10), sent, window));
+        // A read that started before the claim ended (a recheck overlapping it) shows
+        // nothing of it.
+        assert!(still_watched(
+            watch_until(Unseen::Refused, at + ms(10), window),
+            at
+        ));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl Engine {
             .any(|n| !self.snap.shard_caches.iter().any(|c| &c.stream == n));
         let read = reads::lease_read(reads::ReadInput {
             ticks_since_full: self.ticks - self.leases_read_at,
-            asked: self.read_leases || !self.unanswered_claims.is_empty(),
+            asked: self.read_leases || self.unanswered_claims.values().any(|u| *u > now),
             asked_full: self.read_all_leases,
             missing_cache,
             ticks_since_caches: self.ticks - self.caches_read_at.max(self.leases_read_at),
@@ -231,9 +231,8 @@ impl Engine {
         // The rows of claims whose answer was lost were in this read: it shows those that
         // landed (the row names us: resumed or released by the plan). One sent too late for
         // it may land later still.
-        let window = self.config.tuning.client_timeout;
         self.unanswered_claims
-            .retain(|_, sent| reads::still_unanswered(*sent, read_started, window));
+            .retain(|_, until| reads::still_watched(*until, read_started));
         Ok(read_all)
     }
 
